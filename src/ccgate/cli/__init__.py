@@ -1,0 +1,71 @@
+"""The ``ccgate`` command line: parse, call the core, render.
+
+Commands live one group per module and import the core lazily, so ``ccgate --help`` stays fast.
+Core code raises ``CcgateError``; ``_Group.invoke`` is the one place that turns it into
+``Error: ...`` on stderr and an exit code. Typer's pretty tracebacks are off because they print
+local variables, which can hold keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from ccgate import __version__, console
+from ccgate.errors import CcgateError
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CcgateError as exc:
+            console.error(str(exc))
+            raise typer.Exit(int(exc.exit_code)) from None
+
+
+app = typer.Typer(
+    name="ccgate",
+    cls=_Group,
+    help="Govern Claude Code from a localhost gateway: every request logged, priced and limited.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.out.print(f"ccgate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """ccgate puts a local gateway between Claude Code and Anthropic.
+
+    Start with `ccgate up`: it starts the daemon and points Claude Code at it.
+    """
+
+
+def _register() -> None:
+    from ccgate.cli import local, provider, reading
+
+    local.register(app)
+    reading.register(app)
+    app.add_typer(provider.app, name="provider")
+
+
+_register()
+
+
+def main() -> None:
+    app()

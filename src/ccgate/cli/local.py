@@ -1,0 +1,121 @@
+"""Developer lifecycle commands: up, down, status, daemon."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ccgate import console, env
+
+PortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--port",
+        "-p",
+        help="Loopback port for the daemon [default: 7411].",
+        envvar=env.CCGATE_PORT,
+        show_envvar=True,
+    ),
+]
+UpstreamOption = Annotated[
+    str | None,
+    typer.Option(
+        "--upstream",
+        help="Upstream base URL [default: https://api.anthropic.com].",
+        envvar=env.CCGATE_UPSTREAM_URL,
+        show_envvar=True,
+    ),
+]
+LogContentOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--log-content/--no-log-content",
+        help="Store request and response bodies in the local ledger (never synced).",
+    ),
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("down")(down)
+    app.command("status")(status)
+    app.command("daemon")(daemon_cmd)
+
+
+def up(
+    port: PortOption = None, upstream: UpstreamOption = None, log_content: LogContentOption = None
+) -> None:
+    """Start the daemon in the background and point Claude Code at it.
+
+    Safe to run again. Options given here are remembered for the next `ccgate up`.
+    """
+    from ccgate import config as config_mod
+    from ccgate import lifecycle
+    from ccgate import paths as paths_mod
+
+    paths = paths_mod.resolve()
+    config = config_mod.resolve(paths, port=port, upstream_url=upstream, log_content=log_content)
+    config_mod.save(paths, config)
+    with console.err.status("Starting the ccgate daemon..."):
+        result = lifecycle.up(paths=paths, config=config)
+    for notice in result.notices:
+        console.warn(notice)
+    verb = "Started" if result.started else "Already running:"
+    console.info(
+        f"{verb} ccgate on {result.info.url} (pid {result.info.pid}), "
+        f"forwarding to {result.info.upstream_url}."
+    )
+    console.info(
+        f"Claude Code is configured in {result.settings_file}; new Claude Code sessions go "
+        f"through ccgate. See `ccgate usage` and `ccgate logs`."
+    )
+
+
+def down() -> None:
+    """Stop the daemon and restore Claude Code's settings.json. Safe to run again."""
+    from ccgate import lifecycle
+    from ccgate import paths as paths_mod
+
+    result = lifecycle.down(paths=paths_mod.resolve())
+    if result.settings_restored:
+        console.info(f"Restored {result.settings_file}.")
+    if result.stopped_pid is not None:
+        console.info(f"Stopped ccgate (pid {result.stopped_pid}).")
+    if not result.settings_restored and result.stopped_pid is None:
+        console.info("ccgate was not running and settings.json had nothing to restore.")
+
+
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show whether the daemon runs, where, and today's requests and cost."""
+    from ccgate import lifecycle
+    from ccgate import paths as paths_mod
+    from ccgate.cli import render
+
+    report = lifecycle.status(paths=paths_mod.resolve())
+    if json_output:
+        console.print_json(report)
+    else:
+        render.status(report)
+    if not report["running"]:
+        raise typer.Exit(3)
+
+
+def daemon_cmd(
+    port: PortOption = None,
+    upstream: UpstreamOption = None,
+    log_content: LogContentOption = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug, info, warning or error.")
+    ] = "info",
+) -> None:
+    """Run the gateway in the foreground on 127.0.0.1 (what `ccgate up` starts)."""
+    from ccgate import config as config_mod
+    from ccgate import daemon
+    from ccgate import paths as paths_mod
+
+    paths = paths_mod.resolve()
+    config = config_mod.resolve(paths, port=port, upstream_url=upstream, log_content=log_content)
+    daemon.serve(paths=paths, config=config, log_level=log_level.lower())

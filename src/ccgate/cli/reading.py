@@ -1,0 +1,140 @@
+"""Reading the ledger back: ``ccgate usage`` and ``ccgate logs``."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import typer
+
+from ccgate import console
+
+if TYPE_CHECKING:
+    from ccgate.ledger import Ledger
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("usage")(usage)
+    app.command("logs")(logs)
+
+
+def _open_ledger() -> Ledger | None:
+    from ccgate import paths as paths_mod
+    from ccgate.ledger import Ledger, LedgerMissingError
+
+    try:
+        return Ledger(paths_mod.resolve().ledger_file, readonly=True)
+    except LedgerMissingError:
+        return None  # nothing logged yet: an empty report, not an error
+
+
+def usage(
+    since: Annotated[
+        str, typer.Option("--since", help="Window: 30m, 24h, 7d, 2w, or a date (YYYY-MM-DD, UTC).")
+    ] = "7d",
+    by: Annotated[
+        Literal["model", "day", "session"],
+        typer.Option("--by", help="Group rows by model, UTC day, or Claude Code session."),
+    ] = "model",
+    json_output: JsonOption = False,
+) -> None:
+    """Tokens and dollars of /v1/messages requests, with a per-day chart.
+
+    Costs are what the shipped price table says the upstream bills, to the micro-dollar;
+    rows marked estimated include a model the table does not name (priced by its family).
+    """
+    from ccgate import reports
+    from ccgate.cli import render
+
+    now = time.time()
+    start = reports.parse_since(since, now=now)
+    ledger = _open_ledger()
+    if ledger is None:
+        report = reports.UsageReport(since=start, by=by, totals=reports.total_usage([]), rows=())
+        series: list[tuple[str, int]] = []
+    else:
+        try:
+            report = reports.usage_report(ledger, since=start, by=by, now=now)
+            series = reports.daily_series(ledger, since=start, now=now)
+        finally:
+            ledger.close()
+    if json_output:
+        console.print_json(report.to_json())
+    else:
+        render.usage(report.to_json(), series)
+
+
+def logs(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many requests.")] = 20,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing requests as they finish.")
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print a JSON array (with --follow: one object per line)."),
+    ] = False,
+) -> None:
+    """The most recent requests, oldest first, like `tail`."""
+    from ccgate import reports
+    from ccgate.cli import render
+
+    ledger = _open_ledger()
+    if ledger is None and not follow:
+        if json_output:
+            console.print_json([])
+        else:
+            console.info("No requests logged yet.")
+        return
+    if not follow:
+        assert ledger is not None
+        try:
+            rows = list(reversed(ledger.records(limit=limit)))
+        finally:
+            ledger.close()
+        if json_output:
+            console.print_json([reports.record_to_json(r) for r in rows])
+        else:
+            render.logs([reports.record_to_json(r) for r in rows])
+        return
+    _follow(ledger, limit=limit, json_output=json_output)
+
+
+def _follow(ledger: Ledger | None, *, limit: int, json_output: bool) -> None:
+    import json
+
+    from ccgate import reports
+    from ccgate.cli import render
+
+    def emit(rows: list[dict[str, object]]) -> None:
+        if not rows:
+            return
+        if json_output:
+            for row in rows:
+                console.out.file.write(json.dumps(row) + "\n")
+            console.out.file.flush()
+        else:
+            render.logs(rows, header=False)
+
+    cursor = 0
+    try:
+        while True:
+            if ledger is None:
+                ledger = _open_ledger()
+            if ledger is not None:
+                if cursor == 0:
+                    first = list(reversed(ledger.records(limit=limit, finished_only=True)))
+                    emit([reports.record_to_json(r) for r in first])
+                    cursor = max([r.finished_seq or 0 for r in first], default=0)
+                    cursor = max(cursor, ledger.max_finished_seq()) if not first else cursor
+                fresh = ledger.records(after_finished_seq=cursor, newest_first=False)
+                if fresh:
+                    cursor = max(r.finished_seq or 0 for r in fresh)
+                    emit([reports.record_to_json(r) for r in fresh])
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if ledger is not None:
+            ledger.close()

@@ -1,0 +1,142 @@
+"""Tables and charts for people. Programs use ``--json``; nothing here is parsed back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.table import Table
+
+from ccgate import console
+
+
+def usd(value: float) -> str:
+    if value == 0:
+        return "$0"
+    if value < 0.01:
+        return f"${value:.4f}"
+    return f"${value:,.2f}"
+
+
+def tokens(value: int) -> str:
+    if value >= 10_000_000:
+        return f"{value / 1_000_000:.1f}M"
+    if value >= 10_000:
+        return f"{value / 1_000:.1f}k"
+    return str(value)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def status(report: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    if report["running"]:
+        table.add_row("status", "[green]running[/green]")
+        table.add_row("pid", str(report["pid"]))
+        table.add_row("url", report["url"])
+        table.add_row("upstream", report["upstream"])
+        table.add_row("mode", report["mode"])
+        table.add_row("uptime", duration(report["uptime_s"]))
+        if not report.get("upstream_key", True):
+            table.add_row("warning", "[yellow]no upstream key[/yellow]")
+    else:
+        table.add_row("status", "[red]not running[/red] (start it with `ccgate up`)")
+    today = report["today"]
+    table.add_row("today", f"{today['requests']} requests, {usd(today['cost_usd'])}")
+    table.add_row("state", report["state_dir"])
+    console.out.print(table)
+
+
+def iso_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _usage_table(report: dict[str, Any]) -> Table:
+    by = report["by"]
+    table = Table(title=f"Usage by {by}" + (f" since {report['since']}" if report["since"] else ""))
+    table.add_column(by)
+    for name in ("requests", "input", "output", "cache write", "cache read", "cost"):
+        table.add_column(name, justify="right")
+
+    def add(label: str, row: dict[str, Any], *, style: str | None = None) -> None:
+        mark = " *" if row["estimated"] else ""
+        table.add_row(
+            label,
+            str(row["requests"]),
+            tokens(row["input_tokens"]),
+            tokens(row["output_tokens"]),
+            tokens(row["cache_creation_input_tokens"]),
+            tokens(row["cache_read_input_tokens"]),
+            usd(row["cost_usd"]) + mark,
+            style=style,
+        )
+
+    for row in report["rows"]:
+        add(str(row[by] if row[by] is not None else "(none)"), row)
+    add("total", report["totals"], style="bold")
+    return table
+
+
+def usage(report: dict[str, Any], series: list[tuple[str, int]]) -> None:
+    console.out.print(_usage_table(report))
+    if any(row["estimated"] for row in report["rows"]):
+        console.out.print("* includes a model the price table does not name (family price)")
+    if series:
+        console.out.print(cost_chart(series))
+
+
+def cost_chart(series: list[tuple[str, int]], *, width: int = 40) -> str:
+    """A per-day bar chart of cost, one line per UTC day."""
+    top = max(cost for _day, cost in series) or 1
+    lines = ["Cost per day (UTC)"]
+    for day, cost in series:
+        bar = "█" * round(width * cost / top) if cost else ""
+        lines.append(f"{day}  {bar:<{width}}  {usd(cost / 1_000_000)}")
+    return "\n".join(lines)
+
+
+def logs(rows: list[dict[str, Any]], *, header: bool = True) -> None:
+    table = Table(show_header=header, box=None, pad_edge=False)
+    for name, justify in (
+        ("time (UTC)", "left"),
+        ("model", "left"),
+        ("status", "right"),
+        ("outcome", "left"),
+        ("in", "right"),
+        ("out", "right"),
+        ("cache w/r", "right"),
+        ("cost", "right"),
+        ("latency", "right"),
+        ("session", "left"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    colours = {"ok": "green", "interrupted": "yellow", "upstream_error": "red", "rejected": "red"}
+    for row in rows:
+        outcome = row["outcome"]
+        table.add_row(
+            row["started_at"].replace("T", " ").rstrip("Z")[:19],
+            row["model"] or "-",
+            str(row["status"] or "-"),
+            f"[{colours.get(outcome, 'white')}]{outcome}[/]",
+            tokens(row["input_tokens"]),
+            tokens(row["output_tokens"]),
+            f"{tokens(row['cache_creation_input_tokens'])}/{tokens(row['cache_read_input_tokens'])}",
+            usd(row["cost_usd"]) + (" *" if row["price_estimated"] else ""),
+            f"{row['latency_ms']:.0f} ms" if row["latency_ms"] is not None else "-",
+            (row["session_id"] or "-")[:8],
+        )
+    console.out.print(table)

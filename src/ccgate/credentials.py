@@ -1,0 +1,286 @@
+"""Secrets (upstream key, local client key): the OS keyring, or a 0600 file where there is none.
+
+``SecretStore`` asks the ``keyring`` package for its backend once, lazily. A backend that stores
+nothing safely counts as "no keyring": the fail backend (headless Linux, CI), the null backend
+(it silently drops writes), a chainer with no real backend first in line, and plaintext
+``keyrings.alt`` backends, which are no better than our own 0600 file. Then secrets live in
+``Paths.secrets_file``, a JSON object written atomically at 0600 and refused when other users
+can read it. ``PYTHON_KEYRING_BACKEND`` is honoured because ``keyring`` honours it.
+
+A keyring that exists but fails at runtime (locked, DBus gone) switches the store to the file
+for the rest of its life. ``get`` also looks in the file when the keyring has nothing, so a
+secret stored during such an outage is still found later.
+
+The keyring service is "ccgate", or "ccgate:<CCGATE_HOME>" when ``CCGATE_HOME`` is set, so two
+state folders (tests, CI, a second profile) never share secrets.
+
+Secret values never appear in exceptions, reprs or notices: errors name the file and the
+failure type only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import keyring
+import keyring.errors
+from keyring.backend import KeyringBackend
+from keyring.backends import chainer, fail, null
+
+from ccgate import env
+from ccgate.errors import CredentialError
+from ccgate.paths import Paths
+
+CLIENT_KEY_PREFIX = "sk-cg-"
+DEFAULT_SERVICE = "ccgate"
+_NOTICE_MARKER = "secrets-fallback-noticed"
+_FILE_MODE = 0o600
+_T = TypeVar("_T")
+
+
+def new_client_key() -> str:
+    """A fresh virtual key: ``sk-cg-`` and 43 URL-safe characters (256 random bits)."""
+    return CLIENT_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def service_name(base: str = DEFAULT_SERVICE, environ: Mapping[str, str] | None = None) -> str:
+    """The keyring service for this state folder: ``base``, or ``base:<resolved CCGATE_HOME>``."""
+    environ = os.environ if environ is None else environ
+    home = environ.get(env.CCGATE_HOME)
+    if not home:
+        return base
+    return f"{base}:{Path(home).expanduser().resolve()}"
+
+
+def is_real_keyring(backend: KeyringBackend) -> bool:
+    """Whether ``backend`` keeps secrets better than a 0600 file would."""
+    if isinstance(backend, chainer.ChainerBackend):
+        # The chainer writes to its first backend, so that one decides.
+        chain = list(backend.backends)
+        return bool(chain) and is_real_keyring(chain[0])
+    if isinstance(backend, fail.Keyring | null.Keyring):
+        return False
+    cls = type(backend)
+    return not (cls.__module__.startswith("keyrings.alt") or "plaintext" in cls.__name__.lower())
+
+
+def describe_keyring(backend: KeyringBackend) -> str:
+    """A short name: "SecretService", "macOS", "Windows WinVaultKeyring"."""
+    if isinstance(backend, chainer.ChainerBackend) and list(backend.backends):
+        return describe_keyring(next(iter(backend.backends)))
+    cls = type(backend)
+    module = cls.__module__.rpartition(".")[2]
+    return module if cls.__name__ == "Keyring" else f"{module} {cls.__name__}"
+
+
+class SecretStore:
+    """Named secrets in the OS keyring, or in a 0600 JSON file when there is no usable one."""
+
+    def __init__(self, *, paths: Paths, service: str = DEFAULT_SERVICE) -> None:
+        self._paths = paths
+        self._service = service_name(service)
+        self._detected = False
+        self._keyring: KeyringBackend | None = None
+        self._failure: str | None = None  # exception type of a runtime keyring failure
+
+    def __repr__(self) -> str:
+        return f"SecretStore(service={self._service!r}, file={str(self._paths.secrets_file)!r})"
+
+    @property
+    def service(self) -> str:
+        """The keyring service name actually used."""
+        return self._service
+
+    @property
+    def uses_fallback(self) -> bool:
+        return self._ring() is None
+
+    @property
+    def backend(self) -> str:
+        ring = self._ring()
+        if ring is None:
+            return f"file {_display(self._paths.secrets_file)} ({_FILE_MODE:04o})"
+        return f"OS keyring ({describe_keyring(ring)})"
+
+    def get(self, name: str) -> str | None:
+        _check_name(name)
+        ok, value = self._try(lambda ring: ring.get_password(self._service, name))
+        if ok and value is not None:
+            return value
+        return self._read_file().get(name)
+
+    def set(self, name: str, value: str) -> None:
+        _check_name(name)
+        if not isinstance(value, str) or not value:
+            raise CredentialError(f"The secret {name!r} must be a non-empty string.")
+        ok, _ = self._try(lambda ring: ring.set_password(self._service, name, value))
+        if ok:
+            self._discard_from_file(name)  # a stale copy from an earlier outage must not linger
+        else:
+            self._write_file({**self._read_file(), name: value})
+
+    def delete(self, name: str) -> bool:
+        """Remove ``name`` everywhere it is kept; False when it was nowhere."""
+        _check_name(name)
+        in_keyring = self._delete_from_keyring(name)
+        in_file = self._discard_from_file(name)
+        return in_keyring or in_file
+
+    def take_fallback_notice(self) -> str | None:
+        """The "no keyring, using a 0600 file" sentence, once per reason and state folder."""
+        if not self.uses_fallback:
+            return None
+        reason = "failed" if self._failure else "absent"
+        marker = self._paths.state_dir / _NOTICE_MARKER
+        seen = marker.read_text("utf-8").split() if marker.exists() else []
+        if reason in seen:
+            return None
+        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        marker.write_text("\n".join([*seen, reason]) + "\n", encoding="utf-8")
+        return self._notice_text()
+
+    # -- keyring ---------------------------------------------------------------------------------
+
+    def _ring(self) -> KeyringBackend | None:
+        if not self._detected:
+            self._detected = True
+            self._keyring = _detect_keyring()
+        return None if self._failure else self._keyring
+
+    def _try(self, call: Callable[[KeyringBackend], _T]) -> tuple[bool, _T | None]:
+        ring = self._ring()
+        if ring is None:
+            return False, None
+        try:
+            return True, call(ring)
+        # Backends raise whatever their transport raises (DBus, Security framework, WinAPI),
+        # not only KeyringError; any failure means "use the file".
+        except Exception as exc:
+            self._failure = type(exc).__name__
+            return False, None
+
+    def _delete_from_keyring(self, name: str) -> bool:
+        def call(ring: KeyringBackend) -> bool:
+            try:
+                ring.delete_password(self._service, name)
+            except keyring.errors.PasswordDeleteError:
+                return False  # backends say "not found" this way
+            return True
+
+        ok, deleted = self._try(call)
+        return ok and bool(deleted)
+
+    def _notice_text(self) -> str:
+        where = _display(self._paths.secrets_file)
+        if self._failure and self._keyring is not None:
+            return (
+                f"The OS keyring ({describe_keyring(self._keyring)}) failed ({self._failure}), "
+                f"so ccgate keeps its secrets in {where}, readable only by you (mode 0600)."
+            )
+        return (
+            f"No OS keyring is available, so ccgate keeps its secrets in {where}, readable only "
+            f"by you (mode 0600)."
+        )
+
+    # -- fallback file -----------------------------------------------------------------------
+
+    def _read_file(self) -> dict[str, str]:
+        path = self._paths.secrets_file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise CredentialError(f"Cannot read {path}: {exc.strerror}.") from None
+        with os.fdopen(fd, "rb") as handle:
+            _refuse_if_shared(path, os.fstat(handle.fileno()).st_mode)
+            raw = handle.read()
+        return _parse_secrets(path, raw)
+
+    def _write_file(self, secrets_by_name: Mapping[str, str]) -> None:
+        path = self._paths.secrets_file
+        try:
+            if not secrets_by_name:
+                path.unlink(missing_ok=True)
+                return
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            data = json.dumps(dict(secrets_by_name), indent=2, ensure_ascii=False) + "\n"
+            _atomic_write_private(path, data.encode("utf-8"))
+        except OSError as exc:
+            raise CredentialError(f"Cannot write {path}: {exc.strerror}.") from None
+
+    def _discard_from_file(self, name: str) -> bool:
+        stored = self._read_file()
+        if name not in stored:
+            return False
+        del stored[name]
+        self._write_file(stored)
+        return True
+
+
+def _detect_keyring() -> KeyringBackend | None:
+    try:
+        ring = keyring.get_keyring()
+        return ring if is_real_keyring(ring) else None
+    # A bad PYTHON_KEYRING_BACKEND or a backend whose probe fails must not stop ccgate.
+    except Exception:
+        return None
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise CredentialError("A secret needs a non-empty name.")
+
+
+def _refuse_if_shared(path: Path, mode: int) -> None:
+    # Windows has no POSIX mode bits; its ACLs are out of scope here.
+    if os.name != "nt" and mode & 0o077:
+        raise CredentialError(
+            f"{path} is readable by other users (mode {mode & 0o777:04o}), so ccgate will not "
+            f"use it. Run `chmod 600 {path}` and try again."
+        )
+
+
+def _parse_secrets(path: Path, raw: bytes) -> dict[str, str]:
+    problem = f"{path} is not a JSON object of names to strings"
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Position only: the parser's message could quote the file, and the file holds secrets.
+        where = (
+            f" (line {exc.lineno}, column {exc.colno})"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
+        )
+        raise CredentialError(f"{problem}{where}. Fix or delete it.") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+        raise CredentialError(f"{problem}. Fix or delete it.")
+    return doc
+
+
+def _atomic_write_private(path: Path, data: bytes) -> None:
+    """Create a temp file at 0600 with O_EXCL (never briefly wider), fsync, then replace."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), _FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)  # a umask like 0277 would have taken our own write bit
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _display(path: Path) -> str:
+    try:
+        return "~/" + path.relative_to(Path.home()).as_posix()
+    except (ValueError, RuntimeError):
+        return str(path)

@@ -1,0 +1,343 @@
+"""Running the gateway: in the foreground (``ccgate daemon``) or detached (``ccgate up``).
+
+The foreground server binds its loopback socket itself before starting uvicorn, so a port in use
+is a clear error rather than a log line. It announces itself in two files under the state dir:
+the pid file, and ``daemon.json`` with the port, upstream and start time that ``status`` shows.
+A detached daemon is the same command started in a new session with its output appended to the
+log file; the parent waits until ``/_ccgate/health`` answers with the child's pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ccgate import env
+from ccgate.config import Config
+from ccgate.credentials import SecretStore
+from ccgate.errors import DaemonStartError, NotRunningError
+from ccgate.paths import Paths
+from ccgate.proxy import HEALTH_PATH
+
+LOCAL_KEY_NAME = "local-client-key"
+UPSTREAM_KEY_NAME = "provider:anthropic"
+
+log = logging.getLogger("ccgate.daemon")
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What a running daemon wrote about itself."""
+
+    pid: int
+    port: int
+    upstream_url: str
+    mode: str
+    started_at: float
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def upstream_key(store: SecretStore) -> str | None:
+    """The standalone upstream key: the keyring first, then the daemon's environment."""
+    return store.get(UPSTREAM_KEY_NAME) or os.environ.get(env.ANTHROPIC_API_KEY) or None
+
+
+def local_client_key(store: SecretStore, *, create: bool) -> str | None:
+    from ccgate.credentials import new_client_key
+
+    key = store.get(LOCAL_KEY_NAME)
+    if key is None and create:
+        key = new_client_key()
+        store.set(LOCAL_KEY_NAME, key)
+    return key
+
+
+# -- foreground ---------------------------------------------------------------------------------
+
+
+def bind_loopback(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise DaemonStartError(
+            f"Cannot listen on 127.0.0.1:{port} ({exc.strerror}). Another program uses it; "
+            f"choose another port with --port."
+        ) from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
+    """Run the gateway in this process until SIGINT or SIGTERM."""
+    import uvicorn
+
+    from ccgate.ledger import Ledger
+    from ccgate.pricing import PriceTable
+    from ccgate.proxy import Gateway, GatewaySettings
+
+    paths.ensure()
+    _configure_logging(log_level)
+    store = SecretStore(paths=paths)
+    client_key = local_client_key(store, create=True)
+    assert client_key is not None
+    settings = GatewaySettings(
+        port=config.port,
+        upstream_url=config.upstream_url,
+        upstream_key=upstream_key(store),
+        client_keys={client_key: "local"},
+        log_content=config.log_content,
+    )
+    if settings.upstream_key is None:
+        log.warning(
+            "no upstream key: run `ccgate provider set anthropic` or set ANTHROPIC_API_KEY; "
+            "requests will reach the upstream without a credential"
+        )
+    sock = bind_loopback(config.port)
+    ledger = Ledger(paths.ledger_file)
+    recovered = ledger.recover_pending(now=time.time())
+    if recovered:
+        log.warning(
+            "marked %d request(s) left unfinished by a previous run as interrupted", recovered
+        )
+    ledger.start_writer()
+    gateway = Gateway(settings=settings, ledger=ledger, prices=PriceTable.default())
+    server = uvicorn.Server(
+        uvicorn.Config(
+            gateway.app(),
+            log_config=None,
+            log_level=log_level,
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    info = RuntimeInfo(
+        pid=os.getpid(),
+        port=config.port,
+        upstream_url=config.upstream_url,
+        mode="standalone",
+        started_at=settings.started_at,
+    )
+    _write_runtime(paths, info)
+    log.info("ccgate %s listening on %s, upstream %s", _version(), info.url, info.upstream_url)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        ledger.stop_writer()
+        ledger.close()
+        sock.close()
+        _clear_runtime(paths, pid=info.pid)
+        log.info("ccgate stopped")
+
+
+def _version() -> str:
+    from ccgate import __version__
+
+    return __version__
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _write_runtime(paths: Paths, info: RuntimeInfo) -> None:
+    _atomic_write(paths.runtime_file, json.dumps(asdict(info)) + "\n")
+    _atomic_write(paths.pid_file, f"{info.pid}\n")
+
+
+def _clear_runtime(paths: Paths, *, pid: int) -> None:
+    # Only remove the files if they are still ours (a newer daemon may have replaced them).
+    current = read_runtime(paths)
+    if current is None or current.pid == pid:
+        for path in (paths.runtime_file, paths.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_runtime(paths: Paths) -> RuntimeInfo | None:
+    try:
+        data: dict[str, Any] = json.loads(paths.runtime_file.read_text(encoding="utf-8"))
+        return RuntimeInfo(
+            pid=int(data["pid"]),
+            port=int(data["port"]),
+            upstream_url=str(data["upstream_url"]),
+            mode=str(data.get("mode", "standalone")),
+            started_at=float(data["started_at"]),
+        )
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+# -- background ---------------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def health(port: int, *, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The daemon's health document, or None when nothing healthy answers on the port."""
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=timeout)
+        if response.status_code != 200:
+            return None
+        data = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("service") == "ccgate" else None
+
+
+def running(paths: Paths) -> tuple[RuntimeInfo, dict[str, Any]] | None:
+    """The running daemon for this state dir, confirmed by its health endpoint."""
+    info = read_runtime(paths)
+    if info is None or not pid_alive(info.pid):
+        return None
+    doc = health(info.port)
+    if doc is None or doc.get("pid") != info.pid:
+        return None
+    return info, doc
+
+
+def start_background(
+    *, paths: Paths, config: Config, timeout: float = 20.0, tick: Callable[[], None] | None = None
+) -> RuntimeInfo:
+    """Start ``ccgate daemon`` detached and wait until it answers its health check."""
+    paths.ensure()
+    command = [
+        sys.executable,
+        "-m",
+        "ccgate",
+        "daemon",
+        "--port",
+        str(config.port),
+        "--upstream",
+        config.upstream_url,
+    ]
+    if config.log_content:
+        command.append("--log-content")
+    with open(paths.log_file, "ab") as log_file:
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,  # survive the terminal that started it
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise DaemonStartError(
+                f"The daemon exited at start (code {child.returncode}). "
+                f"Last lines of {paths.log_file}:\n{_tail(paths.log_file)}"
+            )
+        doc = health(config.port, timeout=0.5)
+        if doc is not None and doc.get("pid") == child.pid:
+            info = read_runtime(paths)
+            if info is not None and info.pid == child.pid:
+                return info
+        if tick is not None:
+            tick()
+        time.sleep(0.05)
+    child.terminate()
+    raise DaemonStartError(
+        f"The daemon did not become healthy within {timeout:.0f} s. See {paths.log_file}."
+    )
+
+
+def stop(*, paths: Paths, timeout: float = 10.0) -> int:
+    """Stop the daemon of this state dir; returns its pid. Raises NotRunningError."""
+    info = read_runtime(paths)
+    if info is None or not pid_alive(info.pid):
+        _clear_stale(paths)
+        raise NotRunningError("ccgate is not running.")
+    if not _is_ours(info):
+        _clear_stale(paths)
+        raise NotRunningError(
+            f"The pid file names process {info.pid}, which is not a ccgate daemon; "
+            f"removed the stale files."
+        )
+    os.kill(info.pid, signal.SIGTERM)
+    if not _wait_gone(info.pid, timeout):
+        log.warning("daemon %d did not stop within %.0f s; killing it", info.pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, signal.SIGKILL)
+        _wait_gone(info.pid, 5.0)
+    _clear_stale(paths)
+    return info.pid
+
+
+def _is_ours(info: RuntimeInfo) -> bool:
+    doc = health(info.port)
+    if doc is not None:
+        return bool(doc.get("pid") == info.pid)
+    # Not answering (hung, or still starting): fall back to its command line where we can.
+    cmdline = Path(f"/proc/{info.pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return b"ccgate" in cmdline.read_bytes()
+        except OSError:
+            return False
+    return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap if it was our child (tests), harmless otherwise
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _clear_stale(paths: Paths) -> None:
+    for path in (paths.runtime_file, paths.pid_file):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])

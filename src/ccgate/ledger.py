@@ -1,0 +1,765 @@
+"""The local ledger: one SQLite row per request, written off the hot path.
+
+Design:
+
+- Plain ``sqlite3`` in WAL mode with ``synchronous=NORMAL``: readers (``ccgate usage``,
+  ``ccgate logs --follow``) never block the daemon, and a commit costs no fsync of the WAL.
+  The file is created 0600 because it may hold prompts (``--log-content``).
+- Opening a ledger for writing runs the named, ordered migrations below (``m001_initial``, ...)
+  and records each in the ``migrations`` table, so opening is always safe. A read-only ledger
+  runs none and refuses a file that still needs them.
+- The daemon never touches SQLite from the event loop. ``record_start`` and ``record_finish``
+  snapshot the record and put it on a ``queue.SimpleQueue``; one writer thread owns the write
+  connection, drains whatever is queued, applies it in ONE transaction and commits. A failed
+  commit (locked, disk full, read-only) keeps the batch and is retried with backoff; a record
+  SQLite can never store is dropped alone, with a log line that names it but not its content.
+- ``seq`` (an AUTOINCREMENT rowid) orders rows by start. Rows are inserted as ``pending`` and
+  finalised later, so followers use ``finished_seq`` instead: a counter assigned in the same
+  write transaction that first gives the row a final outcome. Writes are serialised by SQLite,
+  so committed ``finished_seq`` values only grow: a follower that asks for rows after the last
+  ``finished_seq`` it saw gets every finished request exactly once, in finish order.
+- Bodies live in ``request_content`` so scans of ``requests`` stay small.
+- Times are epoch seconds (UTC); day buckets are UTC days.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from ccgate.errors import ConfigError
+
+logger = logging.getLogger("ccgate.ledger")
+
+OUTCOMES: Final = frozenset({"pending", "ok", "upstream_error", "interrupted", "rejected"})
+BILLINGS: Final = frozenset({"api", "subscription"})
+BILLABLE_PATH: Final = "/v1/messages"
+INTERRUPTED_BY_RESTART: Final = "daemon stopped before the request finished"
+
+UsageBy = Literal["model", "day", "session"]
+
+_BUSY_TIMEOUT_MS: Final = 5_000
+_BACKOFF_START_S: Final = 0.05
+_BACKOFF_MAX_S: Final = 2.0
+_LOG_EVERY_N_FAILURES: Final = 10
+
+
+class LedgerError(ConfigError):
+    """The ledger file cannot be opened, read or upgraded."""
+
+
+class LedgerMissingError(LedgerError):
+    """A read-only open found no ledger file (nothing has been logged yet)."""
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    id: str
+    started_at: float
+    key_id: str
+    method: str
+    path: str
+    model: str | None = None
+    streamed: bool = False
+    status: int | None = None
+    outcome: str = "pending"
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    web_search_requests: int = 0
+    cost_micros: int = 0
+    price_estimated: bool = False
+    latency_ms: float | None = None
+    ttfb_ms: float | None = None
+    session_id: str | None = None
+    provider: str = "anthropic"
+    billing: str = "api"
+    request_body: bytes | None = None
+    response_body: bytes | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class LedgerRow:
+    """A stored request without its bodies, plus the two ordering counters."""
+
+    seq: int
+    finished_seq: int | None
+    id: str
+    started_at: float
+    key_id: str
+    method: str
+    path: str
+    model: str | None
+    streamed: bool
+    status: int | None
+    outcome: str
+    error: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_creation_1h_input_tokens: int
+    cache_read_input_tokens: int
+    web_search_requests: int
+    cost_micros: int
+    price_estimated: bool
+    latency_ms: float | None
+    ttfb_ms: float | None
+    session_id: str | None
+    provider: str
+    billing: str
+
+
+@dataclass(slots=True, frozen=True)
+class RequestContent:
+    request_body: bytes | None
+    response_body: bytes | None
+
+
+@dataclass(slots=True, frozen=True)
+class UsageGroup:
+    """Billable usage of finished ``/v1/messages`` requests, for one group key."""
+
+    key: str | None
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_micros: int
+    estimated: bool
+    interrupted: int
+    errors: int
+    rejected: int
+
+
+# --------------------------------------------------------------------------- migrations
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = []
+
+
+def _migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@_migration
+def m001_initial(db: sqlite3.Connection) -> None:
+    # The first schema. seq is an explicit AUTOINCREMENT key (not a bare rowid) so it survives
+    # VACUUM and is never reused, which `logs --follow` cursors rely on; id stays UNIQUE.
+    db.execute(
+        """
+        CREATE TABLE requests (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            started_at REAL NOT NULL,
+            key_id TEXT NOT NULL,
+            method TEXT NOT NULL,
+            path TEXT NOT NULL,
+            model TEXT,
+            streamed INTEGER NOT NULL DEFAULT 0,
+            status INTEGER,
+            outcome TEXT NOT NULL DEFAULT 'pending',
+            error TEXT,
+            input_tokens INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_creation_1h_input_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_read_input_tokens INTEGER NOT NULL DEFAULT 0,
+            web_search_requests INTEGER NOT NULL DEFAULT 0,
+            cost_micros INTEGER NOT NULL DEFAULT 0,
+            price_estimated INTEGER NOT NULL DEFAULT 0,
+            latency_ms REAL,
+            ttfb_ms REAL,
+            session_id TEXT,
+            provider TEXT NOT NULL DEFAULT 'anthropic',
+            billing TEXT NOT NULL DEFAULT 'api',
+            finished_seq INTEGER UNIQUE
+        )
+        """
+    )
+    # Reports filter by time range; recovery looks only at the few pending rows.
+    db.execute("CREATE INDEX requests_started_at ON requests (started_at)")
+    db.execute("CREATE INDEX requests_pending ON requests (seq) WHERE outcome = 'pending'")
+    # Bodies apart so that scanning requests never pages through 100 KB prompts.
+    db.execute(
+        """
+        CREATE TABLE request_content (
+            id TEXT PRIMARY KEY,
+            request_body BLOB,
+            response_body BLOB
+        )
+        """
+    )
+
+
+def applied_migrations(db: sqlite3.Connection) -> set[str]:
+    exists = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
+    ).fetchone()
+    if exists is None:
+        return set()
+    return {name for (name,) in db.execute("SELECT name FROM migrations")}
+
+
+def migrate(db: sqlite3.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply the migrations not yet recorded, each in its own transaction; return their names.
+
+    ``db`` must be in autocommit mode (``isolation_level=None``). Safe against a concurrent
+    opener: the applied set is re-read inside each write transaction.
+    """
+    todo = MIGRATIONS if migrations is None else migrations
+    if {m.__name__ for m in todo} <= applied_migrations(db):
+        return []  # the common case: no write lock taken at all
+    done: list[str] = []
+    for migration in todo:
+        with _write_transaction(db):
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS migrations "
+                "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            if migration.__name__ in applied_migrations(db):
+                continue
+            migration(db)
+            db.execute(
+                "INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
+                (migration.__name__, time.time()),
+            )
+            done.append(migration.__name__)
+    return done
+
+
+@contextlib.contextmanager
+def _write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so a busy database fails (or waits) here
+    # instead of half way through, and read-then-write sequences cannot interleave.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        # Also after a failed COMMIT (disk full): SQLite leaves that transaction open.
+        _rollback_quietly(db)
+        raise
+
+
+def _rollback_quietly(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+
+
+# --------------------------------------------------------------------------- SQL
+
+_RECORD_COLUMNS: Final = tuple(
+    f.name for f in fields(RequestRecord) if f.name not in ("request_body", "response_body")
+)
+_ROW_COLUMNS: Final = tuple(f.name for f in fields(LedgerRow))
+_record_params = operator.attrgetter(*_RECORD_COLUMNS)
+_OUTCOME_PARAM: Final = _RECORD_COLUMNS.index("outcome") + 1
+
+# Numbered parameters let the outcome be read twice. A final outcome gets the next
+# finished_seq; the UPSERT keeps an existing one so a row is announced to followers once.
+_INSERT: Final = (
+    f"INSERT INTO requests ({', '.join(_RECORD_COLUMNS)}, finished_seq) VALUES ("
+    + ", ".join(f"?{i}" for i in range(1, len(_RECORD_COLUMNS) + 1))
+    + f", CASE WHEN ?{_OUTCOME_PARAM} = 'pending' THEN NULL"
+    " ELSE (SELECT COALESCE(MAX(finished_seq), 0) + 1 FROM requests) END)"
+)
+_INSERT_START: Final = _INSERT + " ON CONFLICT (id) DO NOTHING"
+_UPSERT_FINISH: Final = (
+    _INSERT
+    + " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _RECORD_COLUMNS if c != "id")
+    + ", finished_seq = CASE WHEN excluded.outcome = 'pending' THEN requests.finished_seq"
+    " ELSE COALESCE(requests.finished_seq, excluded.finished_seq) END"
+)
+_UPSERT_CONTENT: Final = (
+    "INSERT INTO request_content (id, request_body, response_body) VALUES (?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET "
+    "request_body = COALESCE(excluded.request_body, request_content.request_body), "
+    "response_body = COALESCE(excluded.response_body, request_content.response_body)"
+)
+_USAGE_KEYS: Final[dict[UsageBy | None, str]] = {
+    "model": "model",
+    "day": "strftime('%Y-%m-%d', started_at, 'unixepoch')",
+    "session": "session_id",
+    None: "NULL",
+}
+
+
+def _usage_sql(key_expr: str) -> str:
+    # Only finished /v1/messages calls are billable; tolerate a query string in the stored path.
+    return f"""
+        SELECT {key_expr} AS k, COUNT(*),
+            COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
+            COALESCE(SUM(cache_creation_input_tokens), 0),
+            COALESCE(SUM(cache_read_input_tokens), 0), COALESCE(SUM(cost_micros), 0),
+            COALESCE(MAX(price_estimated), 0),
+            COALESCE(SUM(outcome = 'interrupted'), 0),
+            COALESCE(SUM(outcome = 'upstream_error'), 0),
+            COALESCE(SUM(outcome = 'rejected'), 0)
+        FROM requests
+        WHERE outcome != 'pending'
+            AND (path = :path OR substr(path, 1, length(:path) + 1) = :path || '?')
+            AND started_at >= :since AND started_at <= :until
+        GROUP BY k
+    """
+
+
+@dataclass(slots=True, frozen=True)
+class _Write:
+    """A snapshot taken on the event loop: later changes to the record cannot leak in."""
+
+    sql: str
+    request_id: str
+    params: tuple[object, ...]
+    request_body: bytes | None
+    response_body: bytes | None
+
+
+def _apply(db: sqlite3.Connection, op: _Write) -> None:
+    db.execute(op.sql, op.params)
+    if op.request_body is not None or op.response_body is not None:
+        db.execute(_UPSERT_CONTENT, (op.request_id, op.request_body, op.response_body))
+
+
+def _snapshot(sql: str, rec: RequestRecord) -> _Write:
+    # A bad value here is a bug in the caller; failing loudly beats a row reports miscount.
+    if rec.outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {rec.outcome!r}")
+    if rec.billing not in BILLINGS:
+        raise ValueError(f"unknown billing {rec.billing!r}")
+    return _Write(sql, rec.id, _record_params(rec), rec.request_body, rec.response_body)
+
+
+def _is_transient(exc: Exception) -> bool:
+    # Locked, busy, disk full, read-only, I/O and corruption may clear up (or be fixed by a
+    # person); retrying is right. Anything else means this record can never be stored.
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def _create_private_file(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # may hold prompts: never group or world readable
+    except OSError as exc:
+        raise LedgerError(f"Cannot create the ledger at {path}: {exc.strerror}.") from None
+
+
+def _connect(path: Path, *, readonly: bool, busy_timeout_ms: int) -> sqlite3.Connection:
+    # mode=rw/ro: never let SQLite silently create an empty, schema-less file.
+    uri = path.resolve().as_uri() + ("?mode=ro" if readonly else "?mode=rw")
+    db = sqlite3.connect(
+        uri,
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=busy_timeout_ms / 1000,
+    )
+    try:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if readonly:
+            db.execute("PRAGMA query_only = ON")
+        else:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> LedgerError:
+    if type(exc) is sqlite3.DatabaseError:
+        return LedgerError(
+            f"{path} is not a readable ccgate ledger ({exc}). Move it aside and ccgate will "
+            "start a new one."
+        )
+    return LedgerError(f"Cannot open the ledger at {path}: {exc}.")
+
+
+# --------------------------------------------------------------------------- writer thread
+
+
+class _Stop:
+    """Queued by ``stop_writer``: commit what came before, then exit."""
+
+
+_STOP: Final = _Stop()
+_Item = _Write | threading.Event | _Stop
+
+
+class _Writer:
+    """The thread that owns the write connection and commits queued records in batches."""
+
+    def __init__(self, *, path: Path, busy_timeout_ms: int) -> None:
+        self.queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self.abandon = threading.Event()
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self.abandon.clear()
+        # daemon=True: a writer stuck on a full disk must not keep the process alive.
+        self._thread = threading.Thread(target=self._run, name="ccgate-ledger", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        pending: list[_Write] = []
+        waiters: list[threading.Event] = []
+        stopping = False
+        failures = 0
+        while True:
+            if not (pending or waiters or stopping):
+                stopping = self._take(self.queue.get(), pending, waiters)
+            stopping = self._drain(pending, waiters) or stopping
+            pending = self._write(pending, failures=failures)
+            if pending:
+                failures += 1
+                if self.abandon.wait(min(_BACKOFF_START_S * 2 ** (failures - 1), _BACKOFF_MAX_S)):
+                    logger.error("ledger writer gave up: %d records were not written", len(pending))
+                    break
+                continue
+            if failures:
+                logger.info("ledger writes recovered after %d failed attempts", failures)
+                failures = 0
+            for waiter in waiters:
+                waiter.set()  # everything queued before it is committed now
+            waiters.clear()
+            if stopping:
+                break
+        self._close()
+
+    def _drain(self, pending: list[_Write], waiters: list[threading.Event]) -> bool:
+        stopping = False
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return stopping
+            stopping = self._take(item, pending, waiters) or stopping
+
+    @staticmethod
+    def _take(item: _Item, pending: list[_Write], waiters: list[threading.Event]) -> bool:
+        if isinstance(item, _Write):
+            pending.append(item)
+        elif isinstance(item, threading.Event):
+            waiters.append(item)
+        return item is _STOP
+
+    def _write(self, batch: list[_Write], *, failures: int) -> list[_Write]:
+        """Commit ``batch``; return the records still to be written (empty on success)."""
+        if not batch:
+            return batch
+        try:
+            db = self._connection()
+            with _write_transaction(db):
+                for op in batch:
+                    _apply(db, op)
+        except Exception as exc:
+            if not _is_transient(exc):
+                return self._write_one_by_one(batch)
+            self._log_failure(exc, kept=len(batch), failures=failures)
+            return batch
+        return []
+
+    def _write_one_by_one(self, batch: list[_Write]) -> list[_Write]:
+        # Isolates the record SQLite rejects so the rest of the batch is not lost with it.
+        for index, op in enumerate(batch):
+            try:
+                db = self._connection()
+                with _write_transaction(db):
+                    _apply(db, op)
+            except Exception as exc:
+                if _is_transient(exc):
+                    self._log_failure(exc, kept=len(batch) - index, failures=0)
+                    return batch[index:]
+                logger.error(
+                    "ledger dropped request %s: it cannot be stored (%r)", op.request_id, exc
+                )
+        return []
+
+    @staticmethod
+    def _log_failure(exc: Exception, *, kept: int, failures: int) -> None:
+        # Persistent failures would otherwise log several lines a second.
+        if failures % _LOG_EVERY_N_FAILURES == 0:
+            logger.warning("ledger write failed (%s); keeping %d records and retrying", exc, kept)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = _connect(self._path, readonly=False, busy_timeout_ms=self._busy_timeout_ms)
+        return self._db
+
+    def _close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+class Ledger:
+    """The local request log. Open for writing in the daemon, ``readonly=True`` in the CLI."""
+
+    def __init__(
+        self, path: Path, *, readonly: bool = False, busy_timeout_ms: int = _BUSY_TIMEOUT_MS
+    ) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._busy_timeout_ms = busy_timeout_ms
+        self._lock = threading.Lock()  # the read connection may be used from several threads
+        self._writer: _Writer | None = None
+        self._db = self._open()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _open(self) -> sqlite3.Connection:
+        if self.readonly and not self.path.exists():
+            raise LedgerMissingError(
+                f"No ledger at {self.path} yet: nothing has been logged. Start the daemon "
+                "with `ccgate up`."
+            )
+        if not self.readonly:
+            _create_private_file(self.path)
+        try:
+            db = _connect(self.path, readonly=self.readonly, busy_timeout_ms=self._busy_timeout_ms)
+        except sqlite3.Error as exc:
+            raise _open_error(self.path, exc) from None
+        try:
+            self._prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        try:
+            if not self.readonly:
+                migrate(db)
+                return
+            missing = [m.__name__ for m in MIGRATIONS if m.__name__ not in applied_migrations(db)]
+        except sqlite3.Error as exc:
+            raise _open_error(self.path, exc) from None
+        if missing:
+            raise LedgerError(
+                f"The ledger at {self.path} was written by an older ccgate and needs upgrading "
+                f"({', '.join(missing)}). Run `ccgate up` once to upgrade it."
+            )
+
+    # ---- daemon side
+
+    def start_writer(self) -> None:
+        """Start the background writer thread (idempotent)."""
+        if self.readonly:
+            raise LedgerError(f"The ledger at {self.path} was opened read-only.")
+        if self._writer is None:
+            self._writer = _Writer(path=self.path, busy_timeout_ms=self._busy_timeout_ms)
+        if not self._writer.alive:
+            self._writer.start()
+
+    def record_start(self, rec: RequestRecord) -> None:
+        """Queue the INSERT of a new (normally pending) row. Never blocks; safe on the loop."""
+        self._queue().put(_snapshot(_INSERT_START, rec))
+
+    def record_finish(self, rec: RequestRecord) -> None:
+        """Queue an UPSERT of the whole record. Never blocks; safe on the loop."""
+        self._queue().put(_snapshot(_UPSERT_FINISH, rec))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far is committed; False if that took too long."""
+        writer = self._writer
+        if writer is None or not writer.alive:
+            return writer is None or writer.queue.empty()
+        done = threading.Event()
+        writer.queue.put(done)
+        return done.wait(timeout)
+
+    def stop_writer(self, timeout: float = 5.0) -> None:
+        """Commit what is queued, then stop the thread; give up after ``timeout`` seconds."""
+        writer = self._writer
+        if writer is None:
+            return
+        if not writer.alive:
+            if writer.queue.empty():
+                return
+            writer.start()  # records queued without a writer: write them rather than drop them
+        writer.queue.put(_STOP)
+        writer.join(timeout)
+        if writer.alive:
+            writer.abandon.set()  # stuck retrying: let it log what is lost and exit
+            writer.join(1.0)
+
+    def recover_pending(self, *, now: float) -> int:
+        """Mark rows a killed daemon left ``pending`` (started before ``now``) as interrupted.
+
+        Call at daemon start, before serving, with the start time: rows this daemon starts
+        later are never touched. Returns how many rows were recovered.
+        """
+        with self._lock, self._sql_errors():
+            with _write_transaction(self._db):
+                stale = self._db.execute(
+                    "SELECT seq FROM requests WHERE outcome = 'pending' AND started_at < ? "
+                    "ORDER BY seq",
+                    (now,),
+                ).fetchall()
+                (top,) = self._db.execute(
+                    "SELECT COALESCE(MAX(finished_seq), 0) FROM requests"
+                ).fetchone()
+                self._db.executemany(
+                    "UPDATE requests SET outcome = 'interrupted', error = ?, finished_seq = ? "
+                    "WHERE seq = ?",
+                    [(INTERRUPTED_BY_RESTART, top + i, seq) for i, (seq,) in enumerate(stale, 1)],
+                )
+        if stale:
+            logger.warning("marked %d unfinished requests as interrupted", len(stale))
+        return len(stale)
+
+    def _queue(self) -> queue.SimpleQueue[_Item]:
+        if self._writer is None:
+            # Records queued before start_writer are kept and written once it starts.
+            self._writer = _Writer(path=self.path, busy_timeout_ms=self._busy_timeout_ms)
+        return self._writer.queue
+
+    # ---- readers
+
+    def records(
+        self,
+        *,
+        limit: int | None = None,
+        since: float | None = None,
+        after_seq: int | None = None,
+        newest_first: bool = True,
+        finished_only: bool = False,
+        after_finished_seq: int | None = None,
+    ) -> list[LedgerRow]:
+        """Rows without bodies.
+
+        By default ordered by ``seq`` (start order). With ``finished_only`` or
+        ``after_finished_seq`` only finished rows, ordered by ``finished_seq`` (finish
+        order): that is what ``logs --follow`` polls with ``newest_first=False``.
+        """
+        finished_only = finished_only or after_finished_seq is not None
+        where: list[str] = ["1"]
+        params: list[object] = []
+        for clause, value in (
+            ("started_at >= ?", since),
+            ("seq > ?", after_seq),
+            ("finished_seq > ?", after_finished_seq),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if finished_only:
+            where.append("finished_seq IS NOT NULL")
+        order = "finished_seq" if finished_only else "seq"
+        sql = (
+            f"SELECT {', '.join(_ROW_COLUMNS)} FROM requests WHERE {' AND '.join(where)} "
+            f"ORDER BY {order} {'DESC' if newest_first else 'ASC'}"
+        )
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_to_row(r) for r in self._query(sql, params)]
+
+    def max_finished_seq(self) -> int:
+        """The cursor a follower starts from to see only requests finishing from now on."""
+        ((top,),) = self._query("SELECT COALESCE(MAX(finished_seq), 0) FROM requests", [])
+        return int(top)
+
+    def content(self, request_id: str) -> RequestContent | None:
+        """The logged bodies of one request (only present with ``--log-content``)."""
+        rows = self._query(
+            "SELECT request_body, response_body FROM request_content WHERE id = ?", [request_id]
+        )
+        return RequestContent(*rows[0]) if rows else None
+
+    def usage(
+        self, *, since: float | None, until: float, group_by: UsageBy | None
+    ) -> list[UsageGroup]:
+        """Billable usage between ``since`` and ``until`` (inclusive), one entry per group.
+
+        Days are UTC. With ``group_by=None`` there is one entry (key None), empty or not.
+        """
+        params = {"path": BILLABLE_PATH, "since": 0.0 if since is None else since, "until": until}
+        rows = self._query(_usage_sql(_USAGE_KEYS[group_by]), params)
+        if group_by is None and not rows:
+            rows = [(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)]
+        return [_to_group(r) for r in rows]
+
+    def _query(self, sql: str, params: list[object] | dict[str, object]) -> list[tuple[Any, ...]]:
+        with self._lock, self._sql_errors():
+            return self._db.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def _sql_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise LedgerError(f"Cannot use the ledger at {self.path}: {exc}.") from None
+
+    def close(self) -> None:
+        """Stop the writer (committing what is queued) and close the read connection."""
+        self.stop_writer()
+        with self._lock:
+            self._db.close()
+
+
+def _to_row(values: tuple[Any, ...]) -> LedgerRow:
+    data = dict(zip(_ROW_COLUMNS, values, strict=True))
+    # SQLite has no booleans; give callers real ones.
+    data["streamed"] = bool(data["streamed"])
+    data["price_estimated"] = bool(data["price_estimated"])
+    return LedgerRow(**data)
+
+
+def _to_group(values: tuple[Any, ...]) -> UsageGroup:
+    key, *counts = values
+    n = [int(c) for c in counts]
+    return UsageGroup(
+        key=None if key is None else str(key),
+        requests=n[0],
+        input_tokens=n[1],
+        output_tokens=n[2],
+        cache_creation_input_tokens=n[3],
+        cache_read_input_tokens=n[4],
+        cost_micros=n[5],
+        estimated=bool(n[6]),
+        interrupted=n[7],
+        errors=n[8],
+        rejected=n[9],
+    )

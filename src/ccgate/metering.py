@@ -1,0 +1,585 @@
+"""Read token usage off an upstream response while the proxy forwards it.
+
+The proxy sends upstream bytes to the client untouched and hands each raw chunk to
+``ResponseMeter.feed`` afterwards. The meter works on a copy and sits on the event loop, so:
+
+- ``feed`` never raises. Any failure (an unknown ``Content-Encoding``, corrupt compressed data, a
+  bug) stops metering, and ``result`` reports what had been seen until then.
+- It is cheap. Decoding is incremental (zlib, brotli and zstandard decompress objects chained in
+  reverse ``Content-Encoding`` order). The SSE parser works on bytes, so a UTF-8 character split
+  across chunks needs no special care, and it JSON-decodes only the events that carry accounting
+  (``message_start``, ``message_delta``, ``message_stop``, ``error``); ``content_block_*`` and
+  ``ping`` data is not even buffered.
+- Usage follows Anthropic's rules: ``message_start.message.usage`` seeds every field and each
+  ``message_delta.usage`` is cumulative, so a field it carries replaces the earlier value (last
+  wins, never summed) and a field it omits or sends as null keeps it. Cache writes are split into
+  5-minute and 1-hour writes from ``usage.cache_creation``; without that split they count as
+  5-minute writes.
+
+Any other content type (a non-streaming message, an error body) is collected up to
+``max_capture`` bytes and parsed as JSON once, in ``result``.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import brotli
+import zstandard
+
+__all__ = ["Metered", "ResponseMeter", "Usage"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one response; cache writes always equal the 5m plus the 1h writes."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_creation_5m_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    web_search_requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    """What the meter learned about one response."""
+
+    model: str | None
+    usage: Usage
+    complete: bool
+    saw_start: bool
+    error_type: str | None
+    error_message: str | None
+    stop_reason: str | None
+    request_id: str | None = None
+
+
+# --- content decoding -------------------------------------------------------------------------
+
+
+class _Decoder(Protocol):
+    def decode(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class _UnsupportedEncoding(Exception):
+    """A Content-Encoding the meter cannot undo; metering stops, forwarding does not."""
+
+
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+
+class _ZlibDecoder:
+    """zlib, gzip or raw deflate by ``wbits``; gzip may hold several members (RFC 1952)."""
+
+    def __init__(self, wbits: int) -> None:
+        self._wbits = wbits
+        self._inner = zlib.decompressobj(wbits)
+
+    def decode(self, data: bytes) -> bytes:
+        out = self._inner.decompress(data)
+        while self._wbits == _GZIP_WBITS and self._inner.eof and self._inner.unused_data:
+            rest = self._inner.unused_data
+            self._inner = zlib.decompressobj(self._wbits)
+            out += self._inner.decompress(rest)
+        return out
+
+    def flush(self) -> bytes:
+        return self._inner.flush()
+
+
+class _DeflateDecoder:
+    """HTTP "deflate" is meant to be zlib-wrapped, but servers also send raw deflate.
+
+    The first two bytes tell them apart (a zlib header is method 8 and a multiple of 31), so they
+    are held back until both have arrived, however the chunks fall.
+    """
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._inner: _ZlibDecoder | None = None
+
+    def decode(self, data: bytes) -> bytes:
+        if self._inner is None:
+            self._head += data
+            if len(self._head) < 2:
+                return b""
+            data, self._head = self._head, b""
+            self._inner = _ZlibDecoder(_deflate_wbits(data))
+        return self._inner.decode(data)
+
+    def flush(self) -> bytes:
+        if self._inner is None:  # the whole body was shorter than two bytes
+            self._inner = _ZlibDecoder(-zlib.MAX_WBITS)
+            return self._inner.decode(self._head) + self._inner.flush()
+        return self._inner.flush()
+
+
+def _deflate_wbits(head: bytes) -> int:
+    cmf, flg = head[0], head[1]
+    zlib_wrapped = cmf & 0x0F == 8 and cmf >> 4 <= 7 and (cmf << 8 | flg) % 31 == 0
+    return zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
+
+
+class _BrotliDecoder:
+    def __init__(self) -> None:
+        self._inner = brotli.Decompressor()
+
+    def decode(self, data: bytes) -> bytes:
+        return bytes(self._inner.process(data))
+
+    def flush(self) -> bytes:
+        return b""
+
+
+class _ZstdDecoder:
+    def __init__(self) -> None:
+        self._inner = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+
+    def decode(self, data: bytes) -> bytes:
+        return bytes(self._inner.decompress(data))
+
+    def flush(self) -> bytes:
+        return b""
+
+
+_DECODERS: dict[str, Callable[[], _Decoder]] = {
+    "gzip": lambda: _ZlibDecoder(_GZIP_WBITS),
+    "x-gzip": lambda: _ZlibDecoder(_GZIP_WBITS),
+    "deflate": _DeflateDecoder,
+    "br": _BrotliDecoder,
+    "zstd": _ZstdDecoder,
+}
+
+
+def _decoders_for(content_encoding: str | None) -> list[_Decoder]:
+    """Decoders in the order to apply them: the last encoding listed was applied last."""
+    names = [part.strip().lower() for part in (content_encoding or "").split(",")]
+    decoders: list[_Decoder] = []
+    for name in reversed(names):
+        if name in ("", "identity"):
+            continue
+        factory = _DECODERS.get(name)
+        if factory is None:
+            raise _UnsupportedEncoding(name)
+        decoders.append(factory())
+    return decoders
+
+
+# --- usage accumulation -----------------------------------------------------------------------
+
+
+def _count(value: object) -> int | None:
+    """A token count, or None for anything else (null, a bool, a float, a negative number)."""
+    if type(value) is int and value >= 0:
+        return value
+    return None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+class _UsageState:
+    """Usage fields as last reported; None means "never reported"."""
+
+    __slots__ = (
+        "cache_1h",
+        "cache_5m",
+        "cache_creation",
+        "cache_read",
+        "input",
+        "output",
+        "web_search",
+    )
+
+    def __init__(self) -> None:
+        self.input: int | None = None
+        self.output: int | None = None
+        self.cache_creation: int | None = None
+        self.cache_read: int | None = None
+        self.cache_5m: int | None = None
+        self.cache_1h: int | None = None
+        self.web_search: int | None = None
+
+    def apply(self, usage: object) -> None:
+        """Overwrite each field ``usage`` carries; the API's usage counts are cumulative."""
+        if not isinstance(usage, dict):
+            return
+        self.input = _newer(self.input, usage.get("input_tokens"))
+        self.output = _newer(self.output, usage.get("output_tokens"))
+        self.cache_creation = _newer(self.cache_creation, usage.get("cache_creation_input_tokens"))
+        self.cache_read = _newer(self.cache_read, usage.get("cache_read_input_tokens"))
+        split = usage.get("cache_creation")
+        if isinstance(split, dict):
+            self.cache_5m = _newer(self.cache_5m, split.get("ephemeral_5m_input_tokens"))
+            self.cache_1h = _newer(self.cache_1h, split.get("ephemeral_1h_input_tokens"))
+        tools = usage.get("server_tool_use")
+        if isinstance(tools, dict):
+            self.web_search = _newer(self.web_search, tools.get("web_search_requests"))
+
+    def freeze(self) -> Usage:
+        total, five, hour = self._cache_writes()
+        return Usage(
+            input_tokens=self.input or 0,
+            output_tokens=self.output or 0,
+            cache_creation_input_tokens=total,
+            cache_creation_5m_input_tokens=five,
+            cache_creation_1h_input_tokens=hour,
+            cache_read_input_tokens=self.cache_read or 0,
+            web_search_requests=self.web_search or 0,
+        )
+
+    def _cache_writes(self) -> tuple[int, int, int]:
+        """(total, 5m, 1h), always with total == 5m + 1h.
+
+        The total is what Anthropic bills; if a later delta moved it without a new split, the
+        writes the split does not explain are counted as 5-minute writes, the default TTL.
+        """
+        if self.cache_5m is None and self.cache_1h is None:
+            total = self.cache_creation or 0
+            return total, total, 0
+        five, hour = self.cache_5m or 0, self.cache_1h or 0
+        if self.cache_creation is None or self.cache_creation == five + hour:
+            return five + hour, five, hour
+        total = self.cache_creation
+        hour = min(hour, total)
+        return total, total - hour, hour
+
+
+def _newer(current: int | None, reported: object) -> int | None:
+    value = _count(reported)
+    return current if value is None else value
+
+
+class _Outcome:
+    """Everything but usage that ``Metered`` reports, filled in as events arrive."""
+
+    __slots__ = (
+        "complete",
+        "error_message",
+        "error_type",
+        "model",
+        "request_id",
+        "saw_start",
+        "stop_reason",
+    )
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.complete = False
+        self.saw_start = False
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+        self.stop_reason: str | None = None
+        self.request_id: str | None = None
+
+    def take_message(self, message: dict[str, Any]) -> None:
+        """Fields of a Message object (message_start's skeleton or a non-streaming body)."""
+        self.model = _text(message.get("model")) or self.model
+        self.request_id = _text(message.get("id")) or self.request_id
+        self.stop_reason = _text(message.get("stop_reason")) or self.stop_reason
+
+    def take_error(self, body: dict[str, Any]) -> None:
+        self.request_id = _text(body.get("request_id")) or self.request_id
+        error = body.get("error")
+        if isinstance(error, dict):
+            self.error_type = _text(error.get("type")) or "error"
+            self.error_message = _text(error.get("message"))
+        else:
+            self.error_type = "error"
+
+
+# --- server-sent events -----------------------------------------------------------------------
+
+_BOM = b"\xef\xbb\xbf"
+_MAX_PENDING = 16 * 1024 * 1024
+"""Longest line or event data the parser holds; an event that outgrows it is dropped."""
+
+
+class _SseParser:
+    """Incremental text/event-stream parser (WHATWG HTML, "server-sent events"), on bytes.
+
+    Lines end in LF, CRLF or CR; a CR at the end of one chunk with the LF at the start of the
+    next is one line ending. Data of events not named in ``keep`` is never buffered.
+    """
+
+    __slots__ = (
+        "_data",
+        "_data_size",
+        "_event",
+        "_first_line",
+        "_has_data",
+        "_keep",
+        "_on_event",
+        "_overflow",
+        "_pending",
+        "_pending_size",
+        "_skip_lf",
+        "_skipping",
+    )
+
+    def __init__(self, on_event: Callable[[bytes, bytes], None], *, keep: frozenset[bytes]) -> None:
+        self._on_event = on_event
+        self._keep = keep
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._overflow = False
+        self._skip_lf = False
+        self._first_line = True
+        self._event = b""
+        self._skipping = False
+        self._data: list[bytes] = []
+        self._data_size = 0
+        self._has_data = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\n" not in chunk and b"\r" not in chunk:
+            self._hold(chunk)
+            return
+        if self._pending:
+            chunk = b"".join((*self._pending, chunk))
+            self._pending, self._pending_size = [], 0
+        if b"\r" in chunk:
+            # A trailing CR already ends its line; a LF opening the next chunk belongs to it.
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if self._overflow:
+            self._overflow = False
+            del lines[0]  # the end of a runaway line whose start was dropped
+        for line in lines:
+            self._line(line)
+        self._hold(tail)
+
+    def _hold(self, part: bytes) -> None:
+        if not part or self._overflow:
+            return
+        self._pending.append(part)
+        self._pending_size += len(part)
+        if self._pending_size > _MAX_PENDING:
+            self._pending, self._pending_size, self._overflow = [], 0, True
+            self._skipping, self._data = True, []  # its event lost a line: never dispatch it
+
+    def _line(self, line: bytes) -> None:
+        if self._first_line:
+            self._first_line = False
+            if line.startswith(_BOM):
+                line = line[len(_BOM) :]
+        if not line:
+            self._dispatch()
+        elif line[0] != 0x3A:  # lines starting with ":" are comments
+            field, colon, value = line.partition(b":")
+            if colon and value[:1] == b" ":
+                value = value[1:]
+            self._field(field, value)
+
+    def _field(self, field: bytes, value: bytes) -> None:
+        if field == b"data":
+            self._has_data = True
+            if not self._skipping:
+                self._data.append(value)
+                self._data_size += len(value)
+                if self._data_size > _MAX_PENDING:
+                    self._skipping, self._data = True, []
+        elif field == b"event":
+            self._event = value
+            self._skipping = self._skipping or value not in self._keep
+        # "id", "retry" and unknown fields carry nothing the meter needs.
+
+    def _dispatch(self) -> None:
+        event = self._event or b"message"
+        if self._has_data and not self._skipping and event in self._keep:
+            self._on_event(event, b"\n".join(self._data))
+        self._event, self._skipping, self._has_data = b"", False, False
+        self._data, self._data_size = [], 0
+
+
+_KEEP_EVENTS = frozenset(
+    {b"message_start", b"message_delta", b"message_stop", b"error", b"message"}
+)
+"""Events whose data is read. "message" is the SSE default name, for streams without ``event:``."""
+
+
+# --- the meter --------------------------------------------------------------------------------
+
+
+class _Capped:
+    """Up to ``limit`` bytes of a body; remembers whether more arrived."""
+
+    __slots__ = ("_parts", "limit", "size", "truncated")
+
+    def __init__(self, limit: int) -> None:
+        self._parts: list[bytes] = []
+        self.limit = limit
+        self.size = 0
+        self.truncated = False
+
+    def add(self, data: bytes) -> None:
+        room = self.limit - self.size
+        if len(data) > room:
+            data, self.truncated = data[: max(room, 0)], True
+        if data:
+            self._parts.append(data)
+            self.size += len(data)
+
+    def value(self) -> bytes:
+        return b"".join(self._parts)
+
+
+class ResponseMeter:
+    """Meter one upstream response: ``feed`` every raw chunk, then call ``result`` once."""
+
+    def __init__(
+        self,
+        *,
+        content_type: str | None,
+        content_encoding: str | None,
+        capture: bool = False,
+        max_capture: int = 64 * 1024 * 1024,
+    ) -> None:
+        self._usage = _UsageState()
+        self._outcome = _Outcome()
+        self._body = _Capped(max_capture)
+        self._capture = capture
+        self._stopped = False
+        self._result: Metered | None = None
+        self._sse: _SseParser | None = None
+        if _is_event_stream(content_type):
+            self._sse = _SseParser(self._on_event, keep=_KEEP_EVENTS)
+        try:
+            self._decoders = _decoders_for(content_encoding)
+        except _UnsupportedEncoding:
+            self._decoders, self._stopped = [], True
+
+    @property
+    def capture_truncated(self) -> bool:
+        """True when the body outgrew ``max_capture``: ``captured`` holds only its start."""
+        return self._body.truncated
+
+    def feed(self, raw: bytes) -> None:
+        """Meter one chunk exactly as it came from upstream. Never raises."""
+        if self._stopped or self._result is not None or not raw:
+            return
+        try:
+            for decoder in self._decoders:
+                raw = decoder.decode(raw)
+            self._take(raw)
+        except Exception:  # the proxy must keep forwarding whatever the meter trips over
+            self._stopped = True
+
+    def result(self) -> Metered:
+        """What was seen; call at the end of the response, including a broken one."""
+        if self._result is None:
+            self._finish_decoding()
+            self._result = self._metered() if self._sse else self._body_result()
+        return self._result
+
+    def captured(self) -> bytes | None:
+        """The decoded body (at most ``max_capture`` bytes) when ``capture`` was asked for."""
+        return self._body.value() if self._capture else None
+
+    def _take(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._sse is None:
+            self._body.add(data)
+            self._stopped = self._body.truncated  # a cut-off JSON body cannot be metered
+            return
+        if self._capture:
+            self._body.add(data)
+        self._sse.feed(data)
+
+    def _finish_decoding(self) -> None:
+        if self._stopped or not self._decoders:
+            return
+        try:
+            data = b""
+            for decoder in self._decoders:
+                data = decoder.decode(data) + decoder.flush() if data else decoder.flush()
+            self._take(data)
+        except Exception:  # a truncated or corrupt tail still leaves what was decoded before it
+            self._stopped = True
+
+    def _on_event(self, event: bytes, data: bytes) -> None:
+        if event == b"message_stop":
+            self._outcome.complete = True
+            return
+        try:
+            payload = json.loads(data)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(payload, dict):
+            return
+        kind = event.decode() if event != b"message" else payload.get("type")
+        self._on_payload(kind, payload)
+
+    def _on_payload(self, kind: object, payload: dict[str, Any]) -> None:
+        outcome = self._outcome
+        if kind == "message_start":
+            message = payload.get("message")
+            if isinstance(message, dict):
+                outcome.saw_start = True
+                outcome.take_message(message)
+                self._usage.apply(message.get("usage"))
+        elif kind == "message_delta":
+            self._usage.apply(payload.get("usage"))
+            delta = payload.get("delta")
+            if isinstance(delta, dict):
+                outcome.stop_reason = _text(delta.get("stop_reason")) or outcome.stop_reason
+        elif kind == "message_stop":
+            outcome.complete = True
+        elif kind == "error":
+            outcome.take_error(payload)
+
+    def _body_result(self) -> Metered:
+        """Parse the collected body: a Message, an error envelope, or anything else."""
+        if self._body.truncated or not self._body.size:
+            return self._metered()
+        try:
+            body = json.loads(self._body.value())
+        except (ValueError, RecursionError):
+            return self._metered()
+        if not isinstance(body, dict):
+            return self._metered()
+        outcome = self._outcome
+        outcome.saw_start = True
+        if body.get("type") == "error":
+            outcome.take_error(body)
+        else:
+            outcome.complete = True
+            outcome.take_message(body)
+            self._usage.apply(body.get("usage"))
+        return self._metered()
+
+    def _metered(self) -> Metered:
+        outcome = self._outcome
+        return Metered(
+            model=outcome.model,
+            usage=self._usage.freeze(),
+            complete=outcome.complete,
+            saw_start=outcome.saw_start,
+            error_type=outcome.error_type,
+            error_message=outcome.error_message,
+            stop_reason=outcome.stop_reason,
+            request_id=outcome.request_id,
+        )
+
+
+def _is_event_stream(content_type: str | None) -> bool:
+    return (content_type or "").split(";", 1)[0].strip().lower() == "text/event-stream"

@@ -1,0 +1,543 @@
+"""The gateway in the path of every Claude Code request.
+
+Design, in the order a request meets it:
+
+1. ``_GuardMiddleware`` (pure ASGI, before routing) refuses a Host that is not loopback with the
+   daemon's port (DNS rebinding) and any request carrying ``Origin`` (a web page).
+2. The route handler authenticates the client's key (``Authorization: Bearer`` or ``x-api-key``),
+   reads the body (capped at 32 MB) and checks that it is JSON. It never re-serialises: the bytes
+   that came in are the bytes that go out.
+3. ``_Relay`` sends the request upstream with the client's credential replaced by the upstream
+   one, then copies the response to the client chunk by chunk as it arrives (``aiter_raw``: still
+   compressed, so nothing is decoded or re-encoded in the path). After each chunk has been handed
+   to the client, the same bytes are fed to a ``ResponseMeter`` that decodes and reads usage on the
+   side. A task watches for the client hanging up and cancels the upstream request when it does.
+4. The ledger gets a ``pending`` row before the request goes upstream and the final row when it
+   ends; both are queue puts that a writer thread commits, so no disk work sits between upstream
+   and client.
+
+Errors ccgate itself produces use Anthropic's envelope and carry ``x-should-retry: false`` when a
+retry cannot help (a bad key, a malformed body), because Claude Code retries 401 for minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ccgate import __version__
+from ccgate.ledger import Ledger, RequestRecord
+from ccgate.metering import Metered, ResponseMeter
+from ccgate.pricing import PriceTable, cost_micros
+
+log = logging.getLogger("ccgate.proxy")
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+HEALTH_PATH = "/_ccgate/health"
+SESSION_HEADER = "x-claude-code-session-id"
+CCGATE_KEY_HEADER = "x-ccgate-key"
+
+# RFC 9110 section 7.6.1: connection-specific headers are not forwarded by intermediaries.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# What never goes upstream: hop-by-hop headers, what httpx recomputes, and client credentials.
+_DROP_REQUEST = _HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+_DROP_RESPONSE = _HOP_BY_HOP
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the running gateway needs to know, fixed at start."""
+
+    port: int
+    upstream_url: str
+    upstream_key: str | None
+    client_keys: Mapping[str, str]  # client key -> key id recorded in the ledger
+    log_content: bool = False
+    provider: str = "anthropic"
+    mode: str = "standalone"
+    started_at: float = field(default_factory=time.time)
+
+    def __repr__(self) -> str:  # keys must never reach a log or a traceback
+        return f"GatewaySettings(port={self.port}, upstream_url={self.upstream_url!r})"
+
+
+def error_body(err_type: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": err_type, "message": message}}
+
+
+def error_response(
+    status: int,
+    err_type: str,
+    message: str,
+    *,
+    should_retry: bool | None = None,
+    retry_after: int | None = None,
+) -> Response:
+    headers: dict[str, str] = {}
+    if should_retry is not None:
+        headers["x-should-retry"] = "true" if should_retry else "false"
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    return JSONResponse(error_body(err_type, message), status_code=status, headers=headers)
+
+
+class _GuardMiddleware:
+    """Refuse what a browser or a rebinding DNS name could send, before any routing."""
+
+    def __init__(self, app: ASGIApp, *, port: int) -> None:
+        self.app = app
+        self.allowed_hosts = {
+            f"127.0.0.1:{port}".encode(),
+            f"localhost:{port}".encode(),
+            f"[::1]:{port}".encode(),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = b""
+        has_origin = False
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.lower()
+            elif name == b"origin":
+                has_origin = True
+        if host not in self.allowed_hosts:
+            shown = host.decode("latin-1")[:100] or "(none)"
+            response = error_response(
+                403,
+                "permission_error",
+                f"ccgate only answers requests addressed to 127.0.0.1, localhost or [::1] on its "
+                f"own port; this one was for host {shown!r}.",
+                should_retry=False,
+            )
+        elif has_origin:
+            response = error_response(
+                403,
+                "permission_error",
+                "ccgate refuses requests from web pages (the request carried an Origin header).",
+                should_retry=False,
+            )
+        else:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+
+@dataclass
+class _Exchange:
+    """Per-request state shared by the relay and the finaliser."""
+
+    record: RequestRecord
+    t0: float
+    body: bytes
+    meter: ResponseMeter | None = None
+    status: int | None = None
+    ttfb: float | None = None
+    got_response: bool = False
+    upstream_done: bool = False
+    client_gone: bool = False
+    upstream_failure: str | None = None
+    finalized: bool = False
+
+
+class Gateway:
+    """Owns the upstream client, the ledger hand-off and the price table for one daemon."""
+
+    def __init__(self, *, settings: GatewaySettings, ledger: Ledger, prices: PriceTable) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.prices = prices
+        self.base_url = settings.upstream_url.rstrip("/")
+        self._client: httpx.AsyncClient | None = None
+        self.requests_served = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
+        self._client = httpx.AsyncClient(
+            # Long non-streaming requests can think for minutes before the first byte.
+            timeout=httpx.Timeout(connect=10.0, read=3600.0, write=60.0, pool=30.0),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=20),
+            follow_redirects=False,
+        )
+        try:
+            yield
+        finally:
+            await self._client.aclose()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self._client is not None, "gateway used outside its lifespan"
+        return self._client
+
+    def app(self) -> ASGIApp:
+        routes = [
+            Route("/", self.root, methods=["GET", "HEAD"]),
+            Route(HEALTH_PATH, self.health, methods=["GET"]),
+            Route("/v1/messages", self.proxy, methods=["POST"]),
+            Route("/v1/messages/count_tokens", self.proxy, methods=["POST"]),
+            Route("/v1/models", self.proxy, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.proxy, methods=["GET"]),
+        ]
+        app = Starlette(routes=routes, lifespan=self.lifespan)
+        app.add_exception_handler(404, _not_found)
+        app.add_exception_handler(405, _not_allowed)
+        return _GuardMiddleware(app, port=self.settings.port)
+
+    # -- local endpoints ---------------------------------------------------------------------
+
+    async def root(self, _request: Request) -> Response:
+        # Claude Code sends an unauthenticated HEAD / as a warm-up when it starts.
+        return JSONResponse({"service": "ccgate", "version": __version__})
+
+    async def health(self, _request: Request) -> Response:
+        s = self.settings
+        return JSONResponse(
+            {
+                "service": "ccgate",
+                "version": __version__,
+                "pid": os.getpid(),
+                "port": s.port,
+                "upstream": s.upstream_url,
+                "mode": s.mode,
+                "started_at": s.started_at,
+                "requests_served": self.requests_served,
+                "upstream_key": s.upstream_key is not None,
+            }
+        )
+
+    # -- the proxy ---------------------------------------------------------------------------
+
+    async def proxy(self, request: Request) -> Response:
+        self.requests_served += 1
+        record = RequestRecord(
+            id=uuid.uuid4().hex,
+            started_at=time.time(),
+            key_id="-",
+            method=request.method,
+            path=request.url.path,
+            session_id=request.headers.get(SESSION_HEADER),
+            provider=self.settings.provider,
+        )
+        t0 = time.perf_counter()
+        key_id = self._authenticate(request)
+        if key_id is None:
+            has_key = "authorization" in request.headers or "x-api-key" in request.headers
+            message = (
+                "The ccgate key sent with this request is not valid. Run `ccgate up` again to "
+                "refresh ANTHROPIC_AUTH_TOKEN in ~/.claude/settings.json."
+                if has_key
+                else "No ccgate key was sent. Claude Code gets one from ~/.claude/settings.json "
+                "after `ccgate up`; other clients send it as `x-api-key` or a Bearer token."
+            )
+            return self._reject(record, t0, 401, "authentication_error", message)
+        record.key_id = key_id
+
+        body = b""
+        if request.method == "POST":
+            body_or_error = await _read_body(request)
+            if isinstance(body_or_error, Response):
+                return self._reject_with(record, t0, body_or_error)
+            body = body_or_error
+            try:
+                parsed = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return self._reject(
+                    record,
+                    t0,
+                    400,
+                    "invalid_request_error",
+                    f"The request body is not JSON: {exc}.",
+                )
+            if not isinstance(parsed, dict):
+                return self._reject(
+                    record,
+                    t0,
+                    400,
+                    "invalid_request_error",
+                    "The request body must be a JSON object.",
+                )
+            model = parsed.get("model")
+            record.model = model if isinstance(model, str) else None
+            record.streamed = parsed.get("stream") is True
+        if self.settings.log_content and body:
+            record.request_body = body
+
+        self.ledger.record_start(record)
+        exchange = _Exchange(record=record, t0=t0, body=body)
+        return _Relay(self, exchange, request)
+
+    def _authenticate(self, request: Request) -> str | None:
+        keys = self.settings.client_keys
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            key_id = keys.get(auth[7:].strip())
+            if key_id is not None:
+                return key_id
+        api_key = request.headers.get("x-api-key")
+        if api_key is not None:
+            return keys.get(api_key.strip())
+        return None
+
+    def _reject(
+        self, record: RequestRecord, t0: float, status: int, err_type: str, message: str
+    ) -> Response:
+        return self._reject_with(
+            record, t0, error_response(status, err_type, message, should_retry=False)
+        )
+
+    def _reject_with(self, record: RequestRecord, t0: float, response: Response) -> Response:
+        record.status = response.status_code
+        record.outcome = "rejected"
+        try:
+            record.error = json.loads(bytes(response.body))["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            record.error = f"HTTP {response.status_code}"
+        record.latency_ms = (time.perf_counter() - t0) * 1000
+        self.ledger.record_finish(record)
+        return response
+
+    def upstream_request(self, request: Request, body: bytes) -> httpx.Request:
+        url = self.base_url + request.url.path
+        query = request.scope.get("query_string", b"")
+        if query:
+            url += "?" + query.decode("latin-1")
+        connection_tokens = {
+            token.strip().lower()
+            for token in request.headers.get("connection", "").split(",")
+            if token.strip()
+        }
+        headers: list[tuple[bytes, bytes]] = [
+            (name, value)
+            for name, value in request.headers.raw
+            if name.decode("latin-1") not in _DROP_REQUEST
+            and name.decode("latin-1") not in connection_tokens
+            and name != CCGATE_KEY_HEADER.encode()
+        ]
+        if self.settings.upstream_key is not None:
+            headers.append((b"x-api-key", self.settings.upstream_key.encode()))
+        return httpx.Request(request.method, url, headers=headers, content=body)
+
+    def finalize(self, ex: _Exchange) -> None:
+        """Turn what the relay saw into the final ledger row. Never raises."""
+        if ex.finalized:
+            return
+        ex.finalized = True
+        rec = ex.record
+        rec.status = ex.status
+        rec.latency_ms = (time.perf_counter() - ex.t0) * 1000
+        if ex.ttfb is not None:
+            rec.ttfb_ms = (ex.ttfb - ex.t0) * 1000
+        metered = ex.meter.result() if ex.meter is not None else None
+        if metered is not None:
+            self._charge(rec, metered)
+        rec.outcome, rec.error = _outcome(ex, metered)
+        if self.settings.log_content and ex.meter is not None:
+            rec.response_body = ex.meter.captured()
+        self.ledger.record_finish(rec)
+
+    def _charge(self, rec: RequestRecord, metered: Metered) -> None:
+        usage = metered.usage
+        rec.model = metered.model or rec.model
+        rec.input_tokens = usage.input_tokens
+        rec.output_tokens = usage.output_tokens
+        rec.cache_creation_input_tokens = usage.cache_creation_input_tokens
+        rec.cache_creation_1h_input_tokens = usage.cache_creation_1h_input_tokens
+        rec.cache_read_input_tokens = usage.cache_read_input_tokens
+        rec.web_search_requests = usage.web_search_requests
+        if rec.model is None:
+            return
+        lookup = self.prices.lookup(rec.model, at=datetime.fromtimestamp(rec.started_at, UTC))
+        rec.cost_micros = cost_micros(
+            usage, lookup.price, web_search_micros=self.prices.web_search_micros
+        )
+        rec.price_estimated = lookup.estimated
+
+
+def _outcome(ex: _Exchange, metered: Metered | None) -> tuple[str, str | None]:
+    status = ex.status or 0
+    if ex.upstream_failure is not None and not ex.got_response:
+        return "upstream_error", ex.upstream_failure
+    if metered is not None and metered.error_type is not None:
+        detail = f"{metered.error_type}: {metered.error_message or ''}".strip().rstrip(":")
+        if status >= 400 or ex.upstream_done:
+            return "upstream_error", detail
+    if status >= 400:
+        return "upstream_error", f"HTTP {status}"
+    if ex.client_gone and not ex.upstream_done:
+        return "interrupted", "client disconnected before the response finished"
+    if ex.upstream_failure is not None:
+        return "interrupted", f"upstream connection lost: {ex.upstream_failure}"
+    if metered is not None and not metered.complete and ex.record.streamed:
+        return "interrupted", "stream ended before message_stop"
+    return "ok", None
+
+
+class _Relay(Response):
+    """Send the request upstream and copy the answer back as it arrives.
+
+    A watcher task waits for the client to hang up; when it does, it cancels the relay, which
+    closes the upstream response and so cancels the upstream request too.
+    """
+
+    def __init__(self, gateway: Gateway, exchange: _Exchange, request: Request) -> None:
+        self.gateway = gateway
+        self.ex = exchange
+        self.request = request
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+            try:
+                await self._relay(send)
+            finally:
+                tg.cancel_scope.cancel()
+                self.gateway.finalize(self.ex)
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.ex.upstream_done:
+                    self.ex.client_gone = True
+                scope.cancel()
+                return
+
+    async def _relay(self, send: Send) -> None:
+        gw, ex = self.gateway, self.ex
+        upstream_request = gw.upstream_request(self.request, ex.body)
+        try:
+            upstream = await gw.client.send(upstream_request, stream=True)
+        except httpx.TimeoutException:
+            ex.upstream_failure = f"timed out connecting to {gw.base_url}"
+            await self._send_error(send, 504, ex.upstream_failure)
+            return
+        except httpx.HTTPError as exc:
+            ex.upstream_failure = f"cannot reach {gw.base_url} ({type(exc).__name__})"
+            await self._send_error(send, 502, ex.upstream_failure)
+            return
+        try:
+            await self._pump(upstream, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+
+    async def _pump(self, upstream: httpx.Response, send: Send) -> None:
+        ex = self.ex
+        ex.status = upstream.status_code
+        ex.got_response = True
+        if ex.record.path == "/v1/messages":
+            ex.meter = ResponseMeter(
+                content_type=upstream.headers.get("content-type"),
+                content_encoding=upstream.headers.get("content-encoding"),
+                capture=self.gateway.settings.log_content,
+            )
+        headers = [
+            (name.lower(), value)
+            for name, value in upstream.headers.raw
+            if name.lower().decode("latin-1") not in _DROP_RESPONSE
+        ]
+        headers.append((b"x-ccgate-request-id", ex.record.id.encode()))
+        await send(
+            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
+        )
+        meter = ex.meter
+        try:
+            async for chunk in upstream.aiter_raw():
+                if ex.ttfb is None:
+                    ex.ttfb = time.perf_counter()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if meter is not None:
+                    meter.feed(chunk)
+        except httpx.HTTPError as exc:
+            # The upstream dropped mid-response. Returning without the final empty body makes
+            # the server close the client connection, so the client sees a broken stream too
+            # rather than a clean end it could mistake for a complete answer.
+            ex.upstream_failure = type(exc).__name__
+            log.warning("upstream response broke off: %s", type(exc).__name__)
+            return
+        ex.upstream_done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_error(self, send: Send, status: int, message: str) -> None:
+        self.ex.status = status
+        response = error_response(
+            status,
+            "api_error",
+            f"ccgate {message}. Check your network, or the upstream with `ccgate status`.",
+        )
+
+        async def no_receive() -> Message:
+            return {"type": "http.disconnect"}
+
+        await response({"type": "http"}, no_receive, send)
+
+
+async def _read_body(request: Request) -> bytes | Response:
+    too_large = error_response(
+        413,
+        "request_too_large",
+        f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB.",
+        should_retry=False,
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _not_found(request: Request, _exc: Exception) -> Response:
+    return error_response(
+        404,
+        "not_found_error",
+        f"ccgate does not proxy {request.method} {request.url.path}.",
+        should_retry=False,
+    )
+
+
+async def _not_allowed(request: Request, _exc: Exception) -> Response:
+    return error_response(
+        405,
+        "invalid_request_error",
+        f"{request.method} is not allowed on {request.url.path}.",
+        should_retry=False,
+    )

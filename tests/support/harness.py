@@ -1,0 +1,164 @@
+"""Real processes for end-to-end tests: the ccgate CLI and daemon, each on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+CLAUDE_BIN = REPO / "tests" / "claude" / "node_modules" / ".bin" / "claude"
+UPSTREAM_KEY = "sk-ant-upstream-test-key"
+
+
+@dataclass(frozen=True)
+class Isolated:
+    home: Path
+    ccgate_home: Path
+
+    @property
+    def settings_file(self) -> Path:
+        return self.home / ".claude" / "settings.json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ccgate(
+    *args: str, env: Mapping[str, str] | None = None, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "ccgate", *args],
+        env=dict(os.environ if env is None else env),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def ccgate_json(*args: str, env: Mapping[str, str] | None = None) -> Any:
+    result = ccgate(*args, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@dataclass
+class Daemon:
+    """A foreground ``ccgate daemon`` subprocess with its own key."""
+
+    port: int
+    key: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def _seed_client_key(key: str) -> None:
+    from ccgate import paths
+    from ccgate.credentials import SecretStore
+    from ccgate.daemon import LOCAL_KEY_NAME
+
+    SecretStore(paths=paths.resolve()).set(LOCAL_KEY_NAME, key)
+
+
+def wait_healthy(
+    port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"daemon exited ({process.returncode}):\n{log.read_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/_ccgate/health", timeout=0.5).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"daemon not healthy after {timeout}s:\n{log.read_text()}")
+
+
+@contextlib.contextmanager
+def run_daemon(
+    *,
+    upstream_url: str,
+    extra_args: tuple[str, ...] = (),
+    extra_env: Mapping[str, str] | None = None,
+    upstream_key: str | None = UPSTREAM_KEY,
+) -> Iterator[Daemon]:
+    key = "sk-cg-test-" + os.urandom(16).hex()
+    _seed_client_key(key)
+    port = free_port()
+    env = dict(os.environ)
+    if upstream_key is not None:
+        env["ANTHROPIC_API_KEY"] = upstream_key
+    env.update(extra_env or {})
+    log = Path(env["CCGATE_HOME"]) / f"daemon-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ccgate",
+                "daemon",
+                "--port",
+                str(port),
+                "--upstream",
+                upstream_url,
+                *extra_args,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_healthy(port, process, log)
+        yield Daemon(port=port, key=key, process=process, log=log, env=env)
+    finally:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def kill_pidfile_daemon(ccgate_home: Path) -> None:
+    """Stop a daemon that `ccgate up` left running (test cleanup after a failure)."""
+    pid_file = ccgate_home / "daemon.pid"
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)

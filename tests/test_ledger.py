@@ -1,0 +1,432 @@
+"""The local ledger: migrations, file safety, the batching writer thread, recovery, following."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ccgate import ledger as ledger_mod
+from ccgate.ledger import (
+    INTERRUPTED_BY_RESTART,
+    Ledger,
+    LedgerError,
+    LedgerMissingError,
+    LedgerRow,
+    RequestContent,
+    RequestRecord,
+    applied_migrations,
+    m001_initial,
+    migrate,
+)
+
+T0 = 1_793_534_400.0  # 2026-11-01T12:00:00Z
+
+
+def rec(n: int, **changes: object) -> RequestRecord:
+    record = RequestRecord(
+        id=f"{n:032x}",
+        started_at=T0 + n,
+        key_id="local",
+        method="POST",
+        path="/v1/messages",
+        model="claude-sonnet-4-6",
+        streamed=True,
+    )
+    for name, value in changes.items():
+        setattr(record, name, value)
+    return record
+
+
+def finished(n: int, **changes: object) -> RequestRecord:
+    return rec(n, outcome="ok", status=200, **changes)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "ledger.db"
+
+
+@pytest.fixture
+def ledger(db_path: Path) -> Iterator[Ledger]:
+    opened = Ledger(db_path)
+    opened.start_writer()
+    yield opened
+    opened.close()
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def outcomes(ledger: Ledger) -> dict[str, str]:
+    return {row.id: row.outcome for row in ledger.records()}
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def test_fresh_open_creates_schema_and_records_migrations(db_path: Path) -> None:
+    Ledger(db_path).close()
+    with raw(db_path) as db:
+        assert applied_migrations(db) == {"m001_initial"}
+        tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"requests", "request_content", "migrations"} <= tables
+
+
+def test_reopening_runs_no_migration_twice(db_path: Path) -> None:
+    Ledger(db_path).close()
+    Ledger(db_path).close()
+    with raw(db_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM migrations").fetchone() == (1,)
+
+
+def test_open_upgrades_a_database_made_by_an_older_migration_set(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def m002_add_note(db: sqlite3.Connection) -> None:
+        # Stands in for a future schema change.
+        db.execute("ALTER TABLE requests ADD COLUMN note TEXT NOT NULL DEFAULT 'none'")
+
+    db_path.parent.mkdir(parents=True)
+    db = raw(db_path)
+    assert migrate(db, [m001_initial]) == ["m001_initial"]
+    db.execute(
+        "INSERT INTO requests (id, started_at, key_id, method, path, outcome) "
+        "VALUES ('old', 1.5, 'local', 'POST', '/v1/messages', 'ok')"
+    )
+    db.close()
+
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [m001_initial, m002_add_note])
+    with Ledger(db_path) as upgraded:
+        assert [row.id for row in upgraded.records()] == ["old"]
+    with raw(db_path) as check:
+        assert applied_migrations(check) == {"m001_initial", "m002_add_note"}
+        assert check.execute("SELECT id, note FROM requests").fetchall() == [("old", "none")]
+
+
+def test_readonly_refuses_a_ledger_that_needs_migrations(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def m002_later(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE later (x)")
+
+    Ledger(db_path).close()
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [m001_initial, m002_later])
+    with pytest.raises(LedgerError, match=r"older ccgate .*m002_later.*ccgate up"):
+        Ledger(db_path, readonly=True)
+
+
+def test_wal_mode_synchronous_normal_and_busy_timeout(ledger: Ledger, db_path: Path) -> None:
+    with raw(db_path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    own = ledger._db
+    assert own.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+    assert own.execute("PRAGMA busy_timeout").fetchone() == (5000,)
+
+
+def test_files_are_private(ledger: Ledger, db_path: Path) -> None:
+    ledger.record_finish(finished(1, request_body=b"secret prompt"))
+    assert ledger.flush()
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(Path(f"{db_path}-wal").stat().st_mode) == 0o600
+
+
+def test_an_existing_loose_file_is_tightened(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.touch(mode=0o644)
+    db_path.chmod(0o644)
+    Ledger(db_path).close()
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+
+
+def test_readonly_without_a_file_says_nothing_was_logged(db_path: Path) -> None:
+    with pytest.raises(LedgerMissingError, match="nothing has been logged"):
+        Ledger(db_path, readonly=True)
+    assert not db_path.exists()
+
+
+def test_a_file_that_is_not_sqlite_is_reported(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"not a database at all, just some bytes" * 100)
+    with pytest.raises(LedgerError, match=r"not a readable ccgate ledger.*Move it aside"):
+        Ledger(db_path)
+
+
+def test_readonly_ledger_reads_but_cannot_write(ledger: Ledger, db_path: Path) -> None:
+    ledger.record_finish(finished(1))
+    assert ledger.flush()
+    with Ledger(db_path, readonly=True) as reader:
+        assert [row.id for row in reader.records()] == [f"{1:032x}"]
+        with pytest.raises(LedgerError, match="read-only"):
+            reader.start_writer()
+        with pytest.raises(LedgerError, match="readonly"):
+            reader.recover_pending(now=T0 + 100)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def test_start_then_finish_roundtrip(ledger: Ledger) -> None:
+    record = rec(1, session_id="sess-1", request_body=b'{"model":"x"}')
+    ledger.record_start(record)
+    assert ledger.flush()
+    (pending,) = ledger.records()
+    assert (pending.outcome, pending.finished_seq, pending.status) == ("pending", None, None)
+
+    record.outcome, record.status, record.error = "upstream_error", 529, "overloaded_error: x"
+    record.input_tokens, record.output_tokens = 1200, 345
+    record.cache_creation_input_tokens, record.cache_creation_1h_input_tokens = 100, 40
+    record.cache_read_input_tokens, record.web_search_requests = 9000, 2
+    record.cost_micros, record.price_estimated = 3702, True
+    record.latency_ms, record.ttfb_ms = 812.5, 95.25
+    record.billing, record.provider = "subscription", "bedrock"
+    record.request_body, record.response_body = None, b"event: message_start"
+    ledger.record_finish(record)
+    assert ledger.flush()
+
+    assert ledger.records() == [
+        LedgerRow(
+            seq=pending.seq,
+            finished_seq=1,
+            id=record.id,
+            started_at=T0 + 1,
+            key_id="local",
+            method="POST",
+            path="/v1/messages",
+            model="claude-sonnet-4-6",
+            streamed=True,
+            status=529,
+            outcome="upstream_error",
+            error="overloaded_error: x",
+            input_tokens=1200,
+            output_tokens=345,
+            cache_creation_input_tokens=100,
+            cache_creation_1h_input_tokens=40,
+            cache_read_input_tokens=9000,
+            web_search_requests=2,
+            cost_micros=3702,
+            price_estimated=True,
+            latency_ms=812.5,
+            ttfb_ms=95.25,
+            session_id="sess-1",
+            provider="bedrock",
+            billing="subscription",
+        )
+    ]
+    # The request body from the start survives a finish that carries only the response.
+    assert ledger.content(record.id) == RequestContent(b'{"model":"x"}', b"event: message_start")
+
+
+def test_no_content_row_without_bodies(ledger: Ledger, db_path: Path) -> None:
+    ledger.record_start(rec(1))
+    ledger.record_finish(finished(1))
+    assert ledger.flush()
+    assert ledger.content(f"{1:032x}") is None
+    with raw(db_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM request_content").fetchone() == (0,)
+
+
+def test_record_is_snapshotted_when_queued(db_path: Path) -> None:
+    with Ledger(db_path) as ledger:
+        record = rec(1)
+        ledger.record_start(record)  # no writer yet: the record waits in the queue
+        record.outcome, record.output_tokens = "ok", 99
+        ledger.start_writer()
+        assert ledger.flush()
+        (row,) = ledger.records()
+    assert (row.outcome, row.output_tokens) == ("pending", 0)
+
+
+def test_close_writes_what_was_queued_even_without_a_started_writer(db_path: Path) -> None:
+    with Ledger(db_path) as ledger:
+        ledger.record_finish(finished(1))
+        assert ledger.flush() is False  # nothing can commit without the writer
+    with Ledger(db_path, readonly=True) as reader:
+        assert outcomes(reader) == {f"{1:032x}": "ok"}
+
+
+def test_stop_writer_commits_and_ends_the_thread(db_path: Path) -> None:
+    ledger = Ledger(db_path)
+    ledger.start_writer()
+    assert ledger.flush()  # the writer is idle, blocked on the queue
+    ledger.stop_writer(timeout=5)
+    assert ledger._writer is not None and not ledger._writer.alive
+    ledger.record_finish(finished(1))
+    ledger.start_writer()  # a stopped writer can be started again
+    ledger.stop_writer(timeout=5)
+    assert not ledger._writer.alive
+    assert outcomes(ledger) == {f"{1:032x}": "ok"}
+    ledger.close()
+
+
+def test_start_after_finish_does_not_reopen_the_row(ledger: Ledger) -> None:
+    ledger.record_finish(finished(1))
+    ledger.record_start(rec(1))
+    assert ledger.flush()
+    assert outcomes(ledger) == {f"{1:032x}": "ok"}
+
+
+def test_a_thousand_records_in_batches_are_all_committed(ledger: Ledger) -> None:
+    for n in range(1000):
+        ledger.record_start(rec(n))
+    for n in range(1000):
+        ledger.record_finish(finished(n, output_tokens=n))
+    assert ledger.flush(timeout=30)
+    rows = ledger.records(newest_first=False)
+    assert len(rows) == 1000
+    assert {row.outcome for row in rows} == {"ok"}
+    assert sum(row.output_tokens for row in rows) == sum(range(1000))
+    assert sorted(row.finished_seq or 0 for row in rows) == list(range(1, 1001))
+
+
+def test_bad_outcome_is_a_caller_bug(ledger: Ledger) -> None:
+    with pytest.raises(ValueError, match="unknown outcome 'done'"):
+        ledger.record_finish(rec(1, outcome="done"))
+    with pytest.raises(ValueError, match="unknown billing 'free'"):
+        ledger.record_finish(rec(1, billing="free"))
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_locked_database_delays_but_loses_nothing(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ccgate.ledger")
+    with Ledger(db_path, busy_timeout_ms=20) as ledger:
+        ledger.start_writer()
+        blocker = raw(db_path)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        for n in range(5):
+            ledger.record_finish(finished(n, request_body=b"PROMPT-TEXT"))
+        assert ledger.flush(timeout=0.3) is False
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert ledger.flush(timeout=10)
+        assert len(ledger.records()) == 5
+    messages = [r.getMessage() for r in caplog.records if r.name == "ccgate.ledger"]
+    assert any("database is locked" in m and "keeping 5 records" in m for m in messages)
+    assert any(m.startswith("ledger writes recovered after") for m in messages)
+    assert not any("PROMPT-TEXT" in m for m in messages)
+
+
+def test_a_transient_error_is_retried(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_apply = ledger_mod._apply
+    failures = iter([sqlite3.OperationalError("database or disk is full")])
+
+    def flaky(db: sqlite3.Connection, op: ledger_mod._Write) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        real_apply(db, op)
+
+    monkeypatch.setattr(ledger_mod, "_apply", flaky)
+    for n in range(3):
+        ledger.record_finish(finished(n))
+    assert ledger.flush(timeout=10)
+    assert len(ledger.records()) == 3
+
+
+def test_a_record_sqlite_rejects_is_dropped_alone(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_apply = ledger_mod._apply
+    poison = f"{2:032x}"
+
+    def rejecting(db: sqlite3.Connection, op: ledger_mod._Write) -> None:
+        if op.request_id == poison:
+            raise sqlite3.IntegrityError("CHECK constraint failed")
+        real_apply(db, op)
+
+    monkeypatch.setattr(ledger_mod, "_apply", rejecting)
+    for n in range(4):
+        ledger.record_finish(finished(n, request_body=b"PROMPT-TEXT"))
+    assert ledger.flush(timeout=10)
+    assert sorted(outcomes(ledger)) == [f"{n:032x}" for n in (0, 1, 3)]
+    (dropped,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert poison in dropped.getMessage()
+    assert "PROMPT-TEXT" not in dropped.getMessage()
+
+
+def test_stop_gives_up_on_a_writer_stuck_retrying(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Ledger(db_path, busy_timeout_ms=10) as ledger:
+        ledger.start_writer()
+        blocker = raw(db_path)
+        blocker.execute("BEGIN IMMEDIATE")
+        ledger.record_finish(finished(1))
+        ledger.stop_writer(timeout=0.2)
+        assert ledger._writer is not None and not ledger._writer.alive
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert "ledger writer gave up: 1 records were not written" in caplog.text
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def test_recover_pending_marks_rows_a_killed_daemon_left(ledger: Ledger) -> None:
+    ledger.record_finish(finished(1))
+    ledger.record_start(rec(2))
+    ledger.record_start(rec(3))
+    ledger.record_start(rec(50))  # started after the new daemon came up: still live
+    assert ledger.flush()
+
+    assert ledger.recover_pending(now=T0 + 10) == 2
+
+    rows = {row.id[-2:]: row for row in ledger.records()}
+    assert [(k, rows[k].outcome, rows[k].finished_seq) for k in ("01", "02", "03", "32")] == [
+        ("01", "ok", 1),
+        ("02", "interrupted", 2),
+        ("03", "interrupted", 3),
+        ("32", "pending", None),
+    ]
+    assert rows["02"].error == INTERRUPTED_BY_RESTART
+    assert ledger.recover_pending(now=T0 + 10) == 0
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def ids(rows: list[LedgerRow]) -> list[int]:
+    return [int(row.id, 16) for row in rows]
+
+
+def test_records_filters_and_orders_by_start(ledger: Ledger) -> None:
+    for n in range(1, 6):
+        ledger.record_finish(finished(n))
+    assert ledger.flush()
+    assert ids(ledger.records()) == [5, 4, 3, 2, 1]
+    assert ids(ledger.records(limit=2)) == [5, 4]
+    assert ids(ledger.records(limit=2, newest_first=False)) == [1, 2]
+    assert ids(ledger.records(since=T0 + 4)) == [5, 4]
+    third = ledger.records(newest_first=False)[2].seq
+    assert ids(ledger.records(after_seq=third, newest_first=False)) == [4, 5]
+
+
+def test_followers_see_each_finished_request_once_in_finish_order(ledger: Ledger) -> None:
+    ledger.record_start(rec(1))  # a long stream
+    ledger.record_start(rec(2))
+    ledger.record_finish(finished(2))
+    assert ledger.flush()
+
+    shown = ledger.records(finished_only=True, newest_first=False)
+    assert [row.id[-1] for row in shown] == ["2"]
+    cursor = shown[-1].finished_seq
+    assert cursor == ledger.max_finished_seq() == 1
+
+    ledger.record_finish(finished(1))  # started first, finished last
+    ledger.record_finish(finished(2, output_tokens=7))  # a late update is not news
+    ledger.record_start(rec(3))
+    assert ledger.flush()
+
+    fresh = ledger.records(after_finished_seq=cursor, newest_first=False)
+    assert [(row.id[-1], row.finished_seq) for row in fresh] == [("1", 2)]
+    assert ledger.records(after_finished_seq=2, newest_first=False) == []
+    assert [row.id[-1] for row in ledger.records(finished_only=True)] == ["1", "2"]
