@@ -94,6 +94,8 @@ def counters(
     interrupted: int = 0,
     errors: int = 0,
     rejected: int = 0,
+    billing: str = "api",
+    subscription_micros: int = 0,
 ) -> dict[str, object]:
     return {
         "requests": requests,
@@ -107,6 +109,8 @@ def counters(
         "interrupted": interrupted,
         "errors": errors,
         "rejected": rejected,
+        "billing": billing,
+        "subscription_cost_usd": subscription_micros / 1_000_000,
     }
 
 
@@ -308,3 +312,24 @@ def test_record_to_json_keeps_milliseconds_and_errors(tmp_path: Path) -> None:
         3.25,
         "subscription",
     )
+
+
+def test_subscription_traffic_is_labelled_with_its_api_equivalent_cost(tmp_path: Path) -> None:
+    rows = [
+        rec("2026-11-15T08:00:00", model="sonnet", cost_micros=100, billing="subscription"),
+        rec("2026-11-15T08:01:00", model="sonnet", cost_micros=50, billing="subscription"),
+        rec("2026-11-15T08:02:00", model="haiku", cost_micros=7),
+    ]
+    with Ledger(tmp_path / "sub.db") as opened:
+        opened.start_writer()
+        for row in rows:
+            opened.record_finish(row)
+        assert opened.flush()
+        report = usage_report(opened, since=None, by="model", now=NOW).to_json()
+    by_model = {row["model"]: row for row in report["rows"]}
+    assert by_model["sonnet"]["billing"] == "subscription"
+    assert by_model["sonnet"]["subscription_cost_usd"] == 150 / 1_000_000
+    assert by_model["haiku"]["billing"] == "api"
+    assert report["totals"]["billing"] == "mixed"
+    assert report["totals"]["cost_micros"] == 157
+    assert report["totals"]["subscription_cost_usd"] == 150 / 1_000_000

@@ -28,6 +28,7 @@ class Config:
     port: int = DEFAULT_PORT
     upstream_url: str = DEFAULT_UPSTREAM
     log_content: bool = False
+    passthrough: bool = False
 
 
 def load(paths: Paths) -> Config:
@@ -44,7 +45,12 @@ def load(paths: Paths) -> Config:
 
 
 def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
-    known: dict[str, type] = {"port": int, "upstream_url": str, "log_content": bool}
+    known: dict[str, type] = {
+        "port": int,
+        "upstream_url": str,
+        "log_content": bool,
+        "passthrough": bool,
+    }
     values: dict[str, Any] = {}
     for key, value in data.items():
         kind = known.get(key)
@@ -70,6 +76,7 @@ def resolve(
     port: int | None = None,
     upstream_url: str | None = None,
     log_content: bool | None = None,
+    passthrough: bool | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """The effective configuration: flags over environment over file over defaults."""
@@ -90,6 +97,8 @@ def resolve(
         config = replace(config, upstream_url=upstream_url)
     if log_content is not None:
         config = replace(config, log_content=log_content)
+    if passthrough is not None:
+        config = replace(config, passthrough=passthrough)
     validate(config)
     return config
 

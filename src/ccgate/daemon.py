@@ -47,6 +47,7 @@ class RuntimeInfo:
     upstream_url: str
     mode: str
     started_at: float
+    auth: str = "provider"  # "passthrough": the client's own login authenticates upstream
 
     @property
     def url(self) -> str:
@@ -106,8 +107,9 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
         upstream_key=upstream_key(store),
         client_keys={client_key: "local"},
         log_content=config.log_content,
+        passthrough=config.passthrough,
     )
-    if settings.upstream_key is None:
+    if settings.upstream_key is None and not config.passthrough:
         log.warning(
             "no upstream key: run `ccgate provider set anthropic` or set ANTHROPIC_API_KEY; "
             "requests will reach the upstream without a credential"
@@ -138,6 +140,7 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
         upstream_url=config.upstream_url,
         mode="standalone",
         started_at=settings.started_at,
+        auth="passthrough" if config.passthrough else "provider",
     )
     _write_runtime(paths, info)
     log.info("ccgate %s listening on %s, upstream %s", _version(), info.url, info.upstream_url)
@@ -194,6 +197,7 @@ def read_runtime(paths: Paths) -> RuntimeInfo | None:
             upstream_url=str(data["upstream_url"]),
             mode=str(data.get("mode", "standalone")),
             started_at=float(data["started_at"]),
+            auth=str(data.get("auth", "provider")),
         )
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
@@ -252,6 +256,8 @@ def start_background(
     ]
     if config.log_content:
         command.append("--log-content")
+    if config.passthrough:
+        command.append("--passthrough")
     with open(paths.log_file, "ab") as log_file:
         child = subprocess.Popen(
             command,

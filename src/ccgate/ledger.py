@@ -143,6 +143,10 @@ class UsageGroup:
     interrupted: int
     errors: int
     rejected: int
+    subscription_requests: int = 0
+    """Requests made with the user's own Claude Code login (passthrough): no invoice follows."""
+    subscription_micros: int = 0
+    """Their API-equivalent cost, included in ``cost_micros``."""
 
 
 # --------------------------------------------------------------------------- migrations
@@ -311,7 +315,9 @@ def _usage_sql(key_expr: str) -> str:
             COALESCE(MAX(price_estimated), 0),
             COALESCE(SUM(outcome = 'interrupted'), 0),
             COALESCE(SUM(outcome = 'upstream_error'), 0),
-            COALESCE(SUM(outcome = 'rejected'), 0)
+            COALESCE(SUM(outcome = 'rejected'), 0),
+            COALESCE(SUM(billing = 'subscription'), 0),
+            COALESCE(SUM(CASE WHEN billing = 'subscription' THEN cost_micros ELSE 0 END), 0)
         FROM requests
         WHERE outcome != 'pending'
             AND (path = :path OR substr(path, 1, length(:path) + 1) = :path || '?')
@@ -718,7 +724,7 @@ class Ledger:
         params = {"path": BILLABLE_PATH, "since": 0.0 if since is None else since, "until": until}
         rows = self._query(_usage_sql(_USAGE_KEYS[group_by]), params)
         if group_by is None and not rows:
-            rows = [(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)]
+            rows = [(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)]
         return [_to_group(r) for r in rows]
 
     def _query(self, sql: str, params: list[object] | dict[str, object]) -> list[tuple[Any, ...]]:
@@ -762,4 +768,6 @@ def _to_group(values: tuple[Any, ...]) -> UsageGroup:
         interrupted=n[7],
         errors=n[8],
         rejected=n[9],
+        subscription_requests=n[10],
+        subscription_micros=n[11],
     )

@@ -8,8 +8,12 @@ is never left pointing at a daemon that is gone.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,9 @@ from ccgate.credentials import SecretStore
 from ccgate.errors import CcgateError, CredentialError, NotRunningError
 from ccgate.ledger import Ledger
 from ccgate.paths import Paths
+from ccgate.proxy import CCGATE_KEY_HEADER
+
+CLIENT_KEY_PREFIX = "sk-cg-"
 
 
 class AlreadyRunningError(CcgateError):
@@ -42,15 +49,25 @@ class DownResult:
     settings_file: Path
 
 
-def up(*, paths: Paths, config: Config, tick: Callable[[], None] | None = None) -> UpResult:
+CLAUDE_CREDENTIAL_VARS = ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY")
+
+
+def up(
+    *,
+    paths: Paths,
+    config: Config,
+    tick: Callable[[], None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> UpResult:
+    environ = os.environ if environ is None else environ
     paths.ensure()
     store = SecretStore(paths=paths)
     notices: list[str] = []
-    if daemon.upstream_key(store) is None:
-        raise CredentialError(
-            "No upstream key. Store one with `ccgate provider set anthropic` (it reads the key "
-            "from stdin or a hidden prompt), or export ANTHROPIC_API_KEY before `ccgate up`."
-        )
+    settings_file = paths_mod.claude_settings_file(environ)
+    if config.passthrough:
+        _refuse_passthrough_conflicts(settings_file, environ)
+    elif daemon.upstream_key(store) is None:
+        raise _no_upstream_key(settings_file)
     key = daemon.local_client_key(store, create=True)
     assert key is not None
     notice = store.take_fallback_notice()
@@ -60,23 +77,87 @@ def up(*, paths: Paths, config: Config, tick: Callable[[], None] | None = None) 
     current = daemon.running(paths)
     if current is not None:
         info, _doc = current
-        if (info.port, info.upstream_url) != (config.port, config.upstream_url):
+        wanted = (config.port, config.upstream_url, _auth(config))
+        if (info.port, info.upstream_url, info.auth) != wanted:
             raise AlreadyRunningError(
-                f"ccgate already runs on port {info.port} with upstream {info.upstream_url}. "
-                f"Run `ccgate down` first to change the port or upstream."
+                f"ccgate already runs on port {info.port} with upstream {info.upstream_url} "
+                f"({info.auth} auth). Run `ccgate down` first to change the port, upstream or "
+                f"--passthrough."
             )
         started = False
     else:
         info = daemon.start_background(paths=paths, config=config, tick=tick)
         started = True
 
-    settings_file = paths_mod.claude_settings_file()
-    claude_settings.apply(
-        settings_path=settings_file,
-        undo_path=paths.settings_undo_file,
-        set_env={"ANTHROPIC_BASE_URL": info.url, "ANTHROPIC_AUTH_TOKEN": key},
-    )
+    if config.passthrough:
+        # No ANTHROPIC_AUTH_TOKEN: it would override the user's own login. The ccgate key rides
+        # in a header Claude Code adds to every request.
+        claude_settings.apply(
+            settings_path=settings_file,
+            undo_path=paths.settings_undo_file,
+            set_env={"ANTHROPIC_BASE_URL": info.url},
+            add_custom_headers={CCGATE_KEY_HEADER: key},
+        )
+    else:
+        claude_settings.apply(
+            settings_path=settings_file,
+            undo_path=paths.settings_undo_file,
+            set_env={"ANTHROPIC_BASE_URL": info.url, "ANTHROPIC_AUTH_TOKEN": key},
+        )
     return UpResult(info=info, started=started, settings_file=settings_file, notices=tuple(notices))
+
+
+def _auth(config: Config) -> str:
+    return "passthrough" if config.passthrough else "provider"
+
+
+def _refuse_passthrough_conflicts(settings_file: Path, environ: Mapping[str, str]) -> None:
+    found: list[str] = []
+    file_env = claude_settings.read_env(settings_file)
+    for name in CLAUDE_CREDENTIAL_VARS:
+        value = file_env.get(name, "")
+        if value and not value.startswith(CLIENT_KEY_PREFIX):  # ccgate's own key is replaced
+            found.append(f"{name} in {settings_file}")
+        if environ.get(name):
+            found.append(f"{name} in your environment")
+    if found:
+        raise CredentialError(
+            "Passthrough keeps your own Claude Code login, but "
+            + " and ".join(found)
+            + " would override it: Claude Code sends that credential instead of your login. "
+            "Remove it, or run `ccgate up` without --passthrough to use an API key."
+        )
+
+
+def claude_login(settings_file: Path, *, platform: str = sys.platform) -> str | None:
+    """Where Claude Code keeps a subscription login, without reading the secret itself."""
+    credentials = settings_file.parent / ".credentials.json"
+    if credentials.exists():
+        return str(credentials)
+    if platform == "darwin" and shutil.which("security"):
+        # Without -w the command prints only the item's attributes, never the password.
+        found = subprocess.run(
+            ["security", "find-generic-password", "-s", "Claude Code-credentials"],
+            capture_output=True,
+            check=False,
+        )
+        if found.returncode == 0:
+            return "the macOS Keychain item 'Claude Code-credentials'"
+    return None
+
+
+def _no_upstream_key(settings_file: Path) -> CredentialError:
+    login = claude_login(settings_file)
+    if login is not None:
+        return CredentialError(
+            f"No upstream API key, but Claude Code is signed in with a subscription ({login}). "
+            f"Run `ccgate up --passthrough` to keep using that login through ccgate."
+        )
+    return CredentialError(
+        "No upstream key. Store one with `ccgate provider set anthropic` (it reads the key "
+        "from stdin or a hidden prompt), export ANTHROPIC_API_KEY before `ccgate up`, or use "
+        "`ccgate up --passthrough` if you sign in to Claude Code with a subscription."
+    )
 
 
 def down(*, paths: Paths) -> DownResult:
@@ -102,6 +183,7 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
         "upstream": None,
         "mode": "standalone",
         "uptime_s": None,
+        "auth": None,
         "state_dir": str(paths.state_dir),
     }
     if current is not None:
@@ -112,6 +194,7 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
             upstream=info.upstream_url,
             mode=info.mode,
             uptime_s=round(now - info.started_at, 1),
+            auth=info.auth,
             upstream_key=bool(doc.get("upstream_key")),
         )
     requests, cost = (0, 0)

@@ -68,7 +68,10 @@ _HOP_BY_HOP = frozenset(
     }
 )
 # What never goes upstream: hop-by-hop headers, what httpx recomputes, and client credentials.
+# In passthrough mode the client's own credential (a Claude Code login) is what authenticates
+# upstream, so only ccgate's key header is dropped.
 _DROP_REQUEST = _HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+_DROP_REQUEST_PASSTHROUGH = _HOP_BY_HOP | {"host", "content-length"}
 _DROP_RESPONSE = _HOP_BY_HOP
 
 
@@ -81,6 +84,7 @@ class GatewaySettings:
     upstream_key: str | None
     client_keys: Mapping[str, str]  # client key -> key id recorded in the ledger
     log_content: bool = False
+    passthrough: bool = False  # authenticate by x-ccgate-key, forward the client's own login
     provider: str = "anthropic"
     mode: str = "standalone"
     started_at: float = field(default_factory=time.time)
@@ -234,6 +238,7 @@ class Gateway:
                 "started_at": s.started_at,
                 "requests_served": self.requests_served,
                 "upstream_key": s.upstream_key is not None,
+                "auth": "passthrough" if s.passthrough else "provider",
             }
         )
 
@@ -249,9 +254,17 @@ class Gateway:
             path=request.url.path,
             session_id=request.headers.get(SESSION_HEADER),
             provider=self.settings.provider,
+            billing="subscription" if self.settings.passthrough else "api",
         )
         t0 = time.perf_counter()
         key_id = self._authenticate(request)
+        if key_id is None and self.settings.passthrough:
+            message = (
+                "No valid x-ccgate-key header. In passthrough mode Claude Code sends it through "
+                "ANTHROPIC_CUSTOM_HEADERS in ~/.claude/settings.json; run `ccgate up "
+                "--passthrough` again to refresh it."
+            )
+            return self._reject(record, t0, 401, "authentication_error", message)
         if key_id is None:
             has_key = "authorization" in request.headers or "x-api-key" in request.headers
             message = (
@@ -300,6 +313,10 @@ class Gateway:
 
     def _authenticate(self, request: Request) -> str | None:
         keys = self.settings.client_keys
+        if self.settings.passthrough:
+            # Never fall back to Authorization: that is the user's own login, not a ccgate key,
+            # and accepting anything else would make the daemon an open relay.
+            return keys.get(request.headers.get(CCGATE_KEY_HEADER, "").strip())
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
             key_id = keys.get(auth[7:].strip())
@@ -338,14 +355,15 @@ class Gateway:
             for token in request.headers.get("connection", "").split(",")
             if token.strip()
         }
+        drop = _DROP_REQUEST_PASSTHROUGH if self.settings.passthrough else _DROP_REQUEST
         headers: list[tuple[bytes, bytes]] = [
             (name, value)
             for name, value in request.headers.raw
-            if name.decode("latin-1") not in _DROP_REQUEST
+            if name.decode("latin-1") not in drop
             and name.decode("latin-1") not in connection_tokens
             and name != CCGATE_KEY_HEADER.encode()
         ]
-        if self.settings.upstream_key is not None:
+        if self.settings.upstream_key is not None and not self.settings.passthrough:
             headers.append((b"x-api-key", self.settings.upstream_key.encode()))
         return httpx.Request(request.method, url, headers=headers, content=body)
 

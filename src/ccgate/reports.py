@@ -142,7 +142,18 @@ def _counters_json(group: UsageGroup) -> dict[str, Any]:
         "interrupted": group.interrupted,
         "errors": group.errors,
         "rejected": group.rejected,
+        "billing": billing_label(group),
+        "subscription_cost_usd": micros_to_usd(group.subscription_micros),
     }
+
+
+def billing_label(group: UsageGroup) -> str:
+    """``api``, ``subscription`` (API-equivalent cost, no invoice follows) or ``mixed``."""
+    if group.subscription_requests == 0:
+        return "api"
+    if group.subscription_requests == group.requests:
+        return "subscription"
+    return "mixed"
 
 
 def usage_report(ledger: Ledger, *, since: float | None, by: UsageBy, now: float) -> UsageReport:
@@ -168,6 +179,8 @@ def total_usage(groups: list[UsageGroup]) -> UsageGroup:
         interrupted=sum(g.interrupted for g in groups),
         errors=sum(g.errors for g in groups),
         rejected=sum(g.rejected for g in groups),
+        subscription_requests=sum(g.subscription_requests for g in groups),
+        subscription_micros=sum(g.subscription_micros for g in groups),
     )
 
 

@@ -27,6 +27,14 @@ UpstreamOption = Annotated[
         show_envvar=True,
     ),
 ]
+PassthroughOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--passthrough/--no-passthrough",
+        help="Keep Claude Code's own login (seat or subscription): ccgate logs, counts and "
+        "limits the traffic but does not replace the credential.",
+    ),
+]
 LogContentOption = Annotated[
     bool | None,
     typer.Option(
@@ -44,7 +52,10 @@ def register(app: typer.Typer) -> None:
 
 
 def up(
-    port: PortOption = None, upstream: UpstreamOption = None, log_content: LogContentOption = None
+    port: PortOption = None,
+    upstream: UpstreamOption = None,
+    log_content: LogContentOption = None,
+    passthrough: PassthroughOption = None,
 ) -> None:
     """Start the daemon in the background and point Claude Code at it.
 
@@ -55,16 +66,19 @@ def up(
     from ccgate import paths as paths_mod
 
     paths = paths_mod.resolve()
-    config = config_mod.resolve(paths, port=port, upstream_url=upstream, log_content=log_content)
-    config_mod.save(paths, config)
+    config = config_mod.resolve(
+        paths, port=port, upstream_url=upstream, log_content=log_content, passthrough=passthrough
+    )
     with console.err.status("Starting the ccgate daemon..."):
         result = lifecycle.up(paths=paths, config=config)
+    config_mod.save(paths, config)  # remembered only once it worked
     for notice in result.notices:
         console.warn(notice)
     verb = "Started" if result.started else "Already running:"
     console.info(
         f"{verb} ccgate on {result.info.url} (pid {result.info.pid}), "
-        f"forwarding to {result.info.upstream_url}."
+        f"forwarding to {result.info.upstream_url}"
+        + (" with your own Claude Code login (passthrough)." if config.passthrough else ".")
     )
     console.info(
         f"Claude Code is configured in {result.settings_file}; new Claude Code sessions go "
@@ -107,6 +121,7 @@ def daemon_cmd(
     port: PortOption = None,
     upstream: UpstreamOption = None,
     log_content: LogContentOption = None,
+    passthrough: PassthroughOption = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
@@ -117,5 +132,7 @@ def daemon_cmd(
     from ccgate import paths as paths_mod
 
     paths = paths_mod.resolve()
-    config = config_mod.resolve(paths, port=port, upstream_url=upstream, log_content=log_content)
+    config = config_mod.resolve(
+        paths, port=port, upstream_url=upstream, log_content=log_content, passthrough=passthrough
+    )
     daemon.serve(paths=paths, config=config, log_level=log_level.lower())

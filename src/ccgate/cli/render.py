@@ -95,6 +95,12 @@ def usage(report: dict[str, Any], series: list[tuple[str, int]]) -> None:
     console.out.print(_usage_table(report))
     if any(row["estimated"] for row in report["rows"]):
         console.out.print("* includes a model the price table does not name (family price)")
+    totals = report["totals"]
+    if totals["billing"] != "api":
+        console.out.print(
+            f"{usd(totals['subscription_cost_usd'])} of the cost is subscription traffic "
+            "(passthrough): the API-equivalent price, no invoice follows it."
+        )
     if series:
         console.out.print(cost_chart(series))
 
@@ -135,7 +141,9 @@ def logs(rows: list[dict[str, Any]], *, header: bool = True) -> None:
             tokens(row["input_tokens"]),
             tokens(row["output_tokens"]),
             f"{tokens(row['cache_creation_input_tokens'])}/{tokens(row['cache_read_input_tokens'])}",
-            usd(row["cost_usd"]) + (" *" if row["price_estimated"] else ""),
+            usd(row["cost_usd"])
+            + (" *" if row["price_estimated"] else "")
+            + (" (sub)" if row["billing"] == "subscription" else ""),
             f"{row['latency_ms']:.0f} ms" if row["latency_ms"] is not None else "-",
             (row["session_id"] or "-")[:8],
         )
