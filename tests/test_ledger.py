@@ -13,6 +13,7 @@ import pytest
 from ccgate import ledger as ledger_mod
 from ccgate.ledger import (
     INTERRUPTED_BY_RESTART,
+    MIGRATIONS,
     Ledger,
     LedgerError,
     LedgerMissingError,
@@ -21,6 +22,7 @@ from ccgate.ledger import (
     RequestRecord,
     applied_migrations,
     m001_initial,
+    m002_sync_state,
     migrate,
 )
 
@@ -73,7 +75,7 @@ def outcomes(ledger: Ledger) -> dict[str, str]:
 def test_fresh_open_creates_schema_and_records_migrations(db_path: Path) -> None:
     Ledger(db_path).close()
     with raw(db_path) as db:
-        assert applied_migrations(db) == {"m001_initial"}
+        assert applied_migrations(db) == {"m001_initial", "m002_sync_state"}
         tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"requests", "request_content", "migrations"} <= tables
 
@@ -82,13 +84,13 @@ def test_reopening_runs_no_migration_twice(db_path: Path) -> None:
     Ledger(db_path).close()
     Ledger(db_path).close()
     with raw(db_path) as db:
-        assert db.execute("SELECT COUNT(*) FROM migrations").fetchone() == (1,)
+        assert db.execute("SELECT COUNT(*) FROM migrations").fetchone() == (len(MIGRATIONS),)
 
 
 def test_open_upgrades_a_database_made_by_an_older_migration_set(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def m002_add_note(db: sqlite3.Connection) -> None:
+    def m003_add_note(db: sqlite3.Connection) -> None:
         # Stands in for a future schema change.
         db.execute("ALTER TABLE requests ADD COLUMN note TEXT NOT NULL DEFAULT 'none'")
 
@@ -101,11 +103,13 @@ def test_open_upgrades_a_database_made_by_an_older_migration_set(
     )
     db.close()
 
-    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [m001_initial, m002_add_note])
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [m001_initial, m002_sync_state, m003_add_note])
     with Ledger(db_path) as upgraded:
         assert [row.id for row in upgraded.records()] == ["old"]
+        # A row logged before sync existed is queued for the server like any other.
+        assert [row.id for row in upgraded.unsynced(key_id="local", limit=5)] == ["old"]
     with raw(db_path) as check:
-        assert applied_migrations(check) == {"m001_initial", "m002_add_note"}
+        assert applied_migrations(check) == {"m001_initial", "m002_sync_state", "m003_add_note"}
         assert check.execute("SELECT id, note FROM requests").fetchall() == [("old", "none")]
 
 
@@ -430,3 +434,37 @@ def test_followers_see_each_finished_request_once_in_finish_order(ledger: Ledger
     assert [(row.id[-1], row.finished_seq) for row in fresh] == [("1", 2)]
     assert ledger.records(after_finished_seq=2, newest_first=False) == []
     assert [row.id[-1] for row in ledger.records(finished_only=True)] == ["1", "2"]
+
+
+def test_sync_queue_lists_finished_rows_once_until_acknowledged(db_path: Path) -> None:
+    with Ledger(db_path) as ledger:
+        ledger.start_writer()
+        for i, outcome in enumerate(["ok", "pending", "interrupted", "ok"]):
+            ledger.record_finish(
+                RequestRecord(
+                    id=f"r{i}",
+                    started_at=1000.0 + i,
+                    key_id="key_a",
+                    method="POST",
+                    path="/v1/messages",
+                    outcome=outcome,
+                    cost_micros=i,
+                )
+            )
+        ledger.record_finish(
+            RequestRecord(
+                id="other",
+                started_at=1.0,
+                key_id="key_b",
+                method="POST",
+                path="/v1/messages",
+                outcome="ok",
+            )
+        )
+        assert ledger.flush()
+        assert [r.id for r in ledger.unsynced(key_id="key_a", limit=10)] == ["r0", "r2", "r3"]
+        assert [r.id for r in ledger.unsynced(key_id="key_a", limit=2)] == ["r0", "r2"]
+        assert ledger.count_unsynced() == 4
+        ledger.mark_synced(["r0", "r2"], at=2000.0)
+        assert [r.id for r in ledger.unsynced(key_id="key_a", limit=10)] == ["r3"]
+        assert ledger.count_unsynced(key_id="key_a") == 1

@@ -19,13 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ccgate import env
+from ccgate import env, profiles
 from ccgate.config import Config
 from ccgate.credentials import SecretStore
 from ccgate.errors import DaemonStartError, NotRunningError
@@ -92,6 +92,7 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     """Run the gateway in this process until SIGINT or SIGTERM."""
     import uvicorn
 
+    from ccgate.governor import Governor
     from ccgate.ledger import Ledger
     from ccgate.pricing import PriceTable
     from ccgate.proxy import Gateway, GatewaySettings
@@ -109,7 +110,7 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
         log_content=config.log_content,
         passthrough=config.passthrough,
     )
-    if settings.upstream_key is None and not config.passthrough:
+    if settings.upstream_key is None and not config.passthrough and not profiles_exist(paths):
         log.warning(
             "no upstream key: run `ccgate provider set anthropic` or set ANTHROPIC_API_KEY; "
             "requests will reach the upstream without a credential"
@@ -122,7 +123,18 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
             "marked %d request(s) left unfinished by a previous run as interrupted", recovered
         )
     ledger.start_writer()
-    gateway = Gateway(settings=settings, ledger=ledger, prices=PriceTable.default())
+    profile = profiles.load(paths)
+    governor = None
+    if profile is not None:
+        governor = Governor(paths=paths, profile=profile, ledger=ledger)
+        governor.load(now=time.time())
+        settings = replace(settings, mode="server", passthrough=governor.passthrough)
+    gateway = Gateway(
+        settings=settings, ledger=ledger, prices=PriceTable.default(), policy=governor
+    )
+    if governor is not None:
+        gateway.background = governor.run
+        gateway.sync_now = governor.sync_now
     server = uvicorn.Server(
         uvicorn.Config(
             gateway.app(),
@@ -138,9 +150,9 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
         pid=os.getpid(),
         port=config.port,
         upstream_url=config.upstream_url,
-        mode="standalone",
+        mode=settings.mode,
         started_at=settings.started_at,
-        auth="passthrough" if config.passthrough else "provider",
+        auth="passthrough" if settings.passthrough else "provider",
     )
     _write_runtime(paths, info)
     log.info("ccgate %s listening on %s, upstream %s", _version(), info.url, info.upstream_url)
@@ -152,6 +164,10 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
         sock.close()
         _clear_runtime(paths, pid=info.pid)
         log.info("ccgate stopped")
+
+
+def profiles_exist(paths: Paths) -> bool:
+    return profiles.load(paths) is not None
 
 
 def _version() -> str:

@@ -17,3 +17,9 @@ NO_COLOR = "NO_COLOR"
 
 CLAUDE_CONFIG_DIR = "CLAUDE_CONFIG_DIR"
 """Claude Code's own override of ~/.claude."""
+
+CCGATE_SERVER_URL = "CCGATE_SERVER_URL"
+"""The ccgate server for `ccgate login`, the admin CLI and `ccgate run`."""
+
+CCGATE_ADMIN_TOKEN = "CCGATE_ADMIN_TOKEN"
+"""The admin token for `ccgate admin ...`."""

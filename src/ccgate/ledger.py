@@ -210,6 +210,17 @@ def m001_initial(db: sqlite3.Connection) -> None:
     )
 
 
+@_migration
+def m002_sync_state(db: sqlite3.Connection) -> None:
+    # Server mode pushes finished rows to the central server. The ledger is the queue: a row is
+    # unsynced until the server has acknowledged it, however long the server is away.
+    db.execute("ALTER TABLE requests ADD COLUMN synced_at REAL")
+    db.execute(
+        "CREATE INDEX requests_unsynced ON requests (seq) "
+        "WHERE synced_at IS NULL AND outcome != 'pending'"
+    )
+
+
 def applied_migrations(db: sqlite3.Connection) -> set[str]:
     exists = db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
@@ -654,6 +665,32 @@ class Ledger:
         if stale:
             logger.warning("marked %d unfinished requests as interrupted", len(stale))
         return len(stale)
+
+    # ---- sync (server mode)
+
+    def unsynced(self, *, key_id: str, limit: int) -> list[LedgerRow]:
+        """Finished rows of ``key_id`` the server has not acknowledged yet, oldest first."""
+        sql = (
+            f"SELECT {', '.join(_ROW_COLUMNS)} FROM requests WHERE synced_at IS NULL "
+            "AND outcome != 'pending' AND key_id = ? ORDER BY seq LIMIT ?"
+        )
+        return [_to_row(r) for r in self._query(sql, [key_id, limit])]
+
+    def count_unsynced(self, *, key_id: str | None = None) -> int:
+        sql = "SELECT COUNT(*) FROM requests WHERE synced_at IS NULL AND outcome != 'pending'"
+        params: list[object] = []
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            params.append(key_id)
+        ((count,),) = self._query(sql, params)
+        return int(count)
+
+    def mark_synced(self, ids: list[str], *, at: float) -> None:
+        """Record the server's acknowledgement. Blocking: call it off the event loop."""
+        with self._lock, self._sql_errors(), _write_transaction(self._db):
+            self._db.executemany(
+                "UPDATE requests SET synced_at = ? WHERE id = ?", [(at, i) for i in ids]
+            )
 
     def _queue(self) -> queue.SimpleQueue[_Item]:
         if self._writer is None:

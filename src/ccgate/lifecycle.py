@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccgate import claude_settings, daemon, reports
+from ccgate import claude_settings, daemon, profiles, reports
 from ccgate import paths as paths_mod
 from ccgate.config import Config
 from ccgate.credentials import SecretStore
@@ -59,17 +59,28 @@ def up(
     tick: Callable[[], None] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> UpResult:
+    """Start the daemon if needed and point Claude Code at it.
+
+    After `ccgate login` the daemon runs in server mode: Claude Code sends the virtual key, the
+    bundle says where requests go and whether the key keeps the user's own login (passthrough).
+    Alone, it sends the local key and the upstream key comes from the keyring or environment.
+    """
     environ = os.environ if environ is None else environ
     paths.ensure()
     store = SecretStore(paths=paths)
     notices: list[str] = []
     settings_file = paths_mod.claude_settings_file(environ)
-    if config.passthrough:
-        _refuse_passthrough_conflicts(settings_file, environ)
-    elif daemon.upstream_key(store) is None:
-        raise _no_upstream_key(settings_file)
-    key = daemon.local_client_key(store, create=True)
-    assert key is not None
+    server_profile = profiles.load(paths)
+    if server_profile is not None:
+        token, _device = profiles.secrets(paths, server_profile.name)
+    else:
+        if config.passthrough:
+            _refuse_passthrough_conflicts(settings_file, environ)
+        elif daemon.upstream_key(store) is None:
+            raise _no_upstream_key(settings_file)
+        local = daemon.local_client_key(store, create=True)
+        assert local is not None
+        token = local
     notice = store.take_fallback_notice()
     if notice:
         notices.append(notice)
@@ -77,8 +88,11 @@ def up(
     current = daemon.running(paths)
     if current is not None:
         info, _doc = current
-        wanted = (config.port, config.upstream_url, _auth(config))
-        if (info.port, info.upstream_url, info.auth) != wanted:
+        wanted: tuple[object, ...] = (config.port, config.upstream_url, _auth(config))
+        have: tuple[object, ...] = (info.port, info.upstream_url, info.auth)
+        if server_profile is not None:  # the bundle, not the flags, decides upstream and auth
+            wanted, have = wanted[:1], have[:1]
+        if have != wanted:
             raise AlreadyRunningError(
                 f"ccgate already runs on port {info.port} with upstream {info.upstream_url} "
                 f"({info.auth} auth). Run `ccgate down` first to change the port, upstream or "
@@ -89,22 +103,59 @@ def up(
         info = daemon.start_background(paths=paths, config=config, tick=tick)
         started = True
 
-    if config.passthrough:
+    if info.auth == "passthrough":
         # No ANTHROPIC_AUTH_TOKEN: it would override the user's own login. The ccgate key rides
         # in a header Claude Code adds to every request.
+        if server_profile is not None:
+            _refuse_passthrough_conflicts(settings_file, environ)
         claude_settings.apply(
             settings_path=settings_file,
             undo_path=paths.settings_undo_file,
             set_env={"ANTHROPIC_BASE_URL": info.url},
-            add_custom_headers={CCGATE_KEY_HEADER: key},
+            add_custom_headers={CCGATE_KEY_HEADER: token},
         )
     else:
         claude_settings.apply(
             settings_path=settings_file,
             undo_path=paths.settings_undo_file,
-            set_env={"ANTHROPIC_BASE_URL": info.url, "ANTHROPIC_AUTH_TOKEN": key},
+            set_env={"ANTHROPIC_BASE_URL": info.url, "ANTHROPIC_AUTH_TOKEN": token},
         )
     return UpResult(info=info, started=started, settings_file=settings_file, notices=tuple(notices))
+
+
+def _offline_server_state(paths: Paths, profile: profiles.Profile, *, now: float) -> dict[str, Any]:
+    """What status can tell about server mode with no daemon running: the persisted bundle."""
+    from ccgate.bundle import BundleError, BundleStore
+
+    state: dict[str, Any] = {
+        "server": profile.server_url,
+        "profile": profile.name,
+        "key": profile.key_prefix + "…",
+        "bundle_version": None,
+        "bundle_expires_at": None,
+        "problem": None,
+        "unsynced": None,
+    }
+    store = BundleStore(
+        state_dir=profiles.bundle_dir(paths, profile.name),
+        public_key=profile.public_key,
+        device_id=profile.device_id,
+    )
+    try:
+        bundle = store.load(now=now)
+    except BundleError as exc:
+        state["problem"] = str(exc)
+    else:
+        if bundle is not None:
+            state["bundle_version"] = bundle.version
+            state["bundle_expires_at"] = reports.iso_utc(bundle.expires_at)
+    if paths.ledger_file.exists():
+        ledger = Ledger(paths.ledger_file, readonly=True)
+        try:
+            state["unsynced"] = ledger.count_unsynced(key_id=profile.key_id)
+        finally:
+            ledger.close()
+    return state
 
 
 def _auth(config: Config) -> str:
@@ -195,8 +246,14 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
             mode=info.mode,
             uptime_s=round(now - info.started_at, 1),
             auth=info.auth,
+            server=doc.get("server"),
             upstream_key=bool(doc.get("upstream_key")),
         )
+    server_profile = profiles.load(paths)
+    if server_profile is not None:
+        report["mode"] = "server"
+        if current is None:
+            report["server"] = _offline_server_state(paths, server_profile, now=now)
     requests, cost = (0, 0)
     if paths.ledger_file.exists():
         ledger = Ledger(paths.ledger_file, readonly=True)

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,7 +41,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ccgate import __version__
+from ccgate import __version__, admission
+from ccgate.governor import LocalPolicy, Policy, Upstream
 from ccgate.ledger import Ledger, RequestRecord
 from ccgate.metering import Metered, ResponseMeter
 from ccgate.pricing import PriceTable, cost_micros
@@ -50,6 +51,7 @@ log = logging.getLogger("ccgate.proxy")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 HEALTH_PATH = "/_ccgate/health"
+SYNC_PATH = "/_ccgate/sync"
 SESSION_HEADER = "x-claude-code-session-id"
 CCGATE_KEY_HEADER = "x-ccgate-key"
 
@@ -172,18 +174,36 @@ class _Exchange:
     client_gone: bool = False
     upstream_failure: str | None = None
     finalized: bool = False
+    upstream: Upstream | None = None
+    ticket: admission.Ticket | None = None
 
 
 class Gateway:
     """Owns the upstream client, the ledger hand-off and the price table for one daemon."""
 
-    def __init__(self, *, settings: GatewaySettings, ledger: Ledger, prices: PriceTable) -> None:
+    def __init__(
+        self,
+        *,
+        settings: GatewaySettings,
+        ledger: Ledger,
+        prices: PriceTable,
+        policy: Policy | None = None,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.prices = prices
-        self.base_url = settings.upstream_url.rstrip("/")
+        self.policy: Policy = policy or LocalPolicy(
+            client_keys=dict(settings.client_keys),
+            upstream_url=settings.upstream_url,
+            upstream_key=settings.upstream_key,
+            passthrough=settings.passthrough,
+            table=prices,
+            provider=settings.provider,
+        )
         self._client: httpx.AsyncClient | None = None
         self.requests_served = 0
+        self.background: Callable[[], Coroutine[Any, Any, None]] | None = None
+        """Runs for the daemon's life (server mode: bundle polling and usage sync)."""
+        self.sync_now: Callable[[], Awaitable[dict[str, str]]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -196,7 +216,11 @@ class Gateway:
             follow_redirects=False,
         )
         try:
-            yield
+            async with anyio.create_task_group() as tg:
+                if self.background is not None:
+                    tg.start_soon(self.background)
+                yield
+                tg.cancel_scope.cancel()
         finally:
             await self._client.aclose()
 
@@ -209,6 +233,7 @@ class Gateway:
         routes = [
             Route("/", self.root, methods=["GET", "HEAD"]),
             Route(HEALTH_PATH, self.health, methods=["GET"]),
+            Route(SYNC_PATH, self.sync, methods=["POST"]),
             Route("/v1/messages", self.proxy, methods=["POST"]),
             Route("/v1/messages/count_tokens", self.proxy, methods=["POST"]),
             Route("/v1/models", self.proxy, methods=["GET"]),
@@ -234,13 +259,21 @@ class Gateway:
                 "pid": os.getpid(),
                 "port": s.port,
                 "upstream": s.upstream_url,
-                "mode": s.mode,
+                "mode": self.policy.mode,
                 "started_at": s.started_at,
                 "requests_served": self.requests_served,
                 "upstream_key": s.upstream_key is not None,
                 "auth": "passthrough" if s.passthrough else "provider",
+                "server": self.policy.snapshot(now=time.time()) or None,
             }
         )
+
+    async def sync(self, _request: Request) -> Response:
+        # Loopback only (the guard middleware), and it can only make the daemon talk to its own
+        # server sooner, so it needs no key.
+        if self.sync_now is None:
+            return JSONResponse({"mode": self.policy.mode, "result": "nothing to sync"})
+        return JSONResponse({"mode": self.policy.mode, **(await self.sync_now())})
 
     # -- the proxy ---------------------------------------------------------------------------
 
@@ -254,11 +287,11 @@ class Gateway:
             path=request.url.path,
             session_id=request.headers.get(SESSION_HEADER),
             provider=self.settings.provider,
-            billing="subscription" if self.settings.passthrough else "api",
         )
         t0 = time.perf_counter()
-        key_id = self._authenticate(request)
-        if key_id is None and self.settings.passthrough:
+        policy = self.policy
+        key_id = policy.authenticate(self._token(request))
+        if key_id is None and policy.passthrough:
             message = (
                 "No valid x-ccgate-key header. In passthrough mode Claude Code sends it through "
                 "ANTHROPIC_CUSTOM_HEADERS in ~/.claude/settings.json; run `ccgate up "
@@ -276,6 +309,9 @@ class Gateway:
             )
             return self._reject(record, t0, 401, "authentication_error", message)
         record.key_id = key_id
+        refusal = policy.refusal()
+        if refusal is not None:
+            return self._reject(record, t0, refusal.status, refusal.error_type, refusal.message)
 
         body = b""
         if request.method == "POST":
@@ -304,28 +340,50 @@ class Gateway:
             model = parsed.get("model")
             record.model = model if isinstance(model, str) else None
             record.streamed = parsed.get("stream") is True
+            ticket = None
+            if record.path == "/v1/messages":
+                max_tokens = parsed.get("max_tokens")
+                ticket, reject = policy.admit(
+                    admission.Request(
+                        model=record.model,
+                        body_bytes=len(body),
+                        max_tokens=max_tokens if isinstance(max_tokens, int) else 0,
+                        now=record.started_at,
+                    )
+                )
+                if reject is not None:
+                    response = JSONResponse(
+                        reject.envelope(), status_code=reject.status, headers=reject.headers()
+                    )
+                    return self._reject_with(record, t0, response)
+        else:
+            ticket = None
         if self.settings.log_content and body:
             record.request_body = body
 
+        upstream = policy.upstream()
+        record.provider = upstream.provider
+        record.billing = "subscription" if upstream.passthrough else "api"
         self.ledger.record_start(record)
-        exchange = _Exchange(record=record, t0=t0, body=body)
+        exchange = _Exchange(record=record, t0=t0, body=body, upstream=upstream, ticket=ticket)
         return _Relay(self, exchange, request)
 
-    def _authenticate(self, request: Request) -> str | None:
-        keys = self.settings.client_keys
-        if self.settings.passthrough:
+    def _token(self, request: Request) -> str | None:
+        """The ccgate key the client sent, from wherever this mode expects it."""
+        if self.policy.passthrough:
             # Never fall back to Authorization: that is the user's own login, not a ccgate key,
             # and accepting anything else would make the daemon an open relay.
-            return keys.get(request.headers.get(CCGATE_KEY_HEADER, "").strip())
+            value = request.headers.get(CCGATE_KEY_HEADER)
+            return value.strip() if value else None
+        # Claude Code sends both headers when both variables are set; the Bearer token is the
+        # ccgate key (settings.json), an x-api-key may be a real upstream key: prefer a match.
         auth = request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            key_id = keys.get(auth[7:].strip())
-            if key_id is not None:
-                return key_id
+        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
         api_key = request.headers.get("x-api-key")
-        if api_key is not None:
-            return keys.get(api_key.strip())
-        return None
+        api_key = api_key.strip() if api_key is not None else None
+        if bearer is not None and (api_key is None or self.policy.authenticate(bearer)):
+            return bearer
+        return api_key
 
     def _reject(
         self, record: RequestRecord, t0: float, status: int, err_type: str, message: str
@@ -345,8 +403,8 @@ class Gateway:
         self.ledger.record_finish(record)
         return response
 
-    def upstream_request(self, request: Request, body: bytes) -> httpx.Request:
-        url = self.base_url + request.url.path
+    def upstream_request(self, request: Request, body: bytes, upstream: Upstream) -> httpx.Request:
+        url = upstream.base_url.rstrip("/") + request.url.path
         query = request.scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")
@@ -355,7 +413,7 @@ class Gateway:
             for token in request.headers.get("connection", "").split(",")
             if token.strip()
         }
-        drop = _DROP_REQUEST_PASSTHROUGH if self.settings.passthrough else _DROP_REQUEST
+        drop = _DROP_REQUEST_PASSTHROUGH if upstream.passthrough else _DROP_REQUEST
         headers: list[tuple[bytes, bytes]] = [
             (name, value)
             for name, value in request.headers.raw
@@ -363,8 +421,8 @@ class Gateway:
             and name.decode("latin-1") not in connection_tokens
             and name != CCGATE_KEY_HEADER.encode()
         ]
-        if self.settings.upstream_key is not None and not self.settings.passthrough:
-            headers.append((b"x-api-key", self.settings.upstream_key.encode()))
+        if upstream.api_key is not None and not upstream.passthrough:
+            headers.append((b"x-api-key", upstream.api_key.encode()))
         return httpx.Request(request.method, url, headers=headers, content=body)
 
     def finalize(self, ex: _Exchange) -> None:
@@ -384,6 +442,9 @@ class Gateway:
         if self.settings.log_content and ex.meter is not None:
             rec.response_body = ex.meter.captured()
         self.ledger.record_finish(rec)
+        tokens = rec.input_tokens + rec.cache_creation_input_tokens + rec.output_tokens
+        self.policy.settle(ex.ticket, cost_micros=rec.cost_micros, tokens=tokens, now=time.time())
+        self.policy.finished()
 
     def _charge(self, rec: RequestRecord, metered: Metered) -> None:
         usage = metered.usage
@@ -396,9 +457,10 @@ class Gateway:
         rec.web_search_requests = usage.web_search_requests
         if rec.model is None:
             return
-        lookup = self.prices.lookup(rec.model, at=datetime.fromtimestamp(rec.started_at, UTC))
+        prices = self.policy.prices()
+        lookup = prices.lookup(rec.model, at=datetime.fromtimestamp(rec.started_at, UTC))
         rec.cost_micros = cost_micros(
-            usage, lookup.price, web_search_micros=self.prices.web_search_micros
+            usage, lookup.price, web_search_micros=prices.web_search_micros
         )
         rec.price_estimated = lookup.estimated
 
@@ -455,15 +517,17 @@ class _Relay(Response):
 
     async def _relay(self, send: Send) -> None:
         gw, ex = self.gateway, self.ex
-        upstream_request = gw.upstream_request(self.request, ex.body)
+        assert ex.upstream is not None
+        base_url = ex.upstream.base_url
+        upstream_request = gw.upstream_request(self.request, ex.body, ex.upstream)
         try:
             upstream = await gw.client.send(upstream_request, stream=True)
         except httpx.TimeoutException:
-            ex.upstream_failure = f"timed out connecting to {gw.base_url}"
+            ex.upstream_failure = f"timed out connecting to {base_url}"
             await self._send_error(send, 504, ex.upstream_failure)
             return
         except httpx.HTTPError as exc:
-            ex.upstream_failure = f"cannot reach {gw.base_url} ({type(exc).__name__})"
+            ex.upstream_failure = f"cannot reach {base_url} ({type(exc).__name__})"
             await self._send_error(send, 502, ex.upstream_failure)
             return
         try:

@@ -57,11 +57,16 @@ def _root(
 
 
 def _register() -> None:
-    from ccgate.cli import local, provider, reading
+    from ccgate.cli import account, local, provider, reading
 
     local.register(app)
     reading.register(app)
+    account.register(app)
     app.add_typer(provider.app, name="provider")
+    from ccgate.cli import admin, server
+
+    app.add_typer(server.app, name="server")
+    app.add_typer(admin.app, name="admin")
 
 
 _register()

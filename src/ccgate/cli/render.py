@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from ccgate import console
@@ -55,10 +56,34 @@ def status(report: dict[str, Any]) -> None:
             table.add_row("warning", "[yellow]no upstream key[/yellow]")
     else:
         table.add_row("status", "[red]not running[/red] (start it with `ccgate up`)")
+    server = report.get("server")
+    if server:
+        table.add_row("server", f"{server['server']} (profile {server['profile']})")
+        table.add_row("key", server["key"])
+        if server.get("bundle_version") is not None:
+            table.add_row(
+                "bundle",
+                f"version {server['bundle_version']}, expires {server['bundle_expires_at']}",
+            )
+        if server.get("problem"):
+            table.add_row("problem", f"[red]{escape(server['problem'])}[/red]")
+        if server.get("unsynced") is not None:
+            table.add_row("unsynced", f"{server['unsynced']} request(s)")
+        if server.get("last_sync"):
+            table.add_row("last sync", server["last_sync"])
+        for level in (server.get("limits") or {}).get("levels", []):
+            table.add_row(f"budget {level.get('kind', '')}", _level_line(level))
     today = report["today"]
     table.add_row("today", f"{today['requests']} requests, {usd(today['cost_usd'])}")
     table.add_row("state", report["state_dir"])
     console.out.print(table)
+
+
+def _level_line(level: dict[str, Any]) -> str:
+    spent = level.get("spent_micros", 0) / 1_000_000
+    limit = level.get("limit_micros", 0) / 1_000_000
+    reset = level.get("resets") or ""
+    return f"{usd(spent)} of {usd(limit)} {reset}".strip()
 
 
 def iso_time(epoch: float) -> str:

@@ -1,0 +1,103 @@
+"""``ccgate login`` and ``ccgate sync`` as plain functions the CLI renders.
+
+Login pins the server's public key (checked against ``--fingerprint`` when the admin gave one out
+of band), makes this machine's X25519 device key, registers its public half, stores the virtual
+key and the device key in the secret store, and fetches and verifies the first bundle, so the
+daemon can enforce policy from its very first start, online or not.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from ccgate import profiles
+from ccgate.bundle import BundleStore, DeviceKey
+from ccgate.errors import CcgateError
+from ccgate.ledger import Ledger
+from ccgate.paths import Paths
+from ccgate.remote import ServerClient
+
+
+class FingerprintMismatch(CcgateError):
+    """The server's key is not the one the admin announced."""
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    profile: profiles.Profile
+    bundle_version: int
+    fingerprint_checked: bool
+
+
+def login(
+    *, paths: Paths, server_url: str, key: str, fingerprint: str | None, profile: str
+) -> LoginResult:
+    profiles.check_name(profile)
+    if not key.startswith("sk-cg-"):
+        raise CcgateError("That is not a ccgate virtual key (they start with 'sk-cg-').")
+    return anyio.run(_login, paths, server_url.rstrip("/"), key, fingerprint, profile)
+
+
+async def _login(
+    paths: Paths, server_url: str, key: str, expected: str | None, name: str
+) -> LoginResult:
+    async with ServerClient(server_url) as anonymous:
+        public_key, fingerprint = await anonymous.server_key()
+    if expected is not None and expected.strip() != fingerprint:
+        raise FingerprintMismatch(
+            f"The server at {server_url} presents key {fingerprint}, not {expected.strip()}. "
+            f"Do not log in: check the URL and ask your ccgate admin."
+        )
+    device = DeviceKey.generate()
+    async with ServerClient(server_url, key=key) as client:
+        device_id, key_id = await client.register_device(
+            public_key=device.public_bytes, name=platform.node() or "unknown"
+        )
+    async with ServerClient(server_url, key=key, device_id=device_id) as client:
+        envelope, _etag = await client.fetch_bundle(etag=None)
+    assert envelope is not None
+    paths.ensure()
+    # Start from a clean trust state: a new login may pin a new server key.
+    profiles.remove(paths, name)
+    store = BundleStore(
+        state_dir=profiles.bundle_dir(paths, name), public_key=public_key, device_id=device_id
+    )
+    bundle = store.accept(envelope, now=time.time())
+    import base64
+
+    record = profiles.Profile(
+        name=name,
+        server_url=server_url,
+        public_key_b64=base64.b64encode(public_key).decode(),
+        fingerprint=fingerprint,
+        device_id=device_id,
+        key_id=key_id,
+        key_prefix=key[:12],
+    )
+    profiles.save(paths, record, key=key, device_private=device.private_bytes)
+    return LoginResult(
+        profile=record, bundle_version=bundle.version, fingerprint_checked=expected is not None
+    )
+
+
+def sync_offline(*, paths: Paths, profile: str) -> dict[str, Any]:
+    """`ccgate sync` when no daemon runs: poll the bundle and push the ledger from here."""
+    from ccgate.governor import Governor
+
+    record = profiles.load(paths, profile)
+    if record is None:
+        raise CcgateError(f"No profile {profile!r}: run `ccgate login` first.")
+    ledger = Ledger(paths.ledger_file)
+    try:
+        governor = Governor(paths=paths, profile=record, ledger=ledger)
+        governor.load(now=time.time())
+        result: dict[str, Any] = anyio.run(governor.sync_now)
+        result["state"] = governor.snapshot(now=time.time())
+        return result
+    finally:
+        ledger.close()

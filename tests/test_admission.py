@@ -1,0 +1,847 @@
+"""Admission: the pure ``admit`` decision, rule by rule, and the ``Limiter`` state around it.
+
+Money is worked out by hand with Sonnet prices ($3 input, $15 output, $3.75 and $6 cache
+writes per MTok): a 4,000-byte body is estimated at 1,000 input tokens, priced at the $6 1-hour
+write price, so with ``max_tokens`` 1,000 the worst case is 6,000 + 15,000 = 21,000 micro-dollars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from ccgate.admission import (
+    Admit,
+    LevelKind,
+    LevelLimit,
+    LevelState,
+    Limiter,
+    Policy,
+    RateState,
+    Reject,
+    Request,
+    Ticket,
+    admit,
+    estimate_input_tokens,
+    format_usd,
+    model_allowed,
+    worst_case_micros,
+)
+from ccgate.periods import Period
+from ccgate.pricing import Price, PriceTable
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+NOW = ts("2026-11-30 13:45")  # a Monday
+SONNET = Price(
+    input=3_000_000,
+    output=15_000_000,
+    cache_write_5m=3_750_000,
+    cache_write_1h=6_000_000,
+    cache_read=300_000,
+)
+MODEL = "claude-sonnet-4-5-20250929"
+WORST = 21_000
+"""Worst case of ``request()``'s defaults at Sonnet prices (see the module docstring)."""
+
+POLICY = Policy(
+    key_name="alice",
+    models=(),
+    rpm=None,
+    tpm=None,
+    expires_at=None,
+    revoked=False,
+    levels=(),
+)
+NO_HISTORY = RateState(request_times=(), token_events=())
+
+
+def level(
+    kind: LevelKind = "key",
+    *,
+    name: str = "alice",
+    limit: int = 1_000_000,
+    period: Period = "1M",
+    rolling: bool = False,
+) -> LevelLimit:
+    return LevelLimit(
+        kind=kind,
+        name=name,
+        limit_micros=limit,
+        period=period,
+        rolling=rolling,
+    )
+
+
+def policy(**changes: Any) -> Policy:
+    return dataclasses.replace(POLICY, **changes)
+
+
+def request(
+    *,
+    model: str | None = MODEL,
+    body_bytes: int = 4_000,
+    max_tokens: int = 1_000,
+    now: float = NOW,
+) -> Request:
+    return Request(model=model, body_bytes=body_bytes, max_tokens=max_tokens, now=now)
+
+
+def decide(
+    pol: Policy,
+    req: Request | None = None,
+    *,
+    levels: Mapping[str, LevelState] | None = None,
+    rate: RateState = NO_HISTORY,
+) -> Admit | Reject:
+    req = request() if req is None else req
+    return admit(req, pol, levels=levels or {}, rate=rate, price=SONNET)
+
+
+def rejected(result: Admit | Reject) -> Reject:
+    assert isinstance(result, Reject), result
+    return result
+
+
+def state(spent: int, reserved: int = 0) -> LevelState:
+    return LevelState(spent_micros=spent, reserved_micros=reserved)
+
+
+# --- estimates ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body_bytes", "tokens"),
+    [(0, 0), (1, 1), (3, 1), (4, 1), (5, 2), (8, 2), (100_000, 25_000), (100_001, 25_001)],
+)
+def test_estimate_input_tokens_is_body_bytes_over_four_rounded_up(
+    body_bytes: int, tokens: int
+) -> None:
+    assert estimate_input_tokens(body_bytes) == tokens
+
+
+def test_worst_case_prices_input_at_the_one_hour_cache_write_price() -> None:
+    assert worst_case_micros(SONNET, body_bytes=4_000, max_tokens=1_000) == WORST
+    # Claude Code's usual shape: ~100 KB body, max_tokens 32,000.
+    # 25,000 x $6 + 32,000 x $15 per MTok = 150,000 + 480,000 micro-dollars.
+    assert worst_case_micros(SONNET, body_bytes=100_000, max_tokens=32_000) == 630_000
+
+
+def test_worst_case_uses_whichever_input_side_price_is_highest() -> None:
+    input_dearest = Price(input=9, output=0, cache_write_5m=5, cache_write_1h=7, cache_read=1)
+    five_dearest = Price(input=5, output=0, cache_write_5m=9, cache_write_1h=7, cache_read=1)
+    # 4,000,000 bytes -> 1,000,000 tokens x 9 = 9 micro-dollars (x 7, the 1-hour price, is 7)
+    assert worst_case_micros(input_dearest, body_bytes=4_000_000, max_tokens=0) == 9
+    assert worst_case_micros(five_dearest, body_bytes=4_000_000, max_tokens=0) == 9
+
+
+def test_worst_case_rounds_once_half_up() -> None:
+    half = Price(input=500_000, output=0, cache_write_5m=0, cache_write_1h=0, cache_read=0)
+    under = dataclasses.replace(half, input=499_999)
+    assert worst_case_micros(half, body_bytes=4, max_tokens=0) == 1  # 0.5 -> 1
+    assert worst_case_micros(under, body_bytes=4, max_tokens=0) == 0  # 0.499999 -> 0
+    # Two halves add up before rounding: 0.25 + 0.25 = 0.5 -> 1, not 0 + 0.
+    quarter = Price(input=250_000, output=250_000, cache_write_5m=0, cache_write_1h=0, cache_read=0)
+    assert worst_case_micros(quarter, body_bytes=4, max_tokens=1) == 1
+
+
+def test_empty_request_costs_nothing() -> None:
+    assert worst_case_micros(SONNET, body_bytes=0, max_tokens=0) == 0
+
+
+@pytest.mark.parametrize(
+    ("micros", "text"),
+    [
+        (0, "$0.00"),
+        (50_000_000, "$50.00"),
+        (49_795_000, "$49.80"),
+        (49_794_999, "$49.79"),
+        (1_234_500_000, "$1,234.50"),
+        (5_000, "$0.01"),
+        (4_000, "$0.004"),
+        (21, "$0.000021"),
+    ],
+)
+def test_format_usd(micros: int, text: str) -> None:
+    assert format_usd(micros) == text
+
+
+# --- the happy path -----------------------------------------------------------------------------
+
+
+def test_admits_with_the_worst_case_and_estimated_tokens() -> None:
+    assert decide(POLICY) == Admit(reserve_micros=WORST, reserve_tokens=1_000)
+
+
+def test_admits_when_every_limit_has_room() -> None:
+    pol = policy(
+        models=("claude-sonnet-*",),
+        rpm=10,
+        tpm=100_000,
+        expires_at=NOW + 1,
+        levels=(level("key"), level("team", name="platform"), level("customer", name="acme")),
+    )
+    rate = RateState(request_times=(NOW - 1,) * 9, token_events=((NOW - 1, 99_000),))
+    levels = {"key": state(500_000), "team": state(0, 979_000), "customer": state(10)}
+    expected = Admit(reserve_micros=WORST, reserve_tokens=1_000)
+    assert decide(pol, levels=levels, rate=rate) == expected
+
+
+# --- 1. key -------------------------------------------------------------------------------------
+
+
+def test_revoked_key_is_401_and_not_retried() -> None:
+    assert decide(policy(revoked=True)) == Reject(
+        status=401,
+        error_type="authentication_error",
+        message="The ccgate key 'alice' has been revoked. Ask your ccgate admin for a new key.",
+        retry_after=None,
+        should_retry=False,
+    )
+
+
+def test_expired_key_is_401_from_the_expiry_instant_on() -> None:
+    expires = ts("2026-11-30 13:45")
+    assert isinstance(decide(policy(expires_at=expires), request(now=expires - 0.001)), Admit)
+    for now in (expires, expires + 86_400):
+        assert decide(policy(expires_at=expires), request(now=now)) == Reject(
+            status=401,
+            error_type="authentication_error",
+            message=(
+                "The ccgate key 'alice' expired at 2026-11-30 13:45 UTC. "
+                "Ask your ccgate admin to renew it."
+            ),
+            retry_after=None,
+            should_retry=False,
+        )
+
+
+def test_key_check_comes_before_every_other_check() -> None:
+    everything_wrong = policy(
+        revoked=True, models=("claude-haiku-*",), rpm=0, tpm=1, levels=(level(limit=0),)
+    )
+    assert rejected(decide(everything_wrong)).status == 401
+
+
+# --- 2. models ----------------------------------------------------------------------------------
+
+ALLOWED = ("claude-sonnet-*", "claude-haiku-4-5")
+
+
+@pytest.mark.parametrize(
+    ("model", "allowed"),
+    [
+        ("claude-sonnet-4-5-20250929", True),
+        ("claude-sonnet-4-6", True),
+        ("claude-haiku-4-5", True),
+        ("claude-haiku-4-5-20251001", False),  # an exact entry is exact
+        ("claude-opus-4-5", False),
+        ("Claude-Sonnet-4-6", False),  # fnmatchcase: case matters on every platform
+        ("xclaude-sonnet-4-6", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_model_allowlist_matching(model: str | None, allowed: bool) -> None:
+    assert model_allowed(model, ALLOWED) is allowed
+    result = decide(policy(models=ALLOWED), request(model=model))
+    assert isinstance(result, Admit) is allowed
+
+
+@pytest.mark.parametrize("model", [None, "anything-at-all"])
+def test_an_empty_allowlist_allows_every_model_and_none(model: str | None) -> None:
+    assert model_allowed(model, ())
+    assert isinstance(decide(policy(models=())), Admit)
+
+
+def test_a_pattern_character_class_works() -> None:
+    assert model_allowed("claude-opus-4-5", ("claude-opus-4-[56]",))
+    assert not model_allowed("claude-opus-4-1", ("claude-opus-4-[56]",))
+
+
+def test_disallowed_model_is_403_naming_model_and_list() -> None:
+    assert decide(policy(models=ALLOWED), request(model="claude-opus-4-5")) == Reject(
+        status=403,
+        error_type="permission_error",
+        message=(
+            "Model 'claude-opus-4-5' is not allowed for key 'alice' "
+            "(allowed: claude-sonnet-*, claude-haiku-4-5). "
+            "Choose an allowed model, or ask your ccgate admin to allow it."
+        ),
+        retry_after=None,
+        should_retry=False,
+    )
+
+
+def test_missing_model_is_403_when_a_list_exists() -> None:
+    reject = rejected(decide(policy(models=ALLOWED), request(model=None)))
+    assert (reject.status, reject.should_retry) == (403, False)
+    assert reject.message.startswith(
+        "The request names no model, and that is not allowed for key 'alice' (allowed: "
+    )
+
+
+def test_model_check_comes_before_rate_limits_and_budgets() -> None:
+    pol = policy(models=ALLOWED, rpm=0, tpm=1, levels=(level(limit=0),))
+    assert rejected(decide(pol, request(model="claude-opus-4-5"))).status == 403
+
+
+# --- 3. rate limits -----------------------------------------------------------------------------
+
+
+def times(*ages: float) -> RateState:
+    return RateState(request_times=tuple(NOW - age for age in ages), token_events=())
+
+
+def test_rpm_admits_below_the_limit_and_refuses_at_it() -> None:
+    assert isinstance(decide(policy(rpm=3), rate=times(50, 10)), Admit)
+    reject = rejected(decide(policy(rpm=3), rate=times(50, 30, 10)))
+    assert (reject.status, reject.error_type) == (429, "rate_limit_error")
+    assert (reject.retry_after, reject.should_retry) == (10, True)
+
+
+def test_rpm_message_and_retry_after_until_the_oldest_leaves() -> None:
+    assert decide(policy(rpm=2), rate=times(10.2, 5)) == Reject(
+        status=429,
+        error_type="rate_limit_error",
+        message=(
+            "Rate limit: key 'alice' allows 2 requests per minute and 2 were made in the last "
+            "minute. Retry in 50 s, or ask your ccgate admin to raise the limit."
+        ),
+        retry_after=50,  # the oldest leaves 49.8 s from now; retry-after is whole seconds, up
+        should_retry=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("ages", "retry_after"),
+    [
+        ((59.5, 1), 1),  # leaves in 0.5 s: rounded up to 1
+        ((59.999, 1), 1),
+        ((10.7, 1), 50),  # 49.3 s: up, never to the nearest second
+        ((50, 1), 10),
+        ((1, 50), 10),  # history need not be sorted
+        ((0, 0), 60),  # admitted this very instant
+    ],
+)
+def test_rpm_retry_after_arithmetic(ages: tuple[float, ...], retry_after: int) -> None:
+    assert rejected(decide(policy(rpm=2), rate=times(*ages))).retry_after == retry_after
+
+
+def test_rpm_over_the_limit_waits_until_enough_have_left() -> None:
+    # rpm lowered to 2 with 4 in the window: 3 must leave; the third oldest is 30 s old.
+    reject = rejected(decide(policy(rpm=2), rate=times(50, 40, 30, 20)))
+    assert reject.retry_after == 30
+    assert "allows 2 requests per minute and 4 were made" in reject.message
+
+
+def test_rpm_window_is_sixty_seconds_exactly() -> None:
+    # A request exactly 60 s old has left the window; one a microsecond younger has not.
+    assert isinstance(decide(policy(rpm=1), rate=times(60)), Admit)
+    assert isinstance(decide(policy(rpm=1), rate=times(61, 3_600)), Admit)
+    assert rejected(decide(policy(rpm=1), rate=times(59.999_999))).retry_after == 1
+
+
+def test_rpm_ignores_future_timestamps() -> None:
+    assert isinstance(decide(policy(rpm=1), rate=times(-5)), Admit)
+
+
+def test_rpm_zero_never_admits_and_says_not_to_retry() -> None:
+    assert decide(policy(rpm=0)) == Reject(
+        status=429,
+        error_type="rate_limit_error",
+        message=(
+            "Rate limit: key 'alice' allows no requests. Ask your ccgate admin to raise the limit."
+        ),
+        retry_after=None,
+        should_retry=False,
+    )
+
+
+def tokens(*events: tuple[float, int]) -> RateState:
+    return RateState(request_times=(), token_events=tuple((NOW - age, n) for age, n in events))
+
+
+def test_tpm_boundary_equality_is_allowed() -> None:
+    # 1,000 bytes -> 250 tokens.
+    small = request(body_bytes=1_000)
+    assert isinstance(decide(policy(tpm=1_000), small, rate=tokens((10, 750))), Admit)
+    assert isinstance(decide(policy(tpm=250), small), Admit)
+    assert rejected(decide(policy(tpm=1_000), small, rate=tokens((10, 751)))).status == 429
+
+
+def test_tpm_message_and_retry_after_until_enough_tokens_leave() -> None:
+    history = tokens((50, 300), (30, 500), (10, 200))
+    assert decide(policy(tpm=1_000), request(body_bytes=1_000), rate=history) == Reject(
+        status=429,
+        error_type="rate_limit_error",
+        message=(
+            "Rate limit: key 'alice' allows 1,000 tokens per minute; 1,000 were used in the last "
+            "minute and this request needs about 250. Retry in 10 s, or ask your ccgate admin "
+            "to raise the limit."
+        ),
+        retry_after=10,  # the 300 tokens 50 s old free enough
+        should_retry=True,
+    )
+    # Exactly 300 tokens: the 300 tokens 50 s old are just enough.
+    exact = decide(policy(tpm=1_000), request(body_bytes=1_200), rate=history)
+    assert rejected(exact).retry_after == 10
+    # 400 tokens need both the 300 and the 500 to leave: the 500 is 30 s old.
+    bigger = decide(policy(tpm=1_000), request(body_bytes=1_600), rate=history)
+    assert rejected(bigger).retry_after == 30
+
+
+def test_tpm_only_counts_the_last_sixty_seconds() -> None:
+    history = tokens((60, 10_000), (90, 10_000), (59.5, 600))
+    assert isinstance(decide(policy(tpm=1_000), request(body_bytes=1_600), rate=history), Admit)
+    reject = rejected(decide(policy(tpm=1_000), request(body_bytes=1_604), rate=history))
+    assert reject.retry_after == 1
+
+
+def test_a_request_larger_than_the_whole_tpm_can_never_fit() -> None:
+    assert decide(policy(tpm=1_000), request(body_bytes=4_001)) == Reject(
+        status=429,
+        error_type="rate_limit_error",
+        message=(
+            "Rate limit: this request needs about 1,001 input tokens, more than key 'alice' may "
+            "use in a minute (1,000 tokens per minute), so it can never fit. Shorten the "
+            "conversation (for example with /compact), or ask your ccgate admin to raise the "
+            "limit."
+        ),
+        retry_after=None,
+        should_retry=False,
+    )
+
+
+def test_rpm_is_checked_before_tpm() -> None:
+    rate = RateState(request_times=(NOW - 1,), token_events=((NOW - 1, 10_000),))
+    reject = rejected(decide(policy(rpm=1, tpm=1_000), rate=rate))
+    assert "requests per minute" in reject.message
+
+
+def test_rate_limits_come_before_budgets() -> None:
+    pol = policy(rpm=1, levels=(level(limit=0),))
+    assert rejected(decide(pol, rate=times(1))).status == 429
+    assert rejected(decide(pol)).status == 402
+
+
+# --- 4. budgets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["key", "team", "customer"])
+def test_each_level_refuses_one_micro_over_and_admits_exact_equality(kind: LevelKind) -> None:
+    pol = policy(levels=(level(kind, name="x", limit=100_000),))
+    fits: dict[str, LevelState] = {kind: state(100_000 - WORST - 500, 500)}
+    over: dict[str, LevelState] = {kind: state(100_000 - WORST - 500 + 1, 500)}
+    assert decide(pol, levels=fits) == Admit(reserve_micros=WORST, reserve_tokens=1_000)
+    reject = rejected(decide(pol, levels=over))
+    assert (reject.status, reject.error_type) == (402, "billing_error")
+    assert (reject.retry_after, reject.should_retry) == (None, False)
+    assert reject.message.startswith(f"{kind.capitalize()} 'x' budget exhausted: ")
+
+
+def test_reservations_count_against_the_budget() -> None:
+    pol = policy(levels=(level(limit=100_000),))
+    assert isinstance(decide(pol, levels={"key": state(0, 100_000 - WORST)}), Admit)
+    assert isinstance(decide(pol, levels={"key": state(0, 100_000 - WORST + 1)}), Reject)
+
+
+def test_a_level_with_no_state_counts_as_nothing_spent() -> None:
+    assert isinstance(decide(policy(levels=(level(limit=WORST),))), Admit)
+    assert isinstance(decide(policy(levels=(level(limit=WORST - 1),))), Reject)
+
+
+def test_the_first_failing_level_is_reported_in_key_team_customer_order() -> None:
+    # Listed customer first: the order of the tuple must not matter.
+    levels_ = (
+        level("customer", name="acme", limit=10),
+        level("team", name="platform", limit=10),
+        level("key", name="alice", limit=10),
+    )
+    pol = policy(levels=levels_)
+    assert rejected(decide(pol)).message.startswith("Key 'alice' ")
+    room = state(0)
+    pol = policy(levels=(*levels_[:2], level("key", limit=10**9)))
+    assert rejected(decide(pol, levels={"key": room})).message.startswith("Team 'platform' ")
+    pol = policy(levels=(levels_[0], level("team", limit=10**9), level("key", limit=10**9)))
+    assert rejected(decide(pol)).message.startswith("Customer 'acme' ")
+
+
+def test_budget_message_for_a_calendar_month_that_is_nearly_spent() -> None:
+    pol = policy(levels=(level("team", name="platform", limit=50_000_000),))
+    assert decide(pol, levels={"team": state(49_990_000)}) == Reject(
+        status=402,
+        error_type="billing_error",
+        message=(
+            "Team 'platform' budget exhausted: $49.99 of $50.00 spent this month "
+            "(resets 2026-12-01 00:00 UTC). This request could cost up to $0.02, more than the "
+            "$0.01 left. Ask your ccgate admin to raise it."
+        ),
+        retry_after=None,
+        should_retry=False,
+    )
+
+
+def test_budget_message_for_an_exhausted_rolling_window_with_requests_in_flight() -> None:
+    pol = policy(
+        levels=(level("customer", name="acme", limit=100_000_000, period="1w", rolling=True),),
+        contact="ops@example.com",
+    )
+    reject = rejected(decide(pol, levels={"customer": state(95_000_000, 5_000_000)}))
+    assert reject.message == (
+        "Customer 'acme' budget exhausted: $95.00 of $100.00 spent in the last 7 days "
+        "(rolling 7-day window). $5.00 more is held by requests in flight. "
+        "Ask ops@example.com to raise it."
+    )
+
+
+@pytest.mark.parametrize(
+    ("period", "rolling", "words"),
+    [
+        ("1d", False, "spent today (resets 2026-12-01 00:00 UTC)."),
+        ("1w", False, "spent this week (resets 2026-12-07 00:00 UTC)."),
+        ("1M", False, "spent this month (resets 2026-12-01 00:00 UTC)."),
+        ("1d", True, "spent in the last 24 hours (rolling 24-hour window)."),
+        ("1M", True, "spent in the last 30 days (rolling 30-day window)."),
+    ],
+)
+def test_budget_message_names_the_window(period: Period, rolling: bool, words: str) -> None:
+    pol = policy(levels=(level(limit=1_000_000, period=period, rolling=rolling),))
+    reject = rejected(decide(pol, levels={"key": state(1_000_000)}))
+    assert reject.message == (
+        f"Key 'alice' budget exhausted: $1.00 of $1.00 {words} Ask your ccgate admin to raise it."
+    )
+
+
+def test_a_zero_budget_refuses_everything_but_a_free_request() -> None:
+    pol = policy(levels=(level(limit=0),))
+    assert isinstance(decide(pol), Reject)
+    assert isinstance(decide(pol, request(body_bytes=0, max_tokens=0)), Admit)
+
+
+# --- the reject as an HTTP response -------------------------------------------------------------
+
+
+def test_reject_envelope_and_headers() -> None:
+    reject = rejected(decide(policy(rpm=1), rate=times(30)))
+    assert reject.envelope() == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": reject.message},
+    }
+    assert reject.headers() == {"x-should-retry": "true", "retry-after": "30"}
+    assert rejected(decide(policy(revoked=True))).headers() == {"x-should-retry": "false"}
+
+
+# --- Limiter ------------------------------------------------------------------------------------
+
+PRICES = PriceTable.default()
+DAY_START = ts("2026-11-30 00:00")
+
+
+def limiter(**changes: Any) -> Limiter:
+    return Limiter(policy=policy(**changes), prices=PRICES)
+
+
+def admitted(lim: Limiter, req: Request | None = None) -> Ticket:
+    ticket, reject = lim.check(request() if req is None else req)
+    assert reject is None, reject
+    assert ticket is not None
+    return ticket
+
+
+def refused(lim: Limiter, req: Request | None = None) -> Reject:
+    ticket, reject = lim.check(request() if req is None else req)
+    assert ticket is None
+    assert reject is not None
+    return reject
+
+
+def key_level(lim: Limiter, *, now: float = NOW) -> dict[str, Any]:
+    levels: list[dict[str, Any]] = lim.snapshot(now=now)["levels"]
+    return levels[0]
+
+
+def test_limiter_admits_with_the_models_price_and_records_a_ticket() -> None:
+    lim = limiter()
+    ticket = admitted(lim)
+    assert ticket.reserve_micros == WORST
+    assert ticket.reserve_tokens == 1_000
+    assert ticket.admitted_at == NOW
+    assert admitted(lim).id != ticket.id
+
+
+def test_limiter_prices_a_request_without_a_model_at_the_dearest_entry() -> None:
+    # Opus 4 / 4.1: 1,000 tokens x $30 (1-hour write) + 1,000 x $75 per MTok.
+    assert admitted(limiter(), request(model=None)).reserve_micros == 105_000
+
+
+def test_concurrent_reservations_cannot_overshoot_the_budget() -> None:
+    lim = limiter(levels=(level(limit=100_000),))
+    tickets = []
+    for _ in range(10):
+        ticket, _reject = lim.check(request())
+        if ticket is not None:
+            tickets.append(ticket)
+    assert len(tickets) == 4  # 4 x 21,000 = 84,000; a fifth would make 105,000
+    assert sum(t.reserve_micros for t in tickets) <= 100_000
+    assert key_level(lim)["reserved_micros"] == 84_000
+    assert lim.snapshot(now=NOW)["in_flight"] == 4
+
+
+def test_every_level_sees_the_reservations() -> None:
+    lim = limiter(levels=(level(limit=10**9), level("team", name="platform", limit=50_000)))
+    admitted(lim)
+    admitted(lim)
+    assert refused(lim).message.startswith("Team 'platform' budget exhausted: $0.00 of $0.05 ")
+
+
+def test_settle_releases_the_reservation_and_charges_the_actual_cost() -> None:
+    lim = limiter(levels=(level(limit=100_000),))
+    tickets = [admitted(lim) for _ in range(4)]
+    refused(lim)
+    lim.settle(tickets[0], cost_micros=1_000, tokens=300, now=NOW + 5)
+    snap = key_level(lim, now=NOW + 5)
+    assert (snap["spent_micros"], snap["reserved_micros"]) == (1_000, 63_000)
+    assert snap["remaining_micros"] == 36_000
+    admitted(lim, request(now=NOW + 5))  # 1,000 + 63,000 + 21,000 = 85,000 fits again
+
+
+def test_settling_twice_charges_once() -> None:
+    lim = limiter(levels=(level(limit=100_000),))
+    ticket = admitted(lim)
+    lim.settle(ticket, cost_micros=7_000, tokens=10, now=NOW)
+    lim.settle(ticket, cost_micros=7_000, tokens=10, now=NOW)
+    assert key_level(lim)["spent_micros"] == 7_000
+    assert lim.snapshot(now=NOW)["tpm"]["used"] == 10
+
+
+def test_synced_then_set_spent_never_double_counts() -> None:
+    lim = limiter(levels=(level(period="1d", limit=10**9),))
+    for cost in (3_000, 4_000, 5_000):
+        lim.settle(admitted(lim), cost_micros=cost, tokens=0, now=NOW)
+    assert key_level(lim)["spent_micros"] == 12_000
+    # The daemon pushes the first two records; the server had 100,000 from other machines.
+    lim.synced(7_000)
+    lim.set_spent("key", window_start=DAY_START, spent_micros=107_000)
+    snap = key_level(lim)
+    assert (snap["server_spent_micros"], snap["local_spent_micros"]) == (107_000, 5_000)
+    assert snap["spent_micros"] == 112_000
+    # Then the last one, in a batch that ends partway through nothing: all of it is acknowledged.
+    lim.synced(5_000)
+    lim.set_spent("key", window_start=DAY_START, spent_micros=112_000)
+    assert key_level(lim)["spent_micros"] == 112_000
+    assert lim.snapshot(now=NOW)["unsynced_micros"] == 0
+
+
+def test_synced_can_split_a_record_and_never_goes_negative() -> None:
+    lim = limiter(levels=(level(period="1d", limit=10**9),))
+    lim.settle(admitted(lim), cost_micros=10_000, tokens=0, now=NOW)
+    lim.synced(4_000)
+    assert key_level(lim)["local_spent_micros"] == 6_000
+    lim.synced(1_000_000)
+    assert key_level(lim)["local_spent_micros"] == 0
+    lim.settle(admitted(lim), cost_micros=2_000, tokens=0, now=NOW)
+    assert key_level(lim)["local_spent_micros"] == 2_000
+
+
+def test_the_server_figure_counts_toward_admission() -> None:
+    lim = limiter(levels=(level("team", name="platform", limit=50_000_000),))
+    lim.set_spent("team", window_start=ts("2026-11-01 00:00"), spent_micros=49_990_000)
+    assert refused(lim).message.startswith("Team 'platform' budget exhausted: $49.99 of $50.00 ")
+
+
+def test_calendar_roll_over_resets_server_and_older_local_spend() -> None:
+    lim = limiter(levels=(level(period="1d", limit=100_000),))
+    late = ts("2026-11-30 23:59:30")
+    lim.set_spent("key", window_start=DAY_START, spent_micros=90_000)
+    free = request(body_bytes=0, max_tokens=0, now=late)
+    lim.settle(admitted(lim, free), cost_micros=8_000, tokens=0, now=late + 1)
+    refused(lim, request(now=late + 1))  # 98,000 + 21,000 > 100,000
+    midnight = ts("2026-12-01 00:00")
+    # A request admitted before midnight that settles after it counts in the day it started.
+    straddler = admitted(lim, request(body_bytes=0, max_tokens=0, now=late + 2))
+    lim.settle(straddler, cost_micros=1_000, tokens=0, now=midnight + 5)
+    snap = key_level(lim, now=midnight)
+    assert (snap["server_spent_micros"], snap["local_spent_micros"]) == (0, 0)
+    assert snap["window_start"] == midnight
+    assert snap["resets"] == "resets 2026-12-02 00:00 UTC"
+    ticket = admitted(lim, request(now=midnight + 10))
+    lim.settle(ticket, cost_micros=2_500, tokens=0, now=midnight + 20)
+    assert key_level(lim, now=midnight + 20)["spent_micros"] == 2_500
+    # The old day's unsynced spend is still owed to the server, and retired first.
+    assert lim.snapshot(now=midnight + 20)["unsynced_micros"] == 11_500
+    lim.synced(9_000)
+    assert key_level(lim, now=midnight + 20)["spent_micros"] == 2_500
+    lim.set_spent("key", window_start=midnight, spent_micros=2_500)
+    lim.synced(2_500)
+    assert key_level(lim, now=midnight + 20)["spent_micros"] == 2_500
+
+
+def test_a_server_figure_for_a_newer_window_is_used_as_given() -> None:
+    # Clock skew: the server already counts tomorrow; we still count today, conservatively.
+    lim = limiter(levels=(level(period="1d", limit=10**9),))
+    lim.set_spent("key", window_start=DAY_START + 86_400, spent_micros=5)
+    assert key_level(lim)["spent_micros"] == 5
+
+
+def test_rolling_server_figure_lasts_until_all_of_it_has_left_the_window() -> None:
+    lim = limiter(levels=(level(period="1d", rolling=True, limit=10**9),))
+    lim.set_spent("key", window_start=NOW - 86_400, spent_micros=40_000)
+    assert key_level(lim, now=NOW + 86_400)["server_spent_micros"] == 40_000
+    assert key_level(lim, now=NOW + 86_400 + 0.5)["server_spent_micros"] == 0
+
+
+def test_rolling_local_spend_ages_out_of_the_window() -> None:
+    lim = limiter(levels=(level(period="1d", rolling=True, limit=10**9),))
+    lim.settle(admitted(lim), cost_micros=4_000, tokens=0, now=NOW)
+    assert key_level(lim, now=NOW + 86_400)["spent_micros"] == 4_000
+    assert key_level(lim, now=NOW + 86_400 + 1)["spent_micros"] == 0
+
+
+def test_restored_unsynced_spend_counts_until_synced() -> None:
+    lim = limiter(levels=(level(period="1d", limit=30_000),))
+    lim.restore_unsynced(cost_micros=9_001, at=NOW - 60)
+    lim.restore_unsynced(cost_micros=5_000, at=DAY_START - 1)  # yesterday's: owed, not counted
+    refused(lim)  # 9,001 + 21,000 > 30,000
+    lim.synced(5_000)  # oldest first retires 5,000 of the 9,001 (pushed in restore order)
+    admitted(lim)
+
+
+def test_rpm_window_slides() -> None:
+    lim = limiter(rpm=2)
+    admitted(lim, request(now=NOW))
+    admitted(lim, request(now=NOW + 10))
+    assert refused(lim, request(now=NOW + 30)).retry_after == 30
+    assert refused(lim, request(now=NOW + 59.5)).retry_after == 1
+    admitted(lim, request(now=NOW + 60))
+    assert refused(lim, request(now=NOW + 61)).retry_after == 9
+    admitted(lim, request(now=NOW + 70))
+
+
+def test_rejected_requests_do_not_count_toward_rpm() -> None:
+    lim = limiter(rpm=1, levels=(level(limit=0),))
+    for second in range(5):
+        assert refused(lim, request(now=NOW + second)).status == 402
+    assert lim.snapshot(now=NOW + 5)["rpm"] == {"limit": 1, "used": 0}
+
+
+def test_tpm_counts_in_flight_estimates_then_settled_tokens() -> None:
+    lim = limiter(tpm=2_000)
+    first = admitted(lim)
+    admitted(lim)
+    refused(lim)  # two in flight hold 1,000 estimated tokens each
+    lim.settle(first, cost_micros=0, tokens=500, now=NOW + 10)
+    reject = refused(lim, request(now=NOW + 10))  # 500 + 1,000 in flight + 1,000
+    assert reject.retry_after == 60
+    admitted(lim, request(body_bytes=2_000, now=NOW + 10))  # 500 + 1,000 + 500 fits
+    assert lim.snapshot(now=NOW + 10)["tpm"] == {"limit": 2_000, "used": 2_000}
+
+
+def test_settled_tokens_leave_the_tpm_window_after_a_minute() -> None:
+    lim = limiter(tpm=1_000)
+    lim.settle(admitted(lim), cost_micros=0, tokens=1_000, now=NOW + 1)
+    assert refused(lim, request(now=NOW + 60)).retry_after == 1
+    admitted(lim, request(now=NOW + 61))
+
+
+def test_set_prices_applies_to_the_next_check() -> None:
+    lim = limiter()
+    assert admitted(lim).reserve_micros == WORST
+    doubled = {
+        "version": "test",
+        "web_search_usd_per_1000": "10",
+        "entries": [
+            {
+                "name": "Sonnet at double price",
+                "family": "sonnet",
+                "match": ["claude-sonnet-*"],
+                "effective_from": "2025-01-01",
+                "usd_per_mtok": {
+                    "input": "6",
+                    "output": "30",
+                    "cache_write_5m": "7.5",
+                    "cache_write_1h": "12",
+                    "cache_read": "0.6",
+                },
+            }
+        ],
+    }
+    lim.set_prices(PriceTable.from_dict(doubled))
+    assert admitted(lim).reserve_micros == 2 * WORST
+
+
+def test_set_policy_applies_at_once() -> None:
+    lim = limiter()
+    admitted(lim)
+    lim.set_policy(policy(revoked=True))
+    assert refused(lim).status == 401
+    assert lim.policy.revoked
+
+
+def test_set_policy_forgets_a_server_figure_when_the_window_changes_shape() -> None:
+    lim = limiter(levels=(level(period="1d"), level("team", name="platform", period="1d")))
+    lim.set_spent("key", window_start=DAY_START, spent_micros=700)
+    lim.set_spent("team", window_start=DAY_START, spent_micros=800)
+    rolling_team = level("team", name="platform", period="1d", rolling=True)
+    lim.set_policy(policy(levels=(level(period="1d"), rolling_team)))
+    spent = [lv["server_spent_micros"] for lv in lim.snapshot(now=NOW)["levels"]]
+    assert spent == [700, 0]
+
+
+def test_snapshot_is_json_ready_and_exact() -> None:
+    lim = limiter(
+        rpm=50,
+        tpm=100_000,
+        levels=(
+            level("team", name="platform", limit=50_000_000),
+            level("key", period="1d", limit=5_000_000),
+        ),
+    )
+    lim.set_spent("key", window_start=DAY_START, spent_micros=1_000_000)
+    lim.set_spent("team", window_start=ts("2026-11-01 00:00"), spent_micros=20_000_000)
+    lim.settle(admitted(lim, request(now=NOW - 5)), cost_micros=10_000, tokens=1_200, now=NOW - 1)
+    admitted(lim)
+    assert lim.snapshot(now=NOW) == {
+        "key": "alice",
+        "levels": [
+            {
+                "kind": "key",
+                "name": "alice",
+                "period": "1d",
+                "rolling": False,
+                "limit_micros": 5_000_000,
+                "spent_micros": 1_010_000,
+                "server_spent_micros": 1_000_000,
+                "local_spent_micros": 10_000,
+                "reserved_micros": WORST,
+                "remaining_micros": 5_000_000 - 1_010_000 - WORST,
+                "window_start": DAY_START,
+                "resets": "resets 2026-12-01 00:00 UTC",
+            },
+            {
+                "kind": "team",
+                "name": "platform",
+                "period": "1M",
+                "rolling": False,
+                "limit_micros": 50_000_000,
+                "spent_micros": 20_010_000,
+                "server_spent_micros": 20_000_000,
+                "local_spent_micros": 10_000,
+                "reserved_micros": WORST,
+                "remaining_micros": 50_000_000 - 20_010_000 - WORST,
+                "window_start": ts("2026-11-01 00:00"),
+                "resets": "resets 2026-12-01 00:00 UTC",
+            },
+        ],
+        "rpm": {"limit": 50, "used": 2},
+        "tpm": {"limit": 100_000, "used": 2_200},
+        "in_flight": 1,
+        "unsynced_micros": 10_000,
+    }
