@@ -8,6 +8,7 @@ is never left pointing at a daemon that is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccgate import claude_settings, daemon, profiles, reports
+from ccgate import claude_settings, daemon, profiles, reports, service
 from ccgate import paths as paths_mod
 from ccgate.config import Config
 from ccgate.credentials import SecretStore
@@ -47,9 +48,38 @@ class DownResult:
     stopped_pid: int | None
     settings_restored: bool
     settings_file: Path
+    service_removed: bool = False
 
 
 CLAUDE_CREDENTIAL_VARS = ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    token: str
+    server_profile: profiles.Profile | None
+    settings_file: Path
+    notices: tuple[str, ...]
+
+
+def _prepare(*, paths: Paths, config: Config, environ: Mapping[str, str]) -> _Prepared:
+    """Checks that need no daemon: which key Claude Code will send, and conflicts."""
+    paths.ensure()
+    store = SecretStore(paths=paths)
+    settings_file = paths_mod.claude_settings_file(environ)
+    server_profile = profiles.load(paths)
+    if server_profile is not None:
+        token, _device = profiles.secrets(paths, server_profile.name)
+    else:
+        if config.passthrough:
+            _refuse_passthrough_conflicts(settings_file, environ)
+        elif daemon.upstream_key(store) is None:
+            raise _no_upstream_key(settings_file)
+        local = daemon.local_client_key(store, create=True)
+        assert local is not None
+        token = local
+    notice = store.take_fallback_notice()
+    return _Prepared(token, server_profile, settings_file, (notice,) if notice else ())
 
 
 def up(
@@ -66,31 +96,13 @@ def up(
     Alone, it sends the local key and the upstream key comes from the keyring or environment.
     """
     environ = os.environ if environ is None else environ
-    paths.ensure()
-    store = SecretStore(paths=paths)
-    notices: list[str] = []
-    settings_file = paths_mod.claude_settings_file(environ)
-    server_profile = profiles.load(paths)
-    if server_profile is not None:
-        token, _device = profiles.secrets(paths, server_profile.name)
-    else:
-        if config.passthrough:
-            _refuse_passthrough_conflicts(settings_file, environ)
-        elif daemon.upstream_key(store) is None:
-            raise _no_upstream_key(settings_file)
-        local = daemon.local_client_key(store, create=True)
-        assert local is not None
-        token = local
-    notice = store.take_fallback_notice()
-    if notice:
-        notices.append(notice)
-
+    prepared = _prepare(paths=paths, config=config, environ=environ)
     current = daemon.running(paths)
     if current is not None:
         info, _doc = current
         wanted: tuple[object, ...] = (config.port, config.upstream_url, _auth(config))
         have: tuple[object, ...] = (info.port, info.upstream_url, info.auth)
-        if server_profile is not None:  # the bundle, not the flags, decides upstream and auth
+        if prepared.server_profile is not None:  # the bundle decides upstream and auth
             wanted, have = wanted[:1], have[:1]
         if have != wanted:
             raise AlreadyRunningError(
@@ -102,25 +114,75 @@ def up(
     else:
         info = daemon.start_background(paths=paths, config=config, tick=tick)
         started = True
+    _configure_claude(paths=paths, prepared=prepared, info=info, environ=environ)
+    return UpResult(
+        info=info, started=started, settings_file=prepared.settings_file, notices=prepared.notices
+    )
 
+
+def up_service(
+    *,
+    paths: Paths,
+    config: Config,
+    environ: Mapping[str, str] | None = None,
+    timeout: float = 20.0,
+) -> tuple[UpResult | None, service.ServiceInstall]:
+    """Install the login service (systemd user unit or launchd agent) and configure Claude Code.
+
+    A detached daemon started by a plain `ccgate up` is stopped first: the two would fight over
+    the port. Claude Code is configured only once the service answers its health check.
+    """
+    environ = os.environ if environ is None else environ
+    prepared = _prepare(paths=paths, config=config, environ=environ)
+    with contextlib.suppress(NotRunningError):
+        daemon.stop(paths=paths)
+    extra: list[str] = []
+    if config.log_content:
+        extra.append("--log-content")
+    if config.passthrough:
+        extra.append("--passthrough")
+    installed = service.install(
+        paths=paths,
+        port=config.port,
+        upstream_url=config.upstream_url,
+        daemon_args=extra,
+        environ=environ,
+    )
+    deadline = time.monotonic() + timeout
+    current = None
+    while installed.started and time.monotonic() < deadline:
+        current = daemon.running(paths)
+        if current is not None:
+            break
+        time.sleep(0.1)
+    if current is None:
+        return None, installed
+    info, _doc = current
+    _configure_claude(paths=paths, prepared=prepared, info=info, environ=environ)
+    notices = prepared.notices + installed.notes
+    return UpResult(info, True, prepared.settings_file, notices), installed
+
+
+def _configure_claude(
+    *, paths: Paths, prepared: _Prepared, info: daemon.RuntimeInfo, environ: Mapping[str, str]
+) -> None:
     if info.auth == "passthrough":
         # No ANTHROPIC_AUTH_TOKEN: it would override the user's own login. The ccgate key rides
         # in a header Claude Code adds to every request.
-        if server_profile is not None:
-            _refuse_passthrough_conflicts(settings_file, environ)
+        if prepared.server_profile is not None:
+            _refuse_passthrough_conflicts(prepared.settings_file, environ)
         claude_settings.apply(
-            settings_path=settings_file,
+            settings_path=prepared.settings_file,
             undo_path=paths.settings_undo_file,
             set_env={"ANTHROPIC_BASE_URL": info.url},
-            add_custom_headers={CCGATE_KEY_HEADER: token},
+            add_custom_headers={CCGATE_KEY_HEADER: prepared.token},
         )
     else:
         claude_settings.apply(
-            settings_path=settings_file,
+            settings_path=prepared.settings_file,
             undo_path=paths.settings_undo_file,
-            set_env={"ANTHROPIC_BASE_URL": info.url, "ANTHROPIC_AUTH_TOKEN": token},
+            set_env={"ANTHROPIC_BASE_URL": info.url, "ANTHROPIC_AUTH_TOKEN": prepared.token},
         )
-    return UpResult(info=info, started=started, settings_file=settings_file, notices=tuple(notices))
 
 
 def _offline_server_state(paths: Paths, profile: profiles.Profile, *, now: float) -> dict[str, Any]:
@@ -211,16 +273,22 @@ def _no_upstream_key(settings_file: Path) -> CredentialError:
     )
 
 
-def down(*, paths: Paths) -> DownResult:
+def down(*, paths: Paths, remove_service: bool = False) -> DownResult:
     settings_file = paths_mod.claude_settings_file()
     restored = claude_settings.restore(
         settings_path=settings_file, undo_path=paths.settings_undo_file
     )
+    service_removed = service.uninstall() if remove_service else False
     try:
         pid: int | None = daemon.stop(paths=paths)
     except NotRunningError:
         pid = None
-    return DownResult(stopped_pid=pid, settings_restored=restored, settings_file=settings_file)
+    return DownResult(
+        stopped_pid=pid,
+        settings_restored=restored,
+        settings_file=settings_file,
+        service_removed=service_removed,
+    )
 
 
 def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:

@@ -162,3 +162,77 @@ def kill_pidfile_daemon(ccgate_home: Path) -> None:
             os.kill(pid, 0)
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Server:
+    """A real ``ccgate server run`` subprocess with its own state folder and admin token."""
+
+    url: str
+    home: Path
+    admin_token: str
+    fingerprint: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment an admin's shell would have."""
+        environ = dict(os.environ if base is None else base)
+        environ["CCGATE_SERVER_URL"] = self.url
+        environ["CCGATE_ADMIN_TOKEN"] = self.admin_token
+        return environ
+
+    def admin(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return ccgate("admin", *args, env=self.env(), input=input)
+
+    def admin_json(self, *args: str, input: str | None = None) -> Any:
+        result = ccgate("admin", *args, "--json", env=self.env(), input=input)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+def _server_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CCGATE_HOME"] = str(home)
+    return env
+
+
+@contextlib.contextmanager
+def run_server(home: Path, *, extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
+    home.mkdir(parents=True, exist_ok=True)
+    env = _server_env(home)
+    init = ccgate("server", "init", "--json", env=env)
+    assert init.returncode == 0, init.stderr
+    created = json.loads(init.stdout)
+    port = free_port()
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ccgate", "server", "run", "--port", str(port), *extra_args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited:\n{log.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not healthy:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield Server(
+            url=url,
+            home=home,
+            admin_token=created["admin_token"],
+            fingerprint=created["fingerprint"],
+            process=process,
+            log=log,
+        )
+    finally:
+        stop_process(process)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ccgate import console, env
+
+if TYPE_CHECKING:
+    from ccgate.config import Config
+    from ccgate.paths import Paths
 
 PortOption = Annotated[
     int | None,
     typer.Option(
         "--port",
         "-p",
-        help="Loopback port for the daemon [default: 7411].",
+        help="Loopback port for the daemon (default 7411).",
         envvar=env.CCGATE_PORT,
         show_envvar=True,
     ),
@@ -22,7 +26,7 @@ UpstreamOption = Annotated[
     str | None,
     typer.Option(
         "--upstream",
-        help="Upstream base URL [default: https://api.anthropic.com].",
+        help="Upstream base URL (default https://api.anthropic.com).",
         envvar=env.CCGATE_UPSTREAM_URL,
         show_envvar=True,
     ),
@@ -51,11 +55,22 @@ def register(app: typer.Typer) -> None:
     app.command("daemon")(daemon_cmd)
 
 
+ServiceOption = Annotated[
+    bool,
+    typer.Option(
+        "--service",
+        help="Run the daemon as a login service (systemd user unit on Linux, launchd agent on "
+        "macOS) that starts at login and restarts if it dies.",
+    ),
+]
+
+
 def up(
     port: PortOption = None,
     upstream: UpstreamOption = None,
     log_content: LogContentOption = None,
     passthrough: PassthroughOption = None,
+    service: ServiceOption = False,
 ) -> None:
     """Start the daemon in the background and point Claude Code at it.
 
@@ -69,6 +84,9 @@ def up(
     config = config_mod.resolve(
         paths, port=port, upstream_url=upstream, log_content=log_content, passthrough=passthrough
     )
+    if service:
+        _up_service(paths, config)
+        return
     with console.err.status("Starting the ccgate daemon..."):
         result = lifecycle.up(paths=paths, config=config)
     config_mod.save(paths, config)  # remembered only once it worked
@@ -86,12 +104,40 @@ def up(
     )
 
 
-def down() -> None:
+def _up_service(paths: Paths, config: Config) -> None:
+    from ccgate import config as config_mod
+    from ccgate import lifecycle
+
+    with console.err.status("Installing the ccgate login service..."):
+        result, installed = lifecycle.up_service(paths=paths, config=config)
+    config_mod.save(paths, config)
+    console.info(f"Wrote {installed.unit_file}.")
+    for note in installed.notes:
+        console.warn(note)
+    if result is None:
+        console.warn(
+            "The service is not running yet, so Claude Code was not configured. Start it as "
+            "above, then run `ccgate up --service` again."
+        )
+        return
+    console.info(
+        f"ccgate runs as a login service on {result.info.url} (pid {result.info.pid}); logs: "
+        f"{installed.logs}. Claude Code is configured in {result.settings_file}."
+    )
+
+
+def down(
+    service: Annotated[
+        bool, typer.Option("--service", help="Also remove the login service `up --service` made.")
+    ] = False,
+) -> None:
     """Stop the daemon and restore Claude Code's settings.json. Safe to run again."""
     from ccgate import lifecycle
     from ccgate import paths as paths_mod
 
-    result = lifecycle.down(paths=paths_mod.resolve())
+    result = lifecycle.down(paths=paths_mod.resolve(), remove_service=service)
+    if result.service_removed:
+        console.info("Removed the login service.")
     if result.settings_restored:
         console.info(f"Restored {result.settings_file}.")
     if result.stopped_pid is not None:

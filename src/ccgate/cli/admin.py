@@ -1,0 +1,609 @@
+"""``ccgate admin``: manage a ccgate server over its admin API.
+
+Every command builds one request with ``ccgate.admin_client`` and renders the answer: JSON with
+``--json``, a table otherwise. Where the server is and the admin token come from the group's
+options or their environment variables (prefer the variable: a token on the command line is
+visible to other local users in the process list).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import typer
+
+from ccgate import console
+from ccgate.admin_client import CCGATE_ADMIN_TOKEN, CCGATE_SERVER_URL, DEFAULT_SERVER_URL
+
+if TYPE_CHECKING:
+    from ccgate.admin_client import AdminClient
+
+app = typer.Typer(
+    help="Administer a ccgate server: providers, customers, teams, keys, usage, audit.",
+    no_args_is_help=True,
+)
+providers_app = typer.Typer(
+    help="Upstream provider keys the server hands out sealed.", no_args_is_help=True
+)
+customers_app = typer.Typer(help="Customers: the top budget level.", no_args_is_help=True)
+teams_app = typer.Typer(help="Teams: keys share their budget.", no_args_is_help=True)
+prices_app = typer.Typer(
+    help="A price table override that bundles carry to every daemon.", no_args_is_help=True
+)
+keys_app = typer.Typer(help="Virtual keys (sk-cg-...) for developers and CI.", no_args_is_help=True)
+app.add_typer(providers_app, name="providers")
+app.add_typer(customers_app, name="customers")
+app.add_typer(teams_app, name="teams")
+app.add_typer(keys_app, name="keys")
+app.add_typer(prices_app, name="prices")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+BudgetOption = Annotated[
+    str | None, typer.Option("--budget", help="Spend limit in USD per period, e.g. 50 or 12.5.")
+]
+PeriodOption = Annotated[
+    str | None, typer.Option("--period", help="Budget period: 1d, 1w or 1M (calendar UTC).")
+]
+RollingOption = Annotated[
+    bool, typer.Option("--rolling", help="Rolling window (last 24h / 7d / 30d) instead.")
+]
+
+
+@dataclass(frozen=True)
+class _Conn:
+    server: str
+    token: str | None
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    server: Annotated[
+        str,
+        typer.Option("--server", help="The ccgate server URL.", envvar=CCGATE_SERVER_URL),
+    ] = DEFAULT_SERVER_URL,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-token",
+            help="Admin token from `ccgate server init` (prefer the environment variable).",
+            envvar=CCGATE_ADMIN_TOKEN,
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Talk to a ccgate server's admin API."""
+    ctx.obj = _Conn(server=server, token=admin_token)
+
+
+@contextmanager
+def _client(ctx: typer.Context) -> Iterator[AdminClient]:
+    from ccgate.admin_client import AdminClient
+
+    conn = ctx.find_object(_Conn)
+    assert conn is not None  # set by the group callback
+    with AdminClient(base_url=conn.server, token=conn.token) as client:
+        yield client
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, empty: str) -> None:
+    from rich.table import Table
+
+    if not rows:
+        console.info(empty)
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console.out.print(table)
+
+
+def _cell(value: Any) -> str:
+    from rich.markup import escape
+
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return escape(", ".join(map(str, value))) or "all"
+    if isinstance(value, dict) and "limit_micros" in value:
+        return _budget_text(value)
+    return escape(str(value))
+
+
+def _budget_text(budget: dict[str, Any]) -> str:
+    from ccgate.cli.render import usd
+
+    window = "rolling " if budget.get("rolling") else ""
+    return f"{usd(budget['limit_micros'] / 1_000_000)} / {window}{budget['period']}"
+
+
+def _when(ts: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ------------------------------------------------------------------------ providers
+
+
+@providers_app.command("add")
+def providers_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Provider (pool) name, e.g. anthropic.")],
+    base_url: Annotated[str, typer.Option("--base-url", help="The provider's API base URL.")],
+    api_key_stdin: Annotated[
+        bool, typer.Option("--api-key-stdin", help="Read the provider API key from stdin.")
+    ] = False,
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="Provider kind [default: NAME if known].")
+    ] = None,
+    priority: Annotated[
+        int, typer.Option("--priority", min=0, help="Lower numbers are tried first.")
+    ] = 0,
+    weight: Annotated[int, typer.Option("--weight", min=1, help="Share within a priority.")] = 1,
+    json_output: JsonOption = False,
+) -> None:
+    """Add a provider entry; several adds under one NAME form a pool. The key is never shown."""
+    from ccgate.errors import CcgateError
+
+    if not api_key_stdin:
+        raise CcgateError("Pass --api-key-stdin and pipe the key in, so it stays out of history.")
+    api_key = sys.stdin.readline().strip()
+    if not api_key:
+        raise CcgateError("No API key on stdin.")
+    body = {"name": name, "base_url": base_url, "api_key": api_key}
+    body |= {"priority": priority, "weight": weight} | ({"kind": kind} if kind else {})
+    with _client(ctx) as client:
+        provider = client.add_provider(body)
+    if json_output:
+        console.print_json(provider)
+    else:
+        console.info(
+            f"Added provider {provider['name']} ({provider['id']}, {provider['base_url']})."
+        )
+
+
+@providers_app.command("list")
+def providers_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Provider entries, by name then priority (never a key)."""
+    with _client(ctx) as client:
+        data = client.providers()
+    if json_output:
+        console.print_json(data)
+    else:
+        columns = ("name", "id", "kind", "base_url", "priority", "weight")
+        _table(data["providers"], columns, empty="No providers yet.")
+
+
+@providers_app.command("remove")
+def providers_remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Provider (pool) name.")],
+    provider_id: Annotated[
+        str | None, typer.Option("--id", help="Remove only this entry of the pool.")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove a provider pool, or one entry of it."""
+    with _client(ctx) as client:
+        data = client.remove_provider(name, provider_id=provider_id)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(
+            f"Removed {data['removed']} provider entr{'y' if data['removed'] == 1 else 'ies'}."
+        )
+
+
+# ------------------------------------------------------------------------ customers and teams
+
+
+@customers_app.command("create")
+def customers_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Customer name.")],
+    budget: BudgetOption = None,
+    period: PeriodOption = None,
+    rolling: RollingOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a customer, optionally with a budget."""
+    from ccgate.admin_client import budget_body
+
+    body = {"name": name, "budget": budget_body(budget, period=period, rolling=rolling)}
+    with _client(ctx) as client:
+        data = client.create_customer(body)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(f"Created customer {data['name']} ({data['id']}).")
+
+
+@customers_app.command("list")
+def customers_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Customers and their budgets."""
+    with _client(ctx) as client:
+        data = client.customers()
+    if json_output:
+        console.print_json(data)
+    else:
+        _table(data["customers"], ("name", "id", "budget"), empty="No customers yet.")
+
+
+@teams_app.command("create")
+def teams_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Team name.")],
+    customer: Annotated[
+        str | None, typer.Option("--customer", help="The customer the team belongs to.")
+    ] = None,
+    budget: BudgetOption = None,
+    period: PeriodOption = None,
+    rolling: RollingOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a team, optionally under a customer and with a budget."""
+    from ccgate.admin_client import budget_body
+
+    body = {
+        "name": name,
+        "customer": customer,
+        "budget": budget_body(budget, period=period, rolling=rolling),
+    }
+    with _client(ctx) as client:
+        data = client.create_team(body)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(f"Created team {data['name']} ({data['id']}).")
+
+
+@teams_app.command("list")
+def teams_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Teams, their customers and budgets."""
+    with _client(ctx) as client:
+        data = client.teams()
+    if json_output:
+        console.print_json(data)
+    else:
+        _table(data["teams"], ("name", "id", "customer", "budget"), empty="No teams yet.")
+
+
+# ------------------------------------------------------------------------ keys
+
+TeamOption = Annotated[str | None, typer.Option("--team", help="Team the key belongs to.")]
+CustomerOption = Annotated[
+    str | None, typer.Option("--customer", help="Customer the key belongs to (without a team).")
+]
+ModelsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--models", help="Allowed models, comma separated; patterns like claude-sonnet-*."
+    ),
+]
+RpmOption = Annotated[int | None, typer.Option("--rpm", min=0, help="Requests per minute.")]
+TpmOption = Annotated[int | None, typer.Option("--tpm", min=0, help="Tokens per minute.")]
+ExpiresOption = Annotated[
+    str | None, typer.Option("--expires", help="Expiry: YYYY-MM-DD[THH:MM] UTC, or never.")
+]
+AuthOption = Annotated[
+    Literal["provider", "passthrough"] | None,
+    typer.Option(
+        "--auth", help="provider: the server's provider keys; passthrough: the user's own."
+    ),
+]
+
+
+def _key_fields(
+    *,
+    team: str | None,
+    customer: str | None,
+    budget: str | None,
+    period: str | None,
+    rolling: bool,
+    models: str | None,
+    rpm: int | None,
+    tpm: int | None,
+    expires: str | None,
+    auth: str | None,
+) -> dict[str, Any]:
+    """The options given, as API fields (none given: none sent). 0 clears --rpm/--tpm."""
+    from ccgate.admin_client import budget_body, models_list, parse_expiry
+
+    fields: dict[str, Any] = {}
+    if team is not None:
+        fields["team"] = None if team.lower() == "none" else team
+    if customer is not None:
+        fields["customer"] = None if customer.lower() == "none" else customer
+    if budget is not None and budget.lower() == "none":
+        fields["budget"] = None
+    elif budget is not None or period is not None or rolling:
+        fields["budget"] = budget_body(budget, period=period, rolling=rolling)
+    if models is not None:
+        fields["models"] = models_list(models)
+    for name, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None:
+            fields[name] = value or None
+    if expires is not None:
+        fields["expires_at"] = parse_expiry(expires)
+    if auth is not None:
+        fields["auth"] = auth
+    return fields
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Key name, e.g. the developer or the CI job.")],
+    team: TeamOption = None,
+    customer: CustomerOption = None,
+    budget: BudgetOption = None,
+    period: PeriodOption = None,
+    rolling: RollingOption = False,
+    models: ModelsOption = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    expires: ExpiresOption = None,
+    auth: AuthOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a virtual key. The key is printed once and cannot be shown again."""
+    from ccgate.errors import CcgateError
+
+    if team and customer:
+        raise CcgateError("Give --team or --customer, not both: a team already has its customer.")
+    fields = _key_fields(
+        team=team,
+        customer=customer,
+        budget=budget,
+        period=period,
+        rolling=rolling,
+        models=models,
+        rpm=rpm,
+        tpm=tpm,
+        expires=expires,
+        auth=auth,
+    )
+    with _client(ctx) as client:
+        data = client.create_key({"name": name, **fields})
+    if json_output:
+        console.print_json(data)
+        return
+    console.out.print(data["key"])
+    console.info(
+        f"Created key {data['name']} ({data['id']}). This is the only time the key is shown: "
+        "store it now, it will not be shown again."
+    )
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Virtual keys (their prefixes, never the keys)."""
+    with _client(ctx) as client:
+        data = client.keys()
+    if json_output:
+        console.print_json(data)
+        return
+    rows = [{**k, "state": _key_state(k)} for k in data["keys"]]
+    columns = ("name", "prefix", "team", "customer", "budget", "models", "state")
+    _table(rows, columns, empty="No keys yet.")
+
+
+def _key_state(key: dict[str, Any]) -> str:
+    if key["revoked_at"] is not None:
+        return f"revoked {_when(key['revoked_at'])}"
+    if key["expires_at"] is not None:
+        word = "expired" if key["expires_at"] <= time.time() else "expires"
+        return f"{word} {_when(key['expires_at'])}"
+    return "active"
+
+
+@keys_app.command("show")
+def keys_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Key name.")],
+    json_output: JsonOption = False,
+) -> None:
+    """One key's settings."""
+    with _client(ctx) as client:
+        data = client.key(name)
+    _show_key(data, json_output=json_output)
+
+
+def _show_key(data: dict[str, Any], *, json_output: bool) -> None:
+    from rich.table import Table
+
+    if json_output:
+        console.print_json(data)
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for field in ("name", "id", "prefix", "team", "customer", "budget", "models", "rpm", "tpm"):
+        table.add_row(field, _cell(data.get(field)))
+    table.add_row("auth", data["auth"])
+    table.add_row("state", _key_state(data))
+    table.add_row("created", _when(data["created_at"]))
+    console.out.print(table)
+
+
+@keys_app.command("update")
+def keys_update(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Key name.")],
+    team: TeamOption = None,
+    customer: CustomerOption = None,
+    budget: BudgetOption = None,
+    period: PeriodOption = None,
+    rolling: RollingOption = False,
+    models: ModelsOption = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    expires: ExpiresOption = None,
+    auth: AuthOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Change a key: only the options given change. `none` clears --team, --customer,
+    --budget; `never` clears --expires; 0 clears --rpm and --tpm; "" allows every model."""
+    from ccgate.errors import CcgateError
+
+    fields = _key_fields(
+        team=team,
+        customer=customer,
+        budget=budget,
+        period=period,
+        rolling=rolling,
+        models=models,
+        rpm=rpm,
+        tpm=tpm,
+        expires=expires,
+        auth=auth,
+    )
+    if not fields:
+        raise CcgateError("Nothing to change: give at least one option (see --help).")
+    with _client(ctx) as client:
+        data = client.update_key(name, fields)
+    _show_key(data, json_output=json_output)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Key name.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Revoke a key: daemons using it stop at their next sync; the server refuses it at once."""
+    with _client(ctx) as client:
+        data = client.revoke_key(name)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(
+            f"Revoked key {data['name']} ({data['prefix']}...) at {_when(data['revoked_at'])}."
+        )
+
+
+# ------------------------------------------------------------------------ prices
+
+
+@prices_app.command("set")
+def prices_set(
+    ctx: typer.Context,
+    file: Annotated[
+        Path, typer.Argument(help="A price table in the format of ccgate's data/prices.json.")
+    ],
+    json_output: JsonOption = False,
+) -> None:
+    """Make every bundle carry this price table instead of the daemons' shipped one."""
+    import json
+
+    from ccgate.errors import ConfigError
+
+    try:
+        table = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"Cannot read the price table {file}: {exc}") from None
+    with _client(ctx) as client:
+        data = client.set_prices(table)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(f"Bundles now carry the price table from {file}; daemons get it at next sync.")
+
+
+@prices_app.command("show")
+def prices_show(ctx: typer.Context) -> None:
+    """Print the override as JSON (null when there is none)."""
+    with _client(ctx) as client:
+        console.print_json(client.prices())
+
+
+@prices_app.command("clear")
+def prices_clear(ctx: typer.Context) -> None:
+    """Remove the override: daemons go back to their shipped price table."""
+    with _client(ctx) as client:
+        client.clear_prices()
+    console.info("Removed the price table override.")
+
+
+# ------------------------------------------------------------------------ usage and audit
+
+
+@app.command("usage")
+def usage(
+    ctx: typer.Context,
+    by: Annotated[
+        Literal["key", "team", "customer"], typer.Option("--by", help="Group rows by this level.")
+    ] = "key",
+    since: Annotated[
+        str, typer.Option("--since", help="Window: 30m, 24h, 7d, 2w, or a date (UTC).")
+    ] = "30d",
+    json_output: JsonOption = False,
+) -> None:
+    """Tokens and dollars every daemon reported, by key, team or customer."""
+    from ccgate import reports
+
+    start = reports.parse_since(since, now=time.time())
+    with _client(ctx) as client:
+        data = client.usage(by=by, since=start)
+    if json_output:
+        console.print_json(data)
+        return
+    _usage_table(data, by=by)
+
+
+def _usage_table(data: dict[str, Any], *, by: str) -> None:
+    from rich.table import Table
+
+    from ccgate.cli.render import tokens, usd
+
+    labels = {
+        "key": ["key", "team", "customer"],
+        "team": ["team", "customer"],
+        "customer": ["customer"],
+    }
+    numbers = ["requests", "input", "output", "cache write", "cache read", "cost"]
+    table = Table(*labels[by], *numbers)
+
+    def figures(row: dict[str, Any]) -> list[str]:
+        return [
+            str(row["requests"]),
+            tokens(row["input_tokens"]),
+            tokens(row["output_tokens"]),
+            tokens(row["cache_creation_input_tokens"]),
+            tokens(row["cache_read_input_tokens"]),
+            usd(row["cost_usd"]),
+        ]
+
+    for row in data["rows"]:
+        table.add_row(*(_cell(row.get(label)) for label in labels[by]), *figures(row))
+    pad = [""] * (len(labels[by]) - 1)
+    table.add_row("[bold]total[/bold]", *pad, *figures(data["totals"]))
+    console.out.print(table)
+
+
+@app.command("audit")
+def audit(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many entries.")] = 50,
+    json_output: JsonOption = False,
+) -> None:
+    """Who changed what on the server, oldest of the last N first."""
+    import json
+
+    with _client(ctx) as client:
+        data = client.audit(limit=limit)
+    if json_output:
+        console.print_json(data)
+        return
+    rows = [
+        {**e, "at": _when(e["at"]), "detail": json.dumps(e["detail"], sort_keys=True)}
+        for e in data["entries"]
+    ]
+    _table(rows, ("at", "actor", "action", "target", "detail"), empty="No audit entries.")

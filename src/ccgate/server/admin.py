@@ -1,0 +1,469 @@
+"""The admin core: providers, customers, teams, virtual keys and the audit trail.
+
+Every function takes the engine and plain data and returns JSON-ready dicts in the shapes of
+docs/protocol.md; the HTTP layer only authenticates and translates. Every change writes its audit
+entry in the same transaction, with details that never include a secret (a provider's API key,
+a virtual key). Provider keys are encrypted before they reach the session; virtual keys exist in
+plaintext only in the return value of ``create_key``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from ccgate.credentials import CLIENT_KEY_PREFIX
+from ccgate.server import db, validate
+from ccgate.server.db import (
+    AdminToken,
+    AuditEntry,
+    Customer,
+    PriceOverride,
+    Provider,
+    Team,
+    VirtualKey,
+    new_id,
+)
+from ccgate.server.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from ccgate.server.state import SecretBox, sha256_hex
+
+KNOWN_KINDS: Final = ("anthropic",)
+AUTH_MODES: Final = ("provider", "passthrough")
+KEY_PREFIX_CHARS: Final = 12
+MAX_AUDIT_LIMIT: Final = 1000
+PRICE_ROW: Final = 1
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The admin core bound to one database and server secret."""
+
+    engine: Engine
+    box: SecretBox
+    clock: Callable[[], float] = field(default=time.time)  # injected in tests
+
+    # ---------------------------------------------------------------- auth and audit
+
+    def authenticate(self, token: str | None) -> str:
+        """The admin id for ``token``, or AuthenticationError."""
+        if not token:
+            raise AuthenticationError(
+                "Missing admin token: send `Authorization: Bearer <admin token>` (the token "
+                "`ccgate server init` printed; CCGATE_ADMIN_TOKEN for the CLI)."
+            )
+        with db.session(self.engine) as session:
+            row = session.exec(
+                select(AdminToken).where(AdminToken.token_hash == sha256_hex(token))
+            ).first()
+        if row is None:
+            raise AuthenticationError(
+                "The admin token is not valid for this server; use the token `ccgate server "
+                "init` printed for it."
+            )
+        return row.id
+
+    def audit(self, *, limit: int = 50) -> dict[str, Any]:
+        limit = max(1, min(limit, MAX_AUDIT_LIMIT))
+        with db.session(self.engine) as session:
+            rows = session.exec(
+                select(AuditEntry).order_by(col(AuditEntry.id).desc()).limit(limit)
+            ).all()
+        entries = [
+            {
+                "at": r.at,
+                "actor": r.actor,
+                "action": r.action,
+                "target": r.target,
+                "detail": json.loads(r.detail),
+            }
+            for r in reversed(rows)
+        ]
+        return {"entries": entries}
+
+    def _record(
+        self, session: Session, *, actor: str, action: str, target: str, detail: Mapping[str, Any]
+    ) -> None:
+        session.add(
+            AuditEntry(
+                at=self.clock(),
+                actor=actor,
+                action=action,
+                target=target,
+                detail=json.dumps(detail, sort_keys=True),
+            )
+        )
+
+    def _commit(self, session: Session, *, kind: str, name: str) -> None:
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            raise ConflictError(f"A {kind} named {name!r} already exists.") from None
+
+    # ---------------------------------------------------------------- providers
+
+    def list_providers(self) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            rows = session.exec(
+                select(Provider).order_by(
+                    col(Provider.name), col(Provider.priority), col(Provider.created_at)
+                )
+            ).all()
+        return {"providers": [provider_info(r) for r in rows]}
+
+    def add_provider(self, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
+        name = validate.name(body)
+        kind = body.get("kind") or (name if name in KNOWN_KINDS else None)
+        if kind not in KNOWN_KINDS:
+            raise InvalidRequestError(
+                f"'kind' must be one of {', '.join(KNOWN_KINDS)} (it defaults to the name when "
+                f"the name is a known kind); got {kind!r}."
+            )
+        base_url = validate.string(body, "base_url").rstrip("/")
+        if not base_url.startswith(("https://", "http://")):
+            raise InvalidRequestError(f"'base_url' must be an http(s) URL; got {base_url!r}.")
+        api_key = validate.string(body, "api_key", max_len=4096)
+        row = Provider(
+            id=new_id("prov"),
+            name=name,
+            kind=str(kind),
+            base_url=base_url,
+            priority=validate.integer(body, "priority", default=0) or 0,
+            weight=validate.integer(body, "weight", default=1, minimum=1) or 1,
+            api_key_enc=b"",
+            created_at=self.clock(),
+        )
+        row.api_key_enc = self.box.encrypt(api_key, aad=row.id)
+        info = provider_info(row)
+        with db.session(self.engine) as session:
+            session.add(row)
+            self._record(session, actor=actor, action="provider.add", target=name, detail=info)
+            session.commit()
+        return info
+
+    def remove_providers(self, name: str, *, provider_id: str | None, actor: str) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            query = select(Provider).where(Provider.name == name)
+            if provider_id:
+                query = query.where(Provider.id == provider_id)
+            rows = session.exec(query).all()
+            if not rows:
+                which = f" with id {provider_id}" if provider_id else ""
+                raise NotFoundError(f"No provider named {name!r}{which}.")
+            for row in rows:
+                session.delete(row)
+            detail = {"ids": [r.id for r in rows]}
+            self._record(session, actor=actor, action="provider.remove", target=name, detail=detail)
+            session.commit()
+        return {"removed": len(rows)}
+
+    def provider_rows(self) -> Sequence[Provider]:
+        with db.session(self.engine) as session:
+            return session.exec(
+                select(Provider).order_by(
+                    col(Provider.priority), col(Provider.name), col(Provider.created_at)
+                )
+            ).all()
+
+    # ---------------------------------------------------------------- price override
+
+    def prices(self) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            row = session.get(PriceOverride, PRICE_ROW)
+        if row is None:
+            return {"prices": None, "updated_at": None}
+        return {"prices": json.loads(row.table_json), "updated_at": row.updated_at}
+
+    def set_prices(self, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
+        from ccgate.pricing import PriceTable, PriceTableError
+
+        table = body.get("prices")
+        try:
+            PriceTable.from_dict(validate.mapping(table, what="'prices'"))
+        except PriceTableError as exc:
+            raise InvalidRequestError(f"The price table is not valid: {exc}") from None
+        with db.session(self.engine) as session:
+            row = session.get(PriceOverride, PRICE_ROW) or PriceOverride(
+                id=PRICE_ROW, table_json="", updated_at=0
+            )
+            row.table_json, row.updated_at = json.dumps(table, sort_keys=True), self.clock()
+            session.add(row)
+            detail = {"version": validate.mapping(table).get("version")}
+            self._record(session, actor=actor, action="prices.set", target="prices", detail=detail)
+            session.commit()
+        return self.prices()
+
+    def clear_prices(self, *, actor: str) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            row = session.get(PriceOverride, PRICE_ROW)
+            if row is not None:
+                session.delete(row)
+                self._record(
+                    session, actor=actor, action="prices.clear", target="prices", detail={}
+                )
+                session.commit()
+        return self.prices()
+
+    # ---------------------------------------------------------------- customers and teams
+
+    def list_customers(self) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            rows = session.exec(select(Customer).order_by(col(Customer.name))).all()
+        return {"customers": [customer_info(r) for r in rows]}
+
+    def create_customer(self, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
+        name = validate.name(body)
+        row = Customer(id=new_id("cust"), name=name, created_at=self.clock())
+        _set_budget(row, validate.budget(body.get("budget")))
+        info = customer_info(row)
+        with db.session(self.engine) as session:
+            session.add(row)
+            self._record(session, actor=actor, action="customer.create", target=name, detail=info)
+            self._commit(session, kind="customer", name=name)
+        return info
+
+    def list_teams(self) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            rows = session.exec(select(Team).order_by(col(Team.name))).all()
+            names = _customer_names(session)
+        return {"teams": [team_info(r, names) for r in rows]}
+
+    def create_team(self, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
+        name = validate.name(body)
+        customer_name = validate.optional_name(body, "customer")
+        with db.session(self.engine) as session:
+            customer = _find_customer(session, customer_name) if customer_name else None
+            row = Team(
+                id=new_id("team"),
+                name=name,
+                customer_id=customer.id if customer else None,
+                created_at=self.clock(),
+            )
+            _set_budget(row, validate.budget(body.get("budget")))
+            info = team_info(row, {customer.id: customer.name} if customer else {})
+            session.add(row)
+            self._record(session, actor=actor, action="team.create", target=name, detail=info)
+            self._commit(session, kind="team", name=name)
+        return info
+
+    # ---------------------------------------------------------------- virtual keys
+
+    def list_keys(self) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            rows = session.exec(select(VirtualKey).order_by(col(VirtualKey.name))).all()
+            return {"keys": [key_info(session, r) for r in rows]}
+
+    def get_key(self, name: str) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            return key_info(session, _find_key(session, name))
+
+    def create_key(self, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
+        name = validate.name(body)
+        plaintext = CLIENT_KEY_PREFIX + secrets.token_urlsafe(32)
+        row = VirtualKey(
+            id=new_id("key"),
+            name=name,
+            key_hash=sha256_hex(plaintext),
+            prefix=plaintext[:KEY_PREFIX_CHARS],
+            created_at=self.clock(),
+        )
+        with db.session(self.engine) as session:
+            _apply_key_fields(session, row, body, partial=False)
+            info = key_info(session, row)
+            session.add(row)
+            self._record(session, actor=actor, action="key.create", target=name, detail=info)
+            self._commit(session, kind="key", name=name)
+        return {**info, "key": plaintext}
+
+    def update_key(self, name: str, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
+        if "name" in body:
+            raise InvalidRequestError("A key's name cannot be changed; create a new key instead.")
+        with db.session(self.engine) as session:
+            row = _find_key(session, name)
+            _apply_key_fields(session, row, body, partial=True)
+            info = key_info(session, row)
+            session.add(row)
+            changed = {k: info[k] for k in body if k in info}
+            self._record(session, actor=actor, action="key.update", target=name, detail=changed)
+            session.commit()
+        return info
+
+    def revoke_key(self, name: str, *, actor: str) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            row = _find_key(session, name)
+            if row.revoked_at is None:  # revoking twice keeps the first time
+                row.revoked_at = self.clock()
+                session.add(row)
+                self._record(
+                    session, actor=actor, action="key.revoke", target=name, detail={"id": row.id}
+                )
+                session.commit()
+                session.refresh(row)
+            return key_info(session, row)
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def budget_json(row: Customer | Team | VirtualKey) -> dict[str, Any] | None:
+    if row.budget_micros is None or row.budget_period is None:
+        return None
+    return {
+        "limit_micros": row.budget_micros,
+        "period": row.budget_period,
+        "rolling": row.budget_rolling,
+    }
+
+
+def _set_budget(row: Customer | Team | VirtualKey, budget: tuple[int, str, bool] | None) -> None:
+    if budget is None:
+        row.budget_micros, row.budget_period, row.budget_rolling = None, None, False
+    else:
+        row.budget_micros, row.budget_period, row.budget_rolling = budget
+
+
+def provider_info(row: Provider) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "kind": row.kind,
+        "base_url": row.base_url,
+        "priority": row.priority,
+        "weight": row.weight,
+        "created_at": row.created_at,
+    }
+
+
+def customer_info(row: Customer) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "budget": budget_json(row),
+        "created_at": row.created_at,
+    }
+
+
+def team_info(row: Team, customer_names: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "customer": customer_names.get(row.customer_id) if row.customer_id else None,
+        "budget": budget_json(row),
+        "created_at": row.created_at,
+    }
+
+
+def key_info(session: Session, row: VirtualKey) -> dict[str, Any]:
+    team, customer = key_levels(session, row)
+    return {
+        "id": row.id,
+        "name": row.name,
+        "prefix": row.prefix,
+        "team": team.name if team else None,
+        "customer": customer.name if customer else None,
+        "budget": budget_json(row),
+        "models": json.loads(row.models),
+        "rpm": row.rpm,
+        "tpm": row.tpm,
+        "expires_at": row.expires_at,
+        "revoked_at": row.revoked_at,
+        "auth": row.auth,
+        "created_at": row.created_at,
+    }
+
+
+def key_levels(session: Session, row: VirtualKey) -> tuple[Team | None, Customer | None]:
+    """The key's team, and its customer: the team's when it has a team, else its own."""
+    team = session.get(Team, row.team_id) if row.team_id else None
+    customer_id = team.customer_id if team else row.customer_id
+    customer = session.get(Customer, customer_id) if customer_id else None
+    return team, customer
+
+
+def _customer_names(session: Session) -> dict[str, str]:
+    return {c.id: c.name for c in session.exec(select(Customer)).all()}
+
+
+def _find_customer(session: Session, name: str) -> Customer:
+    row = session.exec(select(Customer).where(Customer.name == name)).first()
+    if row is None:
+        raise NotFoundError(
+            f"No customer named {name!r}; create it with `ccgate admin customers create`."
+        )
+    return row
+
+
+def _find_team(session: Session, name: str) -> Team:
+    row = session.exec(select(Team).where(Team.name == name)).first()
+    if row is None:
+        raise NotFoundError(f"No team named {name!r}; create it with `ccgate admin teams create`.")
+    return row
+
+
+def _find_key(session: Session, name: str) -> VirtualKey:
+    row = session.exec(select(VirtualKey).where(VirtualKey.name == name)).first()
+    if row is None:
+        raise NotFoundError(f"No key named {name!r}; `ccgate admin keys list` shows them.")
+    return row
+
+
+def _apply_key_fields(
+    session: Session, row: VirtualKey, body: Mapping[str, Any], *, partial: bool
+) -> None:
+    """Copy the create/update fields in ``body`` onto ``row`` (every field unless partial)."""
+
+    def given(field_name: str) -> bool:
+        return not partial or field_name in body
+
+    if given("team"):
+        team_name = validate.optional_name(body, "team")
+        row.team_id = _find_team(session, team_name).id if team_name else None
+    if partial and "team" in body and "customer" not in body:
+        row.customer_id = None  # moving to a team: the team's customer applies from now on
+    if given("customer"):
+        customer_name = validate.optional_name(body, "customer")
+        row.customer_id = _find_customer(session, customer_name).id if customer_name else None
+    _reconcile_levels(session, row)
+    if given("budget"):
+        _set_budget(row, validate.budget(body.get("budget")))
+    if given("models"):
+        row.models = json.dumps(validate.models(body.get("models")))
+    if given("rpm"):
+        row.rpm = validate.integer(body, "rpm", default=None, minimum=1)
+    if given("tpm"):
+        row.tpm = validate.integer(body, "tpm", default=None, minimum=1)
+    if given("expires_at"):
+        row.expires_at = validate.number(body, "expires_at")
+    if given("auth"):
+        auth = body.get("auth") or "provider"
+        if auth not in AUTH_MODES:
+            raise InvalidRequestError(f"'auth' must be provider or passthrough; got {auth!r}.")
+        row.auth = auth
+
+
+def _reconcile_levels(session: Session, row: VirtualKey) -> None:
+    # A key hangs under a team (and so under the team's customer) or directly under a customer;
+    # naming both is fine only when they agree, and then the team carries the link.
+    if row.team_id is None or row.customer_id is None:
+        return
+    team = session.get(Team, row.team_id)
+    if team is not None and team.customer_id == row.customer_id:
+        row.customer_id = None
+        return
+    raise InvalidRequestError(
+        "A key belongs to a team or directly to a customer: the team given does not belong to "
+        "that customer. Give only --team, or only --customer."
+    )

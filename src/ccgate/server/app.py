@@ -1,0 +1,308 @@
+"""The Starlette application: routes, authentication, JSON in and out, the error envelope.
+
+Handlers stay thin: read the request, authenticate, hand plain data to the core (``admin``,
+``devices``, ``bundles``, ``usage``) in a worker thread (database calls block), and turn the
+result or a ``ServerError`` into JSON. Errors use the gateway's envelope (``proxy.error_response``)
+so daemons and the admin CLI read one shape. An unexpected exception becomes a 500 that names no
+secret; the traceback goes to the server log only.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import anyio.to_thread
+from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from ccgate import __version__
+from ccgate.bundle import SigningKey
+from ccgate.errors import CcgateError
+from ccgate.proxy import error_response
+from ccgate.server import devices, usage
+from ccgate.server.admin import Admin
+from ccgate.server.bundles import Bundler, BundleSettings
+from ccgate.server.db import Device, VirtualKey
+from ccgate.server.errors import BadRequestError, InvalidRequestError, ServerError
+from ccgate.server.state import SecretBox
+
+log = logging.getLogger("ccgate.server")
+
+ADMIN_PREFIX: Final = "/admin/v1"
+MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # a full usage batch is well under 1 MB
+_T = TypeVar("_T")
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """Everything the handlers need, built once at start."""
+
+    engine: Engine
+    box: SecretBox
+    signing_key: SigningKey
+    bundle_settings: BundleSettings = field(default_factory=BundleSettings)
+    clock: Callable[[], float] = field(default=time.time)
+
+    @functools.cached_property
+    def admin(self) -> Admin:
+        return Admin(engine=self.engine, box=self.box, clock=self.clock)
+
+    @functools.cached_property
+    def bundler(self) -> Bundler:
+        return Bundler(
+            engine=self.engine,
+            box=self.box,
+            signing_key=self.signing_key,
+            settings=self.bundle_settings,
+            clock=self.clock,
+        )
+
+
+def create_app(ctx: ServerContext) -> Starlette:
+    from ccgate.server.openapi import document
+
+    routes = [*public_routes(ctx), Mount(ADMIN_PREFIX, routes=admin_routes(ctx))]
+    app = Starlette(routes=routes)
+    spec = document(version=__version__)
+
+    async def openapi(_request: Request) -> Response:
+        return JSONResponse(spec)
+
+    app.router.routes.append(Route("/openapi.json", openapi, methods=["GET"]))
+    return app
+
+
+# -------------------------------------------------------------------- plumbing
+
+
+async def _blocking(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
+
+
+def _guarded(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ServerError as exc:
+            retry = False if exc.status in (401, 403) else None
+            return error_response(exc.status, exc.err_type, str(exc), should_retry=retry)
+        except CcgateError as exc:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
+            return error_response(500, "api_error", str(exc))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(500, "api_error", "Internal server error; see the server log.")
+
+    return run
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequestError(f"The request body is over {MAX_BODY_BYTES} bytes.")
+    if not body:
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise BadRequestError("The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise BadRequestError("The request body must be a JSON object.")
+    return data
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return JSONResponse(data, status_code=status)
+
+
+# -------------------------------------------------------------------- public and device routes
+
+
+def public_routes(ctx: ServerContext) -> list[BaseRoute]:
+    async def healthz(_request: Request) -> Response:
+        return _json({"status": "ok", "version": __version__})
+
+    async def server_key(_request: Request) -> Response:
+        key = ctx.signing_key
+        return _json(
+            {
+                "public_key": base64.b64encode(key.public_bytes).decode("ascii"),
+                "fingerprint": key.fingerprint,
+                "algorithm": "ed25519",
+            }
+        )
+
+    async def key_of(request: Request) -> VirtualKey:
+        return await _blocking(
+            devices.authenticate_key, ctx.engine, _bearer(request), now=ctx.clock()
+        )
+
+    async def device_of(request: Request, key: VirtualKey) -> Device:
+        header = request.headers.get(devices.DEVICE_HEADER)
+        return await _blocking(devices.device_for, ctx.engine, key, header)
+
+    @_guarded
+    async def register(request: Request) -> Response:
+        key = await key_of(request)
+        body = await _json_body(request)
+        result = await _blocking(devices.register_device, ctx.engine, key, body, now=ctx.clock())
+        return _json(result, 201)
+
+    @_guarded
+    async def get_bundle(request: Request) -> Response:
+        key = await key_of(request)
+        device = await device_of(request, key)
+        served = await _blocking(ctx.bundler.serve, key, device)
+        headers = {"etag": served.etag, "cache-control": "no-cache"}
+        if served.etag in _etags(request.headers.get("if-none-match", "")):
+            return Response(status_code=304, headers=headers)
+        return Response(served.envelope, media_type="application/json", headers=headers)
+
+    @_guarded
+    async def post_usage(request: Request) -> Response:
+        key = await key_of(request)
+        device = await device_of(request, key)
+        body = await _json_body(request)
+        result = await _blocking(usage.ingest, ctx.engine, key, device, body, now=ctx.clock())
+        return _json(result)
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/server-key", server_key, methods=["GET"]),
+        Route("/v1/devices", register, methods=["POST"]),
+        Route("/v1/bundle", get_bundle, methods=["GET"]),
+        Route("/v1/usage", post_usage, methods=["POST"]),
+    ]
+
+
+def _etags(header: str) -> set[str]:
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+# -------------------------------------------------------------------- admin routes
+
+
+def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
+    admin = ctx.admin
+
+    def authed(handler: Callable[[Request, str], Awaitable[Any]], status: int = 200) -> Handler:
+        @_guarded
+        async def run(request: Request) -> Response:
+            actor = await _blocking(admin.authenticate, _bearer(request))
+            return _json(await handler(request, actor), status)
+
+        return run
+
+    async def list_providers(_r: Request, _a: str) -> Any:
+        return await _blocking(admin.list_providers)
+
+    async def add_provider(r: Request, actor: str) -> Any:
+        return await _blocking(admin.add_provider, await _json_body(r), actor=actor)
+
+    async def remove_provider(r: Request, actor: str) -> Any:
+        name, pid = r.path_params["name"], r.query_params.get("id")
+        return await _blocking(admin.remove_providers, name, provider_id=pid, actor=actor)
+
+    async def list_customers(_r: Request, _a: str) -> Any:
+        return await _blocking(admin.list_customers)
+
+    async def create_customer(r: Request, actor: str) -> Any:
+        return await _blocking(admin.create_customer, await _json_body(r), actor=actor)
+
+    async def list_teams(_r: Request, _a: str) -> Any:
+        return await _blocking(admin.list_teams)
+
+    async def create_team(r: Request, actor: str) -> Any:
+        return await _blocking(admin.create_team, await _json_body(r), actor=actor)
+
+    async def list_keys(_r: Request, _a: str) -> Any:
+        return await _blocking(admin.list_keys)
+
+    async def create_key(r: Request, actor: str) -> Any:
+        return await _blocking(admin.create_key, await _json_body(r), actor=actor)
+
+    async def get_key(r: Request, _a: str) -> Any:
+        return await _blocking(admin.get_key, r.path_params["name"])
+
+    async def update_key(r: Request, actor: str) -> Any:
+        body = await _json_body(r)
+        return await _blocking(admin.update_key, r.path_params["name"], body, actor=actor)
+
+    async def revoke_key(r: Request, actor: str) -> Any:
+        return await _blocking(admin.revoke_key, r.path_params["name"], actor=actor)
+
+    async def get_prices(_r: Request, _a: str) -> Any:
+        return await _blocking(admin.prices)
+
+    async def set_prices(r: Request, actor: str) -> Any:
+        return await _blocking(admin.set_prices, await _json_body(r), actor=actor)
+
+    async def clear_prices(_r: Request, actor: str) -> Any:
+        return await _blocking(admin.clear_prices, actor=actor)
+
+    async def get_usage(r: Request, _a: str) -> Any:
+        by, since = _usage_query(r)
+        return await _blocking(usage.rollup, ctx.engine, by=by, since=since)
+
+    async def get_audit(r: Request, _a: str) -> Any:
+        return await _blocking(admin.audit, limit=_int_query(r, "limit", default=50))
+
+    return [
+        Route("/providers", authed(list_providers), methods=["GET"]),
+        Route("/providers", authed(add_provider, 201), methods=["POST"]),
+        Route("/providers/{name}", authed(remove_provider), methods=["DELETE"]),
+        Route("/customers", authed(list_customers), methods=["GET"]),
+        Route("/customers", authed(create_customer, 201), methods=["POST"]),
+        Route("/teams", authed(list_teams), methods=["GET"]),
+        Route("/teams", authed(create_team, 201), methods=["POST"]),
+        Route("/keys", authed(list_keys), methods=["GET"]),
+        Route("/keys", authed(create_key, 201), methods=["POST"]),
+        Route("/keys/{name}", authed(get_key), methods=["GET"]),
+        Route("/keys/{name}", authed(update_key), methods=["PATCH"]),
+        Route("/keys/{name}/revoke", authed(revoke_key), methods=["POST"]),
+        Route("/prices", authed(get_prices), methods=["GET"]),
+        Route("/prices", authed(set_prices), methods=["PUT"]),
+        Route("/prices", authed(clear_prices), methods=["DELETE"]),
+        Route("/usage", authed(get_usage), methods=["GET"]),
+        Route("/audit", authed(get_audit), methods=["GET"]),
+    ]
+
+
+def _usage_query(request: Request) -> tuple[usage.UsageBy, float]:
+    by = request.query_params.get("by", "key")
+    if by not in ("key", "team", "customer"):
+        raise InvalidRequestError(f"'by' must be key, team or customer; got {by!r}.")
+    since_text = request.query_params.get("since", "0")
+    try:
+        since = float(since_text)
+    except ValueError:
+        raise InvalidRequestError(f"'since' must be epoch seconds; got {since_text!r}.") from None
+    return by, since  # type: ignore[return-value]  # checked against the Literal above
+
+
+def _int_query(request: Request, name: str, *, default: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidRequestError(f"{name!r} must be an integer; got {text!r}.") from None

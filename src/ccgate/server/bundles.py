@@ -1,0 +1,232 @@
+"""Building, signing and caching the policy bundle of one (virtual key, device).
+
+A bundle is re-signed only when its content changes or when the stored one is older than half
+its lifetime (docs/protocol.md). "Content" is everything in the payload except ``version``,
+``issued_at``, ``expires_at`` and the sealed keys themselves: sealing is randomised, so the
+content hash names each provider entry by its row id instead (provider rows are immutable: a
+changed key is a remove and an add, hence a new id).
+
+A new signature takes the next value of the server-wide counter in the same transaction that
+stores the envelope, so versions strictly increase across all keys, devices and replicas, and a
+crash between the two cannot hand out a version twice.
+
+A ``passthrough`` key uses the developer's own credential, so its bundle carries no provider
+keys: a key that never needs a secret never receives one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
+
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
+
+from ccgate import bundle as bundle_mod
+from ccgate.periods import Period
+from ccgate.server import db
+from ccgate.server.admin import PRICE_ROW, key_levels
+from ccgate.server.db import (
+    BundleCounter,
+    Customer,
+    Device,
+    PriceOverride,
+    Provider,
+    SignedBundle,
+    Team,
+    VirtualKey,
+)
+from ccgate.server.state import SecretBox
+
+DEFAULT_TTL_S: Final = 7 * 86_400
+POLL_INTERVAL_S: Final = 60
+
+
+@dataclass(frozen=True)
+class BundleSettings:
+    ttl_s: int = DEFAULT_TTL_S
+    poll_interval_s: int = POLL_INTERVAL_S
+
+
+@dataclass(frozen=True)
+class Served:
+    version: int
+    envelope: str  # the JSON text, served byte for byte
+
+    @property
+    def etag(self) -> str:
+        return f'"v{self.version}"'
+
+
+@dataclass(frozen=True)
+class Bundler:
+    engine: Engine
+    box: SecretBox
+    signing_key: bundle_mod.SigningKey
+    settings: BundleSettings = field(default_factory=BundleSettings)
+    clock: Callable[[], float] = field(default=time.time)
+
+    def serve(self, key: VirtualKey, device: Device) -> Served:
+        """The current envelope for (key, device): the stored one when still fresh, else new."""
+        now = self.clock()
+        with db.session(self.engine) as session:
+            key = session.get(VirtualKey, key.id) or key
+            team, customer = key_levels(session, key)
+            policy = _Policy(
+                key=_key_policy(key),
+                team=None if team is None else _level(team),
+                customer=None if customer is None else _level(customer),
+                providers=tuple(_providers(session)) if key.auth == "provider" else (),
+                prices=_prices(session),
+            )
+            digest = self._content_hash(policy, device)
+            stored = session.get(SignedBundle, device.id)
+            if stored is not None and self._fresh(stored, digest=digest, now=now):
+                return Served(version=stored.version, envelope=stored.envelope)
+            return self._sign(session, stored, policy, device, digest=digest, now=now)
+
+    def _fresh(self, stored: SignedBundle, *, digest: str, now: float) -> bool:
+        return stored.content_hash == digest and now < stored.issued_at + self.settings.ttl_s / 2
+
+    def _content_hash(self, policy: _Policy, device: Device) -> str:
+        content = {
+            "schema": bundle_mod.SCHEMA,
+            "poll_interval_s": self.settings.poll_interval_s,
+            "ttl_s": self.settings.ttl_s,
+            "device_id": device.id,
+            "device_public_key": device.public_key,
+            "key": policy.key.to_payload(),
+            "team": None if policy.team is None else policy.team.to_payload(),
+            "customer": None if policy.customer is None else policy.customer.to_payload(),
+            "prices": policy.prices,
+            "providers": [
+                {**_entry(p, sealed={}).to_payload(), "id": p.id} for p in policy.providers
+            ],
+        }
+        return hashlib.sha256(bundle_mod.encode_payload(content)).hexdigest()
+
+    def _sign(
+        self,
+        session: Session,
+        stored: SignedBundle | None,
+        policy: _Policy,
+        device: Device,
+        *,
+        digest: str,
+        now: float,
+    ) -> Served:
+        device_public = base64.b64decode(device.public_key)
+        entries = tuple(
+            _entry(
+                p,
+                sealed=bundle_mod.seal(
+                    self.box.decrypt(p.api_key_enc, aad=p.id),
+                    device_public=device_public,
+                    device_id=device.id,
+                ),
+            )
+            for p in policy.providers
+        )
+        version = _next_version(session)
+        signed = bundle_mod.Bundle(
+            schema=bundle_mod.SCHEMA,
+            version=version,
+            issued_at=now,
+            expires_at=now + self.settings.ttl_s,
+            poll_interval_s=self.settings.poll_interval_s,
+            device_id=device.id,
+            key=policy.key,
+            team=policy.team,
+            customer=policy.customer,
+            prices=policy.prices,
+            providers=entries,
+        )
+        envelope = json.dumps(
+            self.signing_key.sign_envelope(bundle_mod.encode_payload(signed)), sort_keys=True
+        )
+        row = stored or SignedBundle(
+            device_id=device.id, key_id="", version=0, content_hash="", issued_at=0, envelope=""
+        )
+        row.key_id, row.version, row.content_hash = policy.key.id, version, digest
+        row.issued_at, row.envelope = now, envelope
+        session.add(row)
+        session.commit()
+        return Served(version=version, envelope=envelope)
+
+
+@dataclass(frozen=True)
+class _Policy:
+    key: bundle_mod.KeyPolicy
+    team: bundle_mod.LevelPolicy | None
+    customer: bundle_mod.LevelPolicy | None
+    providers: tuple[Provider, ...]
+    prices: Mapping[str, Any] | None
+
+
+def _prices(session: Session) -> Mapping[str, Any] | None:
+    row = session.get(PriceOverride, PRICE_ROW)
+    return None if row is None else cast(Mapping[str, Any], json.loads(row.table_json))
+
+
+def _next_version(session: Session) -> int:
+    # UPDATE first: it takes the row lock (PostgreSQL) or the write lock (SQLite) before we read.
+    session.execute(
+        update(BundleCounter)
+        .where(col(BundleCounter.id) == 1)
+        .values(version=col(BundleCounter.version) + 1)
+    )
+    counter = session.exec(select(BundleCounter).where(BundleCounter.id == 1)).one()
+    session.refresh(counter)
+    return counter.version
+
+
+def _providers(session: Session) -> Sequence[Provider]:
+    return session.exec(
+        select(Provider).order_by(
+            col(Provider.priority), col(Provider.name), col(Provider.created_at), col(Provider.id)
+        )
+    ).all()
+
+
+def _budget(row: VirtualKey | Team | Customer) -> bundle_mod.Budget | None:
+    if row.budget_micros is None or row.budget_period is None:
+        return None
+    return bundle_mod.Budget(
+        limit_micros=row.budget_micros,
+        period=cast(Period, row.budget_period),
+        rolling=row.budget_rolling,
+    )
+
+
+def _key_policy(key: VirtualKey) -> bundle_mod.KeyPolicy:
+    return bundle_mod.KeyPolicy(
+        id=key.id,
+        name=key.name,
+        hash=key.key_hash,
+        auth=cast(Any, key.auth),
+        models=tuple(json.loads(key.models)),
+        budget=_budget(key),
+        rpm=key.rpm,
+        tpm=key.tpm,
+        expires_at=key.expires_at,
+    )
+
+
+def _level(row: Team | Customer) -> bundle_mod.LevelPolicy:
+    return bundle_mod.LevelPolicy(id=row.id, name=row.name, budget=_budget(row))
+
+
+def _entry(row: Provider, *, sealed: Mapping[str, str]) -> bundle_mod.ProviderEntry:
+    return bundle_mod.ProviderEntry(
+        name=row.name,
+        kind=row.kind,
+        base_url=row.base_url,
+        priority=row.priority,
+        weight=row.weight,
+        sealed_key=sealed,
+    )

@@ -1,0 +1,222 @@
+"""The server's schema (SQLModel tables) and opening a database.
+
+These classes describe the schema the latest migration produces; they are used for queries only.
+Tables are created and changed by ``migrations`` alone, never by ``create_all``, and a test checks
+that both agree. Money is BIGINT micro-dollars, times are float epoch seconds (UTC), JSON lists are
+stored as text so every backend stores them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from sqlalchemy import BigInteger, Engine, LargeBinary, event, make_url
+from sqlalchemy import create_engine as sa_create_engine
+from sqlmodel import Field, Session, SQLModel
+
+from ccgate.server import migrations
+from ccgate.server.errors import ServerStateError
+
+_SQLITE_BUSY_TIMEOUT_S = 30
+
+
+def new_id(prefix: str, *, hex_chars: int = 16) -> str:
+    return f"{prefix}_{secrets.token_hex(hex_chars // 2)}"
+
+
+class AdminToken(SQLModel, table=True):
+    __tablename__ = "admin_tokens"
+    id: str = Field(primary_key=True)
+    token_hash: str = Field(unique=True)
+    created_at: float
+
+
+class Provider(SQLModel, table=True):
+    __tablename__ = "providers"
+    id: str = Field(primary_key=True)
+    name: str = Field(index=True)
+    kind: str
+    base_url: str
+    priority: int
+    weight: int
+    api_key_enc: bytes = Field(sa_type=LargeBinary)  # nonce + ChaCha20-Poly1305 ciphertext
+    created_at: float
+
+
+class Customer(SQLModel, table=True):
+    __tablename__ = "customers"
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True)
+    budget_micros: int | None = Field(default=None, sa_type=BigInteger)
+    budget_period: str | None = None
+    budget_rolling: bool = False
+    created_at: float
+
+
+class Team(SQLModel, table=True):
+    __tablename__ = "teams"
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True)
+    customer_id: str | None = None
+    budget_micros: int | None = Field(default=None, sa_type=BigInteger)
+    budget_period: str | None = None
+    budget_rolling: bool = False
+    created_at: float
+
+
+class VirtualKey(SQLModel, table=True):
+    __tablename__ = "keys"
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True)
+    key_hash: str = Field(unique=True)
+    prefix: str
+    team_id: str | None = None
+    customer_id: str | None = None  # set only for a key bound to a customer without a team
+    budget_micros: int | None = Field(default=None, sa_type=BigInteger)
+    budget_period: str | None = None
+    budget_rolling: bool = False
+    models: str = "[]"
+    rpm: int | None = None
+    tpm: int | None = None
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    auth: str = "provider"
+    created_at: float
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "devices"
+    id: str = Field(primary_key=True)
+    key_id: str = Field(index=True)
+    public_key: str
+    name: str
+    created_at: float
+
+
+class AuditEntry(SQLModel, table=True):
+    __tablename__ = "audit"
+    id: int | None = Field(default=None, primary_key=True)
+    at: float
+    actor: str
+    action: str
+    target: str
+    detail: str = "{}"
+
+
+class BundleCounter(SQLModel, table=True):
+    __tablename__ = "bundle_counter"
+    id: int = Field(primary_key=True)
+    version: int = Field(sa_type=BigInteger)
+
+
+class SignedBundle(SQLModel, table=True):
+    __tablename__ = "bundles"
+    device_id: str = Field(primary_key=True)
+    key_id: str
+    version: int = Field(sa_type=BigInteger)
+    content_hash: str
+    issued_at: float
+    envelope: str
+
+
+class UsageRow(SQLModel, table=True):
+    __tablename__ = "usage"
+    id: str = Field(primary_key=True)
+    key_id: str
+    team_id: str | None = None
+    customer_id: str | None = None
+    device_id: str
+    received_at: float
+    started_at: float
+    model: str | None = None
+    status: int | None = None
+    outcome: str
+    streamed: bool = False
+    input_tokens: int = Field(default=0, sa_type=BigInteger)
+    output_tokens: int = Field(default=0, sa_type=BigInteger)
+    cache_creation_input_tokens: int = Field(default=0, sa_type=BigInteger)
+    cache_creation_1h_input_tokens: int = Field(default=0, sa_type=BigInteger)
+    cache_read_input_tokens: int = Field(default=0, sa_type=BigInteger)
+    web_search_requests: int = 0
+    cost_micros: int = Field(default=0, sa_type=BigInteger)
+    latency_ms: float | None = None
+    session_id: str | None = None
+    provider: str | None = None
+    billing: str | None = None
+
+
+class PriceOverride(SQLModel, table=True):
+    __tablename__ = "price_overrides"
+    id: int = Field(primary_key=True)
+    table_json: str
+    updated_at: float
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for ``url``; a SQLite file is created 0600 first (it holds key hashes)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa_create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        _touch_private(Path(parsed.database))
+    engine = sa_create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S}
+    )
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    # WAL lets the admin read while daemons write; the pragma is SQLite's, set per connection.
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _touch_private(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise ServerStateError(
+            f"Cannot create the server database {path}: {exc.strerror}."
+        ) from None
+
+
+def open_database(url: str) -> Engine:
+    """Open (creating if needed) and migrate the database at ``url``."""
+    engine = create_engine(url)
+    migrations.migrate(engine)
+    return engine
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def session(engine: Engine) -> Session:
+    """A session whose rows stay readable after commit (callers return them to other threads)."""
+    return Session(engine, expire_on_commit=False)
+
+
+TABLE_NAMES = (
+    "admin_tokens",
+    "providers",
+    "customers",
+    "teams",
+    "keys",
+    "devices",
+    "audit",
+    "bundle_counter",
+    "bundles",
+    "usage",
+    "price_overrides",
+)
+"""Every table the migrations create (besides ``migrations``)."""

@@ -1,0 +1,250 @@
+"""Named, ordered schema migrations, recorded in the ``migrations`` table.
+
+Each migration declares the tables it creates as they were at that step (not as the SQLModel
+classes in ``db`` say today), so replaying them on an empty database always yields the same
+schema and an old database is upgraded from where it stopped. Only portable DDL is used: the
+same steps run on SQLite and PostgreSQL. A migration runs in one transaction with the row that
+records it, so a failed step leaves nothing half-applied (PostgreSQL has transactional DDL; on
+SQLite each CREATE is atomic and the record comes last).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    inspect,
+    select,
+)
+
+Migration = Callable[[Connection], None]
+
+_migrations_table = Table(
+    "migrations",
+    MetaData(),
+    Column("name", String(100), primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
+
+
+def _budget_columns() -> list[Column[object]]:
+    return [
+        Column("budget_micros", BigInteger, nullable=True),
+        Column("budget_period", String(8), nullable=True),
+        Column("budget_rolling", Boolean, nullable=False),
+    ]
+
+
+def _create(meta: MetaData, conn: Connection) -> None:
+    # Plain CREATE TABLE / CREATE INDEX without IF NOT EXISTS: a table that is already there
+    # means the database and the record disagree, and that must fail loudly.
+    for table in meta.sorted_tables:
+        table.create(conn)
+
+
+def m001_initial(conn: Connection) -> None:
+    """Identities and policy: admin tokens, providers, customers, teams, keys, devices, audit."""
+    meta = MetaData()
+    Table(
+        "admin_tokens",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("token_hash", String(64), nullable=False, unique=True),
+        Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "providers",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("name", String(64), nullable=False, index=True),
+        Column("kind", String(32), nullable=False),
+        Column("base_url", String(2048), nullable=False),
+        Column("priority", Integer, nullable=False),
+        Column("weight", Integer, nullable=False),
+        Column("api_key_enc", LargeBinary, nullable=False),
+        Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "customers",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("name", String(64), nullable=False, unique=True),
+        *_budget_columns(),
+        Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "teams",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("name", String(64), nullable=False, unique=True),
+        Column("customer_id", String(32), nullable=True),
+        *_budget_columns(),
+        Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "keys",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("name", String(64), nullable=False, unique=True),
+        Column("key_hash", String(64), nullable=False, unique=True),
+        Column("prefix", String(16), nullable=False),
+        Column("team_id", String(32), nullable=True),
+        Column("customer_id", String(32), nullable=True),
+        *_budget_columns(),
+        Column("models", Text, nullable=False),
+        Column("rpm", Integer, nullable=True),
+        Column("tpm", Integer, nullable=True),
+        Column("expires_at", Float, nullable=True),
+        Column("revoked_at", Float, nullable=True),
+        Column("auth", String(16), nullable=False),
+        Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "devices",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("key_id", String(32), nullable=False, index=True),
+        Column("public_key", String(64), nullable=False),
+        Column("name", String(255), nullable=False),
+        Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "audit",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("at", Float, nullable=False),
+        Column("actor", String(64), nullable=False),
+        Column("action", String(64), nullable=False),
+        Column("target", String(255), nullable=False),
+        Column("detail", Text, nullable=False),
+    )
+    _create(meta, conn)
+
+
+def m002_bundles(conn: Connection) -> None:
+    """Signed bundles: the server-wide version counter (one row) and the last envelope per device.
+
+    The counter is a row rather than a sequence so SQLite and PostgreSQL share one code path:
+    ``UPDATE ... SET version = version + 1`` takes a row lock in the same transaction that stores
+    the envelope, so versions never repeat even with several server replicas.
+    """
+    meta = MetaData()
+    counter = Table(
+        "bundle_counter",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("version", BigInteger, nullable=False),
+    )
+    Table(
+        "bundles",
+        meta,
+        Column("device_id", String(32), primary_key=True),
+        Column("key_id", String(32), nullable=False),
+        Column("version", BigInteger, nullable=False),
+        Column("content_hash", String(64), nullable=False),
+        Column("issued_at", Float, nullable=False),
+        Column("envelope", Text, nullable=False),
+    )
+    _create(meta, conn)
+    conn.execute(insert(counter).values(id=1, version=0))
+
+
+def m003_usage(conn: Connection) -> None:
+    """Usage records pushed by daemons, keyed by the ledger row id so a re-push is a no-op.
+
+    Team and customer are copied in at ingest so later moves do not rewrite history; the
+    indexes serve the per-level window sums of ``POST /v1/usage``.
+    """
+    meta = MetaData()
+    usage = Table(
+        "usage",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("key_id", String(32), nullable=False),
+        Column("team_id", String(32), nullable=True),
+        Column("customer_id", String(32), nullable=True),
+        Column("device_id", String(32), nullable=False),
+        Column("received_at", Float, nullable=False),
+        Column("started_at", Float, nullable=False),
+        Column("model", String(128), nullable=True),
+        Column("status", Integer, nullable=True),
+        Column("outcome", String(32), nullable=False),
+        Column("streamed", Boolean, nullable=False),
+        Column("input_tokens", BigInteger, nullable=False),
+        Column("output_tokens", BigInteger, nullable=False),
+        Column("cache_creation_input_tokens", BigInteger, nullable=False),
+        Column("cache_creation_1h_input_tokens", BigInteger, nullable=False),
+        Column("cache_read_input_tokens", BigInteger, nullable=False),
+        Column("web_search_requests", Integer, nullable=False),
+        Column("cost_micros", BigInteger, nullable=False),
+        Column("latency_ms", Float, nullable=True),
+        Column("session_id", String(128), nullable=True),
+        Column("provider", String(64), nullable=True),
+        Column("billing", String(32), nullable=True),
+    )
+    Index("ix_usage_key_started", usage.c.key_id, usage.c.started_at)
+    Index("ix_usage_team_started", usage.c.team_id, usage.c.started_at)
+    Index("ix_usage_customer_started", usage.c.customer_id, usage.c.started_at)
+    Index("ix_usage_started", usage.c.started_at)
+    _create(meta, conn)
+
+
+def m004_prices(conn: Connection) -> None:
+    """The admin's price table override (one row; absent means daemons use their shipped table).
+
+    Stored as the JSON text the admin uploaded, validated on the way in, so it reaches bundles
+    exactly as written.
+    """
+    meta = MetaData()
+    Table(
+        "price_overrides",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("table_json", Text, nullable=False),
+        Column("updated_at", Float, nullable=False),
+    )
+    _create(meta, conn)
+
+
+MIGRATIONS: Sequence[Migration] = (m001_initial, m002_bundles, m003_usage, m004_prices)
+
+
+def applied(engine: Engine) -> list[str]:
+    """Names of the migrations recorded in the database, in order."""
+    if not inspect(engine).has_table("migrations"):
+        return []
+    with engine.connect() as conn:
+        rows = conn.execute(select(_migrations_table.c.name).order_by(_migrations_table.c.name))
+        return [row[0] for row in rows]
+
+
+def migrate(engine: Engine, *, upto: int | None = None) -> list[str]:
+    """Apply every migration not yet recorded (the first ``upto`` only, for tests); return names."""
+    _migrations_table.create(engine, checkfirst=True)
+    done = set(applied(engine))
+    ran: list[str] = []
+    for step in MIGRATIONS[:upto]:
+        if step.__name__ in done:
+            continue
+        with engine.begin() as conn:
+            step(conn)
+            conn.execute(
+                insert(_migrations_table).values(name=step.__name__, applied_at=time.time())
+            )
+        ran.append(step.__name__)
+    return ran

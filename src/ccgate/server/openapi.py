@@ -1,0 +1,397 @@
+"""The OpenAPI 3.1 description of every route, built by hand from docs/protocol.md.
+
+Hand-built rather than generated because the handlers are plain Starlette functions; a test checks
+that every route of the app appears here with its methods, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_BOOL = {"type": "boolean"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(props: dict[str, Any], *, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+_COUNTS = {
+    "requests": _INT,
+    "input_tokens": _INT,
+    "output_tokens": _INT,
+    "cache_creation_input_tokens": _INT,
+    "cache_read_input_tokens": _INT,
+    "cost_micros": _INT,
+    "cost_usd": _NUM,
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _obj(
+        {
+            "type": {"const": "error"},
+            "error": _obj({"type": _STR, "message": _STR}, required=("type", "message")),
+        },
+        required=("type", "error"),
+    ),
+    "Budget": _obj(
+        {
+            "limit_micros": _INT,
+            "period": {"enum": ["1d", "1w", "1M"]},
+            "rolling": _BOOL,
+        },
+        required=("limit_micros", "period"),
+    ),
+    "Provider": _obj(
+        {
+            "id": _STR,
+            "name": _STR,
+            "kind": _STR,
+            "base_url": _STR,
+            "priority": _INT,
+            "weight": _INT,
+            "created_at": _NUM,
+        }
+    ),
+    "ProviderCreate": _obj(
+        {
+            "name": _STR,
+            "kind": _STR,
+            "base_url": _STR,
+            "api_key": {"type": "string", "writeOnly": True},
+            "priority": _INT,
+            "weight": _INT,
+        },
+        required=("name", "base_url", "api_key"),
+    ),
+    "Customer": _obj(
+        {"id": _STR, "name": _STR, "budget": _nullable(_ref("Budget")), "created_at": _NUM}
+    ),
+    "Team": _obj(
+        {
+            "id": _STR,
+            "name": _STR,
+            "customer": _nullable(_STR),
+            "budget": _nullable(_ref("Budget")),
+            "created_at": _NUM,
+        }
+    ),
+    "LevelCreate": _obj(
+        {"name": _STR, "customer": _nullable(_STR), "budget": _nullable(_ref("Budget"))},
+        required=("name",),
+    ),
+    "KeyFields": _obj(
+        {
+            "team": _nullable(_STR),
+            "customer": _nullable(_STR),
+            "budget": _nullable(_ref("Budget")),
+            "models": {"type": "array", "items": _STR},
+            "rpm": _nullable(_INT),
+            "tpm": _nullable(_INT),
+            "expires_at": _nullable(_NUM),
+            "auth": {"enum": ["provider", "passthrough"]},
+        }
+    ),
+    "KeyCreate": {
+        "allOf": [_ref("KeyFields"), _obj({"name": _STR}, required=("name",))],
+    },
+    "KeyInfo": _obj(
+        {
+            "id": _STR,
+            "name": _STR,
+            "prefix": _STR,
+            "team": _nullable(_STR),
+            "customer": _nullable(_STR),
+            "budget": _nullable(_ref("Budget")),
+            "models": {"type": "array", "items": _STR},
+            "rpm": _nullable(_INT),
+            "tpm": _nullable(_INT),
+            "expires_at": _nullable(_NUM),
+            "revoked_at": _nullable(_NUM),
+            "auth": _STR,
+            "created_at": _NUM,
+        }
+    ),
+    "CreatedKey": {
+        "allOf": [_ref("KeyInfo"), _obj({"key": _STR}, required=("key",))],
+        "description": "The only response that ever carries the virtual key.",
+    },
+    "UsageRecord": _obj(
+        {
+            "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            "started_at": _NUM,
+            "model": _nullable(_STR),
+            "status": _nullable(_INT),
+            "outcome": {"enum": ["ok", "upstream_error", "interrupted", "rejected"]},
+            "streamed": _BOOL,
+            "input_tokens": _INT,
+            "output_tokens": _INT,
+            "cache_creation_input_tokens": _INT,
+            "cache_creation_1h_input_tokens": _INT,
+            "cache_read_input_tokens": _INT,
+            "web_search_requests": _INT,
+            "cost_micros": _INT,
+            "latency_ms": _nullable(_NUM),
+            "session_id": _nullable(_STR),
+            "provider": _nullable(_STR),
+            "billing": _nullable(_STR),
+        },
+        required=("id", "started_at"),
+    ),
+    "LevelSpent": _obj({"period_start": _nullable(_NUM), "spent_micros": _INT}),
+    "Spent": _obj(
+        {
+            "key": _ref("LevelSpent"),
+            "team": _nullable(_ref("LevelSpent")),
+            "customer": _nullable(_ref("LevelSpent")),
+        }
+    ),
+    "Envelope": _obj(
+        {
+            "payloadType": {"const": "application/vnd.ccgate.bundle+json"},
+            "payload": {"type": "string", "contentEncoding": "base64"},
+            "signatures": {
+                "type": "array",
+                "items": _obj({"keyid": _STR, "sig": _STR}, required=("keyid", "sig")),
+            },
+        },
+        required=("payloadType", "payload", "signatures"),
+    ),
+    "UsageReport": _obj(
+        {
+            "by": {"enum": ["key", "team", "customer"]},
+            "since": _NUM,
+            "rows": {
+                "type": "array",
+                "items": _obj(
+                    {"key": _nullable(_STR), "team": _nullable(_STR), "customer": _nullable(_STR)}
+                    | _COUNTS
+                ),
+            },
+            "totals": _obj(_COUNTS),
+        }
+    ),
+    "Prices": _obj(
+        {"prices": _nullable({"type": "object"}), "updated_at": _nullable(_NUM)},
+        required=("prices", "updated_at"),
+    ),
+    "AuditEntry": _obj(
+        {"at": _NUM, "actor": _STR, "action": _STR, "target": _STR, "detail": {"type": "object"}}
+    ),
+}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _op(
+    summary: str,
+    *,
+    ok: dict[str, Any],
+    status: str = "200",
+    body: dict[str, Any] | None = None,
+    security: str | None = None,
+    params: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {status: {"description": "Success", **_json_content(ok)}}
+    error = {"description": "Error envelope", **_json_content(_ref("Error"))}
+    responses["default"] = error
+    responses.update(extra or {})
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json_content(body)}
+    if security:
+        op["security"] = [{security: []}]
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _param(name: str, where: str, schema: dict[str, Any], *, required: bool) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required, "schema": schema}
+
+
+_DEVICE = _param("x-ccgate-device", "header", _STR, required=True)
+_NAME = _param("name", "path", _STR, required=True)
+
+
+def _list(key: str, item: str) -> dict[str, Any]:
+    return _obj({key: {"type": "array", "items": _ref(item)}})
+
+
+def _public_paths() -> dict[str, Any]:
+    key = "virtualKey"
+    return {
+        "/healthz": {
+            "get": _op("Liveness", ok=_obj({"status": _STR, "version": _STR})),
+        },
+        "/openapi.json": {"get": _op("This document", ok={"type": "object"})},
+        "/v1/server-key": {
+            "get": _op(
+                "The server's Ed25519 public key and fingerprint",
+                ok=_obj(
+                    {"public_key": _STR, "fingerprint": _STR, "algorithm": {"const": "ed25519"}}
+                ),
+            )
+        },
+        "/v1/devices": {
+            "post": _op(
+                "Register a device's X25519 public key for the authenticated virtual key",
+                ok=_obj({"device_id": _STR, "key_id": _STR}),
+                status="201",
+                body=_obj({"public_key": _STR, "name": _STR}, required=("public_key", "name")),
+                security=key,
+            )
+        },
+        "/v1/bundle": {
+            "get": _op(
+                'The signed policy bundle for this key and device (ETag "v<version>")',
+                ok=_ref("Envelope"),
+                security=key,
+                params=[_DEVICE, _param("if-none-match", "header", _STR, required=False)],
+                extra={"304": {"description": "Unchanged since the ETag given"}},
+            )
+        },
+        "/v1/usage": {
+            "post": _op(
+                "Push usage records (at most 1,000; each id is kept once) and read spend",
+                ok=_obj({"accepted": _INT, "duplicates": _INT, "spent": _ref("Spent")}),
+                body=_obj({"records": {"type": "array", "items": _ref("UsageRecord")}}),
+                security=key,
+                params=[_DEVICE],
+            )
+        },
+    }
+
+
+def _admin_paths() -> dict[str, Any]:
+    adm = "adminToken"
+    p = "/admin/v1"
+    return {
+        f"{p}/providers": {
+            "get": _op(
+                "List providers (never a key)", ok=_list("providers", "Provider"), security=adm
+            ),
+            "post": _op(
+                "Add a provider entry; several under one name form a pool",
+                ok=_ref("Provider"),
+                status="201",
+                body=_ref("ProviderCreate"),
+                security=adm,
+            ),
+        },
+        f"{p}/providers/{{name}}": {
+            "delete": _op(
+                "Remove a provider pool, or one entry of it with ?id=",
+                ok=_obj({"removed": _INT}),
+                security=adm,
+                params=[_NAME, _param("id", "query", _STR, required=False)],
+            )
+        },
+        f"{p}/customers": {
+            "get": _op("List customers", ok=_list("customers", "Customer"), security=adm),
+            "post": _op(
+                "Create a customer",
+                ok=_ref("Customer"),
+                status="201",
+                body=_ref("LevelCreate"),
+                security=adm,
+            ),
+        },
+        f"{p}/teams": {
+            "get": _op("List teams", ok=_list("teams", "Team"), security=adm),
+            "post": _op(
+                "Create a team",
+                ok=_ref("Team"),
+                status="201",
+                body=_ref("LevelCreate"),
+                security=adm,
+            ),
+        },
+        f"{p}/keys": {
+            "get": _op("List virtual keys", ok=_list("keys", "KeyInfo"), security=adm),
+            "post": _op(
+                "Create a virtual key (returned once)",
+                ok=_ref("CreatedKey"),
+                status="201",
+                body=_ref("KeyCreate"),
+                security=adm,
+            ),
+        },
+        f"{p}/keys/{{name}}": {
+            "get": _op("Show a key", ok=_ref("KeyInfo"), security=adm, params=[_NAME]),
+            "patch": _op(
+                "Update a key",
+                ok=_ref("KeyInfo"),
+                body=_ref("KeyFields"),
+                security=adm,
+                params=[_NAME],
+            ),
+        },
+        f"{p}/keys/{{name}}/revoke": {
+            "post": _op("Revoke a key", ok=_ref("KeyInfo"), security=adm, params=[_NAME]),
+        },
+        f"{p}/prices": {
+            "get": _op("The price table override (null: none)", ok=_ref("Prices"), security=adm),
+            "put": _op(
+                "Set the price table override that bundles carry",
+                ok=_ref("Prices"),
+                body=_obj({"prices": {"type": "object"}}, required=("prices",)),
+                security=adm,
+            ),
+            "delete": _op("Remove the price table override", ok=_ref("Prices"), security=adm),
+        },
+        f"{p}/usage": {
+            "get": _op(
+                "Usage rollup by key, team or customer",
+                ok=_ref("UsageReport"),
+                security=adm,
+                params=[
+                    _param("by", "query", {"enum": ["key", "team", "customer"]}, required=False),
+                    _param("since", "query", _NUM, required=False),
+                ],
+            )
+        },
+        f"{p}/audit": {
+            "get": _op(
+                "Recent audit entries, oldest first",
+                ok=_obj({"entries": {"type": "array", "items": _ref("AuditEntry")}}),
+                security=adm,
+                params=[_param("limit", "query", _INT, required=False)],
+            )
+        },
+    }
+
+
+def document(*, version: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ccgate server",
+            "version": version,
+            "description": "Virtual keys, signed policy bundles and usage for ccgate daemons.",
+        },
+        "paths": _public_paths() | _admin_paths(),
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "virtualKey": {"type": "http", "scheme": "bearer", "description": "sk-cg-..."},
+                "adminToken": {"type": "http", "scheme": "bearer", "description": "cga-..."},
+            },
+        },
+    }

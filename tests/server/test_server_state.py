@@ -1,0 +1,172 @@
+"""Server init, secrets at rest, migrations, and the OpenAPI document."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+from sqlmodel import SQLModel
+from starlette.routing import Mount, Route
+
+from ccgate import bundle, paths
+from ccgate.server import db, migrations
+from ccgate.server.app import create_app
+from ccgate.server.errors import ServerStateError
+from ccgate.server.runner import build_context, parse_ttl
+from ccgate.server.state import (
+    CCGATE_SERVER_SECRET,
+    SecretBox,
+    ServerPaths,
+    init_server,
+    load_secret,
+    sha256_hex,
+)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_creates_private_files_and_hashes_the_token() -> None:
+    resolved = paths.resolve()
+    result = init_server(paths=resolved, environ={})
+    spaths = ServerPaths.from_paths(resolved)
+    assert result.admin_token.startswith("cga-") and len(result.admin_token) == 4 + 43
+    assert result.admin_id.startswith("adm_") and len(result.admin_id) == 12
+    for path in (spaths.signing_key_file, spaths.secret_file, spaths.db_file):
+        assert _mode(path) == 0o600, path
+    assert len(spaths.secret_file.read_bytes()) == 32
+    key = bundle.SigningKey.load(spaths.signing_key_file)
+    assert base64.b64decode(result.public_key) == key.public_bytes
+    assert result.fingerprint == bundle.fingerprint(key.public_bytes)
+    with sqlite3.connect(spaths.db_file) as conn:
+        dump = "\n".join(conn.iterdump())
+    assert result.admin_token not in dump
+    assert sha256_hex(result.admin_token) in dump
+    assert result.admin_token not in repr(result)
+
+
+def test_init_refuses_to_run_twice() -> None:
+    resolved = paths.resolve()
+    init_server(paths=resolved, environ={})
+    key_before = ServerPaths.from_paths(resolved).signing_key_file.read_bytes()
+    with pytest.raises(ServerStateError, match="already initialised"):
+        init_server(paths=resolved, environ={})
+    assert ServerPaths.from_paths(resolved).signing_key_file.read_bytes() == key_before
+
+
+def test_init_refuses_a_database_that_already_has_an_admin(tmp_path: Path) -> None:
+    url = db.sqlite_url(tmp_path / "shared.db")
+    init_server(paths=paths.resolve(), environ={}, db_url=url)
+    other = paths.Paths(
+        config_dir=tmp_path / "b", data_dir=tmp_path / "b", state_dir=tmp_path / "b"
+    )
+    with pytest.raises(ServerStateError, match="already has an admin token"):
+        init_server(paths=other, environ={}, db_url=url)
+
+
+def test_secret_from_environment_writes_no_file() -> None:
+    resolved = paths.resolve()
+    secret = bytes(range(32))
+    environ = {CCGATE_SERVER_SECRET: base64.b64encode(secret).decode()}
+    init_server(paths=resolved, environ=environ)
+    spaths = ServerPaths.from_paths(resolved)
+    assert not spaths.secret_file.exists()
+    assert load_secret(spaths, environ) == secret
+    with pytest.raises(ServerStateError, match="No server secret"):
+        load_secret(spaths, {})
+    with pytest.raises(ServerStateError, match="exactly 32 bytes"):
+        load_secret(spaths, {CCGATE_SERVER_SECRET: "c2hvcnQ="})
+
+
+def test_loose_secret_file_is_refused() -> None:
+    resolved = paths.resolve()
+    init_server(paths=resolved, environ={})
+    spaths = ServerPaths.from_paths(resolved)
+    spaths.secret_file.chmod(0o644)
+    with pytest.raises(ServerStateError, match="chmod 600"):
+        load_secret(spaths, {})
+
+
+def test_secret_box_binds_ciphertext_to_its_row() -> None:
+    box = SecretBox(bytes(32))
+    blob = box.encrypt("sk-ant-secret", aad="prov_1")
+    assert b"sk-ant-secret" not in blob
+    assert box.decrypt(blob, aad="prov_1") == "sk-ant-secret"
+    with pytest.raises(ServerStateError, match="does not decrypt"):
+        box.decrypt(blob, aad="prov_2")
+    with pytest.raises(ServerStateError):
+        SecretBox(bytes([1]) * 32).decrypt(blob, aad="prov_1")
+    assert "sk-ant" not in repr(box)
+
+
+def test_run_refuses_an_uninitialised_server() -> None:
+    with pytest.raises(ServerStateError, match="run `ccgate server init` first"):
+        build_context(paths=paths.resolve(), environ={}, db_url=None, bundle_ttl_s=3600)
+
+
+def test_parse_ttl() -> None:
+    assert parse_ttl("7d") == 604_800
+    assert parse_ttl("3600") == 3_600
+    assert parse_ttl("90m") == 5_400
+    assert parse_ttl("2") == 2
+    for bad in ("7 days", "-1", "0", "1.5h"):
+        with pytest.raises(ServerStateError):
+            parse_ttl(bad)
+
+
+def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
+    engine = db.create_engine(db.sqlite_url(tmp_path / "old.db"))
+    assert migrations.migrate(engine, upto=1) == ["m001_initial"]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO keys (id, name, key_hash, prefix, budget_rolling, models, auth, "
+            "created_at) VALUES ('key_1', 'alice', 'h', 'sk-cg-abcdef', 0, '[]', 'provider', 1)"
+        )
+    assert not inspect(engine).has_table("usage")
+    assert migrations.migrate(engine) == ["m002_bundles", "m003_usage", "m004_prices"]
+    assert migrations.applied(engine) == [
+        "m001_initial", "m002_bundles", "m003_usage", "m004_prices",
+    ]  # fmt: skip
+    assert migrations.migrate(engine) == []  # idempotent
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT name FROM keys").scalar_one() == "alice"
+        assert conn.exec_driver_sql("SELECT version FROM bundle_counter").scalar_one() == 0
+    engine.dispose()
+
+
+def test_migrated_schema_matches_the_models(tmp_path: Path) -> None:
+    engine = db.open_database(db.sqlite_url(tmp_path / "new.db"))
+    inspector = inspect(engine)
+    assert set(inspector.get_table_names()) == {*db.TABLE_NAMES, "migrations"}
+    for name in db.TABLE_NAMES:
+        migrated = {c["name"] for c in inspector.get_columns(name)}
+        assert migrated == set(SQLModel.metadata.tables[name].columns.keys()), name
+    engine.dispose()
+
+
+def test_openapi_lists_every_route() -> None:
+    from ccgate.server.openapi import document
+
+    spec = document(version="0")
+    assert spec["openapi"] == "3.1.0"
+    init_server(paths=paths.resolve(), environ={})
+    ctx = build_context(paths=paths.resolve(), environ={}, db_url=None, bundle_ttl_s=3600)
+    app = create_app(ctx)
+    seen: set[tuple[str, str]] = set()
+    for route in app.routes:
+        inner = route.routes if isinstance(route, Mount) else [route]
+        prefix = route.path if isinstance(route, Mount) else ""
+        for r in inner:
+            assert isinstance(r, Route)
+            for method in r.methods or ():
+                if method != "HEAD":
+                    seen.add((prefix + r.path, method.lower()))
+    documented = {(path, m) for path, ops in spec["paths"].items() for m in ops}
+    assert seen == documented
+    assert len(seen) == 23
+    ctx.engine.dispose()
