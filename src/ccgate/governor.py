@@ -164,16 +164,20 @@ class Governor:
     mode = "server"
     passthrough = False
 
-    def __init__(self, *, paths: Paths, profile: profiles.Profile, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        *,
+        profile: profiles.Profile,
+        key: str,
+        device: DeviceKey,
+        store: BundleStore,
+        ledger: Ledger,
+    ) -> None:
         self.profile = profile
         self.ledger = ledger
-        self.key, device_private = profiles.secrets(paths, profile.name)
-        self.device = DeviceKey.from_private_bytes(device_private)
-        self.store = BundleStore(
-            state_dir=profiles.bundle_dir(paths, profile.name),
-            public_key=profile.public_key,
-            device_id=profile.device_id,
-        )
+        self.key = key
+        self.device = device
+        self.store = store
         self.bundle: Bundle | None = None
         self.problem: str | None = None  # why the held bundle cannot be obeyed
         self.key_refused: str | None = None
@@ -182,6 +186,23 @@ class Governor:
         self._upstream: Upstream | None = None
         self.limiter: admission.Limiter | None = None
         self.sync_state = _SyncState()
+
+    @classmethod
+    def from_profile(cls, *, paths: Paths, profile: profiles.Profile, ledger: Ledger) -> Governor:
+        """The daemon's governor: secrets from the store, bundle under the state dir."""
+        key, device_private = profiles.secrets(paths, profile.name)
+        store = BundleStore(
+            state_dir=profiles.bundle_dir(paths, profile.name),
+            public_key=profile.public_key,
+            device_id=profile.device_id,
+        )
+        return cls(
+            profile=profile,
+            key=key,
+            device=DeviceKey.from_private_bytes(device_private),
+            store=store,
+            ledger=ledger,
+        )
 
     # -- start and the bundle --------------------------------------------------------------
 

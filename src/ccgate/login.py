@@ -94,7 +94,7 @@ def sync_offline(*, paths: Paths, profile: str) -> dict[str, Any]:
         raise CcgateError(f"No profile {profile!r}: run `ccgate login` first.")
     ledger = Ledger(paths.ledger_file)
     try:
-        governor = Governor(paths=paths, profile=record, ledger=ledger)
+        governor = Governor.from_profile(paths=paths, profile=record, ledger=ledger)
         governor.load(now=time.time())
         result: dict[str, Any] = anyio.run(governor.sync_now)
         result["state"] = governor.snapshot(now=time.time())
