@@ -22,7 +22,6 @@ from ccgate.ledger import (
     RequestRecord,
     applied_migrations,
     m001_initial,
-    m002_sync_state,
     migrate,
 )
 
@@ -75,7 +74,7 @@ def outcomes(ledger: Ledger) -> dict[str, str]:
 def test_fresh_open_creates_schema_and_records_migrations(db_path: Path) -> None:
     Ledger(db_path).close()
     with raw(db_path) as db:
-        assert applied_migrations(db) == {"m001_initial", "m002_sync_state"}
+        assert applied_migrations(db) == {m.__name__ for m in MIGRATIONS}
         tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"requests", "request_content", "migrations"} <= tables
 
@@ -90,7 +89,7 @@ def test_reopening_runs_no_migration_twice(db_path: Path) -> None:
 def test_open_upgrades_a_database_made_by_an_older_migration_set(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def m003_add_note(db: sqlite3.Connection) -> None:
+    def m004_add_note(db: sqlite3.Connection) -> None:
         # Stands in for a future schema change.
         db.execute("ALTER TABLE requests ADD COLUMN note TEXT NOT NULL DEFAULT 'none'")
 
@@ -103,13 +102,13 @@ def test_open_upgrades_a_database_made_by_an_older_migration_set(
     )
     db.close()
 
-    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [m001_initial, m002_sync_state, m003_add_note])
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [*MIGRATIONS, m004_add_note])
     with Ledger(db_path) as upgraded:
         assert [row.id for row in upgraded.records()] == ["old"]
         # A row logged before sync existed is queued for the server like any other.
         assert [row.id for row in upgraded.unsynced(key_id="local", limit=5)] == ["old"]
     with raw(db_path) as check:
-        assert applied_migrations(check) == {"m001_initial", "m002_sync_state", "m003_add_note"}
+        assert applied_migrations(check) == {m.__name__ for m in MIGRATIONS} | {"m004_add_note"}
         assert check.execute("SELECT id, note FROM requests").fetchall() == [("old", "none")]
 
 

@@ -416,6 +416,16 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class TokenBudget:
+    limit_tokens: int
+    period: Period
+    rolling: bool
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"limit_tokens": self.limit_tokens, "period": self.period, "rolling": self.rolling}
+
+
+@dataclass(frozen=True)
 class KeyPolicy:
     id: str
     name: str
@@ -426,9 +436,13 @@ class KeyPolicy:
     rpm: int | None
     tpm: int | None
     expires_at: float | None
+    offline_grace_micros: int = 0
+    """What the daemon may spend beyond its lease while the server is unreachable."""
+    token_budget: TokenBudget | None = None
+    """A budget in tokens (input + cache writes + output), for seat and subscription users."""
 
     def to_payload(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "hash": self.hash,
@@ -439,6 +453,12 @@ class KeyPolicy:
             "tpm": self.tpm,
             "expires_at": self.expires_at,
         }
+        # Fields newer than schema 1 appear only when set, so older payloads round-trip.
+        if self.offline_grace_micros:
+            payload["offline_grace_micros"] = self.offline_grace_micros
+        if self.token_budget is not None:
+            payload["token_budget"] = self.token_budget.to_payload()
+        return payload
 
 
 @dataclass(frozen=True)
@@ -629,6 +649,22 @@ def _read_key(obj: _Obj) -> KeyPolicy:
         rpm=obj.nullable("rpm", obj.integer),
         tpm=obj.nullable("tpm", obj.integer),
         expires_at=obj.nullable("expires_at", obj.number),
+        # Optional fields added after schema 1: absent reads as the default.
+        offline_grace_micros=obj.integer("offline_grace_micros")
+        if obj.has("offline_grace_micros")
+        else 0,
+        token_budget=_read_token_budget(obj) if obj.has("token_budget") else None,
+    )
+
+
+def _read_token_budget(parent: _Obj) -> TokenBudget | None:
+    if parent.raw("token_budget") is None:
+        return None
+    obj = parent.obj("token_budget")
+    return TokenBudget(
+        limit_tokens=obj.integer("limit_tokens"),
+        period=_choice(obj, "period", _PERIODS),
+        rolling=obj.boolean("rolling"),
     )
 
 

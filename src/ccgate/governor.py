@@ -1,42 +1,54 @@
-"""Server mode inside the daemon: the signed bundle, admission, and usage sync.
+"""Server mode inside the daemon: the signed bundle, admission, leases and usage sync.
 
-The gateway asks a ``Policy`` four things per request: who is this key, may the gateway serve at
-all, may this request go (admission), and where does it go (upstream). ``LocalPolicy`` answers
-for standalone mode (one local key, no limits). ``Governor`` answers from the bundle the server
-signed for this key and device:
+The gateway asks a ``Policy`` a few things per request: who is this key, may the gateway serve
+at all, may this request go (admission, which may wait for a lease), and where does it go
+(upstream). ``LocalPolicy`` answers for standalone mode (one local key, no limits).
+``Governor`` answers from the bundle the server signed for this key and device:
 
 - At start it re-verifies the persisted bundle against the key pinned at login. A bundle that
   fails (tampered, rolled back, expired) is not obeyed: until a good one arrives from the
   server, every request gets 503 saying why.
 - A poll loop fetches the bundle every ``poll_interval_s`` (ETag, so unchanged is a 304). A
   server that answers 401 (revoked or expired key) makes the daemon refuse the key at once.
+- Budgets are spent from leases (``wallet.Wallet``): a request reserves its worst case inside a
+  lease before it goes out. When no lease has room, admission waits for the server to grant
+  more; a lease loop asks early, before the slice runs out. Offline, only the admin's grace may
+  be spent beyond the leases held.
 - A sync loop pushes finished ledger rows in batches; the server keeps each id once, so a
   retry after a lost answer counts nothing twice. The ledger is the queue.
-- Admission is ``admission.Limiter``: budgets reserve the worst case before a request goes out.
+- Model allowlists, rate limits and key expiry are ``admission.Limiter``; token budgets are
+  ``wallet.TokenMeter``.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
 
-from ccgate import admission, profiles
+from ccgate import admission, periods, profiles
+from ccgate.admission import estimate_input_tokens, format_usd
 from ccgate.bundle import Bundle, BundleError, BundleStore, DeviceKey, unseal
 from ccgate.ledger import Ledger, LedgerRow
 from ccgate.paths import Paths
 from ccgate.pricing import PriceTable
 from ccgate.remote import KeyRefused, ServerClient, ServerError
+from ccgate.wallet import GRACE, Lease, TokenMeter, Wallet
 
 log = logging.getLogger("ccgate.governor")
 
 SYNC_BATCH = 1000
 SYNC_INTERVAL_S = 2.0
+LEASE_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,16 @@ class Upstream:
     api_key: str | None
     provider: str
     passthrough: bool
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What an admitted request holds until it ends: its reservations, released exactly once."""
+
+    limiter: admission.Ticket | None
+    lease_id: str | None
+    reserved_micros: int
+    reserved_tokens: int
 
 
 @dataclass(frozen=True)
@@ -64,11 +86,11 @@ class Policy(Protocol):
     def refusal(self) -> Refusal | None: ...
     def upstream(self) -> Upstream: ...
     def prices(self) -> PriceTable: ...
-    def admit(
+    async def admit(
         self, req: admission.Request
-    ) -> tuple[admission.Ticket | None, admission.Reject | None]: ...
+    ) -> tuple[Ticket | None, admission.Reject | None]: ...
     def settle(
-        self, ticket: admission.Ticket | None, *, cost_micros: int, tokens: int, now: float
+        self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float
     ) -> None: ...
     def finished(self) -> None: ...
     def snapshot(self, *, now: float) -> dict[str, Any]: ...
@@ -98,14 +120,10 @@ class LocalPolicy:
     def prices(self) -> PriceTable:
         return self.table
 
-    def admit(
-        self, req: admission.Request
-    ) -> tuple[admission.Ticket | None, admission.Reject | None]:
+    async def admit(self, req: admission.Request) -> tuple[Ticket | None, admission.Reject | None]:
         return None, None
 
-    def settle(
-        self, ticket: admission.Ticket | None, *, cost_micros: int, tokens: int, now: float
-    ) -> None:
+    def settle(self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float) -> None:
         return None
 
     def finished(self) -> None:
@@ -115,31 +133,19 @@ class LocalPolicy:
         return {}
 
 
-def admission_policy(bundle: Bundle) -> admission.Policy:
-    levels: list[admission.LevelLimit] = []
-    for kind, name, budget in (
-        ("key", bundle.key.name, bundle.key.budget),
-        (
-            "team",
-            bundle.team.name if bundle.team else "",
+def has_budget(bundle: Bundle) -> bool:
+    return any(
+        budget is not None
+        for budget in (
+            bundle.key.budget,
             bundle.team.budget if bundle.team else None,
-        ),
-        (
-            "customer",
-            bundle.customer.name if bundle.customer else "",
             bundle.customer.budget if bundle.customer else None,
-        ),
-    ):
-        if budget is not None:
-            levels.append(
-                admission.LevelLimit(
-                    kind=kind,  # type: ignore[arg-type]
-                    name=name,
-                    limit_micros=budget.limit_micros,
-                    period=budget.period,
-                    rolling=budget.rolling,
-                )
-            )
+        )
+    )
+
+
+def admission_policy(bundle: Bundle) -> admission.Policy:
+    """Models, rates and expiry; budgets are not here: leases enforce them."""
     return admission.Policy(
         key_name=bundle.key.name,
         models=bundle.key.models,
@@ -147,7 +153,27 @@ def admission_policy(bundle: Bundle) -> admission.Policy:
         tpm=bundle.key.tpm,
         expires_at=bundle.key.expires_at,
         revoked=False,
-        levels=tuple(levels),
+        levels=(),
+    )
+
+
+def budget_message(limited: dict[str, Any] | None, *, server_url: str, offline: bool) -> str:
+    """The 402 sentence: which budget, how much, when it resets, whom to ask."""
+    if offline or not limited:
+        return (
+            f"ccgate cannot reach its server ({server_url}) and this machine's budget allowance "
+            "is used up. Requests resume once the server is reachable; ask your ccgate admin "
+            "if it stays down."
+        )
+    level = str(limited.get("level", "key"))
+    name = limited.get("name") or ""
+    held = int(limited.get("outstanding_micros") or 0)
+    held_text = f" and {format_usd(held)} held by requests on other machines" if held else ""
+    return (
+        f"{level.capitalize()} '{name}' budget exhausted: "
+        f"{format_usd(int(limited.get('spent_micros') or 0))} spent{held_text} of "
+        f"{format_usd(int(limited.get('limit_micros') or 0))} ({limited.get('resets', '')}). "
+        "Ask your ccgate admin to raise it."
     )
 
 
@@ -185,7 +211,13 @@ class Governor:
         self._table = PriceTable.default()
         self._upstream: Upstream | None = None
         self.limiter: admission.Limiter | None = None
+        self.wallet = Wallet()
+        self.tokens: TokenMeter | None = None
+        self.limited_by: dict[str, Any] | None = None
+        self.offline = False
         self.sync_state = _SyncState()
+        self._lease_lock = anyio.Lock()
+        self._lease_wake = anyio.Event()
 
     @classmethod
     def from_profile(cls, *, paths: Paths, profile: profiles.Profile, ledger: Ledger) -> Governor:
@@ -204,6 +236,10 @@ class Governor:
             ledger=ledger,
         )
 
+    @property
+    def key_id(self) -> str:
+        return self.profile.key_id
+
     # -- start and the bundle --------------------------------------------------------------
 
     def load(self, *, now: float) -> None:
@@ -218,13 +254,12 @@ class Governor:
             self.problem = "No policy bundle yet: the daemon has not reached the ccgate server."
             return
         self._install(bundle)
+        self._load_leases(now=now)
+        assert self.limiter is not None
         for row in self.ledger.unsynced(key_id=self.key_id, limit=1_000_000):
-            assert self.limiter is not None
             self.limiter.restore_unsynced(cost_micros=row.cost_micros, at=row.started_at)
-
-    @property
-    def key_id(self) -> str:
-        return self.profile.key_id
+            if self.tokens is not None:
+                self.tokens.local_tokens += _tokens(row)
 
     def _install(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -237,22 +272,35 @@ class Governor:
         else:
             self.limiter.set_policy(policy)
             self.limiter.set_prices(self._table)
+        self.wallet.grace_micros = bundle.key.offline_grace_micros
+        self.wallet.unlimited = not has_budget(bundle)
+        budget = bundle.key.token_budget
+        if budget is None:
+            self.tokens = None
+        elif self.tokens is None or (self.tokens.limit_tokens, self.tokens.period) != (
+            budget.limit_tokens,
+            budget.period,
+        ):
+            self.tokens = TokenMeter(budget.limit_tokens, budget.period, budget.rolling)
         self._upstream = self._pick_upstream(bundle)
         self.passthrough = bundle.key.auth == "passthrough"
 
     def _pick_upstream(self, bundle: Bundle) -> Upstream | None:
         passthrough = bundle.key.auth == "passthrough"
+        if passthrough:
+            # The user's own login authenticates upstream; the provider is Anthropic's API.
+            first = min(bundle.providers, key=lambda p: p.priority, default=None)
+            base = first.base_url if first else "https://api.anthropic.com"
+            return Upstream(base, None, first.name if first else "anthropic", True)
         if not bundle.providers:
             return None
-        entry = sorted(bundle.providers, key=lambda p: p.priority)[0]
-        api_key = None
-        if not passthrough:
-            try:
-                api_key = unseal(entry.sealed_key, device=self.device, device_id=bundle.device_id)
-            except BundleError as exc:
-                self.problem = str(exc)
-                return None
-        return Upstream(entry.base_url, api_key, entry.name, passthrough)
+        entry = min(bundle.providers, key=lambda p: p.priority)
+        try:
+            api_key = unseal(entry.sealed_key, device=self.device, device_id=bundle.device_id)
+        except BundleError as exc:
+            self.problem = str(exc)
+            return None
+        return Upstream(entry.base_url, api_key, entry.name, False)
 
     def client(self) -> ServerClient:
         return ServerClient(self.profile.server_url, key=self.key, device_id=self.profile.device_id)
@@ -311,18 +359,124 @@ class Governor:
         return self.ledger.unsynced(key_id=self.key_id, limit=SYNC_BATCH)
 
     def _apply_spent(self, rows: list[LedgerRow], answer: dict[str, Any]) -> None:
-        if self.limiter is None:
-            return
-        self.limiter.synced(sum(r.cost_micros for r in rows))
         spent = answer.get("spent") or {}
-        for kind in ("key", "team", "customer"):
-            level = spent.get(kind)
-            if isinstance(level, dict) and level.get("period_start") is not None:
-                self.limiter.set_spent(
-                    kind,
-                    window_start=float(level["period_start"]),
-                    spent_micros=int(level.get("spent_micros", 0)),
+        if self.limiter is not None:
+            self.limiter.synced(sum(r.cost_micros for r in rows))
+        if self.tokens is not None:
+            key_level = spent.get("key")
+            server_tokens = key_level.get("tokens") if isinstance(key_level, dict) else None
+            self.tokens.synced(
+                sum(_tokens(r) for r in rows),
+                server_tokens=int(server_tokens) if isinstance(server_tokens, int) else None,
+            )
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def renew(self, *, want: int) -> None:
+        """Ask the server for a lease (returning finished ones); one request at a time."""
+        async with self._lease_lock:
+            now = time.time()
+            if want and self.wallet.reserve_possible(want, now=now):
+                return  # another request's renewal already made room
+            await self.sync()
+            unsynced = await anyio.to_thread.run_sync(self._unsynced_lease_ids)
+            done = self.wallet.finished(now=now, unsynced=unsynced)
+            body = {
+                "want_micros": want,
+                "rate_micros_per_s": self.wallet.rate(now=now),
+                "return": done,
+            }
+            try:
+                async with self.client() as client:
+                    answer = await client.request_lease(body)
+            except KeyRefused as exc:
+                self.key_refused = str(exc)
+                return
+            except ServerError as exc:
+                log.warning("lease request failed: %s", exc)
+                self.offline = True
+                return
+            self.offline = False
+            self.wallet.back_online()
+            self.wallet.drop(done)
+            self._save_leases()
+            self.limited_by = answer.get("limited_by")
+            if answer.get("unlimited"):
+                self.wallet.unlimited = True
+                return
+            lease = answer.get("lease")
+            if isinstance(lease, dict) and int(lease.get("granted_micros", 0)) > 0:
+                self.wallet.add(
+                    Lease(
+                        id=str(lease["id"]),
+                        granted=int(lease["granted_micros"]),
+                        expires_at=float(lease["expires_at"]),
+                    )
                 )
+                self._save_leases()
+
+    @property
+    def _leases_file(self) -> Path:
+        return self.store.state_dir / "leases.json"
+
+    def _save_leases(self) -> None:
+        """Leases outlive the process: a daemon restarted offline keeps serving from them."""
+        data = [
+            {"id": lease.id, "granted": lease.granted, "expires_at": lease.expires_at}
+            for lease in self.wallet.leases.values()
+        ]
+        path = self._leases_file
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _load_leases(self, *, now: float) -> None:
+        try:
+            data = json.loads(self._leases_file.read_text(encoding="utf-8"))
+            leases = [
+                Lease(
+                    id=str(item["id"]),
+                    granted=int(item["granted"]),
+                    expires_at=float(item["expires_at"]),
+                )
+                for item in data
+            ]
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable %s", self._leases_file)
+            return
+        used = self.ledger.spent_by_lease([lease.id for lease in leases])
+        for lease in leases:
+            lease.used = used.get(lease.id, 0)
+            self.wallet.add(lease)
+
+    def _unsynced_lease_ids(self) -> set[str]:
+        rows = self.ledger.unsynced(key_id=self.key_id, limit=1_000_000)
+        return {r.lease_id for r in rows if r.lease_id}
+
+    async def return_leases(self) -> None:
+        """At shutdown: push usage, then hand every idle lease back so others can use it."""
+        await self.sync()
+        unsynced = await anyio.to_thread.run_sync(self._unsynced_lease_ids)
+        idle = [
+            lease.id
+            for lease in self.wallet.leases.values()
+            if lease.reserved == 0 and lease.id not in unsynced
+        ]
+        if not idle:
+            return
+        try:
+            async with self.client() as client:
+                for lease_id in idle:
+                    await client.return_lease(lease_id)
+        except ServerError as exc:
+            log.warning("could not return leases: %s", exc)
+            return
+        self.wallet.drop(idle)
+        self._save_leases()
+
+    # -- loops ----------------------------------------------------------------------------
 
     async def sync_now(self) -> dict[str, str]:
         """What `ccgate sync` asks the running daemon to do: poll, then push."""
@@ -331,10 +485,15 @@ class Governor:
         return {"bundle": bundle, "usage": usage}
 
     async def run(self) -> None:
-        """The background loops, for the daemon's lifespan."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._poll_loop)
-            tg.start_soon(self._sync_loop)
+        """The background loops, for the daemon's lifespan; leases go back when it ends."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._poll_loop)
+                tg.start_soon(self._sync_loop)
+                tg.start_soon(self._lease_loop)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.return_leases()
 
     async def _poll_loop(self) -> None:
         while True:
@@ -352,11 +511,19 @@ class Governor:
                 result = await self.sync()
                 log.debug("usage sync: %s", result)
 
+    async def _lease_loop(self) -> None:
+        """Ask for a lease before the slice runs out, so requests rarely wait for one."""
+        while True:
+            with anyio.move_on_after(30 if not self.offline else 10):
+                await self._lease_wake.wait()
+            self._lease_wake = anyio.Event()
+            now = time.time()
+            if self.bundle is not None and self.wallet.needs_renewal(now=now):
+                await self.renew(want=0)
+
     # -- the Policy interface ----------------------------------------------------------------
 
     def authenticate(self, token: str | None) -> str | None:
-        import hmac
-
         if token is None or not hmac.compare_digest(token, self.key):
             return None
         return self.key_id
@@ -391,17 +558,58 @@ class Governor:
     def prices(self) -> PriceTable:
         return self._table
 
-    def admit(
-        self, req: admission.Request
-    ) -> tuple[admission.Ticket | None, admission.Reject | None]:
+    async def admit(self, req: admission.Request) -> tuple[Ticket | None, admission.Reject | None]:
         assert self.limiter is not None
-        return self.limiter.check(req)
+        inner, reject = self.limiter.check(req)
+        if reject is not None or inner is None:
+            return None, reject
+        worst_tokens = estimate_input_tokens(req.body_bytes) + max(req.max_tokens, 0)
+        if self.tokens is not None:
+            problem = self.tokens.check(worst_tokens, now=req.now)
+            if problem is not None:
+                self.limiter.settle(inner, cost_micros=0, tokens=0, now=req.now)
+                return None, _billing(problem + " Ask your ccgate admin to raise it.")
+        else:
+            worst_tokens = 0
+        lease_id = await self._reserve(inner.reserve_micros, now=req.now)
+        if lease_id is None:
+            self.limiter.settle(inner, cost_micros=0, tokens=0, now=req.now)
+            if self.tokens is not None:
+                self.tokens.settle(reserved=worst_tokens, actual=0)
+            message = budget_message(
+                self.limited_by, server_url=self.profile.server_url, offline=self.offline
+            )
+            return None, _billing(message)
+        if self.wallet.needs_renewal(now=req.now):
+            self._lease_wake.set()
+        return Ticket(inner, lease_id or None, inner.reserve_micros, worst_tokens), None
 
-    def settle(
-        self, ticket: admission.Ticket | None, *, cost_micros: int, tokens: int, now: float
-    ) -> None:
-        if ticket is not None and self.limiter is not None:
-            self.limiter.settle(ticket, cost_micros=cost_micros, tokens=tokens, now=now)
+    async def _reserve(self, amount: int, *, now: float) -> str | None:
+        """The lease id reserved against; "" when no budget applies; None when refused."""
+        if self.wallet.unlimited:
+            return ""
+        lease_id = self.wallet.reserve(amount, now=now)
+        if lease_id is None:
+            with anyio.move_on_after(LEASE_WAIT_S):
+                await self.renew(want=amount)
+            if self.wallet.unlimited:
+                return ""
+            lease_id = self.wallet.reserve(amount, now=time.time())
+        if lease_id is None and self.offline and self.wallet.reserve_grace(amount):
+            return GRACE
+        return lease_id
+
+    def settle(self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float) -> None:
+        if ticket is None:
+            return
+        if self.limiter is not None and ticket.limiter is not None:
+            self.limiter.settle(ticket.limiter, cost_micros=cost_micros, tokens=tokens, now=now)
+        if ticket.lease_id is not None:
+            self.wallet.settle(
+                ticket.lease_id, reserved=ticket.reserved_micros, actual=cost_micros, now=now
+            )
+        if self.tokens is not None and ticket.reserved_tokens:
+            self.tokens.settle(reserved=ticket.reserved_tokens, actual=tokens)
 
     def finished(self) -> None:
         self.sync_state.wake.set()
@@ -416,6 +624,24 @@ class Governor:
             "bundle_expires_at": _iso(bundle.expires_at) if bundle else None,
             "problem": self.problem or self.key_refused,
             "limits": self.limiter.snapshot(now=now) if self.limiter else None,
+            "lease": {
+                "unlimited": self.wallet.unlimited,
+                "available_micros": self.wallet.available(now),
+                "leases": len(self.wallet.leases),
+                "offline": self.offline,
+                "grace_used_micros": self.wallet.grace_used,
+                "limited_by": self.limited_by,
+            },
+            "tokens": None
+            if self.tokens is None
+            else {
+                "limit": self.tokens.limit_tokens,
+                "used": self.tokens.server_tokens + self.tokens.local_tokens,
+                "period": self.tokens.period,
+                "resets": periods.describe_reset(
+                    self.tokens.period, rolling=self.tokens.rolling, now=now
+                ),
+            },
             "unsynced": self.ledger.count_unsynced(key_id=self.key_id),
             "last_sync": _iso(self.sync_state.last_success)
             if self.sync_state.last_success
@@ -424,12 +650,26 @@ class Governor:
         }
 
 
+def _billing(message: str) -> admission.Reject:
+    return admission.Reject(
+        status=402,
+        error_type="billing_error",
+        message=message,
+        retry_after=None,
+        should_retry=False,
+    )
+
+
+def _tokens(row: LedgerRow) -> int:
+    return row.input_tokens + row.cache_creation_input_tokens + row.output_tokens
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _usage_record(row: LedgerRow) -> dict[str, Any]:
-    return {
+    record = {
         "id": row.id,
         "started_at": row.started_at,
         "model": row.model,
@@ -448,3 +688,6 @@ def _usage_record(row: LedgerRow) -> dict[str, Any]:
         "provider": row.provider,
         "billing": row.billing,
     }
+    if row.lease_id and row.lease_id != GRACE:
+        record["lease_id"] = row.lease_id
+    return record

@@ -24,6 +24,7 @@ Design:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import operator
@@ -87,6 +88,7 @@ class RequestRecord:
     session_id: str | None = None
     provider: str = "anthropic"
     billing: str = "api"
+    lease_id: str | None = None  # the budget lease the request was reserved against
     request_body: bytes | None = None
     response_body: bytes | None = None
 
@@ -120,6 +122,7 @@ class LedgerRow:
     session_id: str | None
     provider: str
     billing: str
+    lease_id: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -219,6 +222,13 @@ def m002_sync_state(db: sqlite3.Connection) -> None:
         "CREATE INDEX requests_unsynced ON requests (seq) "
         "WHERE synced_at IS NULL AND outcome != 'pending'"
     )
+
+
+@_migration
+def m003_lease_id(db: sqlite3.Connection) -> None:
+    # Team budgets are spent from leases the server grants; each usage record names its lease
+    # so the server charges it exactly once.
+    db.execute("ALTER TABLE requests ADD COLUMN lease_id TEXT")
 
 
 def applied_migrations(db: sqlite3.Connection) -> set[str]:
@@ -422,7 +432,26 @@ class _Stop:
 
 
 _STOP: Final = _Stop()
-_Item = _Write | threading.Event | _Stop
+
+
+class _LoopWaiter:
+    """Resolves an asyncio future (on its own loop) once everything before it is committed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+        self._loop = loop
+        self._future = future
+
+    def set(self) -> None:
+        def resolve() -> None:
+            if not self._future.done():
+                self._future.set_result(None)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self._loop.call_soon_threadsafe(resolve)
+
+
+_Waiter = threading.Event | _LoopWaiter
+_Item = _Write | _Waiter | _Stop
 
 
 class _Writer:
@@ -452,7 +481,7 @@ class _Writer:
 
     def _run(self) -> None:
         pending: list[_Write] = []
-        waiters: list[threading.Event] = []
+        waiters: list[_Waiter] = []
         stopping = False
         failures = 0
         while True:
@@ -476,7 +505,7 @@ class _Writer:
                 break
         self._close()
 
-    def _drain(self, pending: list[_Write], waiters: list[threading.Event]) -> bool:
+    def _drain(self, pending: list[_Write], waiters: list[_Waiter]) -> bool:
         stopping = False
         while True:
             try:
@@ -486,10 +515,10 @@ class _Writer:
             stopping = self._take(item, pending, waiters) or stopping
 
     @staticmethod
-    def _take(item: _Item, pending: list[_Write], waiters: list[threading.Event]) -> bool:
+    def _take(item: _Item, pending: list[_Write], waiters: list[_Waiter]) -> bool:
         if isinstance(item, _Write):
             pending.append(item)
-        elif isinstance(item, threading.Event):
+        elif isinstance(item, threading.Event | _LoopWaiter):
             waiters.append(item)
         return item is _STOP
 
@@ -617,6 +646,13 @@ class Ledger:
         """Queue an UPSERT of the whole record. Never blocks; safe on the loop."""
         self._queue().put(_snapshot(_UPSERT_FINISH, rec))
 
+    async def committed(self) -> None:
+        """Wait (without blocking the loop) until everything queued so far is committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue().put(_LoopWaiter(loop, future))
+        await future
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far is committed; False if that took too long."""
         writer = self._writer
@@ -684,6 +720,17 @@ class Ledger:
             params.append(key_id)
         ((count,),) = self._query(sql, params)
         return int(count)
+
+    def spent_by_lease(self, lease_ids: list[str]) -> dict[str, int]:
+        """What the finished and pending rows reserved against each lease have cost so far."""
+        if not lease_ids:
+            return {}
+        marks = ", ".join("?" for _ in lease_ids)
+        sql = (
+            f"SELECT lease_id, COALESCE(SUM(cost_micros), 0) FROM requests "
+            f"WHERE lease_id IN ({marks}) GROUP BY lease_id"
+        )
+        return {str(lease): int(cost) for lease, cost in self._query(sql, list(lease_ids))}
 
     def mark_synced(self, ids: list[str], *, at: float) -> None:
         """Record the server's acknowledgement. Blocking: call it off the event loop."""

@@ -41,6 +41,7 @@ class UpResult:
     started: bool
     settings_file: Path
     notices: tuple[str, ...]
+    server_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def _prepare(*, paths: Paths, config: Config, environ: Mapping[str, str]) -> _Pr
     paths.ensure()
     store = SecretStore(paths=paths)
     settings_file = paths_mod.claude_settings_file(environ)
+    claude_settings.read_env(settings_file)  # refuse a broken settings.json before starting
     server_profile = profiles.load(paths)
     if server_profile is not None:
         token, _device = profiles.secrets(paths, server_profile.name)
@@ -115,8 +117,13 @@ def up(
         info = daemon.start_background(paths=paths, config=config, tick=tick)
         started = True
     _configure_claude(paths=paths, prepared=prepared, info=info, environ=environ)
+    server_profile = prepared.server_profile
     return UpResult(
-        info=info, started=started, settings_file=prepared.settings_file, notices=prepared.notices
+        info=info,
+        started=started,
+        settings_file=prepared.settings_file,
+        notices=prepared.notices,
+        server_url=server_profile.server_url if server_profile else None,
     )
 
 
@@ -310,7 +317,7 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
         report.update(
             pid=info.pid,
             url=info.url,
-            upstream=info.upstream_url,
+            upstream=doc.get("upstream"),
             mode=info.mode,
             uptime_s=round(now - info.started_at, 1),
             auth=info.auth,

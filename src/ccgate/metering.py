@@ -490,6 +490,15 @@ class ResponseMeter:
             self._result = self._metered() if self._sse else self._body_result()
         return self._result
 
+    @property
+    def started(self) -> bool:
+        """A stream's message_start has been read (its input and cache counts are known)."""
+        return self._outcome.saw_start
+
+    def peek(self) -> Metered:
+        """What has been read so far, without ending the meter (result() still works)."""
+        return self._metered()
+
     def captured(self) -> bytes | None:
         """The decoded body (at most ``max_capture`` bytes) when ``capture`` was asked for."""
         return self._body.value() if self._capture else None

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,9 +42,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccgate import __version__, admission
-from ccgate.governor import LocalPolicy, Policy, Upstream
+from ccgate.governor import LocalPolicy, Policy, Ticket, Upstream
 from ccgate.ledger import Ledger, RequestRecord
-from ccgate.metering import Metered, ResponseMeter
+from ccgate.metering import Metered, ResponseMeter, Usage
 from ccgate.pricing import PriceTable, cost_micros
 
 log = logging.getLogger("ccgate.proxy")
@@ -175,7 +175,8 @@ class _Exchange:
     upstream_failure: str | None = None
     finalized: bool = False
     upstream: Upstream | None = None
-    ticket: admission.Ticket | None = None
+    start_persisted: bool = False
+    ticket: Ticket | None = None
 
 
 class Gateway:
@@ -252,18 +253,21 @@ class Gateway:
 
     async def health(self, _request: Request) -> Response:
         s = self.settings
+        policy = self.policy
+        # In server mode the bundle, not the command line, says where requests go.
+        upstream = policy.upstream() if policy.refusal() is None else None
         return JSONResponse(
             {
                 "service": "ccgate",
                 "version": __version__,
                 "pid": os.getpid(),
                 "port": s.port,
-                "upstream": s.upstream_url,
-                "mode": self.policy.mode,
+                "upstream": upstream.base_url if upstream else None,
+                "mode": policy.mode,
                 "started_at": s.started_at,
                 "requests_served": self.requests_served,
-                "upstream_key": s.upstream_key is not None,
-                "auth": "passthrough" if s.passthrough else "provider",
+                "upstream_key": bool(upstream and (upstream.api_key or upstream.passthrough)),
+                "auth": "passthrough" if policy.passthrough else "provider",
                 "server": self.policy.snapshot(now=time.time()) or None,
             }
         )
@@ -343,7 +347,7 @@ class Gateway:
             ticket = None
             if record.path == "/v1/messages":
                 max_tokens = parsed.get("max_tokens")
-                ticket, reject = policy.admit(
+                ticket, reject = await policy.admit(
                     admission.Request(
                         model=record.model,
                         body_bytes=len(body),
@@ -364,9 +368,29 @@ class Gateway:
         upstream = policy.upstream()
         record.provider = upstream.provider
         record.billing = "subscription" if upstream.passthrough else "api"
+        if ticket is not None:
+            record.lease_id = ticket.lease_id
+        self._provisional_charge(record, body)
         self.ledger.record_start(record)
+        # The pending row is on disk before the request goes upstream, so a daemon killed
+        # mid-request still bills it at its next start. Bounded: a failing disk delays,
+        # never blocks, the request.
+        with anyio.move_on_after(2.0):
+            await self.ledger.committed()
         exchange = _Exchange(record=record, t0=t0, body=body, upstream=upstream, ticket=ticket)
         return _Relay(self, exchange, request)
+
+    def _provisional_charge(self, record: RequestRecord, body: bytes) -> None:
+        """What a killed daemon bills a request it never saw answered: its input estimate."""
+        if record.path != "/v1/messages" or record.model is None:
+            return
+        prices = self.policy.prices()
+        lookup = prices.lookup(record.model, at=datetime.fromtimestamp(record.started_at, UTC))
+        record.input_tokens = admission.estimate_input_tokens(len(body))
+        record.cost_micros = cost_micros(
+            Usage(input_tokens=record.input_tokens), lookup.price, web_search_micros=0
+        )
+        record.price_estimated = True
 
     def _token(self, request: Request) -> str | None:
         """The ccgate key the client sent, from wherever this mode expects it."""
@@ -425,6 +449,13 @@ class Gateway:
             headers.append((b"x-api-key", upstream.api_key.encode()))
         return httpx.Request(request.method, url, headers=headers, content=body)
 
+    def persist_progress(self, ex: _Exchange, metered: Metered) -> None:
+        """Queue the usage message_start reported, so a kill mid-stream still bills it."""
+        partial = replace(ex.record, request_body=None)
+        self._clear_provisional(partial)
+        self._charge(partial, metered)
+        self.ledger.record_finish(partial)  # still 'pending': finished at the end, or at recovery
+
     def finalize(self, ex: _Exchange) -> None:
         """Turn what the relay saw into the final ledger row. Never raises."""
         if ex.finalized:
@@ -436,6 +467,7 @@ class Gateway:
         if ex.ttfb is not None:
             rec.ttfb_ms = (ex.ttfb - ex.t0) * 1000
         metered = ex.meter.result() if ex.meter is not None else None
+        self._clear_provisional(rec)
         if metered is not None:
             self._charge(rec, metered)
         rec.outcome, rec.error = _outcome(ex, metered)
@@ -445,6 +477,13 @@ class Gateway:
         tokens = rec.input_tokens + rec.cache_creation_input_tokens + rec.output_tokens
         self.policy.settle(ex.ticket, cost_micros=rec.cost_micros, tokens=tokens, now=time.time())
         self.policy.finished()
+
+    @staticmethod
+    def _clear_provisional(rec: RequestRecord) -> None:
+        # The estimate stood in only while the answer was unknown; now what was seen counts.
+        rec.input_tokens = 0
+        rec.cost_micros = 0
+        rec.price_estimated = False
 
     def _charge(self, rec: RequestRecord, metered: Metered) -> None:
         usage = metered.usage
@@ -563,6 +602,9 @@ class _Relay(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if meter is not None:
                     meter.feed(chunk)
+                    if not ex.start_persisted and meter.started:
+                        ex.start_persisted = True
+                        self.gateway.persist_progress(ex, meter.peek())
         except httpx.HTTPError as exc:
             # The upstream dropped mid-response. Returning without the final empty body makes
             # the server close the client connection, so the client sees a broken stream too

@@ -98,6 +98,14 @@ class ServerClient:
         envelope: dict[str, Any] = response.json()
         return envelope, response.headers.get("etag")
 
+    async def request_lease(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self._request("POST", "/v1/leases", json=body, ok=(200, 201))
+        data: dict[str, Any] = response.json()
+        return data
+
+    async def return_lease(self, lease_id: str) -> None:
+        await self._request("POST", f"/v1/leases/{lease_id}/return", json={}, ok=(200, 404))
+
     async def push_usage(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         response = await self._request("POST", "/v1/usage", json={"records": records})
         data: dict[str, Any] = response.json()

@@ -1,23 +1,80 @@
 """A server in-process: its own state under the isolated CCGATE_HOME, a settable clock, and an
-``httpx.AsyncClient`` on ``httpx.ASGITransport`` (no socket)."""
+``httpx.AsyncClient`` on ``httpx.ASGITransport`` (no socket).
+
+Every test that takes ``db_url`` (and so every test on the ``server`` fixture) runs twice: on a
+SQLite file and on PostgreSQL. The PostgreSQL run needs ``CCGATE_TEST_POSTGRES_URL`` (``.ci/run``
+sets it; without it those runs skip) and gets a database of its own, created for the test and
+dropped after it. When the variable is set but the server cannot be reached the tests FAIL: CI
+must never pass by silently skipping PostgreSQL.
+"""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import make_url
 
 from ccgate import paths
 from ccgate.bundle import DeviceKey
+from ccgate.server import db
 from ccgate.server.app import ServerContext, create_app
 from ccgate.server.runner import build_context
 from ccgate.server.state import InitResult, init_server
 
 START = 1_764_000_000.0  # 2025-11-24 16:00 UTC, a Monday
+
+# Read at import, before the autouse `isolated` fixture scrubs every CCGATE_* variable.
+POSTGRES_URL = os.environ.get("CCGATE_TEST_POSTGRES_URL")
+POSTGRES_ENV = "CCGATE_TEST_POSTGRES_URL"
+
+
+def _conninfo(url: str) -> str:
+    """A libpq URI for psycopg from a SQLAlchemy URL (``postgresql+psycopg://`` or plain)."""
+    parsed = make_url(url).set(drivername="postgresql")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _admin_connect(url: str) -> Any:
+    import psycopg
+
+    try:
+        return psycopg.connect(_conninfo(url), autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"{POSTGRES_ENV} is set to {db.redact_url(url)} but PostgreSQL cannot be reached: "
+            f"{exc}".strip(),
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test (dropped after), or a skip."""
+    if not POSTGRES_URL:
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV} (.ci/run sets it)")
+    name = f"ccgate_t_{secrets.token_hex(6)}"
+    with _admin_connect(POSTGRES_URL) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with _admin_connect(POSTGRES_URL) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str | None:
+    """None (the default SQLite file under CCGATE_HOME) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_url"))
 
 
 class Clock:
@@ -69,12 +126,12 @@ def device_headers(key: str, device_id: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[Server]:
+async def server(db_url: str | None) -> AsyncIterator[Server]:
     resolved = paths.resolve()
-    result = init_server(paths=resolved, environ={})
+    result = init_server(paths=resolved, environ={}, db_url=db_url)
     clock = Clock()
     ctx = build_context(
-        paths=resolved, environ={}, db_url=None, bundle_ttl_s=7 * 86_400, clock=clock
+        paths=resolved, environ={}, db_url=db_url, bundle_ttl_s=7 * 86_400, clock=clock
     )
     transport = httpx.ASGITransport(app=create_app(ctx))
     async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:

@@ -236,3 +236,37 @@ def test_admin_prices_set_show_clear(running_server: RunningServer, tmp_path: Pa
     missing = _invoke("admin", "prices", "set", str(tmp_path / "nope.json"), env=env)
     assert missing.exit_code == 4
     assert "Cannot read the price table" in missing.stderr
+
+
+@pytest.mark.e2e
+def test_admin_keys_offline_grace_and_token_budget(running_server: RunningServer) -> None:
+    created = _json(
+        running_server,
+        "admin", "keys", "create", "seat",
+        "--offline-grace", "2.5", "--token-budget", "2_000_000", "--period", "1d",
+    )  # fmt: skip
+    assert created["offline_grace_micros"] == 2_500_000
+    assert created["token_budget"] == {"limit_tokens": 2_000_000, "period": "1d", "rolling": False}
+    assert created["budget"] is None  # --period went to the token budget only
+    both = _json(
+        running_server,
+        "admin", "keys", "update", "seat", "--budget", "5", "--period", "1w", "--rolling",
+    )  # fmt: skip
+    assert both["budget"] == {"limit_micros": 5_000_000, "period": "1w", "rolling": True}
+    assert both["token_budget"]["limit_tokens"] == 2_000_000  # untouched
+    cleared = _json(
+        running_server,
+        "admin", "keys", "update", "seat", "--token-budget", "none", "--offline-grace", "none",
+    )  # fmt: skip
+    assert (cleared["token_budget"], cleared["offline_grace_micros"]) == (None, 0)
+    shown = _invoke("admin", "keys", "show", "seat", env=running_server.env())
+    rows = [line.split() for line in shown.stdout.splitlines()]
+    assert ["offline", "grace", "$0"] in rows and ["token", "budget", "-"] in rows
+    for args, message in [
+        (("--token-budget", "lots", "--period", "1d"), "whole number of tokens"),
+        (("--token-budget", "1000"), "--token-budget needs --period"),
+        (("--offline-grace", "-1"), "--offline-grace '-1' must be a non-negative"),
+    ]:
+        result = _invoke("admin", "keys", "update", "seat", *args, env=running_server.env())
+        assert result.exit_code != 0, args
+        assert message in result.stderr, (args, result.stderr)

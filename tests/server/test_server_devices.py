@@ -231,7 +231,7 @@ async def test_usage_dedup_and_spent_windows(server: Server) -> None:
         "accepted": 3,
         "duplicates": 0,
         "spent": {
-            "key": {"period_start": day_start, "spent_micros": 3_000},
+            "key": {"period_start": day_start, "spent_micros": 3_000, "tokens": 333},
             "team": {"period_start": month_start, "spent_micros": 7_000},
             "customer": {"period_start": None, "spent_micros": 7_000},
         },

@@ -128,13 +128,19 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
             "created_at) VALUES ('key_1', 'alice', 'h', 'sk-cg-abcdef', 0, '[]', 'provider', 1)"
         )
     assert not inspect(engine).has_table("usage")
-    assert migrations.migrate(engine) == ["m002_bundles", "m003_usage", "m004_prices"]
+    assert migrations.migrate(engine) == [
+        "m002_bundles", "m003_usage", "m004_prices", "m005_leases", "m006_key_limits",
+    ]  # fmt: skip
     assert migrations.applied(engine) == [
-        "m001_initial", "m002_bundles", "m003_usage", "m004_prices",
+        "m001_initial", "m002_bundles", "m003_usage", "m004_prices", "m005_leases",
+        "m006_key_limits",
     ]  # fmt: skip
     assert migrations.migrate(engine) == []  # idempotent
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT name FROM keys").scalar_one() == "alice"
+        # the key created before m006 gets the new columns' defaults
+        grace = conn.exec_driver_sql("SELECT offline_grace_micros, token_budget_tokens FROM keys")
+        assert tuple(grace.one()) == (0, None)
         assert conn.exec_driver_sql("SELECT version FROM bundle_counter").scalar_one() == 0
     engine.dispose()
 
@@ -168,5 +174,20 @@ def test_openapi_lists_every_route() -> None:
                     seen.add((prefix + r.path, method.lower()))
     documented = {(path, m) for path, ops in spec["paths"].items() for m in ops}
     assert seen == documented
-    assert len(seen) == 23
+    assert len(seen) == 25
     ctx.engine.dispose()
+
+
+def test_migrations_on_both_databases(db_url: str | None, tmp_path: Path) -> None:
+    url = db_url or db.sqlite_url(tmp_path / "both.db")
+    engine = db.create_engine(url)
+    assert migrations.migrate(engine, upto=4)[-1] == "m004_prices"
+    ran = migrations.migrate(engine)
+    assert ran == ["m005_leases", "m006_key_limits"]
+    inspector = inspect(engine)
+    assert set(inspector.get_table_names()) == {*db.TABLE_NAMES, "migrations"}
+    for name in db.TABLE_NAMES:
+        migrated = {c["name"] for c in inspector.get_columns(name)}
+        assert migrated == set(SQLModel.metadata.tables[name].columns.keys()), name
+    assert migrations.migrate(engine) == []
+    engine.dispose()

@@ -890,8 +890,10 @@ class FakeUpstream:
         _install_log_filter()
         # Listening before uvicorn starts means the port is known, and connections made before
         # the loop is up wait in the backlog instead of being refused.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP: asyncio disables Nagle only on sockets created that way (see daemon.py).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.host, self._wanted_port))
         sock.listen(128)
         self._socket = sock

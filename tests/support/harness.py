@@ -198,13 +198,23 @@ def _server_env(home: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run_server(home: Path, *, extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
+def run_server(
+    home: Path,
+    *,
+    extra_args: tuple[str, ...] = (),
+    port: int | None = None,
+    reuse: Server | None = None,
+) -> Iterator[Server]:
+    """Init a server in ``home`` and run it; with ``reuse``, run the same one again."""
     home.mkdir(parents=True, exist_ok=True)
     env = _server_env(home)
-    init = ccgate("server", "init", "--json", env=env)
-    assert init.returncode == 0, init.stderr
-    created = json.loads(init.stdout)
-    port = free_port()
+    if reuse is None:
+        init = ccgate("server", "init", "--json", env=env)
+        assert init.returncode == 0, init.stderr
+        created = json.loads(init.stdout)
+    else:
+        created = {"admin_token": reuse.admin_token, "fingerprint": reuse.fingerprint}
+    port = port or free_port()
     log = home / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(

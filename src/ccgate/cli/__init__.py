@@ -57,11 +57,12 @@ def _root(
 
 
 def _register() -> None:
-    from ccgate.cli import account, local, provider, reading
+    from ccgate.cli import account, local, provider, reading, run
 
     local.register(app)
     reading.register(app)
     account.register(app)
+    run.register(app)
     app.add_typer(provider.app, name="provider")
     from ccgate.cli import admin, server
 

@@ -72,10 +72,14 @@ def login(
 
 def logout(profile: ProfileOption = "default") -> None:
     """Forget a server binding: its key, device key and bundle. Run `ccgate down` first."""
+    from ccgate import daemon, profiles
     from ccgate import paths as paths_mod
-    from ccgate import profiles
+    from ccgate.errors import CcgateError
 
-    if profiles.remove(paths_mod.resolve(), profile):
+    paths = paths_mod.resolve()
+    if profile == "default" and daemon.running(paths) is not None:
+        raise CcgateError("The daemon still runs with this profile: run `ccgate down` first.")
+    if profiles.remove(paths, profile):
         console.info(f"Removed profile {profile}.")
     else:
         console.info(f"No profile {profile}.")

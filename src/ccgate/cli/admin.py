@@ -292,6 +292,22 @@ TpmOption = Annotated[int | None, typer.Option("--tpm", min=0, help="Tokens per 
 ExpiresOption = Annotated[
     str | None, typer.Option("--expires", help="Expiry: YYYY-MM-DD[THH:MM] UTC, or never.")
 ]
+GraceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--offline-grace",
+        help="USD a daemon may spend beyond its budget lease while the server is unreachable "
+        "(default 0; none clears).",
+    ),
+]
+TokenBudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token-budget",
+        help="Tokens (input + output + cache writes) per --period, for seat users; none clears. "
+        "--period and --rolling apply to it as to --budget.",
+    ),
+]
 AuthOption = Annotated[
     Literal["provider", "passthrough"] | None,
     typer.Option(
@@ -312,6 +328,8 @@ def _key_fields(
     tpm: int | None,
     expires: str | None,
     auth: str | None,
+    offline_grace: str | None = None,
+    token_budget: str | None = None,
 ) -> dict[str, Any]:
     """The options given, as API fields (none given: none sent). 0 clears --rpm/--tpm."""
     from ccgate.admin_client import budget_body, models_list, parse_expiry
@@ -323,8 +341,11 @@ def _key_fields(
         fields["customer"] = None if customer.lower() == "none" else customer
     if budget is not None and budget.lower() == "none":
         fields["budget"] = None
-    elif budget is not None or period is not None or rolling:
+    elif budget is not None or ((period is not None or rolling) and token_budget is None):
         fields["budget"] = budget_body(budget, period=period, rolling=rolling)
+    fields |= _limits_fields(
+        offline_grace=offline_grace, token_budget=token_budget, period=period, rolling=rolling
+    )
     if models is not None:
         fields["models"] = models_list(models)
     for name, value in (("rpm", rpm), ("tpm", tpm)):
@@ -334,6 +355,26 @@ def _key_fields(
         fields["expires_at"] = parse_expiry(expires)
     if auth is not None:
         fields["auth"] = auth
+    return fields
+
+
+def _limits_fields(
+    *, offline_grace: str | None, token_budget: str | None, period: str | None, rolling: bool
+) -> dict[str, Any]:
+    from ccgate.admin_client import token_budget_body, usd_micros
+
+    fields: dict[str, Any] = {}
+    if offline_grace is not None:
+        none = offline_grace.strip().lower() == "none"
+        fields["offline_grace_micros"] = (
+            0 if none else usd_micros(offline_grace, option="--offline-grace")
+        )
+    if token_budget is not None:
+        fields["token_budget"] = (
+            None
+            if token_budget.strip().lower() == "none"
+            else token_budget_body(token_budget, period=period, rolling=rolling)
+        )
     return fields
 
 
@@ -351,6 +392,8 @@ def keys_create(
     tpm: TpmOption = None,
     expires: ExpiresOption = None,
     auth: AuthOption = None,
+    offline_grace: GraceOption = None,
+    token_budget: TokenBudgetOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a virtual key. The key is printed once and cannot be shown again."""
@@ -369,6 +412,8 @@ def keys_create(
         tpm=tpm,
         expires=expires,
         auth=auth,
+        offline_grace=offline_grace,
+        token_budget=token_budget,
     )
     with _client(ctx) as client:
         data = client.create_key({"name": name, **fields})
@@ -393,6 +438,19 @@ def keys_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     rows = [{**k, "state": _key_state(k)} for k in data["keys"]]
     columns = ("name", "prefix", "team", "customer", "budget", "models", "state")
     _table(rows, columns, empty="No keys yet.")
+
+
+def _grace_text(micros: int | None) -> str:
+    from ccgate.cli.render import usd
+
+    return usd((micros or 0) / 1_000_000)
+
+
+def _token_budget_text(budget: dict[str, Any] | None) -> str:
+    if budget is None:
+        return "-"
+    window = "rolling " if budget.get("rolling") else ""
+    return f"{budget['limit_tokens']:,} tokens / {window}{budget['period']}"
 
 
 def _key_state(key: dict[str, Any]) -> str:
@@ -428,6 +486,8 @@ def _show_key(data: dict[str, Any], *, json_output: bool) -> None:
     for field in ("name", "id", "prefix", "team", "customer", "budget", "models", "rpm", "tpm"):
         table.add_row(field, _cell(data.get(field)))
     table.add_row("auth", data["auth"])
+    table.add_row("offline grace", _grace_text(data.get("offline_grace_micros")))
+    table.add_row("token budget", _token_budget_text(data.get("token_budget")))
     table.add_row("state", _key_state(data))
     table.add_row("created", _when(data["created_at"]))
     console.out.print(table)
@@ -447,6 +507,8 @@ def keys_update(
     tpm: TpmOption = None,
     expires: ExpiresOption = None,
     auth: AuthOption = None,
+    offline_grace: GraceOption = None,
+    token_budget: TokenBudgetOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Change a key: only the options given change. `none` clears --team, --customer,
@@ -464,6 +526,8 @@ def keys_update(
         tpm=tpm,
         expires=expires,
         auth=auth,
+        offline_grace=offline_grace,
+        token_budget=token_budget,
     )
     if not fields:
         raise CcgateError("Nothing to change: give at least one option (see --help).")

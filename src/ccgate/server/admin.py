@@ -381,7 +381,19 @@ def key_info(session: Session, row: VirtualKey) -> dict[str, Any]:
         "expires_at": row.expires_at,
         "revoked_at": row.revoked_at,
         "auth": row.auth,
+        "offline_grace_micros": row.offline_grace_micros,
+        "token_budget": token_budget_json(row),
         "created_at": row.created_at,
+    }
+
+
+def token_budget_json(row: VirtualKey) -> dict[str, Any] | None:
+    if row.token_budget_tokens is None or row.token_budget_period is None:
+        return None
+    return {
+        "limit_tokens": row.token_budget_tokens,
+        "period": row.token_budget_period,
+        "rolling": row.token_budget_rolling,
     }
 
 
@@ -447,6 +459,16 @@ def _apply_key_fields(
         row.tpm = validate.integer(body, "tpm", default=None, minimum=1)
     if given("expires_at"):
         row.expires_at = validate.number(body, "expires_at")
+    if given("offline_grace_micros"):
+        grace = validate.integer(body, "offline_grace_micros", default=0) or 0
+        if grace > validate.MAX_MICROS:
+            raise InvalidRequestError("'offline_grace_micros' is too large.")
+        row.offline_grace_micros = grace
+    if given("token_budget"):
+        token_budget = validate.token_budget(body.get("token_budget"))
+        row.token_budget_tokens, row.token_budget_period, row.token_budget_rolling = (
+            token_budget or (None, None, False)
+        )
     if given("auth"):
         auth = body.get("auth") or "provider"
         if auth not in AUTH_MODES:

@@ -29,7 +29,7 @@ from ccgate import __version__
 from ccgate.bundle import SigningKey
 from ccgate.errors import CcgateError
 from ccgate.proxy import error_response
-from ccgate.server import devices, usage
+from ccgate.server import devices, leases, usage
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings
 from ccgate.server.db import Device, VirtualKey
@@ -52,6 +52,7 @@ class ServerContext:
     box: SecretBox
     signing_key: SigningKey
     bundle_settings: BundleSettings = field(default_factory=BundleSettings)
+    lease_settings: leases.LeaseSettings = field(default_factory=leases.LeaseSettings)
     clock: Callable[[], float] = field(default=time.time)
 
     @functools.cached_property
@@ -184,12 +185,41 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
         result = await _blocking(usage.ingest, ctx.engine, key, device, body, now=ctx.clock())
         return _json(result)
 
+    @_guarded
+    async def post_lease(request: Request) -> Response:
+        key = await key_of(request)
+        device = await device_of(request, key)
+        body = await _json_body(request)
+        result = await _blocking(
+            leases.grant,
+            ctx.engine,
+            key,
+            device,
+            body,
+            now=ctx.clock(),
+            settings=ctx.lease_settings,
+        )
+        return _json(result)
+
+    @_guarded
+    async def return_lease(request: Request) -> Response:
+        key = await key_of(request)
+        device = await device_of(request, key)
+        await _json_body(request)  # `{}`; read so a malformed body is still refused
+        lease_id = request.path_params["lease_id"]
+        result = await _blocking(
+            leases.return_lease, ctx.engine, key, device, lease_id, now=ctx.clock()
+        )
+        return _json(result)
+
     return [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/server-key", server_key, methods=["GET"]),
         Route("/v1/devices", register, methods=["POST"]),
         Route("/v1/bundle", get_bundle, methods=["GET"]),
         Route("/v1/usage", post_usage, methods=["POST"]),
+        Route("/v1/leases", post_lease, methods=["POST"]),
+        Route("/v1/leases/{lease_id}/return", return_lease, methods=["POST"]),
     ]
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 from sqlalchemy import Engine, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ccgate import bundle as bundle_mod
@@ -73,6 +74,14 @@ class Bundler:
 
     def serve(self, key: VirtualKey, device: Device) -> Served:
         """The current envelope for (key, device): the stored one when still fresh, else new."""
+        try:
+            return self._serve(key, device)
+        except IntegrityError:
+            # Another replica stored this device's first bundle between our read and our insert;
+            # serving again finds its row (and re-signs over it if need be).
+            return self._serve(key, device)
+
+    def _serve(self, key: VirtualKey, device: Device) -> Served:
         now = self.clock()
         with db.session(self.engine) as session:
             key = session.get(VirtualKey, key.id) or key
@@ -174,15 +183,17 @@ def _prices(session: Session) -> Mapping[str, Any] | None:
 
 
 def _next_version(session: Session) -> int:
-    # UPDATE first: it takes the row lock (PostgreSQL) or the write lock (SQLite) before we read.
-    session.execute(
-        update(BundleCounter)
-        .where(col(BundleCounter.id) == 1)
-        .values(version=col(BundleCounter.version) + 1)
+    # One atomic UPDATE ... RETURNING: the row lock (PostgreSQL) or the write lock (SQLite) is
+    # held until this transaction stores the envelope, so no two signatures share a version.
+    counter = BundleCounter.__table__  # type: ignore[attr-defined]
+    return int(
+        session.execute(
+            update(counter)
+            .where(counter.c.id == 1)
+            .values(version=counter.c.version + 1)
+            .returning(counter.c.version)
+        ).scalar_one()
     )
-    counter = session.exec(select(BundleCounter).where(BundleCounter.id == 1)).one()
-    session.refresh(counter)
-    return counter.version
 
 
 def _providers(session: Session) -> Sequence[Provider]:
@@ -214,6 +225,18 @@ def _key_policy(key: VirtualKey) -> bundle_mod.KeyPolicy:
         rpm=key.rpm,
         tpm=key.tpm,
         expires_at=key.expires_at,
+        offline_grace_micros=key.offline_grace_micros,
+        token_budget=_token_budget(key),
+    )
+
+
+def _token_budget(key: VirtualKey) -> bundle_mod.TokenBudget | None:
+    if key.token_budget_tokens is None or key.token_budget_period is None:
+        return None
+    return bundle_mod.TokenBudget(
+        limit_tokens=key.token_budget_tokens,
+        period=cast(Period, key.token_budget_period),
+        rolling=key.token_budget_rolling,
     )
 
 

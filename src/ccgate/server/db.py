@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Engine, LargeBinary, event, make_url
+from sqlalchemy import URL, BigInteger, Engine, LargeBinary, event, make_url
 from sqlalchemy import create_engine as sa_create_engine
 from sqlmodel import Field, Session, SQLModel
 
@@ -84,6 +84,10 @@ class VirtualKey(SQLModel, table=True):
     revoked_at: float | None = None
     auth: str = "provider"
     created_at: float
+    offline_grace_micros: int = Field(default=0, sa_type=BigInteger)
+    token_budget_tokens: int | None = Field(default=None, sa_type=BigInteger)
+    token_budget_period: str | None = None
+    token_budget_rolling: bool = False
 
 
 class Device(SQLModel, table=True):
@@ -145,6 +149,29 @@ class UsageRow(SQLModel, table=True):
     session_id: str | None = None
     provider: str | None = None
     billing: str | None = None
+    lease_id: str | None = None
+
+
+class Lease(SQLModel, table=True):
+    """A slice of budget granted to one device; see ``ccgate.server.leases``."""
+
+    __tablename__ = "leases"
+    id: str = Field(primary_key=True)
+    key_id: str
+    device_id: str
+    team_id: str | None = None
+    customer_id: str | None = None
+    granted_micros: int = Field(sa_type=BigInteger)
+    used_micros: int = Field(default=0, sa_type=BigInteger)
+    issued_at: float
+    expires_at: float
+    returned_at: float | None = None
+    key_window_start: float | None = None
+    team_window_start: float | None = None
+    customer_window_start: float | None = None
+    key_until: float
+    team_until: float | None = None
+    customer_until: float | None = None
 
 
 class PriceOverride(SQLModel, table=True):
@@ -160,9 +187,11 @@ def sqlite_url(path: Path) -> str:
 
 def create_engine(url: str) -> Engine:
     """An engine for ``url``; a SQLite file is created 0600 first (it holds key hashes)."""
-    parsed = make_url(url)
+    parsed = _with_driver(make_url(url))
     if parsed.get_backend_name() != "sqlite":
-        return sa_create_engine(url, pool_pre_ping=True)
+        # Each replica serves many concurrent requests from worker threads: a pool per replica
+        # big enough for them, well under PostgreSQL's default 100 connections for a few replicas.
+        return sa_create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=10)
     if parsed.database and parsed.database != ":memory:":
         _touch_private(Path(parsed.database))
     engine = sa_create_engine(
@@ -170,6 +199,17 @@ def create_engine(url: str) -> Engine:
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _with_driver(url: URL) -> URL:
+    # ``postgresql://`` alone means psycopg2 to SQLAlchemy; ccgate ships psycopg 3.
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def is_postgres(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
@@ -218,5 +258,6 @@ TABLE_NAMES = (
     "bundles",
     "usage",
     "price_overrides",
+    "leases",
 )
 """Every table the migrations create (besides ``migrations``)."""

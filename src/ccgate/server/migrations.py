@@ -30,6 +30,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
 )
 
 Migration = Callable[[Connection], None]
@@ -221,7 +222,70 @@ def m004_prices(conn: Connection) -> None:
     _create(meta, conn)
 
 
-MIGRATIONS: Sequence[Migration] = (m001_initial, m002_bundles, m003_usage, m004_prices)
+def m005_leases(conn: Connection) -> None:
+    """Budget leases (docs/protocol.md, "Budget leases"), and the lease each usage record names.
+
+    A lease copies the key's team and customer at grant time, like usage does at ingest, so a
+    key moved later does not move its outstanding slices. Per level it keeps the window start it
+    was granted in (for the admin's eyes and for ``limited_by``) and ``*_until``: the instant the
+    lease stops holding that level's budget even if never returned. That is the end of the
+    calendar window, or for a rolling window ``expires_at`` + its span, when every record made
+    under the lease has aged out of the window. Returned leases hold nothing.
+    """
+    meta = MetaData()
+    leases = Table(
+        "leases",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("key_id", String(32), nullable=False),
+        Column("device_id", String(32), nullable=False),
+        Column("team_id", String(32), nullable=True),
+        Column("customer_id", String(32), nullable=True),
+        Column("granted_micros", BigInteger, nullable=False),
+        Column("used_micros", BigInteger, nullable=False),
+        Column("issued_at", Float, nullable=False),
+        Column("expires_at", Float, nullable=False),
+        Column("returned_at", Float, nullable=True),
+        Column("key_window_start", Float, nullable=True),
+        Column("team_window_start", Float, nullable=True),
+        Column("customer_window_start", Float, nullable=True),
+        Column("key_until", Float, nullable=False),
+        Column("team_until", Float, nullable=True),
+        Column("customer_until", Float, nullable=True),
+    )
+    # The grant sums the open leases of one level: these make that an index range scan.
+    Index("ix_leases_key_open", leases.c.key_id, leases.c.returned_at, leases.c.key_until)
+    Index("ix_leases_team_open", leases.c.team_id, leases.c.returned_at, leases.c.team_until)
+    Index(
+        "ix_leases_customer_open",
+        leases.c.customer_id,
+        leases.c.returned_at,
+        leases.c.customer_until,
+    )
+    _create(meta, conn)
+    conn.execute(text("ALTER TABLE usage ADD COLUMN lease_id VARCHAR(32)"))
+
+
+def m006_key_limits(conn: Connection) -> None:
+    """Per-key offline grace (micro-dollars beyond the lease while the server is unreachable) and
+    the token budget for seat users (issue #6), both carried in the bundle's key policy."""
+    for column in (
+        "offline_grace_micros BIGINT DEFAULT 0 NOT NULL",
+        "token_budget_tokens BIGINT",
+        "token_budget_period VARCHAR(8)",
+        "token_budget_rolling BOOLEAN DEFAULT FALSE NOT NULL",
+    ):
+        conn.execute(text(f"ALTER TABLE keys ADD COLUMN {column}"))
+
+
+MIGRATIONS: Sequence[Migration] = (
+    m001_initial,
+    m002_bundles,
+    m003_usage,
+    m004_prices,
+    m005_leases,
+    m006_key_limits,
+)
 
 
 def applied(engine: Engine) -> list[str]:
@@ -233,8 +297,28 @@ def applied(engine: Engine) -> list[str]:
         return [row[0] for row in rows]
 
 
+_PG_MIGRATION_LOCK = 0x63636761  # "ccga": any constant shared by every replica
+
+
 def migrate(engine: Engine, *, upto: int | None = None) -> list[str]:
-    """Apply every migration not yet recorded (the first ``upto`` only, for tests); return names."""
+    """Apply every migration not yet recorded (the first ``upto`` only, for tests); return names.
+
+    On PostgreSQL a session advisory lock serialises replicas that start at the same moment, so
+    exactly one of them runs each step and the others then find it recorded.
+    """
+    if engine.dialect.name != "postgresql":
+        return _migrate(engine, upto=upto)
+    with engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        holder.commit()
+        try:
+            return _migrate(engine, upto=upto)
+        finally:
+            holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            holder.commit()
+
+
+def _migrate(engine: Engine, *, upto: int | None) -> list[str]:
     _migrations_table.create(engine, checkfirst=True)
     done = set(applied(engine))
     ran: list[str] = []

@@ -55,6 +55,14 @@ SCHEMAS: dict[str, Any] = {
         },
         required=("limit_micros", "period"),
     ),
+    "TokenBudget": _obj(
+        {
+            "limit_tokens": _INT,
+            "period": {"enum": ["1d", "1w", "1M"]},
+            "rolling": _BOOL,
+        },
+        required=("limit_tokens", "period"),
+    ),
     "Provider": _obj(
         {
             "id": _STR,
@@ -103,6 +111,8 @@ SCHEMAS: dict[str, Any] = {
             "tpm": _nullable(_INT),
             "expires_at": _nullable(_NUM),
             "auth": {"enum": ["provider", "passthrough"]},
+            "offline_grace_micros": _INT,
+            "token_budget": _nullable(_ref("TokenBudget")),
         }
     ),
     "KeyCreate": {
@@ -122,6 +132,8 @@ SCHEMAS: dict[str, Any] = {
             "expires_at": _nullable(_NUM),
             "revoked_at": _nullable(_NUM),
             "auth": _STR,
+            "offline_grace_micros": _INT,
+            "token_budget": _nullable(_ref("TokenBudget")),
             "created_at": _NUM,
         }
     ),
@@ -148,13 +160,56 @@ SCHEMAS: dict[str, Any] = {
             "session_id": _nullable(_STR),
             "provider": _nullable(_STR),
             "billing": _nullable(_STR),
+            "lease_id": _nullable({"type": "string", "pattern": "^lse_[0-9a-f]{16}$"}),
         },
         required=("id", "started_at"),
     ),
     "LevelSpent": _obj({"period_start": _nullable(_NUM), "spent_micros": _INT}),
+    "KeySpent": {
+        "allOf": [
+            _ref("LevelSpent"),
+            _obj(
+                {"tokens": _INT},
+                required=("tokens",),
+            ),
+        ],
+        "description": "tokens: input + output + cache writes in the token budget's window.",
+    },
+    "LeaseRequest": _obj(
+        {
+            "want_micros": _INT,
+            "rate_micros_per_s": _NUM,
+            "return": {"type": "array", "items": _STR, "maxItems": 100},
+        },
+        required=("want_micros",),
+    ),
+    "Lease": _obj(
+        {"id": _STR, "granted_micros": _INT, "expires_at": _NUM, "issued_at": _NUM},
+        required=("id", "granted_micros", "expires_at", "issued_at"),
+    ),
+    "Limited": _obj(
+        {
+            "level": {"enum": ["key", "team", "customer"]},
+            "name": _STR,
+            "limit_micros": _INT,
+            "spent_micros": _INT,
+            "outstanding_micros": _INT,
+            "window_start": _NUM,
+            "resets": _STR,
+        }
+    ),
+    "LeaseGrant": _obj(
+        {
+            "lease": _nullable(_ref("Lease")),
+            "unlimited": _BOOL,
+            "limited_by": _nullable(_ref("Limited")),
+            "spent": _ref("Spent"),
+        },
+        required=("lease", "unlimited", "limited_by", "spent"),
+    ),
     "Spent": _obj(
         {
-            "key": _ref("LevelSpent"),
+            "key": _ref("KeySpent"),
             "team": _nullable(_ref("LevelSpent")),
             "customer": _nullable(_ref("LevelSpent")),
         }
@@ -274,6 +329,24 @@ def _public_paths() -> dict[str, Any]:
                 body=_obj({"records": {"type": "array", "items": _ref("UsageRecord")}}),
                 security=key,
                 params=[_DEVICE],
+            )
+        },
+        "/v1/leases": {
+            "post": _op(
+                "Return the leases listed, then grant a slice of every budget level's remainder",
+                ok=_ref("LeaseGrant"),
+                body=_ref("LeaseRequest"),
+                security=key,
+                params=[_DEVICE],
+            )
+        },
+        "/v1/leases/{lease_id}/return": {
+            "post": _op(
+                "Return a lease (idempotent): what it did not use goes back to the budget",
+                ok=_obj({"returned": {"const": True}, "used_micros": _INT}),
+                body={"type": "object"},
+                security=key,
+                params=[_DEVICE, _param("lease_id", "path", _STR, required=True)],
             )
         },
     }

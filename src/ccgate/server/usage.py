@@ -1,14 +1,16 @@
 """Usage records from daemons: idempotent ingest, per-level spend, and admin rollups.
 
-Ingest is check-then-insert in one transaction: ids already stored (or repeated within the batch)
-are counted as duplicates, the rest inserted. Two replicas racing on the same id make one commit
-fail on the primary key; that batch is retried once and then sees the other's rows, so a
-duplicate is never an error and never counted twice. Each record is attributed to the key's team
-and customer as they are at ingest.
+Ingest is one ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` per batch: the database
+says which ids are new, so ids already stored (or repeated within the batch) are duplicates, and
+two replicas racing on the same id count it once (the loser waits on the winner's transaction,
+then skips the row). A new record that names a lease of its key adds its cost to that lease's
+``used`` in the same transaction, so the money moves from outstanding to spent at once (see
+``leases``). Each record is attributed to the key's team and customer as they are at ingest.
 
 Spent: for each level with a budget, the sum over that level's current window
 (``periods.window``: calendar or rolling) of every machine's records, by ``started_at``. A level
-without a budget has no window: it reports ``period_start: null`` and its all-time spend.
+without a budget has no window: it reports ``period_start: null`` and its all-time spend. The
+key's entry also carries ``tokens`` for the daemon's token budget (issue #6).
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from sqlalchemy import Engine, func
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, func, update
 from sqlmodel import Session, col, select
 
 from ccgate import periods
 from ccgate.server import db
 from ccgate.server.admin import key_levels
-from ccgate.server.db import Customer, Device, Team, UsageRow, VirtualKey
+from ccgate.server.db import Customer, Device, Lease, Team, UsageRow, VirtualKey
 from ccgate.server.errors import InvalidRequestError
 
 MAX_BATCH: Final = 1000
@@ -42,6 +43,7 @@ _COUNT_FIELDS: Final = (
     "cost_micros",
 )
 _ID = re.compile(r"[0-9a-f]{32}")
+_LEASE_ID = re.compile(r"lse_[0-9a-f]{16}")
 _MAX_COUNT = 2**62
 
 UsageBy = Literal["key", "team", "customer"]
@@ -59,10 +61,7 @@ def ingest(
             f"A batch holds at most {MAX_BATCH} records; got {len(records)}. Split it."
         )
     parsed = [_record(r, index=i) for i, r in enumerate(records)]
-    try:
-        accepted = _insert_new(engine, key, device, parsed, now=now)
-    except IntegrityError:
-        accepted = _insert_new(engine, key, device, parsed, now=now)  # lost a race: see above
+    accepted = _insert_new(engine, key, device, parsed, now=now) if parsed else 0
     with db.session(engine) as session:
         spent = spent_for(session, key, now=now)
     return {"accepted": accepted, "duplicates": len(parsed) - accepted, "spent": spent}
@@ -76,28 +75,65 @@ def _insert_new(
     *,
     now: float,
 ) -> int:
+    # First occurrence wins within a batch; sorted by id so two transactions inserting
+    # overlapping batches wait on each other in the same order and never deadlock.
+    unique = sorted({r["id"]: r for r in reversed(records)}.values(), key=lambda r: r["id"])
     with db.session(engine) as session:
         team, customer = key_levels(session, key)
-        ids = [r["id"] for r in records]
-        seen = set(session.exec(select(UsageRow.id).where(col(UsageRow.id).in_(ids))).all())
-        accepted = 0
-        for record in records:
-            if record["id"] in seen:
-                continue
-            seen.add(record["id"])
-            session.add(
-                UsageRow(
-                    **record,
-                    key_id=key.id,
-                    team_id=team.id if team else None,
-                    customer_id=customer.id if customer else None,
-                    device_id=device.id,
-                    received_at=now,
-                )
-            )
-            accepted += 1
+        leases = _own_leases(session, key, {r["lease_id"] for r in unique if r["lease_id"]})
+        rows = [
+            {
+                **record,
+                "lease_id": record["lease_id"] if record["lease_id"] in leases else None,
+                "key_id": key.id,
+                "team_id": team.id if team else None,
+                "customer_id": customer.id if customer else None,
+                "device_id": device.id,
+                "received_at": now,
+            }
+            for record in unique
+        ]
+        inserted = set(session.execute(_insert_ignoring_duplicates(session), rows).scalars())
+        _charge_leases(session, [r for r in rows if r["id"] in inserted])
         session.commit()
-    return accepted
+    return len(inserted)
+
+
+def _insert_ignoring_duplicates(session: Session) -> Any:
+    """``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` in the session's dialect.
+
+    The database decides which ids are new, atomically: a replica racing on the same id waits
+    for the other's transaction and then skips the row, so each record is counted (and charged
+    to its lease) exactly once, with no retry loop.
+    """
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = postgresql if db.is_postgres(session.get_bind()) else sqlite  # type: ignore[arg-type]
+    table = UsageRow.__table__  # type: ignore[attr-defined]
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=["id"]).returning(table.c.id)
+
+
+def _own_leases(session: Session, key: VirtualKey, ids: set[str]) -> set[str]:
+    # A lease of another key is not charged (nor recorded on the row): its outstanding is the
+    # other key's, and a daemon cannot move money between keys by naming a foreign lease.
+    if not ids:
+        return set()
+    query = select(Lease.id).where(col(Lease.id).in_(sorted(ids)), Lease.key_id == key.id)
+    return set(session.exec(query).all())
+
+
+def _charge_leases(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add each new record's cost to its lease's ``used``: outstanding moves to spent."""
+    totals: dict[str, int] = {}
+    for row in rows:
+        if row["lease_id"]:
+            totals[row["lease_id"]] = totals.get(row["lease_id"], 0) + row["cost_micros"]
+    for lease_id in sorted(totals):  # a fixed order: concurrent ingests never deadlock
+        session.execute(
+            update(Lease)
+            .where(col(Lease.id) == lease_id)
+            .values(used_micros=col(Lease.used_micros) + totals[lease_id])
+        )
 
 
 def _record(raw: Any, *, index: int) -> dict[str, Any]:
@@ -124,6 +160,10 @@ def _record(raw: Any, *, index: int) -> dict[str, Any]:
     record["streamed"] = bool(raw.get("streamed", False))
     for name in ("model", "session_id", "provider", "billing"):
         record[name] = _optional(raw, name, str, where)
+    lease_id = raw.get("lease_id")
+    if lease_id is not None and not (isinstance(lease_id, str) and _LEASE_ID.fullmatch(lease_id)):
+        raise InvalidRequestError(f"{where}.lease_id must be a lease id (lse_ and 16 hex).")
+    record["lease_id"] = lease_id
     return record
 
 
@@ -142,7 +182,10 @@ def _optional(raw: Mapping[str, Any], name: str, kind: Any, where: str) -> Any:
 def spent_for(session: Session, key: VirtualKey, *, now: float) -> dict[str, Any]:
     team, customer = key_levels(session, key)
     return {
-        "key": _level_spent(session, UsageRow.key_id, key, now=now),
+        "key": {
+            **_level_spent(session, UsageRow.key_id, key, now=now),
+            **_tokens(session, key, now=now),
+        },
         "team": None if team is None else _level_spent(session, UsageRow.team_id, team, now=now),
         "customer": (
             None
@@ -167,6 +210,26 @@ def _level_spent(
         "period_start": None if start is None else _plain_number(start),
         "spent_micros": int(total),
     }
+
+
+def _tokens(session: Session, key: VirtualKey, *, now: float) -> dict[str, int]:
+    """Tokens (input + output + cache writes) the key used in its token budget's window.
+
+    Without a token budget the window is the money budget's (all time without either), so the
+    figure always sits beside a meaningful ``period_start``.
+    """
+    start: float | None = None
+    if key.token_budget_tokens is not None and key.token_budget_period is not None:
+        period = periods.parse_period(key.token_budget_period)
+        start = periods.window(period, rolling=key.token_budget_rolling, now=now)[0]
+    elif key.budget_micros is not None and key.budget_period is not None:
+        period = periods.parse_period(key.budget_period)
+        start = periods.window(period, rolling=key.budget_rolling, now=now)[0]
+    summed = UsageRow.input_tokens + UsageRow.output_tokens + UsageRow.cache_creation_input_tokens
+    query = select(func.coalesce(func.sum(summed), 0)).where(UsageRow.key_id == key.id)
+    if start is not None:
+        query = query.where(UsageRow.started_at >= start)
+    return {"tokens": int(session.exec(query).one())}
 
 
 def _plain_number(value: float) -> float | int:

@@ -77,6 +77,25 @@ def budget(value: Any) -> tuple[int, str, bool] | None:
     return limit, periods.parse_period(period), rolling
 
 
+def token_budget(value: Any) -> tuple[int, str, bool] | None:
+    """A TokenBudget object -> (limit_tokens, period, rolling), or None for no token budget."""
+    if value is None:
+        return None
+    body = mapping(value, what="'token_budget'")
+    limit = body.get("limit_tokens")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_MICROS:
+        raise InvalidRequestError(
+            f"'token_budget.limit_tokens' must be a whole number of tokens >= 0; got {limit!r}."
+        )
+    period = body.get("period")
+    if period not in ("1d", "1w", "1M"):
+        raise InvalidRequestError(f"'token_budget.period' must be 1d, 1w or 1M; got {period!r}.")
+    rolling = body.get("rolling", False)
+    if not isinstance(rolling, bool):
+        raise InvalidRequestError("'token_budget.rolling' must be true or false.")
+    return limit, periods.parse_period(period), rolling
+
+
 def models(value: Any) -> list[str]:
     if value is None:
         return []

@@ -1,0 +1,293 @@
+"""The server benchmark (docs/benchmarks.md, "Server"): a real ``ccgate server run`` on loopback.
+
+Measures, on SQLite and (with ``--postgres-url``) on PostgreSQL:
+
+- usage ingest: records per second, in batches of 1,000 per ``POST /v1/usage`` (the daemon's
+  maximum), from a few concurrent clients;
+- bundle polls answered 304 per second (``If-None-Match`` equal to the current ETag);
+- fleet sync: the wall time for N simulated daemons (default 10,000) to sync once, each one
+  ``POST /v1/usage`` with a small batch plus one bundle poll, with bounded concurrency.
+
+Setup (keys, device registrations, each device's first bundle) is not timed. Everything runs on
+127.0.0.1 with a throw-away ``CCGATE_HOME``; a PostgreSQL run gets a fresh database that is
+dropped afterwards. Run: ``.venv/bin/python -m bench.server_bench [--postgres-url URL]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ccgate import paths
+from ccgate.bundle import DeviceKey
+from ccgate.server import db
+from ccgate.server.state import init_server
+
+KEYS = 100  # devices are spread over this many virtual keys
+
+
+@dataclass(frozen=True)
+class Result:
+    database: str
+    ingest_records_per_s: float
+    polls_304_per_s: float
+    daemons: int
+    fleet_sync_s: float
+    fleet_syncs_per_s: float
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _server(home: Path, url: str) -> Iterator[str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["CCGATE_HOME"] = str(home)
+    with open(home / "server.log", "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ccgate",
+                "server",
+                "run",
+                "--db",
+                url,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/healthz", timeout=0.5).status_code == 200:
+                    break
+            if process.poll() is not None:
+                raise RuntimeError((home / "server.log").read_text())
+            time.sleep(0.05)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def _record(cost: int = 1_000) -> dict[str, Any]:
+    return {
+        "id": secrets.token_hex(16),
+        "started_at": time.time(),
+        "outcome": "ok",
+        "model": "claude-sonnet-4-5",
+        "input_tokens": 1_200,
+        "output_tokens": 300,
+        "cost_micros": cost,
+    }
+
+
+async def _bounded(jobs: Sequence[Callable[[], Awaitable[None]]], concurrency: int) -> float:
+    """Run every job with at most ``concurrency`` in flight; return the wall time."""
+    queue = list(reversed(jobs))
+
+    async def worker() -> None:
+        while queue:
+            await queue.pop()()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - start
+
+
+@dataclass
+class _Device:
+    headers: dict[str, str]
+    etag: str = ""
+
+
+async def _setup(http: httpx.AsyncClient, token: str, devices: int) -> list[_Device]:
+    admin = {"authorization": f"Bearer {token}"}
+    keys = []
+    for i in range(KEYS):
+        created = await http.post("/admin/v1/keys", headers=admin, json={"name": f"k{i}"})
+        created.raise_for_status()
+        keys.append(created.json()["key"])
+    fleet: list[_Device] = []
+    public = base64.b64encode(DeviceKey.generate().public_bytes).decode()
+
+    async def register(i: int) -> None:
+        key = keys[i % KEYS]
+        response = await http.post(
+            "/v1/devices",
+            headers={"authorization": f"Bearer {key}"},
+            json={"public_key": public, "name": f"m{i}"},
+        )
+        response.raise_for_status()
+        device = _Device({"authorization": f"Bearer {key}", "x-ccgate-device": ""})
+        device.headers["x-ccgate-device"] = response.json()["device_id"]
+        first = await http.get("/v1/bundle", headers=device.headers)
+        first.raise_for_status()
+        device.etag = first.headers["etag"]
+        fleet.append(device)
+
+    await _bounded([functools.partial(register, i) for i in range(devices)], 32)
+    return fleet
+
+
+async def _ingest(http: httpx.AsyncClient, device: _Device, *, records: int) -> float:
+    async def push() -> None:
+        batch = [_record() for _ in range(1_000)]
+        response = await http.post("/v1/usage", headers=device.headers, json={"records": batch})
+        response.raise_for_status()
+        assert response.json()["accepted"] == 1_000
+
+    elapsed = await _bounded([push for _ in range(records // 1_000)], 4)
+    return records / elapsed
+
+
+async def _polls(http: httpx.AsyncClient, fleet: Sequence[_Device], *, polls: int) -> float:
+    async def poll(device: _Device) -> None:
+        response = await http.get(
+            "/v1/bundle", headers={**device.headers, "if-none-match": device.etag}
+        )
+        assert response.status_code == 304, response.status_code
+
+    jobs = [functools.partial(poll, fleet[i % len(fleet)]) for i in range(polls)]
+    elapsed = await _bounded(jobs, 32)
+    return polls / elapsed
+
+
+async def _fleet_sync(
+    http: httpx.AsyncClient, fleet: Sequence[_Device], *, concurrency: int
+) -> float:
+    async def sync(device: _Device) -> None:
+        batch = [_record() for _ in range(5)]
+        pushed = await http.post("/v1/usage", headers=device.headers, json={"records": batch})
+        pushed.raise_for_status()
+        polled = await http.get(
+            "/v1/bundle", headers={**device.headers, "if-none-match": device.etag}
+        )
+        assert polled.status_code in (200, 304)
+
+    return await _bounded([functools.partial(sync, d) for d in fleet], concurrency)
+
+
+async def _measure(base: str, token: str, args: argparse.Namespace, label: str) -> Result:
+    # A fresh client per phase: connections left idle between phases are closed by the server's
+    # keep-alive timeout, and reusing one would fail the next phase's first requests.
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=64)
+
+    def client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=base, timeout=120, limits=limits)
+
+    print(f"[{label}] registering {args.daemons} devices...", file=sys.stderr)
+    async with client() as http:
+        fleet = await _setup(http, token, args.daemons)
+    async with client() as http:
+        ingest = await _ingest(http, fleet[0], records=args.records)
+    async with client() as http:
+        polls = await _polls(http, fleet, polls=args.polls)
+    async with client() as http:
+        sync_s = await _fleet_sync(http, fleet, concurrency=args.concurrency)
+    return Result(
+        database=label,
+        ingest_records_per_s=round(ingest),
+        polls_304_per_s=round(polls),
+        daemons=len(fleet),
+        fleet_sync_s=round(sync_s, 2),
+        fleet_syncs_per_s=round(len(fleet) / sync_s),
+    )
+
+
+@contextlib.contextmanager
+def _postgres_database(admin_url: str) -> Iterator[str]:
+    import psycopg
+    from sqlalchemy import make_url
+
+    name = f"ccgate_bench_{secrets.token_hex(4)}"
+    conninfo = make_url(admin_url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _run_one(label: str, url_for: Callable[[Path], str], args: argparse.Namespace) -> Result:
+    with tempfile.TemporaryDirectory(prefix="ccgate-server-bench-") as tmp:
+        home = Path(tmp)
+        url = url_for(home)
+        resolved = paths.Paths(config_dir=home, data_dir=home, state_dir=home)
+        token = init_server(paths=resolved, environ={}, db_url=url).admin_token
+        with _server(home, url) as base:
+            return asyncio.run(_measure(base, token, args, label))
+
+
+def _table(results: Sequence[Result]) -> str:
+    lines = [
+        "| database | ingest (records/s, 1,000 per POST) | bundle polls 304/s "
+        "| daemons | fleet sync (s) | syncs/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.database} | {r.ingest_records_per_s:,.0f} | {r.polls_304_per_s:,.0f} "
+        f"| {r.daemons:,} | {r.fleet_sync_s} | {r.fleet_syncs_per_s:,.0f} |"
+        for r in results
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--postgres-url", help="also run on PostgreSQL (a fresh database in it)")
+    parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--polls", type=int, default=10_000)
+    parser.add_argument("--daemons", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    results = []
+    if not args.skip_sqlite:
+        results.append(_run_one("SQLite", lambda home: db.sqlite_url(home / "bench.db"), args))
+    if args.postgres_url:
+        with _postgres_database(args.postgres_url) as url:
+            results.append(_run_one("PostgreSQL", lambda _home: url, args))
+    print(_table(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
