@@ -129,7 +129,9 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     profile = profiles.load(paths)
     governor = None
     if profile is not None:
-        governor = Governor.from_profile(paths=paths, profile=profile, ledger=ledger)
+        governor = Governor.from_profile(
+            paths=paths, profile=profile, ledger=ledger, passthrough_upstream=config.upstream_url
+        )
         governor.load(now=time.time())
         settings = replace(settings, mode="server", passthrough=governor.passthrough)
     gateway = Gateway(

@@ -46,6 +46,7 @@ from ccgate.wallet import GRACE, Lease, TokenMeter, Wallet
 
 log = logging.getLogger("ccgate.governor")
 
+DEFAULT_PASSTHROUGH_UPSTREAM = "https://api.anthropic.com"
 SYNC_BATCH = 1000
 SYNC_INTERVAL_S = 2.0
 LEASE_WAIT_S = 10.0
@@ -198,8 +199,10 @@ class Governor:
         device: DeviceKey,
         store: BundleStore,
         ledger: Ledger,
+        passthrough_upstream: str = DEFAULT_PASSTHROUGH_UPSTREAM,
     ) -> None:
         self.profile = profile
+        self.passthrough_upstream = passthrough_upstream
         self.ledger = ledger
         self.key = key
         self.device = device
@@ -220,7 +223,14 @@ class Governor:
         self._lease_wake = anyio.Event()
 
     @classmethod
-    def from_profile(cls, *, paths: Paths, profile: profiles.Profile, ledger: Ledger) -> Governor:
+    def from_profile(
+        cls,
+        *,
+        paths: Paths,
+        profile: profiles.Profile,
+        ledger: Ledger,
+        passthrough_upstream: str = "",
+    ) -> Governor:
         """The daemon's governor: secrets from the store, bundle under the state dir."""
         key, device_private = profiles.secrets(paths, profile.name)
         store = BundleStore(
@@ -234,6 +244,7 @@ class Governor:
             device=DeviceKey.from_private_bytes(device_private),
             store=store,
             ledger=ledger,
+            passthrough_upstream=passthrough_upstream or DEFAULT_PASSTHROUGH_UPSTREAM,
         )
 
     @property
@@ -288,10 +299,10 @@ class Governor:
     def _pick_upstream(self, bundle: Bundle) -> Upstream | None:
         passthrough = bundle.key.auth == "passthrough"
         if passthrough:
-            # The user's own login authenticates upstream; the provider is Anthropic's API.
-            first = min(bundle.providers, key=lambda p: p.priority, default=None)
-            base = first.base_url if first else "https://api.anthropic.com"
-            return Upstream(base, None, first.name if first else "anthropic", True)
+            # The user's own login (a seat or subscription) only works with Anthropic's API, and
+            # the server sends no provider keys for it: the daemon's own upstream setting
+            # (`ccgate up --upstream`, default api.anthropic.com) is where it goes.
+            return Upstream(self.passthrough_upstream, None, "anthropic", True)
         if not bundle.providers:
             return None
         entry = min(bundle.providers, key=lambda p: p.priority)

@@ -922,6 +922,13 @@ class FakeUpstream:
         assert self._server is not None and self._socket is not None
         self._loop = asyncio.get_running_loop()
         await self._server.serve(sockets=[self._socket])
+        # A connection accepted while uvicorn was shutting down can outlive serve(); close it
+        # here, on its own loop, rather than leave an unclosed socket to the garbage collector.
+        for connection in list(self._server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        await asyncio.sleep(0)
 
     def _wait_started(self, *, timeout: float) -> None:
         deadline = time.monotonic() + timeout
