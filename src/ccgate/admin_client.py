@@ -14,12 +14,13 @@ from urllib.parse import quote
 
 import httpx
 
+from ccgate import env
 from ccgate.errors import CcgateError, ExitCode
 
-CCGATE_SERVER_URL: Final = "CCGATE_SERVER_URL"
+CCGATE_SERVER_URL: Final = env.CCGATE_SERVER_URL
 """The ccgate server the admin CLI talks to."""
 
-CCGATE_ADMIN_TOKEN: Final = "CCGATE_ADMIN_TOKEN"
+CCGATE_ADMIN_TOKEN: Final = env.CCGATE_ADMIN_TOKEN
 """The admin token `ccgate server init` printed."""
 
 DEFAULT_SERVER_URL: Final = "http://127.0.0.1:8790"

@@ -23,3 +23,22 @@ CCGATE_SERVER_URL = "CCGATE_SERVER_URL"
 
 CCGATE_ADMIN_TOKEN = "CCGATE_ADMIN_TOKEN"
 """The admin token for `ccgate admin ...`."""
+
+CCGATE_KEY_PREFIX = "CCGATE_KEY_"
+"""`ccgate run --key NAME` reads the key from CCGATE_KEY_<NAME> (upper-cased): CI secrets."""
+
+CCGATE_SERVER_FINGERPRINT = "CCGATE_SERVER_FINGERPRINT"
+"""Pins the server key for `ccgate run` on a runner that never ran `ccgate login`."""
+
+CCGATE_SERVER_SECRET = "CCGATE_SERVER_SECRET"
+"""The server's secret for encrypting provider keys (base64), instead of its 0600 file."""
+
+ANTHROPIC_BASE_URL = "ANTHROPIC_BASE_URL"
+ANTHROPIC_AUTH_TOKEN = "ANTHROPIC_AUTH_TOKEN"
+"""What Claude Code reads to find its gateway and the token to send it."""
+
+XDG_CONFIG_HOME = "XDG_CONFIG_HOME"
+XDG_DATA_HOME = "XDG_DATA_HOME"
+XDG_STATE_HOME = "XDG_STATE_HOME"
+PYTHON_KEYRING_BACKEND = "PYTHON_KEYRING_BACKEND"
+"""Not ccgate's, but they decide which files and keyring it uses (copied into service units)."""

@@ -63,14 +63,14 @@ from ccgate.ledger import Ledger, RequestRecord
 from ccgate.paths import Paths, claude_settings_file
 from ccgate.proxy import CCGATE_KEY_HEADER
 
-KEY_ENV_PREFIX = "CCGATE_KEY_"
+KEY_ENV_PREFIX = env.CCGATE_KEY_PREFIX
 """``CCGATE_KEY_<NAME>`` holds the virtual key of ``ccgate run --key NAME``."""
 
-SERVER_FINGERPRINT_ENV = "CCGATE_SERVER_FINGERPRINT"
+SERVER_FINGERPRINT_ENV = env.CCGATE_SERVER_FINGERPRINT
 """Pins the server key for a run that logs in by itself (``SHA256:...``)."""
 
-ANTHROPIC_BASE_URL = "ANTHROPIC_BASE_URL"
-ANTHROPIC_AUTH_TOKEN = "ANTHROPIC_AUTH_TOKEN"
+ANTHROPIC_BASE_URL = env.ANTHROPIC_BASE_URL
+ANTHROPIC_AUTH_TOKEN = env.ANTHROPIC_AUTH_TOKEN
 FLUSH_TIMEOUT_S = 15.0
 SLOW_FLUSH_S = 1.0
 

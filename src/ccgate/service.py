@@ -35,11 +35,10 @@ LAUNCHD_LABEL = "dev.ccgate.daemon"
 
 # Not secrets, and each changes which files the daemon reads: without them a service started
 # outside the user's shell would use another ledger or miss the key the CLI stored.
-# (These names belong in ``ccgate.env`` once that module lists them.)
-XDG_CONFIG_HOME = "XDG_CONFIG_HOME"
-XDG_DATA_HOME = "XDG_DATA_HOME"
-XDG_STATE_HOME = "XDG_STATE_HOME"
-PYTHON_KEYRING_BACKEND = "PYTHON_KEYRING_BACKEND"
+XDG_CONFIG_HOME = env.XDG_CONFIG_HOME
+XDG_DATA_HOME = env.XDG_DATA_HOME
+XDG_STATE_HOME = env.XDG_STATE_HOME
+PYTHON_KEYRING_BACKEND = env.PYTHON_KEYRING_BACKEND
 PASSED_THROUGH = (
     env.CCGATE_HOME,
     XDG_CONFIG_HOME,

@@ -31,11 +31,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Engine
 from sqlmodel import select
 
+from ccgate import env
 from ccgate.paths import Paths
 from ccgate.server import db
 from ccgate.server.errors import ServerStateError
 
-CCGATE_SERVER_SECRET = "CCGATE_SERVER_SECRET"
+CCGATE_SERVER_SECRET = env.CCGATE_SERVER_SECRET
 """Base64 of 32 bytes: the server secret, instead of the 0600 file (e.g. for several replicas)."""
 
 ADMIN_TOKEN_PREFIX = "cga-"
