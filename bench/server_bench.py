@@ -50,6 +50,7 @@ class Result:
     daemons: int
     fleet_sync_s: float
     fleet_syncs_per_s: float
+    retried_requests: int
 
 
 def _free_port() -> int:
@@ -185,15 +186,30 @@ async def _polls(http: httpx.AsyncClient, fleet: Sequence[_Device], *, polls: in
     return polls / elapsed
 
 
+RETRIES = [0]
+
+
+async def _retrying(send: Any, url: str, **kwargs: Any) -> httpx.Response:
+    """Send once more after a dropped connection, as a daemon's sync would (counted)."""
+    try:
+        response: httpx.Response = await send(url, **kwargs)
+    except httpx.TransportError:
+        RETRIES[0] += 1
+        response = await send(url, **kwargs)
+    return response
+
+
 async def _fleet_sync(
     http: httpx.AsyncClient, fleet: Sequence[_Device], *, concurrency: int
 ) -> float:
     async def sync(device: _Device) -> None:
         batch = [_record() for _ in range(5)]
-        pushed = await http.post("/v1/usage", headers=device.headers, json={"records": batch})
+        pushed = await _retrying(
+            http.post, "/v1/usage", headers=device.headers, json={"records": batch}
+        )
         pushed.raise_for_status()
-        polled = await http.get(
-            "/v1/bundle", headers={**device.headers, "if-none-match": device.etag}
+        polled = await _retrying(
+            http.get, "/v1/bundle", headers={**device.headers, "if-none-match": device.etag}
         )
         assert polled.status_code in (200, 304)
 
@@ -215,6 +231,7 @@ async def _measure(base: str, token: str, args: argparse.Namespace, label: str) 
         ingest = await _ingest(http, fleet[0], records=args.records)
     async with client() as http:
         polls = await _polls(http, fleet, polls=args.polls)
+    RETRIES[0] = 0
     async with client() as http:
         sync_s = await _fleet_sync(http, fleet, concurrency=args.concurrency)
     return Result(
@@ -224,6 +241,7 @@ async def _measure(base: str, token: str, args: argparse.Namespace, label: str) 
         daemons=len(fleet),
         fleet_sync_s=round(sync_s, 2),
         fleet_syncs_per_s=round(len(fleet) / sync_s),
+        retried_requests=RETRIES[0],
     )
 
 
@@ -250,18 +268,24 @@ def _run_one(label: str, url_for: Callable[[Path], str], args: argparse.Namespac
         resolved = paths.Paths(config_dir=home, data_dir=home, state_dir=home)
         token = init_server(paths=resolved, environ={}, db_url=url).admin_token
         with _server(home, url) as base:
-            return asyncio.run(_measure(base, token, args, label))
+            try:
+                return asyncio.run(_measure(base, token, args, label))
+            except httpx.HTTPError:
+                log = (home / "server.log").read_text(errors="replace")
+                print(f"server log (last 3,000 characters):\n{log[-3000:]}", file=sys.stderr)
+                raise
 
 
 def _table(results: Sequence[Result]) -> str:
     lines = [
         "| database | ingest (records/s, 1,000 per POST) | bundle polls 304/s "
-        "| daemons | fleet sync (s) | syncs/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| daemons | fleet sync (s) | syncs/s | retried |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r.database} | {r.ingest_records_per_s:,.0f} | {r.polls_304_per_s:,.0f} "
-        f"| {r.daemons:,} | {r.fleet_sync_s} | {r.fleet_syncs_per_s:,.0f} |"
+        f"| {r.daemons:,} | {r.fleet_sync_s} | {r.fleet_syncs_per_s:,.0f} "
+        f"| {r.retried_requests} |"
         for r in results
     ]
     return "\n".join(lines)

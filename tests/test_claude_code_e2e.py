@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.support.harness import (
     ccgate,
     free_port,
     kill_pidfile_daemon,
+    run_claude,
 )
 
 pytestmark = pytest.mark.e2e
@@ -44,32 +44,7 @@ def gateway(isolated: Isolated, fake_upstream: FakeUpstream) -> Iterator[int]:
 
 
 def claude(prompt: str, *, model: str = "claude-sonnet-4-6") -> tuple[int, dict[str, Any]]:
-    # No ANTHROPIC_* variables: Claude Code must find the gateway through settings.json alone.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    env.update(
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
-        DISABLE_AUTOUPDATER="1",
-        CLAUDE_CODE_MAX_RETRIES="0",
-    )
-    result = subprocess.run(
-        [
-            str(CLAUDE_BIN),
-            "-p",
-            prompt,
-            "--output-format",
-            "json",
-            "--model",
-            model,
-            "--no-session-persistence",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    return result.returncode, json.loads(result.stdout)
+    return run_claude(prompt, model=model)
 
 
 def logs() -> list[dict[str, Any]]:

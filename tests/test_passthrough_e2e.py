@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,14 @@ from typer.testing import CliRunner
 
 from ccgate.cli import app
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
-from tests.support.harness import CLAUDE_BIN, Isolated, ccgate, free_port, kill_pidfile_daemon
+from tests.support.harness import (
+    CLAUDE_BIN,
+    Isolated,
+    ccgate,
+    free_port,
+    kill_pidfile_daemon,
+    run_claude,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -53,32 +59,7 @@ def passthrough(isolated: Isolated, oauth_upstream: FakeUpstream) -> Iterator[in
 
 
 def claude(prompt: str) -> tuple[int, dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    env.update(
-        CLAUDE_CODE_OAUTH_TOKEN=OAUTH,
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
-        DISABLE_AUTOUPDATER="1",
-        CLAUDE_CODE_MAX_RETRIES="0",
-    )
-    result = subprocess.run(
-        [
-            str(CLAUDE_BIN),
-            "-p",
-            prompt,
-            "--output-format",
-            "json",
-            "--model",
-            "claude-sonnet-4-6",
-            "--no-session-persistence",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    return result.returncode, json.loads(result.stdout)
+    return run_claude(prompt, extra_env={"CLAUDE_CODE_OAUTH_TOKEN": OAUTH})
 
 
 def cli_json(*args: str) -> Any:

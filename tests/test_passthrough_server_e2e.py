@@ -8,8 +8,6 @@ that token, so a request reaching it proves the login went through untouched.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +16,12 @@ import pytest
 
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.harness import (
-    CLAUDE_BIN,
     Isolated,
     Server,
     ccgate,
     free_port,
     kill_pidfile_daemon,
+    run_claude,
     run_server,
 )
 
@@ -76,32 +74,8 @@ def seat_up(server: Server, upstream: FakeUpstream, *options: str) -> str:
 
 
 def claude(model: str = "claude-sonnet-4-6") -> tuple[int, dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    env.update(
-        CLAUDE_CODE_OAUTH_TOKEN=OAUTH,
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
-        DISABLE_AUTOUPDATER="1",
-    )
-    # No CLAUDE_CODE_MAX_RETRIES: Claude Code's own policy decides, and must not retry these.
-    result = subprocess.run(
-        [
-            str(CLAUDE_BIN),
-            "-p",
-            "hi",
-            "--output-format",
-            "json",
-            "--model",
-            model,
-            "--no-session-persistence",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    return result.returncode, json.loads(result.stdout)
+    # Claude Code's own retry policy decides, and must not retry these refusals.
+    return run_claude(model=model, retries=None, extra_env={"CLAUDE_CODE_OAUTH_TOKEN": OAUTH})
 
 
 def messages(fake: FakeUpstream) -> list[Any]:

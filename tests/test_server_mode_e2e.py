@@ -8,7 +8,6 @@ real Claude Code CLI. Every limit must stop a request before it reaches the (fak
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,13 +20,13 @@ import pytest
 
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.harness import (
-    CLAUDE_BIN,
     UPSTREAM_KEY,
     Isolated,
     Server,
     ccgate,
     free_port,
     kill_pidfile_daemon,
+    run_claude,
     run_server,
 )
 
@@ -279,29 +278,9 @@ def test_claude_code_sees_a_blocked_model_as_403_without_retrying(
     key = create_key(server, "hana", "--models", "claude-haiku-4-5")
     login(server, key)
     up()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    env.update(CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1")
-    # No CLAUDE_CODE_MAX_RETRIES: Claude Code's own retry policy decides, and must not retry.
-    result = subprocess.run(
-        [
-            str(CLAUDE_BIN),
-            "-p",
-            "hi",
-            "--output-format",
-            "json",
-            "--model",
-            "claude-sonnet-4-6",
-            "--no-session-persistence",
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 1
-    output = json.loads(result.stdout)
+    # Claude Code's own retry policy decides, and must not retry a 403.
+    code, output = run_claude(retries=None)
+    assert code == 1
     assert output["is_error"] is True
     assert output["api_error_status"] == 403
     assert [r for r in fake_upstream.requests if r.path == "/v1/messages"] == []

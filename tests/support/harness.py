@@ -246,3 +246,31 @@ def run_server(
         )
     finally:
         stop_process(process)
+
+
+def run_claude(
+    prompt: str = "hi",
+    *,
+    model: str = "claude-sonnet-4-6",
+    retries: int | None = 0,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+) -> tuple[int, dict[str, Any]]:
+    """The real Claude Code CLI, offline and non-interactive, as claude-code-notes.md runs it.
+
+    No ANTHROPIC_* variables are passed: Claude Code must find the gateway through the
+    settings.json `ccgate up` wrote. ``retries=None`` keeps Claude Code's own retry policy
+    (for tests that assert it does not retry); its JSON result is returned with the exit code.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
+    env.update(CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1")
+    if retries is not None:
+        env["CLAUDE_CODE_MAX_RETRIES"] = str(retries)
+    env.update(extra_env or {})
+    argv = [str(CLAUDE_BIN), "-p", prompt, "--output-format", "json", "--model", model,
+            "--no-session-persistence"]  # fmt: skip
+    result = subprocess.run(
+        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )  # fmt: skip
+    return result.returncode, json.loads(result.stdout)
