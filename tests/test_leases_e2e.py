@@ -134,6 +134,15 @@ def test_two_daemons_share_a_team_budget_within_one_request_each(
         # Within the budget plus at most one request in flight per daemon.
         assert totals["cost_micros"] <= 50_000 + 2 * COST
         assert len(fake_upstream.requests) == served
+        status = machines[0].json("status")
+        (team,) = [b for b in status["server"]["budgets"] if b["kind"] == "team"]
+        assert team["limit_micros"] == 50_000
+        assert team["spent_micros"] == totals["cost_micros"]
+        assert status["server"]["unsynced"] == 0
+        assert status["server"]["last_sync"] is not None
+        table = machines[0].ccgate("status")
+        assert "budget team" in table.stdout
+        assert "platform: $0.04 spent of $0.05" in table.stdout
 
 
 def test_a_killed_daemon_loses_nothing_and_counts_nothing_twice(

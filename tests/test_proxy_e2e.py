@@ -370,3 +370,93 @@ def test_head_root_needs_no_key(daemon: Daemon, fake_upstream: FakeUpstream) -> 
     response = httpx.head(f"{daemon.url}/")
     assert response.status_code == 200
     assert fake_upstream.requests == []
+
+
+def test_log_content_keeps_bodies_locally(fake_upstream: FakeUpstream) -> None:
+    from ccgate import paths
+    from ccgate.ledger import Ledger
+
+    with run_daemon(upstream_url=fake_upstream.url, extra_args=("--log-content",)) as d:
+        body = json.dumps(message_body(stream=True)).encode()
+        response = httpx.post(
+            f"{d.url}/v1/messages", content=body, headers={"x-api-key": d.key}, timeout=10
+        )
+        assert response.status_code == 200
+        (row,) = finished_logs(1)
+    with Ledger(paths.resolve().ledger_file, readonly=True) as ledger:
+        content = ledger.content(row["id"])
+    assert content is not None
+    assert content.request_body == body
+    assert content.response_body is not None
+    assert b"message_stop" in content.response_body
+
+
+def test_without_log_content_no_body_is_stored(daemon: Daemon) -> None:
+    from ccgate import paths
+    from ccgate.ledger import Ledger
+
+    httpx.post(
+        f"{daemon.url}/v1/messages",
+        json=message_body(stream=False),
+        headers={"x-api-key": daemon.key},
+        timeout=10,
+    )
+    (row,) = finished_logs(1)
+    with Ledger(paths.resolve().ledger_file, readonly=True) as ledger:
+        assert ledger.content(row["id"]) is None
+
+
+def test_logs_follow_prints_each_finished_request_once(
+    daemon: Daemon, fake_upstream: FakeUpstream
+) -> None:
+    import subprocess
+    import sys
+
+    with subprocess.Popen(
+        [sys.executable, "-m", "ccgate", "logs", "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as follower:
+        try:
+            time.sleep(1.0)  # let it start and take its cursor
+            fake_upstream.enqueue(
+                Scenario(usage=Usage(input_tokens=11, output_tokens=2)),
+                Scenario(usage=Usage(input_tokens=22, output_tokens=3)),
+            )
+            for _ in range(2):
+                httpx.post(
+                    f"{daemon.url}/v1/messages",
+                    json=message_body(stream=True),
+                    headers={"x-api-key": daemon.key},
+                    timeout=10,
+                )
+            assert follower.stdout is not None
+            lines = [json.loads(follower.stdout.readline()) for _ in range(2)]
+        finally:
+            follower.terminate()
+            follower.wait(timeout=10)
+    assert [line["input_tokens"] for line in lines] == [11, 22]
+    assert all(line["outcome"] == "ok" for line in lines)
+
+
+def test_usage_table_and_daily_chart_for_people(
+    daemon: Daemon, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.enqueue(Scenario(usage=Usage(input_tokens=1_000_000, output_tokens=0)))
+    httpx.post(
+        f"{daemon.url}/v1/messages",
+        json=message_body(stream=True),
+        headers={"x-api-key": daemon.key},
+        timeout=10,
+    )
+    finished_logs(1)
+    result = CliRunner().invoke(app, ["usage", "--by", "day"])
+    assert result.exit_code == 0, result.output
+    assert "Usage by day" in result.stdout
+    assert "$3.00" in result.stdout  # 1M Sonnet input tokens
+    assert "Cost per day (UTC)" in result.stdout
+    assert "█" in result.stdout
+    logs_table = CliRunner().invoke(app, ["logs"])
+    assert logs_table.exit_code == 0
+    assert "claude-sonnet" in logs_table.stdout  # (truncated to fit an 80-column terminal)

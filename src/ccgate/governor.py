@@ -217,6 +217,7 @@ class Governor:
         self.wallet = Wallet()
         self.tokens: TokenMeter | None = None
         self.limited_by: dict[str, Any] | None = None
+        self.last_spent: dict[str, Any] = {}  # the server's Spent, from the last answer
         self.offline = False
         self.sync_state = _SyncState()
         self._lease_lock = anyio.Lock()
@@ -371,6 +372,8 @@ class Governor:
 
     def _apply_spent(self, rows: list[LedgerRow], answer: dict[str, Any]) -> None:
         spent = answer.get("spent") or {}
+        if isinstance(spent, dict):
+            self.last_spent = spent
         if self.limiter is not None:
             self.limiter.synced(sum(r.cost_micros for r in rows))
         if self.tokens is not None:
@@ -412,6 +415,8 @@ class Governor:
             self.wallet.drop(done)
             self._save_leases()
             self.limited_by = answer.get("limited_by")
+            if isinstance(answer.get("spent"), dict):
+                self.last_spent = answer["spent"]
             if answer.get("unlimited"):
                 self.wallet.unlimited = True
                 return
@@ -625,6 +630,31 @@ class Governor:
     def finished(self) -> None:
         self.sync_state.wake.set()
 
+    def _budget_levels(self, now: float) -> list[dict[str, Any]]:
+        """Per level: its limit, what the server last counted, what this machine holds leased."""
+        if self.bundle is None:
+            return []
+        held = self.wallet.available(now)
+        out = []
+        for kind, name, budget in _level_budgets(self.bundle):
+            server = self.last_spent.get(kind)
+            spent = server.get("spent_micros") if isinstance(server, dict) else None
+            out.append(
+                {
+                    "kind": kind,
+                    "name": name,
+                    "limit_micros": budget.limit_micros,
+                    "period": budget.period,
+                    "rolling": budget.rolling,
+                    "spent_micros": spent,
+                    "lease_available_micros": held,
+                    "resets": periods.describe_reset(
+                        budget.period, rolling=budget.rolling, now=now
+                    ),
+                }
+            )
+        return out
+
     def snapshot(self, *, now: float) -> dict[str, Any]:
         bundle = self.bundle
         return {
@@ -635,6 +665,7 @@ class Governor:
             "bundle_expires_at": _iso(bundle.expires_at) if bundle else None,
             "problem": self.problem or self.key_refused,
             "limits": self.limiter.snapshot(now=now) if self.limiter else None,
+            "budgets": self._budget_levels(now),
             "lease": {
                 "unlimited": self.wallet.unlimited,
                 "available_micros": self.wallet.available(now),
@@ -659,6 +690,15 @@ class Governor:
             else None,
             "last_sync_error": self.sync_state.last_error,
         }
+
+
+def _level_budgets(bundle: Bundle) -> list[tuple[str, str, Any]]:
+    levels = [("key", bundle.key.name, bundle.key.budget)]
+    if bundle.team is not None:
+        levels.append(("team", bundle.team.name, bundle.team.budget))
+    if bundle.customer is not None:
+        levels.append(("customer", bundle.customer.name, bundle.customer.budget))
+    return [(kind, name, budget) for kind, name, budget in levels if budget is not None]
 
 
 def _billing(message: str) -> admission.Reject:

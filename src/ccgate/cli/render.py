@@ -71,8 +71,8 @@ def status(report: dict[str, Any]) -> None:
             table.add_row("unsynced", f"{server['unsynced']} request(s)")
         if server.get("last_sync"):
             table.add_row("last sync", server["last_sync"])
-        for level in (server.get("limits") or {}).get("levels", []):
-            table.add_row(f"budget {level.get('kind', '')}", _level_line(level))
+        for level in server.get("budgets") or []:
+            table.add_row(f"budget {level['kind']}", _level_line(level))
     today = report["today"]
     table.add_row("today", f"{today['requests']} requests, {usd(today['cost_usd'])}")
     table.add_row("state", report["state_dir"])
@@ -80,10 +80,11 @@ def status(report: dict[str, Any]) -> None:
 
 
 def _level_line(level: dict[str, Any]) -> str:
-    spent = level.get("spent_micros", 0) / 1_000_000
-    limit = level.get("limit_micros", 0) / 1_000_000
-    reset = level.get("resets") or ""
-    return f"{usd(spent)} of {usd(limit)} {reset}".strip()
+    limit = usd(level["limit_micros"] / 1_000_000)
+    spent = level.get("spent_micros")
+    spent_text = "? spent" if spent is None else f"{usd(spent / 1_000_000)} spent"
+    held = usd(level.get("lease_available_micros", 0) / 1_000_000)
+    return f"{level['name']}: {spent_text} of {limit}, {held} leased here ({level['resets']})"
 
 
 def iso_time(epoch: float) -> str:
