@@ -7,6 +7,7 @@ import json
 import random
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import brotli
@@ -113,6 +114,7 @@ EXPECTED = Metered(
     error_message=None,
     stop_reason="tool_use",
     request_id=MSG_ID,
+    stream_deltas=3,  # the content_block_delta events in EVENTS
 )
 
 
@@ -208,7 +210,8 @@ def test_content_and_ping_events_are_not_json_decoded(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(json, "loads", counting_loads)  # the module ccgate.metering uses
     garbage = b"event: content_block_delta\ndata: {not json at all\n\n"
-    assert meter([STREAM.replace(PING, PING + garbage)]) == EXPECTED
+    # The garbage delta is counted (a floor for output if the stream broke) but never parsed.
+    assert meter([STREAM.replace(PING, PING + garbage)]) == replace(EXPECTED, stream_deltas=4)
     # message_start and message_delta only: message_stop needs no decoding either.
     assert [real_loads(d)["type"] for d in decoded] == ["message_start", "message_delta"]
 
@@ -361,6 +364,7 @@ def test_stream_cut_before_message_stop_keeps_usage_so_far() -> None:
         error_message=None,
         stop_reason=None,
         request_id=MSG_ID,
+        stream_deltas=1,  # the cut event was never dispatched
     )
 
 

@@ -460,3 +460,23 @@ def test_usage_table_and_daily_chart_for_people(
     logs_table = CliRunner().invoke(app, ["logs"])
     assert logs_table.exit_code == 0
     assert "claude-sonnet" in logs_table.stdout  # (truncated to fit an 80-column terminal)
+
+
+def test_dropped_stream_bills_output_for_every_delta_that_arrived(
+    daemon: Daemon, fake_upstream: FakeUpstream
+) -> None:
+    # "abcdefghij" * 6 is split into several text deltas; the upstream drops after 8 events:
+    # message_start, content_block_start, ping and 5 deltas. The final usage never arrives.
+    fake_upstream.enqueue(
+        Scenario(text="abcdefghij" * 6, drop_after=8, usage=Usage(input_tokens=100))
+    )
+    with httpx.Client(timeout=10) as client, pytest.raises(httpx.HTTPError):
+        client.post(
+            f"{daemon.url}/v1/messages",
+            json=message_body(stream=True),
+            headers={"x-api-key": daemon.key},
+        )
+    (row,) = finished_logs(1)
+    assert row["outcome"] == "interrupted"
+    assert row["output_tokens"] == 5
+    assert row["cost_micros"] == 100 * 3 + 5 * 15

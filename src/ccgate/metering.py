@@ -59,6 +59,9 @@ class Metered:
     error_message: str | None
     stop_reason: str | None
     request_id: str | None = None
+    stream_deltas: int = 0
+    """content_block_delta events seen: a floor for the output of a stream that broke off
+    before its final message_delta (each delta carries at least one token)."""
 
 
 # --- content decoding -------------------------------------------------------------------------
@@ -316,6 +319,7 @@ class _SseParser:
         "_data",
         "_data_size",
         "_event",
+        "deltas",
         "_first_line",
         "_has_data",
         "_keep",
@@ -340,6 +344,8 @@ class _SseParser:
         self._data: list[bytes] = []
         self._data_size = 0
         self._has_data = False
+        self.deltas = 0
+        """content_block_delta events seen (counted, never parsed): each carries output."""
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
@@ -404,6 +410,8 @@ class _SseParser:
 
     def _dispatch(self) -> None:
         event = self._event or b"message"
+        if event == b"content_block_delta":
+            self.deltas += 1
         if self._has_data and not self._skipping and event in self._keep:
             self._on_event(event, b"\n".join(self._data))
         self._event, self._skipping, self._has_data = b"", False, False
@@ -587,6 +595,7 @@ class ResponseMeter:
             error_message=outcome.error_message,
             stop_reason=outcome.stop_reason,
             request_id=outcome.request_id,
+            stream_deltas=self._sse.deltas if self._sse is not None else 0,
         )
 
 

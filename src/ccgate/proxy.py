@@ -487,6 +487,10 @@ class Gateway:
 
     def _charge(self, rec: RequestRecord, metered: Metered) -> None:
         usage = metered.usage
+        if rec.streamed and metered.saw_start and not metered.complete:
+            # Broken off before the final message_delta: the output generated so far was never
+            # reported, but every delta that reached us carried at least one token of it.
+            usage = replace(usage, output_tokens=max(usage.output_tokens, metered.stream_deltas))
         rec.model = metered.model or rec.model
         rec.input_tokens = usage.input_tokens
         rec.output_tokens = usage.output_tokens
