@@ -319,7 +319,6 @@ class _SseParser:
         "_data",
         "_data_size",
         "_event",
-        "deltas",
         "_first_line",
         "_has_data",
         "_keep",
@@ -329,6 +328,7 @@ class _SseParser:
         "_pending_size",
         "_skip_lf",
         "_skipping",
+        "deltas",
     )
 
     def __init__(self, on_event: Callable[[bytes, bytes], None], *, keep: frozenset[bytes]) -> None:
