@@ -142,7 +142,10 @@ def test_two_daemons_share_a_team_budget_within_one_request_each(
         assert status["server"]["last_sync"] is not None
         table = machines[0].ccgate("status")
         assert "budget team" in table.stdout
-        assert "platform: $0.04 spent of $0.05" in table.stdout
+        from ccgate.cli.render import usd
+
+        spent_text = usd(totals["cost_micros"] / 1_000_000)
+        assert f"platform: {spent_text} spent of $0.05" in table.stdout
 
 
 def test_a_killed_daemon_loses_nothing_and_counts_nothing_twice(
@@ -205,3 +208,23 @@ def test_a_killed_daemon_loses_nothing_and_counts_nothing_twice(
         assert "pushed 0" in again["usage"]
         assert server.admin_json("usage", "--by", "key")["totals"] == totals
         assert laptop.json("status")["server"]["unsynced"] == 0
+
+
+def test_a_big_request_can_use_the_money_this_machine_holds_idle(
+    tmp_path: Path, machines: list[Machine], fake_upstream: FakeUpstream
+) -> None:
+    laptop = machines[0]
+    fake_upstream.default = Scenario(usage=USAGE)
+    with run_server(tmp_path / "server") as server:
+        add_provider(server, fake_upstream)
+        laptop.key = server.admin_json("keys", "create", "dan", "--budget", "1", "--period", "1d")[
+            "key"
+        ]
+        laptop.login_and_up(server)
+        assert laptop.post().status_code == 200  # takes a $0.10 lease
+        # 64,000 output tokens of Sonnet may cost $0.96: more than the $1 left minus the lease
+        # this machine holds, unless the daemon hands that idle lease back first.
+        big = laptop.post({**BODY, "max_tokens": 64_000})
+        assert big.status_code == 200, big.text
+        assert "pushed" in laptop.json("sync")["usage"]
+        assert server.admin_json("usage", "--by", "key")["totals"]["cost_micros"] == 2 * COST

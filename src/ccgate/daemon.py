@@ -120,13 +120,15 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
         )
     sock = bind_loopback(config.port)
     ledger = Ledger(paths.ledger_file)
-    recovered = ledger.recover_pending(now=time.time())
+    profile = profiles.load(paths)
+    # This daemon's keys only: a `ccgate run` sharing the ledger keeps its own rows.
+    own_keys = ["local"] + ([profile.key_id] if profile is not None else [])
+    recovered = ledger.recover_pending(now=time.time(), key_ids=own_keys)
     if recovered:
         log.warning(
             "marked %d request(s) left unfinished by a previous run as interrupted", recovered
         )
     ledger.start_writer()
-    profile = profiles.load(paths)
     governor = None
     if profile is not None:
         governor = Governor.from_profile(

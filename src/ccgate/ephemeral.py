@@ -75,6 +75,8 @@ FLUSH_TIMEOUT_S = 15.0
 SLOW_FLUSH_S = 1.0
 
 _LITERAL_PREFIX = "sk-cg-"
+STALE_RUN_ROW_S = 86_400
+"""A run's pending row this old was left by a killed run, not one still in flight."""
 _FORWARDED = tuple(
     getattr(signal, name)
     for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
@@ -510,6 +512,10 @@ def run(
     paths.ensure()
     ledger = _RunLedger(paths.ledger_file)
     try:
+        # A run killed earlier left its in-flight rows pending: finish them (billed for what was
+        # seen) so they can be pushed. Only rows a day old: parallel jobs may share this key
+        # and ledger, and a row still streaming elsewhere must not be pushed as interrupted.
+        ledger.recover_pending(now=time.time() - STALE_RUN_ROW_S, key_ids=[prepared.profile.key_id])
         ledger.start_writer()
         governor = _start_governor(paths, prepared.profile, ledger, reporter, flush_timeout)
         with _serving(governor, ledger) as base_url:

@@ -169,7 +169,7 @@ def budget_message(limited: dict[str, Any] | None, *, server_url: str, offline: 
     level = str(limited.get("level", "key"))
     name = limited.get("name") or ""
     held = int(limited.get("outstanding_micros") or 0)
-    held_text = f" and {format_usd(held)} held by requests on other machines" if held else ""
+    held_text = f" and {format_usd(held)} held in leases by this and other machines" if held else ""
     return (
         f"{level.capitalize()} '{name}' budget exhausted: "
         f"{format_usd(int(limited.get('spent_micros') or 0))} spent{held_text} of "
@@ -395,6 +395,10 @@ class Governor:
             await self.sync()
             unsynced = await anyio.to_thread.run_sync(self._unsynced_lease_ids)
             done = self.wallet.finished(now=now, unsynced=unsynced)
+            if want:
+                # A request no lease here can fit: hand back the idle leases too, so their
+                # unused money counts towards what the server can grant for it.
+                done = sorted(set(done) | set(self.wallet.idle(unsynced=unsynced)))
             body = {
                 "want_micros": want,
                 "rate_micros_per_s": self.wallet.rate(now=now),
@@ -475,11 +479,7 @@ class Governor:
         """At shutdown: push usage, then hand every idle lease back so others can use it."""
         await self.sync()
         unsynced = await anyio.to_thread.run_sync(self._unsynced_lease_ids)
-        idle = [
-            lease.id
-            for lease in self.wallet.leases.values()
-            if lease.reserved == 0 and lease.id not in unsynced
-        ]
+        idle = self.wallet.idle(unsynced=unsynced)
         if not idle:
             return
         try:

@@ -33,7 +33,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -677,19 +677,21 @@ class Ledger:
             writer.abandon.set()  # stuck retrying: let it log what is lost and exit
             writer.join(1.0)
 
-    def recover_pending(self, *, now: float) -> int:
+    def recover_pending(self, *, now: float, key_ids: Collection[str] | None = None) -> int:
         """Mark rows a killed daemon left ``pending`` (started before ``now``) as interrupted.
 
-        Call at daemon start, before serving, with the start time: rows this daemon starts
-        later are never touched. Returns how many rows were recovered.
+        Call at start, before serving, with the start time: rows this process starts later are
+        never touched. ``key_ids`` limits it to the keys this process serves, so a daemon and a
+        `ccgate run` sharing one ledger never finish each other's requests. Returns the count.
         """
+        sql = "SELECT seq FROM requests WHERE outcome = 'pending' AND started_at < ?"
+        params: list[object] = [now]
+        if key_ids is not None:
+            sql += f" AND key_id IN ({', '.join('?' for _ in key_ids)})"
+            params.extend(key_ids)
         with self._lock, self._sql_errors():
             with _write_transaction(self._db):
-                stale = self._db.execute(
-                    "SELECT seq FROM requests WHERE outcome = 'pending' AND started_at < ? "
-                    "ORDER BY seq",
-                    (now,),
-                ).fetchall()
+                stale = self._db.execute(sql + " ORDER BY seq", params).fetchall()
                 (top,) = self._db.execute(
                     "SELECT COALESCE(MAX(finished_seq), 0) FROM requests"
                 ).fetchone()

@@ -102,6 +102,13 @@ def up(
     current = daemon.running(paths)
     if current is not None:
         info, _doc = current
+        mode = "server" if prepared.server_profile is not None else "standalone"
+        if info.mode != mode:
+            change = "logged in to a server" if mode == "server" else "logged out"
+            raise AlreadyRunningError(
+                f"ccgate runs in {info.mode} mode, but this machine has {change} since it "
+                f"started. Run `ccgate down`, then `ccgate up`, to restart it in {mode} mode."
+            )
         wanted: tuple[object, ...] = (config.port, config.upstream_url, _auth(config))
         have: tuple[object, ...] = (info.port, info.upstream_url, info.auth)
         if prepared.server_profile is not None:  # the bundle decides upstream and auth

@@ -296,10 +296,11 @@ class Gateway:
         policy = self.policy
         key_id = policy.authenticate(self._token(request))
         if key_id is None and policy.passthrough:
+            again = "ccgate up" if policy.mode == "server" else "ccgate up --passthrough"
             message = (
                 "No valid x-ccgate-key header. In passthrough mode Claude Code sends it through "
-                "ANTHROPIC_CUSTOM_HEADERS in ~/.claude/settings.json; run `ccgate up "
-                "--passthrough` again to refresh it."
+                f"ANTHROPIC_CUSTOM_HEADERS in ~/.claude/settings.json; run `{again}` again to "
+                "refresh it."
             )
             return self._reject(record, t0, 401, "authentication_error", message)
         if key_id is None:

@@ -107,6 +107,14 @@ class Wallet:
                 done.append(lease.id)
         return done
 
+    def idle(self, *, unsynced: set[str]) -> list[str]:
+        """Leases with nothing in flight and every record pushed: safe to hand back now."""
+        return [
+            lease.id
+            for lease in self.leases.values()
+            if lease.reserved == 0 and lease.id not in unsynced
+        ]
+
     def drop(self, ids: list[str]) -> None:
         for lease_id in ids:
             self.leases.pop(lease_id, None)

@@ -67,7 +67,12 @@ def login(
         )
     console.info(f"Policy bundle version {result.bundle_version} verified and stored.")
     if p.name == "default":
-        console.info("Run `ccgate up` (again, if it runs) to use it.")
+        from ccgate import daemon
+
+        if daemon.running(paths_mod.resolve()) is not None:
+            console.info("The daemon runs in standalone mode: `ccgate down`, then `ccgate up`.")
+        else:
+            console.info("Run `ccgate up` to use it.")
 
 
 def logout(profile: ProfileOption = "default") -> None:

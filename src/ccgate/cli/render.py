@@ -120,7 +120,10 @@ def _usage_table(report: dict[str, Any]) -> Table:
 def usage(report: dict[str, Any], series: list[tuple[str, int]]) -> None:
     console.out.print(_usage_table(report))
     if any(row["estimated"] for row in report["rows"]):
-        console.out.print("* includes a model the price table does not name (family price)")
+        console.out.print(
+            "* estimated: a model the price table does not name (priced by its family), or a "
+            "request cut off by a daemon crash (billed by its input estimate)"
+        )
     totals = report["totals"]
     if totals["billing"] != "api":
         console.out.print(
