@@ -8,6 +8,7 @@ real Claude Code CLI. Every limit must stop a request before it reaches the (fak
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -287,3 +288,21 @@ def test_claude_code_sees_a_blocked_model_as_403_without_retrying(
     logs = json.loads(ccgate("logs", "--json").stdout)
     blocked = [r for r in logs if r["status"] == 403]
     assert len(blocked) == 1  # one attempt: x-should-retry false was honoured
+
+
+def test_up_after_login_with_a_standalone_daemon_running_says_to_restart(
+    server: Server, developer: Isolated, fake_upstream: FakeUpstream
+) -> None:
+    port = free_port()
+    env = dict(os.environ, ANTHROPIC_API_KEY=UPSTREAM_KEY)
+    standalone = ccgate("up", "--port", str(port), "--upstream", fake_upstream.url, env=env)
+    assert standalone.returncode == 0, standalone.stderr
+    key = create_key(server, "ivan")
+    logged_in = login(server, key)
+    assert "`ccgate down`, then `ccgate up`" in logged_in.stderr
+    again = ccgate("up", "--port", str(port))
+    assert again.returncode != 0
+    assert "runs in standalone mode" in again.stderr
+    assert ccgate("down").returncode == 0
+    assert ccgate("up", "--port", str(port)).returncode == 0
+    assert json.loads(ccgate("status", "--json").stdout)["mode"] == "server"
