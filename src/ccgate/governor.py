@@ -49,6 +49,8 @@ log = logging.getLogger("ccgate.governor")
 DEFAULT_PASSTHROUGH_UPSTREAM = "https://api.anthropic.com"
 SYNC_BATCH = 1000
 SYNC_INTERVAL_S = 2.0
+SYNC_DEBOUNCE_S = 0.2
+SPENT_REFRESH_S = 60.0
 LEASE_WAIT_S = 10.0
 
 
@@ -522,10 +524,22 @@ class Governor:
         while True:
             with anyio.move_on_after(SYNC_INTERVAL_S if self.sync_state.last_error is None else 15):
                 await self.sync_state.wake.wait()
+                # A burst of requests finishing together goes out as one batch.
+                await anyio.sleep(SYNC_DEBOUNCE_S)
             self.sync_state.wake = anyio.Event()
-            if self.bundle is not None:
+            if self.bundle is not None and await self._sync_due():
                 result = await self.sync()
                 log.debug("usage sync: %s", result)
+
+    async def _sync_due(self) -> bool:
+        """Push when rows wait; otherwise only refresh the server's figures now and then."""
+        last = self.sync_state.last_success
+        if last is None or time.time() - last >= SPENT_REFRESH_S:
+            return True
+        count = await anyio.to_thread.run_sync(
+            partial(self.ledger.count_unsynced, key_id=self.key_id)
+        )
+        return count > 0
 
     async def _lease_loop(self) -> None:
         """Ask for a lease before the slice runs out, so requests rarely wait for one."""
