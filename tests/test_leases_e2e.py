@@ -20,7 +20,6 @@ import pytest
 
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.harness import (
-    UPSTREAM_KEY,
     Server,
     ccgate,
     free_port,
@@ -92,25 +91,12 @@ def machines(tmp_path: Path) -> Iterator[list[Machine]]:
         kill_pidfile_daemon(Path(m.env["CCGATE_HOME"]))
 
 
-def add_provider(server: Server, fake: FakeUpstream) -> None:
-    added = server.admin(
-        "providers",
-        "add",
-        "anthropic",
-        "--base-url",
-        fake.url,
-        "--api-key-stdin",
-        input=UPSTREAM_KEY + "\n",
-    )
-    assert added.returncode == 0, added.stderr
-
-
 def test_two_daemons_share_a_team_budget_within_one_request_each(
     tmp_path: Path, machines: list[Machine], fake_upstream: FakeUpstream
 ) -> None:
     fake_upstream.default = Scenario(usage=USAGE)
     with run_server(tmp_path / "server") as server:
-        add_provider(server, fake_upstream)
+        server.add_provider(fake_upstream.url)
         server.admin_json("teams", "create", "platform", "--budget", "0.05", "--period", "1d")
         for m, name in zip(machines, ("ann", "ben"), strict=True):
             m.key = server.admin_json("keys", "create", name, "--team", "platform")["key"]
@@ -155,7 +141,7 @@ def test_a_killed_daemon_loses_nothing_and_counts_nothing_twice(
     fake_upstream.default = Scenario(usage=USAGE)
     server_port = free_port()
     with run_server(tmp_path / "server", port=server_port) as server:
-        add_provider(server, fake_upstream)
+        server.add_provider(fake_upstream.url)
         server.admin_json("teams", "create", "platform", "--budget", "10", "--period", "1M")
         laptop.key = server.admin_json("keys", "create", "cat", "--team", "platform")["key"]
         laptop.login_and_up(server)
@@ -216,7 +202,7 @@ def test_a_big_request_can_use_the_money_this_machine_holds_idle(
     laptop = machines[0]
     fake_upstream.default = Scenario(usage=USAGE)
     with run_server(tmp_path / "server") as server:
-        add_provider(server, fake_upstream)
+        server.add_provider(fake_upstream.url)
         laptop.key = server.admin_json("keys", "create", "dan", "--budget", "1", "--period", "1d")[
             "key"
         ]

@@ -39,17 +39,9 @@ def oauth_upstream() -> Iterator[FakeUpstream]:
 @pytest.fixture
 def server(tmp_path: Path, oauth_upstream: FakeUpstream) -> Iterator[Server]:
     with run_server(tmp_path / "server") as s:
-        # The admin's provider (for API-key users) must never see seat traffic.
-        added = s.admin(
-            "providers",
-            "add",
-            "anthropic",
-            "--base-url",
-            "http://127.0.0.1:9",  # nothing listens: seat traffic must never come here
-            "--api-key-stdin",
-            input="sk-ant-admin-key-not-for-seats\n",
-        )
-        assert added.returncode == 0, added.stderr
+        # The admin's provider (for API-key users; nothing listens there) must never see seat
+        # traffic.
+        s.add_provider("http://127.0.0.1:9", api_key="sk-ant-admin-key-not-for-seats")
         yield s
 
 

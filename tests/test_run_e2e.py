@@ -208,16 +208,7 @@ e2e = pytest.mark.e2e
 @pytest.fixture
 def server(tmp_path: Path, fake_upstream: FakeUpstream) -> Iterator[Server]:
     with run_server(tmp_path / "server") as s:
-        added = s.admin(
-            "providers",
-            "add",
-            "anthropic",
-            "--base-url",
-            fake_upstream.url,
-            "--api-key-stdin",
-            input=UPSTREAM_KEY + "\n",
-        )
-        assert added.returncode == 0, added.stderr
+        s.add_provider(fake_upstream.url)
         yield s
 
 

@@ -37,16 +37,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def server(tmp_path: Path, fake_upstream: FakeUpstream) -> Iterator[Server]:
     with run_server(tmp_path / "server") as s:
-        added = s.admin(
-            "providers",
-            "add",
-            "anthropic",
-            "--base-url",
-            fake_upstream.url,
-            "--api-key-stdin",
-            input=UPSTREAM_KEY + "\n",
-        )
-        assert added.returncode == 0, added.stderr
+        s.add_provider(fake_upstream.url)
         yield s
 
 
@@ -198,15 +189,7 @@ def test_tampered_bundle_with_server_down_is_never_obeyed(
     tmp_path: Path, developer: Isolated, fake_upstream: FakeUpstream
 ) -> None:
     with run_server(tmp_path / "server") as s:
-        s.admin(
-            "providers",
-            "add",
-            "anthropic",
-            "--base-url",
-            fake_upstream.url,
-            "--api-key-stdin",
-            input=UPSTREAM_KEY + "\n",
-        )
+        s.add_provider(fake_upstream.url)
         key = create_key(s, "erin", "--models", "claude-haiku-4-5")
         login(s, key)
     # The server is gone. Widen the allowlist in the stored bundle by hand.
@@ -237,15 +220,7 @@ def test_expired_bundle_freezes_the_daemon_while_the_server_is_away(
     tmp_path: Path, developer: Isolated, fake_upstream: FakeUpstream
 ) -> None:
     with run_server(tmp_path / "server", extra_args=("--bundle-ttl", "2")) as s:
-        s.admin(
-            "providers",
-            "add",
-            "anthropic",
-            "--base-url",
-            fake_upstream.url,
-            "--api-key-stdin",
-            input=UPSTREAM_KEY + "\n",
-        )
+        s.add_provider(fake_upstream.url)
         key = create_key(s, "frank")
         login(s, key)
     time.sleep(2.5)

@@ -185,6 +185,14 @@ class Server:
     def admin(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return ccgate("admin", *args, env=self.env(), input=input)
 
+    def add_provider(self, base_url: str, *, api_key: str = UPSTREAM_KEY) -> None:
+        """`ccgate admin providers add anthropic`, as an admin would, with the key on stdin."""
+        added = self.admin(
+            "providers", "add", "anthropic", "--base-url", base_url, "--api-key-stdin",
+            input=api_key + "\n",
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+
     def admin_json(self, *args: str, input: str | None = None) -> Any:
         result = ccgate("admin", *args, "--json", env=self.env(), input=input)
         assert result.returncode == 0, result.stderr
