@@ -4,7 +4,8 @@ Measures, on SQLite and (with ``--postgres-url``) on PostgreSQL:
 
 - usage ingest: records per second, in batches of 1,000 per ``POST /v1/usage`` (the daemon's
   maximum), from a few concurrent clients;
-- bundle polls answered 304 per second (``If-None-Match`` equal to the current ETag);
+- bundle polls answered 304 per second (``If-None-Match`` equal to the current ETag), and the
+  server process's CPU time per such poll (the client shares the machine and can be the limit);
 - fleet sync: the wall time for N simulated daemons (default 10,000) to sync once, each one
   ``POST /v1/usage`` with a small batch plus one bundle poll, with bounded concurrency.
 
@@ -47,6 +48,7 @@ class Result:
     database: str
     ingest_records_per_s: float
     polls_304_per_s: float
+    server_cpu_ms_per_304: float | None  # the server process's CPU time per poll (Linux)
     daemons: int
     fleet_sync_s: float
     fleet_syncs_per_s: float
@@ -62,8 +64,23 @@ def _free_port() -> int:
         return port
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of ``pid`` so far, from /proc (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class _Running:
+    base: str
+    pid: int
+
+
 @contextlib.contextmanager
-def _server(home: Path, url: str) -> Iterator[str]:
+def _server(home: Path, url: str) -> Iterator[_Running]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["CCGATE_HOME"] = str(home)
@@ -97,7 +114,7 @@ def _server(home: Path, url: str) -> Iterator[str]:
             if process.poll() is not None:
                 raise RuntimeError((home / "server.log").read_text())
             time.sleep(0.05)
-        yield base
+        yield _Running(base, process.pid)
     finally:
         process.terminate()
         process.wait(timeout=15)
@@ -176,8 +193,8 @@ async def _ingest(http: httpx.AsyncClient, device: _Device, *, records: int) -> 
 
 async def _polls(http: httpx.AsyncClient, fleet: Sequence[_Device], *, polls: int) -> float:
     async def poll(device: _Device) -> None:
-        response = await http.get(
-            "/v1/bundle", headers={**device.headers, "if-none-match": device.etag}
+        response = await _retrying(
+            http.get, "/v1/bundle", headers={**device.headers, "if-none-match": device.etag}
         )
         assert response.status_code == 304, response.status_code
 
@@ -216,10 +233,15 @@ async def _fleet_sync(
     return await _bounded([functools.partial(sync, d) for d in fleet], concurrency)
 
 
-async def _measure(base: str, token: str, args: argparse.Namespace, label: str) -> Result:
+async def _measure(server: _Running, token: str, args: argparse.Namespace, label: str) -> Result:
+    base = server.base
     # A fresh client per phase: connections left idle between phases are closed by the server's
-    # keep-alive timeout, and reusing one would fail the next phase's first requests.
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=64)
+    # keep-alive timeout, and reusing one would fail the next phase's first requests. Within a
+    # phase, the client drops an idle connection well before uvicorn's 5 s keep-alive does:
+    # httpx's default (also 5 s) races it, and a request sent as the server closes fails.
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=64, keepalive_expiry=2.0
+    )
 
     def client() -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=base, timeout=120, limits=limits)
@@ -229,8 +251,15 @@ async def _measure(base: str, token: str, args: argparse.Namespace, label: str) 
         fleet = await _setup(http, token, args.daemons)
     async with client() as http:
         ingest = await _ingest(http, fleet[0], records=args.records)
+    RETRIES[0] = 0
+    # The client shares the CPUs and is itself Python: the server's own CPU time per poll says
+    # what a poll costs the server, whichever side limits the rate.
+    cpu_before = _cpu_seconds(server.pid)
     async with client() as http:
         polls = await _polls(http, fleet, polls=args.polls)
+    cpu_after = _cpu_seconds(server.pid)
+    if RETRIES[0]:  # rare (a keep-alive connection the server closed); not in the table
+        print(f"[{label}] {RETRIES[0]} poll(s) sent again", file=sys.stderr)
     RETRIES[0] = 0
     async with client() as http:
         sync_s = await _fleet_sync(http, fleet, concurrency=args.concurrency)
@@ -238,6 +267,11 @@ async def _measure(base: str, token: str, args: argparse.Namespace, label: str) 
         database=label,
         ingest_records_per_s=round(ingest),
         polls_304_per_s=round(polls),
+        server_cpu_ms_per_304=(
+            None
+            if cpu_before is None or cpu_after is None
+            else round((cpu_after - cpu_before) / args.polls * 1000, 2)
+        ),
         daemons=len(fleet),
         fleet_sync_s=round(sync_s, 2),
         fleet_syncs_per_s=round(len(fleet) / sync_s),
@@ -267,9 +301,9 @@ def _run_one(label: str, url_for: Callable[[Path], str], args: argparse.Namespac
         url = url_for(home)
         resolved = paths.Paths(config_dir=home, data_dir=home, state_dir=home)
         token = init_server(paths=resolved, environ={}, db_url=url).admin_token
-        with _server(home, url) as base:
+        with _server(home, url) as server:
             try:
-                return asyncio.run(_measure(base, token, args, label))
+                return asyncio.run(_measure(server, token, args, label))
             except httpx.HTTPError:
                 log = (home / "server.log").read_text(errors="replace")
                 print(f"server log (last 3,000 characters):\n{log[-3000:]}", file=sys.stderr)
@@ -279,11 +313,12 @@ def _run_one(label: str, url_for: Callable[[Path], str], args: argparse.Namespac
 def _table(results: Sequence[Result]) -> str:
     lines = [
         "| database | ingest (records/s, 1,000 per POST) | bundle polls 304/s "
-        "| daemons | fleet sync (s) | syncs/s | retried |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server CPU per 304 (ms) | daemons | fleet sync (s) | syncs/s | retried |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r.database} | {r.ingest_records_per_s:,.0f} | {r.polls_304_per_s:,.0f} "
+        f"| {'n/a' if r.server_cpu_ms_per_304 is None else r.server_cpu_ms_per_304} "
         f"| {r.daemons:,} | {r.fleet_sync_s} | {r.fleet_syncs_per_s:,.0f} "
         f"| {r.retried_requests} |"
         for r in results

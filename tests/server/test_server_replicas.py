@@ -206,6 +206,16 @@ def test_two_replicas_share_one_postgres(postgres_url: str, tmp_path: Path) -> N
             stop.set()
             watcher.join()
         admin.close()
+        # every policy change went through the first replica; both now serve it, at a version
+        # past any the daemon was given before
+        for rpm in range(1, 6):
+            daemon = daemons[rpm]
+            for replica in replicas:
+                final = httpx.get(f"{replica}/v1/bundle", headers=daemon.headers, timeout=60)
+                assert final.status_code == 200, final.text
+                payload = json.loads(base64.b64decode(final.json()["payload"]))
+                assert (payload["key"]["name"], payload["key"]["rpm"]) == (f"dev{rpm}", rpm * 10)
+                assert payload["version"] >= max(daemon.versions)
     spent, outstanding = _team_invariant(engine, team_id)
     with engine.connect() as conn:
         usage_rows = conn.execute(text("SELECT COUNT(*) FROM usage")).scalar()

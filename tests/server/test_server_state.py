@@ -128,12 +128,18 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
             "created_at) VALUES ('key_1', 'alice', 'h', 'sk-cg-abcdef', 0, '[]', 'provider', 1)"
         )
     assert not inspect(engine).has_table("usage")
-    assert migrations.migrate(engine) == [
+    assert migrations.migrate(engine, upto=6) == [
         "m002_bundles", "m003_usage", "m004_prices", "m005_leases", "m006_key_limits",
     ]  # fmt: skip
+    with engine.begin() as conn:  # an envelope stored before the policy epoch existed
+        conn.exec_driver_sql(
+            "INSERT INTO bundles (device_id, key_id, version, content_hash, issued_at, envelope) "
+            "VALUES ('dev_1', 'key_1', 7, 'c', 1, '{}')"
+        )
+    assert migrations.migrate(engine) == ["m007_policy_epoch"]
     assert migrations.applied(engine) == [
         "m001_initial", "m002_bundles", "m003_usage", "m004_prices", "m005_leases",
-        "m006_key_limits",
+        "m006_key_limits", "m007_policy_epoch",
     ]  # fmt: skip
     assert migrations.migrate(engine) == []  # idempotent
     with engine.connect() as conn:
@@ -142,6 +148,10 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
         grace = conn.exec_driver_sql("SELECT offline_grace_micros, token_budget_tokens FROM keys")
         assert tuple(grace.one()) == (0, None)
         assert conn.exec_driver_sql("SELECT version FROM bundle_counter").scalar_one() == 0
+        # the old envelope is behind the epoch: its first poll re-reads the policy
+        assert conn.exec_driver_sql("SELECT epoch FROM policy_epoch").scalar_one() == 1
+        stored = conn.exec_driver_sql("SELECT version, policy_epoch, built_with FROM bundles")
+        assert tuple(stored.one()) == (7, 0, "")
     engine.dispose()
 
 
@@ -183,7 +193,7 @@ def test_migrations_on_both_databases(db_url: str | None, tmp_path: Path) -> Non
     engine = db.create_engine(url)
     assert migrations.migrate(engine, upto=4)[-1] == "m004_prices"
     ran = migrations.migrate(engine)
-    assert ran == ["m005_leases", "m006_key_limits"]
+    assert ran == ["m005_leases", "m006_key_limits", "m007_policy_epoch"]
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) == {*db.TABLE_NAMES, "migrations"}
     for name in db.TABLE_NAMES:

@@ -3,8 +3,10 @@
 Every function takes the engine and plain data and returns JSON-ready dicts in the shapes of
 docs/protocol.md; the HTTP layer only authenticates and translates. Every change writes its audit
 entry in the same transaction, with details that never include a secret (a provider's API key,
-a virtual key). Provider keys are encrypted before they reach the session; virtual keys exist in
-plaintext only in the return value of ``create_key``.
+a virtual key), and bumps the policy epoch there too (``db.bump_policy_epoch``), which is what
+lets a bundle poll trust its stored envelope (``bundles``). Provider keys are encrypted before
+they reach the session; virtual keys exist in plaintext only in the return value of
+``create_key``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,14 @@ class Admin:
     def _record(
         self, session: Session, *, actor: str, action: str, target: str, detail: Mapping[str, Any]
     ) -> None:
+        """Audit a change and bump the policy epoch, both in the change's own transaction.
+
+        Every admin change records itself here, so every one of them bumps the epoch: a poll
+        then never answers from an envelope built before a change it may not reflect. Creates
+        (which change no existing bundle) bump it too; the cost is one full re-read per device.
+        """
+        with session.no_autoflush:  # a duplicate name must fail at commit, as a ConflictError
+            db.bump_policy_epoch(session)
         session.add(
             AuditEntry(
                 at=self.clock(),

@@ -31,7 +31,7 @@ from ccgate.errors import CcgateError
 from ccgate.proxy import error_response
 from ccgate.server import devices, leases, usage
 from ccgate.server.admin import Admin
-from ccgate.server.bundles import Bundler, BundleSettings
+from ccgate.server.bundles import Bundler, BundleSettings, Served
 from ccgate.server.db import Device, VirtualKey
 from ccgate.server.errors import BadRequestError, InvalidRequestError, ServerError
 from ccgate.server.state import SecretBox
@@ -169,9 +169,8 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
 
     @_guarded
     async def get_bundle(request: Request) -> Response:
-        key = await key_of(request)
-        device = await device_of(request, key)
-        served = await _blocking(ctx.bundler.serve, key, device)
+        header = request.headers.get(devices.DEVICE_HEADER)
+        served = await _blocking(_poll_bundle, ctx, _bearer(request), header)
         headers = {"etag": served.etag, "cache-control": "no-cache"}
         if served.etag in _etags(request.headers.get("if-none-match", "")):
             return Response(status_code=304, headers=headers)
@@ -221,6 +220,19 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/v1/leases", post_lease, methods=["POST"]),
         Route("/v1/leases/{lease_id}/return", return_lease, methods=["POST"]),
     ]
+
+
+def _poll_bundle(ctx: ServerContext, token: str | None, device_id: str | None) -> Served:
+    """A bundle poll in one worker-thread hop: the key check, then the stored envelope when it is
+    current (one query), else the device check and the full path."""
+    now = ctx.clock()
+    key = devices.authenticate_key(ctx.engine, token, now=now)  # revoked or expired: 401 here
+    if device_id:
+        hit = ctx.bundler.cached(key_id=key.id, device_id=device_id, now=now)
+        if hit is not None:
+            return hit
+    device = devices.device_for(ctx.engine, key, device_id)  # the 400 and 403 answers
+    return ctx.bundler.serve(key, device)
 
 
 def _etags(header: str) -> set[str]:

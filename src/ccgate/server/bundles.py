@@ -10,6 +10,21 @@ A new signature takes the next value of the server-wide counter in the same tran
 stores the envelope, so versions strictly increase across all keys, devices and replicas, and a
 crash between the two cannot hand out a version twice.
 
+A poll is cheap when nothing changed. Every admin write that can change any bundle bumps the
+server-wide policy epoch in its own transaction (``db.bump_policy_epoch``), and each stored
+envelope carries the epoch its policy was read at and ``built_with`` (a digest of everything
+else that shapes it: schema, ccgate version, TTL, poll interval). When one statement finds the
+stored envelope at the current epoch, built the way this process builds, and younger than half
+its lifetime, it is served as it is: no policy read, no hashing. The caller has already checked
+that the key is neither revoked nor expired (``devices.authenticate_key``, every request).
+Anything else takes the full path, which still re-signs only when the content hash changed and
+otherwise just stamps the stored row with the current epoch.
+
+The full path reads the epoch *before* the policy, so a stored epoch can only understate what
+the envelope reflects: a write that lands between the two reads leaves it stale (one more full
+path), never current with an older policy. This holds for any number of replicas on one
+database, since the epoch lives there.
+
 A ``passthrough`` key uses the developer's own credential, so its bundle carries no provider
 keys: a key that never needs a secret never receives one.
 """
@@ -17,6 +32,7 @@ keys: a key that never needs a secret never receives one.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -24,10 +40,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, bindparam, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from ccgate import __version__
 from ccgate import bundle as bundle_mod
 from ccgate.periods import Period
 from ccgate.server import db
@@ -36,12 +54,14 @@ from ccgate.server.db import (
     BundleCounter,
     Customer,
     Device,
+    PolicyEpoch,
     PriceOverride,
     Provider,
     SignedBundle,
     Team,
     VirtualKey,
 )
+from ccgate.server.errors import ServerStateError
 from ccgate.server.state import SecretBox
 
 DEFAULT_TTL_S: Final = 7 * 86_400
@@ -72,18 +92,55 @@ class Bundler:
     settings: BundleSettings = field(default_factory=BundleSettings)
     clock: Callable[[], float] = field(default=time.time)
 
+    @functools.cached_property
+    def built_with(self) -> str:
+        """What besides the policy shapes an envelope; a stored one built otherwise is re-read.
+
+        The ccgate version stands for the code that renders the payload, so after an upgrade (or
+        a restart with another TTL) every envelope goes through the full path once.
+        """
+        shape = {
+            "schema": bundle_mod.SCHEMA,
+            "ccgate": __version__,
+            "ttl_s": self.settings.ttl_s,
+            "poll_interval_s": self.settings.poll_interval_s,
+        }
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+
+    def cached(self, *, key_id: str, device_id: str, now: float) -> Served | None:
+        """The stored envelope of (key, device) if it can be served as it is, else None.
+
+        It can when it was built at the current policy epoch, the way this process builds
+        (``built_with``), and is younger than half its lifetime. The caller must already have
+        checked that the key is neither revoked nor expired (``devices.authenticate_key``); the
+        device must exist and belong to the key, which the same statement checks. None only
+        means "take the full path" (``serve``): no device, no stored envelope, or a stale one.
+        """
+        with self.engine.connect() as conn:
+            row = conn.execute(_CACHED, {"device_id": device_id, "key_id": key_id}).first()
+        if row is None:
+            return None
+        version, envelope, issued_at, stored_epoch, built_with, epoch = row
+        if stored_epoch != epoch or built_with != self.built_with:
+            return None
+        if not self._young(issued_at, now=now):
+            return None
+        return Served(version=int(version), envelope=envelope)
+
     def serve(self, key: VirtualKey, device: Device) -> Served:
-        """The current envelope for (key, device): the stored one when still fresh, else new."""
+        """The current envelope for (key, device), by the full path: re-read the policy, and
+        re-sign only when its content changed or the stored one is past half its lifetime."""
+        now = self.clock()
         try:
-            return self._serve(key, device)
+            return self._serve(key, device, now=now)
         except IntegrityError:
             # Another replica stored this device's first bundle between our read and our insert;
             # serving again finds its row (and re-signs over it if need be).
-            return self._serve(key, device)
+            return self._serve(key, device, now=now)
 
-    def _serve(self, key: VirtualKey, device: Device) -> Served:
-        now = self.clock()
+    def _serve(self, key: VirtualKey, device: Device, *, now: float) -> Served:
         with db.session(self.engine) as session:
+            epoch = _epoch(session)  # before the policy: see the module docstring
             key = session.get(VirtualKey, key.id) or key
             team, customer = key_levels(session, key)
             policy = _Policy(
@@ -96,11 +153,35 @@ class Bundler:
             digest = self._content_hash(policy, device)
             stored = session.get(SignedBundle, device.id)
             if stored is not None and self._fresh(stored, digest=digest, now=now):
+                self._stamp(session, stored, epoch=epoch)
                 return Served(version=stored.version, envelope=stored.envelope)
-            return self._sign(session, stored, policy, device, digest=digest, now=now)
+            return self._sign(session, stored, policy, device, digest=digest, epoch=epoch, now=now)
 
     def _fresh(self, stored: SignedBundle, *, digest: str, now: float) -> bool:
-        return stored.content_hash == digest and now < stored.issued_at + self.settings.ttl_s / 2
+        return stored.content_hash == digest and self._young(stored.issued_at, now=now)
+
+    def _young(self, issued_at: float, *, now: float) -> bool:
+        return now < issued_at + self.settings.ttl_s / 2
+
+    def _stamp(self, session: Session, stored: SignedBundle, *, epoch: int) -> None:
+        """Mark an unchanged envelope as current at ``epoch``, so the next polls are cheap.
+
+        Only the version we compared is stamped, and never back to an older epoch: another
+        replica may have re-signed or stamped the row since we read it.
+        """
+        if stored.policy_epoch == epoch and stored.built_with == self.built_with:
+            return
+        bundles = SignedBundle.__table__  # type: ignore[attr-defined]
+        session.execute(
+            update(bundles)
+            .where(
+                bundles.c.device_id == stored.device_id,
+                bundles.c.version == stored.version,
+                bundles.c.policy_epoch <= epoch,
+            )
+            .values(policy_epoch=epoch, built_with=self.built_with)
+        )
+        session.commit()
 
     def _content_hash(self, policy: _Policy, device: Device) -> str:
         content = {
@@ -127,6 +208,7 @@ class Bundler:
         device: Device,
         *,
         digest: str,
+        epoch: int,
         now: float,
     ) -> Served:
         device_public = base64.b64decode(device.public_key)
@@ -163,6 +245,7 @@ class Bundler:
         )
         row.key_id, row.version, row.content_hash = policy.key.id, version, digest
         row.issued_at, row.envelope = now, envelope
+        row.policy_epoch, row.built_with = epoch, self.built_with
         session.add(row)
         session.commit()
         return Served(version=version, envelope=envelope)
@@ -180,6 +263,46 @@ class _Policy:
 def _prices(session: Session) -> Mapping[str, Any] | None:
     row = session.get(PriceOverride, PRICE_ROW)
     return None if row is None else cast(Mapping[str, Any], json.loads(row.table_json))
+
+
+def _cached_query() -> Any:
+    bundles = SignedBundle.__table__  # type: ignore[attr-defined]
+    devices = Device.__table__  # type: ignore[attr-defined]
+    epochs = PolicyEpoch.__table__  # type: ignore[attr-defined]
+    # One statement, so the envelope and the epoch come from one snapshot on PostgreSQL too;
+    # built once with bind parameters, as a poll should cost no more than the query itself.
+    return (
+        sa_select(
+            bundles.c.version,
+            bundles.c.envelope,
+            bundles.c.issued_at,
+            bundles.c.policy_epoch,
+            bundles.c.built_with,
+            epochs.c.epoch,
+        )
+        .select_from(
+            bundles.join(devices, devices.c.id == bundles.c.device_id).join(
+                epochs, epochs.c.id == db.POLICY_EPOCH_ROW
+            )
+        )
+        .where(
+            bundles.c.device_id == bindparam("device_id"),
+            devices.c.key_id == bindparam("key_id"),
+        )
+    )
+
+
+_CACHED: Final = _cached_query()
+
+
+def _epoch(session: Session) -> int:
+    row = session.get(PolicyEpoch, db.POLICY_EPOCH_ROW)
+    if row is None:  # the migration inserts it; a missing row is a damaged database
+        raise ServerStateError(
+            "The server database has no policy_epoch row; restore it from a backup or run "
+            "`ccgate server run` against a database it migrated."
+        )
+    return row.epoch
 
 
 def _next_version(session: Session) -> int:

@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from sqlalchemy import URL, BigInteger, Engine, LargeBinary, event, make_url
+from sqlalchemy import URL, BigInteger, Engine, LargeBinary, event, make_url, update
 from sqlalchemy import create_engine as sa_create_engine
 from sqlmodel import Field, Session, SQLModel
 
@@ -115,6 +115,14 @@ class BundleCounter(SQLModel, table=True):
     version: int = Field(sa_type=BigInteger)
 
 
+class PolicyEpoch(SQLModel, table=True):
+    """One row: bumped by every admin write that can change any bundle (``bump_policy_epoch``)."""
+
+    __tablename__ = "policy_epoch"
+    id: int = Field(primary_key=True)
+    epoch: int = Field(sa_type=BigInteger)
+
+
 class SignedBundle(SQLModel, table=True):
     __tablename__ = "bundles"
     device_id: str = Field(primary_key=True)
@@ -123,6 +131,8 @@ class SignedBundle(SQLModel, table=True):
     content_hash: str
     issued_at: float
     envelope: str
+    policy_epoch: int = Field(default=0, sa_type=BigInteger)  # the epoch its policy was read at
+    built_with: str = ""  # ``bundles.Bundler.built_with``: what else shaped the envelope
 
 
 class UsageRow(SQLModel, table=True):
@@ -179,6 +189,21 @@ class PriceOverride(SQLModel, table=True):
     id: int = Field(primary_key=True)
     table_json: str
     updated_at: float
+
+
+POLICY_EPOCH_ROW = 1
+
+
+def bump_policy_epoch(session: Session) -> None:
+    """Advance the policy epoch inside the caller's transaction (it commits with the change).
+
+    Every stored envelope built at an older epoch then takes the full path on its next poll,
+    which re-reads the policy; on PostgreSQL the row lock also orders concurrent admin writes.
+    """
+    epoch = PolicyEpoch.__table__  # type: ignore[attr-defined]
+    session.execute(
+        update(epoch).where(epoch.c.id == POLICY_EPOCH_ROW).values(epoch=epoch.c.epoch + 1)
+    )
 
 
 def sqlite_url(path: Path) -> str:
@@ -256,6 +281,7 @@ TABLE_NAMES = (
     "audit",
     "bundle_counter",
     "bundles",
+    "policy_epoch",
     "usage",
     "price_overrides",
     "leases",

@@ -278,6 +278,31 @@ def m006_key_limits(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE keys ADD COLUMN {column}"))
 
 
+def m007_policy_epoch(conn: Connection) -> None:
+    """The policy epoch (one row), and with each stored envelope the epoch it was built at.
+
+    Every admin write that can change a bundle bumps the epoch in its own transaction, so a poll
+    whose stored envelope carries the current epoch (and ``built_with`` of the serving process)
+    can be answered without re-reading the policy. The counter starts at 1 and existing
+    envelopes get 0 and an empty ``built_with``: each takes the full path once, since nothing
+    says what it was built from.
+    """
+    meta = MetaData()
+    epoch = Table(
+        "policy_epoch",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("epoch", BigInteger, nullable=False),
+    )
+    _create(meta, conn)
+    conn.execute(insert(epoch).values(id=1, epoch=1))
+    for column in (
+        "policy_epoch BIGINT DEFAULT 0 NOT NULL",
+        "built_with VARCHAR(64) DEFAULT '' NOT NULL",
+    ):
+        conn.execute(text(f"ALTER TABLE bundles ADD COLUMN {column}"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -285,6 +310,7 @@ MIGRATIONS: Sequence[Migration] = (
     m004_prices,
     m005_leases,
     m006_key_limits,
+    m007_policy_epoch,
 )
 
 
