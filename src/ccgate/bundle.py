@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -49,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ccgate._files import atomic_write
 from ccgate.errors import CcgateError, ExitCode
 
 PAYLOAD_TYPE = "application/vnd.ccgate.bundle+json"
@@ -219,7 +219,7 @@ class SigningKey:
         )
         path.parent.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
         try:
-            _write_private(path, pem, replace=False)
+            atomic_write(path, pem, replace=False)
         except FileExistsError:
             raise KeyFileError(
                 f"A server signing key already exists at {path}; it was left untouched. "
@@ -905,12 +905,12 @@ class BundleStore:
             held = _Mark(version=version, payload_sha256=_sha256(payload))
             if self.path.read_bytes() == data and self._record() == held:
                 return  # a re-fetch of what we hold: no disk write
-        _write_private(self.path, data, replace=True)
+        atomic_write(self.path, data, replace=True)
         self._write_record(version, payload)
 
     def _write_record(self, version: int, payload: bytes) -> None:
         doc = {"version": version, "payload_sha256": _sha256(payload)}
-        _write_private(self.version_path, json.dumps(doc).encode() + b"\n", replace=True)
+        atomic_write(self.version_path, json.dumps(doc).encode() + b"\n", replace=True)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -958,37 +958,3 @@ def _read_private(path: Path) -> bytes:
             f"Run `chmod 600 {path}`, and consider replacing the key if others may have read it."
         )
     return data
-
-
-def _write_private(path: Path, data: bytes, *, replace: bool) -> None:
-    """Write a 0600 temp file (O_EXCL, never briefly wider), fsync, then move it into place.
-
-    ``replace=False`` links instead of renaming, so an existing file is never overwritten,
-    even by a concurrent writer; FileExistsError then reaches the caller.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), _FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)  # a umask like 0277 would have taken our own write bit
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; directories cannot be opened on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -30,12 +30,12 @@ import copy
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccgate._files import atomic_write
 from ccgate.errors import SettingsFileError
 
 CUSTOM_HEADERS = "ANTHROPIC_CUSTOM_HEADERS"
@@ -363,7 +363,7 @@ def _write_settings(path: Path, data: bytes) -> None:
         mode = _NEW_FILE_MODE
     try:
         target.parent.mkdir(parents=True, exist_ok=True, mode=_NEW_DIR_MODE)
-        _atomic_write(target, data, mode=mode)
+        atomic_write(target, data, mode=mode)
     except OSError as exc:
         raise SettingsFileError(f"Cannot write {path}: {exc.strerror}.") from None
 
@@ -389,43 +389,9 @@ def _write_backup(settings_path: Path, original: bytes) -> None:
     try:
         if backup.exists() and backup.read_bytes() == original:
             return
-        _atomic_write(backup, original, mode=_NEW_FILE_MODE)
+        atomic_write(backup, original, mode=_NEW_FILE_MODE)
     except OSError as exc:
         raise SettingsFileError(f"Cannot write the backup {backup}: {exc.strerror}.") from None
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    """Write via a 0600 temp file in the same folder, fsync, chmod, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable on POSIX; Windows cannot open a folder, and that is fine.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# -- undo record --------------------------------------------------------------------------------
 
 
 def _fresh_origin(settings_path: Path, current: bytes | None) -> _Origin:
@@ -465,7 +431,7 @@ def _write_record(undo_path: Path, record: _Record) -> None:
     data = (json.dumps(_record_to_json(record), indent=2, ensure_ascii=False) + "\n").encode()
     try:
         undo_path.parent.mkdir(parents=True, exist_ok=True, mode=_NEW_DIR_MODE)
-        _atomic_write(undo_path, data, mode=_NEW_FILE_MODE)
+        atomic_write(undo_path, data, mode=_NEW_FILE_MODE)
     except OSError as exc:
         raise SettingsFileError(f"Cannot write {undo_path}: {exc.strerror}.") from None
 

@@ -16,6 +16,7 @@ from typing import Any
 import tomli_w
 
 from ccgate import env
+from ccgate._files import atomic_write
 from ccgate.errors import ConfigError
 from ccgate.paths import Paths
 
@@ -64,10 +65,7 @@ def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
 
 def save(paths: Paths, config: Config) -> None:
     paths.ensure()
-    path = paths.config_file
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(asdict(config)), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(paths.config_file, tomli_w.dumps(asdict(config)).encode("utf-8"))
 
 
 def resolve(

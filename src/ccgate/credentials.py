@@ -33,6 +33,7 @@ from keyring.backend import KeyringBackend
 from keyring.backends import chainer, fail, null
 
 from ccgate import env
+from ccgate._files import atomic_write
 from ccgate.errors import CredentialError
 from ccgate.paths import Paths
 
@@ -210,7 +211,7 @@ class SecretStore:
                 return
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             data = json.dumps(dict(secrets_by_name), indent=2, ensure_ascii=False) + "\n"
-            _atomic_write_private(path, data.encode("utf-8"))
+            atomic_write(path, data.encode("utf-8"))
         except OSError as exc:
             raise CredentialError(f"Cannot write {path}: {exc.strerror}.") from None
 
@@ -261,22 +262,6 @@ def _parse_secrets(path: Path, raw: bytes) -> dict[str, str]:
     if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
         raise CredentialError(f"{problem}. Fix or delete it.")
     return doc
-
-
-def _atomic_write_private(path: Path, data: bytes) -> None:
-    """Create a temp file at 0600 with O_EXCL (never briefly wider), fsync, then replace."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), _FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)  # a umask like 0277 would have taken our own write bit
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _display(path: Path) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from ccgate import env, profiles
+from ccgate._files import atomic_write
 from ccgate.config import Config
 from ccgate.credentials import SecretStore
 from ccgate.errors import DaemonStartError, NotRunningError
@@ -208,9 +209,7 @@ def _clear_runtime(paths: Paths, *, pid: int) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text.encode("utf-8"))
 
 
 def read_runtime(paths: Paths) -> RuntimeInfo | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 import anyio
 
 from ccgate import admission, periods, profiles
+from ccgate._files import atomic_write
 from ccgate.admission import estimate_input_tokens, format_usd
 from ccgate.bundle import Bundle, BundleError, BundleStore, DeviceKey, unseal
 from ccgate.ledger import Ledger, LedgerRow
@@ -447,10 +447,7 @@ class Governor:
             {"id": lease.id, "granted": lease.granted, "expires_at": lease.expires_at}
             for lease in self.wallet.leases.values()
         ]
-        path = self._leases_file
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(self._leases_file, json.dumps(data).encode("utf-8"))
 
     def _load_leases(self, *, now: float) -> None:
         try:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ccgate._files import atomic_write
 from ccgate.credentials import SecretStore
 from ccgate.errors import ConfigError
 from ccgate.paths import Paths
@@ -71,9 +71,7 @@ def save(paths: Paths, profile: Profile, *, key: str, device_private: bytes) -> 
     store.set(_secret(profile.name, "device"), base64.b64encode(device_private).decode())
     path = profile_file(paths, profile.name)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(profile), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(asdict(profile), indent=2) + "\n").encode("utf-8"))
 
 
 def load(paths: Paths, name: str = DEFAULT) -> Profile | None:

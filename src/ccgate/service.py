@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ccgate import env
+from ccgate._files import atomic_write
 from ccgate.errors import CcgateError
 from ccgate.paths import Paths
 
@@ -283,9 +284,7 @@ def _write_if_changed(path: Path, text: str) -> bool:
         raise ServiceError(f"Cannot read {path}: {exc.strerror}.") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, text.encode("utf-8"), mode=0o644)  # a unit file holds no secret
     except OSError as exc:
         raise ServiceError(
             f"Cannot write {path}: {exc.strerror}. Check the folder's permissions."
