@@ -129,6 +129,12 @@ def test_admin_sets_up_a_team_and_a_developer_works_within_its_policy(
     assert "pushed 0" in again["usage"]
     assert server.admin_json("usage", "--by", "team")["totals"] == usage["totals"]
 
+    # Secrets never reach a log: not the virtual key, not the provider key.
+    logs_text = (developer.ccgate_home / "daemon.log").read_text() + server.log.read_text()
+    assert key not in logs_text
+    assert UPSTREAM_KEY not in logs_text
+    assert server.admin_token not in logs_text
+
     status = json.loads(ccgate("status", "--json").stdout)
     assert status["mode"] == "server"
     assert status["server"]["bundle_version"] >= 1
