@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.harness import Isolated
+from tests.support.harness import Isolated, ccgate, kill_pidfile_daemon
 
 _SCRUB = ("ANTHROPIC_", "CCGATE_", "CLAUDE_", "PYTHON_KEYRING_BACKEND")
 
@@ -46,3 +46,11 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def developer(isolated: Isolated) -> Iterator[Isolated]:
+    """The isolated machine, with whatever `ccgate up` started there stopped afterwards."""
+    yield isolated
+    ccgate("down")
+    kill_pidfile_daemon(isolated.ccgate_home)

@@ -20,7 +20,6 @@ from tests.support.harness import (
     Server,
     ccgate,
     free_port,
-    kill_pidfile_daemon,
     run_claude,
     run_server,
 )
@@ -43,13 +42,6 @@ def server(tmp_path: Path, oauth_upstream: FakeUpstream) -> Iterator[Server]:
         # traffic.
         s.add_provider("http://127.0.0.1:9", api_key="sk-ant-admin-key-not-for-seats")
         yield s
-
-
-@pytest.fixture
-def developer(isolated: Isolated) -> Iterator[Isolated]:
-    yield isolated
-    ccgate("down")
-    kill_pidfile_daemon(isolated.ccgate_home)
 
 
 def seat_up(server: Server, upstream: FakeUpstream, *options: str) -> str:

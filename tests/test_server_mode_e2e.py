@@ -26,7 +26,6 @@ from tests.support.harness import (
     Server,
     ccgate,
     free_port,
-    kill_pidfile_daemon,
     run_claude,
     run_server,
 )
@@ -39,13 +38,6 @@ def server(tmp_path: Path, fake_upstream: FakeUpstream) -> Iterator[Server]:
     with run_server(tmp_path / "server") as s:
         s.add_provider(fake_upstream.url)
         yield s
-
-
-@pytest.fixture
-def developer(isolated: Isolated) -> Iterator[Isolated]:
-    yield isolated
-    ccgate("down")
-    kill_pidfile_daemon(isolated.ccgate_home)
 
 
 def create_key(server: Server, name: str, *options: str) -> str:
@@ -81,6 +73,15 @@ def sdk(port: int, key: str) -> anthropic.Anthropic:
 def ask(port: int, key: str, model: str = "claude-sonnet-4-6", **extra: Any) -> Any:
     return sdk(port, key).messages.create(
         model=model, max_tokens=256, messages=[{"role": "user", "content": "hi"}], **extra
+    )
+
+
+def tiny_request(port: int, key: str) -> httpx.Response:
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/messages",
+        json={"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": []},
+        headers={"x-api-key": key},
+        timeout=10,
     )
 
 
@@ -209,12 +210,7 @@ def test_tampered_bundle_with_server_down_is_never_obeyed(
     bundle_file.write_text(json.dumps(envelope))
 
     port = up()
-    response = httpx.post(
-        f"http://127.0.0.1:{port}/v1/messages",
-        json={"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": []},
-        headers={"x-api-key": key},
-        timeout=10,
-    )
+    response = tiny_request(port, key)
     assert response.status_code == 503
     assert "signed" in response.json()["error"]["message"]
     assert fake_upstream.requests == []
@@ -231,12 +227,7 @@ def test_expired_bundle_freezes_the_daemon_while_the_server_is_away(
         login(s, key)
     time.sleep(2.5)
     port = up()
-    response = httpx.post(
-        f"http://127.0.0.1:{port}/v1/messages",
-        json={"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": []},
-        headers={"x-api-key": key},
-        timeout=10,
-    )
+    response = tiny_request(port, key)
     assert response.status_code == 503
     assert "expired" in response.json()["error"]["message"]
     assert fake_upstream.requests == []

@@ -195,8 +195,8 @@ def _configure_logging(level: str) -> None:
 
 
 def _write_runtime(paths: Paths, info: RuntimeInfo) -> None:
-    _atomic_write(paths.runtime_file, json.dumps(asdict(info)) + "\n")
-    _atomic_write(paths.pid_file, f"{info.pid}\n")
+    atomic_write(paths.runtime_file, (json.dumps(asdict(info)) + "\n").encode())
+    atomic_write(paths.pid_file, f"{info.pid}\n".encode())
 
 
 def _clear_runtime(paths: Paths, *, pid: int) -> None:
@@ -206,10 +206,6 @@ def _clear_runtime(paths: Paths, *, pid: int) -> None:
         for path in (paths.runtime_file, paths.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write(path, text.encode("utf-8"))
 
 
 def read_runtime(paths: Paths) -> RuntimeInfo | None:

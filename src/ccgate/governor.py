@@ -137,14 +137,7 @@ class LocalPolicy:
 
 
 def has_budget(bundle: Bundle) -> bool:
-    return any(
-        budget is not None
-        for budget in (
-            bundle.key.budget,
-            bundle.team.budget if bundle.team else None,
-            bundle.customer.budget if bundle.customer else None,
-        )
-    )
+    return bool(_level_budgets(bundle))
 
 
 def admission_policy(bundle: Bundle) -> admission.Policy:

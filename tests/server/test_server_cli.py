@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
 from ccgate import paths
 from ccgate.cli import app
 from ccgate.server.state import ServerPaths
-from tests.support.harness import free_port, stop_process
+from tests.support.harness import free_port, stop_process, wait_healthy
 
 PROVIDER_KEY = "sk-ant-api03-cli-provider-secret"
 
@@ -46,18 +43,6 @@ def _json(server: RunningServer, *args: str, input: str | None = None) -> Any:
     return json.loads(result.stdout)
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited ({process.returncode}):\n{log.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"server not healthy:\n{log.read_text()}")
-
-
 @pytest.fixture
 def running_server() -> Iterator[RunningServer]:
     init = CliRunner().invoke(app, ["server", "init", "--json"])
@@ -74,7 +59,7 @@ def running_server() -> Iterator[RunningServer]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log)
+        wait_healthy(f"{url}/healthz", process, log)
         yield RunningServer(url=url, token=token, log=log)
     finally:
         stop_process(process)

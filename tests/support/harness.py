@@ -87,17 +87,18 @@ def _seed_client_key(key: str) -> None:
 
 
 def wait_healthy(
-    port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 20
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 20
 ) -> None:
+    """Wait until ``url`` answers 200; fail with the process's log if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"daemon exited ({process.returncode}):\n{log.read_text()}")
+            raise AssertionError(f"process exited ({process.returncode}):\n{log.read_text()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/_ccgate/health", timeout=0.5).status_code == 200:
+            if httpx.get(url, timeout=0.5).status_code == 200:
                 return
         time.sleep(0.05)
-    raise AssertionError(f"daemon not healthy after {timeout}s:\n{log.read_text()}")
+    raise AssertionError(f"{url} not healthy after {timeout}s:\n{log.read_text()}")
 
 
 @contextlib.contextmanager
@@ -136,7 +137,7 @@ def run_daemon(
             stdin=subprocess.DEVNULL,
         )
     try:
-        wait_healthy(port, process, log)
+        wait_healthy(f"http://127.0.0.1:{port}/_ccgate/health", process, log)
         yield Daemon(port=port, key=key, process=process, log=log, env=env)
     finally:
         stop_process(process)
@@ -234,16 +235,7 @@ def run_server(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited:\n{log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not healthy:\n{log.read_text()}")
-            time.sleep(0.05)
+        wait_healthy(f"{url}/healthz", process, log)
         yield Server(
             url=url,
             home=home,
