@@ -19,7 +19,7 @@ from tests.support.fake_upstream import DEFAULT_MODEL, Scenario, Usage
 
 DEFAULT_BODY_BYTES = 100 * 1024
 MESSAGES_PATH = "/v1/messages?beta=true"
-CLAUDE_CODE_VERSION = "2.1.197"
+CLAUDE_CODE_VERSION = "2.1.332"
 
 # The 24 tools Claude Code offers by default; only the count and schema shapes matter here.
 TOOL_NAMES = (

@@ -99,7 +99,7 @@ def test_claude_code_works_through_ccgate_and_usage_is_exact(
     assert first.query == "beta=true"
     assert first.headers["x-api-key"] == UPSTREAM_KEY
     assert "authorization" not in first.headers
-    assert first.headers["user-agent"].startswith("claude-cli/2.1.197")
+    assert first.headers["user-agent"].startswith("claude-cli/2.1.332")
     assert "anthropic-beta" in first.headers
     assert first.json is not None and first.json["stream"] is True
 

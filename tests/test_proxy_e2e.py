@@ -146,7 +146,7 @@ def test_request_bytes_query_and_headers_pass_unchanged(
         "x-claude-code-session-id": "6f1c1a52-0000-4000-8000-000000000001",
         "x-stainless-lang": "js",
         "x-app": "cli",
-        "user-agent": "claude-cli/2.1.197 (external, sdk-cli)",
+        "user-agent": "claude-cli/2.1.332 (external, sdk-cli)",
         "content-type": "application/json",
     }
     with httpx.Client(timeout=10) as client:
