@@ -581,6 +581,27 @@ def prices_set(
         console.info(f"Bundles now carry the price table from {file}; daemons get it at next sync.")
 
 
+@prices_app.command("import")
+def prices_import(
+    ctx: typer.Context,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="A ccgate price table, or LiteLLM's model_prices_and_context_window.json."
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Map and check only: show the table, upload nothing.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Upload a price table; LiteLLM's file is mapped to Claude entries first, and every Claude
+    row that could not be mapped is reported with the reason."""
+    from ccgate.cli import admin_prices
+
+    admin_prices.run_import(ctx, file, dry_run=dry_run, json_output=json_output)
+
+
 @prices_app.command("show")
 def prices_show(ctx: typer.Context) -> None:
     """Print the override as JSON (null when there is none)."""
