@@ -115,6 +115,13 @@ class AdminClient:
         params = {"id": provider_id} if provider_id else None
         return self.request("DELETE", f"/providers/{quote(name, safe='')}", params=params)
 
+    def update_provider(
+        self, name: str, body: Mapping[str, Any], *, provider_id: str | None = None
+    ) -> Any:
+        params = {"id": provider_id} if provider_id else None
+        path = f"/providers/{quote(name, safe='')}"
+        return self.request("PATCH", path, json=dict(body), params=params)
+
     def customers(self) -> Any:
         return self.request("GET", "/customers")
 
@@ -153,6 +160,9 @@ class AdminClient:
 
     def usage(self, *, by: str, since: float) -> Any:
         return self.request("GET", "/usage", params={"by": by, "since": since})
+
+    def daily_usage(self, *, since: float, until: float) -> Any:
+        return self.request("GET", "/usage/daily", params={"since": since, "until": until})
 
     def audit(self, *, limit: int) -> Any:
         return self.request("GET", "/audit", params={"limit": limit})

@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     NOT_RUNNING = 3
     CONFIG = 4
     UNAVAILABLE = 5
+    DIFFERENCES = 6  # `admin reconcile`: the ledger and the provider's report disagree
 
 
 class CcgateError(Exception):

@@ -132,6 +132,15 @@ def _when(ts: float | None) -> str:
 # ------------------------------------------------------------------------ providers
 
 
+AnthropicKeyIdOption = Annotated[
+    str | None,
+    typer.Option(
+        "--anthropic-key-id",
+        help="The key's id at Anthropic (apikey_..., Console > API keys), for `admin reconcile`.",
+    ),
+]
+
+
 @providers_app.command("add")
 def providers_add(
     ctx: typer.Context,
@@ -147,6 +156,7 @@ def providers_add(
         int, typer.Option("--priority", min=0, help="Lower numbers are tried first.")
     ] = 0,
     weight: Annotated[int, typer.Option("--weight", min=1, help="Share within a priority.")] = 1,
+    anthropic_key_id: AnthropicKeyIdOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Add a provider entry; several adds under one NAME form a pool. The key is never shown."""
@@ -159,6 +169,8 @@ def providers_add(
         raise CcgateError("No API key on stdin.")
     body = {"name": name, "base_url": base_url, "api_key": api_key}
     body |= {"priority": priority, "weight": weight} | ({"kind": kind} if kind else {})
+    if anthropic_key_id:
+        body["anthropic_key_id"] = anthropic_key_id
     with _client(ctx) as client:
         provider = client.add_provider(body)
     if json_output:
@@ -177,8 +189,39 @@ def providers_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     if json_output:
         console.print_json(data)
     else:
-        columns = ("name", "id", "kind", "base_url", "priority", "weight")
-        _table(data["providers"], columns, empty="No providers yet.")
+        rows = [{**p, "key id": p.get("anthropic_key_id")} for p in data["providers"]]
+        columns = ("name", "id", "base_url", "priority", "weight", "key id")
+        _table(rows, columns, empty="No providers yet.")
+
+
+@providers_app.command("update")
+def providers_update(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Provider (pool) name.")],
+    anthropic_key_id: Annotated[
+        str,
+        typer.Option(
+            "--anthropic-key-id",
+            help="The key's id at Anthropic (apikey_...), or none to clear it.",
+        ),
+    ],
+    provider_id: Annotated[
+        str | None, typer.Option("--id", help="The entry, when the pool has several.")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Record which Anthropic API key an entry holds, so `admin reconcile` can match the usage
+    report's api_key_id to it."""
+    value = None if anthropic_key_id.strip().lower() == "none" else anthropic_key_id.strip()
+    with _client(ctx) as client:
+        data = client.update_provider(name, {"anthropic_key_id": value}, provider_id=provider_id)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(
+            f"Provider {data['name']} ({data['id']}): Anthropic key id "
+            f"{data['anthropic_key_id'] or 'cleared'}."
+        )
 
 
 @providers_app.command("remove")
@@ -671,6 +714,50 @@ def _usage_table(data: dict[str, Any], *, by: str) -> None:
     pad = [""] * (len(labels[by]) - 1)
     table.add_row("[bold]total[/bold]", *pad, *figures(data["totals"]))
     console.out.print(table)
+
+
+@app.command("reconcile")
+def reconcile(
+    ctx: typer.Context,
+    usage_report: Annotated[
+        Path,
+        typer.Option(
+            "--usage-report",
+            help="Anthropic's usage_report/messages JSON (group_by api_key_id and model; one "
+            "page or an array of pages).",
+        ),
+    ],
+    cost_report: Annotated[
+        Path | None,
+        typer.Option("--cost-report", help="Anthropic's cost_report JSON (group_by description)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="First UTC day, YYYY-MM-DD [default: the report's first]."),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="Day after the last, YYYY-MM-DD [default: report's end]."),
+    ] = None,
+    workspace: Annotated[
+        str | None,
+        typer.Option("--workspace", help="Compare only this workspace's cost rows (wrkspc_...)."),
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Compare the server's ledger with Anthropic's usage (and cost) report: tokens by day,
+    model and provider key, cost by day and model. Exits 1 and names every differing row."""
+    from ccgate.cli import admin_reconcile
+
+    admin_reconcile.run(
+        ctx,
+        usage_report=usage_report,
+        cost_report=cost_report,
+        since=since,
+        until=until,
+        workspace=workspace,
+        json_output=json_output,
+    )
 
 
 @app.command("audit")

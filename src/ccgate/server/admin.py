@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ccgate.credentials import CLIENT_KEY_PREFIX
-from ccgate.server import db, validate
+from ccgate.server import db, reconcile, validate
 from ccgate.server.db import (
     AdminToken,
     AuditEntry,
@@ -157,8 +157,9 @@ class Admin:
             created_at=self.clock(),
         )
         row.api_key_enc = self.box.encrypt(api_key, aad=row.id)
-        info = provider_info(row)
         with db.session(self.engine) as session:
+            row.anthropic_key_id = reconcile.key_id(body, session, pool=name)
+            info = provider_info(row)
             session.add(row)
             self._record(session, actor=actor, action="provider.add", target=name, detail=info)
             session.commit()
@@ -353,6 +354,7 @@ def provider_info(row: Provider) -> dict[str, Any]:
         "base_url": row.base_url,
         "priority": row.priority,
         "weight": row.weight,
+        "anthropic_key_id": row.anthropic_key_id,
         "created_at": row.created_at,
     }
 

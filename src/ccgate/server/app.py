@@ -13,6 +13,7 @@ import base64
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ccgate import __version__
 from ccgate.bundle import SigningKey
 from ccgate.errors import CcgateError
 from ccgate.proxy import error_response
-from ccgate.server import devices, leases, usage
+from ccgate.server import devices, leases, reconcile, usage
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
 from ccgate.server.db import Device, VirtualKey
@@ -304,6 +305,16 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
         by, since = _usage_query(r)
         return await _blocking(usage.rollup, ctx.engine, by=by, since=since)
 
+    async def update_provider(r: Request, actor: str) -> Any:
+        name, pid, body = r.path_params["name"], r.query_params.get("id"), await _json_body(r)
+        return await _blocking(
+            reconcile.update_provider, admin, name, body, provider_id=pid, actor=actor
+        )
+
+    async def get_daily_usage(r: Request, _a: str) -> Any:
+        since, until = _float_query(r, "since"), _float_query(r, "until")
+        return await _blocking(reconcile.daily, ctx.engine, since=since, until=until)
+
     async def get_audit(r: Request, _a: str) -> Any:
         return await _blocking(admin.audit, limit=_int_query(r, "limit", default=50))
 
@@ -311,6 +322,7 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/providers", authed(list_providers), methods=["GET"]),
         Route("/providers", authed(add_provider, 201), methods=["POST"]),
         Route("/providers/{name}", authed(remove_provider), methods=["DELETE"]),
+        Route("/providers/{name}", authed(update_provider), methods=["PATCH"]),
         Route("/customers", authed(list_customers), methods=["GET"]),
         Route("/customers", authed(create_customer, 201), methods=["POST"]),
         Route("/teams", authed(list_teams), methods=["GET"]),
@@ -324,6 +336,7 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/prices", authed(set_prices), methods=["PUT"]),
         Route("/prices", authed(clear_prices), methods=["DELETE"]),
         Route("/usage", authed(get_usage), methods=["GET"]),
+        Route("/usage/daily", authed(get_daily_usage), methods=["GET"]),
         Route("/audit", authed(get_audit), methods=["GET"]),
     ]
 
@@ -348,3 +361,14 @@ def _int_query(request: Request, name: str, *, default: int) -> int:
         return int(text)
     except ValueError:
         raise InvalidRequestError(f"{name!r} must be an integer; got {text!r}.") from None
+
+
+def _float_query(request: Request, name: str) -> float:
+    text = request.query_params.get(name)
+    try:
+        value = float(text or "")
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{name!r} must be epoch seconds; got {text!r}.")
+    return value

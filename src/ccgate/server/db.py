@@ -43,6 +43,7 @@ class Provider(SQLModel, table=True):
     weight: int
     api_key_enc: bytes = Field(sa_type=LargeBinary)  # nonce + ChaCha20-Poly1305 ciphertext
     created_at: float
+    anthropic_key_id: str | None = None  # the provider's id for the key (reconciliation)
 
 
 class Customer(SQLModel, table=True):

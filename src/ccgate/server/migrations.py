@@ -303,6 +303,12 @@ def m007_policy_epoch(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE bundles ADD COLUMN {column}"))
 
 
+def m008_provider_key_ids(conn: Connection) -> None:
+    """The Anthropic API key id of a provider entry (``apikey_...``), recorded by the admin so
+    ``ccgate admin reconcile`` can match the provider's usage report to ccgate's ledger."""
+    conn.execute(text("ALTER TABLE providers ADD COLUMN anthropic_key_id VARCHAR(128)"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -311,6 +317,7 @@ MIGRATIONS: Sequence[Migration] = (
     m005_leases,
     m006_key_limits,
     m007_policy_epoch,
+    m008_provider_key_ids,
 )
 
 

@@ -71,6 +71,7 @@ SCHEMAS: dict[str, Any] = {
             "base_url": _STR,
             "priority": _INT,
             "weight": _INT,
+            "anthropic_key_id": _nullable(_STR),
             "created_at": _NUM,
         }
     ),
@@ -82,8 +83,24 @@ SCHEMAS: dict[str, Any] = {
             "api_key": {"type": "string", "writeOnly": True},
             "priority": _INT,
             "weight": _INT,
+            "anthropic_key_id": _nullable(_STR),
         },
         required=("name", "base_url", "api_key"),
+    ),
+    "DailyUsageRow": _obj(
+        {
+            "day": {"type": "string", "format": "date"},
+            "model": _nullable(_STR),
+            "provider": _nullable(_STR),
+            "requests": _INT,
+            "input_tokens": _INT,
+            "output_tokens": _INT,
+            "cache_creation_input_tokens": _INT,
+            "cache_creation_1h_input_tokens": _INT,
+            "cache_read_input_tokens": _INT,
+            "web_search_requests": _INT,
+            "cost_micros": _INT,
+        }
     ),
     "Customer": _obj(
         {"id": _STR, "name": _STR, "budget": _nullable(_ref("Budget")), "created_at": _NUM}
@@ -374,7 +391,15 @@ def _admin_paths() -> dict[str, Any]:
                 ok=_obj({"removed": _INT}),
                 security=adm,
                 params=[_NAME, _param("id", "query", _STR, required=False)],
-            )
+            ),
+            "patch": _op(
+                "Record (or clear with null) the Anthropic API key id of a provider entry; "
+                "?id= names the entry when the pool has several",
+                ok=_ref("Provider"),
+                body=_obj({"anthropic_key_id": _nullable(_STR)}, required=("anthropic_key_id",)),
+                security=adm,
+                params=[_NAME, _param("id", "query", _STR, required=False)],
+            ),
         },
         f"{p}/customers": {
             "get": _op("List customers", ok=_list("customers", "Customer"), security=adm),
@@ -428,6 +453,24 @@ def _admin_paths() -> dict[str, Any]:
                 security=adm,
             ),
             "delete": _op("Remove the price table override", ok=_ref("Prices"), security=adm),
+        },
+        f"{p}/usage/daily": {
+            "get": _op(
+                "Totals per UTC day, model and provider pool for since <= started_at < until, "
+                "provider-billed requests only (for reconciliation)",
+                ok=_obj(
+                    {
+                        "since": _NUM,
+                        "until": _NUM,
+                        "rows": {"type": "array", "items": _ref("DailyUsageRow")},
+                    }
+                ),
+                security=adm,
+                params=[
+                    _param("since", "query", _NUM, required=True),
+                    _param("until", "query", _NUM, required=True),
+                ],
+            )
         },
         f"{p}/usage": {
             "get": _op(
