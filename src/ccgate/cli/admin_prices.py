@@ -67,21 +67,22 @@ def _is_litellm(text: str) -> bool:
 
 def _print_report(report: dict[str, Any], *, file: Path) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
     if report["format"] != "litellm":
         console.info(f"{file}: a ccgate price table with {report['entries']} entries, valid.")
         return
     console.info(
-        f"{file}: LiteLLM format. {report['claude_rows']} Claude rows mapped into "
-        f"{report['entries']} entries; {len(report['unmapped'])} Claude rows not mapped; "
-        f"{report['skipped_non_claude']} rows of other models skipped."
+        f"{file}: LiteLLM format. {report['claude_rows']} Claude rows: "
+        f"{report['claude_rows'] - len(report['unmapped'])} mapped into {report['entries']} "
+        f"entries, {len(report['unmapped'])} not mapped; {report['skipped_non_claude']} rows "
+        "of other models skipped."
     )
     if report["unmapped"]:
-        table = Table("not mapped", "provider", "why", title="Claude rows not imported")
+        console.out.print("Claude rows not imported:")
         for row in report["unmapped"]:
-            table.add_row(escape(row["model"]), escape(row["provider"]), escape(row["reason"]))
-        console.out.print(table)
+            console.out.print(
+                f"  {escape(row['model'])} ({escape(row['provider'])}): {escape(row['reason'])}"
+            )
     for name, items in report["derived"].items():
         console.info(f"{name}: derived {'; '.join(items)}.")
     for name, fields in report["dropped"].items():

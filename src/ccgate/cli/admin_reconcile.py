@@ -115,7 +115,12 @@ def _print(result: rec.Result, *, cost: bool) -> None:
         rounding = f"; {len(result.rounding)} within rounding" if result.rounding else ""
         console.out.print(f"Matches: {compared} for {span} agree{rounding}.")
         return
-    table = Table("day", "model", "provider", "field", "ccgate", "report", "diff")
+    # No borders and one space between columns: a row of long model ids still fits 80 columns.
+    table = Table(box=None, padding=(0, 1, 0, 0), header_style="bold")
+    for name in ("day", "model", "provider", "field"):
+        table.add_column(name)
+    for name in ("ccgate", "report", "diff"):
+        table.add_column(name, justify="right")
     for diff in result.differences:
         for name in diff.fields:
             mine, theirs = diff.ccgate[name], diff.report[name]
@@ -133,6 +138,5 @@ def _print(result: rec.Result, *, cost: bool) -> None:
             )
     console.out.print(table)
     console.out.print(
-        f"{len(result.differences)} of {compared} differ for {span}; ccgate is the ledger, "
-        "report is Anthropic's."
+        f"{len(result.differences)} of {compared} differ for {span} (diff = ccgate - report)."
     )
