@@ -29,6 +29,9 @@ Rules:
   integers summed; ccgate rounds each request half up to a micro-dollar, so a day's total may
   be off by at most half a micro-dollar per request. A difference within that bound is
   rounding, shown but not counted; anything more is a difference.
+- The cost report's rows are summed per day and model whatever their ``cost_type``; ccgate's
+  cost of a request includes its web searches. A charge the report lists without a model is
+  compared as a ``(no model)`` row, which ccgate cannot attribute, so it shows as a difference.
 - Rows whose every figure is zero on both sides are dropped (requests refused before they
   went upstream cost nothing anywhere).
 """
@@ -38,7 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, TypeVar
 
@@ -55,6 +58,7 @@ TOKEN_FIELDS: Final = (
 MICROS_PER_CENT: Final = 10_000
 NO_MODEL: Final = "(no model)"
 _DATE_SUFFIX = re.compile(r"-\d{8}$")
+_TICK: Final = timedelta(seconds=1)  # an end is exclusive: its bucket's last second is the day
 
 
 class ReportError(ConfigError):
@@ -199,9 +203,6 @@ def _buckets(
                 if not isinstance(result, Mapping):
                     raise ReportError(f"{where} result {r + 1} must be an object.")
                 yield f"{where} result {r + 1}", start.astimezone(UTC).date(), start, end, result
-
-
-_TICK = datetime(2000, 1, 1, 0, 0, 1, tzinfo=UTC) - datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def read_usage_report(data: Any) -> tuple[list[UsageRow], datetime, datetime]:

@@ -746,7 +746,7 @@ def reconcile(
     json_output: JsonOption = False,
 ) -> None:
     """Compare the server's ledger with Anthropic's usage (and cost) report: tokens by day,
-    model and provider key, cost by day and model. Exits 1 and names every differing row."""
+    model and provider key, cost by day and model. Exits 6 and names every differing row."""
     from ccgate.cli import admin_reconcile
 
     admin_reconcile.run(

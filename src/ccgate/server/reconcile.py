@@ -64,7 +64,11 @@ def key_id(body: Mapping[str, Any], session: Session, *, pool: str) -> str | Non
 def update_provider(
     admin: Admin, name: str, body: Mapping[str, Any], *, provider_id: str | None, actor: str
 ) -> dict[str, Any]:
-    """Set or clear (null) one provider entry's Anthropic key id; the only mutable field."""
+    """Set or clear (null) one provider entry's Anthropic key id; the only mutable field.
+
+    The key id is not part of any bundle, so bundles, which name provider entries by row id in
+    their content hash, stay as they are.
+    """
     from ccgate.server.admin import provider_info
 
     unknown = sorted(set(body) - {KEY_ID_FIELD})
