@@ -29,7 +29,7 @@ from ccgate import __version__
 from ccgate.bundle import SigningKey
 from ccgate.errors import CcgateError
 from ccgate.proxy import error_response
-from ccgate.server import devices, leases, usage
+from ccgate.server import devices, leases, report, roles, usage
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
 from ccgate.server.db import Device, VirtualKey
@@ -248,8 +248,11 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
     def authed(handler: Callable[[Request, str], Awaitable[Any]], status: int = 200) -> Handler:
         @_guarded
         async def run(request: Request) -> Response:
-            actor = await _blocking(admin.authenticate, _bearer(request))
-            return _json(await handler(request, actor), status)
+            who = await _blocking(
+                roles.authorize, admin.authenticate, ctx.engine, _bearer(request), request.method
+            )
+            result = await handler(request, who.id)
+            return result if isinstance(result, Response) else _json(result, status)
 
         return run
 
@@ -307,7 +310,35 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
     async def get_audit(r: Request, _a: str) -> Any:
         return await _blocking(admin.audit, limit=_int_query(r, "limit", default=50))
 
+    async def list_tokens(_r: Request, _a: str) -> Any:
+        return await _blocking(roles.list_tokens, ctx.engine)
+
+    async def create_token(r: Request, actor: str) -> Any:
+        body = await _json_body(r)
+        return await _blocking(roles.create_token, ctx.engine, body, actor=actor, now=ctx.clock())
+
+    async def revoke_token(r: Request, actor: str) -> Any:
+        name = r.path_params["name"]
+        return await _blocking(roles.revoke_token, ctx.engine, name, actor=actor, now=ctx.clock())
+
+    async def get_report(r: Request, _a: str) -> Any:
+        period = r.query_params.get("period") or report.current_period(ctx.clock())
+        by = r.query_params.get("by", "team")
+        data = await _blocking(report.chargeback, ctx.engine, period=period, by=by)
+        if r.query_params.get("format", "json") != "csv":
+            return data
+        name = f"ccgate-chargeback-{data['period']}-by-{by}.csv"
+        return Response(
+            report.to_csv(data),
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": f'attachment; filename="{name}"'},
+        )
+
     return [
+        Route("/report", authed(get_report), methods=["GET"]),
+        Route("/tokens", authed(list_tokens), methods=["GET"]),
+        Route("/tokens", authed(create_token, 201), methods=["POST"]),
+        Route("/tokens/{name}/revoke", authed(revoke_token), methods=["POST"]),
         Route("/providers", authed(list_providers), methods=["GET"]),
         Route("/providers", authed(add_provider, 201), methods=["POST"]),
         Route("/providers/{name}", authed(remove_provider), methods=["DELETE"]),

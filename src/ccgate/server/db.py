@@ -31,6 +31,10 @@ class AdminToken(SQLModel, table=True):
     id: str = Field(primary_key=True)
     token_hash: str = Field(unique=True)
     created_at: float
+    name: str | None = Field(default=None, unique=True)
+    role: str = "admin"  # admin or viewer (``ccgate.server.roles``)
+    prefix: str = ""
+    revoked_at: float | None = None
 
 
 class Provider(SQLModel, table=True):

@@ -303,6 +303,22 @@ def m007_policy_epoch(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE bundles ADD COLUMN {column}"))
 
 
+def m008_admin_roles(conn: Connection) -> None:
+    """Named admin tokens with a role (admin or viewer), a display prefix and revocation.
+
+    The token `server init` made (the only one before this step) becomes ``init``, an admin.
+    """
+    for column in (
+        "name VARCHAR(64)",
+        "role VARCHAR(16) DEFAULT 'admin' NOT NULL",
+        "prefix VARCHAR(16) DEFAULT '' NOT NULL",
+        "revoked_at FLOAT",
+    ):
+        conn.execute(text(f"ALTER TABLE admin_tokens ADD COLUMN {column}"))
+    conn.execute(text("UPDATE admin_tokens SET name = 'init' WHERE name IS NULL"))
+    conn.execute(text("CREATE UNIQUE INDEX ix_admin_tokens_name ON admin_tokens (name)"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -311,6 +327,7 @@ MIGRATIONS: Sequence[Migration] = (
     m005_leases,
     m006_key_limits,
     m007_policy_epoch,
+    m008_admin_roles,
 )
 
 
