@@ -172,6 +172,15 @@ class AdminClient:
             raise self._error(response)
         return response.text
 
+    def alerts(self) -> Any:
+        return self.request("GET", "/alerts")
+
+    def add_alert(self, body: Mapping[str, Any]) -> Any:
+        return self.request("POST", "/alerts", json=dict(body))
+
+    def remove_alert(self, alert_id: str) -> Any:
+        return self.request("DELETE", f"/alerts/{quote(alert_id, safe='')}")
+
     def tokens(self) -> Any:
         return self.request("GET", "/tokens")
 

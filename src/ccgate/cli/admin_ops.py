@@ -19,8 +19,15 @@ tokens_app = typer.Typer(
 )
 
 
+alerts_app = typer.Typer(
+    help="Webhook alerts: budget thresholds, devices that stopped syncing, failing providers.",
+    no_args_is_help=True,
+)
+
+
 def register(admin_app: typer.Typer) -> None:
     admin_app.add_typer(tokens_app, name="tokens")
+    admin_app.add_typer(alerts_app, name="alerts")
     admin_app.command("report")(report)
 
 
@@ -144,3 +151,108 @@ def _report_table(data: dict[str, Any]) -> None:
     console.out.print(table)
     used = ", ".join(f"{t['source']} {t['version']}" for t in data["price_tables"])
     console.info(f"Price tables: {used}.")
+
+
+# ------------------------------------------------------------------------ alerts
+
+
+@alerts_app.command("add")
+def alerts_add(
+    ctx: typer.Context,
+    scope: Annotated[
+        str,
+        typer.Option(
+            "--scope",
+            help="customer:NAME, team:NAME or key:NAME (provider:NAME with --provider-failing).",
+        ),
+    ],
+    webhook: Annotated[str, typer.Option("--webhook", help="The URL to POST alerts to.")],
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="Budget thresholds in percent, e.g. 50,80,100."),
+    ] = None,
+    stale_hours: Annotated[
+        float | None,
+        typer.Option(
+            "--stale-hours", help="Alert when a device of key:NAME has not synced for N hours."
+        ),
+    ] = None,
+    provider_failing: Annotated[
+        bool,
+        typer.Option("--provider-failing", help="Alert when upstream refuses provider:NAME's key."),
+    ] = False,
+    fmt: Annotated[
+        Literal["json", "slack"],
+        typer.Option("--format", help="json (documented payload) or slack (incoming webhook)."),
+    ] = "json",
+    json_output: JsonOption = False,
+) -> None:
+    """Add an alert. Each threshold fires at most once per budget period."""
+    from ccgate.errors import CcgateError
+
+    chosen = [at is not None, stale_hours is not None, provider_failing]
+    if sum(chosen) != 1:
+        raise CcgateError("Give exactly one of --at, --stale-hours or --provider-failing.")
+    body: dict[str, Any] = {"scope": scope, "webhook": webhook, "format": fmt}
+    if at is not None:
+        try:
+            body |= {"kind": "budget", "at": [int(p.strip().rstrip("%")) for p in at.split(",")]}
+        except ValueError:
+            raise CcgateError(f"--at {at!r} must be whole percentages like 50,80,100.") from None
+    elif stale_hours is not None:
+        body |= {"kind": "stale", "stale_hours": stale_hours}
+    else:
+        body |= {"kind": "provider"}
+    with _client(ctx) as client:
+        data = client.add_alert(body)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(f"Added alert {data['id']} ({data['kind']} on {data['scope']}).")
+
+
+@alerts_app.command("list")
+def alerts_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Alerts, with what was sent, what is pending and what gave up."""
+    with _client(ctx) as client:
+        data = client.alerts()
+    if json_output:
+        console.print_json(data)
+        return
+    rows = [
+        {
+            **a,
+            "when": _alert_when(a),
+            "sent/pending/failed": f"{a['sent']}/{a['pending']}/{a['failed']}",
+            "last": _alert_last(a["last"]),
+        }
+        for a in data["alerts"]
+    ]
+    columns = ("id", "scope", "when", "format", "webhook", "sent/pending/failed", "last")
+    _table(rows, columns, empty="No alerts.")
+
+
+def _alert_when(alert: dict[str, Any]) -> str:
+    if alert["kind"] == "budget":
+        return ",".join(f"{p}%" for p in alert["at"])
+    if alert["kind"] == "stale":
+        return f"silent {alert['stale_hours']:g}h"
+    return "key failing"
+
+
+def _alert_last(last: dict[str, Any] | None) -> str:
+    if last is None:
+        return "-"
+    text = f"{last['state']} ({last['attempts']} tries)"
+    return f"{text}: {last['last_error']}" if last["last_error"] else text
+
+
+@alerts_app.command("remove")
+def alerts_remove(
+    ctx: typer.Context,
+    alert_id: Annotated[str, typer.Argument(help="The alert's id (alerts list shows it).")],
+) -> None:
+    """Remove an alert; what it had not yet sent is dropped."""
+    with _client(ctx) as client:
+        client.remove_alert(alert_id)
+    console.info(f"Removed alert {alert_id}.")

@@ -10,11 +10,12 @@ secret; the traceback goes to the server log only.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -29,7 +30,7 @@ from ccgate import __version__
 from ccgate.bundle import SigningKey
 from ccgate.errors import CcgateError
 from ccgate.proxy import error_response
-from ccgate.server import devices, leases, report, roles, usage
+from ccgate.server import alerts, devices, leases, report, roles, usage
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
 from ccgate.server.db import Device, VirtualKey
@@ -54,6 +55,11 @@ class ServerContext:
     bundle_settings: BundleSettings = field(default_factory=BundleSettings)
     lease_settings: leases.LeaseSettings = field(default_factory=leases.LeaseSettings)
     clock: Callable[[], float] = field(default=time.time)
+    alert_settings: alerts.AlertSettings = field(default_factory=alerts.AlertSettings)
+
+    @functools.cached_property
+    def alert_worker(self) -> alerts.AlertWorker:
+        return alerts.AlertWorker(self.engine, self.box, self.alert_settings, self.clock)
 
     @functools.cached_property
     def admin(self) -> Admin:
@@ -74,7 +80,17 @@ def create_app(ctx: ServerContext) -> Starlette:
     from ccgate.server.openapi import document
 
     routes = [*public_routes(ctx), Mount(ADMIN_PREFIX, routes=admin_routes(ctx))]
-    app = Starlette(routes=routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        # Only a served app (uvicorn runs the lifespan) evaluates and sends alerts on a timer.
+        ctx.alert_worker.start()
+        try:
+            yield
+        finally:
+            await _blocking(ctx.alert_worker.stop)
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     spec = document(version=__version__)
 
     async def openapi(_request: Request) -> Response:
@@ -182,6 +198,7 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
         device = await device_of(request, key)
         body = await _json_body(request)
         result = await _blocking(usage.ingest, ctx.engine, key, device, body, now=ctx.clock())
+        await _blocking(_after_ingest, ctx, key, device)
         return _json(result)
 
     @_guarded
@@ -220,6 +237,14 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/v1/leases", post_lease, methods=["POST"]),
         Route("/v1/leases/{lease_id}/return", return_lease, methods=["POST"]),
     ]
+
+
+def _after_ingest(ctx: ServerContext, key: VirtualKey, device: Device) -> None:
+    """The device synced; usage may have crossed an alert threshold of the key's levels."""
+    now = ctx.clock()
+    alerts.note_sync(ctx.engine, device.id, now=now)
+    if alerts.evaluate(ctx.engine, ctx.alert_settings, now=now, key=key):
+        ctx.alert_worker.wake()
 
 
 def _poll_bundle(ctx: ServerContext, token: str | None, device_id: str | None) -> Served:
@@ -334,7 +359,23 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
             headers={"content-disposition": f'attachment; filename="{name}"'},
         )
 
+    async def list_alerts(_r: Request, _a: str) -> Any:
+        return await _blocking(alerts.list_rules, ctx.engine)
+
+    async def add_alert(r: Request, actor: str) -> Any:
+        body = await _json_body(r)
+        return await _blocking(
+            alerts.add_rule, ctx.engine, ctx.box, body, actor=actor, now=ctx.clock()
+        )
+
+    async def remove_alert(r: Request, actor: str) -> Any:
+        rule = r.path_params["alert_id"]
+        return await _blocking(alerts.remove_rule, ctx.engine, rule, actor=actor, now=ctx.clock())
+
     return [
+        Route("/alerts", authed(list_alerts), methods=["GET"]),
+        Route("/alerts", authed(add_alert, 201), methods=["POST"]),
+        Route("/alerts/{alert_id}", authed(remove_alert), methods=["DELETE"]),
         Route("/report", authed(get_report), methods=["GET"]),
         Route("/tokens", authed(list_tokens), methods=["GET"]),
         Route("/tokens", authed(create_token, 201), methods=["POST"]),

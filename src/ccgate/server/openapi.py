@@ -246,6 +246,33 @@ SCHEMAS: dict[str, Any] = {
     "AuditEntry": _obj(
         {"at": _NUM, "actor": _STR, "action": _STR, "target": _STR, "detail": {"type": "object"}}
     ),
+    "AlertCreate": _obj(
+        {
+            "kind": {"enum": ["budget", "stale", "provider"]},
+            "scope": _STR,
+            "at": {"type": "array", "items": _INT},
+            "stale_hours": _NUM,
+            "webhook": _STR,
+            "format": {"enum": ["json", "slack"]},
+        },
+        required=("scope", "webhook"),
+    ),
+    "Alert": _obj(
+        {
+            "id": _STR,
+            "kind": _STR,
+            "scope": _STR,
+            "at": {"type": "array", "items": _INT},
+            "stale_hours": _nullable(_NUM),
+            "format": _STR,
+            "webhook": _STR,
+            "created_at": _NUM,
+            "sent": _INT,
+            "pending": _INT,
+            "failed": _INT,
+            "last": _nullable({"type": "object"}),
+        }
+    ),
     "Chargeback": _obj(
         {
             "period": _STR,
@@ -470,6 +497,28 @@ def _admin_paths() -> dict[str, Any]:
                     _param("since", "query", _NUM, required=False),
                 ],
             )
+        },
+        f"{p}/alerts": {
+            "get": _op(
+                "Alert rules with their deliveries (sent, pending, failed, the last one)",
+                ok=_list("alerts", "Alert"),
+                security=adm,
+            ),
+            "post": _op(
+                "Add a webhook alert: budget thresholds, a stale device or a failing provider",
+                ok=_ref("Alert"),
+                status="201",
+                body=_ref("AlertCreate"),
+                security=adm,
+            ),
+        },
+        f"{p}/alerts/{{alert_id}}": {
+            "delete": _op(
+                "Remove an alert rule and its outbox",
+                ok=_obj({"removed": _INT}),
+                security=adm,
+                params=[_param("alert_id", "path", _STR, required=True)],
+            ),
         },
         f"{p}/report": {
             "get": _op(
