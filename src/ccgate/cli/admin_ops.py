@@ -106,6 +106,7 @@ def report(
     output: Annotated[
         Literal["table", "csv", "json"], typer.Option("--format", help="table, csv or json.")
     ] = "table",
+    json_output: JsonOption = False,
 ) -> None:
     """Chargeback for a month: requests, tokens and exact dollars, with the price tables used."""
     import sys
@@ -114,11 +115,11 @@ def report(
 
     month = period or datetime.fromtimestamp(time.time(), UTC).strftime("%Y-%m")
     with _client(ctx) as client:
-        if output == "csv":
+        if output == "csv" and not json_output:
             sys.stdout.write(client.report_csv(period=month, by=by))
             return
         data = client.report(period=month, by=by)
-    if output == "json":
+    if output == "json" or json_output:
         console.print_json(data)
         return
     _report_table(data)
