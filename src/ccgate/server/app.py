@@ -40,6 +40,7 @@ from ccgate.server.state import SecretBox
 log = logging.getLogger("ccgate.server")
 
 ADMIN_PREFIX: Final = "/admin/v1"
+UI_PREFIX: Final = "/ui"  # the dashboard's HTML pages (``ccgate.server.ui``), not part of the API
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # a full usage batch is well under 1 MB
 _T = TypeVar("_T")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -77,9 +78,14 @@ class ServerContext:
 
 
 def create_app(ctx: ServerContext) -> Starlette:
+    from ccgate.server import ui
     from ccgate.server.openapi import document
 
-    routes = [*public_routes(ctx), Mount(ADMIN_PREFIX, routes=admin_routes(ctx))]
+    routes = [
+        *public_routes(ctx),
+        Mount(ADMIN_PREFIX, routes=admin_routes(ctx)),
+        Mount(UI_PREFIX, routes=ui.routes(ctx)),
+    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

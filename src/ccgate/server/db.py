@@ -230,6 +230,16 @@ class AlertOutbox(SQLModel, table=True):
     last_error: str | None = None
 
 
+class UiSession(SQLModel, table=True):
+    """A dashboard sign-in: the cookie's SHA-256 only, the token it was made with, an expiry."""
+
+    __tablename__ = "ui_sessions"
+    id_hash: str = Field(primary_key=True)
+    admin_id: str
+    created_at: float
+    expires_at: float
+
+
 POLICY_EPOCH_ROW = 1
 
 
@@ -326,5 +336,6 @@ TABLE_NAMES = (
     "leases",
     "alert_rules",
     "alert_outbox",
+    "ui_sessions",
 )
 """Every table the migrations create (besides ``migrations``)."""

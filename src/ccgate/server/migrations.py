@@ -360,6 +360,20 @@ def m009_alerts(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE devices ADD COLUMN last_seen_at FLOAT"))
 
 
+def m010_ui_sessions(conn: Connection) -> None:
+    """Dashboard sessions, stored as the SHA-256 of the cookie with the admin token's id."""
+    meta = MetaData()
+    Table(
+        "ui_sessions",
+        meta,
+        Column("id_hash", String(64), primary_key=True),
+        Column("admin_id", String(32), nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("expires_at", Float, nullable=False),
+    )
+    _create(meta, conn)
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -370,6 +384,7 @@ MIGRATIONS: Sequence[Migration] = (
     m007_policy_epoch,
     m008_admin_roles,
     m009_alerts,
+    m010_ui_sessions,
 )
 
 
