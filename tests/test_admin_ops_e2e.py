@@ -23,6 +23,7 @@ from tests.test_server_mode_e2e import ask, create_key, login, sync, up
 pytestmark = pytest.mark.e2e
 
 FAST_ALERTS = ("--alert-interval", "0.3", "--alert-retry", "0.2")
+SECRET_PATH = "/T0000/B0000/webhook-secret-part"  # like a Slack incoming-webhook URL
 BIG = Usage(input_tokens=100_000, output_tokens=10_000)  # $0.45 on claude-sonnet-4-6
 
 
@@ -44,9 +45,9 @@ def _team_with_alerts(server: Server, plain: Receiver, slack: Receiver) -> str:
     for receiver, fmt in ((plain, "json"), (slack, "slack")):
         added = server.admin_json(
             "alerts", "add", "--scope", "team:platform", "--at", "50,80",
-            "--webhook", receiver.url, "--format", fmt,
+            "--webhook", receiver.url + SECRET_PATH, "--format", fmt,
         )  # fmt: skip
-        assert added["at"] == [50, 80] and receiver.url not in json.dumps(added)
+        assert added["at"] == [50, 80] and SECRET_PATH not in json.dumps(added)
     return create_key(server, "alice", "--team", "platform")
 
 
@@ -88,6 +89,8 @@ def test_thresholds_fire_once_each_through_a_real_daemon(
     assert len(plain.received) == 2 and len(slack.received) == 2
     listed = server.admin_json("alerts", "list")["alerts"]
     assert [(a["sent"], a["pending"], a["failed"]) for a in listed] == [(2, 0, 0), (2, 0, 0)]
+    assert eighty.path == "/hook" + SECRET_PATH
+    assert "webhook-secret-part" not in server.log.read_text()  # httpx logs URLs at INFO
 
     # The month's chargeback agrees with `admin usage` to the micro-dollar.
     month = datetime.now(UTC).strftime("%Y-%m")

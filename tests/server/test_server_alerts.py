@@ -225,11 +225,14 @@ async def test_stale_device_and_failing_provider(server: Server, receiver: Recei
         server,
         key,
         device,
-        *(_record(0, status=401, provider="anthropic") for _ in "ab"),
-        _record(0, status=529, provider="anthropic"),
+        *(_record(0, status=401, provider="anthropic", outcome="upstream_error") for _ in "ab"),
+        _record(0, status=529, provider="anthropic", outcome="upstream_error"),
+        _record(0, status=403, provider="anthropic", outcome="rejected"),  # the daemon's policy
+        _record(0, status=401, provider="other", outcome="upstream_error"),
     )
     assert alerts.evaluate(server.ctx.engine, SETTINGS, now=server.clock.now) == 0
-    await _push(server, key, device, _record(0, status=403, provider="anthropic"))
+    refused = _record(0, status=403, provider="anthropic", outcome="upstream_error")
+    await _push(server, key, device, refused)
     assert alerts.evaluate(server.ctx.engine, SETTINGS, now=server.clock.now) == 1
     assert _deliver(server) == 1
     failing = receiver.delivered()[1].body

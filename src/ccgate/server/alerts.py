@@ -394,7 +394,9 @@ def _eval_stale(session: Session, rule: AlertRule, settings: AlertSettings, now:
     fired = 0
     devices = session.exec(select(Device).where(Device.key_id == key.id)).all()
     for device in devices:
-        seen = device.last_seen_at or device.created_at
+        # Never synced (or not since the upgrade that started recording it): count from the
+        # later of its registration and the rule, so a new rule does not fire on old history.
+        seen = device.last_seen_at or max(device.created_at, rule.created_at)
         if now - seen < rule.stale_hours * 3600:
             continue
         hours = (now - seen) / 3600
@@ -402,7 +404,7 @@ def _eval_stale(session: Session, rule: AlertRule, settings: AlertSettings, now:
             "type": "device_stale",
             "scope": {"kind": "key", "name": key.name},
             "device": {"id": device.id, "name": device.name},
-            "last_seen_at": seen,
+            "last_seen_at": device.last_seen_at,
             "stale_hours": rule.stale_hours,
             "dashboard_url": settings.dashboard_url,
             "at": now,
@@ -421,6 +423,7 @@ def _eval_provider(session: Session, rule: AlertRule, settings: AlertSettings, n
     failures = session.exec(
         select(func.count()).where(
             UsageRow.provider == rule.scope_name,
+            UsageRow.outcome == "upstream_error",  # not the daemon's own 403 for a policy refusal
             col(UsageRow.status).in_(KEY_FAILURE_STATUSES),
             UsageRow.received_at >= since,
         )
@@ -524,7 +527,12 @@ def _claim(engine: Engine, outbox_row: str, *, now: float, until: float) -> bool
     with db.session(engine) as session:
         result = session.execute(
             update(AlertOutbox)
-            .where(col(AlertOutbox.id) == outbox_row, col(AlertOutbox.delivered_at).is_(None))
+            .where(
+                col(AlertOutbox.id) == outbox_row,
+                col(AlertOutbox.delivered_at).is_(None),
+                col(AlertOutbox.failed_at).is_(None),
+                col(AlertOutbox.next_attempt_at) <= now,  # another replica may have rescheduled it
+            )
             .where(
                 col(AlertOutbox.claimed_until).is_(None) | (col(AlertOutbox.claimed_until) < now)
             )

@@ -81,6 +81,8 @@ def serve(
     from ccgate.server.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    # httpx logs every request's full URL at INFO; a webhook URL is a credential (Slack's is).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     base = (public_url or f"http://{host}:{port}").rstrip("/")
     settings = AlertSettings(
         interval_s=alert_interval_s, retry_base_s=alert_retry_s, dashboard_url=f"{base}/ui/"
