@@ -110,6 +110,12 @@ def test_thresholds_fire_once_each_through_a_real_daemon(
     assert header.startswith("period,team,customer,requests,")
     assert row.startswith(f"{month},platform,,3,300000,30000,")
     assert ",1350000,1.350000," in total
+    table = server.admin("report", "--period", month, "--by", "team")
+    assert table.returncode == 0 and "platform" in table.stdout and "1.350000" in table.stdout
+    assert "Price tables: shipped" in table.stderr
+    alerts_table = server.admin("alerts", "list")
+    assert alerts_table.returncode == 0 and "2/0/0" in alerts_table.stdout
+    assert "webhook-secret-part" not in alerts_table.stdout
 
 
 def test_a_restart_between_crossing_and_sending_delivers_exactly_once(
@@ -154,6 +160,8 @@ def test_viewer_token_reads_but_cannot_change(server: Server) -> None:
     listed = server.admin_json("tokens", "list")["tokens"]
     assert [(t["name"], t["role"]) for t in listed] == [("init", "admin"), ("auditor", "viewer")]
     assert viewer not in json.dumps(listed)
+    table = server.admin("tokens", "list")
+    assert "auditor" in table.stdout and "viewer" in table.stdout and viewer not in table.stdout
     env = {**server.env(), "CCGATE_ADMIN_TOKEN": viewer}
     read = ccgate("admin", "keys", "list", "--json", env=env)
     assert read.returncode == 0, read.stderr
