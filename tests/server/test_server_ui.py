@@ -229,6 +229,15 @@ async def test_requests_filters_and_cursor_pagination(server: Server) -> None:
     assert none == []
     page = await server.client.get("/ui/requests?model=claude-sonnet-4-6")
     assert page.text.count('data-micros="') == 7
+    # the same walk through the pages' own "older" links, three rows a page
+    url: str | None = "/ui/requests?key=alice&limit=3"
+    costs: list[int] = []
+    while url:
+        html = (await server.client.get(url)).text
+        costs += [int(str(a["data-micros"])) for a in _parse(html) if a.get("data-micros")]
+        links = [a["href"] for a in _parse(html) if a.get("rel") == "next"]
+        url = str(links[0]) if links else None
+    assert sorted(costs) == [123_457 * n for n in range(1, 8)]
     filtered = await server.client.get("/ui/requests?outcome=interrupted")
     assert "No requests match." in filtered.text
 

@@ -214,8 +214,9 @@ def routes(ctx: ServerContext) -> list[BaseRoute]:
     async def requests_(request: Request, actor: Actor, _f: dict[str, str]) -> Response:
         q = request.query_params
         filters = {name: q.get(name) or None for name in ("key", "model", "outcome")}
+        limit = _int(q.get("limit"), default=views.PAGE_SIZE, low=1, high=500)
         rows, cursor = await blocking(
-            views.requests_page, ctx.engine, cursor=q.get("cursor"), **filters
+            views.requests_page, ctx.engine, cursor=q.get("cursor"), limit=limit, **filters
         )
         return render(
             request,
@@ -224,6 +225,7 @@ def routes(ctx: ServerContext) -> list[BaseRoute]:
             page="requests",
             rows=rows,
             cursor=cursor,
+            limit=limit,
             filters=filters,
             outcomes=OUTCOMES,
         )
