@@ -246,3 +246,18 @@ def test_projection_and_money_are_exact() -> None:
     assert views.money(0) == "$0.000000" and views.money(1_234_567_891) == "$1,234.567891"
     assert views.percent(1, 3) == "33.3%" and views.percent(5, None) == "-"
     assert views.projected(100, start=0, reset=30, now=10) == 300
+
+
+async def test_the_cookie_is_secure_over_https(server: Server) -> None:
+    transport = httpx.ASGITransport(app=create_app(server.ctx))
+    async with httpx.AsyncClient(transport=transport, base_url="https://server") as client:
+        form = await client.get("/ui/login")
+        assert "Secure" in form.headers["set-cookie"]  # the sign-in form's CSRF cookie
+        answer = await client.post(
+            "/ui/login", data={"token": server.init.admin_token, "csrf": _csrf(form.text)}
+        )
+        assert answer.status_code == 303
+        session_cookie = next(
+            c for c in answer.headers.get_list("set-cookie") if c.startswith("ccgate_session=")
+        )
+        assert "Secure" in session_cookie and "HttpOnly" in session_cookie
