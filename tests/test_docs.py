@@ -437,4 +437,4 @@ def test_an_option_value_is_not_taken_for_a_subcommand() -> None:
     # `keys` here is the value of --admin-token, so `list` is looked up on `admin` and fails.
     found = problems(["ccgate", "admin", "--admin-token", "keys", "list"])
     assert len(found) == 1
-    assert found[0].startswith("`ccgate admin` has no command 'list' (it has: audit, "), found
+    assert found[0].startswith("`ccgate admin` has no command 'list' (it has: alerts, "), found

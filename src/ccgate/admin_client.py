@@ -167,6 +167,39 @@ class AdminClient:
     def audit(self, *, limit: int) -> Any:
         return self.request("GET", "/audit", params={"limit": limit})
 
+    def report(self, *, period: str, by: str) -> Any:
+        return self.request("GET", "/report", params={"period": period, "by": by})
+
+    def report_csv(self, *, period: str, by: str) -> str:
+        params = {"period": period, "by": by, "format": "csv"}
+        try:
+            response = self._http.get("/report", params=params)
+        except httpx.HTTPError as exc:
+            raise ServerUnavailableError(
+                f"Cannot reach the ccgate server at {self.base_url} ({type(exc).__name__})."
+            ) from None
+        if not response.is_success:
+            raise self._error(response)
+        return response.text
+
+    def alerts(self) -> Any:
+        return self.request("GET", "/alerts")
+
+    def add_alert(self, body: Mapping[str, Any]) -> Any:
+        return self.request("POST", "/alerts", json=dict(body))
+
+    def remove_alert(self, alert_id: str) -> Any:
+        return self.request("DELETE", f"/alerts/{quote(alert_id, safe='')}")
+
+    def tokens(self) -> Any:
+        return self.request("GET", "/tokens")
+
+    def create_token(self, name: str, *, role: str) -> Any:
+        return self.request("POST", "/tokens", json={"name": name, "role": role})
+
+    def revoke_token(self, name: str) -> Any:
+        return self.request("POST", f"/tokens/{quote(name, safe='')}/revoke")
+
 
 # ------------------------------------------------------------ turning CLI text into API values
 

@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route
 
 from ccgate import bundle, paths
 from ccgate.server import db, migrations
-from ccgate.server.app import create_app
+from ccgate.server.app import UI_PREFIX, create_app
 from ccgate.server.errors import ServerStateError
 from ccgate.server.runner import build_context, parse_ttl
 from ccgate.server.state import (
@@ -136,10 +136,14 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
             "INSERT INTO bundles (device_id, key_id, version, content_hash, issued_at, envelope) "
             "VALUES ('dev_1', 'key_1', 7, 'c', 1, '{}')"
         )
-    assert migrations.migrate(engine) == ["m007_policy_epoch", "m008_provider_key_ids"]
+    assert migrations.migrate(engine) == [
+        "m007_policy_epoch", "m008_provider_key_ids", "m009_admin_roles", "m010_alerts",
+        "m011_ui_sessions",
+    ]  # fmt: skip
     assert migrations.applied(engine) == [
         "m001_initial", "m002_bundles", "m003_usage", "m004_prices", "m005_leases",
-        "m006_key_limits", "m007_policy_epoch", "m008_provider_key_ids",
+        "m006_key_limits", "m007_policy_epoch", "m008_provider_key_ids", "m009_admin_roles",
+        "m010_alerts", "m011_ui_sessions",
     ]  # fmt: skip
     assert migrations.migrate(engine) == []  # idempotent
     with engine.connect() as conn:
@@ -175,6 +179,8 @@ def test_openapi_lists_every_route() -> None:
     app = create_app(ctx)
     seen: set[tuple[str, str]] = set()
     for route in app.routes:
+        if isinstance(route, Mount) and route.path == UI_PREFIX:
+            continue  # the dashboard's HTML pages are not API (tests/server/test_server_ui.py)
         inner = route.routes if isinstance(route, Mount) else [route]
         prefix = route.path if isinstance(route, Mount) else ""
         for r in inner:
@@ -184,7 +190,7 @@ def test_openapi_lists_every_route() -> None:
                     seen.add((prefix + r.path, method.lower()))
     documented = {(path, m) for path, ops in spec["paths"].items() for m in ops}
     assert seen == documented
-    assert len(seen) == 27
+    assert len(seen) == 34
     ctx.engine.dispose()
 
 
@@ -195,6 +201,7 @@ def test_migrations_on_both_databases(db_url: str | None, tmp_path: Path) -> Non
     ran = migrations.migrate(engine)
     assert ran == [
         "m005_leases", "m006_key_limits", "m007_policy_epoch", "m008_provider_key_ids",
+        "m009_admin_roles", "m010_alerts", "m011_ui_sessions",
     ]  # fmt: skip
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) == {*db.TABLE_NAMES, "migrations"}

@@ -64,8 +64,9 @@ def _register() -> None:
     account.register(app)
     run.register(app)
     app.add_typer(provider.app, name="provider")
-    from ccgate.cli import admin, server
+    from ccgate.cli import admin, admin_ops, server
 
+    admin_ops.register(admin.app)
     app.add_typer(server.app, name="server")
     app.add_typer(admin.app, name="admin")
 

@@ -69,6 +69,18 @@ def run(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    public_url: Annotated[
+        str | None,
+        typer.Option("--public-url", help="The URL admins reach this server at (alert links)."),
+    ] = None,
+    alert_interval: Annotated[
+        float,
+        typer.Option("--alert-interval", min=0.1, help="Seconds between alert passes."),
+    ] = 60.0,
+    alert_retry: Annotated[
+        float,
+        typer.Option("--alert-retry", min=0.1, help="Seconds before a failed webhook's 1st retry."),
+    ] = 5.0,
 ) -> None:
     """Serve the device and admin APIs (migrating the database first)."""
     import os
@@ -84,4 +96,7 @@ def run(
         db_url=db,
         bundle_ttl_s=parse_ttl(bundle_ttl),
         log_level=log_level,
+        public_url=public_url,
+        alert_interval_s=alert_interval,
+        alert_retry_s=alert_retry,
     )

@@ -10,12 +10,13 @@ secret; the traceback goes to the server log only.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -30,7 +31,7 @@ from ccgate import __version__
 from ccgate.bundle import SigningKey
 from ccgate.errors import CcgateError
 from ccgate.proxy import error_response
-from ccgate.server import devices, leases, reconcile, usage
+from ccgate.server import alerts, devices, leases, reconcile, report, roles, usage
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
 from ccgate.server.db import Device, VirtualKey
@@ -40,6 +41,7 @@ from ccgate.server.state import SecretBox
 log = logging.getLogger("ccgate.server")
 
 ADMIN_PREFIX: Final = "/admin/v1"
+UI_PREFIX: Final = "/ui"  # the dashboard's HTML pages (``ccgate.server.ui``), not part of the API
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # a full usage batch is well under 1 MB
 _T = TypeVar("_T")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -55,6 +57,11 @@ class ServerContext:
     bundle_settings: BundleSettings = field(default_factory=BundleSettings)
     lease_settings: leases.LeaseSettings = field(default_factory=leases.LeaseSettings)
     clock: Callable[[], float] = field(default=time.time)
+    alert_settings: alerts.AlertSettings = field(default_factory=alerts.AlertSettings)
+
+    @functools.cached_property
+    def alert_worker(self) -> alerts.AlertWorker:
+        return alerts.AlertWorker(self.engine, self.box, self.alert_settings, self.clock)
 
     @functools.cached_property
     def admin(self) -> Admin:
@@ -72,10 +79,25 @@ class ServerContext:
 
 
 def create_app(ctx: ServerContext) -> Starlette:
+    from ccgate.server import ui
     from ccgate.server.openapi import document
 
-    routes = [*public_routes(ctx), Mount(ADMIN_PREFIX, routes=admin_routes(ctx))]
-    app = Starlette(routes=routes)
+    routes = [
+        *public_routes(ctx),
+        Mount(ADMIN_PREFIX, routes=admin_routes(ctx)),
+        Mount(UI_PREFIX, routes=ui.routes(ctx)),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        # Only a served app (uvicorn runs the lifespan) evaluates and sends alerts on a timer.
+        ctx.alert_worker.start()
+        try:
+            yield
+        finally:
+            await _blocking(ctx.alert_worker.stop)
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     spec = document(version=__version__)
 
     async def openapi(_request: Request) -> Response:
@@ -183,6 +205,7 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
         device = await device_of(request, key)
         body = await _json_body(request)
         result = await _blocking(usage.ingest, ctx.engine, key, device, body, now=ctx.clock())
+        await _blocking(_after_ingest, ctx, key, device)
         return _json(result)
 
     @_guarded
@@ -223,6 +246,14 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
     ]
 
 
+def _after_ingest(ctx: ServerContext, key: VirtualKey, device: Device) -> None:
+    """The device synced; usage may have crossed an alert threshold of the key's levels."""
+    now = ctx.clock()
+    alerts.note_sync(ctx.engine, device.id, now=now)
+    if alerts.evaluate(ctx.engine, ctx.alert_settings, now=now, key=key):
+        ctx.alert_worker.wake()
+
+
 def _poll_bundle(ctx: ServerContext, token: str | None, device_id: str | None) -> Served:
     """A bundle poll in one worker-thread hop: the key check, then the stored envelope when it is
     current (one query), else the device check and the full path."""
@@ -249,8 +280,11 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
     def authed(handler: Callable[[Request, str], Awaitable[Any]], status: int = 200) -> Handler:
         @_guarded
         async def run(request: Request) -> Response:
-            actor = await _blocking(admin.authenticate, _bearer(request))
-            return _json(await handler(request, actor), status)
+            who = await _blocking(
+                roles.authorize, admin.authenticate, ctx.engine, _bearer(request), request.method
+            )
+            result = await handler(request, who.id)
+            return result if isinstance(result, Response) else _json(result, status)
 
         return run
 
@@ -318,7 +352,51 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
     async def get_audit(r: Request, _a: str) -> Any:
         return await _blocking(admin.audit, limit=_int_query(r, "limit", default=50))
 
+    async def list_tokens(_r: Request, _a: str) -> Any:
+        return await _blocking(roles.list_tokens, ctx.engine)
+
+    async def create_token(r: Request, actor: str) -> Any:
+        body = await _json_body(r)
+        return await _blocking(roles.create_token, ctx.engine, body, actor=actor, now=ctx.clock())
+
+    async def revoke_token(r: Request, actor: str) -> Any:
+        name = r.path_params["name"]
+        return await _blocking(roles.revoke_token, ctx.engine, name, actor=actor, now=ctx.clock())
+
+    async def get_report(r: Request, _a: str) -> Any:
+        period = r.query_params.get("period") or report.current_period(ctx.clock())
+        by = r.query_params.get("by", "team")
+        data = await _blocking(report.chargeback, ctx.engine, period=period, by=by)
+        if r.query_params.get("format", "json") != "csv":
+            return data
+        name = f"ccgate-chargeback-{data['period']}-by-{by}.csv"
+        return Response(
+            report.to_csv(data),
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": f'attachment; filename="{name}"'},
+        )
+
+    async def list_alerts(_r: Request, _a: str) -> Any:
+        return await _blocking(alerts.list_rules, ctx.engine)
+
+    async def add_alert(r: Request, actor: str) -> Any:
+        body = await _json_body(r)
+        return await _blocking(
+            alerts.add_rule, ctx.engine, ctx.box, body, actor=actor, now=ctx.clock()
+        )
+
+    async def remove_alert(r: Request, actor: str) -> Any:
+        rule = r.path_params["alert_id"]
+        return await _blocking(alerts.remove_rule, ctx.engine, rule, actor=actor, now=ctx.clock())
+
     return [
+        Route("/alerts", authed(list_alerts), methods=["GET"]),
+        Route("/alerts", authed(add_alert, 201), methods=["POST"]),
+        Route("/alerts/{alert_id}", authed(remove_alert), methods=["DELETE"]),
+        Route("/report", authed(get_report), methods=["GET"]),
+        Route("/tokens", authed(list_tokens), methods=["GET"]),
+        Route("/tokens", authed(create_token, 201), methods=["POST"]),
+        Route("/tokens/{name}/revoke", authed(revoke_token), methods=["POST"]),
         Route("/providers", authed(list_providers), methods=["GET"]),
         Route("/providers", authed(add_provider, 201), methods=["POST"]),
         Route("/providers/{name}", authed(remove_provider), methods=["DELETE"]),

@@ -31,6 +31,10 @@ class AdminToken(SQLModel, table=True):
     id: str = Field(primary_key=True)
     token_hash: str = Field(unique=True)
     created_at: float
+    name: str | None = Field(default=None, unique=True)
+    role: str = "admin"  # admin or viewer (``ccgate.server.roles``)
+    prefix: str = ""
+    revoked_at: float | None = None
 
 
 class Provider(SQLModel, table=True):
@@ -98,6 +102,7 @@ class Device(SQLModel, table=True):
     public_key: str
     name: str
     created_at: float
+    last_seen_at: float | None = None  # the last usage sync (``alerts.note_sync``)
 
 
 class AuditEntry(SQLModel, table=True):
@@ -190,6 +195,50 @@ class PriceOverride(SQLModel, table=True):
     id: int = Field(primary_key=True)
     table_json: str
     updated_at: float
+
+
+class AlertRule(SQLModel, table=True):
+    """A webhook alert (``ccgate.server.alerts``); the URL is encrypted like a provider key."""
+
+    __tablename__ = "alert_rules"
+    id: str = Field(primary_key=True)
+    kind: str  # budget, stale or provider
+    scope_kind: str
+    scope_name: str
+    target_id: str | None = None
+    thresholds: str = "[]"
+    stale_hours: float | None = None
+    format: str = "json"
+    webhook_enc: bytes = Field(sa_type=LargeBinary)
+    webhook_hint: str
+    created_at: float
+
+
+class AlertOutbox(SQLModel, table=True):
+    """One alert to deliver; its id is the idempotency key, unique per (rule, event)."""
+
+    __tablename__ = "alert_outbox"
+    id: str = Field(primary_key=True)
+    rule_id: str = Field(index=True)
+    event_key: str
+    payload: str
+    created_at: float
+    attempts: int = 0
+    next_attempt_at: float
+    claimed_until: float | None = None
+    delivered_at: float | None = None
+    failed_at: float | None = None
+    last_error: str | None = None
+
+
+class UiSession(SQLModel, table=True):
+    """A dashboard sign-in: the cookie's SHA-256 only, the token it was made with, an expiry."""
+
+    __tablename__ = "ui_sessions"
+    id_hash: str = Field(primary_key=True)
+    admin_id: str
+    created_at: float
+    expires_at: float
 
 
 POLICY_EPOCH_ROW = 1
@@ -286,5 +335,8 @@ TABLE_NAMES = (
     "usage",
     "price_overrides",
     "leases",
+    "alert_rules",
+    "alert_outbox",
+    "ui_sessions",
 )
 """Every table the migrations create (besides ``migrations``)."""

@@ -309,6 +309,77 @@ def m008_provider_key_ids(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE providers ADD COLUMN anthropic_key_id VARCHAR(128)"))
 
 
+def m009_admin_roles(conn: Connection) -> None:
+    """Named admin tokens with a role (admin or viewer), a display prefix and revocation.
+
+    The token `server init` made (the only one before this step) becomes ``init``, an admin.
+    """
+    for column in (
+        "name VARCHAR(64)",
+        "role VARCHAR(16) DEFAULT 'admin' NOT NULL",
+        "prefix VARCHAR(16) DEFAULT '' NOT NULL",
+        "revoked_at FLOAT",
+    ):
+        conn.execute(text(f"ALTER TABLE admin_tokens ADD COLUMN {column}"))
+    conn.execute(text("UPDATE admin_tokens SET name = 'init' WHERE name IS NULL"))
+    conn.execute(text("CREATE UNIQUE INDEX ix_admin_tokens_name ON admin_tokens (name)"))
+
+
+def m010_alerts(conn: Connection) -> None:
+    """Webhook alert rules, their outbox (one row per alert to send, its id the idempotency
+    key), and when each device last synced (for the stale-device alert)."""
+    meta = MetaData()
+    Table(
+        "alert_rules",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("kind", String(16), nullable=False),
+        Column("scope_kind", String(16), nullable=False),
+        Column("scope_name", String(64), nullable=False),
+        Column("target_id", String(32), nullable=True),
+        Column("thresholds", Text, nullable=False),
+        Column("stale_hours", Float, nullable=True),
+        Column("format", String(16), nullable=False),
+        Column("webhook_enc", LargeBinary, nullable=False),
+        Column("webhook_hint", String(2100), nullable=False),
+        Column("created_at", Float, nullable=False),
+    )
+    outbox = Table(
+        "alert_outbox",
+        meta,
+        Column("id", String(32), primary_key=True),
+        Column("rule_id", String(32), nullable=False, index=True),
+        Column("event_key", String(200), nullable=False),
+        Column("payload", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("next_attempt_at", Float, nullable=False),
+        Column("claimed_until", Float, nullable=True),
+        Column("delivered_at", Float, nullable=True),
+        Column("failed_at", Float, nullable=True),
+        Column("last_error", Text, nullable=True),
+    )
+    Index(
+        "ix_alert_outbox_due", outbox.c.delivered_at, outbox.c.failed_at, outbox.c.next_attempt_at
+    )
+    _create(meta, conn)
+    conn.execute(text("ALTER TABLE devices ADD COLUMN last_seen_at FLOAT"))
+
+
+def m011_ui_sessions(conn: Connection) -> None:
+    """Dashboard sessions, stored as the SHA-256 of the cookie with the admin token's id."""
+    meta = MetaData()
+    Table(
+        "ui_sessions",
+        meta,
+        Column("id_hash", String(64), primary_key=True),
+        Column("admin_id", String(32), nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("expires_at", Float, nullable=False),
+    )
+    _create(meta, conn)
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -318,6 +389,9 @@ MIGRATIONS: Sequence[Migration] = (
     m006_key_limits,
     m007_policy_epoch,
     m008_provider_key_ids,
+    m009_admin_roles,
+    m010_alerts,
+    m011_ui_sessions,
 )
 
 

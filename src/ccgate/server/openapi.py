@@ -263,6 +263,64 @@ SCHEMAS: dict[str, Any] = {
     "AuditEntry": _obj(
         {"at": _NUM, "actor": _STR, "action": _STR, "target": _STR, "detail": {"type": "object"}}
     ),
+    "AlertCreate": _obj(
+        {
+            "kind": {"enum": ["budget", "stale", "provider"]},
+            "scope": _STR,
+            "at": {"type": "array", "items": _INT},
+            "stale_hours": _NUM,
+            "webhook": _STR,
+            "format": {"enum": ["json", "slack"]},
+        },
+        required=("scope", "webhook"),
+    ),
+    "Alert": _obj(
+        {
+            "id": _STR,
+            "kind": _STR,
+            "scope": _STR,
+            "at": {"type": "array", "items": _INT},
+            "stale_hours": _nullable(_NUM),
+            "format": _STR,
+            "webhook": _STR,
+            "created_at": _NUM,
+            "sent": _INT,
+            "pending": _INT,
+            "failed": _INT,
+            "last": _nullable({"type": "object"}),
+        }
+    ),
+    "Chargeback": _obj(
+        {
+            "period": _STR,
+            "by": {"enum": ["customer", "team", "key", "model"]},
+            "start": _NUM,
+            "end": _NUM,
+            "rows": {"type": "array", "items": {"type": "object"}},
+            "totals": {"type": "object"},
+            "price_tables": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "source": {"enum": ["override", "shipped"]},
+                        "version": _STR,
+                        "from": _NUM,
+                        "until": _NUM,
+                    }
+                ),
+            },
+        }
+    ),
+    "AdminTokenInfo": _obj(
+        {
+            "id": _STR,
+            "name": _STR,
+            "role": {"enum": ["admin", "viewer"]},
+            "prefix": _STR,
+            "created_at": _NUM,
+            "revoked_at": _nullable(_NUM),
+        }
+    ),
 }
 
 
@@ -482,6 +540,69 @@ def _admin_paths() -> dict[str, Any]:
                     _param("since", "query", _NUM, required=False),
                 ],
             )
+        },
+        f"{p}/alerts": {
+            "get": _op(
+                "Alert rules with their deliveries (sent, pending, failed, the last one)",
+                ok=_list("alerts", "Alert"),
+                security=adm,
+            ),
+            "post": _op(
+                "Add a webhook alert: budget thresholds, a stale device or a failing provider",
+                ok=_ref("Alert"),
+                status="201",
+                body=_ref("AlertCreate"),
+                security=adm,
+            ),
+        },
+        f"{p}/alerts/{{alert_id}}": {
+            "delete": _op(
+                "Remove an alert rule and its outbox",
+                ok=_obj({"removed": _INT}),
+                security=adm,
+                params=[_param("alert_id", "path", _STR, required=True)],
+            ),
+        },
+        f"{p}/report": {
+            "get": _op(
+                "Chargeback for a calendar month (UTC); format=csv answers text/csv",
+                ok=_ref("Chargeback"),
+                security=adm,
+                params=[
+                    _param("period", "query", _STR, required=False),
+                    _param(
+                        "by",
+                        "query",
+                        {"enum": ["customer", "team", "key", "model"]},
+                        required=False,
+                    ),
+                    _param("format", "query", {"enum": ["json", "csv"]}, required=False),
+                ],
+            )
+        },
+        f"{p}/tokens": {
+            "get": _op(
+                "List admin tokens and their roles (never a token)",
+                ok=_list("tokens", "AdminTokenInfo"),
+                security=adm,
+            ),
+            "post": _op(
+                "Create an admin or viewer token (returned once, in 'token')",
+                ok=_ref("AdminTokenInfo"),
+                status="201",
+                body=_obj(
+                    {"name": _STR, "role": {"enum": ["admin", "viewer"]}}, required=("name",)
+                ),
+                security=adm,
+            ),
+        },
+        f"{p}/tokens/{{name}}/revoke": {
+            "post": _op(
+                "Revoke an admin token (never the last admin)",
+                ok=_ref("AdminTokenInfo"),
+                security=adm,
+                params=[_NAME],
+            ),
         },
         f"{p}/audit": {
             "get": _op(

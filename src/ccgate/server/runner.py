@@ -12,6 +12,7 @@ from ccgate.paths import Paths
 from ccgate.server.errors import ServerStateError
 
 if TYPE_CHECKING:  # the app pulls in Starlette; `--help` should not
+    from ccgate.server.alerts import AlertSettings
     from ccgate.server.app import ServerContext
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -39,9 +40,11 @@ def build_context(
     db_url: str | None,
     bundle_ttl_s: int,
     clock: Callable[[], float] = time.time,
+    alert_settings: AlertSettings | None = None,
 ) -> ServerContext:
     from ccgate.bundle import SigningKey
     from ccgate.server import db
+    from ccgate.server.alerts import AlertSettings
     from ccgate.server.app import ServerContext
     from ccgate.server.bundles import BundleSettings
     from ccgate.server.state import SecretBox, ServerPaths, load_state
@@ -54,6 +57,7 @@ def build_context(
         signing_key=SigningKey.load(loaded.signing_key_path),
         bundle_settings=BundleSettings(ttl_s=bundle_ttl_s),
         clock=clock,
+        alert_settings=alert_settings or AlertSettings(),
     )
 
 
@@ -66,14 +70,30 @@ def serve(
     db_url: str | None,
     bundle_ttl_s: int,
     log_level: str = "info",
+    public_url: str | None = None,
+    alert_interval_s: float = 60.0,
+    alert_retry_s: float = 5.0,
 ) -> None:
     """Run the server in this process until SIGINT or SIGTERM."""
     import uvicorn
 
+    from ccgate.server.alerts import AlertSettings
     from ccgate.server.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    ctx = build_context(paths=paths, environ=environ, db_url=db_url, bundle_ttl_s=bundle_ttl_s)
+    # httpx logs every request's full URL at INFO; a webhook URL is a credential (Slack's is).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    base = (public_url or f"http://{host}:{port}").rstrip("/")
+    settings = AlertSettings(
+        interval_s=alert_interval_s, retry_base_s=alert_retry_s, dashboard_url=f"{base}/ui/"
+    )
+    ctx = build_context(
+        paths=paths,
+        environ=environ,
+        db_url=db_url,
+        bundle_ttl_s=bundle_ttl_s,
+        alert_settings=settings,
+    )
     try:
         uvicorn.run(
             create_app(ctx),

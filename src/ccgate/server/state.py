@@ -221,7 +221,14 @@ def _create_admin_token(engine: Engine) -> tuple[str, str]:
     admin_id = db.new_id("adm", hex_chars=8)
     with db.session(engine) as session:
         session.add(
-            db.AdminToken(id=admin_id, token_hash=sha256_hex(token), created_at=time.time())
+            db.AdminToken(
+                id=admin_id,
+                token_hash=sha256_hex(token),
+                created_at=time.time(),
+                name="init",
+                role="admin",
+                prefix=token[:12],
+            )
         )
         session.add(
             db.AuditEntry(
