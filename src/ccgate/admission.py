@@ -419,7 +419,7 @@ class Limiter:
             level.kind: self._level_state(level, req.now) for level in self._policy.levels
         }
         rate = self._rate_state(req.now)
-        decision = admit(req, self._policy, levels=levels, rate=rate, price=price.price)
+        decision = admit(req, self._policy, levels=levels, rate=rate, price=price.ceiling)
         if isinstance(decision, Reject):
             return None, decision
         ticket = Ticket(
