@@ -107,6 +107,7 @@ EXPECTED = Metered(
         cache_creation_1h_input_tokens=300,
         cache_read_input_tokens=31000,
         web_search_requests=0,
+        service_tier="standard",
     ),
     complete=True,
     saw_start=True,
@@ -344,6 +345,7 @@ def test_error_event_mid_stream() -> None:
         cache_creation_5m_input_tokens=1200,
         cache_creation_1h_input_tokens=300,
         cache_read_input_tokens=31000,
+        service_tier="standard",
     )
 
 
@@ -499,6 +501,7 @@ EXPECTED_MESSAGE = Metered(
         cache_creation_1h_input_tokens=300,
         cache_read_input_tokens=5000,
         web_search_requests=2,
+        service_tier="standard",
     ),
     complete=True,
     saw_start=True,

@@ -419,7 +419,11 @@ class Limiter:
             level.kind: self._level_state(level, req.now) for level in self._policy.levels
         }
         rate = self._rate_state(req.now)
-        decision = admit(req, self._policy, levels=levels, rate=rate, price=price.ceiling)
+        worst = price.worst(
+            prompt_tokens=estimate_input_tokens(req.body_bytes),
+            at=datetime.fromtimestamp(req.now, UTC),
+        )
+        decision = admit(req, self._policy, levels=levels, rate=rate, price=worst)
         if isinstance(decision, Reject):
             return None, decision
         ticket = Ticket(

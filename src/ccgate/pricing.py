@@ -47,7 +47,7 @@ to a micro-dollar once at the end:
 - A figure the table marks ``unverified`` makes a charge that uses it estimated.
 
 ``cost_micros(usage, price)`` is the plain five-category rule for one ``Price`` (no bands or
-multipliers); admission uses ``PriceLookup.ceiling`` for its worst case.
+multipliers); admission uses ``PriceLookup.worst`` for its worst case.
 """
 
 from __future__ import annotations
@@ -201,14 +201,10 @@ class PriceLookup:
     regional: bool = False
     """The id names a Bedrock regional (non-global) endpoint."""
 
-    @property
-    def ceiling(self) -> Price:
-        """The dearest rate per category a standard-speed request can be charged (bands)."""
-        top = self.price
-        if self.rates is not None:
-            for band in self.rates.bands:
-                top = top.ceiling(band.price)
-        return top
+    def worst(self, *, prompt_tokens: int, at: datetime) -> Price:
+        """The rates a standard-speed request of up to ``prompt_tokens`` can be charged."""
+        band = _band(self.rates, prompt_tokens, _utc_date(at)) if self.rates else None
+        return self.price if band is None else self.price.ceiling(band.price)
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,11 +609,9 @@ def _entry(raw: object, *, index: int) -> PriceEntry:
     _no_unknown_keys(raw, _ENTRY_FIELDS, where=where)
     effective_from = _date(raw.get("effective_from"), where=f"{where}: field 'effective_from'")
     released = raw.get("released")
-    price = _price(raw.get("usd_per_mtok"), where=f"{where}: field 'usd_per_mtok'")
+    price = _price(raw.get("usd_per_mtok"), where=where)
     fast_raw = raw.get("fast_usd_per_mtok")
-    fast = (
-        None if fast_raw is None else _price(fast_raw, where=f"{where}: field 'fast_usd_per_mtok'")
-    )
+    fast = None if fast_raw is None else _price(fast_raw, where=where, label="fast_usd_per_mtok")
     bands = tuple(
         _band_of(b, where=f"{where}: bands[{i}]") for i, b in enumerate(_list(raw, "bands", where))
     )
@@ -708,7 +702,7 @@ def _band_of(raw: object, *, where: str) -> Band:
     before = raw.get("before")
     return Band(
         above_prompt_tokens=above,
-        price=_price(raw.get("usd_per_mtok"), where=f"{where}: field 'usd_per_mtok'"),
+        price=_price(raw.get("usd_per_mtok"), where=where),
         before=None if before is None else _date(before, where=f"{where}: field 'before'"),
     )
 
@@ -743,11 +737,16 @@ def _date(value: object, *, where: str) -> date:
     raise PriceTableError(f'{where} must be an ISO date such as "2025-11-24", got {value!r}.')
 
 
-def _price(value: object, *, where: str) -> Price:
+def _price(value: object, *, where: str, label: str = "usd_per_mtok") -> Price:
     if not isinstance(value, Mapping):
-        raise PriceTableError(f"{where} must be an object with {', '.join(PRICE_FIELDS)}.")
-    _no_unknown_keys(value, set(PRICE_FIELDS), where=where)
-    micros = {name: _micros(value.get(name), where=f"{where}.{name}") for name in PRICE_FIELDS}
+        raise PriceTableError(
+            f"{where}: field {label!r} must be an object with {', '.join(PRICE_FIELDS)}."
+        )
+    _no_unknown_keys(value, set(PRICE_FIELDS), where=f"{where}: field {label!r}")
+    micros = {
+        name: _micros(value.get(name), where=f"{where}: field '{label}.{name}'")
+        for name in PRICE_FIELDS
+    }
     return Price(**micros)
 
 
