@@ -62,6 +62,7 @@ from decimal import Decimal
 from fnmatch import fnmatchcase
 from fractions import Fraction
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from ccgate.errors import ConfigError
@@ -220,7 +221,7 @@ class Charge:
 class PriceTable:
     """An immutable, validated price table. Build it with ``default`` or ``from_dict``."""
 
-    __slots__ = ("batch_multiplier", "entries", "source", "version", "web_search_micros")
+    __slots__ = ("batch_multiplier", "entries", "raw", "source", "version", "web_search_micros")
 
     def __init__(
         self,
@@ -239,6 +240,8 @@ class PriceTable:
         """Micro-dollars per web search request."""
         self.batch_multiplier = batch_multiplier
         self.source = source
+        self.raw: Mapping[str, Any] | None = None
+        """The validated table as decoded (``ccgate prices --json``, bundles)."""
 
     @classmethod
     def default(cls) -> PriceTable:
@@ -282,13 +285,15 @@ class PriceTable:
         if not isinstance(raw_entries, list) or not raw_entries:
             raise PriceTableError("The price table needs a non-empty 'entries' list.")
         entries = [_entry(raw, index=i) for i, raw in enumerate(raw_entries)]
-        return cls(
+        table = cls(
             version=version,
             entries=entries,
             web_search_micros=per_1000 // 1000,
             batch_multiplier=batch_multiplier,
             source=source,
         )
+        table.raw = json.loads(json.dumps(data))
+        return table
 
     def lookup(self, model: str, *, at: datetime) -> PriceLookup:
         """The price of ``model`` for a request made at ``at`` (naive datetimes count as UTC)."""
@@ -748,6 +753,47 @@ def _price(value: object, *, where: str, label: str = "usd_per_mtok") -> Price:
         for name in PRICE_FIELDS
     }
     return Price(**micros)
+
+
+# --- the installed table (``ccgate prices update``) -------------------------------------------
+
+
+def installed(path: Path) -> tuple[PriceTable, str]:
+    """The table in force and where it came from: ``path`` when it holds a valid table at least
+    as new (by ``version``) as the shipped one, else the shipped table.
+
+    A damaged file never stops the daemon: the shipped table is used and the reason returned.
+    """
+    shipped = PriceTable.default()
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return shipped, "shipped"
+    except OSError as exc:
+        return shipped, f"shipped (cannot read {path}: {exc.strerror})"
+    try:
+        table = PriceTable.from_json(text, source=f"installed price table ({path})")
+    except PriceTableError as exc:
+        return shipped, f"shipped ({exc})"
+    if table.version < shipped.version:
+        return shipped, f"shipped (newer than the installed {table.version} at {path})"
+    return table, str(path)
+
+
+def install(text: bytes, path: Path) -> PriceTable:
+    """Validate ``text`` and make it the installed table; a bad table changes nothing."""
+    from ccgate._files import atomic_write
+
+    table = PriceTable.from_json(text, source="new price table")
+    shipped = PriceTable.default()
+    if table.version < shipped.version:
+        raise PriceTableError(
+            f"The new price table's version {table.version!r} is older than the shipped table's "
+            f"{shipped.version!r}; it would never be used. Nothing was changed."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(path, text)
+    return table
 
 
 @functools.cache
