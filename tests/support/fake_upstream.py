@@ -126,6 +126,9 @@ class Usage:
     service_tier: str = "standard"
     iterations: tuple[dict[str, Any], ...] | None = None
     """``usage.iterations`` entries, sent in the final message_delta and the message."""
+    start_zeros: bool = False
+    """``message_start`` reports 0 input / 0 output, as some proxies do; the cumulative
+    ``message_delta`` usage carries the real counts."""
 
     def __post_init__(self) -> None:
         split = self.cache_creation()
@@ -145,6 +148,8 @@ class Usage:
 
     def message_start(self) -> dict[str, Any]:
         """Usage in ``message_start``: output is only the first token so far."""
+        if self.start_zeros:
+            return {"input_tokens": 0, "output_tokens": 0}
         return self._full(output_tokens=min(1, self.output_tokens))
 
     def message(self) -> dict[str, Any]:
