@@ -166,7 +166,7 @@ TIERS = [
                     "output_tokens": 200,
                 },
             ),
-        ),  # fmt: skip
+        ),
         6_300,
     ),
     # Unknown model: never $0, the family's highest rates (Opus 4.1's $15), flagged.
