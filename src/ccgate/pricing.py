@@ -112,7 +112,9 @@ _TABLE_FIELDS = {
     "note",
     "source",
     "batch_multiplier",
+    "unknown_models",
 }
+UNKNOWN_MODELS = ("estimate", "refuse")
 _DECIMAL = re.compile(r"\d+(?:\.\d+)?")
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _GLOB_CHARS = frozenset("*?[")
@@ -221,7 +223,15 @@ class Charge:
 class PriceTable:
     """An immutable, validated price table. Build it with ``default`` or ``from_dict``."""
 
-    __slots__ = ("batch_multiplier", "entries", "raw", "source", "version", "web_search_micros")
+    __slots__ = (
+        "batch_multiplier",
+        "entries",
+        "raw",
+        "refuse_unknown",
+        "source",
+        "version",
+        "web_search_micros",
+    )
 
     def __init__(
         self,
@@ -242,6 +252,9 @@ class PriceTable:
         self.source = source
         self.raw: Mapping[str, Any] | None = None
         """The validated table as decoded (``ccgate prices --json``, bundles)."""
+        self.refuse_unknown = False
+        """``"unknown_models": "refuse"``: a daemon in server mode answers 403 for a model the
+        table does not name instead of pricing it as an estimate."""
 
     @classmethod
     def default(cls) -> PriceTable:
@@ -292,6 +305,13 @@ class PriceTable:
             batch_multiplier=batch_multiplier,
             source=source,
         )
+        unknown = data.get("unknown_models", "estimate")
+        if unknown not in UNKNOWN_MODELS:
+            raise PriceTableError(
+                "The price table's 'unknown_models' must be \"estimate\" (price them at their "
+                f'family\'s highest rates) or "refuse" (answer 403), got {unknown!r}.'
+            )
+        table.refuse_unknown = unknown == "refuse"
         table.raw = json.loads(json.dumps(data))
         return table
 
