@@ -136,10 +136,10 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
             "INSERT INTO bundles (device_id, key_id, version, content_hash, issued_at, envelope) "
             "VALUES ('dev_1', 'key_1', 7, 'c', 1, '{}')"
         )
-    assert migrations.migrate(engine) == ["m007_policy_epoch"]
+    assert migrations.migrate(engine) == ["m007_policy_epoch", "m008_usage_pricing_inputs"]
     assert migrations.applied(engine) == [
         "m001_initial", "m002_bundles", "m003_usage", "m004_prices", "m005_leases",
-        "m006_key_limits", "m007_policy_epoch",
+        "m006_key_limits", "m007_policy_epoch", "m008_usage_pricing_inputs",
     ]  # fmt: skip
     assert migrations.migrate(engine) == []  # idempotent
     with engine.connect() as conn:
@@ -193,7 +193,12 @@ def test_migrations_on_both_databases(db_url: str | None, tmp_path: Path) -> Non
     engine = db.create_engine(url)
     assert migrations.migrate(engine, upto=4)[-1] == "m004_prices"
     ran = migrations.migrate(engine)
-    assert ran == ["m005_leases", "m006_key_limits", "m007_policy_epoch"]
+    assert ran == [
+        "m005_leases",
+        "m006_key_limits",
+        "m007_policy_epoch",
+        "m008_usage_pricing_inputs",
+    ]
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) == {*db.TABLE_NAMES, "migrations"}
     for name in db.TABLE_NAMES:

@@ -303,6 +303,26 @@ def m007_policy_epoch(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE bundles ADD COLUMN {column}"))
 
 
+def m008_usage_pricing_inputs(conn: Connection) -> None:
+    """What a usage record's price depends on besides tokens, whether it was an estimate, and
+    the table version that priced it, so the server can re-price estimated rows exactly once its
+    price table learns their model (``repriced_from_micros`` keeps the first estimate)."""
+    for column in (
+        "price_estimated BOOLEAN DEFAULT FALSE NOT NULL",
+        "web_fetch_requests BIGINT DEFAULT 0 NOT NULL",
+        "code_execution_requests BIGINT DEFAULT 0 NOT NULL",
+        "speed VARCHAR(16)",
+        "inference_geo VARCHAR(32)",
+        "service_tier VARCHAR(16)",
+        "iterations TEXT",
+        "stop_reason VARCHAR(32)",
+        "price_version VARCHAR(64)",
+        "repriced_at FLOAT",
+        "repriced_from_micros BIGINT",
+    ):
+        conn.execute(text(f"ALTER TABLE usage ADD COLUMN {column}"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -311,6 +331,7 @@ MIGRATIONS: Sequence[Migration] = (
     m005_leases,
     m006_key_limits,
     m007_policy_epoch,
+    m008_usage_pricing_inputs,
 )
 
 
