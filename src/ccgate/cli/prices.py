@@ -30,7 +30,8 @@ def show(
     """The price table ccgate uses now: version, source, every entry, what is estimated.
 
     Prices are USD per million tokens. The daemon uses the newer (by version) of the shipped
-    table and the one `ccgate prices update` installed.
+    table and the one `ccgate prices update` installed. `--json` prints the table itself, in
+    the format `prices update` and `admin prices set` read.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -39,7 +40,7 @@ def show(
 
     table, origin = pricing.installed(paths_mod.resolve().prices_file)
     if json_output:
-        console.print_json({"origin": origin, **(table.raw or {})})
+        console.print_json(table.raw)  # exactly the table: `admin prices set` takes it back
         return
     _render(table, origin)
 
