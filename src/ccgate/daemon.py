@@ -140,8 +140,9 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
         settings = replace(settings, mode="server", passthrough=governor.passthrough)
     prices, origin = pricing.installed(paths.prices_file)
     log.info("price table %s from %s", prices.version, origin)
-    repriced = reprice_ledger(ledger, prices, now=time.time())
-    if repriced.rows:
+    # In server mode the admin's table (from the bundle) prices, and the server re-prices.
+    repriced = reprice_ledger(ledger, prices, now=time.time()) if governor is None else None
+    if repriced is not None and repriced.rows:
         log.warning(
             "re-priced %d estimated request(s) with price table %s",
             repriced.rows,

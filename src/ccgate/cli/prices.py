@@ -55,7 +55,8 @@ def update(
 
     The table has the schema of docs/price-table.md. Rows the old table priced as estimates
     and the new one prices exactly are re-priced in the local ledger. Restart the daemon
-    (`ccgate down && ccgate up`) for new requests to use it.
+    (`ccgate down && ccgate up`) for new requests to use it. In server mode the admin's table
+    (from the policy bundle) prices requests instead.
     """
     import time
 
