@@ -71,6 +71,14 @@ def update(
         f"Installed price table {table.version} ({len(table.entries)} entries) "
         f"at {paths.prices_file}."
     )
+    from ccgate import profiles
+
+    if profiles.load(paths) is not None:
+        console.warn(
+            "This machine is in server mode: the admin's price table (from the policy bundle) "
+            "prices its requests, and the server re-prices them."
+        )
+        return
     repriced = _reprice(paths.ledger_file, table, now=time.time())
     if repriced is not None and repriced.rows:
         console.info(
