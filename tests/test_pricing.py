@@ -677,3 +677,11 @@ def test_from_json_rejects_floats_and_bad_json() -> None:
     with pytest.raises(PriceTableError, match="must be a JSON object"):
         PriceTable.from_json("[]")
     assert PriceTable.from_json(json.dumps(GOOD)).web_search_micros == 10_000
+
+
+def test_worst_case_rates_cover_the_band_and_a_regional_endpoint() -> None:
+    haiku = SHIPPED.lookup("claude-haiku-5-5", at=NOW)
+    assert haiku.worst(prompt_tokens=100_000, at=NOW) == haiku.price
+    assert haiku.worst(prompt_tokens=100_001, at=NOW).input == 500_000
+    regional = SHIPPED.lookup("eu.anthropic.claude-opus-5-5", at=NOW)
+    assert regional.worst(prompt_tokens=10, at=NOW).input == 4_400_000  # $4 x 1.1

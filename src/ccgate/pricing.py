@@ -207,7 +207,10 @@ class PriceLookup:
     def worst(self, *, prompt_tokens: int, at: datetime) -> Price:
         """The rates a standard-speed request of up to ``prompt_tokens`` can be charged."""
         band = _band(self.rates, prompt_tokens, _utc_date(at)) if self.rates else None
-        return self.price if band is None else self.price.ceiling(band.price)
+        worst = self.price if band is None else self.price.ceiling(band.price)
+        if self.regional and self.rates is not None and self.rates.regional != _ONE:
+            worst = worst.scaled(self.rates.regional)
+        return worst
 
 
 @dataclass(frozen=True, slots=True)
