@@ -685,3 +685,39 @@ def test_worst_case_rates_cover_the_band_and_a_regional_endpoint() -> None:
     assert haiku.worst(prompt_tokens=100_001, at=NOW).input == 500_000
     regional = SHIPPED.lookup("eu.anthropic.claude-opus-5-5", at=NOW)
     assert regional.worst(prompt_tokens=10, at=NOW).input == 4_400_000  # $4 x 1.1
+
+
+def test_a_stored_row_prices_the_same_as_the_response_it_came_from() -> None:
+    from ccgate.repricing import iterations_json, row_charge
+
+    advisor = Iteration(kind="advisor_message", model="claude-opus-5-5", usage=u(1000, out=100))
+    usage = u(
+        3000,
+        rd=500,
+        w1=200,
+        out=300,
+        speed="fast",
+        inference_geo="us",
+        service_tier="batch",
+        web_search_requests=2,
+        iterations=(advisor,),
+    )
+    row = {
+        "model": "claude-haiku-5-5",
+        "started_at": NOW.timestamp(),
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "web_search_requests": 2,
+        "speed": "fast",
+        "inference_geo": "us",
+        "service_tier": "batch",
+        "iterations": iterations_json(usage),
+        "stop_reason": "end_turn",
+    }
+    charge = SHIPPED.charge(usage, model="claude-haiku-5-5", at=NOW)
+    assert row_charge(SHIPPED, row) == (charge.cost_micros, charge.estimated)
+    # Opus 5.5 fast: (1,000x8 + 100x40) x 1.1 x 0.5 = 6,600, + 2 searches.
+    assert charge.cost_micros == 6_600 + 20_000
