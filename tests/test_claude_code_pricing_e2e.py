@@ -122,8 +122,55 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("model", "usage", "expected"), CASES, ids=[
-    "opus-5-5", "sonnet-5-5", "haiku-5-5-high", "fable-5-2", "opus-5-5-fast"])  # fmt: skip
+CASES += [
+    # Haiku 5.5 low band, exactly 100,000 prompt tokens: 10,000x0.10 + 90,000x0.01 + 3,000x0.50.
+    (
+        "claude-haiku-5-5",
+        Usage(input_tokens=10_000, cache_read_input_tokens=90_000, output_tokens=3000),
+        3_400,
+    ),
+    # Fable 5.1: 1,000x10 + 400,000x0.25 + 3,000x50.
+    (
+        "claude-fable-5-1",
+        Usage(input_tokens=1000, cache_read_input_tokens=400_000, output_tokens=3000),
+        260_000,
+    ),
+    # Sonnet 4.6 at 250,000 input: no long-context premium today. 250,000x3 + 2,000x15.
+    ("claude-sonnet-4-6", Usage(input_tokens=250_000, output_tokens=2000), 780_000),
+    # Opus 4.6 at 250,000 input, no premium: 250,000x5 + 2,000x25.
+    ("claude-opus-4-6", Usage(input_tokens=250_000, output_tokens=2000), 1_300_000),
+    # Sonnet 5.5 with inference_geo "us" (example E): 55,000 x 1.1.
+    (
+        "claude-sonnet-5-5",
+        Usage(
+            input_tokens=10_000,
+            cache_read_input_tokens=50_000,
+            cache_creation_input_tokens=5000,
+            ephemeral_1h_input_tokens=5000,
+            output_tokens=1000,
+            inference_geo="us",
+        ),
+        60_500,
+    ),
+    # Sonnet 5.5 with 3 web searches (example F): 43,000 + 3 x $0.01.
+    (
+        "claude-sonnet-5-5",
+        Usage(
+            input_tokens=12_000,
+            cache_read_input_tokens=40_000,
+            output_tokens=1500,
+            web_search_requests=3,
+        ),
+        73_000,
+    ),
+]
+IDS = [
+    "opus-5-5", "sonnet-5-5", "haiku-5-5-high", "fable-5-2", "opus-5-5-fast", "haiku-5-5-low",
+    "fable-5-1", "sonnet-4-6-250k", "opus-4-6-250k", "sonnet-5-5-geo-us", "sonnet-5-5-search",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "usage", "expected"), CASES, ids=IDS)
 def test_ledger_cost_equals_hand_figure_and_claude_codes_own(
     gateway: int, fake_upstream: FakeUpstream, model: str, usage: Usage, expected: int
 ) -> None:
