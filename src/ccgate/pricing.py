@@ -84,7 +84,6 @@ __all__ = [
 MICROS_PER_USD = 1_000_000
 TOKENS_PER_MTOK = 1_000_000
 FAMILIES = ("fable", "mythos", "opus", "sonnet", "haiku")
-REGIONAL_PREFIXES = ("us", "eu", "apac", "jp", "au", "us-gov")
 
 PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 _ENTRY_FIELDS = {
@@ -329,9 +328,6 @@ class PriceTable:
         estimate = _estimate(live, model)
         return PriceLookup(estimate.price, estimate.name, True, estimate, regional)
 
-    def knows(self, model: str, *, at: datetime) -> bool:
-        return not self.lookup(model, at=at).estimated
-
     def charge(
         self,
         usage: Usage,
@@ -415,19 +411,6 @@ class PriceTable:
             return live
         first = min(entry.effective_from for entry in self.entries)
         return [entry for entry in self.entries if entry.effective_from == first]
-
-    def current(self, *, at: datetime) -> list[PriceEntry]:
-        """Entries in force at ``at``: per distinct ``match``, the latest effective one."""
-        live = self._live(_utc_date(at))
-        best: dict[tuple[str, ...], PriceEntry] = {}
-        for entry in live:
-            seen = best.get(entry.match)
-            if seen is None or (entry.effective_from, entry.index) > (
-                seen.effective_from,
-                seen.index,
-            ):
-                best[entry.match] = entry
-        return sorted(best.values(), key=lambda e: e.index)
 
 
 def cost_micros(
