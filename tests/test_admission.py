@@ -845,3 +845,20 @@ def test_snapshot_is_json_ready_and_exact() -> None:
         "in_flight": 1,
         "unsynced_micros": 10_000,
     }
+
+
+def test_a_table_that_refuses_unknown_models_answers_403_for_them() -> None:
+    lim = limiter()
+    table = dict(PRICES.raw or {})
+    table["unknown_models"] = "refuse"
+    lim.set_prices(PriceTable.from_dict(table))
+    reject = refused(lim, request(model="claude-opus-9"))
+    assert (reject.status, reject.error_type, reject.should_retry) == (
+        403,
+        "permission_error",
+        False,
+    )
+    assert "Model 'claude-opus-9' is not in this server's price table" in reject.message
+    assert admitted(lim, request(model="claude-opus-5-5")).reserve_micros > 0
+    # The default estimates instead: a conservative reservation, no refusal.
+    assert admitted(limiter(), request(model="claude-opus-9")).reserve_micros > 0

@@ -259,7 +259,7 @@ def _check_end(walk: _Walk) -> None:
     where = " ".join(walk.path)
     if walk.eager:
         return
-    if isinstance(walk.command, TyperGroup):
+    if isinstance(walk.command, TyperGroup) and not walk.command.invoke_without_command:
         walk.problems.append(f"`{where}` needs a command")
         return
     arguments = [p for p in walk.command.params if isinstance(p, TyperArgument)]

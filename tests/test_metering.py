@@ -107,6 +107,7 @@ EXPECTED = Metered(
         cache_creation_1h_input_tokens=300,
         cache_read_input_tokens=31000,
         web_search_requests=0,
+        service_tier="standard",
     ),
     complete=True,
     saw_start=True,
@@ -344,6 +345,7 @@ def test_error_event_mid_stream() -> None:
         cache_creation_5m_input_tokens=1200,
         cache_creation_1h_input_tokens=300,
         cache_read_input_tokens=31000,
+        service_tier="standard",
     )
 
 
@@ -499,6 +501,7 @@ EXPECTED_MESSAGE = Metered(
         cache_creation_1h_input_tokens=300,
         cache_read_input_tokens=5000,
         web_search_requests=2,
+        service_tier="standard",
     ),
     complete=True,
     saw_start=True,
@@ -623,3 +626,111 @@ def test_a_runaway_line_is_not_held_in_memory(monkeypatch: pytest.MonkeyPatch) -
     m.feed(MESSAGE_STOP)
     result = m.result()
     assert (result.model, result.complete) == ("x", True)
+
+
+# --- pricing inputs: speed, geo, tier, server tools, iterations ---------------------------------
+
+
+ITERATIONS = [
+    {"type": "advisor_message", "model": "claude-opus-5-5", "input_tokens": 100,
+     "output_tokens": 10, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 3,
+     "cache_creation": {"ephemeral_5m_input_tokens": 1, "ephemeral_1h_input_tokens": 2}},
+    {"type": "message", "input_tokens": 200, "output_tokens": 20},
+    "junk",
+]  # fmt: skip
+
+
+def test_stream_pricing_inputs_start_then_last_delta_wins() -> None:
+    data = stream(
+        message_start(
+            {
+                "input_tokens": 9,
+                "output_tokens": 1,
+                "speed": "fast",
+                "inference_geo": "us",
+                "service_tier": "standard",
+            }
+        ),
+        message_delta(
+            {
+                "output_tokens": 5,
+                "server_tool_use": {
+                    "web_search_requests": 1,
+                    "web_fetch_requests": 1,
+                    "code_execution_requests": 1,
+                },
+            },
+            stop_reason=None,
+        ),
+        message_delta(
+            {
+                "output_tokens": 30,
+                "service_tier": "priority",
+                "iterations": ITERATIONS,
+                "server_tool_use": {
+                    "web_search_requests": 2,
+                    "web_fetch_requests": 3,
+                    "code_execution_requests": 4,
+                },
+            }
+        ),
+        MESSAGE_STOP,
+    )
+    usage = meter([data]).usage
+    assert (usage.speed, usage.inference_geo, usage.service_tier) == ("fast", "us", "priority")
+    assert (usage.web_search_requests, usage.web_fetch_requests) == (2, 3)
+    assert usage.code_execution_requests == 4
+    advisor, main = usage.iterations
+    assert (advisor.kind, advisor.model, main.model) == ("advisor_message", "claude-opus-5-5", None)
+    assert advisor.usage == Usage(
+        input_tokens=100,
+        output_tokens=10,
+        cache_creation_input_tokens=3,
+        cache_creation_5m_input_tokens=1,
+        cache_creation_1h_input_tokens=2,
+        cache_read_input_tokens=5,
+    )
+    assert main.usage == Usage(input_tokens=200, output_tokens=20)
+
+
+def test_json_message_pricing_inputs() -> None:
+    body = json.dumps(
+        {
+            "type": "message",
+            "id": MSG_ID,
+            "model": "claude-opus-5-5",
+            "stop_reason": "refusal",
+            "usage": {
+                "input_tokens": 7,
+                "output_tokens": 0,
+                "speed": "fast",
+                "inference_geo": "not_available",
+                "service_tier": "batch",
+                "iterations": ITERATIONS[:1],
+            },
+        }
+    ).encode()
+    result = meter([body], content_type="application/json")
+    assert result.stop_reason == "refusal"
+    usage = result.usage
+    assert (usage.speed, usage.inference_geo, usage.service_tier) == (
+        "fast",
+        "not_available",
+        "batch",
+    )
+    assert [it.model for it in usage.iterations] == ["claude-opus-5-5"]
+
+
+def test_non_string_pricing_inputs_are_ignored() -> None:
+    data = stream(
+        message_start({"input_tokens": 9, "speed": 1, "inference_geo": None}),
+        message_delta({"output_tokens": 3, "service_tier": ["x"], "iterations": "no"}),
+        MESSAGE_STOP,
+    )
+    usage = meter([data]).usage
+    assert (usage.speed, usage.inference_geo, usage.service_tier, usage.iterations) == (
+        None,
+        None,
+        None,
+        (),
+    )

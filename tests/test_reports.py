@@ -111,6 +111,8 @@ def counters(
         "rejected": rejected,
         "billing": billing,
         "subscription_cost_usd": subscription_micros / 1_000_000,
+        "repriced": 0,
+        "repriced_delta_micros": 0,
     }
 
 
@@ -277,9 +279,17 @@ def test_record_to_json_has_every_field(ledger: Ledger) -> None:
         "cache_creation_1h_input_tokens": 0,
         "cache_read_input_tokens": 5000,
         "web_search_requests": 0,
+        "web_fetch_requests": 0,
+        "code_execution_requests": 0,
+        "speed": None,
+        "inference_geo": None,
+        "service_tier": None,
+        "stop_reason": None,
         "cost_usd": 0.003702,
         "cost_micros": 3702,
         "price_estimated": False,
+        "price_version": None,
+        "repriced_from_micros": None,
         "latency_ms": None,
         "ttfb_ms": None,
         "session_id": "s1",

@@ -153,7 +153,7 @@ def _summary(**changes: Any) -> Summary:
 
 def test_summary_line() -> None:
     assert summary_line(_summary()) == (
-        "ccgate run: 4 requests (1 refused), 12,345 tokens in, 678 out, $0.05; budget left "
+        "ccgate run: 4 requests (1 refused), 12,345 tokens in, 678 out, $0.04721; budget left "
         "$4.95 of $5.00 (key ci, resets 2026-01-01 00:00 UTC); usage synced."
     )
     failed = _summary(
@@ -161,12 +161,12 @@ def test_summary_line() -> None:
     )
     unbudgeted = _summary(budgeted=False, budget=None)
     assert summary_line(unbudgeted) == (
-        "ccgate run: 4 requests (1 refused), 12,345 tokens in, 678 out, $0.05; no budget limit; "
-        "usage synced."
+        "ccgate run: 4 requests (1 refused), 12,345 tokens in, 678 out, $0.04721; no budget "
+        "limit; usage synced."
     )
     assert summary_line(failed) == (
-        "ccgate run: 1 request, 12,345 tokens in, 678 out, $0.05; budget left unknown; usage NOT "
-        "synced (Cannot reach it.): 1 record(s) kept in the ledger; push them with "
+        "ccgate run: 1 request, 12,345 tokens in, 678 out, $0.04721; budget left unknown; usage "
+        "NOT synced (Cannot reach it.): 1 record(s) kept in the ledger; push them with "
         "`ccgate sync --profile ci`."
     )
 
@@ -360,7 +360,7 @@ def test_rpm_limit_and_usage_lands_exactly_once(
     assert report["env"]["CCGATE_KEY_CI"] is None
     assert len(fake_upstream.requests) == 3
     assert summary_of(done.stderr).startswith(
-        "ccgate run: 4 requests (1 refused), 300 tokens in, 30 out, $0.0014; no budget limit;"
+        "ccgate run: 4 requests (1 refused), 300 tokens in, 30 out, $0.00135; no budget limit;"
     )
     assert summary_of(done.stderr).endswith("usage synced.")
 

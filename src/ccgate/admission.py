@@ -415,11 +415,25 @@ class Limiter:
         """Admit ``req`` (reserving its worst case) or say why not; exactly one side is set."""
         self._prune(req.now)
         price = self._prices.lookup(req.model or "", at=datetime.fromtimestamp(req.now, UTC))
+        if price.estimated and self._prices.refuse_unknown and req.model is not None:
+            message = (
+                f"Model '{req.model}' is not in this server's price table "
+                f"(version {self._prices.version}), and the admin refuses models it cannot "
+                f"price. Choose a listed model (`ccgate prices`), or ask {self._policy.contact} "
+                "to add it to the price table."
+            )
+            return None, Reject(
+                403, "permission_error", message, retry_after=None, should_retry=False
+            )
         levels: dict[str, LevelState] = {
             level.kind: self._level_state(level, req.now) for level in self._policy.levels
         }
         rate = self._rate_state(req.now)
-        decision = admit(req, self._policy, levels=levels, rate=rate, price=price.price)
+        worst = price.worst(
+            prompt_tokens=estimate_input_tokens(req.body_bytes),
+            at=datetime.fromtimestamp(req.now, UTC),
+        )
+        decision = admit(req, self._policy, levels=levels, rate=rate, price=worst)
         if isinstance(decision, Reject):
             return None, decision
         ticket = Ticket(

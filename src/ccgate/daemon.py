@@ -96,10 +96,11 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     """Run the gateway in this process until SIGINT or SIGTERM."""
     import uvicorn
 
+    from ccgate import pricing
     from ccgate.governor import Governor
     from ccgate.ledger import Ledger
-    from ccgate.pricing import PriceTable
     from ccgate.proxy import Gateway, GatewaySettings
+    from ccgate.repricing import reprice_ledger
 
     paths.ensure()
     _configure_logging(log_level)
@@ -137,9 +138,17 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
         )
         governor.load(now=time.time())
         settings = replace(settings, mode="server", passthrough=governor.passthrough)
-    gateway = Gateway(
-        settings=settings, ledger=ledger, prices=PriceTable.default(), policy=governor
-    )
+    prices, origin = pricing.installed(paths.prices_file)
+    log.info("price table %s from %s", prices.version, origin)
+    # In server mode the admin's table (from the bundle) prices, and the server re-prices.
+    repriced = reprice_ledger(ledger, prices, now=time.time()) if governor is None else None
+    if repriced is not None and repriced.rows:
+        log.warning(
+            "re-priced %d estimated request(s) with price table %s",
+            repriced.rows,
+            prices.version,
+        )
+    gateway = Gateway(settings=settings, ledger=ledger, prices=prices, policy=governor)
     if governor is not None:
         gateway.background = governor.run
         gateway.sync_now = governor.sync_now

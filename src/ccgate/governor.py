@@ -742,6 +742,15 @@ def _usage_record(row: LedgerRow) -> dict[str, Any]:
         "session_id": row.session_id,
         "provider": row.provider,
         "billing": row.billing,
+        "price_estimated": row.price_estimated,
+        "web_fetch_requests": row.web_fetch_requests,
+        "code_execution_requests": row.code_execution_requests,
+        "speed": row.speed,
+        "inference_geo": row.inference_geo,
+        "service_tier": row.service_tier,
+        "iterations": row.iterations,
+        "stop_reason": row.stop_reason,
+        "price_version": row.price_version,
     }
     if row.lease_id and row.lease_id != GRACE:
         record["lease_id"] = row.lease_id

@@ -89,6 +89,16 @@ class RequestRecord:
     provider: str = "anthropic"
     billing: str = "api"
     lease_id: str | None = None  # the budget lease the request was reserved against
+    web_fetch_requests: int = 0
+    code_execution_requests: int = 0
+    speed: str | None = None
+    inference_geo: str | None = None
+    service_tier: str | None = None
+    iterations: str | None = None  # usage.iterations as compact JSON, to re-price the row
+    stop_reason: str | None = None
+    price_version: str | None = None  # the price table version the cost was computed with
+    repriced_at: float | None = None
+    repriced_from_micros: int | None = None  # the estimate a re-pricing replaced
     request_body: bytes | None = None
     response_body: bytes | None = None
 
@@ -123,6 +133,16 @@ class LedgerRow:
     provider: str
     billing: str
     lease_id: str | None = None
+    web_fetch_requests: int = 0
+    code_execution_requests: int = 0
+    speed: str | None = None
+    inference_geo: str | None = None
+    service_tier: str | None = None
+    iterations: str | None = None
+    stop_reason: str | None = None
+    price_version: str | None = None
+    repriced_at: float | None = None
+    repriced_from_micros: int | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -150,6 +170,10 @@ class UsageGroup:
     """Requests made with the user's own Claude Code login (passthrough): no invoice follows."""
     subscription_micros: int = 0
     """Their API-equivalent cost, included in ``cost_micros``."""
+    repriced: int = 0
+    """Rows once priced as estimates and re-priced after the price table learned the model."""
+    repriced_delta_micros: int = 0
+    """What those re-pricings changed the cost by (usually negative: estimates are high)."""
 
 
 # --------------------------------------------------------------------------- migrations
@@ -229,6 +253,26 @@ def m003_lease_id(db: sqlite3.Connection) -> None:
     # Team budgets are spent from leases the server grants; each usage record names its lease
     # so the server charges it exactly once.
     db.execute("ALTER TABLE requests ADD COLUMN lease_id TEXT")
+
+
+@_migration
+def m004_pricing_inputs(db: sqlite3.Connection) -> None:
+    # Everything the price depends on besides tokens, and the table version that priced it, so
+    # a row priced as an estimate can be re-priced exactly once the table learns its model.
+    for column in (
+        "web_fetch_requests INTEGER NOT NULL DEFAULT 0",
+        "code_execution_requests INTEGER NOT NULL DEFAULT 0",
+        "speed TEXT",
+        "inference_geo TEXT",
+        "service_tier TEXT",
+        "iterations TEXT",
+        "stop_reason TEXT",
+        "price_version TEXT",
+        "repriced_at REAL",
+        "repriced_from_micros INTEGER",
+    ):
+        db.execute(f"ALTER TABLE requests ADD COLUMN {column}")
+    db.execute("CREATE INDEX requests_estimated ON requests (seq) WHERE price_estimated = 1")
 
 
 def applied_migrations(db: sqlite3.Connection) -> set[str]:
@@ -338,7 +382,10 @@ def _usage_sql(key_expr: str) -> str:
             COALESCE(SUM(outcome = 'upstream_error'), 0),
             COALESCE(SUM(outcome = 'rejected'), 0),
             COALESCE(SUM(billing = 'subscription'), 0),
-            COALESCE(SUM(CASE WHEN billing = 'subscription' THEN cost_micros ELSE 0 END), 0)
+            COALESCE(SUM(CASE WHEN billing = 'subscription' THEN cost_micros ELSE 0 END), 0),
+            COALESCE(SUM(repriced_at IS NOT NULL), 0),
+            COALESCE(SUM(CASE WHEN repriced_at IS NOT NULL
+                THEN cost_micros - repriced_from_micros ELSE 0 END), 0)
         FROM requests
         WHERE outcome != 'pending'
             AND (path = :path OR substr(path, 1, length(:path) + 1) = :path || '?')
@@ -741,6 +788,28 @@ class Ledger:
                 "UPDATE requests SET synced_at = ? WHERE id = ?", [(at, i) for i in ids]
             )
 
+    def estimated_rows(self) -> list[LedgerRow]:
+        """Finished rows priced as estimates: the candidates for re-pricing."""
+        sql = (
+            f"SELECT {', '.join(_ROW_COLUMNS)} FROM requests "
+            "WHERE price_estimated = 1 AND outcome != 'pending' AND model IS NOT NULL ORDER BY seq"
+        )
+        return [_to_row(r) for r in self._query(sql, [])]
+
+    def set_prices(self, changes: list[tuple[str, int, bool, str]], *, at: float) -> None:
+        """Re-price rows: (id, new cost, still estimated, table version); the old cost is kept.
+
+        A row keeps its first estimate in ``repriced_from_micros`` however often it is re-priced,
+        so reports show the whole correction.
+        """
+        with self._lock, self._sql_errors(), _write_transaction(self._db):
+            self._db.executemany(
+                "UPDATE requests SET repriced_from_micros = COALESCE(repriced_from_micros, "
+                "cost_micros), cost_micros = ?, price_estimated = ?, price_version = ?, "
+                "repriced_at = ? WHERE id = ? AND outcome != 'pending'",
+                [(cost, int(est), version, at, rid) for rid, cost, est, version in changes],
+            )
+
     def _queue(self) -> queue.SimpleQueue[_Item]:
         if self._writer is None:
             # Records queued before start_writer are kept and written once it starts.
@@ -810,7 +879,7 @@ class Ledger:
         params = {"path": BILLABLE_PATH, "since": 0.0 if since is None else since, "until": until}
         rows = self._query(_usage_sql(_USAGE_KEYS[group_by]), params)
         if group_by is None and not rows:
-            rows = [(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)]
+            rows = [(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)]
         return [_to_group(r) for r in rows]
 
     def _query(self, sql: str, params: list[object] | dict[str, object]) -> list[tuple[Any, ...]]:
@@ -856,4 +925,6 @@ def _to_group(values: tuple[Any, ...]) -> UsageGroup:
         rejected=n[9],
         subscription_requests=n[10],
         subscription_micros=n[11],
+        repriced=n[12],
+        repriced_delta_micros=n[13],
     )

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import brotli
 import zstandard
 
-__all__ = ["Metered", "ResponseMeter", "Usage"]
+__all__ = ["Iteration", "Metered", "ResponseMeter", "Usage", "iterations_from_json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,60 @@ class Usage:
     cache_creation_1h_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     web_search_requests: int = 0
+    web_fetch_requests: int = 0
+    code_execution_requests: int = 0
+    """Recorded, not priced: container hours are not reported per request."""
+    speed: str | None = None
+    """``usage.speed``: "fast" prices at the model's fast-mode rates."""
+    inference_geo: str | None = None
+    service_tier: str | None = None
+    iterations: tuple[Iteration, ...] = ()
+    """``usage.iterations`` (server-side loops, compaction, advisor): priced each by its model."""
+
+
+@dataclass(frozen=True, slots=True)
+class Iteration:
+    """One sampling iteration of a response, with its own model and token counts."""
+
+    kind: str | None
+    model: str | None
+    usage: Usage
+
+    def to_json(self) -> dict[str, Any]:
+        u = self.usage
+        data: dict[str, Any] = {
+            "type": self.kind,
+            "model": self.model,
+            "input_tokens": u.input_tokens,
+            "output_tokens": u.output_tokens,
+            "cache_read_input_tokens": u.cache_read_input_tokens,
+            "cache_creation_input_tokens": u.cache_creation_input_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": u.cache_creation_5m_input_tokens,
+                "ephemeral_1h_input_tokens": u.cache_creation_1h_input_tokens,
+            },
+        }
+        if u.speed is not None:
+            data["speed"] = u.speed
+        return data
+
+
+def iterations_from_json(value: object) -> tuple[Iteration, ...]:
+    """``usage.iterations`` as the API (or a stored ledger row) spells it; junk is skipped."""
+    if not isinstance(value, list):
+        return ()
+    found: list[Iteration] = []
+    for item in value:
+        if not isinstance(item, dict):
+            continue
+        state = _UsageState()
+        state.apply(item)
+        found.append(
+            Iteration(
+                kind=_text(item.get("type")), model=_text(item.get("model")), usage=state.freeze()
+            )
+        )
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +253,14 @@ class _UsageState:
         "cache_5m",
         "cache_creation",
         "cache_read",
+        "code_execution",
+        "geo",
         "input",
+        "iterations",
         "output",
+        "speed",
+        "tier",
+        "web_fetch",
         "web_search",
     )
 
@@ -212,6 +272,12 @@ class _UsageState:
         self.cache_5m: int | None = None
         self.cache_1h: int | None = None
         self.web_search: int | None = None
+        self.web_fetch: int | None = None
+        self.code_execution: int | None = None
+        self.speed: str | None = None
+        self.geo: str | None = None
+        self.tier: str | None = None
+        self.iterations: object = None
 
     def apply(self, usage: object) -> None:
         """Overwrite each field ``usage`` carries; the API's usage counts are cumulative."""
@@ -228,6 +294,13 @@ class _UsageState:
         tools = usage.get("server_tool_use")
         if isinstance(tools, dict):
             self.web_search = _newer(self.web_search, tools.get("web_search_requests"))
+            self.web_fetch = _newer(self.web_fetch, tools.get("web_fetch_requests"))
+            self.code_execution = _newer(self.code_execution, tools.get("code_execution_requests"))
+        self.speed = _text(usage.get("speed")) or self.speed
+        self.geo = _text(usage.get("inference_geo")) or self.geo
+        self.tier = _text(usage.get("service_tier")) or self.tier
+        if isinstance(usage.get("iterations"), list):
+            self.iterations = usage["iterations"]
 
     def freeze(self) -> Usage:
         total, five, hour = self._cache_writes()
@@ -239,6 +312,12 @@ class _UsageState:
             cache_creation_1h_input_tokens=hour,
             cache_read_input_tokens=self.cache_read or 0,
             web_search_requests=self.web_search or 0,
+            web_fetch_requests=self.web_fetch or 0,
+            code_execution_requests=self.code_execution or 0,
+            speed=self.speed,
+            inference_geo=self.geo,
+            service_tier=self.tier,
+            iterations=iterations_from_json(self.iterations),
         )
 
     def _cache_writes(self) -> tuple[int, int, int]:

@@ -39,6 +39,11 @@ class Paths:
         return self.data_dir / "ledger.db"
 
     @property
+    def prices_file(self) -> Path:
+        """The price table ``ccgate prices update`` installed (absent: the shipped one)."""
+        return self.data_dir / "prices.json"
+
+    @property
     def pid_file(self) -> Path:
         return self.state_dir / "daemon.pid"
 

@@ -46,6 +46,7 @@ from ccgate.governor import LocalPolicy, Policy, Ticket, Upstream
 from ccgate.ledger import Ledger, RequestRecord
 from ccgate.metering import Metered, ResponseMeter, Usage
 from ccgate.pricing import PriceTable, cost_micros
+from ccgate.repricing import INPUT_ESTIMATE, iterations_json
 
 log = logging.getLogger("ccgate.proxy")
 
@@ -392,6 +393,7 @@ class Gateway:
             Usage(input_tokens=record.input_tokens), lookup.price, web_search_micros=0
         )
         record.price_estimated = True
+        record.price_version = INPUT_ESTIMATE
 
     def _token(self, request: Request) -> str | None:
         """The ccgate key the client sent, from wherever this mode expects it."""
@@ -471,6 +473,10 @@ class Gateway:
         self._clear_provisional(rec)
         if metered is not None:
             self._charge(rec, metered)
+            if ex.status == 200 and not metered.saw_start:
+                # A 200 whose body held no usage (not JSON, cut off): never a silent $0; bill
+                # the input estimate by the request's model, flagged.
+                self._provisional_charge(rec, ex.body)
         rec.outcome, rec.error = _outcome(ex, metered)
         if self.settings.log_content and ex.meter is not None:
             rec.response_body = ex.meter.captured()
@@ -485,6 +491,7 @@ class Gateway:
         rec.input_tokens = 0
         rec.cost_micros = 0
         rec.price_estimated = False
+        rec.price_version = None
 
     def _charge(self, rec: RequestRecord, metered: Metered) -> None:
         usage = metered.usage
@@ -492,6 +499,9 @@ class Gateway:
             # Broken off before the final message_delta: the output generated so far was never
             # reported, but every delta that reached us carried at least one token of it.
             usage = replace(usage, output_tokens=max(usage.output_tokens, metered.stream_deltas))
+        # Price by the model that answered, falling back to the one asked for (flagged: the
+        # answer should have named it).
+        no_model = metered.saw_start and metered.model is None
         rec.model = metered.model or rec.model
         rec.input_tokens = usage.input_tokens
         rec.output_tokens = usage.output_tokens
@@ -499,14 +509,25 @@ class Gateway:
         rec.cache_creation_1h_input_tokens = usage.cache_creation_1h_input_tokens
         rec.cache_read_input_tokens = usage.cache_read_input_tokens
         rec.web_search_requests = usage.web_search_requests
+        rec.web_fetch_requests = usage.web_fetch_requests
+        rec.code_execution_requests = usage.code_execution_requests
+        rec.speed = usage.speed
+        rec.inference_geo = usage.inference_geo
+        rec.service_tier = usage.service_tier
+        rec.iterations = iterations_json(usage)
+        rec.stop_reason = metered.stop_reason
         if rec.model is None:
             return
         prices = self.policy.prices()
-        lookup = prices.lookup(rec.model, at=datetime.fromtimestamp(rec.started_at, UTC))
-        rec.cost_micros = cost_micros(
-            usage, lookup.price, web_search_micros=prices.web_search_micros
+        charge = prices.charge(
+            usage,
+            model=rec.model,
+            at=datetime.fromtimestamp(rec.started_at, UTC),
+            stop_reason=metered.stop_reason,
         )
-        rec.price_estimated = lookup.estimated
+        rec.cost_micros = charge.cost_micros
+        rec.price_estimated = charge.estimated or no_model
+        rec.price_version = prices.version
 
 
 def _outcome(ex: _Exchange, metered: Metered | None) -> tuple[str, str | None]:

@@ -144,6 +144,8 @@ def _counters_json(group: UsageGroup) -> dict[str, Any]:
         "rejected": group.rejected,
         "billing": billing_label(group),
         "subscription_cost_usd": micros_to_usd(group.subscription_micros),
+        "repriced": group.repriced,
+        "repriced_delta_micros": group.repriced_delta_micros,
     }
 
 
@@ -181,6 +183,8 @@ def total_usage(groups: list[UsageGroup]) -> UsageGroup:
         rejected=sum(g.rejected for g in groups),
         subscription_requests=sum(g.subscription_requests for g in groups),
         subscription_micros=sum(g.subscription_micros for g in groups),
+        repriced=sum(g.repriced for g in groups),
+        repriced_delta_micros=sum(g.repriced_delta_micros for g in groups),
     )
 
 
@@ -235,9 +239,17 @@ def record_to_json(row: LedgerRow) -> dict[str, Any]:
         "cache_creation_1h_input_tokens": row.cache_creation_1h_input_tokens,
         "cache_read_input_tokens": row.cache_read_input_tokens,
         "web_search_requests": row.web_search_requests,
+        "web_fetch_requests": row.web_fetch_requests,
+        "code_execution_requests": row.code_execution_requests,
+        "speed": row.speed,
+        "inference_geo": row.inference_geo,
+        "service_tier": row.service_tier,
+        "stop_reason": row.stop_reason,
         "cost_usd": micros_to_usd(row.cost_micros),
         "cost_micros": row.cost_micros,
         "price_estimated": row.price_estimated,
+        "price_version": row.price_version,
+        "repriced_from_micros": row.repriced_from_micros,
         "latency_ms": row.latency_ms,
         "ttfb_ms": row.ttfb_ms,
         "session_id": row.session_id,

@@ -304,6 +304,9 @@ async def test_admin_usage_rollups(server: Server) -> None:
         "cache_read_input_tokens": 6,
         "cost_micros": 3_000,
         "cost_usd": 0.003,
+        "estimated_requests": 0,
+        "repriced": 0,
+        "repriced_delta_micros": 0,
     }
     assert by_key["totals"]["requests"] == 6
     assert by_key["totals"]["cost_micros"] == 31_001
@@ -323,7 +326,8 @@ async def test_admin_usage_rollups(server: Server) -> None:
     ]
     assert set(by_customer["rows"][0]) == {
         "customer", "requests", "input_tokens", "output_tokens", "cache_creation_input_tokens",
-        "cache_read_input_tokens", "cost_micros", "cost_usd",
+        "cache_read_input_tokens", "cost_micros", "cost_usd", "estimated_requests", "repriced",
+        "repriced_delta_micros",
     }  # fmt: skip
     assert (await server.admin("GET", "/usage?by=model")).status_code == 422
 

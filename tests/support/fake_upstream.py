@@ -118,6 +118,17 @@ class Usage:
     ephemeral_5m_input_tokens: int | None = None
     ephemeral_1h_input_tokens: int | None = None
     web_search_requests: int | None = None
+    web_fetch_requests: int | None = None
+    code_execution_requests: int | None = None
+    speed: str | None = None
+    """``usage.speed`` ("fast" or "standard"); sent in message_start and the message."""
+    inference_geo: str | None = None
+    service_tier: str = "standard"
+    iterations: tuple[dict[str, Any], ...] | None = None
+    """``usage.iterations`` entries, sent in the final message_delta and the message."""
+    start_zeros: bool = False
+    """``message_start`` reports 0 input / 0 output, as some proxies do; the cumulative
+    ``message_delta`` usage carries the real counts."""
 
     def __post_init__(self) -> None:
         split = self.cache_creation()
@@ -137,12 +148,16 @@ class Usage:
 
     def message_start(self) -> dict[str, Any]:
         """Usage in ``message_start``: output is only the first token so far."""
+        if self.start_zeros:
+            return {"input_tokens": 0, "output_tokens": 0}
         return self._full(output_tokens=min(1, self.output_tokens))
 
     def message(self) -> dict[str, Any]:
         """Usage of a complete (non-streaming) message."""
         usage = self._full(output_tokens=self.output_tokens)
         usage.update(self._server_tool_use())
+        if self.iterations is not None:
+            usage["iterations"] = list(self.iterations)
         return usage
 
     def message_delta(self, output_tokens: int) -> dict[str, Any]:
@@ -154,6 +169,8 @@ class Usage:
             "output_tokens": output_tokens,
         }
         usage.update(self._server_tool_use())
+        if self.iterations is not None and output_tokens == self.output_tokens:
+            usage["iterations"] = list(self.iterations)
         return usage
 
     def delta_outputs(self, count: int) -> list[int]:
@@ -171,13 +188,23 @@ class Usage:
         if split is not None:
             usage["cache_creation"] = split
         usage["output_tokens"] = output_tokens
-        usage["service_tier"] = "standard"
+        usage["service_tier"] = self.service_tier
+        if self.speed is not None:
+            usage["speed"] = self.speed
+        if self.inference_geo is not None:
+            usage["inference_geo"] = self.inference_geo
         return usage
 
     def _server_tool_use(self) -> dict[str, Any]:
-        if self.web_search_requests is None:
+        counts = (self.web_search_requests, self.web_fetch_requests, self.code_execution_requests)
+        if all(count is None for count in counts):
             return {}
-        tools = {"web_search_requests": self.web_search_requests, "web_fetch_requests": 0}
+        tools = {
+            "web_search_requests": self.web_search_requests or 0,
+            "web_fetch_requests": self.web_fetch_requests or 0,
+        }
+        if self.code_execution_requests is not None:
+            tools["code_execution_requests"] = self.code_execution_requests
         return {"server_tool_use": tools}
 
 
@@ -210,6 +237,10 @@ class Scenario:
     encoding: Encoding | None = None
     hang: bool = False
     headers: tuple[tuple[str, str], ...] = ()
+    response_model: Any = None
+    """The ``model`` the answer names (any JSON value); None echoes the request's model."""
+    raw_body: bytes | None = None
+    """A non-streaming 200 answers with exactly these bytes (e.g. not JSON at all)."""
 
     def __post_init__(self) -> None:
         if self.message_deltas < 1:
@@ -648,6 +679,8 @@ async def _messages(
 ) -> None:
     model = request.json.get("model") if isinstance(request.json, dict) else None
     model = model if isinstance(model, str) else DEFAULT_MODEL
+    if scenario.response_model is not None:
+        model = scenario.response_model
     message_id = new_id("msg_01", 22)
     if isinstance(request.json, dict) and request.json.get("stream") is True:
         events = stream_events(scenario, model=model, message_id=message_id)
@@ -699,7 +732,8 @@ async def _send_json(
     exchange: _Exchange, *, scenario: Scenario, payload: dict[str, Any], request_id: str
 ) -> None:
     encoder = make_encoder(scenario.encoding)
-    data = encoder.chunk(dumps(payload)) + encoder.finish()
+    body = scenario.raw_body if scenario.raw_body is not None else dumps(payload)
+    data = encoder.chunk(body) + encoder.finish()
     headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
     headers += _response_headers(scenario, request_id=request_id, encoder=encoder)
     await exchange.start(scenario.status, headers)

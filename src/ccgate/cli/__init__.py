@@ -64,6 +64,9 @@ def _register() -> None:
     account.register(app)
     run.register(app)
     app.add_typer(provider.app, name="provider")
+    from ccgate.cli import prices
+
+    app.add_typer(prices.app, name="prices")
     from ccgate.cli import admin, admin_ops, server
 
     admin_ops.register(admin.app)

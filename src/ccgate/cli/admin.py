@@ -622,6 +622,17 @@ def prices_set(
         console.print_json(data)
     else:
         console.info(f"Bundles now carry the price table from {file}; daemons get it at next sync.")
+        _say_repriced(data.get("repriced"))
+
+
+def _say_repriced(repriced: Any) -> None:
+    from ccgate.cli.render import money
+
+    if isinstance(repriced, dict) and repriced.get("rows"):
+        console.info(
+            f"Re-priced {repriced['rows']} estimated usage record(s) the table now prices "
+            f"exactly: {money(repriced['before_micros'])} -> {money(repriced['after_micros'])}."
+        )
 
 
 @prices_app.command("import")
@@ -689,7 +700,7 @@ def usage(
 def _usage_table(data: dict[str, Any], *, by: str) -> None:
     from rich.table import Table
 
-    from ccgate.cli.render import tokens, usd
+    from ccgate.cli.render import money, tokens, usd
 
     labels = {
         "key": ["key", "team", "customer"],
@@ -714,6 +725,18 @@ def _usage_table(data: dict[str, Any], *, by: str) -> None:
     pad = [""] * (len(labels[by]) - 1)
     table.add_row("[bold]total[/bold]", *pad, *figures(data["totals"]))
     console.out.print(table)
+    totals = data["totals"]
+    if totals.get("estimated_requests"):
+        console.out.print(
+            f"{totals['estimated_requests']} request(s) priced as estimates (a model the price "
+            "table does not name, an unverified price, a regional endpoint; see `ccgate prices`)."
+        )
+    if totals.get("repriced"):
+        console.out.print(
+            f"Re-priced: {totals['repriced']} request(s) first priced as estimates were re-priced "
+            f"when the price table learned their model ({money(totals['repriced_delta_micros'])}"
+            " in all)."
+        )
 
 
 @app.command("reconcile")

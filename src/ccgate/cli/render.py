@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from rich.markup import escape
@@ -12,11 +13,31 @@ from ccgate import console
 
 
 def usd(value: float) -> str:
-    if value == 0:
+    """Dollars (a float made from integer micro-dollars) for people: see ``money``."""
+    return money(round(value * 1_000_000))
+
+
+def money(micros: int) -> str:
+    """Exact to the cent, and meaningful below a dollar: every table uses this.
+
+    From $1 up: cents, rounded half up (``$1.55``, ``$1,234.57``). Below $1: four significant
+    digits (``$0.1248``, ``$0.02925``, ``$0.0034``, ``$0.50``), so a sub-cent request never
+    shows as ``$0.00``.
+    """
+    if micros == 0:
         return "$0"
-    if value < 0.01:
-        return f"${value:.4f}"
-    return f"${value:,.2f}"
+    sign = "-" if micros < 0 else ""
+    exact = Decimal(abs(micros)) / 1_000_000
+    if exact >= 1:
+        return f"{sign}${exact.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
+    digits = exact.adjusted()  # -1 for 0.1..0.99, -2 for 0.01..0.099, ...
+    shown = exact.quantize(Decimal(1).scaleb(digits - 3), ROUND_HALF_UP)
+    if shown >= 1:
+        return f"{sign}$1.00"
+    text = f"{shown:f}".rstrip("0")
+    if len(text.split(".")[1]) < 2:
+        text = f"{shown:.2f}"
+    return f"{sign}${text}"
 
 
 def tokens(value: int) -> str:
@@ -121,10 +142,17 @@ def usage(report: dict[str, Any], series: list[tuple[str, int]]) -> None:
     console.out.print(_usage_table(report))
     if any(row["estimated"] for row in report["rows"]):
         console.out.print(
-            "* estimated: a model the price table does not name (priced by its family), or a "
-            "request cut off by a daemon crash (billed by its input estimate)"
+            "* estimated: a model the price table does not name (priced at its family's "
+            "highest rates), an unverified price, a regional cloud endpoint, or a request "
+            "whose usage was never seen (billed by its input estimate); see `ccgate prices`"
         )
     totals = report["totals"]
+    if totals.get("repriced"):
+        delta = totals["repriced_delta_micros"]
+        console.out.print(
+            f"Re-priced: {totals['repriced']} request(s) first priced as estimates were "
+            f"re-priced once the price table learned their model ({money(delta)} in all)."
+        )
     if totals["billing"] != "api":
         console.out.print(
             f"{usd(totals['subscription_cost_usd'])} of the cost is subscription traffic "

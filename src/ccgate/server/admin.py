@@ -203,7 +203,7 @@ class Admin:
 
         table = body.get("prices")
         try:
-            PriceTable.from_dict(validate.mapping(table, what="'prices'"))
+            parsed = PriceTable.from_dict(validate.mapping(table, what="'prices'"))
         except PriceTableError as exc:
             raise InvalidRequestError(f"The price table is not valid: {exc}") from None
         with db.session(self.engine) as session:
@@ -215,7 +215,13 @@ class Admin:
             detail = {"version": validate.mapping(table).get("version")}
             self._record(session, actor=actor, action="prices.set", target="prices", detail=detail)
             session.commit()
-        return self.prices()
+        return {**self.prices(), "repriced": self._reprice(parsed)}
+
+    def _reprice(self, table: Any) -> dict[str, int]:
+        """Records once priced as estimates that ``table`` now prices exactly get its price."""
+        from ccgate.server import usage
+
+        return usage.reprice(self.engine, table, now=self.clock())
 
     def clear_prices(self, *, actor: str) -> dict[str, Any]:
         with db.session(self.engine) as session:
@@ -226,6 +232,9 @@ class Admin:
                     session, actor=actor, action="prices.clear", target="prices", detail={}
                 )
                 session.commit()
+        from ccgate.pricing import PriceTable
+
+        self._reprice(PriceTable.default())  # daemons go back to it; so do the records
         return self.prices()
 
     # ---------------------------------------------------------------- customers and teams

@@ -166,6 +166,17 @@ class UsageRow(SQLModel, table=True):
     provider: str | None = None
     billing: str | None = None
     lease_id: str | None = None
+    price_estimated: bool = False
+    web_fetch_requests: int = Field(default=0, sa_type=BigInteger)
+    code_execution_requests: int = Field(default=0, sa_type=BigInteger)
+    speed: str | None = None
+    inference_geo: str | None = None
+    service_tier: str | None = None
+    iterations: str | None = None
+    stop_reason: str | None = None
+    price_version: str | None = None
+    repriced_at: float | None = None
+    repriced_from_micros: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class Lease(SQLModel, table=True):

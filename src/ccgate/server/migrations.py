@@ -380,6 +380,26 @@ def m011_ui_sessions(conn: Connection) -> None:
     _create(meta, conn)
 
 
+def m012_usage_pricing_inputs(conn: Connection) -> None:
+    """What a usage record's price depends on besides tokens, whether it was an estimate, and
+    the table version that priced it, so the server can re-price estimated rows exactly once its
+    price table learns their model (``repriced_from_micros`` keeps the first estimate)."""
+    for column in (
+        "price_estimated BOOLEAN DEFAULT FALSE NOT NULL",
+        "web_fetch_requests BIGINT DEFAULT 0 NOT NULL",
+        "code_execution_requests BIGINT DEFAULT 0 NOT NULL",
+        "speed VARCHAR(16)",
+        "inference_geo VARCHAR(32)",
+        "service_tier VARCHAR(16)",
+        "iterations TEXT",
+        "stop_reason VARCHAR(32)",
+        "price_version VARCHAR(64)",
+        "repriced_at FLOAT",
+        "repriced_from_micros BIGINT",
+    ):
+        conn.execute(text(f"ALTER TABLE usage ADD COLUMN {column}"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -392,6 +412,7 @@ MIGRATIONS: Sequence[Migration] = (
     m009_admin_roles,
     m010_alerts,
     m011_ui_sessions,
+    m012_usage_pricing_inputs,
 )
 
 

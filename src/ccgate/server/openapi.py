@@ -37,6 +37,9 @@ _COUNTS = {
     "cache_read_input_tokens": _INT,
     "cost_micros": _INT,
     "cost_usd": _NUM,
+    "estimated_requests": _INT,
+    "repriced": _INT,
+    "repriced_delta_micros": _INT,
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -178,6 +181,15 @@ SCHEMAS: dict[str, Any] = {
             "provider": _nullable(_STR),
             "billing": _nullable(_STR),
             "lease_id": _nullable({"type": "string", "pattern": "^lse_[0-9a-f]{16}$"}),
+            "price_estimated": _BOOL,
+            "web_fetch_requests": _INT,
+            "code_execution_requests": _INT,
+            "speed": _nullable(_STR),
+            "inference_geo": _nullable(_STR),
+            "service_tier": _nullable(_STR),
+            "iterations": _nullable(_STR),
+            "stop_reason": _nullable(_STR),
+            "price_version": _nullable(_STR),
         },
         required=("id", "started_at"),
     ),
@@ -257,7 +269,11 @@ SCHEMAS: dict[str, Any] = {
         }
     ),
     "Prices": _obj(
-        {"prices": _nullable({"type": "object"}), "updated_at": _nullable(_NUM)},
+        {
+            "prices": _nullable({"type": "object"}),
+            "updated_at": _nullable(_NUM),
+            "repriced": _obj({"rows": _INT, "before_micros": _INT, "after_micros": _INT}),
+        },
         required=("prices", "updated_at"),
     ),
     "AuditEntry": _obj(

@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, case, func, update
 from sqlmodel import Session, col, select
 
 from ccgate import periods
@@ -41,7 +41,18 @@ _COUNT_FIELDS: Final = (
     "cache_creation_1h_input_tokens",
     "web_search_requests",
     "cost_micros",
+    "web_fetch_requests",
+    "code_execution_requests",
 )
+_PRICING_TEXT: Final = {
+    # Optional pricing inputs (older daemons omit them), with their longest accepted length.
+    "speed": 16,
+    "inference_geo": 32,
+    "service_tier": 16,
+    "stop_reason": 32,
+    "price_version": 64,
+    "iterations": 65_536,
+}
 _ID = re.compile(r"[0-9a-f]{32}")
 _LEASE_ID = re.compile(r"lse_[0-9a-f]{16}")
 _MAX_COUNT = 2**62
@@ -160,6 +171,12 @@ def _record(raw: Any, *, index: int) -> dict[str, Any]:
     record["streamed"] = bool(raw.get("streamed", False))
     for name in ("model", "session_id", "provider", "billing"):
         record[name] = _optional(raw, name, str, where)
+    record["price_estimated"] = raw.get("price_estimated", False) is True
+    for name, longest in _PRICING_TEXT.items():
+        value = _optional(raw, name, str, where)
+        if value is not None and len(value) > longest:
+            raise InvalidRequestError(f"{where}.{name} is longer than {longest} characters.")
+        record[name] = value
     lease_id = raw.get("lease_id")
     if lease_id is not None and not (isinstance(lease_id, str) and _LEASE_ID.fullmatch(lease_id)):
         raise InvalidRequestError(f"{where}.lease_id must be a lease id (lse_ and 16 hex).")
@@ -251,10 +268,22 @@ def rollup(engine: Engine, *, by: UsageBy, since: float) -> dict[str, Any]:
         "team": (team_id, customer_id),
         "customer": (customer_id,),
     }[by]
+    repriced = col(UsageRow.repriced_at).is_not(None)
     sums = (
         func.count(),
         *(func.coalesce(func.sum(getattr(UsageRow, f)), 0) for f in TOKEN_FIELDS),
         func.coalesce(func.sum(UsageRow.cost_micros), 0),
+        func.coalesce(func.sum(case((col(UsageRow.price_estimated), 1), else_=0)), 0),
+        func.coalesce(func.sum(case((repriced, 1), else_=0)), 0),
+        func.coalesce(
+            func.sum(
+                case(
+                    (repriced, col(UsageRow.cost_micros) - col(UsageRow.repriced_from_micros)),
+                    else_=0,
+                )
+            ),
+            0,
+        ),
     )
     with db.session(engine) as session:
         names = _names(session)
@@ -291,15 +320,66 @@ def _row(
 
 
 def _counts(values: Sequence[Any]) -> dict[str, Any]:
-    requests, *tokens, cost = (int(v) for v in values)
+    requests, *tokens, cost, estimated, repriced, delta = (int(v) for v in values)
     return {
         "requests": requests,
         **dict(zip(TOKEN_FIELDS, tokens, strict=True)),
         "cost_micros": cost,
         "cost_usd": cost / 1_000_000,
+        "estimated_requests": estimated,
+        "repriced": repriced,
+        "repriced_delta_micros": delta,
     }
 
 
 def _totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    fields = ("requests", *TOKEN_FIELDS, "cost_micros")
+    fields = (
+        "requests",
+        *TOKEN_FIELDS,
+        "cost_micros",
+        "estimated_requests",
+        "repriced",
+        "repriced_delta_micros",
+    )
     return _counts([sum(r[f] for r in rows) for f in fields])
+
+
+# -------------------------------------------------------------------- re-pricing
+
+
+def reprice(engine: Engine, table: Any, *, now: float) -> dict[str, int]:
+    """Re-price the estimated records ``table`` (a ``PriceTable``) now prices exactly.
+
+    The same rule as the daemons' ledgers (``ccgate.repricing``): a record priced from its
+    request size alone, or by this very table version, is left alone, and a record that would
+    still be an estimate keeps its first, conservative, estimate. Leases are not touched: their
+    ``used`` is what was charged at the time; spend windows sum the records, so budgets see
+    the correction at once.
+    """
+    from ccgate.repricing import INPUT_ESTIMATE, row_charge
+
+    changed = before = after = 0
+    with db.session(engine) as session:
+        rows = session.exec(
+            select(UsageRow).where(
+                col(UsageRow.price_estimated),
+                col(UsageRow.model).is_not(None),
+                col(UsageRow.outcome) != "pending",
+            )
+        ).all()
+        for row in rows:
+            if row.price_version in (table.version, INPUT_ESTIMATE, None):
+                continue
+            cost, estimated = row_charge(table, row.model_dump())
+            if estimated:
+                continue
+            before += row.cost_micros
+            after += cost
+            changed += 1
+            if row.repriced_from_micros is None:
+                row.repriced_from_micros = row.cost_micros
+            row.cost_micros, row.price_estimated = cost, False
+            row.price_version, row.repriced_at = table.version, now
+            session.add(row)
+        session.commit()
+    return {"rows": changed, "before_micros": before, "after_micros": after}
