@@ -434,17 +434,33 @@ class _Stop:
 _STOP: Final = _Stop()
 
 
+class LedgerWriteError(LedgerError):
+    """The writer could not commit what was queued (disk full, read-only, I/O error)."""
+
+
 class _LoopWaiter:
-    """Resolves an asyncio future (on its own loop) once everything before it is committed."""
+    """Resolves an asyncio future (on its own loop) once everything before it is committed,
+    or fails it with ``LedgerWriteError`` at the first failed attempt (the records stay queued
+    and are retried; only the waiter stops waiting)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
         self._loop = loop
         self._future = future
 
     def set(self) -> None:
+        self._settle(None)
+
+    def fail(self, error: LedgerWriteError) -> None:
+        self._settle(error)
+
+    def _settle(self, error: LedgerWriteError | None) -> None:
         def resolve() -> None:
-            if not self._future.done():
+            if self._future.done():
+                return
+            if error is None:
                 self._future.set_result(None)
+            else:
+                self._future.set_exception(error)
 
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             self._loop.call_soon_threadsafe(resolve)
@@ -464,6 +480,8 @@ class _Writer:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
+        self.problem: tuple[str, float] | None = None
+        """Why the last commit failed and since when (epoch s); None while writes succeed."""
 
     @property
     def alive(self) -> bool:
@@ -491,6 +509,7 @@ class _Writer:
             pending = self._write(pending, failures=failures)
             if pending:
                 failures += 1
+                waiters = self._fail_loop_waiters(waiters)
                 if self.abandon.wait(min(_BACKOFF_START_S * 2 ** (failures - 1), _BACKOFF_MAX_S)):
                     logger.error("ledger writer gave up: %d records were not written", len(pending))
                     break
@@ -498,12 +517,22 @@ class _Writer:
             if failures:
                 logger.info("ledger writes recovered after %d failed attempts", failures)
                 failures = 0
+                self.problem = None
             for waiter in waiters:
                 waiter.set()  # everything queued before it is committed now
             waiters.clear()
             if stopping:
                 break
         self._close()
+
+    def _fail_loop_waiters(self, waiters: list[_Waiter]) -> list[_Waiter]:
+        # The request waiting for its pending row must not go upstream unaccounted: tell it
+        # now rather than after the backoff. Flush events keep waiting (they have a timeout).
+        message = self.problem[0] if self.problem is not None else "the write failed"
+        for waiter in waiters:
+            if isinstance(waiter, _LoopWaiter):
+                waiter.fail(LedgerWriteError(message))
+        return [w for w in waiters if not isinstance(w, _LoopWaiter)]
 
     def _drain(self, pending: list[_Write], waiters: list[_Waiter]) -> bool:
         stopping = False
@@ -534,6 +563,7 @@ class _Writer:
         except Exception as exc:
             if not _is_transient(exc):
                 return self._write_one_by_one(batch)
+            self._note_problem(exc)
             self._log_failure(exc, kept=len(batch), failures=failures)
             return batch
         return []
@@ -547,12 +577,18 @@ class _Writer:
                     _apply(db, op)
             except Exception as exc:
                 if _is_transient(exc):
+                    self._note_problem(exc)
                     self._log_failure(exc, kept=len(batch) - index, failures=0)
                     return batch[index:]
                 logger.error(
                     "ledger dropped request %s: it cannot be stored (%r)", op.request_id, exc
                 )
         return []
+
+    def _note_problem(self, exc: Exception) -> None:
+        # SQLite's messages ("database or disk is full") name no record content.
+        since = self.problem[1] if self.problem is not None else time.time()
+        self.problem = (f"{exc} ({self._path})", since)
 
     @staticmethod
     def _log_failure(exc: Exception, *, kept: int, failures: int) -> None:
@@ -647,11 +683,18 @@ class Ledger:
         self._queue().put(_snapshot(_UPSERT_FINISH, rec))
 
     async def committed(self) -> None:
-        """Wait (without blocking the loop) until everything queued so far is committed."""
+        """Wait (without blocking the loop) until everything queued so far is committed.
+
+        Raises ``LedgerWriteError`` as soon as a commit attempt fails; the records stay queued
+        and the writer keeps retrying them."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._queue().put(_LoopWaiter(loop, future))
         await future
+
+    def write_problem(self) -> tuple[str, float] | None:
+        """Why queued records cannot be committed right now, and since when; None if they can."""
+        return self._writer.problem if self._writer is not None else None
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far is committed; False if that took too long."""
