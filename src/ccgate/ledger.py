@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from ccgate._files import private_dir
 from ccgate.errors import ConfigError
 
 logger = logging.getLogger("ccgate.ledger")
@@ -370,7 +371,16 @@ def _snapshot(sql: str, rec: RequestRecord) -> _Write:
         raise ValueError(f"unknown outcome {rec.outcome!r}")
     if rec.billing not in BILLINGS:
         raise ValueError(f"unknown billing {rec.billing!r}")
-    return _Write(sql, rec.id, _record_params(rec), rec.request_body, rec.response_body)
+    params = tuple(_storable(v) for v in _record_params(rec))
+    return _Write(sql, rec.id, params, rec.request_body, rec.response_body)
+
+
+def _storable(value: object) -> object:
+    # A JSON "\ud800" escape (in a model name, an upstream error) decodes to a lone surrogate,
+    # which SQLite cannot store: the whole row would be dropped. Keep the row, lose the char.
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 def _is_transient(exc: Exception) -> bool:
@@ -384,7 +394,7 @@ def _is_transient(exc: Exception) -> bool:
 
 def _create_private_file(path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         if path.stat().st_mode & 0o077:
             path.chmod(0o600)  # may hold prompts: never group or world readable

@@ -64,6 +64,7 @@ _MODEL_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
 _QUERY: Final = re.compile(rb"[!-\"$-~]*")  # printable ASCII without space or "#"
 # Waiting for the pending row; past this the request is refused rather than sent unaccounted.
 _COMMIT_TIMEOUT_S: Final = 10.0
+_BODY_TIMEOUT_S: Final = 60.0
 # What of an upstream error message is kept in the ledger's error column.
 MAX_STORED_ERROR_BYTES: Final = 4096
 # A running stream's row is re-queued this often, so a killed daemon bills what was relayed.
@@ -802,12 +803,21 @@ async def _read_body(request: Request) -> bytes | Response:
         return too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    # A body dribbled byte by byte (slow POST) must not hold the connection forever; 32 MB over
+    # loopback takes well under a second.
+    with anyio.move_on_after(_BODY_TIMEOUT_S):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+    return error_response(
+        408,
+        "invalid_request_error",
+        f"The request body did not arrive within {_BODY_TIMEOUT_S:.0f} s.",
+        should_retry=False,
+    )
 
 
 async def _not_found(request: Request, _exc: Exception) -> Response:
