@@ -210,6 +210,10 @@ class Scenario:
     encoding: Encoding | None = None
     hang: bool = False
     headers: tuple[tuple[str, str], ...] = ()
+    raw_body: bytes | None = None
+    """Sent as the whole body (with ``status`` and ``raw_content_type``) instead of a real
+    answer: garbage or truncated SSE, a non-JSON error page."""
+    raw_content_type: str = "text/event-stream; charset=utf-8"
 
     def __post_init__(self) -> None:
         if self.message_deltas < 1:
@@ -635,6 +639,13 @@ async def _answer(
         return
     await exchange.pause(scenario.first_byte_delay_s)
     request_id = new_id("req_011C")
+    if scenario.raw_body is not None:
+        await exchange.start(
+            scenario.status,
+            [("content-type", scenario.raw_content_type), ("request-id", request_id)],
+        )
+        await exchange.body(scenario.raw_body, more=False)
+        return
     if scenario.is_error:
         error_type, message = scenario.error()
         payload = error_envelope(error_type=error_type, message=message, request_id=request_id)
