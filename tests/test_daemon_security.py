@@ -10,7 +10,7 @@ import stat
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -159,6 +159,31 @@ def test_slowloris_headers_are_cut_but_slow_answers_are_not(slow_server: int) ->
     finally:
         dribbler.close()
         silent.close()
+
+
+@pytest.mark.anyio
+async def test_a_dribbled_body_gets_408_and_a_row(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from ccgate import proxy
+
+    monkeypatch.setattr(proxy, "_BODY_TIMEOUT_S", 0.5)
+
+    async def dribble() -> AsyncIterator[bytes]:
+        yield b'{"model": "claude-sonnet-4-6",'
+        await asyncio.sleep(5)
+        yield b'"max_tokens": 1}'
+
+    response = await client.post("/v1/messages", content=dribble(), headers={"x-api-key": KEY})
+    assert response.status_code == 408
+    assert "did not arrive" in response.json()["error"]["message"]
+    with Ledger(tmp_path / "ledger.db", readonly=True) as ledger:
+        for _ in range(100):
+            rows = ledger.records()
+            if rows:
+                break
+            await asyncio.sleep(0.05)
+    assert [(r.outcome, r.status) for r in rows] == [("rejected", 408)]
 
 
 def test_the_daemon_serves_with_the_header_deadline() -> None:

@@ -3,18 +3,19 @@
 A real daemon (uvicorn's own request-target parsing, not a test client's) is sent every encoded
 or dot-segment variant over a raw socket; the fake upstream must never see any of them, in
 standalone (the provider key is injected) and passthrough mode. The path check runs before the
-policy is consulted, so server mode takes the same path through the code.
+policy is consulted; server mode is checked too, with a real server and a sealed provider key.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.harness import Daemon, run_daemon
+from tests.support.harness import Daemon, Isolated, ccgate, free_port, run_daemon, run_server
 
 TRAVERSALS = [
     "/v1/models/../../v1/files",
@@ -63,14 +64,18 @@ TRAVERSALS = [
 
 
 def _raw_get(daemon: Daemon, target: bytes) -> int:
+    return _raw_get_port(daemon.port, daemon.key, target)
+
+
+def _raw_get_port(port: int, key: str, target: bytes) -> int:
     request = (
         b"GET " + target + b" HTTP/1.1\r\n"
-        b"Host: 127.0.0.1:" + str(daemon.port).encode() + b"\r\n"
-        b"x-api-key: " + daemon.key.encode() + b"\r\n"
-        b"x-ccgate-key: " + daemon.key.encode() + b"\r\n"
+        b"Host: 127.0.0.1:" + str(port).encode() + b"\r\n"
+        b"x-api-key: " + key.encode() + b"\r\n"
+        b"x-ccgate-key: " + key.encode() + b"\r\n"
         b"Connection: close\r\n\r\n"
     )
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
         data = b""
         while b"\r\n" not in data:
@@ -118,3 +123,24 @@ def test_allowlisted_paths_reach_the_upstream_unchanged(
         assert _raw_get(daemon, target.encode()) in (200, 401, 404)
     seen = [(r.path + ("?" + r.query if r.query else "")) for r in fake_upstream.requests]
     assert seen == targets
+
+
+def test_server_mode_daemon_forwards_no_traversal_either(
+    tmp_path: Path, developer: Isolated, fake_upstream: FakeUpstream
+) -> None:
+    # The provider key here comes unsealed from the server's bundle, the one most worth stealing.
+    with run_server(tmp_path / "server") as server:
+        server.add_provider(fake_upstream.url)
+        key = server.admin_json("keys", "create", "alice")["key"]
+        login = ccgate(
+            "login", "--server", server.url, "--key", key, "--fingerprint", server.fingerprint
+        )
+        assert login.returncode == 0, login.stderr
+        port = free_port()
+        up = ccgate("up", "--port", str(port))
+        assert up.returncode == 0, up.stderr
+        statuses = {t: _raw_get_port(port, key, t.encode()) for t in TRAVERSALS}
+        assert {t: s for t, s in statuses.items() if s not in (400, 404)} == {}
+        assert [r.path for r in fake_upstream.requests] == []
+        assert _raw_get_port(port, key, b"/v1/models") == 200
+        assert [r.path for r in fake_upstream.requests] == ["/v1/models"]

@@ -68,7 +68,7 @@ _BODY_TIMEOUT_S: Final = 60.0
 # What of an upstream error message is kept in the ledger's error column.
 MAX_STORED_ERROR_BYTES: Final = 4096
 # A running stream's row is re-queued this often, so a killed daemon bills what was relayed.
-_CHECKPOINT_EVERY_DELTAS: Final = 32
+_CHECKPOINT_EVERY_CHUNKS: Final = 32
 _CHECKPOINT_EVERY_S: Final = 1.0
 
 # RFC 9110 section 7.6.1: connection-specific headers are not forwarded by intermediaries.
@@ -194,7 +194,7 @@ class _Exchange:
     start_persisted: bool = False
     ticket: Ticket | None = None
     upstream_path: str = ""
-    checkpoint_deltas: int = 0
+    chunks_since_checkpoint: int = 0
     checkpoint_at: float = 0.0
 
 
@@ -688,25 +688,25 @@ class _Relay(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _checkpoint(self, meter: ResponseMeter) -> None:
-        """Persist progress at message_start, then every N deltas or T seconds of stream."""
+        """Persist progress at message_start, then every N chunks or T seconds of stream.
+
+        Per chunk this is a counter and a clock read; the usage is only built when one is due.
+        """
         ex = self.ex
         if not meter.started:
             return
+        ex.chunks_since_checkpoint += 1
         now = time.monotonic()
         if ex.start_persisted:
-            metered = meter.peek()
-            due = metered.stream_deltas - ex.checkpoint_deltas >= _CHECKPOINT_EVERY_DELTAS or (
-                metered.stream_deltas > ex.checkpoint_deltas
-                and now - ex.checkpoint_at >= _CHECKPOINT_EVERY_S
+            due = ex.chunks_since_checkpoint >= _CHECKPOINT_EVERY_CHUNKS or (
+                now - ex.checkpoint_at >= _CHECKPOINT_EVERY_S
             )
             if not due:
                 return
-        else:
-            ex.start_persisted = True
-            metered = meter.peek()
-        ex.checkpoint_deltas = metered.stream_deltas
+        ex.start_persisted = True
+        ex.chunks_since_checkpoint = 0
         ex.checkpoint_at = now
-        self.gateway.persist_progress(ex, metered)
+        self.gateway.persist_progress(ex, meter.peek())
 
     async def _send_error(self, send: Send, status: int, message: str) -> None:
         self.ex.status = status
