@@ -27,7 +27,7 @@ from ccgate import paths as paths_mod
 from ccgate.ledger import Ledger, LedgerRow
 from ccgate.proxy import MAX_STORED_ERROR_BYTES
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
-from tests.support.harness import Daemon, ccgate_json, free_port, run_daemon
+from tests.support.harness import Daemon, ccgate, ccgate_json, free_port, run_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -379,6 +379,8 @@ def test_full_disk_refuses_with_503_shows_in_status_and_recovers(
             assert len(fake_upstream.requests) == 1  # nothing went upstream unaccounted
             status = ccgate_json("status")
             assert status["ledger"]["ok"] is False and "full" in status["ledger"]["error"]
+            shown = ccgate("status")
+            assert "cannot write" in shown.stdout and "refused (503)" in shown.stdout
             filler.unlink()
             deadline = time.monotonic() + 20
             after = refused[-1]

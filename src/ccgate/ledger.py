@@ -598,7 +598,7 @@ class _Writer:
     def _note_problem(self, exc: Exception) -> None:
         # SQLite's messages ("database or disk is full") name no record content.
         since = self.problem[1] if self.problem is not None else time.time()
-        self.problem = (f"{exc} ({self._path})", since)
+        self.problem = (str(exc), since)
 
     @staticmethod
     def _log_failure(exc: Exception, *, kept: int, failures: int) -> None:
