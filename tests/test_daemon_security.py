@@ -347,3 +347,46 @@ def test_secrets_at_rest_after_a_standalone_and_a_passthrough_session(
     }
     assert loose == {}
     assert os.path.exists(isolated.ccgate_home / "daemon.log")
+
+
+UNUSUAL_SETTINGS = [
+    pytest.param(b'\xef\xbb\xbf{\r\n  "theme": "dark"\r\n}\r\n', id="bom-crlf"),
+    pytest.param(b'{\n\t"env": {\n\t\t"FOO": "b\\u00e4r"\n\t}\n}', id="tabs-escapes-no-newline"),
+    pytest.param(
+        (
+            '{"env":{"ANTHROPIC_BASE_URL":"https://corp.example","ANTHROPIC_MODEL":"opus",'
+            '"ANTHROPIC_CUSTOM_HEADERS":"X-Team: blue"},"permissions":{"allow":[]},'
+            '"h\u00e9":"\u2603"}'
+        ).encode(),
+        id="our-variables-already-set-compact-unicode",
+    ),
+    pytest.param(b"   \n", id="blank"),
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("original", UNUSUAL_SETTINGS)
+@pytest.mark.parametrize("passthrough", [False, True], ids=["standalone", "passthrough"])
+def test_unusual_settings_files_round_trip_through_the_real_up_and_down(
+    isolated: Isolated, fake_upstream: FakeUpstream, original: bytes, passthrough: bool
+) -> None:
+    settings = isolated.settings_file
+    settings.parent.mkdir()
+    settings.write_bytes(original)
+    settings.chmod(0o644)
+    extra = ["--passthrough"] if passthrough else []
+    env = dict(os.environ)
+    if not passthrough:  # passthrough refuses an API key in the environment, rightly
+        env["ANTHROPIC_API_KEY"] = PROVIDER_KEY
+    try:
+        up = ccgate(
+            "up", "--port", str(free_port()), "--upstream", fake_upstream.url, *extra, env=env
+        )
+        assert up.returncode == 0, up.stderr
+        assert settings.read_bytes() != original
+        assert stat.S_IMODE(settings.stat().st_mode) == 0o600
+    finally:
+        down = ccgate("down", env=env)
+        kill_pidfile_daemon(isolated.ccgate_home)
+    assert down.returncode == 0, down.stderr
+    assert settings.read_bytes() == original
