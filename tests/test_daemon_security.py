@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from ccgate._http import HeaderDeadlineProtocol
+from ccgate._http import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
 from ccgate.admission import LevelLimit, Limiter, Policy
 from ccgate.admission import Request as AdmitRequest
 from ccgate.bundle import BundleError, BundleStore, RollbackError, SigningKey
@@ -30,7 +30,7 @@ from ccgate.ledger import Ledger
 from ccgate.pricing import PriceTable
 from ccgate.proxy import Gateway, GatewaySettings
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.harness import Isolated, ccgate, free_port, kill_pidfile_daemon
+from tests.support.harness import Isolated, ccgate, free_port, kill_pidfile_daemon, run_daemon
 from tests.test_bundle import NOW, envelope_for
 
 PORT = 7413
@@ -186,13 +186,18 @@ async def test_a_dribbled_body_gets_408_and_a_row(
     assert [(r.outcome, r.status) for r in rows] == [("rejected", 408)]
 
 
-def test_the_daemon_serves_with_the_header_deadline() -> None:
-    import inspect
-
-    from ccgate import daemon, ephemeral
-
-    assert "http=HeaderDeadlineProtocol" in inspect.getsource(daemon.serve)
-    assert "http=HeaderDeadlineProtocol" in inspect.getsource(ephemeral)
+@pytest.mark.e2e
+def test_the_real_daemon_drops_a_connection_that_never_finishes_its_headers(
+    fake_upstream: FakeUpstream,
+) -> None:
+    with run_daemon(upstream_url=fake_upstream.url) as d:
+        stalled = socket.create_connection(("127.0.0.1", d.port))
+        try:
+            stalled.sendall(b"GET /_ccgate/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            assert _closed_by_peer(stalled, within=HEADER_TIMEOUT_S + 10)
+        finally:
+            stalled.close()
+        assert httpx.get(f"{d.url}/_ccgate/health", timeout=5).status_code == 200
 
 
 # --------------------------------------------------------------------------- clocks
