@@ -395,3 +395,26 @@ def test_unusual_settings_files_round_trip_through_the_real_up_and_down(
         kill_pidfile_daemon(isolated.ccgate_home)
     assert down.returncode == 0, down.stderr
     assert settings.read_bytes() == original
+
+
+def test_every_test_the_daemon_threat_model_names_exists() -> None:
+    import ast
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs" / "security.md").read_text(encoding="utf-8")
+    section = text.split("## Threat model: the daemon and the laptop", 1)[1].split("\n## ", 1)[0]
+    named: list[tuple[str, str]] = []
+    current = ""
+    for file, name in re.findall(r"`(test_\w+\.py)?::(\w+)`", section):
+        current = file or current
+        named.append((current, name))
+    assert len(named) > 30
+    missing = []
+    for file, name in named:
+        tree = ast.parse((repo / "tests" / file).read_text(encoding="utf-8"))
+        functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, functions)}
+        if name not in defined:
+            missing.append(f"{file}::{name}")
+    assert missing == []
