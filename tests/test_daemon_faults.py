@@ -240,13 +240,25 @@ def _kill(daemon: Daemon) -> None:
 def test_sigkill_late_in_a_stream_bills_the_deltas_already_relayed(
     fake_upstream: FakeUpstream,
 ) -> None:
+    # ~900 deltas, 45 s of stream: it is still running when the test kills the daemon.
+    text = " ".join(f"word{i}" for i in range(800))
     fake_upstream.enqueue(
-        Scenario(text=LONG_TEXT, delay_s=0.03, usage=Usage(input_tokens=1500, output_tokens=900))
+        Scenario(text=text, delay_s=0.05, usage=Usage(input_tokens=1500, output_tokens=2000))
     )
     with run_daemon(upstream_url=fake_upstream.url) as first:
-        with httpx.Client(timeout=30) as client:
-            request_id, seen, _ = stream_deltas(first, stop_after=120, client=client)
-            # The checkpoint is a queue put the writer commits: wait for it, then kill.
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream(
+                "POST", f"{first.url}/v1/messages", json=body(), headers={"x-api-key": first.key}
+            ) as response,
+        ):
+            request_id = response.headers["x-ccgate-request-id"]
+            seen = 0
+            lines = response.iter_lines()
+            while seen < 120:
+                seen += next(lines) == "event: content_block_delta"
+            # Still connected (a hang-up would finish the row itself). The checkpoint is a
+            # queue put the writer commits: wait for it, then kill.
             wait_rows(lambda rs: any(r.id == request_id and r.output_tokens >= seen for r in rs))
             _kill(first)
     with run_daemon(upstream_url=fake_upstream.url):
