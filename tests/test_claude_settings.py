@@ -191,12 +191,17 @@ def test_existing_env_and_base_url_come_back_byte_for_byte(settings: Path, undo:
     assert not cs.backup_path(settings).exists()
 
 
-def test_existing_mode_is_preserved(settings: Path, undo: Path) -> None:
-    _write(settings, b'{"env": {}}\n', mode=0o640)
+@pytest.mark.parametrize("before", [0o644, 0o640, 0o666, 0o604])
+def test_a_loose_file_becomes_0600_when_it_gets_a_key_and_stays_so(
+    settings: Path, undo: Path, before: int
+) -> None:
+    original = b'{"env": {}}\n'
+    _write(settings, original, mode=before)
     _apply(settings, undo)
-    assert _mode(settings) == 0o640
+    assert _mode(settings) == 0o600
     _restore(settings, undo)
-    assert _mode(settings) == 0o640
+    assert settings.read_bytes() == original
+    assert _mode(settings) == 0o600  # down restores the bytes, never the loose mode
 
 
 def test_user_edits_between_up_and_down_survive(settings: Path, undo: Path) -> None:

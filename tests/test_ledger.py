@@ -467,3 +467,30 @@ def test_sync_queue_lists_finished_rows_once_until_acknowledged(db_path: Path) -
         ledger.mark_synced(["r0", "r2"], at=2000.0)
         assert [r.id for r in ledger.unsynced(key_id="key_a", limit=10)] == ["r3"]
         assert ledger.count_unsynced(key_id="key_a") == 1
+
+
+def test_committed_fails_fast_while_locked_and_the_record_lands_after(db_path: Path) -> None:
+    # A real lock (another writer), not a mock: the waiting request learns at the first
+    # failed attempt, the problem shows in write_problem, and the record is still written.
+    import asyncio
+
+    from ccgate.ledger import LedgerWriteError
+
+    with Ledger(db_path, busy_timeout_ms=20) as ledger:
+        ledger.start_writer()
+        blocker = raw(db_path)
+        blocker.execute("BEGIN IMMEDIATE")
+        ledger.record_start(rec(1))
+
+        async def wait() -> None:
+            await asyncio.wait_for(ledger.committed(), timeout=10)
+
+        with pytest.raises(LedgerWriteError, match="database is locked"):
+            asyncio.run(wait())
+        problem = ledger.write_problem()
+        assert problem is not None and "database is locked" in problem[0]
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert ledger.flush(timeout=10)
+        assert ledger.write_problem() is None
+        assert [r.id for r in ledger.records()] == [rec(1).id]

@@ -255,7 +255,9 @@ def test_a_response_without_a_model_or_usable_body_is_never_a_silent_zero(
     fake_upstream.enqueue(Scenario(usage=split(1000, out=10), response_model=42))
     assert send(daemon, "claude-opus-5-5", stream=False).status_code == 200
     # A 200 whose body is not JSON: the input estimate by the request's model, flagged.
-    fake_upstream.enqueue(Scenario(raw_body=b"<html>gateway</html>"))
+    fake_upstream.enqueue(
+        Scenario(raw_body=b"<html>gateway</html>", raw_content_type="application/json")
+    )
     assert send(daemon, "claude-opus-5-5", stream=False).status_code == 200
     first, second = finished(2)
     assert (first["model"], first["cost_micros"], first["price_estimated"]) == (

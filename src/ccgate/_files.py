@@ -45,3 +45,16 @@ def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         os.fsync(fd)
     os.close(fd)
+
+
+def private_dir(folder: Path) -> None:
+    """Create ``folder`` and any missing parent 0700 (``mkdir(parents=True)`` would leave the
+    parents at the umask's 0755). Existing folders are left as they are: one may be $HOME."""
+    missing: list[Path] = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)

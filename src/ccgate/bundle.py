@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ccgate._files import atomic_write
+from ccgate._files import atomic_write, private_dir
 from ccgate.errors import CcgateError, ExitCode
 
 PAYLOAD_TYPE = "application/vnd.ccgate.bundle+json"
@@ -881,8 +881,10 @@ class BundleStore:
             version = digest = None
         if isinstance(version, bool) or not isinstance(version, int) or not isinstance(digest, str):
             raise MalformedBundleError(
-                f"The bundle version record at {self.version_path} is unreadable. Delete it "
-                "and run `ccgate sync`."
+                f"The bundle version record at {self.version_path} is unreadable, so ccgate "
+                "cannot tell a replayed old bundle from a current one and refuses both. Do not "
+                "delete it (that would let an old bundle back in): run `ccgate login` again, "
+                "or ask your ccgate admin."
             )
         return _Mark(version=version, payload_sha256=digest)
 
@@ -900,7 +902,7 @@ class BundleStore:
         # leaves a newer bundle than the mark, which load() repairs.
         doc = {key: envelope[key] for key in ("payloadType", "payload", "signatures")}
         data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode() + b"\n"
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+        private_dir(self.state_dir)
         with contextlib.suppress(FileNotFoundError):
             held = _Mark(version=version, payload_sha256=_sha256(payload))
             if self.path.read_bytes() == data and self._record() == held:
@@ -921,7 +923,7 @@ class BundleStore:
             except ImportError:  # Windows: in-process lock only
                 yield
                 return
-            self.state_dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+            private_dir(self.state_dir)
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)

@@ -120,8 +120,9 @@ def apply(
     _write_record(undo_path, _Record(origin=origin, written_sha256=_sha256(data), undo=undo))
     if origin.original is not None:
         _write_backup(settings_path, origin.original)
-    if data != current:
-        _write_settings(settings_path, data)
+    if data != current or _loose(settings_path):
+        # It now holds a ccgate key: never group- or world-readable, whatever it was before.
+        _write_settings(settings_path, data, private=True)
 
 
 def restore(*, settings_path: Path, undo_path: Path) -> bool:
@@ -354,13 +355,23 @@ def _restored_content(path: Path, *, record: _Record, current: bytes | None) -> 
     return _dumps(doc)
 
 
-def _write_settings(path: Path, data: bytes) -> None:
-    # Write through a symlink so a dotfile manager's link stays a link.
+def _loose(path: Path) -> bool:
+    try:
+        return bool(Path(os.path.realpath(path)).stat().st_mode & 0o077)
+    except FileNotFoundError:
+        return False
+
+
+def _write_settings(path: Path, data: bytes, *, private: bool = False) -> None:
+    # Write through a symlink so a dotfile manager's link stays a link. `restore` keeps the
+    # current mode (0600 since `apply`): it never loosens a file ccgate tightened.
     target = Path(os.path.realpath(path))
     try:
         mode = target.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = _NEW_FILE_MODE
+    if private:
+        mode &= ~0o077
     try:
         target.parent.mkdir(parents=True, exist_ok=True, mode=_NEW_DIR_MODE)
         atomic_write(target, data, mode=mode)

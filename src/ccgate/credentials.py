@@ -33,7 +33,7 @@ from keyring.backend import KeyringBackend
 from keyring.backends import chainer, fail, null
 
 from ccgate import env
-from ccgate._files import atomic_write
+from ccgate._files import atomic_write, private_dir
 from ccgate.errors import CredentialError
 from ccgate.paths import Paths
 
@@ -141,8 +141,8 @@ class SecretStore:
         seen = marker.read_text("utf-8").split() if marker.exists() else []
         if reason in seen:
             return None
-        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        marker.write_text("\n".join([*seen, reason]) + "\n", encoding="utf-8")
+        private_dir(marker.parent)
+        atomic_write(marker, ("\n".join([*seen, reason]) + "\n").encode("utf-8"))
         return self._notice_text()
 
     # -- keyring ---------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class SecretStore:
             if not secrets_by_name:
                 path.unlink(missing_ok=True)
                 return
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(path.parent)
             data = json.dumps(dict(secrets_by_name), indent=2, ensure_ascii=False) + "\n"
             atomic_write(path, data.encode("utf-8"))
         except OSError as exc:

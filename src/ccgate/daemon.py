@@ -97,6 +97,7 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     import uvicorn
 
     from ccgate import pricing
+    from ccgate._http import HeaderDeadlineProtocol
     from ccgate.governor import Governor
     from ccgate.ledger import Ledger
     from ccgate.proxy import Gateway, GatewaySettings
@@ -161,6 +162,8 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
             server_header=False,
             date_header=False,
             timeout_graceful_shutdown=10,
+            http=HeaderDeadlineProtocol,
+            timeout_keep_alive=5,  # idle kept-alive connections close after 5 s
         )
     )
     info = RuntimeInfo(
@@ -287,7 +290,7 @@ def start_background(
         command.append("--log-content")
     if config.passthrough:
         command.append("--passthrough")
-    with open(paths.log_file, "ab") as log_file:
+    with _open_log(paths.log_file) as log_file:
         child = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -315,6 +318,13 @@ def start_background(
     raise DaemonStartError(
         f"The daemon did not become healthy within {timeout:.0f} s. See {paths.log_file}."
     )
+
+
+def _open_log(path: Path) -> Any:
+    # 0600: the log names upstreams, sessions and errors; nobody else on the machine needs it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # also tightens a log an older ccgate created 0644
+    return os.fdopen(fd, "ab")
 
 
 def stop(*, paths: Paths, timeout: float = 10.0) -> int:

@@ -389,6 +389,8 @@ class _ServedGateway:
     def __init__(self, app: Any, sock: socket.socket) -> None:
         import uvicorn
 
+        from ccgate._http import HeaderDeadlineProtocol
+
         self._sock = sock
         self._server = uvicorn.Server(
             uvicorn.Config(
@@ -399,6 +401,7 @@ class _ServedGateway:
                 server_header=False,
                 date_header=False,
                 timeout_graceful_shutdown=5,
+                http=HeaderDeadlineProtocol,
             )
         )
         self._thread = threading.Thread(target=self._run, name="ccgate-run-gateway", daemon=True)

@@ -544,7 +544,8 @@ class Governor:
     # -- the Policy interface ----------------------------------------------------------------
 
     def authenticate(self, token: str | None) -> str | None:
-        if token is None or not hmac.compare_digest(token, self.key):
+        # Bytes: compare_digest raises TypeError on a str with non-ASCII characters.
+        if token is None or not hmac.compare_digest(token.encode(), self.key.encode()):
             return None
         return self.key_id
 

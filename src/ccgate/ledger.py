@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from ccgate._files import private_dir
 from ccgate.errors import ConfigError
 
 logger = logging.getLogger("ccgate.ledger")
@@ -417,7 +418,16 @@ def _snapshot(sql: str, rec: RequestRecord) -> _Write:
         raise ValueError(f"unknown outcome {rec.outcome!r}")
     if rec.billing not in BILLINGS:
         raise ValueError(f"unknown billing {rec.billing!r}")
-    return _Write(sql, rec.id, _record_params(rec), rec.request_body, rec.response_body)
+    params = tuple(_storable(v) for v in _record_params(rec))
+    return _Write(sql, rec.id, params, rec.request_body, rec.response_body)
+
+
+def _storable(value: object) -> object:
+    # A JSON "\ud800" escape (in a model name, an upstream error) decodes to a lone surrogate,
+    # which SQLite cannot store: the whole row would be dropped. Keep the row, lose the char.
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 def _is_transient(exc: Exception) -> bool:
@@ -431,7 +441,7 @@ def _is_transient(exc: Exception) -> bool:
 
 def _create_private_file(path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         if path.stat().st_mode & 0o077:
             path.chmod(0o600)  # may hold prompts: never group or world readable
@@ -481,17 +491,33 @@ class _Stop:
 _STOP: Final = _Stop()
 
 
+class LedgerWriteError(LedgerError):
+    """The writer could not commit what was queued (disk full, read-only, I/O error)."""
+
+
 class _LoopWaiter:
-    """Resolves an asyncio future (on its own loop) once everything before it is committed."""
+    """Resolves an asyncio future (on its own loop) once everything before it is committed,
+    or fails it with ``LedgerWriteError`` at the first failed attempt (the records stay queued
+    and are retried; only the waiter stops waiting)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
         self._loop = loop
         self._future = future
 
     def set(self) -> None:
+        self._settle(None)
+
+    def fail(self, error: LedgerWriteError) -> None:
+        self._settle(error)
+
+    def _settle(self, error: LedgerWriteError | None) -> None:
         def resolve() -> None:
-            if not self._future.done():
+            if self._future.done():
+                return
+            if error is None:
                 self._future.set_result(None)
+            else:
+                self._future.set_exception(error)
 
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             self._loop.call_soon_threadsafe(resolve)
@@ -511,6 +537,8 @@ class _Writer:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
+        self.problem: tuple[str, float] | None = None
+        """Why the last commit failed and since when (epoch s); None while writes succeed."""
 
     @property
     def alive(self) -> bool:
@@ -538,6 +566,7 @@ class _Writer:
             pending = self._write(pending, failures=failures)
             if pending:
                 failures += 1
+                waiters = self._fail_loop_waiters(waiters)
                 if self.abandon.wait(min(_BACKOFF_START_S * 2 ** (failures - 1), _BACKOFF_MAX_S)):
                     logger.error("ledger writer gave up: %d records were not written", len(pending))
                     break
@@ -545,12 +574,22 @@ class _Writer:
             if failures:
                 logger.info("ledger writes recovered after %d failed attempts", failures)
                 failures = 0
+                self.problem = None
             for waiter in waiters:
                 waiter.set()  # everything queued before it is committed now
             waiters.clear()
             if stopping:
                 break
         self._close()
+
+    def _fail_loop_waiters(self, waiters: list[_Waiter]) -> list[_Waiter]:
+        # The request waiting for its pending row must not go upstream unaccounted: tell it
+        # now rather than after the backoff. Flush events keep waiting (they have a timeout).
+        message = self.problem[0] if self.problem is not None else "the write failed"
+        for waiter in waiters:
+            if isinstance(waiter, _LoopWaiter):
+                waiter.fail(LedgerWriteError(message))
+        return [w for w in waiters if not isinstance(w, _LoopWaiter)]
 
     def _drain(self, pending: list[_Write], waiters: list[_Waiter]) -> bool:
         stopping = False
@@ -581,6 +620,7 @@ class _Writer:
         except Exception as exc:
             if not _is_transient(exc):
                 return self._write_one_by_one(batch)
+            self._note_problem(exc)
             self._log_failure(exc, kept=len(batch), failures=failures)
             return batch
         return []
@@ -594,12 +634,18 @@ class _Writer:
                     _apply(db, op)
             except Exception as exc:
                 if _is_transient(exc):
+                    self._note_problem(exc)
                     self._log_failure(exc, kept=len(batch) - index, failures=0)
                     return batch[index:]
                 logger.error(
                     "ledger dropped request %s: it cannot be stored (%r)", op.request_id, exc
                 )
         return []
+
+    def _note_problem(self, exc: Exception) -> None:
+        # SQLite's messages ("database or disk is full") name no record content.
+        since = self.problem[1] if self.problem is not None else time.time()
+        self.problem = (str(exc), since)
 
     @staticmethod
     def _log_failure(exc: Exception, *, kept: int, failures: int) -> None:
@@ -694,11 +740,18 @@ class Ledger:
         self._queue().put(_snapshot(_UPSERT_FINISH, rec))
 
     async def committed(self) -> None:
-        """Wait (without blocking the loop) until everything queued so far is committed."""
+        """Wait (without blocking the loop) until everything queued so far is committed.
+
+        Raises ``LedgerWriteError`` as soon as a commit attempt fails; the records stay queued
+        and the writer keeps retrying them."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._queue().put(_LoopWaiter(loop, future))
         await future
+
+    def write_problem(self) -> tuple[str, float] | None:
+        """Why queued records cannot be committed right now, and since when; None if they can."""
+        return self._writer.problem if self._writer is not None else None
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far is committed; False if that took too long."""

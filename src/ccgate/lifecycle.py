@@ -330,6 +330,7 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
             auth=info.auth,
             server=doc.get("server"),
             upstream_key=bool(doc.get("upstream_key")),
+            ledger=doc.get("ledger"),
         )
     server_profile = profiles.load(paths)
     if server_profile is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import platformdirs
 
 from ccgate import env
+from ccgate._files import private_dir
 
 APP_NAME = "ccgate"
 
@@ -63,7 +64,7 @@ class Paths:
 
     def ensure(self) -> None:
         for folder in {self.config_dir, self.data_dir, self.state_dir}:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(folder)
 
 
 def resolve(environ: Mapping[str, str] | None = None) -> Paths:

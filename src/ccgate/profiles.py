@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ccgate._files import atomic_write
+from ccgate._files import atomic_write, private_dir
 from ccgate.credentials import SecretStore
 from ccgate.errors import ConfigError
 from ccgate.paths import Paths
@@ -70,7 +70,7 @@ def save(paths: Paths, profile: Profile, *, key: str, device_private: bytes) -> 
     store.set(_secret(profile.name, "key"), key)
     store.set(_secret(profile.name, "device"), base64.b64encode(device_private).decode())
     path = profile_file(paths, profile.name)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     atomic_write(path, (json.dumps(asdict(profile), indent=2) + "\n").encode("utf-8"))
 
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import httpx
@@ -43,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccgate import __version__, admission
 from ccgate.governor import LocalPolicy, Policy, Ticket, Upstream
-from ccgate.ledger import Ledger, RequestRecord
+from ccgate.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.metering import Metered, ResponseMeter, Usage
 from ccgate.pricing import PriceTable, cost_micros
 from ccgate.repricing import INPUT_ESTIMATE, iterations_json
@@ -55,6 +56,21 @@ HEALTH_PATH = "/_ccgate/health"
 SYNC_PATH = "/_ccgate/sync"
 SESSION_HEADER = "x-claude-code-session-id"
 CCGATE_KEY_HEADER = "x-ccgate-key"
+
+# The only upstream paths ccgate forwards. Anything else (a dot segment, an escape, an empty
+# segment, a model id with odd characters) is refused before it can reach the upstream with the
+# provider key: httpx normalises "..", so a loose route would make the daemon an open proxy.
+_UPSTREAM_PATHS: Final = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/models"})
+_MODEL_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
+_QUERY: Final = re.compile(rb"[!-\"$-~]*")  # printable ASCII without space or "#"
+# Waiting for the pending row; past this the request is refused rather than sent unaccounted.
+_COMMIT_TIMEOUT_S: Final = 10.0
+_BODY_TIMEOUT_S: Final = 60.0
+# What of an upstream error message is kept in the ledger's error column.
+MAX_STORED_ERROR_BYTES: Final = 4096
+# A running stream's row is re-queued this often, so a killed daemon bills what was relayed.
+_CHECKPOINT_EVERY_CHUNKS: Final = 32
+_CHECKPOINT_EVERY_S: Final = 1.0
 
 # RFC 9110 section 7.6.1: connection-specific headers are not forwarded by intermediaries.
 _HOP_BY_HOP = frozenset(
@@ -178,6 +194,9 @@ class _Exchange:
     upstream: Upstream | None = None
     start_persisted: bool = False
     ticket: Ticket | None = None
+    upstream_path: str = ""
+    chunks_since_checkpoint: int = 0
+    checkpoint_at: float = 0.0
 
 
 class Gateway:
@@ -270,6 +289,7 @@ class Gateway:
                 "upstream_key": bool(upstream and (upstream.api_key or upstream.passthrough)),
                 "auth": "passthrough" if policy.passthrough else "provider",
                 "server": self.policy.snapshot(now=time.time()) or None,
+                "ledger": self.ledger_state(),
             }
         )
 
@@ -284,6 +304,15 @@ class Gateway:
 
     async def proxy(self, request: Request) -> Response:
         self.requests_served += 1
+        upstream_path = allowed_upstream_path(request.scope)
+        if upstream_path is None:
+            return error_response(
+                404,
+                "not_found_error",
+                "ccgate forwards only /v1/messages, /v1/messages/count_tokens, /v1/models and "
+                "/v1/models/<model id>, written plainly (no escapes, dot or empty segments).",
+                should_retry=False,
+            )
         record = RequestRecord(
             id=uuid.uuid4().hex,
             started_at=time.time(),
@@ -326,15 +355,9 @@ class Gateway:
                 return self._reject_with(record, t0, body_or_error)
             body = body_or_error
             try:
-                parsed = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                return self._reject(
-                    record,
-                    t0,
-                    400,
-                    "invalid_request_error",
-                    f"The request body is not JSON: {exc}.",
-                )
+                parsed = parse_body(body)
+            except BodyError as exc:
+                return self._reject(record, t0, 400, "invalid_request_error", str(exc))
             if not isinstance(parsed, dict):
                 return self._reject(
                     record,
@@ -375,12 +398,52 @@ class Gateway:
         self._provisional_charge(record, body)
         self.ledger.record_start(record)
         # The pending row is on disk before the request goes upstream, so a daemon killed
-        # mid-request still bills it at its next start. Bounded: a failing disk delays,
-        # never blocks, the request.
-        with anyio.move_on_after(2.0):
-            await self.ledger.committed()
-        exchange = _Exchange(record=record, t0=t0, body=body, upstream=upstream, ticket=ticket)
+        # mid-request still bills it at its next start. Fail closed: a request that cannot be
+        # accounted for is not sent.
+        problem = await self._commit_pending()
+        if problem is not None:
+            return self._refuse_unaccounted(record, t0, ticket, problem)
+        exchange = _Exchange(
+            record=record,
+            t0=t0,
+            body=body,
+            upstream=upstream,
+            ticket=ticket,
+            upstream_path=upstream_path,
+        )
         return _Relay(self, exchange, request)
+
+    async def _commit_pending(self) -> str | None:
+        """None once the queued pending row is committed; otherwise why it is not."""
+        try:
+            with anyio.fail_after(_COMMIT_TIMEOUT_S):
+                await self.ledger.committed()
+        except LedgerWriteError as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"the write did not complete within {_COMMIT_TIMEOUT_S:.0f} s"
+        return None
+
+    def _refuse_unaccounted(
+        self, record: RequestRecord, t0: float, ticket: Ticket | None, problem: str
+    ) -> Response:
+        self._clear_provisional(record)
+        self.policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
+        message = (
+            f"ccgate cannot record this request in its ledger at {self.ledger.path} "
+            f"({problem}), so it did not send it upstream. Free space on that disk (or fix "
+            "the file); ccgate recovers by itself once it can write again."
+        )
+        response = error_response(503, "api_error", message, should_retry=True)
+        return self._reject_with(record, t0, response)
+
+    def ledger_state(self) -> dict[str, Any]:
+        """What health and status show about the ledger: writable, or why not since when."""
+        problem = self.ledger.write_problem()
+        if problem is None:
+            return {"ok": True, "path": str(self.ledger.path)}
+        error, since = problem
+        return {"ok": False, "path": str(self.ledger.path), "error": error, "since": since}
 
     def _provisional_charge(self, record: RequestRecord, body: bytes) -> None:
         """What a killed daemon bills a request it never saw answered: its input estimate."""
@@ -430,11 +493,13 @@ class Gateway:
         self.ledger.record_finish(record)
         return response
 
-    def upstream_request(self, request: Request, body: bytes, upstream: Upstream) -> httpx.Request:
-        url = upstream.base_url.rstrip("/") + request.url.path
+    def upstream_request(
+        self, request: Request, body: bytes, upstream: Upstream, *, path: str
+    ) -> httpx.Request:
+        url = upstream.base_url.rstrip("/") + path
         query = request.scope.get("query_string", b"")
         if query:
-            url += "?" + query.decode("latin-1")
+            url += "?" + query.decode("ascii")
         connection_tokens = {
             token.strip().lower()
             for token in request.headers.get("connection", "").split(",")
@@ -453,7 +518,8 @@ class Gateway:
         return httpx.Request(request.method, url, headers=headers, content=body)
 
     def persist_progress(self, ex: _Exchange, metered: Metered) -> None:
-        """Queue the usage message_start reported, so a kill mid-stream still bills it."""
+        """Queue the usage seen so far (message_start, then every checkpoint), so a daemon
+        killed mid-stream still bills it. A queue put: the writer thread does the disk work."""
         partial = replace(ex.record, request_body=None)
         self._clear_provisional(partial)
         self._charge(partial, metered)
@@ -478,6 +544,7 @@ class Gateway:
                 # the input estimate by the request's model, flagged.
                 self._provisional_charge(rec, ex.body)
         rec.outcome, rec.error = _outcome(ex, metered)
+        rec.error = cap_error(rec.error)
         if self.settings.log_content and ex.meter is not None:
             rec.response_body = ex.meter.captured()
         self.ledger.record_finish(rec)
@@ -584,7 +651,9 @@ class _Relay(Response):
         gw, ex = self.gateway, self.ex
         assert ex.upstream is not None
         base_url = ex.upstream.base_url
-        upstream_request = gw.upstream_request(self.request, ex.body, ex.upstream)
+        upstream_request = gw.upstream_request(
+            self.request, ex.body, ex.upstream, path=ex.upstream_path
+        )
         try:
             upstream = await gw.client.send(upstream_request, stream=True)
         except httpx.TimeoutException:
@@ -628,9 +697,7 @@ class _Relay(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if meter is not None:
                     meter.feed(chunk)
-                    if not ex.start_persisted and meter.started:
-                        ex.start_persisted = True
-                        self.gateway.persist_progress(ex, meter.peek())
+                    self._checkpoint(meter)
         except httpx.HTTPError as exc:
             # The upstream dropped mid-response. Returning without the final empty body makes
             # the server close the client connection, so the client sees a broken stream too
@@ -640,6 +707,27 @@ class _Relay(Response):
             return
         ex.upstream_done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _checkpoint(self, meter: ResponseMeter) -> None:
+        """Persist progress at message_start, then every N chunks or T seconds of stream.
+
+        Per chunk this is a counter and a clock read; the usage is only built when one is due.
+        """
+        ex = self.ex
+        if not meter.started:
+            return
+        ex.chunks_since_checkpoint += 1
+        now = time.monotonic()
+        if ex.start_persisted:
+            due = ex.chunks_since_checkpoint >= _CHECKPOINT_EVERY_CHUNKS or (
+                now - ex.checkpoint_at >= _CHECKPOINT_EVERY_S
+            )
+            if not due:
+                return
+        ex.start_persisted = True
+        ex.chunks_since_checkpoint = 0
+        ex.checkpoint_at = now
+        self.gateway.persist_progress(ex, meter.peek())
 
     async def _send_error(self, send: Send, status: int, message: str) -> None:
         self.ex.status = status
@@ -655,6 +743,75 @@ class _Relay(Response):
         await response({"type": "http"}, no_receive, send)
 
 
+def allowed_upstream_path(scope: Scope) -> str | None:
+    """The upstream path for this request, or None when it is not one ccgate forwards.
+
+    Judged on the bytes the client sent (``raw_path``), not the decoded path: any escape is
+    refused, so ``%2e%2e``, ``%2f``, ``%5c``, ``%252e`` and overlong UTF-8 never decode into
+    something else later, and the path sent upstream is rebuilt from the checked segments.
+    """
+    raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+    raw = raw.split(b"?", 1)[0]  # httpx's ASGI transport includes the query in raw_path
+    query: bytes = scope.get("query_string", b"")
+    if not raw.isascii() or b"%" in raw or not _QUERY.fullmatch(query):
+        return None
+    path: str = raw.decode("ascii")
+    if path != scope["path"]:
+        return None
+    if path in _UPSTREAM_PATHS:
+        return path
+    prefix, _, model_id = path.rpartition("/")
+    if prefix == "/v1/models" and _MODEL_ID.fullmatch(model_id):
+        return f"/v1/models/{model_id}"
+    return None
+
+
+class BodyError(ValueError):
+    """A request body ccgate will not forward; the message says why, for the client."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise BodyError(
+                f"The request body has the key {key[:100]!r} more than once in one object; "
+                "ccgate and the upstream could read different values, so it is refused."
+            )
+        seen.add(key)
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise BodyError(f"The request body contains {name}, which is not valid JSON.")
+
+
+def parse_body(body: bytes) -> Any:
+    """The JSON request body, strictly: no duplicate keys, no NaN/Infinity, bounded depth."""
+    try:
+        return json.loads(body, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except BodyError:
+        raise
+    except RecursionError:
+        raise BodyError("The request body is nested too deeply to be a Messages request.") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BodyError(f"The request body is not JSON: {exc}.") from None
+
+
+def cap_error(error: str | None) -> str | None:
+    """At most MAX_STORED_ERROR_BYTES of an error message, saying when it was cut."""
+    if error is None:
+        return None
+    data = error.encode("utf-8", "replace")
+    if len(data) <= MAX_STORED_ERROR_BYTES:
+        return error
+    kept = data[:MAX_STORED_ERROR_BYTES].decode("utf-8", "ignore")
+    return f"{kept} [cut by ccgate: {len(data)} bytes in all]"
+
+
 async def _read_body(request: Request) -> bytes | Response:
     too_large = error_response(
         413,
@@ -667,12 +824,21 @@ async def _read_body(request: Request) -> bytes | Response:
         return too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    # A body dribbled byte by byte (slow POST) must not hold the connection forever; 32 MB over
+    # loopback takes well under a second.
+    with anyio.move_on_after(_BODY_TIMEOUT_S):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+    return error_response(
+        408,
+        "invalid_request_error",
+        f"The request body did not arrive within {_BODY_TIMEOUT_S:.0f} s.",
+        should_retry=False,
+    )
 
 
 async def _not_found(request: Request, _exc: Exception) -> Response:

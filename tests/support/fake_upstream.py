@@ -240,7 +240,9 @@ class Scenario:
     response_model: Any = None
     """The ``model`` the answer names (any JSON value); None echoes the request's model."""
     raw_body: bytes | None = None
-    """A non-streaming 200 answers with exactly these bytes (e.g. not JSON at all)."""
+    """Sent as the whole body (with ``status`` and ``raw_content_type``) instead of a real
+    answer: garbage or truncated SSE, a non-JSON error page."""
+    raw_content_type: str = "text/event-stream; charset=utf-8"
 
     def __post_init__(self) -> None:
         if self.message_deltas < 1:
@@ -666,6 +668,13 @@ async def _answer(
         return
     await exchange.pause(scenario.first_byte_delay_s)
     request_id = new_id("req_011C")
+    if scenario.raw_body is not None:
+        await exchange.start(
+            scenario.status,
+            [("content-type", scenario.raw_content_type), ("request-id", request_id)],
+        )
+        await exchange.body(scenario.raw_body, more=False)
+        return
     if scenario.is_error:
         error_type, message = scenario.error()
         payload = error_envelope(error_type=error_type, message=message, request_id=request_id)
@@ -732,7 +741,7 @@ async def _send_json(
     exchange: _Exchange, *, scenario: Scenario, payload: dict[str, Any], request_id: str
 ) -> None:
     encoder = make_encoder(scenario.encoding)
-    body = scenario.raw_body if scenario.raw_body is not None else dumps(payload)
+    body = dumps(payload)
     data = encoder.chunk(body) + encoder.finish()
     headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
     headers += _response_headers(scenario, request_id=request_id, encoder=encoder)

@@ -75,6 +75,11 @@ def status(report: dict[str, Any]) -> None:
         table.add_row("uptime", duration(report["uptime_s"]))
         if not report.get("upstream_key", True):
             table.add_row("warning", "[yellow]no upstream key[/yellow]")
+        ledger = report.get("ledger") or {}
+        if ledger.get("ok") is False:
+            problem = escape(f"{ledger.get('error')} ({ledger.get('path')})")
+            table.add_row("ledger", f"[red]cannot write: {problem}[/red]")
+            table.add_row("", "requests are refused (503) until it can; they resume by themselves")
     else:
         table.add_row("status", "[red]not running[/red] (start it with `ccgate up`)")
     server = report.get("server")
