@@ -310,7 +310,12 @@ class Governor:
         return Upstream(entry.base_url, api_key, entry.name, False)
 
     def client(self) -> ServerClient:
-        return ServerClient(self.profile.server_url, key=self.key, device_id=self.profile.device_id)
+        return ServerClient(
+            self.profile.server_url,
+            key=self.key,
+            device_id=self.profile.device_id,
+            device=self.device,
+        )
 
     async def refresh(self) -> str:
         """Poll the server for the bundle once; returns what happened, for `ccgate sync`."""

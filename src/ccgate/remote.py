@@ -2,21 +2,26 @@
 
 Every failure becomes a ``ServerError`` whose message says what to do: ``ServerUnreachable``
 when nothing answered (the daemon keeps working from its last bundle), ``KeyRefused`` when the
-server says the virtual key is unknown, revoked or expired (the daemon then refuses requests).
+server says the virtual key is unknown, revoked or expired, ``DeviceRefused`` when this device
+waits for approval or was revoked (the daemon then refuses requests, saying why).
 The virtual key is sent as a Bearer token and never appears in a message.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 from typing import Any
 
 import httpx
 
 from ccgate import __version__
+from ccgate.bundle import DeviceKey
 from ccgate.errors import CcgateError
 
 DEVICE_HEADER = "x-ccgate-device"
+TOKEN_HEADER = "x-ccgate-device-token"
 
 
 class ServerError(CcgateError):
@@ -31,6 +36,21 @@ class KeyRefused(ServerError):
     """401 from the server: the virtual key is unknown, revoked or expired."""
 
 
+class DeviceRefused(KeyRefused):
+    """403 from the server: this device is pending approval, revoked, or not the key's."""
+
+
+def device_token(device: DeviceKey) -> str:
+    """This device's token for the server, derived from its private key so nothing new is
+    stored: the server keeps its hash, and sends bundles, leases and usage only to a request
+    that carries it, so the virtual key alone is not enough to act as this device."""
+    mac = hmac.new(device.private_bytes, _TOKEN_LABEL, hashlib.sha256).digest()
+    return "cgd_" + base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
+
+
+_TOKEN_LABEL = b"ccgate device token v1"
+
+
 class ServerClient:
     def __init__(
         self,
@@ -38,6 +58,7 @@ class ServerClient:
         *,
         key: str | None = None,
         device_id: str | None = None,
+        device: DeviceKey | None = None,
         timeout: float = 15.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -46,6 +67,8 @@ class ServerClient:
             headers["authorization"] = f"Bearer {key}"
         if device_id is not None:
             headers[DEVICE_HEADER] = device_id
+        if device is not None:
+            headers[TOKEN_HEADER] = device_token(device)
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
 
     async def __aenter__(self) -> ServerClient:
@@ -71,6 +94,8 @@ class ServerClient:
         message = _error_message(response)
         if response.status_code == 401:
             raise KeyRefused(f"The ccgate server refused the key: {message}")
+        if response.status_code == 403:
+            raise DeviceRefused(f"The ccgate server refused this device: {message}")
         raise ServerError(
             f"The ccgate server at {self.base_url} answered {response.status_code}: {message}"
         )
@@ -84,10 +109,25 @@ class ServerClient:
                 f"{self.base_url} did not answer like a ccgate server (/v1/server-key)."
             ) from None
 
-    async def register_device(self, *, public_key: bytes, name: str) -> tuple[str, str]:
-        body = {"public_key": base64.b64encode(public_key).decode(), "name": name}
-        data = (await self._request("POST", "/v1/devices", json=body, ok=(200, 201))).json()
-        return str(data["device_id"]), str(data["key_id"])
+    async def register_device(
+        self, *, device: DeviceKey, name: str, code: str | None = None
+    ) -> tuple[str, str, str]:
+        """Enrol ``device``: its id, the key's id, and "approved" or "pending"."""
+        body = {
+            "public_key": base64.b64encode(device.public_bytes).decode(),
+            "name": name,
+            "device_token": device_token(device),
+        }
+        if code:
+            body["enrolment_code"] = code
+        response = await self._request("POST", "/v1/devices", json=body, ok=(200, 201, 202))
+        try:
+            data = response.json()
+            return str(data["device_id"]), str(data["key_id"]), str(data.get("status", "approved"))
+        except (ValueError, KeyError, TypeError):
+            raise ServerError(
+                f"{self.base_url} did not answer like a ccgate server (/v1/devices)."
+            ) from None
 
     async def fetch_bundle(self, *, etag: str | None) -> tuple[dict[str, Any] | None, str | None]:
         """The envelope and its ETag; ``(None, etag)`` when unchanged (304)."""

@@ -13,6 +13,7 @@ import base64
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -116,12 +117,27 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not body:
         return {}
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except _NonFinite as exc:
+        raise BadRequestError(
+            f"The request body holds {exc}, which is not a JSON number; send a finite number."
+        ) from None
+    except RecursionError:
+        raise BadRequestError("The request body is nested too deeply.") from None
     except ValueError:
         raise BadRequestError("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequestError("The request body must be a JSON object.")
     return data
+
+
+class _NonFinite(Exception):
+    """NaN or Infinity in a body: Python's json accepts them, JSON does not, and a stored one
+    either never compares (NaN: a key that never expires) or breaks every later response."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
 
 
 def _bearer(request: Request) -> str | None:
@@ -158,19 +174,23 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
 
     async def device_of(request: Request, key: VirtualKey) -> Device:
         header = request.headers.get(devices.DEVICE_HEADER)
-        return await _blocking(devices.device_for, ctx.engine, key, header)
+        token = request.headers.get(devices.TOKEN_HEADER)
+        return await _blocking(devices.device_for, ctx.engine, key, header, token, now=ctx.clock())
 
     @_guarded
     async def register(request: Request) -> Response:
         key = await key_of(request)
         body = await _json_body(request)
-        result = await _blocking(devices.register_device, ctx.engine, key, body, now=ctx.clock())
-        return _json(result, 201)
+        status, result = await _blocking(
+            devices.register_device, ctx.engine, key, body, now=ctx.clock()
+        )
+        return _json(result, status)
 
     @_guarded
     async def get_bundle(request: Request) -> Response:
         header = request.headers.get(devices.DEVICE_HEADER)
-        served = await _blocking(_poll_bundle, ctx, _bearer(request), header)
+        token = request.headers.get(devices.TOKEN_HEADER)
+        served = await _blocking(_poll_bundle, ctx, _bearer(request), header, token)
         headers = {"etag": served.etag, "cache-control": "no-cache"}
         if served.etag in _etags(request.headers.get("if-none-match", "")):
             return Response(status_code=304, headers=headers)
@@ -222,16 +242,22 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
     ]
 
 
-def _poll_bundle(ctx: ServerContext, token: str | None, device_id: str | None) -> Served:
+def _poll_bundle(
+    ctx: ServerContext, token: str | None, device_id: str | None, device_token: str | None
+) -> Served:
     """A bundle poll in one worker-thread hop: the key check, then the stored envelope when it is
-    current (one query), else the device check and the full path."""
+    current and the device approved with this token (one query), else the device check and the
+    full path."""
     now = ctx.clock()
     key = devices.authenticate_key(ctx.engine, token, now=now)  # revoked or expired: 401 here
-    if device_id:
-        hit = ctx.bundler.cached(key_id=key.id, device_id=device_id, now=now)
+    if device_id and device_token:
+        hit = ctx.bundler.cached(
+            key_id=key.id, device_id=device_id, device_token=device_token, now=now
+        )
         if hit is not None:
             return hit
-    device = devices.device_for(ctx.engine, key, device_id)  # the 400 and 403 answers
+    # the 400, 401 (device token) and 403 (unknown, pending, revoked device) answers
+    device = devices.device_for(ctx.engine, key, device_id, device_token, now=now)
     return ctx.bundler.serve(key, device)
 
 
@@ -307,6 +333,16 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
     async def get_audit(r: Request, _a: str) -> Any:
         return await _blocking(admin.audit, limit=_int_query(r, "limit", default=50))
 
+    async def list_devices(r: Request, _a: str) -> Any:
+        key, status = r.query_params.get("key"), r.query_params.get("status")
+        return await _blocking(admin.list_devices, key=key, status=status)
+
+    async def approve_device(r: Request, actor: str) -> Any:
+        return await _blocking(admin.approve_device, r.path_params["device_id"], actor=actor)
+
+    async def revoke_device(r: Request, actor: str) -> Any:
+        return await _blocking(admin.revoke_device, r.path_params["device_id"], actor=actor)
+
     return [
         Route("/providers", authed(list_providers), methods=["GET"]),
         Route("/providers", authed(add_provider, 201), methods=["POST"]),
@@ -325,6 +361,9 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/prices", authed(clear_prices), methods=["DELETE"]),
         Route("/usage", authed(get_usage), methods=["GET"]),
         Route("/audit", authed(get_audit), methods=["GET"]),
+        Route("/devices", authed(list_devices), methods=["GET"]),
+        Route("/devices/{device_id}/approve", authed(approve_device), methods=["POST"]),
+        Route("/devices/{device_id}/revoke", authed(revoke_device), methods=["POST"]),
     ]
 
 
@@ -336,7 +375,9 @@ def _usage_query(request: Request) -> tuple[usage.UsageBy, float]:
     try:
         since = float(since_text)
     except ValueError:
-        raise InvalidRequestError(f"'since' must be epoch seconds; got {since_text!r}.") from None
+        since = math.nan
+    if not math.isfinite(since):
+        raise InvalidRequestError(f"'since' must be epoch seconds; got {since_text!r}.")
     return by, since  # type: ignore[return-value]  # checked against the Literal above
 
 
@@ -344,7 +385,7 @@ def _int_query(request: Request, name: str, *, default: int) -> int:
     text = request.query_params.get(name)
     if text is None:
         return default
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidRequestError(f"{name!r} must be an integer; got {text!r}.") from None
+    # int() takes '1_000' and 4,300 digits: a short run of ASCII digits is all a query needs.
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise InvalidRequestError(f"{name!r} must be a whole number under 10^9; got {text!r}.")
+    return int(text)

@@ -303,6 +303,30 @@ def m007_policy_epoch(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE bundles ADD COLUMN {column}"))
 
 
+def m008_device_enrolment(conn: Connection) -> None:
+    """Bounded, explicit device enrolment (issue #10).
+
+    A key gets a device limit, a CI flag (CI runners enrol unattended) and an optional one-time
+    enrolment code (its hash and expiry). A device gets a status (pending, approved, revoked),
+    the hash of its device token, and who decided it and when. Devices registered before this
+    step stay approved; they have no token hash yet, so their first poll with a token binds it.
+    """
+    for column in (
+        "max_devices INTEGER DEFAULT 1 NOT NULL",
+        "ci BOOLEAN DEFAULT FALSE NOT NULL",
+        "enrol_code_hash VARCHAR(64)",
+        "enrol_code_expires_at FLOAT",
+    ):
+        conn.execute(text(f"ALTER TABLE keys ADD COLUMN {column}"))
+    for column in (
+        "status VARCHAR(16) DEFAULT 'approved' NOT NULL",
+        "token_hash VARCHAR(64)",
+        "decided_at FLOAT",
+        "decided_by VARCHAR(64)",
+    ):
+        conn.execute(text(f"ALTER TABLE devices ADD COLUMN {column}"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -311,6 +335,7 @@ MIGRATIONS: Sequence[Migration] = (
     m005_leases,
     m006_key_limits,
     m007_policy_epoch,
+    m008_device_enrolment,
 )
 
 
