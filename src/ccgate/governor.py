@@ -22,6 +22,7 @@ at all, may this request go (admission, which may wait for a lease), and where d
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -260,6 +261,10 @@ class Governor:
         if bundle is None:
             self.problem = "No policy bundle yet: the daemon has not reached the ccgate server."
             return
+        self.problem = self._not_ours(bundle)
+        if self.problem is not None:
+            log.error("persisted bundle refused: %s", self.problem)
+            return
         self._install(bundle)
         self._load_leases(now=now)
         assert self.limiter is not None
@@ -267,6 +272,20 @@ class Governor:
             self.limiter.restore_unsynced(cost_micros=row.cost_micros, at=row.started_at)
             if self.tokens is not None:
                 self.tokens.local_tokens += _tokens(row)
+
+    def _not_ours(self, bundle: Bundle) -> str | None:
+        """Why a verified bundle for this device is still not this key's, or None.
+
+        The store already checks the signature and the device; a bundle signed for another
+        virtual key (another profile's, copied over) must not hand this one its policy."""
+        digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()
+        if bundle.key.id != self.key_id or not hmac.compare_digest(bundle.key.hash, digest):
+            return (
+                f"The policy bundle is for the key {bundle.key.name!r}, not this profile's "
+                f"({self.profile.key_prefix}...); it is not obeyed. Run `ccgate sync`, or "
+                "`ccgate login` again."
+            )
+        return None
 
     def _install(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -335,6 +354,11 @@ class Governor:
         except BundleError as exc:
             log.error("bundle from the server refused: %s", exc)
             return str(exc)
+        problem = self._not_ours(bundle)
+        if problem is not None:
+            log.error("bundle from the server refused: %s", problem)
+            self.problem = problem
+            return problem
         self._install(bundle)
         self.etag = etag or self.etag
         return f"bundle version {bundle.version}"
