@@ -395,8 +395,10 @@ class Governor:
         return self.ledger.unsynced(key_id=self.key_id, limit=SYNC_BATCH)
 
     def _apply_spent(self, rows: list[LedgerRow], answer: dict[str, Any]) -> None:
-        spent = answer.get("spent") or {}
-        if isinstance(spent, dict):
+        spent = answer.get("spent")
+        if not isinstance(spent, dict):
+            spent = {}  # the rows are confirmed (remote.push_usage); a bad summary is not used
+        else:
             self.last_spent = spent
         if self.limiter is not None:
             self.limiter.synced(sum(r.cost_micros for r in rows))

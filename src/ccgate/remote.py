@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 from typing import Any
 
 import httpx
@@ -100,8 +101,22 @@ class ServerClient:
             f"The ccgate server at {self.base_url} answered {response.status_code}: {message}"
         )
 
+    def _object(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        """The JSON object a 2xx answer must carry; anything else is the server misbehaving
+        (a proxy's error page, a truncated body), never a crash of the caller's loop."""
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise ServerError(
+                f"The ccgate server at {self.base_url} answered {what} with something that is "
+                "not a JSON object; nothing was taken from it."
+            )
+        return data
+
     async def server_key(self) -> tuple[bytes, str]:
-        data = (await self._request("GET", "/v1/server-key")).json()
+        data = self._object(await self._request("GET", "/v1/server-key"), "/v1/server-key")
         try:
             return base64.b64decode(data["public_key"]), str(data["fingerprint"])
         except (KeyError, TypeError, ValueError):
@@ -121,8 +136,8 @@ class ServerClient:
         if code:
             body["enrolment_code"] = code
         response = await self._request("POST", "/v1/devices", json=body, ok=(200, 201, 202))
+        data = self._object(response, "/v1/devices")
         try:
-            data = response.json()
             return str(data["device_id"]), str(data["key_id"]), str(data.get("status", "approved"))
         except (ValueError, KeyError, TypeError):
             raise ServerError(
@@ -135,20 +150,48 @@ class ServerClient:
         response = await self._request("GET", "/v1/bundle", headers=headers, ok=(200, 304))
         if response.status_code == 304:
             return None, etag
-        envelope: dict[str, Any] = response.json()
-        return envelope, response.headers.get("etag")
+        return self._object(response, "a bundle poll"), response.headers.get("etag")
 
     async def request_lease(self, body: dict[str, Any]) -> dict[str, Any]:
         response = await self._request("POST", "/v1/leases", json=body, ok=(200, 201))
-        data: dict[str, Any] = response.json()
+        data = self._object(response, "a lease request")
+        lease = data.get("lease")
+        well_formed = isinstance(data.get("unlimited", False), bool) and (
+            lease is None
+            or (
+                isinstance(lease, dict)
+                and isinstance(lease.get("id"), str)
+                and isinstance(lease.get("granted_micros"), int)
+                and not isinstance(lease.get("granted_micros"), bool)
+                and isinstance(lease.get("expires_at"), int | float)
+                and math.isfinite(lease["expires_at"])
+            )
+        )
+        if not well_formed:
+            raise ServerError(
+                f"The ccgate server at {self.base_url} answered a lease request with a lease "
+                "it cannot have meant; none was taken."
+            )
         return data
 
     async def return_lease(self, lease_id: str) -> None:
         await self._request("POST", f"/v1/leases/{lease_id}/return", json={}, ok=(200, 404))
 
     async def push_usage(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Push a batch; returns only when the server accounts for every record in it (stored
+        now or before), so the caller can mark them synced without losing one."""
         response = await self._request("POST", "/v1/usage", json={"records": records})
-        data: dict[str, Any] = response.json()
+        data = self._object(response, "a usage push")
+        accepted, duplicates = data.get("accepted"), data.get("duplicates")
+        if (
+            not isinstance(accepted, int)
+            or not isinstance(duplicates, int)
+            or accepted + duplicates != len(records)
+        ):
+            raise ServerError(
+                f"The ccgate server at {self.base_url} did not confirm the {len(records)} "
+                "usage record(s) pushed; they stay unsynced and are pushed again."
+            )
         return data
 
 
