@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlmodel import select
 
 from ccgate.server import db
@@ -135,3 +138,36 @@ async def test_admin_tokens_are_compared_in_constant_time_over_hashes(
         presented = hashlib.sha256(token.encode()).hexdigest()
         assert sorted(b for _a, b in calls) == stored
         assert {a for a, _b in calls} == {presented}
+
+
+def test_values_older_servers_stored_are_repaired(tmp_path: Path) -> None:
+    """A database written before the fix, with an Infinity expiry and an audit entry holding it,
+    lists, audits and serves again after the migration (it used to 500 for good)."""
+    from ccgate.server import migrations
+    from ccgate.server.admin import Admin
+    from ccgate.server.state import SecretBox
+
+    engine = db.create_engine(db.sqlite_url(tmp_path / "old.db"))
+    migrations.migrate(engine, upto=7)
+    with engine.begin() as conn:
+        for name, expires in (("inf", math.inf), ("neg", -math.inf), ("ok", 2e9)):
+            conn.execute(
+                text(
+                    "INSERT INTO keys (id, name, key_hash, prefix, budget_rolling, models, auth, "
+                    "created_at, expires_at) VALUES "
+                    "(:id, :name, :hash, 'sk-cg-x', false, '[]', 'provider', 1, :expires)"
+                ),
+                {"id": f"key_{name}", "name": name, "hash": name, "expires": expires},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO audit (at, actor, action, target, detail) VALUES "
+                "(1, 'adm_1', 'key.create', 'inf', '{\"expires_at\": Infinity}')"
+            )
+        )
+    migrations.migrate(engine)
+    admin = Admin(engine=engine, box=SecretBox(bytes(32)))
+    keys = {k["name"]: k["expires_at"] for k in admin.list_keys()["keys"]}
+    assert keys == {"inf": None, "neg": 0, "ok": 2e9}
+    assert admin.audit()["entries"][0]["detail"] == {"expires_at": None}
+    engine.dispose()

@@ -102,7 +102,8 @@ class Admin:
                 "actor": r.actor,
                 "action": r.action,
                 "target": r.target,
-                "detail": json.loads(r.detail),
+                # NaN/Infinity written by servers before they were refused: shown as null
+                "detail": json.loads(r.detail, parse_constant=lambda _name: None),
             }
             for r in reversed(rows)
         ]

@@ -310,6 +310,10 @@ def m008_device_enrolment(conn: Connection) -> None:
     enrolment code (its hash and expiry). A device gets a status (pending, approved, revoked),
     the hash of its device token, and who decided it and when. Devices registered before this
     step stay approved; they have no token hash yet, so their first poll with a token binds it.
+
+    It also repairs what older servers accepted: an ``expires_at`` of Infinity (or NaN, which
+    PostgreSQL sorts above every number) made every later key listing and bundle a 500; it
+    becomes "never", what such a key behaved as. A negative one becomes 0: already expired.
     """
     for column in (
         "max_devices INTEGER DEFAULT 1 NOT NULL",
@@ -325,6 +329,8 @@ def m008_device_enrolment(conn: Connection) -> None:
         "decided_by VARCHAR(64)",
     ):
         conn.execute(text(f"ALTER TABLE devices ADD COLUMN {column}"))
+    conn.execute(text("UPDATE keys SET expires_at = NULL WHERE expires_at > 253402300799"))
+    conn.execute(text("UPDATE keys SET expires_at = 0 WHERE expires_at < 0"))
 
 
 MIGRATIONS: Sequence[Migration] = (
