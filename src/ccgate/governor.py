@@ -698,7 +698,7 @@ class Governor:
             "key": self.profile.key_prefix + "…",
             "bundle_version": bundle.version if bundle else None,
             "bundle_expires_at": _iso(bundle.expires_at) if bundle else None,
-            "problem": self.problem or self.key_refused,
+            "problem": self.key_refused or self.problem,  # the order refusal() answers in
             "limits": self.limiter.snapshot(now=now) if self.limiter else None,
             "budgets": self._budget_levels(now),
             "lease": {

@@ -171,6 +171,11 @@ async def test_ci_keys_enrol_unattended_within_a_daily_limit(server: Server) -> 
     assert (await server.enrol(key)).status_code == 201
     default = await server.ok("POST", "/keys", 201, json={"name": "ci2", "ci": True})
     assert default["max_devices"] == 20
+    await server.new_key("person")
+    switched = await server.ok("PATCH", "/keys/person", json={"ci": True})
+    assert (switched["ci"], switched["max_devices"]) == (True, 20)
+    back = await server.ok("PATCH", "/keys/person", json={"ci": False})
+    assert (back["ci"], back["max_devices"]) == (False, 1)
 
 
 async def test_the_virtual_key_alone_cannot_act_as_a_device(server: Server) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlmodel import select
 
 from ccgate.server import db
-from tests.server.conftest import Server
+from tests.server.conftest import Server, device_headers
 
 pytestmark = pytest.mark.anyio
 
@@ -171,3 +171,42 @@ def test_values_older_servers_stored_are_repaired(tmp_path: Path) -> None:
     assert keys == {"inf": None, "neg": 0, "ok": 2e9}
     assert admin.audit()["entries"][0]["detail"] == {"expires_at": None}
     engine.dispose()
+
+
+async def test_nul_characters_get_400_on_every_backend(server: Server) -> None:
+    """PostgreSQL cannot store U+0000 in text: a NUL in a body, path or query is refused
+    before it reaches the database (it was a 500 there; found by the schemathesis test)."""
+    key = await server.new_key("alice")
+    for method, path, body in (
+        ("POST", "/admin/v1/providers", '{"name": "anthropic", "base_url": "https://a", '
+         '"api_key": "sk-\\u0000"}'),
+        ("POST", "/v1/devices", '{"name": "lap\\u0000top"}'),
+        ("POST", "/v1/devices", '{"name": "lap\\ud800top"}'),  # an unpaired surrogate
+        ("GET", "/admin/v1/keys/al%00ice", ""),
+        ("GET", "/admin/v1/devices?key=%00", ""),
+    ):  # fmt: skip
+        auth = server.init.admin_token if path.startswith("/admin") else key
+        response = await server.client.request(
+            method,
+            path,
+            headers={"authorization": f"Bearer {auth}", "content-type": "application/json"},
+            content=body.encode(),
+        )
+        assert response.status_code == 400, (path, response.text)
+        assert "U+0000" in response.json()["error"]["message"]
+
+
+async def test_a_usage_record_of_the_wrong_shape_gets_422(server: Server) -> None:
+    key = await server.new_key("alice")
+    device_id, _ = await server.register(key)
+    base = {"id": "a" * 32, "started_at": 1.0}
+    for bad in (
+        {"outcome": {"ok": 1}},
+        {"outcome": ["ok"]},
+        {"status": 10**30},
+        {"web_search_requests": 2**40},  # an INTEGER column on PostgreSQL
+    ):
+        response = await server.client.post(
+            "/v1/usage", headers=device_headers(key, device_id), json={"records": [base | bad]}
+        )
+        assert response.status_code == 422, (bad, response.text)

@@ -609,7 +609,7 @@ def _apply_key_fields(
         if not isinstance(ci, bool):
             raise InvalidRequestError("'ci' must be true or false.")
         row.ci = ci
-    if given("max_devices") or (not partial and row.ci):
+    if given("max_devices") or "ci" in body:  # --ci alone: that kind's default limit
         default = DEFAULT_CI_DEVICES if row.ci else 1
         limit = validate.integer(
             body, "max_devices", default=default, minimum=1, maximum=MAX_DEVICES

@@ -96,6 +96,7 @@ def _guarded(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def run(request: Request) -> Response:
         try:
+            _refuse_nul(request)
             return await handler(request)
         except ServerError as exc:
             retry = False if exc.status in (401, 403) else None
@@ -128,7 +129,43 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise BadRequestError("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequestError("The request body must be a JSON object.")
+    if _unstorable(data):
+        # Valid JSON, but no database stores a lone surrogate (not UTF-8), and PostgreSQL no
+        # U+0000 in text: refuse them on every backend, before anything is written.
+        raise BadRequestError(
+            "The request body holds a U+0000 (NUL) character or an unpaired surrogate "
+            "(\\ud800-\\udfff) in a string."
+        )
     return data
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refuse_nul(request: Request) -> None:
+    values = [*request.query_params.values(), *request.path_params.values()]
+    if any(isinstance(v, str) and "\x00" in v for v in values):
+        raise BadRequestError("The request's path or query holds a U+0000 (NUL) character.")
+
+
+def _unstorable(data: Any) -> bool:
+    stack = [data]  # iterative: the body may nest as deep as the parser allowed
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item or not (item.isascii() or _utf8(item)):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class _NonFinite(Exception):
