@@ -245,3 +245,41 @@ async def test_devices_list_filters(server: Server) -> None:
     assert (await server.admin("GET", "/devices?status=lost")).status_code == 422
     enrol = await server.enrol(alice, device_token="short")
     assert enrol.status_code == 422
+
+
+async def test_concurrent_first_logins_approve_exactly_one_device(server: Server) -> None:
+    """Ten machines enrolling a fresh key at once: one is the first device, nine wait."""
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anyio
+
+    from ccgate.remote import device_token
+    from ccgate.server import devices
+    from ccgate.server.errors import PermissionDeniedError
+
+    admin = server.ctx.admin
+    key = admin.create_key({"name": "race"}, actor=server.init.admin_id)["key"]
+    row = devices.authenticate_key(server.ctx.engine, key, now=START)
+
+    def enrol(_n: int) -> str:
+        device = DeviceKey.generate()
+        body = {
+            "public_key": base64.b64encode(device.public_bytes).decode(),
+            "name": "m",
+            "device_token": device_token(device),
+        }
+        try:
+            _code, answer = devices.register_device(server.ctx.engine, row, body, now=START)
+        except PermissionDeniedError:
+            return "refused"
+        return str(answer["status"])
+
+    def race() -> list[str]:
+        with ThreadPoolExecutor(10) as pool:
+            return sorted(pool.map(enrol, range(10)))
+
+    outcomes = await anyio.to_thread.run_sync(race)
+    assert outcomes.count("approved") == 1
+    assert outcomes.count("pending") == devices.MAX_PENDING
+    assert outcomes.count("refused") == 10 - 1 - devices.MAX_PENDING

@@ -374,6 +374,8 @@ class Admin:
     def approve_device(self, device_id: str, *, actor: str) -> dict[str, Any]:
         with db.session(self.engine) as session:
             device, key = _find_device(session, device_id)
+            devices_mod.lock_key(session, key.id)
+            session.refresh(device)  # as it is now, under the lock
             if device.status == "revoked":
                 raise ConflictError(
                     f"Device {device_id} was revoked; a revoked device stays revoked. The "

@@ -9,8 +9,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlmodel import select
+from sqlalchemy import Engine, update
+from sqlmodel import Session, select
 
 from ccgate.periods import format_utc
 from ccgate.server import db, validate
@@ -89,6 +89,7 @@ def register_device(
     if code is not None and not isinstance(code, str):
         raise InvalidRequestError("'enrolment_code' must be a string.")
     with db.session(engine) as session:
+        lock_key(session, key.id)
         row = session.get(VirtualKey, key.id) or key
         devices = session.exec(select(Device).where(Device.key_id == key.id)).all()
         approved = [d for d in devices if d.status == "approved"]
@@ -125,6 +126,14 @@ def register_device(
         answer["message"] = f"Device {device.id} is enrolled but waits for approval: {ask}."
         return 202, answer
     return 201, answer
+
+
+def lock_key(session: Session, key_id: str) -> None:
+    """Serialise enrolments and approvals of one key: a no-op UPDATE of its row takes the row
+    lock (PostgreSQL) or the write lock (SQLite) before the devices are counted, so two logins
+    at once cannot both be "the first device", nor two approvals both fit under the limit."""
+    keys = VirtualKey.__table__  # type: ignore[attr-defined]
+    session.execute(update(keys).where(keys.c.id == key_id).values(max_devices=keys.c.max_devices))
 
 
 def normalise_code(code: str) -> str:
