@@ -155,7 +155,9 @@ async def _setup(http: httpx.AsyncClient, token: str, devices: int) -> list[_Dev
     admin = {"authorization": f"Bearer {token}"}
     keys = []
     for i in range(KEYS):
-        created = await http.post("/admin/v1/keys", headers=admin, json={"name": f"k{i}"})
+        # CI keys: the fleet's devices enrol without an admin approving each (issue #10)
+        body = {"name": f"k{i}", "ci": True, "max_devices": 10_000}
+        created = await http.post("/admin/v1/keys", headers=admin, json=body)
         created.raise_for_status()
         keys.append(created.json()["key"])
     fleet: list[_Device] = []
@@ -163,14 +165,20 @@ async def _setup(http: httpx.AsyncClient, token: str, devices: int) -> list[_Dev
 
     async def register(i: int) -> None:
         key = keys[i % KEYS]
+        token = "cgd_" + secrets.token_urlsafe(32)
         response = await http.post(
             "/v1/devices",
             headers={"authorization": f"Bearer {key}"},
-            json={"public_key": public, "name": f"m{i}"},
+            json={"public_key": public, "name": f"m{i}", "device_token": token},
         )
         response.raise_for_status()
-        device = _Device({"authorization": f"Bearer {key}", "x-ccgate-device": ""})
-        device.headers["x-ccgate-device"] = response.json()["device_id"]
+        device = _Device(
+            {
+                "authorization": f"Bearer {key}",
+                "x-ccgate-device": response.json()["device_id"],
+                "x-ccgate-device-token": token,
+            }
+        )
         first = await http.get("/v1/bundle", headers=device.headers)
         first.raise_for_status()
         device.etag = first.headers["etag"]

@@ -83,6 +83,7 @@ def _admin(server: Server, method: str, path: str, **kwargs: Any) -> Any:
 def _seed(server: Server) -> None:
     """A team with a budget, a key in it, and usage sent the way a daemon sends it."""
     from ccgate.bundle import DeviceKey
+    from ccgate.remote import device_token
 
     budget = {"limit_micros": 10_000_000, "period": "1M", "rolling": False}
     _admin(server, "POST", "/teams", json={"name": "platform", "budget": budget})
@@ -91,7 +92,11 @@ def _seed(server: Server) -> None:
     registered = httpx.post(
         f"{server.url}/v1/devices",
         headers={"authorization": f"Bearer {key}"},
-        json={"public_key": base64.b64encode(device.public_bytes).decode(), "name": "laptop"},
+        json={
+            "public_key": base64.b64encode(device.public_bytes).decode(),
+            "name": "laptop",
+            "device_token": device_token(device),
+        },
         timeout=10,
     )
     assert registered.status_code == 201, registered.text
@@ -108,6 +113,7 @@ def _seed(server: Server) -> None:
         headers={
             "authorization": f"Bearer {key}",
             "x-ccgate-device": registered.json()["device_id"],
+            "x-ccgate-device-token": device_token(device),
         },
         json={"records": records},
         timeout=10,

@@ -220,7 +220,7 @@ def create_key(server: Server, name: str, *options: str) -> str:
 def bare_runner(tmp_path: Path, server: Server, key: str, **extra: str) -> dict[str, str]:
     """Only what a CI job would set: the key, the server URL; no CCGATE_HOME, no keyring."""
     home = tmp_path / "runner-home"
-    home.mkdir(exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
     return {
         "PATH": os.environ["PATH"],
         "HOME": str(home),
@@ -512,3 +512,26 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@e2e
+def test_a_ci_key_enrols_each_fresh_runner_up_to_its_daily_limit(
+    tmp_path: Path, server: Server
+) -> None:
+    """Issue #10: CI runners enrol unattended (a --ci key), bounded by --max-devices a day; a
+    person's key on a second fresh machine waits for the admin instead."""
+    key = create_key(server, "ci", "--ci", "--max-devices", "2")
+    command = (sys.executable, "-c", "print('ran')")
+    for n in range(2):
+        runner = bare_runner(tmp_path / f"runner{n}", server, key)
+        ran = ccgate_run(runner, *command)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip() == "ran"
+    third = ccgate_run(bare_runner(tmp_path / "runner2", server, key), *command)
+    assert third.returncode != 0
+    assert "last 24 hours" in third.stderr and third.stdout == ""
+    person = create_key(server, "dev")
+    assert ccgate_run(bare_runner(tmp_path / "laptop", server, person), *command).returncode == 0
+    other = ccgate_run(bare_runner(tmp_path / "desktop", server, person), *command)
+    assert other.returncode != 0 and "ccgate admin devices approve dev_" in other.stderr
+    assert other.stdout == ""

@@ -278,3 +278,55 @@ def test_up_after_login_with_a_standalone_daemon_running_says_to_restart(
     assert ccgate("down").returncode == 0
     assert ccgate("up", "--port", str(port)).returncode == 0
     assert json.loads(ccgate("status", "--json").stdout)["mode"] == "server"
+
+
+def test_a_second_machine_waits_for_the_admin_then_works(
+    server: Server, developer: Isolated, fake_upstream: FakeUpstream
+) -> None:
+    """Issue #10: the virtual key alone enrols a second machine only as a pending device."""
+    key = create_key(server, "jade")
+    login(server, key)  # the key's first device: approved on first use
+    second = ccgate(
+        "login", "--server", server.url, "--key", key, "--fingerprint", server.fingerprint,
+        "--profile", "laptop2",
+    )  # fmt: skip
+    assert second.returncode != 0
+    [pending] = server.admin_json("devices", "list", "--status", "pending")["devices"]
+    assert pending["key"] == "jade"
+    assert f"ccgate admin devices approve {pending['id']}" in second.stderr
+    assert key not in second.stdout + second.stderr
+    waiting = ccgate("sync", "--profile", "laptop2", "--json")
+    assert "waits for approval" in waiting.stdout + waiting.stderr
+    at_limit = server.admin("devices", "approve", pending["id"])
+    assert at_limit.returncode != 0 and "--max-devices" in at_limit.stderr
+    assert server.admin("keys", "update", "jade", "--max-devices", "2").returncode == 0
+    approved = server.admin("devices", "approve", pending["id"])
+    assert approved.returncode == 0, approved.stderr
+    synced = ccgate("sync", "--profile", "laptop2", "--json")
+    assert synced.returncode == 0, synced.stderr
+    assert "bundle version" in synced.stdout
+    actions = [e["action"] for e in server.admin_json("audit", "--limit", "100")["entries"]]
+    assert {"device.enrol", "device.pending", "device.approve"} <= set(actions)
+
+
+def test_an_enrolment_code_approves_a_machine_and_a_revoked_one_stops(
+    server: Server, developer: Isolated, fake_upstream: FakeUpstream
+) -> None:
+    created = server.admin_json("keys", "create", "kim", "--enrolment-code")
+    key, code = created["key"], created["enrolment_code"]
+    result = ccgate(
+        "login", "--server", server.url, "--key", key, "--fingerprint", server.fingerprint,
+        "--code", code,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert code not in result.stdout + result.stderr
+    port = up()
+    fake_upstream.enqueue(Scenario(text="hello"))
+    assert ask(port, key).content[0].text == "hello"
+    [device] = server.admin_json("devices", "list", "--key", "kim")["devices"]
+    assert server.admin("devices", "revoke", device["id"]).returncode == 0
+    refused = ccgate("sync", "--json")
+    assert "revoked" in refused.stdout + refused.stderr
+    with pytest.raises(anthropic.AuthenticationError, match="revoked"):
+        ask(port, key)
+    assert len([r for r in fake_upstream.requests if r.path == "/v1/messages"]) == 1

@@ -200,6 +200,16 @@ class AdminClient:
     def revoke_token(self, name: str) -> Any:
         return self.request("POST", f"/tokens/{quote(name, safe='')}/revoke")
 
+    def devices(self, *, key: str | None = None, status: str | None = None) -> Any:
+        params = {k: v for k, v in (("key", key), ("status", status)) if v is not None}
+        return self.request("GET", "/devices", params=params or None)
+
+    def approve_device(self, device_id: str) -> Any:
+        return self.request("POST", f"/devices/{quote(device_id, safe='')}/approve")
+
+    def revoke_device(self, device_id: str) -> Any:
+        return self.request("POST", f"/devices/{quote(device_id, safe='')}/revoke")
+
 
 # ------------------------------------------------------------ turning CLI text into API values
 

@@ -22,6 +22,7 @@ at all, may this request go (admission, which may wait for a lease), and where d
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -260,6 +261,10 @@ class Governor:
         if bundle is None:
             self.problem = "No policy bundle yet: the daemon has not reached the ccgate server."
             return
+        self.problem = self._not_ours(bundle)
+        if self.problem is not None:
+            log.error("persisted bundle refused: %s", self.problem)
+            return
         self._install(bundle)
         self._load_leases(now=now)
         assert self.limiter is not None
@@ -267,6 +272,20 @@ class Governor:
             self.limiter.restore_unsynced(cost_micros=row.cost_micros, at=row.started_at)
             if self.tokens is not None:
                 self.tokens.local_tokens += _tokens(row)
+
+    def _not_ours(self, bundle: Bundle) -> str | None:
+        """Why a verified bundle for this device is still not this key's, or None.
+
+        The store already checks the signature and the device; a bundle signed for another
+        virtual key (another profile's, copied over) must not hand this one its policy."""
+        digest = hashlib.sha256(self.key.encode("utf-8")).hexdigest()
+        if bundle.key.id != self.key_id or not hmac.compare_digest(bundle.key.hash, digest):
+            return (
+                f"The policy bundle is for the key {bundle.key.name!r}, not this profile's "
+                f"({self.profile.key_prefix}...); it is not obeyed. Run `ccgate sync`, or "
+                "`ccgate login` again."
+            )
+        return None
 
     def _install(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -310,7 +329,12 @@ class Governor:
         return Upstream(entry.base_url, api_key, entry.name, False)
 
     def client(self) -> ServerClient:
-        return ServerClient(self.profile.server_url, key=self.key, device_id=self.profile.device_id)
+        return ServerClient(
+            self.profile.server_url,
+            key=self.key,
+            device_id=self.profile.device_id,
+            device=self.device,
+        )
 
     async def refresh(self) -> str:
         """Poll the server for the bundle once; returns what happened, for `ccgate sync`."""
@@ -330,6 +354,11 @@ class Governor:
         except BundleError as exc:
             log.error("bundle from the server refused: %s", exc)
             return str(exc)
+        problem = self._not_ours(bundle)
+        if problem is not None:
+            log.error("bundle from the server refused: %s", problem)
+            self.problem = problem
+            return problem
         self._install(bundle)
         self.etag = etag or self.etag
         return f"bundle version {bundle.version}"
@@ -366,8 +395,10 @@ class Governor:
         return self.ledger.unsynced(key_id=self.key_id, limit=SYNC_BATCH)
 
     def _apply_spent(self, rows: list[LedgerRow], answer: dict[str, Any]) -> None:
-        spent = answer.get("spent") or {}
-        if isinstance(spent, dict):
+        spent = answer.get("spent")
+        if not isinstance(spent, dict):
+            spent = {}  # the rows are confirmed (remote.push_usage); a bad summary is not used
+        else:
             self.last_spent = spent
         if self.limiter is not None:
             self.limiter.synced(sum(r.cost_micros for r in rows))
@@ -668,7 +699,7 @@ class Governor:
             "key": self.profile.key_prefix + "…",
             "bundle_version": bundle.version if bundle else None,
             "bundle_expires_at": _iso(bundle.expires_at) if bundle else None,
-            "problem": self.problem or self.key_refused,
+            "problem": self.key_refused or self.problem,  # the order refusal() answers in
             "limits": self.limiter.snapshot(now=now) if self.limiter else None,
             "budgets": self._budget_levels(now),
             "lease": {

@@ -1,9 +1,11 @@
 """``ccgate login`` and ``ccgate sync`` as plain functions the CLI renders.
 
 Login pins the server's public key (checked against ``--fingerprint`` when the admin gave one out
-of band), makes this machine's X25519 device key, registers its public half, stores the virtual
-key and the device key in the secret store, and fetches and verifies the first bundle, so the
-daemon can enforce policy from its very first start, online or not.
+of band), makes this machine's X25519 device key, enrols its public half with the device token
+derived from it (``remote.device_token``), stores the virtual key and the device key in the
+secret store, and fetches and verifies the first bundle, so the daemon can enforce policy from
+its very first start, online or not. A device the admin must approve first gets no bundle: the
+profile is saved and ``DevicePending`` says who to ask.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ class FingerprintMismatch(CcgateError):
     """The server's key is not the one the admin announced."""
 
 
+class DevicePending(CcgateError):
+    """The device is enrolled (the profile is saved) but waits for the admin's approval."""
+
+
 @dataclass(frozen=True)
 class LoginResult:
     profile: profiles.Profile
@@ -35,16 +41,24 @@ class LoginResult:
 
 
 def login(
-    *, paths: Paths, server_url: str, key: str, fingerprint: str | None, profile: str
+    *,
+    paths: Paths,
+    server_url: str,
+    key: str,
+    fingerprint: str | None,
+    profile: str,
+    code: str | None = None,
 ) -> LoginResult:
+    """Log in; raises ``DevicePending`` (after saving the profile) when the admin must approve
+    this device first: `ccgate up` or `ccgate sync` then fetch the bundle once approved."""
     profiles.check_name(profile)
     if not key.startswith("sk-cg-"):
         raise CcgateError("That is not a ccgate virtual key (they start with 'sk-cg-').")
-    return anyio.run(_login, paths, server_url.rstrip("/"), key, fingerprint, profile)
+    return anyio.run(_login, paths, server_url.rstrip("/"), key, fingerprint, profile, code)
 
 
 async def _login(
-    paths: Paths, server_url: str, key: str, expected: str | None, name: str
+    paths: Paths, server_url: str, key: str, expected: str | None, name: str, code: str | None
 ) -> LoginResult:
     async with ServerClient(server_url) as anonymous:
         public_key, fingerprint = await anonymous.server_key()
@@ -55,19 +69,21 @@ async def _login(
         )
     device = DeviceKey.generate()
     async with ServerClient(server_url, key=key) as client:
-        device_id, key_id = await client.register_device(
-            public_key=device.public_bytes, name=platform.node() or "unknown"
+        device_id, key_id, status = await client.register_device(
+            device=device, name=platform.node() or "unknown", code=code
         )
-    async with ServerClient(server_url, key=key, device_id=device_id) as client:
-        envelope, _etag = await client.fetch_bundle(etag=None)
-    assert envelope is not None
+    envelope = None
+    if status == "approved":
+        async with ServerClient(server_url, key=key, device_id=device_id, device=device) as client:
+            envelope, _etag = await client.fetch_bundle(etag=None)
+        assert envelope is not None
     paths.ensure()
     # Start from a clean trust state: a new login may pin a new server key.
     profiles.remove(paths, name)
     store = BundleStore(
         state_dir=profiles.bundle_dir(paths, name), public_key=public_key, device_id=device_id
     )
-    bundle = store.accept(envelope, now=time.time())
+    bundle = store.accept(envelope, now=time.time()) if envelope is not None else None
     import base64
 
     record = profiles.Profile(
@@ -80,6 +96,13 @@ async def _login(
         key_prefix=key[:12],
     )
     profiles.save(paths, record, key=key, device_private=device.private_bytes)
+    if bundle is None:
+        raise DevicePending(
+            f"This machine is enrolled as device {device_id}, which waits for approval: ask "
+            f"your ccgate admin to run `ccgate admin devices approve {device_id}` (or to give "
+            "you an enrolment code for `ccgate login --code`). Once approved, `ccgate up` "
+            "fetches the policy and starts."
+        )
     return LoginResult(
         profile=record, bundle_version=bundle.version, fingerprint_checked=expected is not None
     )

@@ -23,10 +23,12 @@ from sqlalchemy import make_url
 
 from ccgate import paths
 from ccgate.bundle import DeviceKey
+from ccgate.remote import device_token
 from ccgate.server import db
 from ccgate.server.app import ServerContext, create_app
 from ccgate.server.runner import build_context
 from ccgate.server.state import InitResult, init_server
+from tests.support.devices import TOKENS
 
 START = 1_764_000_000.0  # 2025-11-24 16:00 UTC, a Monday
 
@@ -110,19 +112,49 @@ class Server:
         created = await self.ok("POST", "/keys", 201, json={"name": name, **fields})
         return str(created["key"])
 
-    async def register(self, key: str, device: DeviceKey | None = None) -> tuple[str, DeviceKey]:
+    async def enrol(
+        self, key: str, device: DeviceKey | None = None, **extra: Any
+    ) -> httpx.Response:
+        """``POST /v1/devices`` as ``ccgate login`` sends it; the answer as it came."""
         device = device or DeviceKey.generate()
         response = await self.client.post(
             "/v1/devices",
             headers={"authorization": f"Bearer {key}"},
-            json={"public_key": base64.b64encode(device.public_bytes).decode(), "name": "laptop"},
+            json={
+                "public_key": base64.b64encode(device.public_bytes).decode(),
+                "name": "laptop",
+                "device_token": device_token(device),
+                **extra,
+            },
         )
-        assert response.status_code == 201, response.text
-        return str(response.json()["device_id"]), device
+        if response.status_code in (201, 202):
+            _TOKENS[str(response.json()["device_id"])] = device_token(device)
+        return response
+
+    async def register(self, key: str, device: DeviceKey | None = None) -> tuple[str, DeviceKey]:
+        """Enrol an approved device: the key's first, or a later one the admin approves."""
+        device = device or DeviceKey.generate()
+        response = await self.enrol(key, device)
+        assert response.status_code in (201, 202), response.text
+        device_id = str(response.json()["device_id"])
+        if response.status_code == 202:
+            await self.ok("POST", f"/devices/{device_id}/approve")
+        return device_id, device
+
+
+_TOKENS = TOKENS  # device id -> the device token its enrolment sent (ids are random)
 
 
 def device_headers(key: str, device_id: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}", "x-ccgate-device": device_id}
+    """What a daemon sends: the virtual key, the device id and that device's token."""
+    headers = {"authorization": f"Bearer {key}", "x-ccgate-device": device_id}
+    if device_id in _TOKENS:
+        headers["x-ccgate-device-token"] = _TOKENS[device_id]
+    return headers
+
+
+def token_of(device_id: str) -> str:
+    return _TOKENS[device_id]
 
 
 @pytest.fixture

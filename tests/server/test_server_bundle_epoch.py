@@ -24,7 +24,7 @@ from ccgate.server import db
 from ccgate.server.app import create_app
 from ccgate.server.bundles import DEFAULT_TTL_S, Bundler, BundleSettings
 from ccgate.server.runner import build_context
-from tests.server.conftest import START, Server, device_headers
+from tests.server.conftest import START, Server, device_headers, token_of
 
 pytestmark = pytest.mark.anyio
 
@@ -238,12 +238,29 @@ async def test_an_envelope_built_with_other_settings_is_rebuilt(server: Server) 
         clock=server.clock,
     )
     assert short.built_with != server.ctx.bundler.built_with
-    stored = server.ctx.bundler.cached(key_id=first.key.id, device_id=device_id, now=START)
+    stored = server.ctx.bundler.cached(
+        key_id=first.key.id, device_id=device_id, device_token=token_of(device_id), now=START
+    )
     assert stored is not None and stored.version == first.version
-    assert short.cached(key_id=first.key.id, device_id=device_id, now=START) is None
+    assert (
+        short.cached(
+            key_id=first.key.id, device_id=device_id, device_token=token_of(device_id), now=START
+        )
+        is None
+    )
     # nor for another key, or a device that does not exist
-    assert server.ctx.bundler.cached(key_id="key_other", device_id=device_id, now=START) is None
-    assert server.ctx.bundler.cached(key_id=first.key.id, device_id="dev_x", now=START) is None
+    assert (
+        server.ctx.bundler.cached(
+            key_id="key_other", device_id=device_id, device_token=token_of(device_id), now=START
+        )
+        is None
+    )
+    assert (
+        server.ctx.bundler.cached(
+            key_id=first.key.id, device_id="dev_x", device_token=token_of(device_id), now=START
+        )
+        is None
+    )
     with db.session(server.ctx.engine) as session:
         key_row = session.exec(select(db.VirtualKey)).one()
         device_row = session.get(db.Device, device_id)

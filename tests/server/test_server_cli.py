@@ -88,15 +88,15 @@ def test_init_human_output_shows_the_token_once() -> None:
 def test_run_passes_options_to_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
 
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: calls.append(kw))
+    calls: list[uvicorn.Config] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **kw: calls.append(self.config))
     assert CliRunner().invoke(app, ["server", "init"]).exit_code == 0
     result = CliRunner().invoke(
         app, ["server", "run", "--host", "0.0.0.0", "--port", "9999", "--bundle-ttl", "1d"]
     )
     assert result.exit_code == 0, result.output
-    [kwargs] = calls
-    assert (kwargs["host"], kwargs["port"]) == ("0.0.0.0", 9999)
+    [config] = calls
+    assert (config.host, config.port) == ("0.0.0.0", 9999)
 
 
 def test_run_without_init_is_a_clear_error() -> None:

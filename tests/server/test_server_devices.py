@@ -338,9 +338,9 @@ async def test_audit_limit_and_device_registration_entry(server: Server) -> None
     audit = await server.ok("GET", "/audit?limit=1")
     [entry] = audit["entries"]
     assert (entry["action"], entry["target"], entry["detail"]) == (
-        "device.register",
+        "device.enrol",
         device_id,
-        {"key": "alice", "name": "laptop"},
+        {"key": "alice", "name": "laptop", "via": "first"},
     )
     assert json.dumps(audit).find(key) == -1
 

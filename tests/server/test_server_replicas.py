@@ -28,6 +28,7 @@ from sqlalchemy import text
 
 from ccgate import paths
 from ccgate.bundle import DeviceKey
+from ccgate.remote import device_token
 from ccgate.server import db
 from ccgate.server.state import init_server
 from tests.support.harness import free_port, stop_process
@@ -83,8 +84,12 @@ def _team_invariant(engine: Any, team_id: str) -> tuple[int, int]:
 
 
 class _Daemon:
-    def __init__(self, key: str, device_id: str, replicas: list[str]) -> None:
-        self.headers = {"authorization": f"Bearer {key}", "x-ccgate-device": device_id}
+    def __init__(self, key: str, device_id: str, token: str, replicas: list[str]) -> None:
+        self.headers = {
+            "authorization": f"Bearer {key}",
+            "x-ccgate-device": device_id,
+            "x-ccgate-device-token": token,
+        }
         self.replicas = replicas
         self.accepted = 0
         self.records = 0
@@ -160,10 +165,14 @@ def _setup(admin: httpx.Client, replicas: list[str]) -> list[_Daemon]:
         registered = httpx.post(
             f"{replicas[i % 2]}/v1/devices",
             headers={"authorization": f"Bearer {key}"},
-            json={"public_key": base64.b64encode(device.public_bytes).decode(), "name": "m"},
+            json={
+                "public_key": base64.b64encode(device.public_bytes).decode(),
+                "name": "m",
+                "device_token": device_token(device),
+            },
         )
         registered.raise_for_status()
-        daemons.append(_Daemon(key, registered.json()["device_id"], replicas))
+        daemons.append(_Daemon(key, registered.json()["device_id"], device_token(device), replicas))
     return daemons
 
 

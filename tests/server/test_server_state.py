@@ -136,14 +136,18 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
             "INSERT INTO bundles (device_id, key_id, version, content_hash, issued_at, envelope) "
             "VALUES ('dev_1', 'key_1', 7, 'c', 1, '{}')"
         )
+        conn.exec_driver_sql(  # a device enrolled before m013
+            "INSERT INTO devices (id, key_id, public_key, name, created_at) "
+            "VALUES ('dev_1', 'key_1', 'pk', 'laptop', 1)"
+        )
     assert migrations.migrate(engine) == [
         "m007_policy_epoch", "m008_provider_key_ids", "m009_admin_roles", "m010_alerts",
-        "m011_ui_sessions", "m012_usage_pricing_inputs",
+        "m011_ui_sessions", "m012_usage_pricing_inputs", "m013_device_enrolment",
     ]  # fmt: skip
     assert migrations.applied(engine) == [
         "m001_initial", "m002_bundles", "m003_usage", "m004_prices", "m005_leases",
         "m006_key_limits", "m007_policy_epoch", "m008_provider_key_ids", "m009_admin_roles",
-        "m010_alerts", "m011_ui_sessions", "m012_usage_pricing_inputs",
+        "m010_alerts", "m011_ui_sessions", "m012_usage_pricing_inputs", "m013_device_enrolment",
     ]  # fmt: skip
     assert migrations.migrate(engine) == []  # idempotent
     with engine.connect() as conn:
@@ -156,6 +160,11 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("SELECT epoch FROM policy_epoch").scalar_one() == 1
         stored = conn.exec_driver_sql("SELECT version, policy_epoch, built_with FROM bundles")
         assert tuple(stored.one()) == (7, 0, "")
+        # the old device stays approved, its token binds on its first poll; the key: 1 device
+        device = conn.exec_driver_sql("SELECT status, token_hash FROM devices").one()
+        assert tuple(device) == ("approved", None)
+        limits = conn.exec_driver_sql("SELECT max_devices, ci, enrol_code_hash FROM keys").one()
+        assert tuple(limits) == (1, False, None)
     engine.dispose()
 
 
@@ -190,7 +199,7 @@ def test_openapi_lists_every_route() -> None:
                     seen.add((prefix + r.path, method.lower()))
     documented = {(path, m) for path, ops in spec["paths"].items() for m in ops}
     assert seen == documented
-    assert len(seen) == 34
+    assert len(seen) == 37
     ctx.engine.dispose()
 
 
@@ -202,6 +211,7 @@ def test_migrations_on_both_databases(db_url: str | None, tmp_path: Path) -> Non
     assert ran == [
         "m005_leases", "m006_key_limits", "m007_policy_epoch", "m008_provider_key_ids",
         "m009_admin_roles", "m010_alerts", "m011_ui_sessions", "m012_usage_pricing_inputs",
+        "m013_device_enrolment",
     ]  # fmt: skip
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) == {*db.TABLE_NAMES, "migrations"}

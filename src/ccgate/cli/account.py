@@ -36,12 +36,19 @@ def login(
         ),
     ] = None,
     profile: ProfileOption = "default",
+    code: Annotated[
+        str | None,
+        typer.Option(
+            "--code", help="A one-time enrolment code from your admin: approves this machine."
+        ),
+    ] = None,
 ) -> None:
     """Bind this machine to a ccgate server with a virtual key.
 
-    Pins the server's public key, registers a device key, stores the virtual key in the OS
+    Pins the server's public key, enrols a device key, stores the virtual key in the OS
     keyring (a 0600 file without one) and fetches the first signed policy bundle. Afterwards
-    `ccgate up` runs in server mode.
+    `ccgate up` runs in server mode. A key's first device is approved at once; another one
+    waits for `ccgate admin devices approve` unless --code is given.
     """
     from ccgate import paths as paths_mod
     from ccgate.login import login as do_login
@@ -55,6 +62,7 @@ def login(
             key=key,
             fingerprint=fingerprint,
             profile=profile,
+            code=code,
         )
     p = result.profile
     console.info(f"Logged in to {p.server_url} as {p.key_prefix}… (profile {p.name}).")

@@ -40,7 +40,11 @@ keys_app = typer.Typer(help="Virtual keys (sk-cg-...) for developers and CI.", n
 app.add_typer(providers_app, name="providers")
 app.add_typer(customers_app, name="customers")
 app.add_typer(teams_app, name="teams")
+devices_app = typer.Typer(
+    help="Devices enrolled for keys: approve or revoke them.", no_args_is_help=True
+)
 app.add_typer(keys_app, name="keys")
+app.add_typer(devices_app, name="devices")
 app.add_typer(prices_app, name="prices")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -359,6 +363,54 @@ AuthOption = Annotated[
 ]
 
 
+MaxDevicesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-devices",
+        min=1,
+        help="Approved devices the key may have (default 1); for a --ci key, enrolments per "
+        "24 hours (default 20).",
+    ),
+]
+CiOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--ci/--no-ci",
+        help="A CI key: each runner enrols its device without approval, --max-devices a day.",
+    ),
+]
+EnrolmentCodeOption = Annotated[
+    bool,
+    typer.Option(
+        "--enrolment-code",
+        help="Issue a one-time code (shown once, valid 7 days) that approves one device at "
+        "enrolment: `ccgate login --code`. A key that had a code gets no trust-on-first-use.",
+    ),
+]
+
+
+def _device_fields(
+    *, max_devices: int | None, ci: bool | None, enrolment_code: bool
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if max_devices is not None:
+        fields["max_devices"] = max_devices
+    if ci is not None:
+        fields["ci"] = ci
+    if enrolment_code:
+        fields["enrolment_code"] = True
+    return fields
+
+
+def _print_code(data: dict[str, Any]) -> None:
+    if data.get("enrolment_code"):
+        console.info(
+            f"Enrolment code: {data['enrolment_code']} (one device, until "
+            f"{_when(data.get('enrolment_code_expires_at'))}; shown only now). The developer "
+            "runs `ccgate login ... --code CODE`."
+        )
+
+
 def _key_fields(
     *,
     team: str | None,
@@ -437,9 +489,15 @@ def keys_create(
     auth: AuthOption = None,
     offline_grace: GraceOption = None,
     token_budget: TokenBudgetOption = None,
+    max_devices: MaxDevicesOption = None,
+    ci: CiOption = None,
+    enrolment_code: EnrolmentCodeOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Create a virtual key. The key is printed once and cannot be shown again."""
+    """Create a virtual key. The key is printed once and cannot be shown again.
+
+    Its first device is approved when it enrols (unless --enrolment-code); every further one
+    waits for `ccgate admin devices approve`, up to --max-devices."""
     from ccgate.errors import CcgateError
 
     if team and customer:
@@ -458,6 +516,7 @@ def keys_create(
         offline_grace=offline_grace,
         token_budget=token_budget,
     )
+    fields |= _device_fields(max_devices=max_devices, ci=ci, enrolment_code=enrolment_code)
     with _client(ctx) as client:
         data = client.create_key({"name": name, **fields})
     if json_output:
@@ -468,6 +527,7 @@ def keys_create(
         f"Created key {data['name']} ({data['id']}). This is the only time the key is shown: "
         "store it now, it will not be shown again."
     )
+    _print_code(data)
 
 
 @keys_app.command("list")
@@ -531,6 +591,8 @@ def _show_key(data: dict[str, Any], *, json_output: bool) -> None:
     table.add_row("auth", data["auth"])
     table.add_row("offline grace", _grace_text(data.get("offline_grace_micros")))
     table.add_row("token budget", _token_budget_text(data.get("token_budget")))
+    kind = "CI, per 24 h" if data.get("ci") else "approved"
+    table.add_row("max devices", f"{data.get('max_devices', 1)} ({kind})")
     table.add_row("state", _key_state(data))
     table.add_row("created", _when(data["created_at"]))
     console.out.print(table)
@@ -552,6 +614,9 @@ def keys_update(
     auth: AuthOption = None,
     offline_grace: GraceOption = None,
     token_budget: TokenBudgetOption = None,
+    max_devices: MaxDevicesOption = None,
+    ci: CiOption = None,
+    enrolment_code: EnrolmentCodeOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Change a key: only the options given change. `none` clears --team, --customer,
@@ -572,11 +637,14 @@ def keys_update(
         offline_grace=offline_grace,
         token_budget=token_budget,
     )
+    fields |= _device_fields(max_devices=max_devices, ci=ci, enrolment_code=enrolment_code)
     if not fields:
         raise CcgateError("Nothing to change: give at least one option (see --help).")
     with _client(ctx) as client:
         data = client.update_key(name, fields)
     _show_key(data, json_output=json_output)
+    if not json_output:
+        _print_code(data)
 
 
 @keys_app.command("revoke")
@@ -594,6 +662,59 @@ def keys_revoke(
         console.info(
             f"Revoked key {data['name']} ({data['prefix']}...) at {_when(data['revoked_at'])}."
         )
+
+
+# ------------------------------------------------------------------------ devices
+
+
+@devices_app.command("list")
+def devices_list(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Option("--key", help="Only this key's devices.")] = None,
+    status: Annotated[
+        Literal["pending", "approved", "revoked"] | None,
+        typer.Option("--status", help="Only devices in this state."),
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Enrolled devices: which key, which machine, pending, approved or revoked."""
+    with _client(ctx) as client:
+        data = client.devices(key=key, status=status)
+    if json_output:
+        console.print_json(data)
+        return
+    rows = [{**d, "enrolled": _when(d["created_at"])} for d in data["devices"]]
+    _table(rows, ("id", "key", "name", "status", "enrolled"), empty="No devices.")
+
+
+@devices_app.command("approve")
+def devices_approve(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="Device id (dev_...), from `devices list`.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Approve a pending device: its next poll gets the key's policy and sealed provider keys."""
+    with _client(ctx) as client:
+        data = client.approve_device(device_id)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(f"Device {data['id']} ({data['name']}) of key {data['key']}: approved.")
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="Device id (dev_...), from `devices list`.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Revoke a device: the server refuses it at once; its daemon stops at its next poll."""
+    with _client(ctx) as client:
+        data = client.revoke_device(device_id)
+    if json_output:
+        console.print_json(data)
+    else:
+        console.info(f"Device {data['id']} ({data['name']}) of key {data['key']}: revoked.")
 
 
 # ------------------------------------------------------------------------ prices

@@ -11,6 +11,8 @@ they reach the session; virtual keys exist in plaintext only in the return value
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import secrets
 import time
@@ -24,10 +26,12 @@ from sqlmodel import Session, col, select
 
 from ccgate.credentials import CLIENT_KEY_PREFIX
 from ccgate.server import db, reconcile, validate
+from ccgate.server import devices as devices_mod
 from ccgate.server.db import (
     AdminToken,
     AuditEntry,
     Customer,
+    Device,
     PriceOverride,
     Provider,
     Team,
@@ -47,6 +51,10 @@ AUTH_MODES: Final = ("provider", "passthrough")
 KEY_PREFIX_CHARS: Final = 12
 MAX_AUDIT_LIMIT: Final = 1000
 PRICE_ROW: Final = 1
+DEVICE_STATES: Final = ("pending", "approved", "revoked")
+DEFAULT_CI_DEVICES: Final = 20  # enrolments per day: each CI run may be a fresh runner
+MAX_DEVICES: Final = 10_000
+ENROL_CODE_TTL_S: Final = 7 * 86_400
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,15 @@ class Admin:
                 "Missing admin token: send `Authorization: Bearer <admin token>` (the token "
                 "`ccgate server init` printed; CCGATE_ADMIN_TOKEN for the CLI)."
             )
+        # Every stored hash is compared in constant time, and all of them are: neither the
+        # comparison nor the number of rows read depends on how much of the token is right.
+        presented = sha256_hex(token)
         with db.session(self.engine) as session:
-            row = session.exec(
-                select(AdminToken).where(AdminToken.token_hash == sha256_hex(token))
-            ).first()
+            rows = session.exec(select(AdminToken)).all()
+        row = None
+        for candidate in rows:
+            if hmac.compare_digest(presented, candidate.token_hash):
+                row = candidate
         if row is None:
             raise AuthenticationError(
                 "The admin token is not valid for this server; use the token `ccgate server "
@@ -89,7 +102,8 @@ class Admin:
                 "actor": r.actor,
                 "action": r.action,
                 "target": r.target,
-                "detail": json.loads(r.detail),
+                # NaN/Infinity written by servers before they were refused: shown as null
+                "detail": json.loads(r.detail, parse_constant=lambda _name: None),
             }
             for r in reversed(rows)
         ]
@@ -302,11 +316,25 @@ class Admin:
         )
         with db.session(self.engine) as session:
             _apply_key_fields(session, row, body, partial=False)
+            code = self._issue_code(row, body)
             info = key_info(session, row)
             session.add(row)
             self._record(session, actor=actor, action="key.create", target=name, detail=info)
             self._commit(session, kind="key", name=name)
-        return {**info, "key": plaintext}
+        return {**info, "key": plaintext, **({"enrolment_code": code} if code else {})}
+
+    def _issue_code(self, row: VirtualKey, body: Mapping[str, Any]) -> str | None:
+        """A new one-time enrolment code when ``body`` asks for one; only its hash is kept."""
+        wanted = body.get("enrolment_code", False)
+        if not isinstance(wanted, bool):
+            raise InvalidRequestError("'enrolment_code' must be true or false.")
+        if not wanted:
+            return None
+        raw = base64.b32encode(secrets.token_bytes(10)).decode("ascii")  # 16 characters
+        code = "-".join(raw[i : i + 4] for i in range(0, 16, 4))
+        row.enrol_code_hash = sha256_hex(devices_mod.normalise_code(code))
+        row.enrol_code_expires_at = self.clock() + ENROL_CODE_TTL_S
+        return code
 
     def update_key(self, name: str, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
         if "name" in body:
@@ -314,12 +342,15 @@ class Admin:
         with db.session(self.engine) as session:
             row = _find_key(session, name)
             _apply_key_fields(session, row, body, partial=True)
+            code = self._issue_code(row, body)
             info = key_info(session, row)
             session.add(row)
             changed = {k: info[k] for k in body if k in info}
+            if code:
+                changed["enrolment_code_expires_at"] = row.enrol_code_expires_at
             self._record(session, actor=actor, action="key.update", target=name, detail=changed)
             session.commit()
-        return info
+        return {**info, **({"enrolment_code": code} if code else {})}
 
     def revoke_key(self, name: str, *, actor: str) -> dict[str, Any]:
         with db.session(self.engine) as session:
@@ -333,6 +364,78 @@ class Admin:
                 session.commit()
                 session.refresh(row)
             return key_info(session, row)
+
+    # ---------------------------------------------------------------- devices
+
+    def list_devices(self, *, key: str | None = None, status: str | None = None) -> dict[str, Any]:
+        if status is not None and status not in DEVICE_STATES:
+            raise InvalidRequestError(
+                f"'status' must be one of {', '.join(DEVICE_STATES)}; got {status!r}."
+            )
+        with db.session(self.engine) as session:
+            query = select(Device, VirtualKey).where(Device.key_id == VirtualKey.id)
+            if key is not None:
+                query = query.where(VirtualKey.name == key)
+            if status is not None:
+                query = query.where(Device.status == status)
+            rows = session.exec(query.order_by(col(Device.created_at), col(Device.id))).all()
+        return {"devices": [device_info(d, k) for d, k in rows]}
+
+    def approve_device(self, device_id: str, *, actor: str) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            device, key = _find_device(session, device_id)
+            devices_mod.lock_key(session, key.id)
+            session.refresh(device)  # as it is now, under the lock
+            if device.status == "revoked":
+                raise ConflictError(
+                    f"Device {device_id} was revoked; a revoked device stays revoked. The "
+                    "developer runs `ccgate login` again to enrol a new one."
+                )
+            if device.status == "pending":
+                approved = session.exec(
+                    select(Device).where(Device.key_id == key.id, Device.status == "approved")
+                ).all()
+                if not key.ci and len(approved) >= key.max_devices:
+                    raise ConflictError(
+                        f"The key {key.name!r} already has {len(approved)} approved device(s), "
+                        f"its limit; revoke one first (`ccgate admin devices revoke ID`) or "
+                        f"raise it (`ccgate admin keys update {key.name} --max-devices N`)."
+                    )
+                device.status, device.decided_at, device.decided_by = (
+                    "approved",
+                    self.clock(),
+                    actor,
+                )
+                session.add(device)
+                self._record(
+                    session,
+                    actor=actor,
+                    action="device.approve",
+                    target=device.id,
+                    detail={"key": key.name, "name": device.name},
+                )
+                session.commit()
+            return device_info(device, key)
+
+    def revoke_device(self, device_id: str, *, actor: str) -> dict[str, Any]:
+        with db.session(self.engine) as session:
+            device, key = _find_device(session, device_id)
+            if device.status != "revoked":  # revoking twice keeps the first decision
+                device.status, device.decided_at, device.decided_by = (
+                    "revoked",
+                    self.clock(),
+                    actor,
+                )
+                session.add(device)
+                self._record(
+                    session,
+                    actor=actor,
+                    action="device.revoke",
+                    target=device.id,
+                    detail={"key": key.name, "name": device.name},
+                )
+                session.commit()
+            return device_info(device, key)
 
 
 # -------------------------------------------------------------------- helpers
@@ -387,6 +490,27 @@ def team_info(row: Team, customer_names: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+def device_info(device: Device, key: VirtualKey) -> dict[str, Any]:
+    return {
+        "id": device.id,
+        "key": key.name,
+        "name": device.name,
+        "status": device.status,
+        "public_key": device.public_key,
+        "created_at": device.created_at,
+        "decided_at": device.decided_at,
+        "decided_by": device.decided_by,
+    }
+
+
+def _find_device(session: Session, device_id: str) -> tuple[Device, VirtualKey]:
+    device = session.get(Device, device_id)
+    key = session.get(VirtualKey, device.key_id) if device is not None else None
+    if device is None or key is None:
+        raise NotFoundError(f"No device {device_id!r}; `ccgate admin devices list` shows them.")
+    return device, key
+
+
 def key_info(session: Session, row: VirtualKey) -> dict[str, Any]:
     team, customer = key_levels(session, row)
     return {
@@ -404,6 +528,9 @@ def key_info(session: Session, row: VirtualKey) -> dict[str, Any]:
         "auth": row.auth,
         "offline_grace_micros": row.offline_grace_micros,
         "token_budget": token_budget_json(row),
+        "max_devices": row.max_devices,
+        "ci": row.ci,
+        "enrolment_code_expires_at": row.enrol_code_expires_at if row.enrol_code_hash else None,
         "created_at": row.created_at,
     }
 
@@ -481,15 +608,26 @@ def _apply_key_fields(
     if given("expires_at"):
         row.expires_at = validate.number(body, "expires_at")
     if given("offline_grace_micros"):
-        grace = validate.integer(body, "offline_grace_micros", default=0) or 0
-        if grace > validate.MAX_MICROS:
-            raise InvalidRequestError("'offline_grace_micros' is too large.")
-        row.offline_grace_micros = grace
+        grace = validate.integer(
+            body, "offline_grace_micros", default=0, maximum=validate.MAX_MICROS
+        )
+        row.offline_grace_micros = grace or 0
     if given("token_budget"):
         token_budget = validate.token_budget(body.get("token_budget"))
         row.token_budget_tokens, row.token_budget_period, row.token_budget_rolling = (
             token_budget or (None, None, False)
         )
+    if given("ci"):
+        ci = body.get("ci", False)
+        if not isinstance(ci, bool):
+            raise InvalidRequestError("'ci' must be true or false.")
+        row.ci = ci
+    if given("max_devices") or "ci" in body:  # --ci alone: that kind's default limit
+        default = DEFAULT_CI_DEVICES if row.ci else 1
+        limit = validate.integer(
+            body, "max_devices", default=default, minimum=1, maximum=MAX_DEVICES
+        )
+        row.max_devices = limit or default
     if given("auth"):
         auth = body.get("auth") or "provider"
         if auth not in AUTH_MODES:

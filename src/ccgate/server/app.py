@@ -118,6 +118,7 @@ def _guarded(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def run(request: Request) -> Response:
         try:
+            _refuse_nul(request)
             return await handler(request)
         except ServerError as exc:
             retry = False if exc.status in (401, 403) else None
@@ -139,12 +140,63 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not body:
         return {}
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except _NonFinite as exc:
+        raise BadRequestError(
+            f"The request body holds {exc}, which is not a JSON number; send a finite number."
+        ) from None
+    except RecursionError:
+        raise BadRequestError("The request body is nested too deeply.") from None
     except ValueError:
         raise BadRequestError("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequestError("The request body must be a JSON object.")
+    if _unstorable(data):
+        # Valid JSON, but no database stores a lone surrogate (not UTF-8), and PostgreSQL no
+        # U+0000 in text: refuse them on every backend, before anything is written.
+        raise BadRequestError(
+            "The request body holds a U+0000 (NUL) character or an unpaired surrogate "
+            "(\\ud800-\\udfff) in a string."
+        )
     return data
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refuse_nul(request: Request) -> None:
+    values = [*request.query_params.values(), *request.path_params.values()]
+    if any(isinstance(v, str) and "\x00" in v for v in values):
+        raise BadRequestError("The request's path or query holds a U+0000 (NUL) character.")
+
+
+def _unstorable(data: Any) -> bool:
+    stack = [data]  # iterative: the body may nest as deep as the parser allowed
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item or not (item.isascii() or _utf8(item)):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class _NonFinite(Exception):
+    """NaN or Infinity in a body: Python's json accepts them, JSON does not, and a stored one
+    either never compares (NaN: a key that never expires) or breaks every later response."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
 
 
 def _bearer(request: Request) -> str | None:
@@ -181,19 +233,23 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
 
     async def device_of(request: Request, key: VirtualKey) -> Device:
         header = request.headers.get(devices.DEVICE_HEADER)
-        return await _blocking(devices.device_for, ctx.engine, key, header)
+        token = request.headers.get(devices.TOKEN_HEADER)
+        return await _blocking(devices.device_for, ctx.engine, key, header, token, now=ctx.clock())
 
     @_guarded
     async def register(request: Request) -> Response:
         key = await key_of(request)
         body = await _json_body(request)
-        result = await _blocking(devices.register_device, ctx.engine, key, body, now=ctx.clock())
-        return _json(result, 201)
+        status, result = await _blocking(
+            devices.register_device, ctx.engine, key, body, now=ctx.clock()
+        )
+        return _json(result, status)
 
     @_guarded
     async def get_bundle(request: Request) -> Response:
         header = request.headers.get(devices.DEVICE_HEADER)
-        served = await _blocking(_poll_bundle, ctx, _bearer(request), header)
+        token = request.headers.get(devices.TOKEN_HEADER)
+        served = await _blocking(_poll_bundle, ctx, _bearer(request), header, token)
         headers = {"etag": served.etag, "cache-control": "no-cache"}
         if served.etag in _etags(request.headers.get("if-none-match", "")):
             return Response(status_code=304, headers=headers)
@@ -254,16 +310,22 @@ def _after_ingest(ctx: ServerContext, key: VirtualKey, device: Device) -> None:
         ctx.alert_worker.wake()
 
 
-def _poll_bundle(ctx: ServerContext, token: str | None, device_id: str | None) -> Served:
+def _poll_bundle(
+    ctx: ServerContext, token: str | None, device_id: str | None, device_token: str | None
+) -> Served:
     """A bundle poll in one worker-thread hop: the key check, then the stored envelope when it is
-    current (one query), else the device check and the full path."""
+    current and the device approved with this token (one query), else the device check and the
+    full path."""
     now = ctx.clock()
     key = devices.authenticate_key(ctx.engine, token, now=now)  # revoked or expired: 401 here
-    if device_id:
-        hit = ctx.bundler.cached(key_id=key.id, device_id=device_id, now=now)
+    if device_id and device_token:
+        hit = ctx.bundler.cached(
+            key_id=key.id, device_id=device_id, device_token=device_token, now=now
+        )
         if hit is not None:
             return hit
-    device = devices.device_for(ctx.engine, key, device_id)  # the 400 and 403 answers
+    # the 400, 401 (device token) and 403 (unknown, pending, revoked device) answers
+    device = devices.device_for(ctx.engine, key, device_id, device_token, now=now)
     return ctx.bundler.serve(key, device)
 
 
@@ -389,6 +451,16 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
         rule = r.path_params["alert_id"]
         return await _blocking(alerts.remove_rule, ctx.engine, rule, actor=actor, now=ctx.clock())
 
+    async def list_devices(r: Request, _a: str) -> Any:
+        key, status = r.query_params.get("key"), r.query_params.get("status")
+        return await _blocking(admin.list_devices, key=key, status=status)
+
+    async def approve_device(r: Request, actor: str) -> Any:
+        return await _blocking(admin.approve_device, r.path_params["device_id"], actor=actor)
+
+    async def revoke_device(r: Request, actor: str) -> Any:
+        return await _blocking(admin.revoke_device, r.path_params["device_id"], actor=actor)
+
     return [
         Route("/alerts", authed(list_alerts), methods=["GET"]),
         Route("/alerts", authed(add_alert, 201), methods=["POST"]),
@@ -416,6 +488,9 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/usage", authed(get_usage), methods=["GET"]),
         Route("/usage/daily", authed(get_daily_usage), methods=["GET"]),
         Route("/audit", authed(get_audit), methods=["GET"]),
+        Route("/devices", authed(list_devices), methods=["GET"]),
+        Route("/devices/{device_id}/approve", authed(approve_device), methods=["POST"]),
+        Route("/devices/{device_id}/revoke", authed(revoke_device), methods=["POST"]),
     ]
 
 
@@ -427,7 +502,9 @@ def _usage_query(request: Request) -> tuple[usage.UsageBy, float]:
     try:
         since = float(since_text)
     except ValueError:
-        raise InvalidRequestError(f"'since' must be epoch seconds; got {since_text!r}.") from None
+        since = math.nan
+    if not math.isfinite(since):
+        raise InvalidRequestError(f"'since' must be epoch seconds; got {since_text!r}.")
     return by, since  # type: ignore[return-value]  # checked against the Literal above
 
 
@@ -435,10 +512,10 @@ def _int_query(request: Request, name: str, *, default: int) -> int:
     text = request.query_params.get(name)
     if text is None:
         return default
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidRequestError(f"{name!r} must be an integer; got {text!r}.") from None
+    # int() takes '1_000' and 4,300 digits: a short run of ASCII digits is all a query needs.
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise InvalidRequestError(f"{name!r} must be a whole number under 10^9; got {text!r}.")
+    return int(text)
 
 
 def _float_query(request: Request, name: str) -> float:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import hmac
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -62,7 +63,7 @@ from ccgate.server.db import (
     VirtualKey,
 )
 from ccgate.server.errors import ServerStateError
-from ccgate.server.state import SecretBox
+from ccgate.server.state import SecretBox, sha256_hex
 
 DEFAULT_TTL_S: Final = 7 * 86_400
 POLL_INTERVAL_S: Final = 60
@@ -107,7 +108,9 @@ class Bundler:
         }
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
-    def cached(self, *, key_id: str, device_id: str, now: float) -> Served | None:
+    def cached(
+        self, *, key_id: str, device_id: str, device_token: str, now: float
+    ) -> Served | None:
         """The stored envelope of (key, device) if it can be served as it is, else None.
 
         It can when it was built at the current policy epoch, the way this process builds
@@ -120,7 +123,11 @@ class Bundler:
             row = conn.execute(_CACHED, {"device_id": device_id, "key_id": key_id}).first()
         if row is None:
             return None
-        version, envelope, issued_at, stored_epoch, built_with, epoch = row
+        version, envelope, issued_at, stored_epoch, built_with, epoch, status, token_hash = row
+        if status != "approved" or token_hash is None:
+            return None  # the full path gives the 401 or 403 answer
+        if not hmac.compare_digest(sha256_hex(device_token), token_hash):
+            return None
         if stored_epoch != epoch or built_with != self.built_with:
             return None
         if not self._young(issued_at, now=now):
@@ -279,6 +286,8 @@ def _cached_query() -> Any:
             bundles.c.policy_epoch,
             bundles.c.built_with,
             epochs.c.epoch,
+            devices.c.status,
+            devices.c.token_hash,
         )
         .select_from(
             bundles.join(devices, devices.c.id == bundles.c.device_id).join(

@@ -93,6 +93,10 @@ class VirtualKey(SQLModel, table=True):
     token_budget_tokens: int | None = Field(default=None, sa_type=BigInteger)
     token_budget_period: str | None = None
     token_budget_rolling: bool = False
+    max_devices: int = 1
+    ci: bool = False
+    enrol_code_hash: str | None = None
+    enrol_code_expires_at: float | None = None
 
 
 class Device(SQLModel, table=True):
@@ -103,6 +107,10 @@ class Device(SQLModel, table=True):
     name: str
     created_at: float
     last_seen_at: float | None = None  # the last usage sync (``alerts.note_sync``)
+    status: str = "approved"  # pending, approved or revoked (``devices``)
+    token_hash: str | None = None
+    decided_at: float | None = None
+    decided_by: str | None = None
 
 
 class AuditEntry(SQLModel, table=True):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlmodel import select
+from sqlalchemy import Engine, update
+from sqlmodel import Session, select
 
 from ccgate.periods import format_utc
 from ccgate.server import db, validate
@@ -51,9 +52,25 @@ def authenticate_key(engine: Engine, token: str | None, *, now: float) -> Virtua
     return row
 
 
+MAX_PENDING = 5
+"""Pending devices a key may hold at once: a leaked key cannot flood the approval queue."""
+CI_WINDOW_S = 86_400
+"""A CI key's ``max_devices`` bounds its enrolments in this rolling window (runners come and go)."""
+TOKEN_HEADER = "x-ccgate-device-token"
+_TOKEN_MIN, _TOKEN_MAX = 32, 256
+_APPROVE = "ask your ccgate admin to run `ccgate admin devices approve {id}`"
+
+
 def register_device(
     engine: Engine, key: VirtualKey, body: Mapping[str, Any], *, now: float
-) -> dict[str, Any]:
+) -> tuple[int, dict[str, Any]]:
+    """Enrol a device for ``key``: approved at once, pending an admin's approval, or refused.
+
+    Approved at once when it presents the key's one-time enrolment code, when the key is a CI
+    key (runners enrol unattended, ``max_devices`` per day), or when it is the first device of a
+    key that never had one nor an enrolment code (trust on first use). Any other device waits
+    for ``ccgate admin devices approve``. Every outcome, refusals included, is audited.
+    """
     public_key = body.get("public_key")
     try:
         raw = base64.b64decode(public_key, validate=True) if isinstance(public_key, str) else b""
@@ -62,35 +79,164 @@ def register_device(
     if len(raw) != 32:
         raise InvalidRequestError("'public_key' must be standard base64 of a 32-byte X25519 key.")
     name = validate.string(body, "name", max_len=255)
-    device = Device(
-        id=new_id("dev"), key_id=key.id, public_key=str(public_key), name=name, created_at=now
-    )
-    with db.session(engine) as session:
-        session.add(device)
-        session.add(
-            AuditEntry(
-                at=now,
-                actor=key.id,
-                action="device.register",
-                target=device.id,
-                detail=json.dumps({"key": key.name, "name": name}, sort_keys=True),
-            )
+    token = body.get("device_token")
+    if not isinstance(token, str) or not _TOKEN_MIN <= len(token) <= _TOKEN_MAX:
+        raise InvalidRequestError(
+            f"'device_token' must be a string of {_TOKEN_MIN}-{_TOKEN_MAX} characters; "
+            "update ccgate and run `ccgate login` again."
         )
+    code = body.get("enrolment_code")
+    if code is not None and not isinstance(code, str):
+        raise InvalidRequestError("'enrolment_code' must be a string.")
+    with db.session(engine) as session:
+        lock_key(session, key.id)
+        row = session.get(VirtualKey, key.id) or key
+        devices = session.exec(select(Device).where(Device.key_id == key.id)).all()
+        approved = [d for d in devices if d.status == "approved"]
+        pending = [d for d in devices if d.status == "pending"]
+        via = _approval(row, devices, code, now=now)
+        refusal = _refusal(row, devices, approved, pending, via=via, now=now)
+        detail: dict[str, Any] = {"key": key.name, "name": name}
+        if refusal is not None:
+            session.add(_audit(now, key.id, "device.refused", key.name, {**detail, "why": refusal}))
+            session.commit()
+            raise PermissionDeniedError(refusal)
+        device = Device(
+            id=new_id("dev"),
+            key_id=key.id,
+            public_key=str(public_key),
+            name=name,
+            created_at=now,
+            status="approved" if via else "pending",
+            token_hash=sha256_hex(token),
+            decided_at=now if via else None,
+            decided_by=f"enrolment:{via}" if via else None,
+        )
+        session.add(device)
+        if via == "code":
+            row.enrol_code_hash = None  # one time only
+            session.add(row)
+        action = "device.enrol" if via else "device.pending"
+        # No epoch bump: a new device has no stored envelope an older policy could have shaped.
+        session.add(_audit(now, key.id, action, device.id, {**detail, "via": via or "approval"}))
         session.commit()
-    return {"device_id": device.id, "key_id": key.id}
+    answer = {"device_id": device.id, "key_id": key.id, "status": device.status}
+    if device.status == "pending":
+        ask = _APPROVE.format(id=device.id)
+        answer["message"] = f"Device {device.id} is enrolled but waits for approval: {ask}."
+        return 202, answer
+    return 201, answer
 
 
-def device_for(engine: Engine, key: VirtualKey, device_id: str | None) -> Device:
-    """The device named by the header, which must belong to ``key``."""
+def lock_key(session: Session, key_id: str) -> None:
+    """Serialise enrolments and approvals of one key: a no-op UPDATE of its row takes the row
+    lock (PostgreSQL) or the write lock (SQLite) before the devices are counted, so two logins
+    at once cannot both be "the first device", nor two approvals both fit under the limit."""
+    keys = VirtualKey.__table__  # type: ignore[attr-defined]
+    session.execute(update(keys).where(keys.c.id == key_id).values(max_devices=keys.c.max_devices))
+
+
+def normalise_code(code: str) -> str:
+    return "".join(ch for ch in code.upper() if ch.isalnum())
+
+
+def _approval(
+    key: VirtualKey, devices: Sequence[Device], code: str | None, *, now: float
+) -> str | None:
+    """How a new device is approved at enrolment ("code", "ci", "first"), or None: pending."""
+    if (
+        code
+        and key.enrol_code_hash is not None
+        and key.enrol_code_expires_at is not None
+        and now < key.enrol_code_expires_at
+        and hmac.compare_digest(sha256_hex(normalise_code(code)), key.enrol_code_hash)
+    ):
+        return "code"
+    if key.ci:
+        return "ci"
+    if not devices and key.enrol_code_expires_at is None:
+        return "first"
+    return None
+
+
+def _refusal(
+    key: VirtualKey,
+    devices: Sequence[Device],
+    approved: Sequence[Device],
+    pending: Sequence[Device],
+    *,
+    via: str | None,
+    now: float,
+) -> str | None:
+    if key.ci:
+        recent = [d for d in devices if d.created_at > now - CI_WINDOW_S]
+        if len(recent) >= key.max_devices:
+            return (
+                f"The CI key {key.name!r} enrolled {len(recent)} devices in the last 24 hours, "
+                f"its limit (max_devices {key.max_devices}); ask your ccgate admin to raise it "
+                "(`ccgate admin keys update --max-devices N`)."
+            )
+        return None
+    if via and len(approved) >= key.max_devices:
+        return (
+            f"The key {key.name!r} already has {len(approved)} approved device(s), its limit "
+            f"(max_devices {key.max_devices}); ask your ccgate admin to revoke one "
+            "(`ccgate admin devices revoke ID`) or raise the limit."
+        )
+    if not via and len(pending) >= MAX_PENDING:
+        return (
+            f"The key {key.name!r} has {len(pending)} devices waiting for approval already; "
+            "ask your ccgate admin to approve or revoke them (`ccgate admin devices list`)."
+        )
+    return None
+
+
+def _audit(now: float, actor: str, action: str, target: str, detail: Mapping[str, Any]) -> Any:
+    return AuditEntry(
+        at=now, actor=actor, action=action, target=target, detail=json.dumps(detail, sort_keys=True)
+    )
+
+
+def device_for(
+    engine: Engine, key: VirtualKey, device_id: str | None, token: str | None, *, now: float
+) -> Device:
+    """The approved device named by the header, which must belong to ``key`` and present its
+    device token: the virtual key alone never gets a bundle, usage or a lease."""
     if not device_id:
         raise BadRequestError(
             f"Missing the {DEVICE_HEADER} header; run `ccgate login` to register this machine."
         )
     with db.session(engine) as session:
         device = session.get(Device, device_id)
-    if device is None or device.key_id != key.id:
+        if device is None or device.key_id != key.id:
+            raise PermissionDeniedError(
+                f"Device {device_id} is not registered for the key {key.name!r}; run `ccgate "
+                "login` again to register this machine."
+            )
+        if not token:
+            raise AuthenticationError(
+                f"Missing the {TOKEN_HEADER} header: update ccgate and run `ccgate login` again."
+            )
+        if device.token_hash is None:
+            # Registered before device tokens existed: its first token binds (see m013).
+            device.token_hash = sha256_hex(token)
+            session.add(device)
+            session.add(_audit(now, key.id, "device.token_bound", device.id, {"key": key.name}))
+            session.commit()
+        elif not hmac.compare_digest(sha256_hex(token), device.token_hash):
+            session.add(_audit(now, key.id, "device.token_refused", device.id, {"key": key.name}))
+            session.commit()
+            raise AuthenticationError(
+                f"The device token for {device_id} is wrong: this machine is not that device. "
+                "Run `ccgate login` to enrol it."
+            )
+    if device.status == "pending":
         raise PermissionDeniedError(
-            f"Device {device_id} is not registered for the key {key.name!r}; run `ccgate login` "
-            "again to register this machine."
+            f"Device {device.id} waits for approval: {_APPROVE.format(id=device.id)}."
+        )
+    if device.status != "approved":
+        raise PermissionDeniedError(
+            f"Device {device.id} was revoked by your ccgate admin. Run `ccgate login` to enrol "
+            "this machine again, then ask your admin to approve it."
         )
     return device

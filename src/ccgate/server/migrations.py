@@ -400,6 +400,36 @@ def m012_usage_pricing_inputs(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE usage ADD COLUMN {column}"))
 
 
+def m013_device_enrolment(conn: Connection) -> None:
+    """Bounded, explicit device enrolment (issue #10).
+
+    A key gets a device limit, a CI flag (CI runners enrol unattended) and an optional one-time
+    enrolment code (its hash and expiry). A device gets a status (pending, approved, revoked),
+    the hash of its device token, and who decided it and when. Devices registered before this
+    step stay approved; they have no token hash yet, so their first poll with a token binds it.
+
+    It also repairs what older servers accepted: an ``expires_at`` of Infinity (or NaN, which
+    PostgreSQL sorts above every number) made every later key listing and bundle a 500; it
+    becomes "never", what such a key behaved as. A negative one becomes 0: already expired.
+    """
+    for column in (
+        "max_devices INTEGER DEFAULT 1 NOT NULL",
+        "ci BOOLEAN DEFAULT FALSE NOT NULL",
+        "enrol_code_hash VARCHAR(64)",
+        "enrol_code_expires_at FLOAT",
+    ):
+        conn.execute(text(f"ALTER TABLE keys ADD COLUMN {column}"))
+    for column in (
+        "status VARCHAR(16) DEFAULT 'approved' NOT NULL",
+        "token_hash VARCHAR(64)",
+        "decided_at FLOAT",
+        "decided_by VARCHAR(64)",
+    ):
+        conn.execute(text(f"ALTER TABLE devices ADD COLUMN {column}"))
+    conn.execute(text("UPDATE keys SET expires_at = NULL WHERE expires_at > 253402300799"))
+    conn.execute(text("UPDATE keys SET expires_at = 0 WHERE expires_at < 0"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -413,6 +443,7 @@ MIGRATIONS: Sequence[Migration] = (
     m010_alerts,
     m011_ui_sessions,
     m012_usage_pricing_inputs,
+    m013_device_enrolment,
 )
 
 

@@ -133,6 +133,12 @@ SCHEMAS: dict[str, Any] = {
             "auth": {"enum": ["provider", "passthrough"]},
             "offline_grace_micros": _INT,
             "token_budget": _nullable(_ref("TokenBudget")),
+            "max_devices": {"type": "integer", "minimum": 1, "maximum": 10_000},
+            "ci": _BOOL,
+            "enrolment_code": {
+                "type": "boolean",
+                "description": "true: issue a new one-time enrolment code (returned once).",
+            },
         }
     ),
     "KeyCreate": {
@@ -154,6 +160,10 @@ SCHEMAS: dict[str, Any] = {
             "auth": _STR,
             "offline_grace_micros": _INT,
             "token_budget": _nullable(_ref("TokenBudget")),
+            "max_devices": _INT,
+            "ci": _BOOL,
+            "enrolment_code_expires_at": _nullable(_NUM),
+            "enrolment_code": {"type": "string", "description": "Only when just issued."},
             "created_at": _NUM,
         }
     ),
@@ -161,6 +171,36 @@ SCHEMAS: dict[str, Any] = {
         "allOf": [_ref("KeyInfo"), _obj({"key": _STR}, required=("key",))],
         "description": "The only response that ever carries the virtual key.",
     },
+    "DeviceEnrol": _obj(
+        {
+            "public_key": _STR,
+            "name": _STR,
+            "device_token": {"type": "string", "minLength": 32, "maxLength": 256},
+            "enrolment_code": _STR,
+        },
+        required=("public_key", "name", "device_token"),
+    ),
+    "Enrolled": _obj(
+        {
+            "device_id": _STR,
+            "key_id": _STR,
+            "status": {"enum": ["approved", "pending"]},
+            "message": _STR,
+        },
+        required=("device_id", "key_id", "status"),
+    ),
+    "Device": _obj(
+        {
+            "id": _STR,
+            "key": _STR,
+            "name": _STR,
+            "status": {"enum": ["pending", "approved", "revoked"]},
+            "public_key": _STR,
+            "created_at": _NUM,
+            "decided_at": _nullable(_NUM),
+            "decided_by": _nullable(_STR),
+        }
+    ),
     "UsageRecord": _obj(
         {
             "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
@@ -373,7 +413,9 @@ def _param(name: str, where: str, schema: dict[str, Any], *, required: bool) -> 
 
 
 _DEVICE = _param("x-ccgate-device", "header", _STR, required=True)
+_DEVICE_TOKEN = _param("x-ccgate-device-token", "header", _STR, required=True)
 _NAME = _param("name", "path", _STR, required=True)
+_DEVICE_ID = _param("device_id", "path", _STR, required=True)
 
 
 def _list(key: str, item: str) -> dict[str, Any]:
@@ -397,11 +439,19 @@ def _public_paths() -> dict[str, Any]:
         },
         "/v1/devices": {
             "post": _op(
-                "Register a device's X25519 public key for the authenticated virtual key",
-                ok=_obj({"device_id": _STR, "key_id": _STR}),
+                "Enrol a device's X25519 public key and device token for the virtual key: 201 "
+                "approved (first device, enrolment code, CI key), 202 pending approval, 403 at "
+                "the key's device limit",
+                ok=_ref("Enrolled"),
                 status="201",
-                body=_obj({"public_key": _STR, "name": _STR}, required=("public_key", "name")),
+                body=_ref("DeviceEnrol"),
                 security=key,
+                extra={
+                    "202": {
+                        "description": "Enrolled, waiting for `ccgate admin devices approve`",
+                        **_json_content(_ref("Enrolled")),
+                    }
+                },
             )
         },
         "/v1/bundle": {
@@ -409,7 +459,11 @@ def _public_paths() -> dict[str, Any]:
                 'The signed policy bundle for this key and device (ETag "v<version>")',
                 ok=_ref("Envelope"),
                 security=key,
-                params=[_DEVICE, _param("if-none-match", "header", _STR, required=False)],
+                params=[
+                    _DEVICE,
+                    _DEVICE_TOKEN,
+                    _param("if-none-match", "header", _STR, required=False),
+                ],
                 extra={"304": {"description": "Unchanged since the ETag given"}},
             )
         },
@@ -419,7 +473,7 @@ def _public_paths() -> dict[str, Any]:
                 ok=_obj({"accepted": _INT, "duplicates": _INT, "spent": _ref("Spent")}),
                 body=_obj({"records": {"type": "array", "items": _ref("UsageRecord")}}),
                 security=key,
-                params=[_DEVICE],
+                params=[_DEVICE, _DEVICE_TOKEN],
             )
         },
         "/v1/leases": {
@@ -428,7 +482,7 @@ def _public_paths() -> dict[str, Any]:
                 ok=_ref("LeaseGrant"),
                 body=_ref("LeaseRequest"),
                 security=key,
-                params=[_DEVICE],
+                params=[_DEVICE, _DEVICE_TOKEN],
             )
         },
         "/v1/leases/{lease_id}/return": {
@@ -437,7 +491,7 @@ def _public_paths() -> dict[str, Any]:
                 ok=_obj({"returned": {"const": True}, "used_micros": _INT}),
                 body={"type": "object"},
                 security=key,
-                params=[_DEVICE, _param("lease_id", "path", _STR, required=True)],
+                params=[_DEVICE, _DEVICE_TOKEN, _param("lease_id", "path", _STR, required=True)],
             )
         },
     }
@@ -626,6 +680,38 @@ def _admin_paths() -> dict[str, Any]:
                 ok=_obj({"entries": {"type": "array", "items": _ref("AuditEntry")}}),
                 security=adm,
                 params=[_param("limit", "query", _INT, required=False)],
+            )
+        },
+        f"{p}/devices": {
+            "get": _op(
+                "Enrolled devices, oldest first; ?key= and ?status= filter",
+                ok=_list("devices", "Device"),
+                security=adm,
+                params=[
+                    _param("key", "query", _STR, required=False),
+                    _param(
+                        "status",
+                        "query",
+                        {"enum": ["pending", "approved", "revoked"]},
+                        required=False,
+                    ),
+                ],
+            )
+        },
+        f"{p}/devices/{{device_id}}/approve": {
+            "post": _op(
+                "Approve a pending device (409 at the key's limit or when revoked)",
+                ok=_ref("Device"),
+                security=adm,
+                params=[_DEVICE_ID],
+            )
+        },
+        f"{p}/devices/{{device_id}}/revoke": {
+            "post": _op(
+                "Revoke a device: it gets no bundle, usage or lease from now on",
+                ok=_ref("Device"),
+                security=adm,
+                params=[_DEVICE_ID],
             )
         },
     }

@@ -73,7 +73,19 @@ class ServerPaths:
 
     def ensure(self) -> None:
         for folder in (self.config_dir, self.data_dir):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            mkdir_private(folder)
+
+
+def mkdir_private(folder: Path) -> None:
+    """``folder`` and every missing parent at 0700: ``mkdir(parents=True, mode=...)`` gives
+    the parents (a CCGATE_HOME the server creates) the umask's 0755 instead."""
+    missing: list[Path] = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
 
 
 def sha256_hex(text: str) -> str:

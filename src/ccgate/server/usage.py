@@ -56,6 +56,7 @@ _PRICING_TEXT: Final = {
 _ID = re.compile(r"[0-9a-f]{32}")
 _LEASE_ID = re.compile(r"lse_[0-9a-f]{16}")
 _MAX_COUNT = 2**62
+_MAX_INT32 = 2**31 - 1
 
 UsageBy = Literal["key", "team", "customer"]
 
@@ -158,15 +159,18 @@ def _record(raw: Any, *, index: int) -> dict[str, Any]:
     if isinstance(started_at, bool) or not isinstance(started_at, int | float):
         raise InvalidRequestError(f"{where}.started_at must be epoch seconds.")
     outcome = raw.get("outcome", "ok")
-    if outcome not in OUTCOMES:
+    if not isinstance(outcome, str) or outcome not in OUTCOMES:  # a dict is not hashable
         raise InvalidRequestError(f"{where}.outcome must be one of {sorted(OUTCOMES)}.")
     record: dict[str, Any] = {"id": record_id, "started_at": float(started_at), "outcome": outcome}
     for name in _COUNT_FIELDS:
         value = raw.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_COUNT:
+        limit = _MAX_INT32 if name == "web_search_requests" else _MAX_COUNT  # its column's
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
             raise InvalidRequestError(f"{where}.{name} must be a whole number >= 0.")
         record[name] = value
     record["status"] = _optional(raw, "status", int, where)
+    if record["status"] is not None and not 0 <= record["status"] <= 999:
+        raise InvalidRequestError(f"{where}.status must be an HTTP status.")
     record["latency_ms"] = _optional(raw, "latency_ms", (int, float), where)
     record["streamed"] = bool(raw.get("streamed", False))
     for name in ("model", "session_id", "provider", "billing"):

@@ -38,24 +38,47 @@ def string(body: Mapping[str, Any], field: str, *, max_len: int = 2048) -> str:
     return value
 
 
+MAX_INT32 = 2**31 - 1  # an INTEGER column on PostgreSQL
+MAX_EPOCH_S = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last second datetime can show
+
+
 def integer(
-    body: Mapping[str, Any], field: str, *, default: int | None, minimum: int = 0
+    body: Mapping[str, Any],
+    field: str,
+    *,
+    default: int | None,
+    minimum: int = 0,
+    maximum: int = MAX_INT32,
 ) -> int | None:
     value = body.get(field, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidRequestError(f"{field!r} must be an integer >= {minimum}; got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidRequestError(
+            f"{field!r} must be an integer from {minimum} to {maximum}; got {_short(value)}."
+        )
     return value
 
 
 def number(body: Mapping[str, Any], field: str) -> float | None:
+    """Epoch seconds: finite and within what a date can show (NaN would never compare)."""
     value = body.get(field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"{field!r} must be a number (epoch seconds); got {value!r}.")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_EPOCH_S  # False for NaN too
+    ):
+        raise InvalidRequestError(
+            f"{field!r} must be epoch seconds from 0 to {MAX_EPOCH_S:.0f}; got {_short(value)}."
+        )
     return float(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def budget(value: Any) -> tuple[int, str, bool] | None:
