@@ -239,3 +239,26 @@ class ProcStats:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
         return None
+
+
+# -- other gateways -----------------------------------------------------------------------------
+
+
+def spawn(*, command: list[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a child in its own session (see the module docstring), output to ``log``."""
+    return _spawn(command=command, env=env, log=log)
+
+
+def wait_http(
+    url: str, process: subprocess.Popen[bytes], log: Path, *, name: str, timeout: float
+) -> None:
+    """Wait until ``url`` answers any HTTP status below 500, or fail with the log's tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0, trust_env=False).status_code < 500:
+                return
+        time.sleep(0.1)
+    raise _fail_start(name, process, log)
