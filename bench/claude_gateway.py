@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import secrets
 import subprocess
 import threading
@@ -40,7 +41,26 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from bench.processes import REPO, UPSTREAM_KEY, BenchError, Service, free_port, spawn, stop
 from bench.processes import wait_http as _wait_http
 
-CLAUDE = REPO / "tests" / "claude" / "node_modules" / ".bin" / "claude"
+# Where Claude Code is installed: tests/claude (scripts/test installs it there), or a copy the
+# bench installed itself with `npm ci` from the same lock file (bench/.claude-code), or a path
+# given in CCGATE_BENCH_CLAUDE.
+_CANDIDATES = (
+    REPO / "tests" / "claude" / "node_modules" / ".bin" / "claude",
+    REPO / "bench" / ".claude-code" / "node_modules" / ".bin" / "claude",
+)
+
+
+def _claude() -> Path:
+    given = os.environ.get("CCGATE_BENCH_CLAUDE")
+    if given:
+        return Path(given)
+    for candidate in _CANDIDATES:
+        if candidate.exists():  # follows the symlink; a dangling one does not count
+            return candidate
+    return _CANDIDATES[0]
+
+
+CLAUDE = _claude()
 CLIENT_ID = "ccgate-bench-gateway"
 DEVICE_CLIENT_ID = "claude-code"  # the client id Claude Code itself uses in the device flow
 USER_EMAIL = "dev@example.com"
@@ -219,7 +239,11 @@ def _config(
     base = f"http://127.0.0.1:{port}"
     config = {
         "listen": {"host": "127.0.0.1", "port": port, "public_url": base},
-        "oidc": {"issuer": oidc.issuer, "client_id": CLIENT_ID, "client_secret": oidc.client_secret},
+        "oidc": {
+            "issuer": oidc.issuer,
+            "client_id": CLIENT_ID,
+            "client_secret": oidc.client_secret,
+        },
         "session": {"jwt_secret": secrets.token_urlsafe(48), "ttl_hours": 8},
         "store": {"postgres_url": postgres_url},
         "upstreams": [
@@ -261,7 +285,9 @@ def gateway(
         child["CLAUDE_GATEWAY_ALLOW_LOOPBACK"] = "1"
         child.pop("ANTHROPIC_API_KEY", None)
         log = work / "claude-gateway.log"
-        process = spawn(command=[str(CLAUDE), "gateway", "--config", str(config)], env=child, log=log)
+        process = spawn(
+            command=[str(CLAUDE), "gateway", "--config", str(config)], env=child, log=log
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_http(base + "/healthz", process, log, name="claude gateway", timeout=timeout)

@@ -55,8 +55,11 @@ def install(*, progress: object = None) -> None:
 
 def version() -> str | None:
     done = subprocess.run(
-        [str(VENV / "bin" / "python"), "-c", "import importlib.metadata as m;"
-         "print(m.version('litellm'))"],
+        [
+            str(VENV / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m;print(m.version('litellm'))",
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -74,8 +74,19 @@ def cluster() -> Iterator[str]:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
         _as_postgres(
-            [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w"]
-            + ["-t", "60", "-o", options, "start"],
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(folder / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "start",
+            ],
             log=log,
         )
         try:

@@ -86,3 +86,54 @@ def test_percentiles_interpolate_and_added_is_ccgate_minus_direct() -> None:
     compared = compare_ms(direct_s=[0.001, 0.002, 0.003], ccgate_s=[0.004, 0.005, 0.006])
     assert compared["added"] == {"p50": 3.0, "p95": 3.0, "p99": 3.0}
     assert compared["direct"]["p50"] == 2.0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: Path) -> None:
+    """`scripts/bench --quick`: the CI smoke run of the whole suite (nothing about timings)."""
+    out = tmp_path / "suite.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.suite", "--quick", "--no-install", "--json", str(out)],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    names = doc["target_names"]
+    assert names[:2] == ["direct", "ccgate"]
+    for table in (
+        doc["streaming"]["ttfb_ms"],
+        doc["streaming"]["total_ms"],
+        doc["non_streaming"]["latency_ms"],
+    ):
+        assert set(table) == set(names)
+        assert all("added" in table[name] for name in names[1:])
+    # Every target in the path answered every phase, and its process was measured.
+    assert set(doc["load"]["requests_per_s"]) == set(names)
+    assert set(doc["cpu_ms_per_stream"]) == set(names[1:])
+    slow = doc["slow_streams"]
+    assert slow["ledger_rows_added"] == slow["ledger_rows_expected"] == slow["streams"] + 1
+    assert doc["cli"]["usage_rows"] == 5_000
+    assert doc["server"]["syncs"][0]["database"] == "SQLite"
+    measures = [row["measure"] for row in doc["targets"]]
+    for wanted in (
+        "non-streaming 100 KB, p50",
+        "first byte",
+        "CPU per streaming",
+        "Requests/s",
+        "slow streams",
+        "RSS idle",
+        "--help",
+        "status",
+        "usage",
+        "syncs/s",
+    ):
+        assert any(wanted in m for m in measures), wanted
+    assert "| Measure | Target | Measured | Met? |" in result.stdout
+    for pid in doc["processes"].values():
+        assert not _alive(pid)
