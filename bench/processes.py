@@ -151,12 +151,20 @@ def _wait_announced(process: subprocess.Popen[bytes], log: Path, *, timeout: flo
 
 @contextlib.contextmanager
 def ccgate_daemon(
-    *, upstream_url: str, env: Mapping[str, str], work: Path, timeout: float = 30.0
+    *,
+    upstream_url: str,
+    env: Mapping[str, str],
+    work: Path,
+    timeout: float = 30.0,
+    module: str = "ccgate",
 ) -> Iterator[Service]:
-    """A foreground ``ccgate daemon`` between the benchmark and ``upstream_url``."""
+    """A foreground ``ccgate daemon`` between the benchmark and ``upstream_url``.
+
+    ``module`` is what ``python -m`` runs: ``bench.instrumented_daemon`` adds timestamps.
+    """
     port = free_port()
     log = work / "daemon.log"
-    command = [sys.executable, "-m", "ccgate", "daemon", "--port", str(port)]
+    command = [sys.executable, "-m", module, "daemon", "--port", str(port)]
     command += ["--upstream", upstream_url]
     process = _spawn(command=command, env=env, log=log)
     try:
