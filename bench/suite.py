@@ -36,6 +36,7 @@ import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -526,6 +527,18 @@ def _cli_phase(state: _Run, *, progress: Progress) -> dict[str, Any]:
     status_ms = cli_bench.median_ms(
         cli_bench.wall_times(["status"], env=env, runs=s.cli_runs, check=False)
     )
+    shown = subprocess.run(
+        [*cli_bench.ccgate_command(), "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        status_running = bool(json.loads(shown.stdout)["running"])
+    except (ValueError, KeyError, TypeError):
+        status_running = False
     usage_home = state.work / "usage-home"
     usage_env = {**env, "CCGATE_HOME": str(usage_home)}
     usage_home.mkdir()
@@ -543,6 +556,7 @@ def _cli_phase(state: _Run, *, progress: Progress) -> dict[str, Any]:
         "runs": s.cli_runs,
         "help_ms": help_ms,
         "status_ms": status_ms,
+        "status_saw_daemon": status_running,  # status timed against the running daemon
         "usage_rows": s.usage_rows,
         "usage_ms": usage_ms,
         "usage_json_ms": usage_json_ms,
@@ -660,7 +674,9 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
         )
     slow = result["slow_streams"]
     c = slow[CCGATE]
-    ok_time = c["ratio_to_one"] <= 1.5
+    # "In the time of one": within a quarter of one slow stream alone (direct's own 64 take
+    # longer than one on a 2-core machine shared with the client).
+    ok_time = c["ratio_to_one"] <= 1.25
     ok_gap = slow["added_gap_ms"]["p50"] <= 1.0
     ok_rows = slow["ledger_rows_added"] >= slow["ledger_rows_expected"]
     met = (
@@ -675,7 +691,8 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
         Row(
             f"{slow['streams']} concurrent slow streams ({slow['event_delay_ms']} ms events)",
             "time of one, no added gap, all logged",
-            f"{c['all_concurrent_s']:.2f} s vs {c['one_stream_s']:.2f} s alone; gap "
+            f"{c['all_concurrent_s']:.2f} s vs {c['one_stream_s']:.2f} s alone (direct "
+            f"{slow[DIRECT]['all_concurrent_s']:.2f} s); gap "
             f"{slow['added_gap_ms']['p50']:+.2f} ms p50; {slow['ledger_rows_added']}/"
             f"{slow['ledger_rows_expected']} rows",
             met,
@@ -721,6 +738,11 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
                 )
             )
     return [row.__dict__ for row in rows]
+
+
+def _per_core(cpu_ms: float | None) -> float | None:
+    """What one core could serve if the server's CPU were the only limit."""
+    return None if not cpu_ms else 1000 / cpu_ms
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -793,8 +815,17 @@ def render(result: dict[str, Any]) -> str:
     if result.get("server"):
         out += [
             "",
-            _md(["Server", "processes", "daemons", "syncs/s", "server CPU ms / sync"]),
-            _md(["---", "---:", "---:", "---:", "---:"]),
+            _md(
+                [
+                    "Server",
+                    "processes",
+                    "daemons",
+                    "syncs/s",
+                    "server CPU ms / sync",
+                    "syncs/s per server CPU core",
+                ]
+            ),
+            _md(["---", "---:", "---:", "---:", "---:", "---:"]),
         ]
         for sync in result["server"]["syncs"]:
             out.append(
@@ -805,6 +836,7 @@ def render(result: dict[str, Any]) -> str:
                         f"{sync['daemons']:,}",
                         f"{sync['syncs_per_s']:,.0f}",
                         report.number(sync["server_cpu_ms_per_sync"], digits=2),
+                        report.number(_per_core(sync["server_cpu_ms_per_sync"]), digits=0),
                     ]
                 )
             )
