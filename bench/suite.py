@@ -762,10 +762,14 @@ def render(result: dict[str, Any]) -> str:
         f"{s['body_bytes']:,} bytes; versions {result['versions']}; load average at the end "
         f"{m.get('loadavg_at_end')}.",
         "",
-        _md(["Measure", "Target", "Measured", "Met?"]),
-        _md(["---", "---", "---", "---"]),
+        _md(["Measure", "Target", "Measured", "Met?", "Reproduce"]),
+        _md(["---", "---", "---", "---", "---"]),
     ]
-    out += [_md([r["measure"], r["target"], r["measured"], r["met"]]) for r in result["targets"]]
+    command = "`scripts/bench --quick`" if s["quick"] else "`scripts/bench`"
+    out += [
+        _md([r["measure"], r["target"], r["measured"], r["met"], command])
+        for r in result["targets"]
+    ]
     out += ["", "Added latency per target (ms; the target's percentile minus direct's):", ""]
     names = result["target_names"]
     out.append(_md(["Measure", *(f"{n} p50 / p99" for n in names[1:])]))

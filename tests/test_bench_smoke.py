@@ -134,6 +134,6 @@ def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: P
         "syncs/s",
     ):
         assert any(wanted in m for m in measures), wanted
-    assert "| Measure | Target | Measured | Met? |" in result.stdout
+    assert "| Measure | Target | Measured | Met? | Reproduce |" in result.stdout
     for pid in doc["processes"].values():
         assert not _alive(pid)
