@@ -314,6 +314,17 @@ def _set_spend_limit(base: str, write_key: str) -> None:
     )
     if response.status_code >= 300:
         raise BenchError(f"Setting the spend limit: HTTP {response.status_code}: {response.text}")
+    # Read it back: the cap must be live before any measured request, or the gateway would be
+    # measured without its spend check.
+    listed = httpx.get(
+        base + "/v1/organizations/spend_limits",
+        headers={"x-api-key": write_key},
+        timeout=10,
+        trust_env=False,
+    ).json()
+    caps = [c for c in listed.get("data", []) if c.get("amount") == SPEND_CAP_CENTS]
+    if not caps:
+        raise BenchError(f"The gateway does not list the spend limit it was given: {listed}")
 
 
 def device_login(base: str) -> str:
