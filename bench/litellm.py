@@ -39,7 +39,7 @@ def installed() -> bool:
     return executable().exists()
 
 
-def install(*, progress: object = None) -> None:
+def install() -> None:
     """Create the venv and ``pip install 'litellm[proxy]'`` into it (minutes, the first time)."""
     if installed():
         return
