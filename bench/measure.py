@@ -24,6 +24,10 @@ from bench.processes import BenchError
 from bench.workload import MESSAGES_PATH
 
 _STREAM_END = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+# LiteLLM's /v1/messages re-serialises events (spacing, key order), so a stream is checked for
+# a message_stop event in its last bytes rather than for the upstream's exact bytes.
+_STOP_MARK = b"message_stop"
+_TAIL = 256
 _TIMEOUT = httpx.Timeout(30.0)
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -33,10 +37,12 @@ class Target:
     name: str
     base_url: str
     headers: dict[str, str]
+    path: str = MESSAGES_PATH  # LiteLLM's pass-through route is /anthropic/v1/messages
+    pid: int | None = None  # the process between client and upstream (None: direct)
 
     @property
     def url(self) -> str:
-        return self.base_url + MESSAGES_PATH
+        return self.base_url + self.path
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def sync_client() -> httpx.Client:
 def _check(target: Target, status: int, tail: bytes, *, stream: bool) -> None:
     if status != 200:
         raise BenchError(f"{target.name}: HTTP {status} (expected 200); see the logs.")
-    if stream and not tail.endswith(_STREAM_END):
+    if stream and _STOP_MARK not in tail[-len(_STREAM_END) - 16 :]:
         raise BenchError(f"{target.name}: the stream ended without message_stop: {tail[-200:]!r}")
 
 
@@ -99,7 +105,7 @@ def stream_once(client: httpx.Client, target: Target, body: bytes) -> Timing:
         for chunk in response.iter_raw():
             if first is None:
                 first = time.perf_counter()
-            tail = (tail + chunk)[-len(_STREAM_END) :]
+            tail = (tail + chunk)[-_TAIL:]
         end = time.perf_counter()
     finally:
         response.close()
@@ -151,7 +157,7 @@ async def _stream_async(client: httpx.AsyncClient, target: Target, body: bytes) 
     tail = b""
     async with client.stream("POST", target.url, content=body, headers=target.headers) as response:
         async for chunk in response.aiter_raw():
-            tail = (tail + chunk)[-len(_STREAM_END) :]
+            tail = (tail + chunk)[-_TAIL:]
     _check(target, response.status_code, tail, stream=True)
     return time.perf_counter() - start
 

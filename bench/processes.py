@@ -151,12 +151,20 @@ def _wait_announced(process: subprocess.Popen[bytes], log: Path, *, timeout: flo
 
 @contextlib.contextmanager
 def ccgate_daemon(
-    *, upstream_url: str, env: Mapping[str, str], work: Path, timeout: float = 30.0
+    *,
+    upstream_url: str,
+    env: Mapping[str, str],
+    work: Path,
+    timeout: float = 30.0,
+    module: str = "ccgate",
 ) -> Iterator[Service]:
-    """A foreground ``ccgate daemon`` between the benchmark and ``upstream_url``."""
+    """A foreground ``ccgate daemon`` between the benchmark and ``upstream_url``.
+
+    ``module`` is what ``python -m`` runs: ``bench.instrumented_daemon`` adds timestamps.
+    """
     port = free_port()
     log = work / "daemon.log"
-    command = [sys.executable, "-m", "ccgate", "daemon", "--port", str(port)]
+    command = [sys.executable, "-m", module, "daemon", "--port", str(port)]
     command += ["--upstream", upstream_url]
     process = _spawn(command=command, env=env, log=log)
     try:
@@ -239,3 +247,26 @@ class ProcStats:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
         return None
+
+
+# -- other gateways -----------------------------------------------------------------------------
+
+
+def spawn(*, command: list[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a child in its own session (see the module docstring), output to ``log``."""
+    return _spawn(command=command, env=env, log=log)
+
+
+def wait_http(
+    url: str, process: subprocess.Popen[bytes], log: Path, *, name: str, timeout: float
+) -> None:
+    """Wait until ``url`` answers any HTTP status below 500, or fail with the log's tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0, trust_env=False).status_code < 500:
+                return
+        time.sleep(0.1)
+    raise _fail_start(name, process, log)

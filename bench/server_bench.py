@@ -80,11 +80,11 @@ class _Running:
 
 
 @contextlib.contextmanager
-def _server(home: Path, url: str) -> Iterator[_Running]:
+def _server(home: Path, url: str, *, log_name: str = "server.log") -> Iterator[_Running]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["CCGATE_HOME"] = str(home)
-    with open(home / "server.log", "wb") as log:
+    with open(home / log_name, "wb") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -112,7 +112,7 @@ def _server(home: Path, url: str) -> Iterator[_Running]:
                 if httpx.get(f"{base}/healthz", timeout=0.5).status_code == 200:
                     break
             if process.poll() is not None:
-                raise RuntimeError((home / "server.log").read_text())
+                raise RuntimeError((home / log_name).read_text())
             time.sleep(0.05)
         yield _Running(base, process.pid)
     finally:
@@ -316,6 +316,104 @@ def _run_one(label: str, url_for: Callable[[Path], str], args: argparse.Namespac
                 log = (home / "server.log").read_text(errors="replace")
                 print(f"server log (last 3,000 characters):\n{log[-3000:]}", file=sys.stderr)
                 raise
+
+
+# -- syncs per second, with replicas ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    database: str
+    replicas: int
+    daemons: int
+    wall_s: float
+    syncs_per_s: float
+    server_cpu_ms_per_sync: float | None  # all replicas' CPU time per sync (Linux)
+    retried_requests: int
+
+
+async def _sync_across(
+    servers: Sequence[_Running], token: str, *, daemons: int, concurrency: int
+) -> tuple[float, float | None]:
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=64, keepalive_expiry=2.0
+    )
+
+    def client(base: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=base, timeout=120, limits=limits)
+
+    async with client(servers[0].base) as http:
+        fleet = await _setup(http, token, daemons)
+    RETRIES[0] = 0
+    clients = [client(s.base) for s in servers]
+    try:
+
+        async def sync(index: int, device: _Device) -> None:
+            http = clients[index % len(clients)]  # a load balancer's round robin
+            batch = [_record() for _ in range(5)]
+            pushed = await _retrying(
+                http.post, "/v1/usage", headers=device.headers, json={"records": batch}
+            )
+            pushed.raise_for_status()
+            polled = await _retrying(
+                http.get, "/v1/bundle", headers={**device.headers, "if-none-match": device.etag}
+            )
+            assert polled.status_code == 304, polled.status_code
+
+        jobs = [functools.partial(sync, i, d) for i, d in enumerate(fleet)]
+        before = [_cpu_seconds(s.pid) for s in servers]
+        wall = await _bounded(jobs, concurrency)
+        after = [_cpu_seconds(s.pid) for s in servers]
+    finally:
+        for http in clients:
+            await http.aclose()
+    used = 0.0
+    for a, b in zip(after, before, strict=True):
+        if a is None or b is None:
+            return wall, None
+        used += a - b
+    return wall, used
+
+
+def sync_rate(
+    label: str, db_url: str, *, replicas: int, daemons: int, concurrency: int = 64
+) -> SyncResult:
+    """Syncs per second (one POST of 5 records, then one 304 poll) over ``replicas`` servers.
+
+    Every replica is a ``ccgate server run`` on the same database and the same server home
+    (one signing key), as replicas behind a load balancer are; the client sends each device's
+    sync to the next replica in turn. Setup (keys, devices, first bundles) is not timed.
+    """
+    with tempfile.TemporaryDirectory(prefix="ccgate-server-bench-") as tmp:
+        home = Path(tmp)
+        url = db_url or db.sqlite_url(home / "bench.db")
+        resolved = paths.Paths(config_dir=home, data_dir=home, state_dir=home)
+        token = init_server(paths=resolved, environ={}, db_url=url).admin_token
+        with contextlib.ExitStack() as stack:
+            servers = [
+                stack.enter_context(_server(home, url, log_name=f"server-{i}.log"))
+                for i in range(replicas)
+            ]
+            try:
+                wall, cpu = asyncio.run(
+                    _sync_across(servers, token, daemons=daemons, concurrency=concurrency)
+                )
+            except (httpx.HTTPError, AssertionError):
+                for i in range(replicas):
+                    log = (home / f"server-{i}.log").read_text(errors="replace")
+                    print(
+                        f"server {i} log (last 2,000 characters):\n{log[-2000:]}", file=sys.stderr
+                    )
+                raise
+    return SyncResult(
+        database=label,
+        replicas=replicas,
+        daemons=daemons,
+        wall_s=round(wall, 2),
+        syncs_per_s=round(daemons / wall, 1),
+        server_cpu_ms_per_sync=None if cpu is None else round(cpu / daemons * 1000, 2),
+        retried_requests=RETRIES[0],
+    )
 
 
 def _table(results: Sequence[Result]) -> str:

@@ -17,9 +17,13 @@ import socket
 from collections.abc import Sequence
 
 from bench.workload import answer_scenario
-from tests.support.fake_upstream import DEFAULT_API_KEY, FakeUpstream, ReceivedRequest
+from tests.support.fake_upstream import DEFAULT_API_KEY, FakeUpstream, ReceivedRequest, Scenario
 
 DEFAULT_TEXT_CHARS = 1_200
+# A request carrying this header gets a slow stream: events spaced by its value in ms. The
+# slow-stream phase (Claude Code's subagent fan-out) sends it; ccgate forwards it unchanged.
+SLOW_HEADER = "x-bench-event-delay-ms"
+SLOW_TEXT_CHARS = 80  # about 20 SSE events, so one slow stream lasts about a second at 50 ms
 
 
 class _BenchUpstream(FakeUpstream):
@@ -33,8 +37,23 @@ class _BenchUpstream(FakeUpstream):
         # a fast upstream, as api.anthropic.com is.
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    _slow: Scenario | None = None
+
     def _record(self, request: ReceivedRequest) -> None:
-        """Keep nothing: no benchmark reads the requests back."""
+        """Keep nothing: no benchmark reads the requests back; only note a slow-stream ask.
+
+        ``_record`` and ``_next_scenario`` run back to back for each request on the fake's one
+        event loop, with no await between them, so the note cannot leak to another request.
+        """
+        delay = request.headers.get(SLOW_HEADER)
+        self._slow = None
+        if delay is not None:
+            slow = answer_scenario(text_chars=SLOW_TEXT_CHARS)
+            self._slow = Scenario(text=slow.text, usage=slow.usage, delay_s=float(delay) / 1000)
+
+    def _next_scenario(self) -> Scenario:
+        slow, self._slow = self._slow, None
+        return slow if slow is not None else super()._next_scenario()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,3 +86,181 @@ def test_percentiles_interpolate_and_added_is_ccgate_minus_direct() -> None:
     compared = compare_ms(direct_s=[0.001, 0.002, 0.003], ccgate_s=[0.004, 0.005, 0.006])
     assert compared["added"] == {"p50": 3.0, "p95": 3.0, "p99": 3.0}
     assert compared["direct"]["p50"] == 2.0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: Path) -> None:
+    """`scripts/bench --quick`: the CI smoke run of the whole suite (nothing about timings)."""
+    out = tmp_path / "suite.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.suite", "--quick", "--no-install", "--json", str(out)],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    names = doc["target_names"]
+    assert names[:2] == ["direct", "ccgate"]
+    for table in (
+        doc["streaming"]["ttfb_ms"],
+        doc["streaming"]["total_ms"],
+        doc["non_streaming"]["latency_ms"],
+    ):
+        assert set(table) == set(names)
+        assert all("added" in table[name] for name in names[1:])
+    # Every target in the path answered every phase, and its process was measured.
+    assert set(doc["load"]["requests_per_s"]) == set(names)
+    assert set(doc["cpu_ms_per_stream"]) == set(names[1:])
+    slow = doc["slow_streams"]
+    assert slow["ledger_rows_added"] == slow["ledger_rows_expected"] == slow["streams"] + 1
+    assert doc["cli"]["usage_rows"] == 5_000
+    assert doc["server"]["syncs"][0]["database"] == "SQLite"
+    measures = [row["measure"] for row in doc["targets"]]
+    for wanted in (
+        "non-streaming 100 KB, p50",
+        "first byte",
+        "CPU per streaming",
+        "Requests/s",
+        "slow streams",
+        "RSS idle",
+        "--help",
+        "status",
+        "usage",
+        "syncs/s",
+    ):
+        assert any(wanted in m for m in measures), wanted
+    assert "| Measure | Target | Measured | Met? | Reproduce |" in result.stdout
+    for pid in doc["processes"].values():
+        assert not _alive(pid)
+
+
+def test_fake_oidc_signs_id_tokens_its_jwks_verifies(tmp_path: Path) -> None:
+    """Anthropic's gateway accepts only RS256 id_tokens that verify against the JWKS served."""
+    import base64
+
+    import httpx
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    from bench.claude_gateway import FakeOidc
+
+    def unb64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    with FakeOidc() as oidc:
+        discovery = httpx.get(oidc.issuer + "/.well-known/openid-configuration").json()
+        assert discovery["issuer"] == oidc.issuer
+        jwk = httpx.get(discovery["jwks_uri"]).json()["keys"][0]
+        token = oidc.id_token(nonce="n-1", audience="client-a")
+    header, claims, signature = token.split(".")
+    public = rsa.RSAPublicNumbers(
+        int.from_bytes(unb64(jwk["e"]), "big"), int.from_bytes(unb64(jwk["n"]), "big")
+    ).public_key()
+    # Raises InvalidSignature if the token was not signed by the key the JWKS publishes.
+    public.verify(
+        unb64(signature), f"{header}.{claims}".encode(), padding.PKCS1v15(), hashes.SHA256()
+    )
+    body = json.loads(unb64(claims))
+    assert json.loads(unb64(header))["kid"] == jwk["kid"]
+    assert (body["iss"], body["aud"], body["nonce"]) == (oidc.issuer, "client-a", "n-1")
+    assert body["email"] and body["exp"] > body["iat"]
+
+
+def test_ledger_filled_for_usage_is_read_by_ccgate(tmp_path: Path) -> None:
+    """The 1,000,000-row ledger is made the daemon's way: ccgate's reports read every row."""
+    import time
+
+    from bench.cli_bench import fill_ledger
+    from ccgate import reports
+    from ccgate.ledger import Ledger
+
+    path = tmp_path / "ledger.db"
+    now = time.time()
+    fill_ledger(path, rows=2_000, now=now)
+    with Ledger(path, readonly=True) as ledger:
+        report = reports.usage_report(ledger, since=now - 7 * 86_400, by="model", now=now)
+    assert sum(row.requests for row in report.rows) == 2_000
+    assert len(report.rows) == 3  # the three models
+
+
+def _suite_result(*, ours: float, theirs: float, gateway: bool) -> dict[str, object]:
+    def added(value: float) -> dict[str, object]:
+        return {"added": {"p50": value, "p95": value, "p99": value}}
+
+    others = {"LiteLLM /anthropic": added(theirs), "LiteLLM /v1/messages": added(theirs)}
+    if gateway:
+        others["claude gateway"] = added(theirs)
+    table = {"direct": {}, "ccgate": added(ours), **others}
+    slow = {
+        "streams": 64,
+        "event_delay_ms": 50,
+        "direct": {"all_concurrent_s": 1.1},
+        "ccgate": {"all_concurrent_s": 1.1, "one_stream_s": 1.0, "ratio_to_one": 1.1},
+        "added_gap_ms": {"p50": 0.1},
+        "ledger_rows_added": 65,
+        "ledger_rows_expected": 65,
+    }
+    return {
+        "non_streaming": {"latency_ms": table},
+        "streaming": {"ttfb_ms": table, "total_ms": table},
+        "cpu_ms_per_stream": {"ccgate": 0.8},
+        "load": {
+            "concurrency": 16,
+            "share_of_direct": {"ccgate": 0.9},
+            "requests_per_s": {"ccgate": 90.0, "direct": 100.0},
+        },
+        "slow_streams": slow,
+        "rss_kib": {"idle": {"ccgate": 40 * 1024}, "ccgate_under_slow": 70 * 1024},
+        "cli": {"help_ms": 100.0, "status_ms": 120.0, "usage_rows": 1_000_000, "usage_ms": 400.0},
+        "server": {"syncs": [{"database": "SQLite", "replicas": 1, "syncs_per_s": 1_200.0}]},
+    }
+
+
+def test_targets_table_says_met_or_the_distance() -> None:
+    from bench.suite import targets_table
+
+    rows = {
+        r["measure"]: r for r in targets_table(_suite_result(ours=0.4, theirs=15.0, gateway=False))
+    }
+    assert rows["Added latency, non-streaming 100 KB, p50"]["met"] == "met"
+    assert rows["Added latency, non-streaming 100 KB, p99"]["met"] == "met"
+    assert rows["vs LiteLLM /anthropic, non-streaming, p50"]["met"] == "met"  # 37.5x
+    assert rows["vs claude gateway, non-streaming, p50"]["measured"] == "not run"
+    assert rows["Daemon CPU per streaming request"]["met"] == "met"
+    assert rows["Daemon RSS under 64 streams"]["met"] == "not met: +10.00 MiB over"
+    assert rows["`ccgate usage`, 1,000,000-row ledger"]["met"] == "not met: +100.00 ms over"
+    assert rows["Server syncs/s, SQLite, 1 process(es)"]["met"] == "met"
+    assert rows["64 concurrent slow streams (50 ms events)"]["met"] == "met"
+
+    slower = {
+        r["measure"]: r for r in targets_table(_suite_result(ours=1.0, theirs=2.0, gateway=True))
+    }
+    assert slower["Added latency, non-streaming 100 KB, p50"]["met"] == "not met: +0.50 ms over"
+    assert slower["vs claude gateway, first byte, p50"]["met"] == "not met: 2.0x of 3x"
+
+
+def test_profile_summary_sets_idle_waits_apart(tmp_path: Path) -> None:
+    """A thread blocked on an empty queue is not cost; the component is the nearest known frame."""
+    from bench.profile import _summarise
+
+    source = tmp_path / "writer.py"
+    source.write_text("def run(q):\n    item = q.queue.get()\n    return item\n")
+    collapsed = "\n".join(
+        [
+            f"run ({source}:2) 7",  # waiting: the line is a queue.get(
+            "main (/x/app.py:1);send (/usr/lib/python3.11/asyncio/selector_events.py:9) 3",
+            "main (/x/app.py:1);parse (/site-packages/h11/_readers.py:5) 1",
+        ]
+    )
+    summary = _summarise(collapsed)
+    assert summary["waiting_samples"] == 7
+    assert summary["samples"] == 4
+    assert dict(summary["components"]) == {
+        "asyncio (loop, sockets)": 75.0,
+        "h11 (HTTP/1.1 parsing, server and client)": 25.0,
+    }

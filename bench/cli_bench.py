@@ -1,0 +1,117 @@
+"""Wall time of the commands a developer types: ``ccgate --help``, ``status`` and ``usage``.
+
+Each is run as the user runs it, the installed ``ccgate`` entry point of the environment the
+bench runs in, in a fresh process, several times; the median is reported (the first run is
+discarded: it pays for cold file caches, not for ccgate).
+
+``usage`` is timed on a ledger of ``rows`` requests (1,000,000 by default): the ledger is made by
+ccgate's own code (``Ledger``, so its migrations and indexes are the ones the daemon creates),
+then filled directly with sqlite3 in one transaction, spread over the last six days so the
+default ``--since 7d`` window reads every row. Models, sessions, tokens and costs vary the way a
+team's requests do.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from bench.processes import BenchError
+
+MODELS = ("claude-sonnet-4-6", "claude-opus-4-6", "claude-haiku-4-5-20251001")
+
+
+def ccgate_command() -> list[str]:
+    """The console script next to this interpreter, as a user's shell finds it."""
+    script = Path(sys.executable).with_name("ccgate")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ccgate"]
+
+
+def wall_times(
+    args: Sequence[str], *, env: Mapping[str, str], runs: int, check: bool = True
+) -> list[float]:
+    """Seconds per run of ``ccgate ARGS`` (one untimed run first)."""
+    times: list[float] = []
+    for index in range(runs + 1):
+        start = time.perf_counter()
+        done = subprocess.run(
+            [*ccgate_command(), *args],
+            env=dict(env),
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+            check=False,
+        )
+        elapsed = time.perf_counter() - start
+        if check and done.returncode != 0:
+            raise BenchError(
+                f"ccgate {' '.join(args)} exited {done.returncode}: "
+                f"{done.stderr.decode(errors='replace')[-500:]}"
+            )
+        if index:
+            times.append(elapsed)
+    return times
+
+
+def median_ms(times: Sequence[float]) -> float:
+    return round(statistics.median(times) * 1000, 1)
+
+
+def fill_ledger(path: Path, *, rows: int, now: float | None = None) -> None:
+    """A ledger made by ccgate's migrations, then ``rows`` finished requests inserted directly."""
+    from ccgate.ledger import Ledger
+
+    Ledger(path).close()  # creates the file (0600) and runs every migration
+    now = time.time() if now is None else now
+    rng = random.Random(12)
+    sessions = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(2_000)]
+    span = 6 * 86_400
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")
+        sql = (
+            "INSERT INTO requests (id, started_at, key_id, method, path, model, streamed, status,"
+            " outcome, input_tokens, output_tokens, cache_creation_input_tokens,"
+            " cache_read_input_tokens, cost_micros, latency_ms, ttfb_ms, session_id,"
+            " finished_seq) VALUES (?, ?, 'local', 'POST', '/v1/messages', ?, 1, 200, 'ok',"
+            " ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        batch: list[tuple[object, ...]] = []
+        with db:
+            for seq in range(1, rows + 1):
+                started = now - span + span * seq / rows
+                output = rng.randint(20, 4_000)
+                batch.append(
+                    (
+                        uuid.UUID(int=rng.getrandbits(128)).hex,
+                        started,
+                        MODELS[seq % 7 % 3],
+                        rng.randint(1, 40),
+                        output,
+                        rng.randint(0, 3_000),
+                        rng.randint(0, 60_000),
+                        rng.randint(100, 90_000),
+                        rng.uniform(800, 30_000),
+                        rng.uniform(300, 2_000),
+                        sessions[seq % len(sessions)],
+                        seq,
+                    )
+                )
+                if len(batch) == 50_000:
+                    db.executemany(sql, batch)
+                    batch.clear()
+            if batch:
+                db.executemany(sql, batch)
+        counted = db.execute("SELECT count(*) FROM requests").fetchone()[0]
+    finally:
+        db.close()
+    if counted != rows:
+        raise BenchError(f"The ledger holds {counted} rows, not {rows}.")

@@ -1,0 +1,853 @@
+"""Every figure of issue #12's Targets table, in one run: ``scripts/bench`` (docs/benchmarks.md).
+
+One fake upstream (``bench.upstream``) answers every target, and each measured request goes to
+every target in turn, one per round (direct, ccgate, LiteLLM's two routes, Anthropic's gateway),
+so a slow moment of this shared machine lands on all of them alike. "Added" is a target's
+percentile minus direct's. Phases, in order:
+
+1. streams: time to first byte and to the end of a 100 KB Claude Code-shaped request;
+2. non-streaming: the same body with ``"stream": false``;
+3. CPU per streaming request: for each process in the path, user + system time from
+   ``/proc/<pid>/stat`` around a batch of streams sent to it alone;
+4. load: 16 concurrent streaming clients per target (two alternating halves), requests/s;
+5. 64 concurrent slow streams (events 50 ms apart) through ccgate and direct: the wall time
+   against one slow stream alone, the gap between events, the daemon's memory while they run,
+   and the ledger rows they left (all 64 must be there);
+6. the CLI: ``ccgate --help``, ``ccgate status`` (against the running daemon) and
+   ``ccgate usage`` over a 1,000,000-row ledger;
+7. the server: syncs per second (one POST of 5 records, then one 304 poll), one process on
+   SQLite and 1, 2 and 4 replicas on PostgreSQL when there is one (``bench.pg``).
+
+LiteLLM runs from ``bench/.venv-litellm``, created here on first use (``--no-install`` skips
+it); Anthropic's gateway runs where Claude Code is installed (tests/claude) and PostgreSQL is
+available. ``--quick`` is a smoke run of a few requests per target that skips what is not
+installed already; it asserts nothing about timings. Everything started is stopped on the way
+out, on errors, Ctrl-C and SIGTERM too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import claude_gateway, cli_bench, litellm, measure, pg, report, server_bench
+from bench.measure import Target
+from bench.processes import (
+    REPO,
+    UPSTREAM_KEY,
+    BenchError,
+    ProcStats,
+    Service,
+    ccgate_daemon,
+    client_key,
+    fake_upstream,
+    health,
+    isolated_env,
+)
+from bench.proxy_overhead import _sigterm_as_interrupt, machine
+from bench.upstream import SLOW_HEADER
+from bench.workload import claude_code_headers, request_body
+
+DEFAULT_JSON = REPO / "bench" / "results" / "suite.json"
+SCHEMA_VERSION = 1
+DIRECT = "direct"
+CCGATE = "ccgate"
+LITELLM_PASS = "LiteLLM /anthropic"
+LITELLM_MSG = "LiteLLM /v1/messages"
+GATEWAY = "claude gateway"
+SLOW_STREAMS = 64
+SLOW_DELAY_MS = 50
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    requests: int
+    concurrency: int
+    cpu_batch: int
+    usage_rows: int
+    cli_runs: int
+    daemons: int
+    litellm: bool
+    install_litellm: bool
+    gateway: bool
+    server: bool
+    replicas: tuple[int, ...]
+    json_path: Path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Measure what ccgate adds (latency, CPU, memory, throughput, CLI, server) "
+        "side by side with LiteLLM and Anthropic's gateway, in one run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few requests")
+    parser.add_argument("--requests", type=int, help="measured requests per target (default 300)")
+    parser.add_argument("--concurrency", type=int, default=16, help="clients in the load phase")
+    parser.add_argument("--usage-rows", type=int, help="ledger rows for `ccgate usage`")
+    parser.add_argument("--daemons", type=int, help="simulated daemons per server measurement")
+    parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out")
+    parser.add_argument(
+        "--no-install", action="store_true", help="do not create bench/.venv-litellm"
+    )
+    parser.add_argument("--no-gateway", action="store_true", help="leave claude gateway out")
+    parser.add_argument("--no-server", action="store_true", help="leave the server out")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    requests = args.requests or (6 if quick else 300)
+    if requests < 2 or args.concurrency < 1:
+        parser.error("--requests must be at least 2 and --concurrency at least 1")
+    return Settings(
+        quick=quick,
+        requests=requests,
+        concurrency=args.concurrency if not quick else min(args.concurrency, 4),
+        cpu_batch=max(4, requests // 2),
+        usage_rows=args.usage_rows or (5_000 if quick else 1_000_000),
+        cli_runs=2 if quick else 10,
+        daemons=args.daemons or (40 if quick else 2_000),
+        litellm=not args.no_litellm and (not quick or litellm.installed()),
+        install_litellm=not args.no_install and not quick,
+        gateway=not args.no_gateway and claude_gateway.installed() and pg.available(),
+        server=not args.no_server,
+        replicas=() if quick else (1, 2, 4),
+        json_path=args.json,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    try:
+        with _sigterm_as_interrupt():
+            result = run(settings, progress=_progress)
+    except KeyboardInterrupt:
+        print("Interrupted; every process the benchmark started is stopped.", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    settings.json_path.parent.mkdir(parents=True, exist_ok=True)
+    settings.json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(render(result))
+    _progress(f"results written to {settings.json_path}")
+    return 0
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    settings: Settings
+    work: Path
+    env: dict[str, str]
+    targets: list[Target] = field(default_factory=list)
+    services: dict[str, Service] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=dict)
+
+
+def run(settings: Settings, *, progress: Progress) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory(prefix="ccgate-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        work = Path(tmp)
+        state = _Run(settings=settings, work=work, env=isolated_env(work))
+        progress("starting the fake upstream and the ccgate daemon")
+        upstream = stack.enter_context(fake_upstream(env=state.env, work=work))
+        daemon = stack.enter_context(
+            ccgate_daemon(upstream_url=upstream.url, env=state.env, work=work)
+        )
+        rss_idle = {CCGATE: ProcStats(daemon.pid).rss_kib()}
+        session = str(uuid.uuid4())
+        state.targets = [
+            Target(
+                DIRECT, upstream.url, claude_code_headers(token=UPSTREAM_KEY, session_id=session)
+            ),
+            Target(
+                CCGATE,
+                daemon.url,
+                claude_code_headers(token=client_key(state.env), session_id=session),
+                pid=daemon.pid,
+            ),
+        ]
+        state.services = {"upstream": upstream, CCGATE: daemon}
+        _start_litellm(state, stack, upstream_url=upstream.url, progress=progress)
+        _start_gateway(state, stack, upstream_url=upstream.url, progress=progress)
+        for target in state.targets[2:]:
+            if target.pid is not None and target.name not in rss_idle:
+                rss_idle[target.name] = ProcStats(target.pid).rss_kib()
+        try:
+            result = _measure(state, daemon=daemon, rss_idle=rss_idle, progress=progress)
+        except (BenchError, httpx.HTTPError) as exc:
+            logs = "\n".join(
+                f"--- {s.name} log (last lines) ---\n{s.log_tail()}"
+                for s in state.services.values()
+            )
+            raise BenchError(f"{exc}\n{logs}") from None
+    if settings.server:
+        result["server"] = _server_phase(settings, progress=progress)
+    result["targets"] = targets_table(result)
+    return result
+
+
+def _start_litellm(
+    state: _Run, stack: contextlib.ExitStack, *, upstream_url: str, progress: Progress
+) -> None:
+    s = state.settings
+    if not s.litellm:
+        state.skipped["LiteLLM"] = "left out (--no-litellm, or --quick and not installed)"
+        return
+    if not litellm.installed():
+        if not s.install_litellm:
+            state.skipped["LiteLLM"] = f"not installed in {litellm.VENV} (--no-install)"
+            return
+        progress(f"installing {litellm.PACKAGE} into {litellm.VENV} (once; a few minutes)")
+        litellm.install()
+    progress("starting LiteLLM's proxy")
+    service, key = stack.enter_context(
+        litellm.proxy(upstream_url=upstream_url, env=state.env, work=state.work)
+    )
+    state.versions["litellm"] = litellm.version()
+    headers = claude_code_headers(token="unused", session_id=str(uuid.uuid4()))
+    del headers["authorization"]
+    headers["x-api-key"] = key
+    state.targets += [
+        Target(
+            LITELLM_PASS,
+            service.url,
+            headers,
+            path="/anthropic/v1/messages?beta=true",
+            pid=service.pid,
+        ),
+        Target(LITELLM_MSG, service.url, headers, pid=service.pid),
+    ]
+    state.services["litellm"] = service
+
+
+def _start_gateway(
+    state: _Run, stack: contextlib.ExitStack, *, upstream_url: str, progress: Progress
+) -> None:
+    if not state.settings.gateway:
+        state.skipped[GATEWAY] = (
+            "left out (--no-gateway, or no Claude Code in tests/claude, or no PostgreSQL)"
+        )
+        return
+    progress("starting PostgreSQL, a fake OIDC provider and claude gateway; signing in")
+    admin_url = stack.enter_context(pg.cluster())
+    db_url = stack.enter_context(pg.database(admin_url, prefix="claude_gateway"))
+    gw = stack.enter_context(
+        claude_gateway.gateway(
+            upstream_url=upstream_url, postgres_url=db_url, env=state.env, work=state.work
+        )
+    )
+    state.versions["claude"] = claude_gateway.version()
+    headers = claude_code_headers(token=gw.token, session_id=str(uuid.uuid4()))
+    state.targets.append(Target(GATEWAY, gw.service.url, headers, pid=gw.service.pid))
+    state.services[GATEWAY] = gw.service
+
+
+def _measure(
+    state: _Run, *, daemon: Service, rss_idle: dict[str, int | None], progress: Progress
+) -> dict[str, Any]:
+    s, targets = state.settings, tuple(state.targets)
+    names = [t.name for t in targets]
+    stream_body, json_body = request_body(stream=True), request_body(stream=False)
+    n = s.requests
+    with measure.sync_client() as client:
+        warm = max(3, n // 10)
+        progress(f"warming up: {warm} streams per target ({', '.join(names)})")
+        measure.warm_up(client, targets, body=stream_body, requests=warm)
+        progress(f"streams: {n} per target, one per target per round")
+        streams = measure.alternate(
+            client, targets, once=measure.stream_once, body=stream_body, requests=n
+        )
+        progress(f"non-streaming: {n} per target, one per target per round")
+        measure.alternate(client, targets, once=measure.json_once, body=json_body, requests=3)
+        plain = measure.alternate(
+            client, targets, once=measure.json_once, body=json_body, requests=n
+        )
+        progress(f"CPU: a batch of {s.cpu_batch} streams per process")
+        cpu = _cpu_per_stream(client, targets, body=stream_body, batch=s.cpu_batch)
+    progress(f"load: {n} streams per target from {s.concurrency} clients")
+    loads = _load(targets, body=stream_body, requests=n, concurrency=s.concurrency)
+    progress(f"{SLOW_STREAMS} concurrent slow streams (events {SLOW_DELAY_MS} ms apart)")
+    slow = _slow_streams(state, targets, daemon=daemon, body=stream_body)
+    peak = {t.name: ProcStats(t.pid).peak_rss_kib() for t in targets if t.pid is not None}
+    progress("CLI: --help, status, usage")
+    cli = _cli_phase(state, progress=progress)
+    return {
+        "schema": SCHEMA_VERSION,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {**machine(), **_machine_extra()},
+        "versions": state.versions,
+        "skipped": state.skipped,
+        "settings": {
+            "quick": s.quick,
+            "requests_per_target": n,
+            "concurrency": s.concurrency,
+            "cpu_batch": s.cpu_batch,
+            "body_bytes": len(stream_body),
+            "usage_rows": s.usage_rows,
+            "daemons": s.daemons,
+        },
+        "target_names": names,
+        "streaming": {
+            "ttfb_ms": _added(streams, "ttfb_s", names),
+            "total_ms": _added(streams, "total_s", names),
+        },
+        "non_streaming": {"latency_ms": _added(plain, "total_s", names)},
+        "cpu_ms_per_stream": cpu,
+        "load": loads,
+        "slow_streams": slow,
+        "rss_kib": {"idle": rss_idle, "peak": peak, "ccgate_under_slow": slow["ccgate_rss_kib"]},
+        "cli": cli,
+        "requests_served_by_ccgate": (health(daemon.url) or {}).get("requests_served"),
+        "processes": {name: service.pid for name, service in state.services.items()},
+    }
+
+
+def _machine_extra() -> dict[str, Any]:
+    mem_kib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    with contextlib.suppress(OSError):
+        load = os.getloadavg()
+        return {
+            "ram_gib": None if mem_kib is None else round(mem_kib / 1024**2, 1),
+            "loadavg_at_end": [round(x, 2) for x in load],
+        }
+    return {"ram_gib": None if mem_kib is None else round(mem_kib / 1024**2, 1)}
+
+
+def _added(series: dict[str, measure.Series], attribute: str, names: list[str]) -> dict[str, Any]:
+    direct = report.summary_ms(getattr(series[DIRECT], attribute))
+    out: dict[str, Any] = {DIRECT: direct}
+    for name in names[1:]:
+        summary: dict[str, Any] = dict(report.summary_ms(getattr(series[name], attribute)))
+        summary["added"] = {q: round(summary[q] - direct[q], 3) for q, _ in report.QUANTILES}
+        out[name] = summary
+    return out
+
+
+def _cpu_per_stream(
+    client: httpx.Client, targets: tuple[Target, ...], *, body: bytes, batch: int
+) -> dict[str, float | None]:
+    cpu: dict[str, float | None] = {}
+    for target in targets:
+        if target.pid is None:
+            continue
+        stats = ProcStats(target.pid)
+        before = stats.cpu_seconds()
+        for _ in range(batch):
+            measure.stream_once(client, target, body)
+        after = stats.cpu_seconds()
+        cpu[target.name] = (
+            None if before is None or after is None else round((after - before) / batch * 1000, 2)
+        )
+    return cpu
+
+
+def _load(
+    targets: tuple[Target, ...], *, body: bytes, requests: int, concurrency: int
+) -> dict[str, Any]:
+    halves = (requests // 2, requests - requests // 2)
+    runs: dict[str, list[measure.LoadResult]] = {t.name: [] for t in targets}
+    for half in halves:
+        for target in targets:
+            runs[target.name].append(
+                measure.load(target, body=body, requests=half, concurrency=concurrency)
+            )
+    merged = {name: measure.merge(r) for name, r in runs.items()}
+    direct = merged[DIRECT].requests_per_s
+    return {
+        "concurrency": concurrency,
+        "requests_per_s": {name: round(r.requests_per_s, 1) for name, r in merged.items()},
+        "share_of_direct": {
+            name: round(r.requests_per_s / direct, 3) if direct else None
+            for name, r in merged.items()
+        },
+        "latency_p50_ms": {
+            name: round(report.percentile(r.latencies_s, 0.5) * 1000, 2)
+            for name, r in merged.items()
+        },
+    }
+
+
+# -- slow streams -------------------------------------------------------------------------------
+
+
+async def _slow_one(client: httpx.AsyncClient, target: Target, body: bytes) -> list[float]:
+    """Arrival times of each chunk of one slow stream, from the request's start."""
+    headers = {**target.headers, SLOW_HEADER: str(SLOW_DELAY_MS)}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    tail = b""
+    async with client.stream("POST", target.url, content=body, headers=headers) as response:
+        async for chunk in response.aiter_raw():
+            stamps.append(time.perf_counter() - start)
+            tail = (tail + chunk)[-256:]
+    if response.status_code != 200 or b"message_stop" not in tail:
+        raise BenchError(f"{target.name}: slow stream failed (HTTP {response.status_code})")
+    return stamps
+
+
+async def _slow_batch(target: Target, body: bytes, count: int) -> tuple[float, list[list[float]]]:
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(limits=limits, timeout=60, trust_env=False) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(_slow_one(client, target, body) for _ in range(count)))
+        return time.perf_counter() - start, list(results)
+
+
+def _gaps_ms(streams: list[list[float]]) -> list[float]:
+    return [(b - a) * 1000 for stamps in streams for a, b in itertools.pairwise(stamps)]
+
+
+class _RssSampler:
+    """The highest VmRSS seen while the block runs, sampled every 20 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self._stats = ProcStats(pid)
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            value = self._stats.rss_kib()
+            if value is not None and (self.peak is None or value > self.peak):
+                self.peak = value
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _slow_streams(
+    state: _Run, targets: tuple[Target, ...], *, daemon: Service, body: bytes
+) -> dict[str, Any]:
+    count = SLOW_STREAMS if not state.settings.quick else 8
+    direct, through = targets[0], targets[1]
+    ledger = Path(state.env["CCGATE_HOME"]) / "ledger.db"
+    since = time.time()
+    result: dict[str, Any] = {"streams": count, "event_delay_ms": SLOW_DELAY_MS}
+    for target in (direct, through):
+        one, _single = asyncio.run(_slow_batch(target, body, 1))
+        if target is through:
+            with _RssSampler(daemon.pid) as sampler:
+                wall, streams = asyncio.run(_slow_batch(target, body, count))
+            result["ccgate_rss_kib"] = sampler.peak
+        else:
+            wall, streams = asyncio.run(_slow_batch(target, body, count))
+        gaps = _gaps_ms(streams)
+        result[target.name] = {
+            "one_stream_s": round(one, 3),
+            "all_concurrent_s": round(wall, 3),
+            "ratio_to_one": round(wall / one, 3),
+            "gap_ms": {
+                "p50": round(report.percentile(gaps, 0.5), 2),
+                "p99": round(report.percentile(gaps, 0.99), 2),
+                "max": round(max(gaps), 2),
+            },
+            "events_seen_per_stream": round(statistics.mean(len(s) for s in streams), 1),
+        }
+    d, c = result[DIRECT]["gap_ms"], result[CCGATE]["gap_ms"]
+    result["added_gap_ms"] = {q: round(c[q] - d[q], 2) for q in ("p50", "p99")}
+    result["ledger_rows_added"] = _wait_rows(ledger, count + 1, since=since)
+    result["ledger_rows_expected"] = count + 1  # the batch and the one stream alone
+    return result
+
+
+def _finished_rows(ledger: Path, *, since: float) -> int:
+    """Finished rows of streams that started after ``since`` (only this phase's)."""
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    try:
+        sql = (
+            "SELECT count(*) FROM requests WHERE outcome = 'ok' AND streamed = 1"
+            " AND started_at >= ?"
+        )
+        return int(db.execute(sql, (since,)).fetchone()[0])
+    finally:
+        db.close()
+
+
+def _wait_rows(ledger: Path, wanted: int, *, since: float, timeout: float = 10.0) -> int:
+    """The rows once ``wanted`` are there, or what there is after ``timeout`` (the writer lags)."""
+    deadline = time.monotonic() + timeout
+    rows = _finished_rows(ledger, since=since)
+    while rows < wanted and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = _finished_rows(ledger, since=since)
+    return rows
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def _cli_phase(state: _Run, *, progress: Progress) -> dict[str, Any]:
+    s = state.settings
+    env = state.env
+    help_ms = cli_bench.median_ms(cli_bench.wall_times(["--help"], env=env, runs=s.cli_runs))
+    # status reports on the running daemon; it may exit non-zero when no service is installed.
+    status_ms = cli_bench.median_ms(
+        cli_bench.wall_times(["status"], env=env, runs=s.cli_runs, check=False)
+    )
+    shown = subprocess.run(
+        [*cli_bench.ccgate_command(), "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        status_running = bool(json.loads(shown.stdout)["running"])
+    except (ValueError, KeyError, TypeError):
+        status_running = False
+    usage_home = state.work / "usage-home"
+    usage_env = {**env, "CCGATE_HOME": str(usage_home)}
+    usage_home.mkdir()
+    progress(f"filling a ledger with {s.usage_rows:,} rows")
+    start = time.perf_counter()
+    cli_bench.fill_ledger(usage_home / "ledger.db", rows=s.usage_rows)
+    fill_s = time.perf_counter() - start
+    runs = max(2, s.cli_runs // 2)
+    usage_ms = cli_bench.median_ms(cli_bench.wall_times(["usage"], env=usage_env, runs=runs))
+    usage_json_ms = cli_bench.median_ms(
+        cli_bench.wall_times(["usage", "--json"], env=usage_env, runs=runs)
+    )
+    shutil.rmtree(usage_home, ignore_errors=True)
+    return {
+        "runs": s.cli_runs,
+        "help_ms": help_ms,
+        "status_ms": status_ms,
+        "status_saw_daemon": status_running,  # status timed against the running daemon
+        "usage_rows": s.usage_rows,
+        "usage_ms": usage_ms,
+        "usage_json_ms": usage_json_ms,
+        "ledger_fill_s": round(fill_s, 1),
+    }
+
+
+# -- server -------------------------------------------------------------------------------------
+
+
+def _server_phase(settings: Settings, *, progress: Progress) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    progress(f"server: {settings.daemons:,} syncs, one process on SQLite")
+    one = server_bench.sync_rate("SQLite", "", replicas=1, daemons=settings.daemons)
+    results.append(one.__dict__)
+    skipped = None
+    if settings.replicas and pg.available():
+        with pg.cluster() as admin:
+            for replicas in settings.replicas:
+                progress(f"server: {settings.daemons:,} syncs, {replicas} replica(s), PostgreSQL")
+                with pg.database(admin) as url:
+                    r = server_bench.sync_rate(
+                        "PostgreSQL", url, replicas=replicas, daemons=settings.daemons
+                    )
+                results.append(r.__dict__)
+    elif settings.replicas:
+        skipped = "no PostgreSQL (CCGATE_TEST_POSTGRES_URL unset, postgresql not installed)"
+    return {"syncs": results, "postgres_skipped": skipped}
+
+
+# -- the targets table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    measure: str
+    target: str
+    measured: str
+    met: str  # "met", "not met: ...", or "n/a"
+
+
+def _ratio(other: float | None, ours: float | None) -> float | None:
+    if other is None or ours is None:
+        return None
+    if ours <= 0.005:
+        return float("inf")
+    return other / ours
+
+
+def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
+    rows: list[Row] = []
+    nonstream = result["non_streaming"]["latency_ms"]
+    ttfb = result["streaming"]["ttfb_ms"]
+    total = result["streaming"]["total_ms"]
+    ours = nonstream[CCGATE]["added"]
+
+    def cap(label: str, target: str, value: float | None, limit: float, unit: str) -> None:
+        if value is None:
+            rows.append(Row(label, target, "n/a", "n/a"))
+            return
+        met = "met" if value <= limit else f"not met: {value - limit:+.2f} {unit} over"
+        rows.append(Row(label, target, f"{value:.2f} {unit}", met))
+
+    cap("Added latency, non-streaming 100 KB, p50", "≤ 0.5 ms", ours["p50"], 0.5, "ms")
+    cap("Added latency, non-streaming 100 KB, p99", "≤ 2 ms", ours["p99"], 2.0, "ms")
+    cap(
+        "Added time to first byte, streams, p50",
+        "≤ 0.5 ms",
+        ttfb[CCGATE]["added"]["p50"],
+        0.5,
+        "ms",
+    )
+    rows.append(
+        Row(
+            "Added stream total, p50 (no target; reported)",
+            "-",
+            f"{total[CCGATE]['added']['p50']:.2f} ms",
+            "n/a",
+        )
+    )
+    for other, need in ((LITELLM_PASS, 30.0), (LITELLM_MSG, 30.0), (GATEWAY, 3.0)):
+        for label, table in (
+            ("non-streaming", nonstream),
+            ("first byte", ttfb),
+            ("stream total", total),
+        ):
+            if other not in table:
+                rows.append(
+                    Row(f"vs {other}, {label}, p50", f"≥ {need:.0f}x less", "not run", "n/a")
+                )
+                continue
+            ratio = _ratio(table[other]["added"]["p50"], table[CCGATE]["added"]["p50"])
+            text = f"{table[other]['added']['p50']:.2f} vs {table[CCGATE]['added']['p50']:.2f} ms"
+            if ratio is None:
+                rows.append(Row(f"vs {other}, {label}, p50", f"≥ {need:.0f}x", text, "n/a"))
+                continue
+            shown = "∞" if ratio == float("inf") else f"{ratio:.1f}x"
+            met = "met" if ratio >= need else f"not met: {shown} of {need:.0f}x"
+            rows.append(
+                Row(f"vs {other}, {label}, p50", f"≥ {need:.0f}x less", f"{text} ({shown})", met)
+            )
+    cpu = result["cpu_ms_per_stream"].get(CCGATE)
+    cap("Daemon CPU per streaming request", "≤ 1 ms", cpu, 1.0, "ms")
+    share = result["load"]["share_of_direct"].get(CCGATE)
+    rps = result["load"]["requests_per_s"]
+    if share is not None:
+        met = "met" if share >= 0.8 else f"not met: {share:.0%} of direct"
+        rows.append(
+            Row(
+                f"Requests/s at {result['load']['concurrency']} concurrent streams",
+                "≥ 80% of direct",
+                f"{rps[CCGATE]:.0f} vs {rps[DIRECT]:.0f} direct ({share:.0%})",
+                met,
+            )
+        )
+    slow = result["slow_streams"]
+    c = slow[CCGATE]
+    # "In the time of one": within a quarter of one slow stream alone (direct's own 64 take
+    # longer than one on a 2-core machine shared with the client).
+    ok_time = c["ratio_to_one"] <= 1.25
+    ok_gap = slow["added_gap_ms"]["p50"] <= 1.0
+    ok_rows = slow["ledger_rows_added"] >= slow["ledger_rows_expected"]
+    met = (
+        "met"
+        if ok_time and ok_gap and ok_rows
+        else "not met: "
+        + ", ".join(
+            w for w, ok in (("wall", ok_time), ("gap", ok_gap), ("ledger", ok_rows)) if not ok
+        )
+    )
+    rows.append(
+        Row(
+            f"{slow['streams']} concurrent slow streams ({slow['event_delay_ms']} ms events)",
+            "time of one, no added gap, all logged",
+            f"{c['all_concurrent_s']:.2f} s vs {c['one_stream_s']:.2f} s alone (direct "
+            f"{slow[DIRECT]['all_concurrent_s']:.2f} s); gap "
+            f"{slow['added_gap_ms']['p50']:+.2f} ms p50; {slow['ledger_rows_added']}/"
+            f"{slow['ledger_rows_expected']} rows",
+            met,
+        )
+    )
+    rss = result["rss_kib"]
+    idle = rss["idle"].get(CCGATE)
+    cap("Daemon RSS idle", "≤ 50 MB", None if idle is None else idle / 1024, 50.0, "MiB")
+    under = rss["ccgate_under_slow"]
+    cap(
+        f"Daemon RSS under {slow['streams']} streams",
+        "≤ 60 MB",
+        None if under is None else under / 1024,
+        60.0,
+        "MiB",
+    )
+    cli = result["cli"]
+    cap("`ccgate --help`", "≤ 150 ms", cli["help_ms"], 150.0, "ms")
+    cap("`ccgate status`", "≤ 150 ms", cli["status_ms"], 150.0, "ms")
+    cap(
+        f"`ccgate usage`, {cli['usage_rows']:,}-row ledger",
+        "≤ 300 ms",
+        cli["usage_ms"],
+        300.0,
+        "ms",
+    )
+    for sync in result.get("server", {}).get("syncs", []):
+        label = f"Server syncs/s, {sync['database']}, {sync['replicas']} process(es)"
+        if sync["database"] == "SQLite":
+            met = (
+                "met"
+                if sync["syncs_per_s"] >= 1000
+                else (f"not met: {1000 - sync['syncs_per_s']:.0f}/s short")
+            )
+            rows.append(Row(label, "≥ 1,000/s", f"{sync['syncs_per_s']:,.0f}/s", met))
+        else:
+            rows.append(
+                Row(
+                    label,
+                    "scales with replicas",
+                    f"{sync['syncs_per_s']:,.0f}/s",
+                    "see the replica rows",
+                )
+            )
+    return [row.__dict__ for row in rows]
+
+
+def _per_core(cpu_ms: float | None) -> float | None:
+    """What one core could serve if the server's CPU were the only limit."""
+    return None if not cpu_ms else 1000 / cpu_ms
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _md(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(result: dict[str, Any]) -> str:
+    m, s = result["machine"], result["settings"]
+    out = [
+        f"## ccgate benchmark suite, {result['date']}",
+        "",
+        f"{m['nproc']} CPUs ({m['cpu_model']}), {m.get('ram_gib')} GiB RAM, Python "
+        f"{m['python']}; {s['requests_per_target']} requests per target per phase; body "
+        f"{s['body_bytes']:,} bytes; versions {result['versions']}; load average at the end "
+        f"{m.get('loadavg_at_end')}.",
+        "",
+        _md(["Measure", "Target", "Measured", "Met?", "Reproduce"]),
+        _md(["---", "---", "---", "---", "---"]),
+    ]
+    command = "`scripts/bench --quick`" if s["quick"] else "`scripts/bench`"
+    out += [
+        _md([r["measure"], r["target"], r["measured"], r["met"], command])
+        for r in result["targets"]
+    ]
+    out += ["", "Added latency per target (ms; the target's percentile minus direct's):", ""]
+    names = result["target_names"]
+    out.append(_md(["Measure", *(f"{n} p50 / p99" for n in names[1:])]))
+    out.append(_md(["---", *("---:" for _ in names[1:])]))
+    for label, table in (
+        ("non-streaming", result["non_streaming"]["latency_ms"]),
+        ("stream, first byte", result["streaming"]["ttfb_ms"]),
+        ("stream, total", result["streaming"]["total_ms"]),
+    ):
+        cells = [
+            f"{table[n]['added']['p50']:+.2f} / {table[n]['added']['p99']:+.2f}" for n in names[1:]
+        ]
+        out.append(_md([label, *cells]))
+    direct = result["non_streaming"]["latency_ms"][DIRECT]
+    out += [
+        "",
+        f"Direct: non-streaming p50 {direct['p50']:.2f} ms; stream first byte p50 "
+        f"{result['streaming']['ttfb_ms'][DIRECT]['p50']:.2f} ms, total p50 "
+        f"{result['streaming']['total_ms'][DIRECT]['p50']:.2f} ms.",
+        "",
+    ]
+    out.append(
+        _md(
+            [
+                "Per process",
+                "CPU ms / stream",
+                "RSS idle",
+                "RSS peak",
+                f"req/s at {result['load']['concurrency']} streams",
+            ]
+        )
+    )
+    out.append(_md(["---", "---:", "---:", "---:", "---:"]))
+    rss = result["rss_kib"]
+    for name in names:
+        out.append(
+            _md(
+                [
+                    name,
+                    report.number(result["cpu_ms_per_stream"].get(name), digits=2),
+                    report.mib(rss["idle"].get(name)) if name != DIRECT else "-",
+                    report.mib(rss["peak"].get(name)) if name != DIRECT else "-",
+                    report.number(result["load"]["requests_per_s"].get(name)),
+                ]
+            )
+        )
+    if result.get("server"):
+        out += [
+            "",
+            _md(
+                [
+                    "Server",
+                    "processes",
+                    "daemons",
+                    "syncs/s",
+                    "server CPU ms / sync",
+                    "syncs/s per server CPU core",
+                ]
+            ),
+            _md(["---", "---:", "---:", "---:", "---:", "---:"]),
+        ]
+        for sync in result["server"]["syncs"]:
+            out.append(
+                _md(
+                    [
+                        sync["database"],
+                        str(sync["replicas"]),
+                        f"{sync['daemons']:,}",
+                        f"{sync['syncs_per_s']:,.0f}",
+                        report.number(sync["server_cpu_ms_per_sync"], digits=2),
+                        report.number(_per_core(sync["server_cpu_ms_per_sync"]), digits=0),
+                    ]
+                )
+            )
+    if result["skipped"]:
+        out += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items())]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
