@@ -66,7 +66,7 @@ def median_ms(times: Sequence[float]) -> float:
 
 def fill_ledger(path: Path, *, rows: int, now: float | None = None) -> None:
     """A ledger made by ccgate's migrations, then ``rows`` finished requests inserted directly."""
-    from ccgate.ledger import Ledger
+    from ccgate.store.ledger import Ledger
 
     Ledger(path).close()  # creates the file (0600) and runs every migration
     now = time.time() if now is None else now

@@ -72,7 +72,7 @@ def _wrap_sync(owner: Any, attribute: str, *, before: str | None, after: str | N
 
 
 class _TimedJson:
-    """Stands in for the ``json`` module inside ccgate.proxy: stamps the request body's parse."""
+    """Stands in for the ``json`` module inside ccgate.gateway.proxy: stamps the body's parse."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -93,7 +93,8 @@ class _TimedJson:
 
 
 def install() -> None:
-    from ccgate import governor, ledger, proxy
+    from ccgate.gateway import governor, proxy
+    from ccgate.store import ledger
 
     guard = proxy._GuardMiddleware
     original_call: Callable[..., Any] = guard.__call__

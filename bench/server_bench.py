@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from ccgate import paths
-from ccgate.bundle import DeviceKey
+from ccgate.policy.bundle import DeviceKey
 from ccgate.server import db
 from ccgate.server.state import init_server
 

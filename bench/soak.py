@@ -27,7 +27,7 @@ from typing import Any
 from bench.measure import Target, stream_once, sync_client
 from bench.processes import ProcStats, ccgate_daemon, client_key, fake_upstream, isolated_env
 from bench.workload import claude_code_headers, request_body
-from ccgate.ledger import Ledger
+from ccgate.store.ledger import Ledger
 
 
 @dataclass(frozen=True)

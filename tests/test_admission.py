@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from ccgate.admission import (
+from ccgate.accounting.periods import Period
+from ccgate.accounting.pricing import Price, PriceTable
+from ccgate.policy.limits import (
     Admit,
     LevelKind,
     LevelLimit,
@@ -31,8 +33,6 @@ from ccgate.admission import (
     model_allowed,
     worst_case_micros,
 )
-from ccgate.periods import Period
-from ccgate.pricing import Price, PriceTable
 
 
 def ts(text: str) -> float:

@@ -176,8 +176,8 @@ def test_ledger_filled_for_usage_is_read_by_ccgate(tmp_path: Path) -> None:
     import time
 
     from bench.cli_bench import fill_ledger
-    from ccgate import reports
-    from ccgate.ledger import Ledger
+    from ccgate.store import reports
+    from ccgate.store.ledger import Ledger
 
     path = tmp_path / "ledger.db"
     now = time.time()

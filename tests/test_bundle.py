@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ccgate.bundle import (
+from ccgate.policy.bundle import (
     PAYLOAD_TYPE,
     Budget,
     Bundle,

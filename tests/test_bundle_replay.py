@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from ccgate import profiles
-from ccgate.bundle import BundleStore, DeviceKey, SigningKey, encode_payload, seal
-from ccgate.governor import Governor
-from ccgate.ledger import Ledger
+from ccgate.client import profiles
+from ccgate.gateway.governor import Governor
+from ccgate.policy.bundle import BundleStore, DeviceKey, SigningKey, encode_payload, seal
+from ccgate.store.ledger import Ledger
 
 DEVICE_ID = "dev_0123456789abcdef"
 KEY = "sk-cg-alice-the-one-this-profile-holds-0123456789"

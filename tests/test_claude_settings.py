@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from ccgate import claude_settings as cs
 from ccgate.errors import SettingsFileError
+from ccgate.machine import claude_settings as cs
 
 URL = "http://127.0.0.1:4000"
 KEY = "sk-cg-" + "k" * 43

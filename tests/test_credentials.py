@@ -13,8 +13,8 @@ from keyring.backend import KeyringBackend
 from keyring.backends import chainer
 
 from ccgate import paths as paths_mod
-from ccgate.credentials import SecretStore, new_client_key, service_name
 from ccgate.errors import CredentialError
+from ccgate.machine.credentials import SecretStore, new_client_key, service_name
 
 SECRET = "sk-ant-api03-" + "s" * 40
 

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from ccgate import paths as paths_mod
-from ccgate.ledger import Ledger, LedgerRow
-from ccgate.proxy import MAX_STORED_ERROR_BYTES
+from ccgate.gateway.proxy import MAX_STORED_ERROR_BYTES
+from ccgate.store.ledger import Ledger, LedgerRow
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.harness import Daemon, ccgate, ccgate_json, free_port, run_daemon
 

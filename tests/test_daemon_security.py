@@ -21,14 +21,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from ccgate._http import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
-from ccgate.admission import LevelLimit, Limiter, Policy
-from ccgate.admission import Request as AdmitRequest
-from ccgate.bundle import BundleError, BundleStore, RollbackError, SigningKey
-from ccgate.governor import Governor
-from ccgate.ledger import Ledger
-from ccgate.pricing import PriceTable
-from ccgate.proxy import Gateway, GatewaySettings
+from ccgate.accounting.pricing import PriceTable
+from ccgate.gateway._http import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
+from ccgate.gateway.governor import Governor
+from ccgate.gateway.proxy import Gateway, GatewaySettings
+from ccgate.policy.bundle import BundleError, BundleStore, RollbackError, SigningKey
+from ccgate.policy.limits import LevelLimit, Limiter, Policy
+from ccgate.policy.limits import Request as AdmitRequest
+from ccgate.store.ledger import Ledger
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.harness import Isolated, ccgate, free_port, kill_pidfile_daemon, run_daemon
 from tests.test_bundle import NOW, envelope_for
@@ -165,7 +165,7 @@ def test_slowloris_headers_are_cut_but_slow_answers_are_not(slow_server: int) ->
 async def test_a_dribbled_body_gets_408_and_a_row(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from ccgate import proxy
+    from ccgate.gateway import proxy
 
     monkeypatch.setattr(proxy, "_BODY_TIMEOUT_S", 0.5)
 

@@ -82,8 +82,8 @@ def _admin(server: Server, method: str, path: str, **kwargs: Any) -> Any:
 
 def _seed(server: Server) -> None:
     """A team with a budget, a key in it, and usage sent the way a daemon sends it."""
-    from ccgate.bundle import DeviceKey
-    from ccgate.remote import device_token
+    from ccgate.client.remote import device_token
+    from ccgate.policy.bundle import DeviceKey
 
     budget = {"limit_micros": 10_000_000, "period": "1M", "rolling": False}
     _admin(server, "POST", "/teams", json={"name": "platform", "budget": budget})

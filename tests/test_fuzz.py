@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ccgate import claude_settings as cs
-from ccgate.ledger import Ledger
-from ccgate.metering import ResponseMeter
-from ccgate.pricing import PriceTable
-from ccgate.proxy import Gateway, GatewaySettings
+from ccgate.accounting.metering import ResponseMeter
+from ccgate.accounting.pricing import PriceTable
+from ccgate.gateway.proxy import Gateway, GatewaySettings
+from ccgate.machine import claude_settings as cs
+from ccgate.store.ledger import Ledger
 
 CI = settings(
     derandomize=True,

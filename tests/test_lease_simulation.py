@@ -1,11 +1,11 @@
 """Many daemons, one team budget: a simulation of the lease protocol with the real parts.
 
-The server side is modelled with the real grant function (``ccgate.leases.grant_amount``) and
-the protocol's bookkeeping (spent, per-lease granted/used, returns); every daemon is a real
-``ccgate.wallet.Wallet``. Daemons go offline at random for random lengths of time, keep serving
-from their slices while away, and report when they come back. A request's actual cost is drawn
-around its reservation and may exceed it by up to 30 % (the input estimate is an estimate), the
-only way spend can pass the budget.
+The server side is modelled with the real grant function (``ccgate.policy.grants.grant_amount``)
+and the protocol's bookkeeping (spent, per-lease granted/used, returns); every daemon is a real
+``ccgate.policy.wallet.Wallet``. Daemons go offline at random for random lengths of time, keep
+serving from their slices while away, and report when they come back. A request's actual cost is
+drawn around its reservation and may exceed it by up to 30 % (the input estimate is an estimate),
+the only way spend can pass the budget.
 
 The claim under test (design.md, "Budgets and limits"): overspend is bounded by the requests in
 flight, and does not grow with the number of machines or with how long one was offline. The
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ccgate.leases import LevelState, grant_amount
-from ccgate.wallet import Lease, Wallet
+from ccgate.policy.grants import LevelState, grant_amount
+from ccgate.policy.wallet import Lease, Wallet
 
 LIMIT = 50_000_000  # $50 team budget
 EXCESS = 0.30  # actual cost may exceed the reservation by up to 30 %

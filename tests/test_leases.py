@@ -1,4 +1,4 @@
-"""``ccgate.leases.grant_amount``: the slice a daemon gets, from plain numbers."""
+"""``ccgate.policy.grants.grant_amount``: the slice a daemon gets, from plain numbers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ccgate.leases import (
+from ccgate.policy.grants import (
     DEFAULT_MIN_GRANT,
     DEFAULT_SHARE,
     DEFAULT_TARGET_S,

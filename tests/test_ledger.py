@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ccgate import ledger as ledger_mod
-from ccgate.ledger import (
-    INTERRUPTED_BY_RESTART,
+from ccgate.store import ledger as ledger_mod
+from ccgate.store.ledger import (
     MIGRATIONS,
     Ledger,
     LedgerError,
@@ -24,6 +23,7 @@ from ccgate.ledger import (
     m001_initial,
     migrate,
 )
+from ccgate.wire import INTERRUPTED_BY_RESTART
 
 T0 = 1_793_534_400.0  # 2026-11-01T12:00:00Z
 
@@ -474,7 +474,7 @@ def test_committed_fails_fast_while_locked_and_the_record_lands_after(db_path: P
     # failed attempt, the problem shows in write_problem, and the record is still written.
     import asyncio
 
-    from ccgate.ledger import LedgerWriteError
+    from ccgate.store.ledger import LedgerWriteError
 
     with Ledger(db_path, busy_timeout_ms=20) as ledger:
         ledger.start_writer()

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from ccgate import litellm_prices
-from ccgate.metering import Usage
-from ccgate.pricing import PriceTable, cost_micros
+from ccgate.accounting import litellm_prices
+from ccgate.accounting.metering import Usage
+from ccgate.accounting.pricing import PriceTable, cost_micros
 
 EXCERPT = Path(__file__).parent / "data" / "litellm_prices_excerpt.json"
 TODAY = date(2026, 12, 1)

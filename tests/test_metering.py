@@ -14,7 +14,7 @@ import brotli
 import pytest
 import zstandard
 
-from ccgate.metering import Metered, ResponseMeter, Usage
+from ccgate.accounting.metering import Metered, ResponseMeter, Usage
 
 SSE = "text/event-stream; charset=utf-8"
 JSON = "application/json"
@@ -209,7 +209,7 @@ def test_content_and_ping_events_are_not_json_decoded(monkeypatch: pytest.Monkey
         decoded.append(data)
         return real_loads(data)
 
-    monkeypatch.setattr(json, "loads", counting_loads)  # the module ccgate.metering uses
+    monkeypatch.setattr(json, "loads", counting_loads)  # the module ccgate.accounting.metering uses
     garbage = b"event: content_block_delta\ndata: {not json at all\n\n"
     # The garbage delta is counted (a floor for output if the stream broke) but never parsed.
     assert meter([STREAM.replace(PING, PING + garbage)]) == replace(EXPECTED, stream_deltas=4)
@@ -600,7 +600,7 @@ def test_result_is_stable_and_later_feeds_are_ignored() -> None:
 def test_runaway_lines_and_events_are_dropped_not_buffered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("ccgate.metering._MAX_PENDING", 400)
+    monkeypatch.setattr("ccgate.accounting.metering._MAX_PENDING", 400)
     huge_line = message_start({"input_tokens": 999, "output_tokens": 1}, model="m" * 500)
     huge_data = b"event: message_delta\n" + b'data: {"usage":\n' * 50 + b"data: {}}\n\n"
     small_start = message_start({"input_tokens": 5, "output_tokens": 1}, model="x")
@@ -614,7 +614,7 @@ def test_runaway_lines_and_events_are_dropped_not_buffered(
 
 
 def test_a_runaway_line_is_not_held_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ccgate.metering._MAX_PENDING", 400)
+    monkeypatch.setattr("ccgate.accounting.metering._MAX_PENDING", 400)
     m = ResponseMeter(content_type=SSE, content_encoding=None)
     m.feed(message_start({"input_tokens": 5, "output_tokens": 1}, model="x"))
     m.feed(b"event: message_delta\ndata: ")

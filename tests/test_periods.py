@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ccgate.errors import ConfigError
-from ccgate.periods import (
+from ccgate.accounting.periods import (
     PERIODS,
     Period,
     PeriodError,
@@ -19,6 +18,7 @@ from ccgate.periods import (
     span_seconds,
     window,
 )
+from ccgate.errors import ConfigError
 
 
 def ts(text: str) -> float:

@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ccgate import paths
+from ccgate.accounting.pricing import PriceTable, installed
 from ccgate.cli import app
 from ccgate.cli.render import money, usd
-from ccgate.pricing import PriceTable, installed
 
 
 @pytest.mark.parametrize(

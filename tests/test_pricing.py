@@ -16,9 +16,15 @@ from typing import Any
 
 import pytest
 
+from ccgate.accounting.metering import Iteration, Usage
+from ccgate.accounting.pricing import (
+    Price,
+    PriceTable,
+    PriceTableError,
+    cost_micros,
+    normalise_model,
+)
 from ccgate.errors import ConfigError
-from ccgate.metering import Iteration, Usage
-from ccgate.pricing import Price, PriceTable, PriceTableError, cost_micros, normalise_model
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 SHIPPED = PriceTable.default()
@@ -688,7 +694,7 @@ def test_worst_case_rates_cover_the_band_and_a_regional_endpoint() -> None:
 
 
 def test_a_stored_row_prices_the_same_as_the_response_it_came_from() -> None:
-    from ccgate.repricing import iterations_json, row_charge
+    from ccgate.accounting.repricing import iterations_json, row_charge
 
     advisor = Iteration(kind="advisor_message", model="claude-opus-5-5", usage=u(1000, out=100))
     usage = u(

@@ -278,7 +278,7 @@ def test_unknown_model_is_repriced_once_the_table_learns_it(
     # Opus family's highest rates: 10,000x15 + 1,000x75.
     assert (row["cost_micros"], row["price_estimated"]) == (225_000, True)
 
-    from ccgate.pricing import PriceTable
+    from ccgate.accounting.pricing import PriceTable
 
     table = json.loads(json.dumps(PriceTable.default().raw))
     table["version"] = "2099-01-01"

@@ -14,7 +14,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from ccgate.pricing import PriceTable
+from ccgate.accounting.pricing import PriceTable
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.harness import Isolated, Server, ccgate, free_port, run_server
 

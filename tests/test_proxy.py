@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ccgate.ledger import Ledger
-from ccgate.pricing import PriceTable
-from ccgate.proxy import MAX_BODY_BYTES, Gateway, GatewaySettings
+from ccgate.accounting.pricing import PriceTable
+from ccgate.gateway.proxy import MAX_BODY_BYTES, Gateway, GatewaySettings
+from ccgate.store.ledger import Ledger
 
 pytestmark = pytest.mark.anyio
 

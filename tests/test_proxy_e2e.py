@@ -374,7 +374,7 @@ def test_head_root_needs_no_key(daemon: Daemon, fake_upstream: FakeUpstream) -> 
 
 def test_log_content_keeps_bodies_locally(fake_upstream: FakeUpstream) -> None:
     from ccgate import paths
-    from ccgate.ledger import Ledger
+    from ccgate.store.ledger import Ledger
 
     with run_daemon(upstream_url=fake_upstream.url, extra_args=("--log-content",)) as d:
         body = json.dumps(message_body(stream=True)).encode()
@@ -393,7 +393,7 @@ def test_log_content_keeps_bodies_locally(fake_upstream: FakeUpstream) -> None:
 
 def test_without_log_content_no_body_is_stored(daemon: Daemon) -> None:
     from ccgate import paths
-    from ccgate.ledger import Ledger
+    from ccgate.store.ledger import Ledger
 
     httpx.post(
         f"{daemon.url}/v1/messages",

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ccgate import reconcile as rec
+from ccgate.accounting import reconcile as rec
 
 KEY_A, KEY_B, STRANGER = "apikey_01Rj2N8SVvo6BePZj99NhmiT", "apikey_01Bq", "apikey_01Zz"
 POOLS = {KEY_A: "anthropic", KEY_B: "backup"}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ccgate.ledger import Ledger, RequestRecord
-from ccgate.reports import (
+from ccgate.store.ledger import Ledger, RequestRecord
+from ccgate.store.reports import (
     SinceError,
     UsageReportError,
     daily_series,

@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ccgate import ephemeral
 from ccgate.cli.run import summary_line
-from ccgate.ephemeral import BudgetLeft, Summary
+from ccgate.gateway import run as ephemeral
+from ccgate.gateway.run import BudgetLeft, Summary
 from ccgate.paths import Paths
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.harness import (

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ccgate.bundle import BundleError, DeviceKey, SealedKeyError, seal, unseal
+from ccgate.policy.bundle import BundleError, DeviceKey, SealedKeyError, seal, unseal
 
 DEVICE_ID = "dev_0123456789abcdef"
 SECRET = "sk-ant-api03-\u00e9xample"

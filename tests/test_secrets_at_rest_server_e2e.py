@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ccgate import paths, profiles
-from ccgate.bundle import DeviceKey
-from ccgate.remote import device_token
+from ccgate import paths
+from ccgate.client import profiles
+from ccgate.client.remote import device_token
+from ccgate.policy.bundle import DeviceKey
 from tests.support.fake_upstream import FakeUpstream, Scenario
 from tests.support.harness import UPSTREAM_KEY, Isolated, Server, ccgate, free_port, run_server
 

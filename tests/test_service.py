@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from ccgate import service
+from ccgate.machine import service
+from ccgate.machine.service import ServiceError
 from ccgate.paths import Paths
-from ccgate.service import ServiceError
 
 SPACED = ["/opt/my tools/bin/python3", "-m", "ccgate", "daemon", "--port", "7411"]
 

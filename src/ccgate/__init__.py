@@ -1,13 +1,20 @@
 """ccgate: a localhost gateway that governs Claude Code.
 
-The package is layered so that decisions stay pure and I/O stays at the edges:
+Packages by role; an arrow is an allowed import, enforced by tests/test_layout.py
+(docs/how-it-works.md draws the map):
 
-- ``env`` and ``paths`` own every environment variable name and every file location.
-- ``errors`` holds the ``CcgateError`` hierarchy (messages written for users) and exit codes.
-- ``pricing`` and ``metering`` turn an upstream response into tokens and micro-dollars.
-- ``ledger`` is the local SQLite log; ``reports`` reads it back.
-- ``proxy`` is the Starlette app in the path of every request; ``daemon`` runs and manages it.
-- ``cli`` parses arguments, calls the core and renders; it never touches SQL or HTTP itself.
+- base, the modules directly here: ``errors``, ``env`` (every environment variable name),
+  ``paths`` (every file location), ``_files`` and ``wire`` (the error envelope and constants
+  the gateway and the server share). They import no subpackage.
+- ``accounting`` (metering, pricing, periods) -> base.
+- ``policy`` (limits, wallet, grants, bundle) -> base, accounting.
+- ``store`` (the local ledger, reports) -> base.
+- ``machine`` (config, secret store, Claude Code settings, service units) -> base.
+- ``client`` (server clients, profiles) -> base, accounting, policy, machine.
+- ``gateway`` (the relay, governor, daemon, ``ccgate run``, up/down, login) -> all of the above.
+- ``server`` (the central server) -> base, accounting, policy only: it never loads the laptop
+  side (no keyring, no relay).
+- ``cli`` parses arguments, calls the core and renders; nothing imports it.
 """
 
 __version__ = "0.1.0"

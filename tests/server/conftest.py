@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import make_url
 
 from ccgate import paths
-from ccgate.bundle import DeviceKey
-from ccgate.remote import device_token
+from ccgate.client.remote import device_token
+from ccgate.policy.bundle import DeviceKey
 from ccgate.server import db
 from ccgate.server.app import ServerContext, create_app
 from ccgate.server.runner import build_context

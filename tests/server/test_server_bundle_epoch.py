@@ -19,7 +19,7 @@ from sqlmodel import select
 
 import ccgate
 from ccgate import paths
-from ccgate.bundle import Bundle, parse_payload, verify_envelope
+from ccgate.policy.bundle import Bundle, parse_payload, verify_envelope
 from ccgate.server import db
 from ccgate.server.app import create_app
 from ccgate.server.bundles import DEFAULT_TTL_S, Bundler, BundleSettings

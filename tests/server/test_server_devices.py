@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import ccgate
-from ccgate.bundle import DeviceKey, parse_payload, unseal, verify_envelope
+from ccgate.policy.bundle import DeviceKey, parse_payload, unseal, verify_envelope
 from ccgate.server.bundles import DEFAULT_TTL_S
 from tests.server.conftest import START, Server, device_headers
 
@@ -118,7 +118,7 @@ async def test_sealed_key_does_not_open_with_another_device(server: Server) -> N
     key = await server.new_key()
     device_id, _ = await server.register(key)
     bundle = _payload(server, (await _bundle(server, key, device_id)).json())
-    from ccgate.bundle import BundleError
+    from ccgate.policy.bundle import BundleError
 
     with pytest.raises(BundleError):
         unseal(bundle.providers[0].sealed_key, device=DeviceKey.generate(), device_id=device_id)
@@ -346,7 +346,7 @@ async def test_audit_limit_and_device_registration_entry(server: Server) -> None
 
 
 async def test_price_override_travels_in_bundles(server: Server) -> None:
-    from ccgate.pricing import PriceTable
+    from ccgate.accounting.pricing import PriceTable
 
     table = json.loads(Path(ccgate.__file__).with_name("data").joinpath("prices.json").read_text())
     table["version"] = "custom-1"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from ccgate.bundle import DeviceKey, parse_payload, unseal, verify_envelope
+from ccgate.policy.bundle import DeviceKey, parse_payload, unseal, verify_envelope
 from ccgate.server import db
 from ccgate.server.devices import MAX_PENDING
 from tests.server.conftest import START, Server, device_headers
@@ -254,7 +254,7 @@ async def test_concurrent_first_logins_approve_exactly_one_device(server: Server
 
     import anyio
 
-    from ccgate.remote import device_token
+    from ccgate.client.remote import device_token
     from ccgate.server import devices
     from ccgate.server.errors import PermissionDeniedError
 

@@ -316,7 +316,7 @@ async def test_invariant_under_concurrent_grants_and_ingests(server: Server) -> 
 
 
 async def test_bundle_carries_grace_and_token_budget(server: Server) -> None:
-    from ccgate.bundle import parse_payload, verify_envelope
+    from ccgate.policy.bundle import parse_payload, verify_envelope
 
     token_budget = {"limit_tokens": 1_000, "period": "1d", "rolling": False}
     key = await server.new_key(

@@ -27,8 +27,8 @@ import pytest
 from sqlalchemy import text
 
 from ccgate import paths
-from ccgate.bundle import DeviceKey
-from ccgate.remote import device_token
+from ccgate.client.remote import device_token
+from ccgate.policy.bundle import DeviceKey
 from ccgate.server import db
 from ccgate.server.state import init_server
 from tests.support.harness import free_port, stop_process

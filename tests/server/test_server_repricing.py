@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ccgate.pricing import PriceTable
+from ccgate.accounting.pricing import PriceTable
 from tests.server.conftest import START, Server, device_headers
 
 pytestmark = pytest.mark.anyio

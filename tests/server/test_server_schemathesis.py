@@ -25,8 +25,8 @@ from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
 from ccgate import paths
-from ccgate.bundle import DeviceKey
-from ccgate.remote import device_token
+from ccgate.client.remote import device_token
+from ccgate.policy.bundle import DeviceKey
 from ccgate.server import devices
 from ccgate.server.app import ServerContext, create_app
 from ccgate.server.openapi import document

@@ -12,7 +12,8 @@ from sqlalchemy import inspect
 from sqlmodel import SQLModel
 from starlette.routing import Mount, Route
 
-from ccgate import bundle, paths
+from ccgate import paths
+from ccgate.policy import bundle
 from ccgate.server import db, migrations
 from ccgate.server.app import UI_PREFIX, create_app
 from ccgate.server.errors import ServerStateError

@@ -80,8 +80,8 @@ class Daemon:
 
 def _seed_client_key(key: str) -> None:
     from ccgate import paths
-    from ccgate.credentials import SecretStore
-    from ccgate.daemon import LOCAL_KEY_NAME
+    from ccgate.gateway.daemon import LOCAL_KEY_NAME
+    from ccgate.machine.credentials import SecretStore
 
     SecretStore(paths=paths.resolve()).set(LOCAL_KEY_NAME, key)
 

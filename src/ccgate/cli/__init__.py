@@ -4,6 +4,8 @@ Commands live one group per module and import the core lazily, so ``ccgate --hel
 Core code raises ``CcgateError``; ``_Group.invoke`` is the one place that turns it into
 ``Error: ...`` on stderr and an exit code. Typer's pretty tracebacks are off because they print
 local variables, which can hold keys.
+
+Allowed imports: anything; nothing imports the CLI (``ccgate.__main__`` is its entry point).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from ccgate import __version__, console
+from ccgate import __version__
+from ccgate.cli import console
 from ccgate.errors import CcgateError
 
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ccgate import console, env
+from ccgate import env
+from ccgate.cli import console
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +52,7 @@ def login(
     waits for `ccgate admin devices approve` unless --code is given.
     """
     from ccgate import paths as paths_mod
-    from ccgate.login import login as do_login
+    from ccgate.gateway.login import login as do_login
 
     if key == "-":
         key = sys.stdin.readline().strip()
@@ -75,7 +76,7 @@ def login(
         )
     console.info(f"Policy bundle version {result.bundle_version} verified and stored.")
     if p.name == "default":
-        from ccgate import daemon
+        from ccgate.gateway import daemon
 
         if daemon.running(paths_mod.resolve()) is not None:
             console.info("The daemon runs in standalone mode: `ccgate down`, then `ccgate up`.")
@@ -85,9 +86,10 @@ def login(
 
 def logout(profile: ProfileOption = "default") -> None:
     """Forget a server binding: its key, device key and bundle. Run `ccgate down` first."""
-    from ccgate import daemon, profiles
     from ccgate import paths as paths_mod
+    from ccgate.client import profiles
     from ccgate.errors import CcgateError
+    from ccgate.gateway import daemon
 
     paths = paths_mod.resolve()
     if profile == "default" and daemon.running(paths) is not None:
@@ -105,9 +107,9 @@ def sync(
     """Poll the server for the policy bundle and push unsynced usage now."""
     import httpx
 
-    from ccgate import daemon, login
     from ccgate import paths as paths_mod
-    from ccgate.proxy import SYNC_PATH
+    from ccgate.gateway import daemon, login
+    from ccgate.gateway.proxy import SYNC_PATH
 
     paths = paths_mod.resolve()
     running = daemon.running(paths)

@@ -1,6 +1,6 @@
 """``ccgate admin``: manage a ccgate server over its admin API.
 
-Every command builds one request with ``ccgate.admin_client`` and renders the answer: JSON with
+Every command builds one request with ``ccgate.client.admin`` and renders the answer: JSON with
 ``--json``, a table otherwise. Where the server is and the admin token come from the group's
 options or their environment variables (prefer the variable: a token on the command line is
 visible to other local users in the process list).
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from ccgate import console
-from ccgate.admin_client import CCGATE_ADMIN_TOKEN, CCGATE_SERVER_URL, DEFAULT_SERVER_URL
+from ccgate.cli import console
+from ccgate.client.admin import CCGATE_ADMIN_TOKEN, CCGATE_SERVER_URL, DEFAULT_SERVER_URL
 
 if TYPE_CHECKING:
-    from ccgate.admin_client import AdminClient
+    from ccgate.client.admin import AdminClient
 
 app = typer.Typer(
     help="Administer a ccgate server: providers, customers, teams, keys, usage, audit.",
@@ -88,7 +88,7 @@ def _root(
 
 @contextmanager
 def _client(ctx: typer.Context) -> Iterator[AdminClient]:
-    from ccgate.admin_client import AdminClient
+    from ccgate.client.admin import AdminClient
 
     conn = ctx.find_object(_Conn)
     assert conn is not None  # set by the group callback
@@ -261,7 +261,7 @@ def customers_create(
     json_output: JsonOption = False,
 ) -> None:
     """Create a customer, optionally with a budget."""
-    from ccgate.admin_client import budget_body
+    from ccgate.client.admin import budget_body
 
     body = {"name": name, "budget": budget_body(budget, period=period, rolling=rolling)}
     with _client(ctx) as client:
@@ -296,7 +296,7 @@ def teams_create(
     json_output: JsonOption = False,
 ) -> None:
     """Create a team, optionally under a customer and with a budget."""
-    from ccgate.admin_client import budget_body
+    from ccgate.client.admin import budget_body
 
     body = {
         "name": name,
@@ -427,7 +427,7 @@ def _key_fields(
     token_budget: str | None = None,
 ) -> dict[str, Any]:
     """The options given, as API fields (none given: none sent). 0 clears --rpm/--tpm."""
-    from ccgate.admin_client import budget_body, models_list, parse_expiry
+    from ccgate.client.admin import budget_body, models_list, parse_expiry
 
     fields: dict[str, Any] = {}
     if team is not None:
@@ -456,7 +456,8 @@ def _key_fields(
 def _limits_fields(
     *, offline_grace: str | None, token_budget: str | None, period: str | None, rolling: bool
 ) -> dict[str, Any]:
-    from ccgate.admin_client import token_budget_body, usd_micros
+    from ccgate.accounting.pricing import usd_micros
+    from ccgate.client.admin import token_budget_body
 
     fields: dict[str, Any] = {}
     if offline_grace is not None:
@@ -807,7 +808,7 @@ def usage(
     json_output: JsonOption = False,
 ) -> None:
     """Tokens and dollars every daemon reported, by key, team or customer."""
-    from ccgate import reports
+    from ccgate.store import reports
 
     start = reports.parse_since(since, now=time.time())
     with _client(ctx) as client:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from ccgate import console
+from ccgate.cli import console
 from ccgate.cli.admin import JsonOption, _cell, _client, _table, _when
 
 tokens_app = typer.Typer(

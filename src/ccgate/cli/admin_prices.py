@@ -10,14 +10,14 @@ from typing import Any
 
 import typer
 
-from ccgate import console
+from ccgate.cli import console
 from ccgate.errors import ConfigError
 
 
 def run_import(ctx: typer.Context, file: Path, *, dry_run: bool, json_output: bool) -> None:
-    from ccgate import litellm_prices
+    from ccgate.accounting import litellm_prices
+    from ccgate.accounting.pricing import PriceTable, PriceTableError
     from ccgate.cli.admin import _client
-    from ccgate.pricing import PriceTable, PriceTableError
 
     try:
         text = file.read_text(encoding="utf-8")
@@ -57,7 +57,7 @@ def run_import(ctx: typer.Context, file: Path, *, dry_run: bool, json_output: bo
 
 
 def _is_litellm(text: str) -> bool:
-    from ccgate import litellm_prices
+    from ccgate.accounting import litellm_prices
 
     try:
         return litellm_prices.looks_like_litellm(json.loads(text))

@@ -10,8 +10,8 @@ from typing import Any
 
 import typer
 
-from ccgate import console
-from ccgate import reconcile as rec
+from ccgate.accounting import reconcile as rec
+from ccgate.cli import console
 from ccgate.errors import ConfigError
 
 

@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ccgate import console, env
+from ccgate import env
+from ccgate.cli import console
 
 if TYPE_CHECKING:
-    from ccgate.config import Config
+    from ccgate.machine.config import Config
     from ccgate.paths import Paths
 
 PortOption = Annotated[
@@ -76,9 +77,9 @@ def up(
 
     Safe to run again. Options given here are remembered for the next `ccgate up`.
     """
-    from ccgate import config as config_mod
-    from ccgate import lifecycle
     from ccgate import paths as paths_mod
+    from ccgate.gateway import lifecycle
+    from ccgate.machine import config as config_mod
 
     paths = paths_mod.resolve()
     config = config_mod.resolve(
@@ -107,8 +108,8 @@ def up(
 
 
 def _up_service(paths: Paths, config: Config) -> None:
-    from ccgate import config as config_mod
-    from ccgate import lifecycle
+    from ccgate.gateway import lifecycle
+    from ccgate.machine import config as config_mod
 
     with console.err.status("Installing the ccgate login service..."):
         result, installed = lifecycle.up_service(paths=paths, config=config)
@@ -134,8 +135,8 @@ def down(
     ] = False,
 ) -> None:
     """Stop the daemon and restore Claude Code's settings.json. Safe to run again."""
-    from ccgate import lifecycle
     from ccgate import paths as paths_mod
+    from ccgate.gateway import lifecycle
 
     result = lifecycle.down(paths=paths_mod.resolve(), remove_service=service)
     if result.service_removed:
@@ -152,9 +153,9 @@ def status(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show whether the daemon runs, where, and today's requests and cost."""
-    from ccgate import lifecycle
     from ccgate import paths as paths_mod
     from ccgate.cli import render
+    from ccgate.gateway import lifecycle
 
     report = lifecycle.status(paths=paths_mod.resolve())
     if json_output:
@@ -175,9 +176,9 @@ def daemon_cmd(
     ] = "info",
 ) -> None:
     """Run the gateway in the foreground on 127.0.0.1 (what `ccgate up` starts)."""
-    from ccgate import config as config_mod
-    from ccgate import daemon
     from ccgate import paths as paths_mod
+    from ccgate.gateway import daemon
+    from ccgate.machine import config as config_mod
 
     paths = paths_mod.resolve()
     config = config_mod.resolve(

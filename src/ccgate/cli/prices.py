@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ccgate import console
+from ccgate.cli import console
 from ccgate.errors import CcgateError
 
 if TYPE_CHECKING:
-    from ccgate.pricing import PriceEntry, PriceTable
+    from ccgate.accounting.pricing import PriceEntry, PriceTable
 
 app = typer.Typer(
     help="Show the price table in force, or install a newer one.",
@@ -36,7 +36,7 @@ def show(
     if ctx.invoked_subcommand is not None:
         return
     from ccgate import paths as paths_mod
-    from ccgate import pricing
+    from ccgate.accounting import pricing
 
     table, origin = pricing.installed(paths_mod.resolve().prices_file)
     if json_output:
@@ -61,7 +61,7 @@ def update(
     import time
 
     from ccgate import paths as paths_mod
-    from ccgate import pricing
+    from ccgate.accounting import pricing
     from ccgate.cli.render import money
 
     text = _read(source)
@@ -71,7 +71,7 @@ def update(
         f"Installed price table {table.version} ({len(table.entries)} entries) "
         f"at {paths.prices_file}."
     )
-    from ccgate import profiles
+    from ccgate.client import profiles
 
     if profiles.load(paths) is not None:
         console.warn(
@@ -116,8 +116,8 @@ def _read(source: str) -> bytes:
 
 
 def _reprice(ledger_file: Any, table: PriceTable, *, now: float) -> Any:
-    from ccgate.ledger import Ledger
-    from ccgate.repricing import reprice_ledger
+    from ccgate.accounting.repricing import reprice_ledger
+    from ccgate.store.ledger import Ledger
 
     if not ledger_file.exists():
         return None

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ccgate import console
+from ccgate.cli import console
 from ccgate.errors import CcgateError
 
 app = typer.Typer(help="Manage the upstream provider key (standalone mode).", no_args_is_help=True)
@@ -24,9 +24,9 @@ def set_key(
     The key is read from stdin when it is piped, otherwise from a hidden prompt. It is never
     printed. Restart the daemon (`ccgate down && ccgate up`) to use a new key.
     """
-    from ccgate import daemon
     from ccgate import paths as paths_mod
-    from ccgate.credentials import SecretStore
+    from ccgate.gateway import daemon
+    from ccgate.machine.credentials import SecretStore
 
     if name not in KNOWN:
         raise CcgateError(f"Unknown provider {name!r}; known: {', '.join(KNOWN)}.")
@@ -54,9 +54,10 @@ def show(
     """Show where the upstream key comes from (never the key itself)."""
     import os
 
-    from ccgate import daemon, env
+    from ccgate import env
     from ccgate import paths as paths_mod
-    from ccgate.credentials import SecretStore
+    from ccgate.gateway import daemon
+    from ccgate.machine.credentials import SecretStore
 
     store = SecretStore(paths=paths_mod.resolve())
     if store.get(daemon.UPSTREAM_KEY_NAME):

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from ccgate import console
+from ccgate.cli import console
 
 if TYPE_CHECKING:
-    from ccgate.ledger import Ledger
+    from ccgate.store.ledger import Ledger
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 def _open_ledger() -> Ledger | None:
     from ccgate import paths as paths_mod
-    from ccgate.ledger import Ledger, LedgerMissingError
+    from ccgate.store.ledger import Ledger, LedgerMissingError
 
     try:
         return Ledger(paths_mod.resolve().ledger_file, readonly=True)
@@ -45,8 +45,8 @@ def usage(
     Costs are what the shipped price table says the upstream bills, to the micro-dollar;
     rows marked estimated include a model the table does not name (priced by its family).
     """
-    from ccgate import reports
     from ccgate.cli import render
+    from ccgate.store import reports
 
     now = time.time()
     start = reports.parse_since(since, now=now)
@@ -77,8 +77,8 @@ def logs(
     ] = False,
 ) -> None:
     """The most recent requests, oldest first, like `tail`."""
-    from ccgate import reports
     from ccgate.cli import render
+    from ccgate.store import reports
 
     ledger = _open_ledger()
     if ledger is None and not follow:
@@ -104,8 +104,8 @@ def logs(
 def _follow(ledger: Ledger | None, *, limit: int, json_output: bool) -> None:
     import json
 
-    from ccgate import reports
     from ccgate.cli import render
+    from ccgate.store import reports
 
     def emit(rows: list[dict[str, object]]) -> None:
         if not rows:

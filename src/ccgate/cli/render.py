@@ -9,7 +9,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from ccgate import console
+from ccgate.cli import console
 
 
 def usd(value: float) -> str:

@@ -1,7 +1,7 @@
 """``ccgate run --key NAME -- COMMAND``: one command behind its own gateway (CI).
 
 The command owns stdout and the exit status; everything ccgate says goes to stderr, ending with
-one summary line. ``ccgate.ephemeral`` does the work.
+one summary line. ``ccgate.gateway.run`` does the work.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from ccgate import console
+from ccgate.cli import console
 
 if TYPE_CHECKING:
-    from ccgate.ephemeral import Summary
+    from ccgate.gateway.run import Summary
 
 
 def register(app: typer.Typer) -> None:
@@ -60,8 +60,8 @@ def run(
     """
     import os
 
-    from ccgate import ephemeral
     from ccgate import paths as paths_mod
+    from ccgate.gateway import run as ephemeral
 
     try:
         result = ephemeral.run(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ccgate import console
+from ccgate.cli import console
 
 app = typer.Typer(
     help="The central ccgate server: virtual keys, signed policy bundles, usage.",
@@ -36,7 +36,7 @@ def init(
     import os
 
     from ccgate import paths as paths_mod
-    from ccgate.admin_client import CCGATE_ADMIN_TOKEN
+    from ccgate.client.admin import CCGATE_ADMIN_TOKEN
     from ccgate.server.state import init_server
 
     result = init_server(paths=paths_mod.resolve(), environ=os.environ, db_url=db)

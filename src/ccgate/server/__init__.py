@@ -18,4 +18,7 @@ Design:
 - ``app`` is the Starlette layer: authentication, JSON in and out, the error envelope; blocking
   database work runs in a worker thread so the event loop stays free. ``openapi`` describes it;
   ``runner`` loads the state and runs uvicorn.
+
+Allowed imports: base, ``ccgate.accounting``, ``ccgate.policy`` (and its own modules): the
+server process loads nothing of the laptop side.
 """

@@ -24,7 +24,6 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from ccgate.credentials import CLIENT_KEY_PREFIX
 from ccgate.server import db, reconcile, validate
 from ccgate.server import devices as devices_mod
 from ccgate.server.db import (
@@ -45,6 +44,7 @@ from ccgate.server.errors import (
     NotFoundError,
 )
 from ccgate.server.state import SecretBox, sha256_hex
+from ccgate.wire import CLIENT_KEY_PREFIX
 
 KNOWN_KINDS: Final = ("anthropic",)
 AUTH_MODES: Final = ("provider", "passthrough")
@@ -213,7 +213,7 @@ class Admin:
         return {"prices": json.loads(row.table_json), "updated_at": row.updated_at}
 
     def set_prices(self, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
-        from ccgate.pricing import PriceTable, PriceTableError
+        from ccgate.accounting.pricing import PriceTable, PriceTableError
 
         table = body.get("prices")
         try:
@@ -246,7 +246,7 @@ class Admin:
                     session, actor=actor, action="prices.clear", target="prices", detail={}
                 )
                 session.commit()
-        from ccgate.pricing import PriceTable
+        from ccgate.accounting.pricing import PriceTable
 
         self._reprice(PriceTable.default())  # daemons go back to it; so do the records
         return self.prices()

@@ -37,7 +37,7 @@ from sqlalchemy import Engine, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from ccgate import periods
+from ccgate.accounting import periods
 from ccgate.errors import CcgateError
 from ccgate.server import db
 from ccgate.server.db import (

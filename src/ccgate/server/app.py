@@ -2,7 +2,7 @@
 
 Handlers stay thin: read the request, authenticate, hand plain data to the core (``admin``,
 ``devices``, ``bundles``, ``usage``) in a worker thread (database calls block), and turn the
-result or a ``ServerError`` into JSON. Errors use the gateway's envelope (``proxy.error_response``)
+result or a ``ServerError`` into JSON. Errors use the gateway's envelope (``wire.error_response``)
 so daemons and the admin CLI read one shape. An unexpected exception becomes a 500 that names no
 secret; the traceback goes to the server log only.
 """
@@ -28,15 +28,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from ccgate import __version__
-from ccgate.bundle import SigningKey
 from ccgate.errors import CcgateError
-from ccgate.proxy import error_response
+from ccgate.policy.bundle import SigningKey
 from ccgate.server import alerts, devices, leases, reconcile, report, roles, usage
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
 from ccgate.server.db import Device, VirtualKey
 from ccgate.server.errors import BadRequestError, InvalidRequestError, ServerError
 from ccgate.server.state import SecretBox
+from ccgate.wire import error_response
 
 log = logging.getLogger("ccgate.server")
 

@@ -47,8 +47,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ccgate import __version__
-from ccgate import bundle as bundle_mod
-from ccgate.periods import Period
+from ccgate.accounting.periods import Period
+from ccgate.policy import bundle as bundle_mod
 from ccgate.server import db
 from ccgate.server.admin import PRICE_ROW, key_levels
 from ccgate.server.db import (

@@ -31,8 +31,8 @@ from sqlalchemy import Engine, and_, case, func, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from ccgate import leases as policy
-from ccgate import periods
+from ccgate.accounting import periods
+from ccgate.policy import grants as policy
 from ccgate.server import db, validate
 from ccgate.server.db import Customer, Device, Lease, Team, UsageRow, VirtualKey, new_id
 from ccgate.server.errors import InvalidRequestError, NotFoundError

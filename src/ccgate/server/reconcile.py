@@ -4,7 +4,8 @@ Anthropic's usage report names the API key each token was billed to (``apikey_..
 usage rows name the provider pool the daemon sent the request through. The admin records each
 provider entry's Anthropic key id (``providers add/update --anthropic-key-id``), so the CLI can
 sum the report's rows per pool and compare them with ``daily``: ccgate's totals by UTC day,
-model and provider pool. The comparison itself is ``ccgate.reconcile`` (pure, client side).
+model and provider pool. The comparison itself is ``ccgate.accounting.reconcile`` (pure, client
+side).
 
 A key id belongs to one pool: two pools claiming it would make the report's rows count twice.
 """

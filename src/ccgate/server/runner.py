@@ -42,7 +42,7 @@ def build_context(
     clock: Callable[[], float] = time.time,
     alert_settings: AlertSettings | None = None,
 ) -> ServerContext:
-    from ccgate.bundle import SigningKey
+    from ccgate.policy.bundle import SigningKey
     from ccgate.server import db
     from ccgate.server.alerts import AlertSettings
     from ccgate.server.app import ServerContext

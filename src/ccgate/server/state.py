@@ -183,7 +183,7 @@ def init_server(
     *, paths: Paths, environ: Mapping[str, str], db_url: str | None = None
 ) -> InitResult:
     """Create the signing key, the secret, the database and the first admin token."""
-    from ccgate.bundle import SigningKey
+    from ccgate.policy.bundle import SigningKey
 
     spaths = ServerPaths.from_paths(paths)
     url = db_url or spaths.default_db_url

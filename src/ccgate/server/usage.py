@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 from sqlalchemy import Engine, case, func, update
 from sqlmodel import Session, col, select
 
-from ccgate import periods
+from ccgate.accounting import periods
 from ccgate.server import db
 from ccgate.server.admin import key_levels
 from ccgate.server.db import Customer, Device, Lease, Team, UsageRow, VirtualKey
@@ -354,13 +354,13 @@ def _totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def reprice(engine: Engine, table: Any, *, now: float) -> dict[str, int]:
     """Re-price the estimated records ``table`` (a ``PriceTable``) now prices exactly.
 
-    The same rule as the daemons' ledgers (``ccgate.repricing``): a record priced from its
-    request size alone, or by this very table version, is left alone, and a record that would
+    The same rule as the daemons' ledgers (``ccgate.accounting.repricing``): a record priced from
+    its request size alone, or by this very table version, is left alone, and a record that would
     still be an estimate keeps its first, conservative, estimate. Leases are not touched: their
     ``used`` is what was charged at the time; spend windows sum the records, so budgets see
     the correction at once.
     """
-    from ccgate.repricing import INPUT_ESTIMATE, row_charge
+    from ccgate.accounting.repricing import INPUT_ESTIMATE, row_charge
 
     changed = before = after = 0
     with db.session(engine) as session:

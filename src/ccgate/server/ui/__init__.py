@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from ccgate import periods
+from ccgate.accounting import periods
 from ccgate.errors import CcgateError
 from ccgate.server import report, roles
 from ccgate.server.errors import (
@@ -301,7 +301,7 @@ def _int(text: str | None, *, default: int, low: int, high: int) -> int:
 
 def _budget(form: dict[str, str]) -> dict[str, Any] | None:
     """The budget fields of a form (USD, period, rolling) as a Budget object; blank is none."""
-    from ccgate.admin_client import AdminClientError, usd_micros
+    from ccgate.accounting.pricing import usd_micros
 
     usd = form.get("budget_usd", "").strip()
     if not usd:
@@ -309,6 +309,6 @@ def _budget(form: dict[str, str]) -> dict[str, Any] | None:
     try:
         micros = usd_micros(usd, option="budget")
         period = periods.parse_period(form.get("period", "1M"))
-    except (AdminClientError, CcgateError) as exc:
+    except CcgateError as exc:
         raise InvalidRequestError(str(exc)) from None
     return {"limit_micros": micros, "period": period, "rolling": form.get("rolling") == "on"}

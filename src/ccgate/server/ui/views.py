@@ -19,7 +19,7 @@ from typing import Any, Final
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from ccgate import periods
+from ccgate.accounting import periods
 from ccgate.server import db
 from ccgate.server.db import Customer, Device, Team, UsageRow, VirtualKey
 

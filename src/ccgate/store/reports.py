@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, get_args
 
 from ccgate.errors import CcgateError, ExitCode
-from ccgate.ledger import Ledger, LedgerRow, UsageBy, UsageGroup
+from ccgate.store.ledger import Ledger, LedgerRow, UsageBy, UsageGroup
 
 __all__ = [
     "SinceError",

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 
 from ccgate import __version__
-from ccgate.bundle import DeviceKey
 from ccgate.errors import CcgateError
+from ccgate.policy.bundle import DeviceKey
 
 DEVICE_HEADER = "x-ccgate-device"
 TOKEN_HEADER = "x-ccgate-device-token"

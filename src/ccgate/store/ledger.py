@@ -40,13 +40,13 @@ from typing import Any, Final, Literal
 
 from ccgate._files import private_dir
 from ccgate.errors import ConfigError
+from ccgate.wire import INTERRUPTED_BY_RESTART
 
 logger = logging.getLogger("ccgate.ledger")
 
 OUTCOMES: Final = frozenset({"pending", "ok", "upstream_error", "interrupted", "rejected"})
 BILLINGS: Final = frozenset({"api", "subscription"})
 BILLABLE_PATH: Final = "/v1/messages"
-INTERRUPTED_BY_RESTART: Final = "daemon stopped before the request finished"
 
 UsageBy = Literal["model", "day", "session"]
 

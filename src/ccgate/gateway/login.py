@@ -17,12 +17,12 @@ from typing import Any
 
 import anyio
 
-from ccgate import profiles
-from ccgate.bundle import BundleStore, DeviceKey
+from ccgate.client import profiles
+from ccgate.client.remote import ServerClient
 from ccgate.errors import CcgateError
-from ccgate.ledger import Ledger
 from ccgate.paths import Paths
-from ccgate.remote import ServerClient
+from ccgate.policy.bundle import BundleStore, DeviceKey
+from ccgate.store.ledger import Ledger
 
 
 class FingerprintMismatch(CcgateError):
@@ -110,7 +110,7 @@ async def _login(
 
 def sync_offline(*, paths: Paths, profile: str) -> dict[str, Any]:
     """`ccgate sync` when no daemon runs: poll the bundle and push the ledger from here."""
-    from ccgate.governor import Governor
+    from ccgate.gateway.governor import Governor
 
     record = profiles.load(paths, profile)
     if record is None:

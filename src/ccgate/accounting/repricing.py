@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ccgate.ledger import INTERRUPTED_BY_RESTART
-from ccgate.metering import Usage, iterations_from_json
-from ccgate.pricing import PriceTable
+from ccgate.accounting.metering import Usage, iterations_from_json
+from ccgate.accounting.pricing import PriceTable
+from ccgate.wire import INTERRUPTED_BY_RESTART
 
 __all__ = [
     "INPUT_ESTIMATE",

@@ -35,15 +35,17 @@ from typing import Any, Protocol
 
 import anyio
 
-from ccgate import admission, periods, profiles
 from ccgate._files import atomic_write
-from ccgate.admission import estimate_input_tokens, format_usd
-from ccgate.bundle import Bundle, BundleError, BundleStore, DeviceKey, unseal
-from ccgate.ledger import Ledger, LedgerRow
+from ccgate.accounting import periods
+from ccgate.accounting.pricing import PriceTable
+from ccgate.client import profiles
+from ccgate.client.remote import KeyRefused, ServerClient, ServerError
 from ccgate.paths import Paths
-from ccgate.pricing import PriceTable
-from ccgate.remote import KeyRefused, ServerClient, ServerError
-from ccgate.wallet import GRACE, Lease, TokenMeter, Wallet
+from ccgate.policy import limits as admission
+from ccgate.policy.bundle import Bundle, BundleError, BundleStore, DeviceKey, unseal
+from ccgate.policy.limits import estimate_input_tokens, format_usd
+from ccgate.policy.wallet import GRACE, Lease, TokenMeter, Wallet
+from ccgate.store.ledger import Ledger, LedgerRow
 
 log = logging.getLogger("ccgate.governor")
 

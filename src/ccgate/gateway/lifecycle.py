@@ -19,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccgate import claude_settings, daemon, profiles, reports, service
 from ccgate import paths as paths_mod
-from ccgate.config import Config
-from ccgate.credentials import SecretStore
+from ccgate.client import profiles
 from ccgate.errors import CcgateError, CredentialError, NotRunningError
-from ccgate.ledger import Ledger
+from ccgate.gateway import daemon
+from ccgate.gateway.proxy import CCGATE_KEY_HEADER
+from ccgate.machine import claude_settings, service
+from ccgate.machine.config import Config
+from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
-from ccgate.proxy import CCGATE_KEY_HEADER
+from ccgate.store import reports
+from ccgate.store.ledger import Ledger
 
 CLIENT_KEY_PREFIX = "sk-cg-"
 
@@ -201,7 +204,7 @@ def _configure_claude(
 
 def _offline_server_state(paths: Paths, profile: profiles.Profile, *, now: float) -> dict[str, Any]:
     """What status can tell about server mode with no daemon running: the persisted bundle."""
-    from ccgate.bundle import BundleError, BundleStore
+    from ccgate.policy.bundle import BundleError, BundleStore
 
     state: dict[str, Any] = {
         "server": profile.server_url,

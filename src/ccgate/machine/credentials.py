@@ -36,8 +36,8 @@ from ccgate import env
 from ccgate._files import atomic_write, private_dir
 from ccgate.errors import CredentialError
 from ccgate.paths import Paths
+from ccgate.wire import CLIENT_KEY_PREFIX
 
-CLIENT_KEY_PREFIX = "sk-cg-"
 DEFAULT_SERVICE = "ccgate"
 _NOTICE_MARKER = "secrets-fallback-noticed"
 _FILE_MODE = 0o600

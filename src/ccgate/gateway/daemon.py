@@ -25,13 +25,14 @@ from typing import Any
 
 import httpx
 
-from ccgate import env, profiles
+from ccgate import env
 from ccgate._files import atomic_write
-from ccgate.config import Config
-from ccgate.credentials import SecretStore
+from ccgate.client import profiles
 from ccgate.errors import DaemonStartError, NotRunningError
+from ccgate.gateway.proxy import HEALTH_PATH
+from ccgate.machine.config import Config
+from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
-from ccgate.proxy import HEALTH_PATH
 
 LOCAL_KEY_NAME = "local-client-key"
 UPSTREAM_KEY_NAME = "provider:anthropic"
@@ -61,7 +62,7 @@ def upstream_key(store: SecretStore) -> str | None:
 
 
 def local_client_key(store: SecretStore, *, create: bool) -> str | None:
-    from ccgate.credentials import new_client_key
+    from ccgate.machine.credentials import new_client_key
 
     key = store.get(LOCAL_KEY_NAME)
     if key is None and create:
@@ -96,12 +97,12 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     """Run the gateway in this process until SIGINT or SIGTERM."""
     import uvicorn
 
-    from ccgate import pricing
-    from ccgate._http import HeaderDeadlineProtocol
-    from ccgate.governor import Governor
-    from ccgate.ledger import Ledger
-    from ccgate.proxy import Gateway, GatewaySettings
-    from ccgate.repricing import reprice_ledger
+    from ccgate.accounting import pricing
+    from ccgate.accounting.repricing import reprice_ledger
+    from ccgate.gateway._http import HeaderDeadlineProtocol
+    from ccgate.gateway.governor import Governor
+    from ccgate.gateway.proxy import Gateway, GatewaySettings
+    from ccgate.store.ledger import Ledger
 
     paths.ensure()
     _configure_logging(log_level)

@@ -41,8 +41,15 @@ from decimal import ROUND_HALF_UP, Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Final, Literal
 
-from ccgate.periods import Period, describe_reset, describe_span, format_utc, span_seconds, window
-from ccgate.pricing import MICROS_PER_USD, TOKENS_PER_MTOK, Price, PriceTable
+from ccgate.accounting.periods import (
+    Period,
+    describe_reset,
+    describe_span,
+    format_utc,
+    span_seconds,
+    window,
+)
+from ccgate.accounting.pricing import MICROS_PER_USD, TOKENS_PER_MTOK, Price, PriceTable
 
 __all__ = [
     "Admit",

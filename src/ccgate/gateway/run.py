@@ -53,15 +53,17 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from ccgate import env, periods, profiles
-from ccgate.bundle import Budget as BundleBudget
-from ccgate.bundle import Bundle
-from ccgate.claude_settings import CUSTOM_HEADERS, read_env
+from ccgate import env
+from ccgate.accounting import periods
+from ccgate.client import profiles
 from ccgate.errors import CcgateError, ConfigError, DaemonStartError, SettingsFileError
-from ccgate.governor import Governor
-from ccgate.ledger import Ledger, RequestRecord
+from ccgate.gateway.governor import Governor
+from ccgate.gateway.proxy import CCGATE_KEY_HEADER
+from ccgate.machine.claude_settings import CUSTOM_HEADERS, read_env
 from ccgate.paths import Paths, claude_settings_file
-from ccgate.proxy import CCGATE_KEY_HEADER
+from ccgate.policy.bundle import Budget as BundleBudget
+from ccgate.policy.bundle import Bundle
+from ccgate.store.ledger import Ledger, RequestRecord
 
 KEY_ENV_PREFIX = env.CCGATE_KEY_PREFIX
 """``CCGATE_KEY_<NAME>`` holds the virtual key of ``ccgate run --key NAME``."""
@@ -194,7 +196,7 @@ def _login(
     pinned: str | None,
     notices: list[str],
 ) -> Prepared:
-    from ccgate.login import login
+    from ccgate.gateway.login import login
 
     assert source.key is not None
     server = environ.get(env.CCGATE_SERVER_URL, "").strip()
@@ -389,7 +391,7 @@ class _ServedGateway:
     def __init__(self, app: Any, sock: socket.socket) -> None:
         import uvicorn
 
-        from ccgate._http import HeaderDeadlineProtocol
+        from ccgate.gateway._http import HeaderDeadlineProtocol
 
         self._sock = sock
         self._server = uvicorn.Server(
@@ -431,9 +433,9 @@ class _ServedGateway:
 @contextlib.contextmanager
 def _serving(governor: _RunGovernor, ledger: Ledger) -> Iterator[str]:
     """Serve the gateway for ``governor``; yields its base URL."""
-    from ccgate.daemon import bind_loopback
-    from ccgate.pricing import PriceTable
-    from ccgate.proxy import Gateway, GatewaySettings
+    from ccgate.accounting.pricing import PriceTable
+    from ccgate.gateway.daemon import bind_loopback
+    from ccgate.gateway.proxy import Gateway, GatewaySettings
 
     sock = bind_loopback(0)
     try:
@@ -543,7 +545,7 @@ def _start_governor(
     reporter: Reporter,
     timeout: float,
 ) -> _RunGovernor:
-    from ccgate.credentials import new_client_key
+    from ccgate.machine.credentials import new_client_key
 
     governor = _RunGovernor.from_profile(paths=paths, profile=profile, ledger=ledger)
     assert isinstance(governor, _RunGovernor)

@@ -216,7 +216,8 @@ class AdminClient:
 
 def budget_body(usd: str | None, *, period: str | None, rolling: bool) -> dict[str, Any] | None:
     """``--budget USD --period P [--rolling]`` as a Budget object; dollars to micros exactly."""
-    from ccgate.periods import parse_period
+    from ccgate.accounting.periods import parse_period
+    from ccgate.accounting.pricing import usd_micros
 
     if usd is None:
         if period is not None or rolling:
@@ -228,27 +229,9 @@ def budget_body(usd: str | None, *, period: str | None, rolling: bool) -> dict[s
     return {"limit_micros": micros, "period": parse_period(period), "rolling": rolling}
 
 
-def usd_micros(usd: str, *, option: str) -> int:
-    """Dollars as written (``50``, ``12.5``, ``$0.25``) to integer micro-dollars, exactly."""
-    from decimal import Decimal, InvalidOperation
-
-    try:
-        dollars = Decimal(usd.strip().removeprefix("$"))
-    except InvalidOperation:
-        raise AdminClientError(
-            f"Cannot read {option} {usd!r}: give dollars like 50 or 12.5."
-        ) from None
-    micros = dollars * 1_000_000
-    if not dollars.is_finite() or dollars < 0 or micros != micros.to_integral_value():
-        raise AdminClientError(
-            f"{option} {usd!r} must be a non-negative dollar amount with at most 6 decimals."
-        )
-    return int(micros)
-
-
 def token_budget_body(tokens: str, *, period: str | None, rolling: bool) -> dict[str, Any]:
     """``--token-budget N --period P [--rolling]`` as a TokenBudget object."""
-    from ccgate.periods import parse_period
+    from ccgate.accounting.periods import parse_period
 
     if period is None:
         raise AdminClientError("--token-budget needs --period (1d, 1w or 1M).")

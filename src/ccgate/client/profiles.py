@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ccgate._files import atomic_write, private_dir
-from ccgate.credentials import SecretStore
 from ccgate.errors import ConfigError
+from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
 
 DEFAULT = "default"

@@ -42,12 +42,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ccgate import __version__, admission
-from ccgate.governor import LocalPolicy, Policy, Ticket, Upstream
-from ccgate.ledger import Ledger, LedgerWriteError, RequestRecord
-from ccgate.metering import Metered, ResponseMeter, Usage
-from ccgate.pricing import PriceTable, cost_micros
-from ccgate.repricing import INPUT_ESTIMATE, iterations_json
+from ccgate import __version__
+from ccgate.accounting.metering import Metered, ResponseMeter, Usage
+from ccgate.accounting.pricing import PriceTable, cost_micros
+from ccgate.accounting.repricing import INPUT_ESTIMATE, iterations_json
+from ccgate.gateway.governor import LocalPolicy, Policy, Ticket, Upstream
+from ccgate.policy import limits as admission
+from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
+from ccgate.wire import error_response
 
 log = logging.getLogger("ccgate.proxy")
 
@@ -110,26 +112,6 @@ class GatewaySettings:
 
     def __repr__(self) -> str:  # keys must never reach a log or a traceback
         return f"GatewaySettings(port={self.port}, upstream_url={self.upstream_url!r})"
-
-
-def error_body(err_type: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": err_type, "message": message}}
-
-
-def error_response(
-    status: int,
-    err_type: str,
-    message: str,
-    *,
-    should_retry: bool | None = None,
-    retry_after: int | None = None,
-) -> Response:
-    headers: dict[str, str] = {}
-    if should_retry is not None:
-        headers["x-should-retry"] = "true" if should_retry else "false"
-    if retry_after is not None:
-        headers["retry-after"] = str(retry_after)
-    return JSONResponse(error_body(err_type, message), status_code=status, headers=headers)
 
 
 class _GuardMiddleware:

@@ -65,8 +65,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ccgate.errors import ConfigError
-from ccgate.metering import Usage
+from ccgate.accounting.metering import Usage
+from ccgate.errors import CcgateError, ConfigError
 
 __all__ = [
     "FAMILIES",
@@ -79,6 +79,7 @@ __all__ = [
     "PriceTableError",
     "cost_micros",
     "normalise_model",
+    "usd_micros",
 ]
 
 MICROS_PER_USD = 1_000_000
@@ -420,6 +421,25 @@ def cost_micros(
     price = lookup_or_price.price if isinstance(lookup_or_price, PriceLookup) else lookup_or_price
     tokens_cost = (_numerator(usage, price) + TOKENS_PER_MTOK // 2) // TOKENS_PER_MTOK
     return tokens_cost + usage.web_search_requests * web_search_micros
+
+
+def usd_micros(usd: str, *, option: str) -> int:
+    """Dollars as written (``50``, ``12.5``, ``$0.25``) to integer micro-dollars, exactly.
+
+    The admin CLI and the server's web UI both read budgets with it.
+    """
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        dollars = Decimal(usd.strip().removeprefix("$"))
+    except InvalidOperation:
+        raise CcgateError(f"Cannot read {option} {usd!r}: give dollars like 50 or 12.5.") from None
+    micros = dollars * 1_000_000
+    if not dollars.is_finite() or dollars < 0 or micros != micros.to_integral_value():
+        raise CcgateError(
+            f"{option} {usd!r} must be a non-negative dollar amount with at most 6 decimals."
+        )
+    return int(micros)
 
 
 def _numerator(usage: Usage, price: Price) -> int:

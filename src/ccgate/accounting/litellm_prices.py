@@ -38,8 +38,8 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
+from ccgate.accounting.pricing import FAMILIES, PriceTable, PriceTableError
 from ccgate.errors import ConfigError
-from ccgate.pricing import FAMILIES, PriceTable, PriceTableError
 
 FIRST_PARTY: Final = "anthropic"
 CLOUD_PROVIDERS: Final = frozenset({"bedrock", "bedrock_converse", "vertex_ai-anthropic_models"})

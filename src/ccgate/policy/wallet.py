@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ccgate import periods
+from ccgate.accounting import periods
 
 GRACE = "grace"
 """The lease id recorded for a request reserved against the offline grace."""
