@@ -61,7 +61,10 @@ class ServerClient:
         device_id: str | None = None,
         device: DeviceKey | None = None,
         timeout: float = 15.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network (tests pass ``httpx.ASGITransport`` over the
+        server app); None is a real connection pool."""
         self.base_url = base_url.rstrip("/")
         headers = {"user-agent": f"ccgate/{__version__}"}
         if key is not None:
@@ -70,7 +73,9 @@ class ServerClient:
             headers[DEVICE_HEADER] = device_id
         if device is not None:
             headers[TOKEN_HEADER] = device_token(device)
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
 
     async def __aenter__(self) -> ServerClient:
         return self

@@ -18,6 +18,9 @@ at all, may this request go (admission, which may wait for a lease), and where d
   retry after a lost answer counts nothing twice. The ledger is the queue.
 - Model allowlists, rate limits and key expiry are ``admission.Limiter``; token budgets are
   ``wallet.TokenMeter``.
+- One server client (one connection pool) serves every poll, sync batch and lease request
+  while the governor runs (``connected``), and is closed when it stops. Its transport and the
+  clock are injectable, so tests drive the governor in-process against the real server app.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+import httpx
 
 from ccgate._files import atomic_write
 from ccgate.accounting import periods
@@ -198,8 +204,12 @@ class Governor:
         store: BundleStore,
         ledger: Ledger,
         passthrough_upstream: str = DEFAULT_PASSTHROUGH_UPSTREAM,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.profile = profile
+        self.transport = transport
+        self.clock = clock
         self.passthrough_upstream = passthrough_upstream
         self.ledger = ledger
         self.key = key
@@ -220,6 +230,8 @@ class Governor:
         self.sync_state = _SyncState()
         self._lease_lock = anyio.Lock()
         self._lease_wake = anyio.Event()
+        self._server: ServerClient | None = None
+        self._server_users = 0
 
     @classmethod
     def from_profile(
@@ -229,6 +241,8 @@ class Governor:
         profile: profiles.Profile,
         ledger: Ledger,
         passthrough_upstream: str = "",
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> Governor:
         """The daemon's governor: secrets from the store, bundle under the state dir."""
         key, device_private = profiles.secrets(paths, profile.name)
@@ -244,6 +258,8 @@ class Governor:
             store=store,
             ledger=ledger,
             passthrough_upstream=passthrough_upstream or DEFAULT_PASSTHROUGH_UPSTREAM,
+            transport=transport,
+            clock=clock,
         )
 
     @property
@@ -331,17 +347,40 @@ class Governor:
         return Upstream(entry.base_url, api_key, entry.name, False)
 
     def client(self) -> ServerClient:
+        """A new client of its own, for a caller outside the governor's loops to close."""
         return ServerClient(
             self.profile.server_url,
             key=self.key,
             device_id=self.profile.device_id,
             device=self.device,
+            transport=self.transport,
         )
+
+    @asynccontextmanager
+    async def connected(self) -> AsyncIterator[ServerClient]:
+        """The governor's server client, shared by everything that runs meanwhile.
+
+        ``run`` holds it for the daemon's lifetime, so polls, sync batches and lease requests
+        reuse one connection pool; a call made while nothing holds it (``ccgate sync`` without
+        a daemon) opens it for that call. The last holder to leave closes it, even when
+        cancelled: the pool's sockets must not outlive the event loop they belong to."""
+        if self._server is None:
+            self._server = self.client()
+        server = self._server
+        self._server_users += 1
+        try:
+            yield server
+        finally:
+            self._server_users -= 1
+            if self._server_users == 0 and self._server is server:
+                self._server = None
+                with anyio.CancelScope(shield=True):
+                    await server.aclose()
 
     async def refresh(self) -> str:
         """Poll the server for the bundle once; returns what happened, for `ccgate sync`."""
         try:
-            async with self.client() as client:
+            async with self.connected() as client:
                 envelope, etag = await client.fetch_bundle(etag=self.etag if self.bundle else None)
         except KeyRefused as exc:
             self.key_refused = str(exc)
@@ -352,7 +391,7 @@ class Governor:
         if envelope is None:
             return "bundle unchanged"
         try:
-            bundle = self.store.accept(envelope, now=time.time())
+            bundle = self.store.accept(envelope, now=self.clock())
         except BundleError as exc:
             log.error("bundle from the server refused: %s", exc)
             return str(exc)
@@ -373,7 +412,7 @@ class Governor:
         while True:
             rows = await anyio.to_thread.run_sync(self._unsynced_batch)
             try:
-                async with self.client() as client:
+                async with self.connected() as client:
                     answer = await client.push_usage([_usage_record(r) for r in rows])
             except KeyRefused as exc:
                 self.key_refused = str(exc)
@@ -382,7 +421,7 @@ class Governor:
             except ServerError as exc:
                 self.sync_state.last_error = str(exc)
                 return str(exc)
-            now = time.time()
+            now = self.clock()
             if rows:
                 ids = [r.id for r in rows]
                 await anyio.to_thread.run_sync(partial(self.ledger.mark_synced, ids, at=now))
@@ -416,8 +455,8 @@ class Governor:
 
     async def renew(self, *, want: int) -> None:
         """Ask the server for a lease (returning finished ones); one request at a time."""
-        async with self._lease_lock:
-            now = time.time()
+        async with self._lease_lock, self.connected():
+            now = self.clock()
             if want and self.wallet.reserve_possible(want, now=now):
                 return  # another request's renewal already made room
             await self.sync()
@@ -433,7 +472,7 @@ class Governor:
                 "return": done,
             }
             try:
-                async with self.client() as client:
+                async with self.connected() as client:
                     answer = await client.request_lease(body)
             except KeyRefused as exc:
                 self.key_refused = str(exc)
@@ -502,13 +541,17 @@ class Governor:
 
     async def return_leases(self) -> None:
         """At shutdown: push usage, then hand every idle lease back so others can use it."""
+        async with self.connected():
+            await self._return_idle()
+
+    async def _return_idle(self) -> None:
         await self.sync()
         unsynced = await anyio.to_thread.run_sync(self._unsynced_lease_ids)
         idle = self.wallet.idle(unsynced=unsynced)
         if not idle:
             return
         try:
-            async with self.client() as client:
+            async with self.connected() as client:
                 for lease_id in idle:
                     await client.return_lease(lease_id)
         except ServerError as exc:
@@ -521,20 +564,23 @@ class Governor:
 
     async def sync_now(self) -> dict[str, str]:
         """What `ccgate sync` asks the running daemon to do: poll, then push."""
-        bundle = await self.refresh()
-        usage = await self.sync() if self.bundle is not None else "no bundle: nothing pushed"
+        async with self.connected():
+            bundle = await self.refresh()
+            usage = await self.sync() if self.bundle is not None else "no bundle: nothing pushed"
         return {"bundle": bundle, "usage": usage}
 
     async def run(self) -> None:
-        """The background loops, for the daemon's lifespan; leases go back when it ends."""
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._poll_loop)
-                tg.start_soon(self._sync_loop)
-                tg.start_soon(self._lease_loop)
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self.return_leases()
+        """The background loops, for the daemon's lifespan; leases go back when it ends, and
+        then the server client is closed."""
+        async with self.connected():
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._poll_loop)
+                    tg.start_soon(self._sync_loop)
+                    tg.start_soon(self._lease_loop)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self.return_leases()
 
     async def _poll_loop(self) -> None:
         while True:
@@ -557,7 +603,7 @@ class Governor:
     async def _sync_due(self) -> bool:
         """Push when rows wait; otherwise only refresh the server's figures now and then."""
         last = self.sync_state.last_success
-        if last is None or time.time() - last >= SPENT_REFRESH_S:
+        if last is None or self.clock() - last >= SPENT_REFRESH_S:
             return True
         count = await anyio.to_thread.run_sync(
             partial(self.ledger.count_unsynced, key_id=self.key_id)
@@ -570,7 +616,7 @@ class Governor:
             with anyio.move_on_after(30 if not self.offline else 10):
                 await self._lease_wake.wait()
             self._lease_wake = anyio.Event()
-            now = time.time()
+            now = self.clock()
             if self.bundle is not None and self.wallet.needs_renewal(now=now):
                 await self.renew(want=0)
 
@@ -592,7 +638,7 @@ class Governor:
                 f"ccgate cannot serve under its policy: {self.problem} "
                 f"`ccgate status` shows the state.",
             )
-        if time.time() >= self.bundle.expires_at:
+        if self.clock() >= self.bundle.expires_at:
             return Refusal(
                 503,
                 "api_error",
@@ -648,7 +694,7 @@ class Governor:
                 await self.renew(want=amount)
             if self.wallet.unlimited:
                 return ""
-            lease_id = self.wallet.reserve(amount, now=time.time())
+            lease_id = self.wallet.reserve(amount, now=self.clock())
         if lease_id is None and self.offline and self.wallet.reserve_grace(amount):
             return GRACE
         return lease_id
