@@ -62,6 +62,7 @@ class _Load:
     def __init__(self, target: Target, body: bytes, concurrency: int) -> None:
         self.target, self.body = target, body
         self.requests = self.errors = 0
+        self.error_kinds: dict[str, int] = {}
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run) for _ in range(concurrency)]
@@ -78,14 +79,16 @@ class _Load:
     def _run(self) -> None:
         with sync_client() as client:
             while not self.stop.is_set():
+                kind = None
                 try:
                     stream_once(client, self.target, self.body)
-                    ok = True
-                except Exception:  # counted and reported; the soak goes on
-                    ok = False
+                except Exception as exc:  # counted by kind and reported; the soak goes on
+                    kind = type(exc).__name__
                 with self._lock:
                     self.requests += 1
-                    self.errors += 0 if ok else 1
+                    if kind is not None:
+                        self.errors += 1
+                        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
 
 
 def _drift(first: int | None, last: int | None) -> float | None:
@@ -135,6 +138,7 @@ def soak(*, minutes: float, concurrency: int, sample_s: float, warmup_s: float) 
         "concurrency": concurrency,
         "requests": load.requests,
         "errors": load.errors,
+        "error_kinds": dict(load.error_kinds),
         "ledger_rows": len(rows),
         "ledger_finished": finished,
         "records_lost": load.requests - len(rows),
@@ -161,7 +165,16 @@ def _print(report: dict[str, Any]) -> None:
         rss = f"{s['rss_kib'] / 1024:.1f}" if s["rss_kib"] else "-"
         counts = f"{s['at_s']:>8} {s['requests']:>9} {s['errors']:>7}"
         print(f"{counts} {rss:>8} {s['fds']!s:>5} {s['sockets']!s:>8}")
-    for name in ("requests", "errors", "ledger_rows", "records_lost", "rss_kib", "fds", "sockets"):
+    for name in (
+        "requests",
+        "errors",
+        "error_kinds",
+        "ledger_rows",
+        "records_lost",
+        "rss_kib",
+        "fds",
+        "sockets",
+    ):
         print(f"{name}: {report[name]}")
 
 
