@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from ccgate._format import format_utc
 from ccgate.cli import console
 from ccgate.client.admin import CCGATE_ADMIN_TOKEN, CCGATE_SERVER_URL, DEFAULT_SERVER_URL
 
@@ -128,9 +129,7 @@ def _budget_text(budget: dict[str, Any]) -> str:
 
 
 def _when(ts: float | None) -> str:
-    from datetime import UTC, datetime
-
-    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "-" if ts is None else format_utc(ts)
 
 
 # ------------------------------------------------------------------------ providers

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ccgate import paths as paths_mod
+from ccgate._format import iso_utc
 from ccgate.client import profiles
 from ccgate.errors import CcgateError, CredentialError, NotRunningError
 from ccgate.gateway import daemon
@@ -227,7 +228,7 @@ def _offline_server_state(paths: Paths, profile: profiles.Profile, *, now: float
     else:
         if bundle is not None:
             state["bundle_version"] = bundle.version
-            state["bundle_expires_at"] = reports.iso_utc(bundle.expires_at)
+            state["bundle_expires_at"] = iso_utc(bundle.expires_at)
     if paths.ledger_file.exists():
         ledger = Ledger(paths.ledger_file, readonly=True)
         try:

@@ -37,7 +37,6 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -49,6 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ccgate._files import atomic_write, private_dir
+from ccgate._format import format_utc
 from ccgate.errors import CcgateError, ExitCode
 
 PAYLOAD_TYPE = "application/vnd.ccgate.bundle+json"
@@ -140,13 +140,6 @@ def _unb64(text: object) -> bytes | None:
         return base64.b64decode(text, validate=True)
     except ValueError:  # binascii.Error, and non-ASCII input
         return None
-
-
-def _when(ts: float) -> str:
-    try:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (OverflowError, OSError, ValueError):
-        return f"{ts:.0f} (epoch seconds)"
 
 
 def _strict_json(data: bytes | str) -> Any:
@@ -851,14 +844,14 @@ class BundleStore:
     def _check_times(bundle: Bundle, *, now: float, source: str) -> None:
         if bundle.issued_at > now + MAX_CLOCK_SKEW_S:
             raise ClockSkewError(
-                f"{source} was issued at {_when(bundle.issued_at)}, more than a day after this "
-                f"machine's clock ({_when(now)}). Check the clock here (and on the server), "
-                "then run `ccgate sync`.",
+                f"{source} was issued at {format_utc(bundle.issued_at)}, more than a day after "
+                f"this machine's clock ({format_utc(now)}). Check the clock here (and on the "
+                "server), then run `ccgate sync`.",
                 field="issued_at",
             )
         if now >= bundle.expires_at:
             raise ExpiredError(
-                f"{source} expired at {_when(bundle.expires_at)}, so requests are refused "
+                f"{source} expired at {format_utc(bundle.expires_at)}, so requests are refused "
                 "until a fresh one arrives. Run `ccgate sync` once the server is reachable; "
                 "if it still fails, tell your ccgate admin."
             )

@@ -37,6 +37,7 @@ from sqlalchemy import Engine, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
+from ccgate._format import format_utc
 from ccgate.accounting import periods
 from ccgate.errors import CcgateError
 from ccgate.server import db
@@ -261,7 +262,7 @@ def budget_payload(
     now: float,
 ) -> dict[str, Any]:
     pct = spent_micros * 100 // budget_micros if budget_micros else 0
-    reset = "rolling window" if resets_at is None else f"resets {periods.format_utc(resets_at)}"
+    reset = "rolling window" if resets_at is None else f"resets {format_utc(resets_at)}"
     return {
         "type": "budget_threshold",
         "scope": {"kind": scope_kind, "name": scope_name},
@@ -410,7 +411,7 @@ def _eval_stale(session: Session, rule: AlertRule, settings: AlertSettings, now:
             "at": now,
             "text": (
                 f"ccgate: device {device.name} of key {key.name} has not synced for "
-                f"{hours:.1f} hours (since {periods.format_utc(seen)}; alert after "
+                f"{hours:.1f} hours (since {format_utc(seen)}; alert after "
                 f"{rule.stale_hours:g} h)."
             ),
         }

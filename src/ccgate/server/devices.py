@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, update
 from sqlmodel import Session, select
 
-from ccgate.accounting.periods import format_utc
+from ccgate._format import format_utc
 from ccgate.server import db, validate
 from ccgate.server.db import AuditEntry, Device, VirtualKey, new_id
 from ccgate.server.errors import (
