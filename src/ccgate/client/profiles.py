@@ -54,11 +54,11 @@ def check_name(name: str) -> str:
 
 
 def profile_file(paths: Paths, name: str) -> Path:
-    return paths.config_dir / "profiles" / f"{check_name(name)}.json"
+    return paths.profile_file(check_name(name))
 
 
 def bundle_dir(paths: Paths, name: str) -> Path:
-    return paths.state_dir / "profiles" / check_name(name)
+    return paths.profile_state(check_name(name)).state_dir
 
 
 def _secret(name: str, what: str) -> str:
@@ -108,10 +108,10 @@ def remove(paths: Paths, name: str) -> bool:
     if path.exists():
         path.unlink()
         found = True
-    folder = bundle_dir(paths, name)
-    for child in ("bundle.json", "bundle-version.json", "bundle.lock"):
+    state = paths.profile_state(check_name(name))
+    for child in state.bundle_state:
         with contextlib.suppress(FileNotFoundError):
-            (folder / child).unlink()
+            child.unlink()
     with contextlib.suppress(OSError):
-        folder.rmdir()
+        state.state_dir.rmdir()
     return found

@@ -31,8 +31,7 @@ from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
 from ccgate.store import reports
 from ccgate.store.ledger import Ledger
-
-CLIENT_KEY_PREFIX = "sk-cg-"
+from ccgate.wire import CLIENT_KEY_PREFIX
 
 
 class AlreadyRunningError(CcgateError):
