@@ -16,7 +16,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -194,14 +194,6 @@ class Admin:
             self._record(session, actor=actor, action="provider.remove", target=name, detail=detail)
             session.commit()
         return {"removed": len(rows)}
-
-    def provider_rows(self) -> Sequence[Provider]:
-        with db.session(self.engine) as session:
-            return session.exec(
-                select(Provider).order_by(
-                    col(Provider.priority), col(Provider.name), col(Provider.created_at)
-                )
-            ).all()
 
     # ---------------------------------------------------------------- price override
 
