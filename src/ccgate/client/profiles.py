@@ -15,12 +15,16 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ccgate._files import atomic_write, private_dir
+from ccgate._format import iso_utc
 from ccgate.errors import ConfigError
 from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
+
+if TYPE_CHECKING:
+    from ccgate.policy.bundle import Bundle
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -43,6 +47,18 @@ class Profile:
     @property
     def public_key(self) -> bytes:
         return base64.b64decode(self.public_key_b64)
+
+
+def summary(profile: Profile, bundle: Bundle | None) -> dict[str, Any]:
+    """The head of `ccgate status`'s server block, the same whether a daemon runs (the
+    governor's snapshot) or not (read from the persisted bundle)."""
+    return {
+        "server": profile.server_url,
+        "profile": profile.name,
+        "key": profile.key_prefix + "…",
+        "bundle_version": None if bundle is None else bundle.version,
+        "bundle_expires_at": None if bundle is None else iso_utc(bundle.expires_at),
+    }
 
 
 def check_name(name: str) -> str:

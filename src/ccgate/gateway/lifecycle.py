@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ccgate import paths as paths_mod
-from ccgate._format import iso_utc
 from ccgate.client import profiles
 from ccgate.errors import CcgateError, CredentialError, NotRunningError
 from ccgate.gateway import daemon
@@ -206,28 +205,17 @@ def _offline_server_state(paths: Paths, profile: profiles.Profile, *, now: float
     """What status can tell about server mode with no daemon running: the persisted bundle."""
     from ccgate.policy.bundle import BundleError, BundleStore
 
-    state: dict[str, Any] = {
-        "server": profile.server_url,
-        "profile": profile.name,
-        "key": profile.key_prefix + "…",
-        "bundle_version": None,
-        "bundle_expires_at": None,
-        "problem": None,
-        "unsynced": None,
-    }
     store = BundleStore(
         state_dir=profiles.bundle_dir(paths, profile.name),
         public_key=profile.public_key,
         device_id=profile.device_id,
     )
+    bundle, problem = None, None
     try:
         bundle = store.load(now=now)
     except BundleError as exc:
-        state["problem"] = str(exc)
-    else:
-        if bundle is not None:
-            state["bundle_version"] = bundle.version
-            state["bundle_expires_at"] = iso_utc(bundle.expires_at)
+        problem = str(exc)
+    state = {**profiles.summary(profile, bundle), "problem": problem, "unsynced": None}
     if paths.ledger_file.exists():
         ledger = Ledger(paths.ledger_file, readonly=True)
         try:
