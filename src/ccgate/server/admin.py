@@ -121,13 +121,7 @@ class Admin:
         with session.no_autoflush:  # a duplicate name must fail at commit, as a ConflictError
             db.bump_policy_epoch(session)
         session.add(
-            AuditEntry(
-                at=self.clock(),
-                actor=actor,
-                action=action,
-                target=target,
-                detail=json.dumps(detail, sort_keys=True),
-            )
+            db.audit(at=self.clock(), actor=actor, action=action, target=target, detail=detail)
         )
 
     def _commit(self, session: Session, *, kind: str, name: str) -> None:

@@ -44,7 +44,6 @@ from ccgate.server import db
 from ccgate.server.db import (
     AlertOutbox,
     AlertRule,
-    AuditEntry,
     Customer,
     Device,
     Team,
@@ -142,15 +141,8 @@ def add_rule(
         row.webhook_enc = box.encrypt(webhook, aad=row.id)
         info = rule_info(row, [])
         session.add(row)
-        session.add(
-            AuditEntry(
-                at=now,
-                actor=actor,
-                action="alert.add",
-                target=scope,
-                detail=json.dumps({k: info[k] for k in ("id", "kind", "at", "format")}),
-            )
-        )
+        detail = {k: info[k] for k in ("id", "kind", "at", "format")}
+        session.add(db.audit(at=now, actor=actor, action="alert.add", target=scope, detail=detail))
         session.commit()
     return info
 
@@ -227,13 +219,10 @@ def remove_rule(engine: Engine, rule_id: str, *, actor: str, now: float) -> dict
         for o in session.exec(select(AlertOutbox).where(AlertOutbox.rule_id == rule_id)).all():
             session.delete(o)
         session.delete(row)
+        target = f"{row.scope_kind}:{row.scope_name}"
         session.add(
-            AuditEntry(
-                at=now,
-                actor=actor,
-                action="alert.remove",
-                target=f"{row.scope_kind}:{row.scope_name}",
-                detail=json.dumps({"id": rule_id}),
+            db.audit(
+                at=now, actor=actor, action="alert.remove", target=target, detail={"id": rule_id}
             )
         )
         session.commit()

@@ -223,8 +223,8 @@ def _create_admin_token(engine: Engine) -> tuple[str, str]:
             )
         )
         session.add(
-            db.AuditEntry(
-                at=time.time(), actor=admin_id, action="server.init", target=admin_id, detail="{}"
+            db.audit(
+                at=time.time(), actor=admin_id, action="server.init", target=admin_id, detail={}
             )
         )
         session.commit()
