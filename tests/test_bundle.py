@@ -655,7 +655,7 @@ def test_expiry_is_inclusive_on_accept(store: BundleStore, server_key: SigningKe
     with pytest.raises(ExpiredError) as caught:
         store.accept(envelope_for(server_key), now=expires)
     assert str(caught.value).startswith(
-        "The policy bundle from the server expired at 2025-12-01 16:00:00 UTC"
+        "The policy bundle from the server expired at 2025-12-01 16:00 UTC"
     )
     assert not store.path.exists()
     assert store.accept(envelope_for(server_key), now=expires - 0.001).version == 42

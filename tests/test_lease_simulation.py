@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ccgate.policy.grants import LevelState, grant_amount
+from ccgate.policy.grants import LevelBudget, grant_amount
 from ccgate.policy.wallet import Lease, Wallet
 
 LIMIT = 50_000_000  # $50 team budget
@@ -49,7 +49,7 @@ class Server:
     def grant(self, *, want: int, rate: float, returns: list[str]) -> str | None:
         for lease_id in returns:
             self.leases[lease_id].active = False
-        level = LevelState(
+        level = LevelBudget(
             limit_micros=self.limit, spent_micros=self.spent, outstanding_micros=self.outstanding()
         )
         granted = grant_amount([level], want_micros=want, rate_micros_per_s=rate).granted_micros

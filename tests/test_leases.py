@@ -12,13 +12,13 @@ from ccgate.policy.grants import (
     DEFAULT_SHARE,
     DEFAULT_TARGET_S,
     Grant,
-    LevelState,
+    LevelBudget,
     grant_amount,
 )
 
 
-def level(limit: int, spent: int = 0, outstanding: int = 0) -> LevelState:
-    return LevelState(limit_micros=limit, spent_micros=spent, outstanding_micros=outstanding)
+def level(limit: int, spent: int = 0, outstanding: int = 0) -> LevelBudget:
+    return LevelBudget(limit_micros=limit, spent_micros=spent, outstanding_micros=outstanding)
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -145,7 +145,7 @@ def test_every_combination_keeps_the_rules() -> None:
     assert checked > 10_000
 
 
-def _check_rules(levels: list[LevelState], result: Grant, *, want: int, rate: float) -> None:
+def _check_rules(levels: list[LevelBudget], result: Grant, *, want: int, rate: float) -> None:
     granted = result.granted_micros
     ask = max(want, DEFAULT_MIN_GRANT, math.ceil(rate * DEFAULT_TARGET_S))
     fits = all(lv.remaining_micros >= want for lv in levels)

@@ -37,6 +37,9 @@ ANTHROPIC_BASE_URL = "ANTHROPIC_BASE_URL"
 ANTHROPIC_AUTH_TOKEN = "ANTHROPIC_AUTH_TOKEN"
 """What Claude Code reads to find its gateway and the token to send it."""
 
+ANTHROPIC_CUSTOM_HEADERS = "ANTHROPIC_CUSTOM_HEADERS"
+"""Headers Claude Code adds to every request: passthrough mode sends the ccgate key in one."""
+
 XDG_CONFIG_HOME = "XDG_CONFIG_HOME"
 XDG_DATA_HOME = "XDG_DATA_HOME"
 XDG_STATE_HOME = "XDG_STATE_HOME"

@@ -21,6 +21,35 @@ APP_NAME = "ccgate"
 
 
 @dataclass(frozen=True)
+class BundleFiles:
+    """A server profile's state folder: the verified bundle, its version floor, their lock, and
+    the governor's persisted leases."""
+
+    state_dir: Path
+
+    @property
+    def bundle_file(self) -> Path:
+        return self.state_dir / "bundle.json"
+
+    @property
+    def version_file(self) -> Path:
+        return self.state_dir / "bundle-version.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.state_dir / "bundle.lock"
+
+    @property
+    def leases_file(self) -> Path:
+        return self.state_dir / "leases.json"
+
+    @property
+    def bundle_state(self) -> tuple[Path, Path, Path]:
+        """What logging out of the profile removes (leases stay: the server still holds them)."""
+        return (self.bundle_file, self.version_file, self.lock_file)
+
+
+@dataclass(frozen=True)
 class Paths:
     config_dir: Path
     data_dir: Path
@@ -61,6 +90,23 @@ class Paths:
     def settings_undo_file(self) -> Path:
         """What ``ccgate up`` changed in Claude Code's settings.json, so ``down`` can undo it."""
         return self.state_dir / "claude-settings-undo.json"
+
+    def profile_file(self, name: str) -> Path:
+        """A server profile (``ccgate login``); ``name`` is checked by ``client.profiles``."""
+        return self.config_dir / "profiles" / f"{name}.json"
+
+    def profile_state(self, name: str) -> BundleFiles:
+        return BundleFiles(self.state_dir / "profiles" / name)
+
+    @property
+    def server_config_dir(self) -> Path:
+        """``ccgate server``'s signing key and secret."""
+        return self.config_dir / "server"
+
+    @property
+    def server_data_dir(self) -> Path:
+        """``ccgate server``'s default SQLite database."""
+        return self.data_dir / "server"
 
     def ensure(self) -> None:
         for folder in {self.config_dir, self.data_dir, self.state_dir}:

@@ -554,11 +554,6 @@ class ResponseMeter:
         except _UnsupportedEncoding:
             self._decoders, self._stopped = [], True
 
-    @property
-    def capture_truncated(self) -> bool:
-        """True when the body outgrew ``max_capture``: ``captured`` holds only its start."""
-        return self._body.truncated
-
     def feed(self, raw: bytes) -> None:
         """Meter one chunk exactly as it came from upstream. Never raises."""
         if self._stopped or self._result is not None or not raw:

@@ -17,9 +17,10 @@ microsecond and could put an instant a hair before midnight into the next day's 
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Final, Literal, get_args
 
+from ccgate._format import format_utc
 from ccgate.errors import ConfigError
 
 __all__ = [
@@ -90,11 +91,6 @@ def describe_reset(period: Period, *, rolling: bool, now: float) -> str:
 def describe_span(period: Period, *, rolling: bool) -> str:
     """How a message names the window: "this month", or "in the last 7 days" when rolling."""
     return (_ROLLING_SPANS if rolling else _CALENDAR_SPANS)[period]
-
-
-def format_utc(timestamp: float) -> str:
-    """``"2026-12-01 00:00 UTC"``: minutes are as precise as a person needs."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _calendar_bounds(period: Period, today: date) -> tuple[date, date]:

@@ -8,9 +8,10 @@ visible to other local users in the process list).
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from ccgate._format import format_utc
 from ccgate.cli import console
 from ccgate.client.admin import CCGATE_ADMIN_TOKEN, CCGATE_SERVER_URL, DEFAULT_SERVER_URL
 
@@ -108,6 +110,13 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, empty: str
     console.out.print(table)
 
 
+def _as_json(data: Any, json_output: bool) -> bool:
+    """Print the server's answer as JSON when --json was given; True if it was printed."""
+    if json_output:
+        console.print_json(data)
+    return json_output
+
+
 def _cell(value: Any) -> str:
     from rich.markup import escape
 
@@ -128,9 +137,7 @@ def _budget_text(budget: dict[str, Any]) -> str:
 
 
 def _when(ts: float | None) -> str:
-    from datetime import UTC, datetime
-
-    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "-" if ts is None else format_utc(ts)
 
 
 # ------------------------------------------------------------------------ providers
@@ -190,9 +197,7 @@ def providers_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """Provider entries, by name then priority (never a key)."""
     with _client(ctx) as client:
         data = client.providers()
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         rows = [{**p, "key id": p.get("anthropic_key_id")} for p in data["providers"]]
         columns = ("name", "id", "base_url", "priority", "weight", "key id")
         _table(rows, columns, empty="No providers yet.")
@@ -219,9 +224,7 @@ def providers_update(
     value = None if anthropic_key_id.strip().lower() == "none" else anthropic_key_id.strip()
     with _client(ctx) as client:
         data = client.update_provider(name, {"anthropic_key_id": value}, provider_id=provider_id)
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         console.info(
             f"Provider {data['name']} ({data['id']}): Anthropic key id "
             f"{data['anthropic_key_id'] or 'cleared'}."
@@ -240,9 +243,7 @@ def providers_remove(
     """Remove a provider pool, or one entry of it."""
     with _client(ctx) as client:
         data = client.remove_provider(name, provider_id=provider_id)
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         console.info(
             f"Removed {data['removed']} provider entr{'y' if data['removed'] == 1 else 'ies'}."
         )
@@ -266,9 +267,7 @@ def customers_create(
     body = {"name": name, "budget": budget_body(budget, period=period, rolling=rolling)}
     with _client(ctx) as client:
         data = client.create_customer(body)
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         console.info(f"Created customer {data['name']} ({data['id']}).")
 
 
@@ -277,9 +276,7 @@ def customers_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """Customers and their budgets."""
     with _client(ctx) as client:
         data = client.customers()
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         _table(data["customers"], ("name", "id", "budget"), empty="No customers yet.")
 
 
@@ -305,9 +302,7 @@ def teams_create(
     }
     with _client(ctx) as client:
         data = client.create_team(body)
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         console.info(f"Created team {data['name']} ({data['id']}).")
 
 
@@ -316,9 +311,7 @@ def teams_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """Teams, their customers and budgets."""
     with _client(ctx) as client:
         data = client.teams()
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         _table(data["teams"], ("name", "id", "customer", "budget"), empty="No teams yet.")
 
 
@@ -389,19 +382,6 @@ EnrolmentCodeOption = Annotated[
 ]
 
 
-def _device_fields(
-    *, max_devices: int | None, ci: bool | None, enrolment_code: bool
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    if max_devices is not None:
-        fields["max_devices"] = max_devices
-    if ci is not None:
-        fields["ci"] = ci
-    if enrolment_code:
-        fields["enrolment_code"] = True
-    return fields
-
-
 def _print_code(data: dict[str, Any]) -> None:
     if data.get("enrolment_code"):
         console.info(
@@ -413,20 +393,25 @@ def _print_code(data: dict[str, Any]) -> None:
 
 def _key_fields(
     *,
-    team: str | None,
-    customer: str | None,
-    budget: str | None,
-    period: str | None,
-    rolling: bool,
-    models: str | None,
-    rpm: int | None,
-    tpm: int | None,
-    expires: str | None,
-    auth: str | None,
-    offline_grace: str | None = None,
-    token_budget: str | None = None,
+    team: TeamOption = None,
+    customer: CustomerOption = None,
+    budget: BudgetOption = None,
+    period: PeriodOption = None,
+    rolling: RollingOption = False,
+    models: ModelsOption = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    expires: ExpiresOption = None,
+    auth: AuthOption = None,
+    offline_grace: GraceOption = None,
+    token_budget: TokenBudgetOption = None,
+    max_devices: MaxDevicesOption = None,
+    ci: CiOption = None,
+    enrolment_code: EnrolmentCodeOption = False,
 ) -> dict[str, Any]:
-    """The options given, as API fields (none given: none sent). 0 clears --rpm/--tpm."""
+    """The options given, as API fields (none given: none sent). 0 clears --rpm/--tpm.
+
+    Its parameters are also the options of `keys create` and `keys update` (``_key_options``)."""
     from ccgate.client.admin import budget_body, models_list, parse_expiry
 
     fields: dict[str, Any] = {}
@@ -450,7 +435,31 @@ def _key_fields(
         fields["expires_at"] = parse_expiry(expires)
     if auth is not None:
         fields["auth"] = auth
+    if max_devices is not None:
+        fields["max_devices"] = max_devices
+    if ci is not None:
+        fields["ci"] = ci
+    if enrolment_code:
+        fields["enrolment_code"] = True
     return fields
+
+
+def _key_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the parameters of ``_key_fields`` as options, before its ``--json``.
+
+    `keys create` and `keys update` take the same fifteen options; Typer reads a command's
+    options from its signature, so they are declared once and the command gets them as
+    ``**options``."""
+    own = [
+        p
+        for p in inspect.signature(command, eval_str=True).parameters.values()
+        if p.kind is not p.VAR_KEYWORD
+    ]
+    shared = list(inspect.signature(_key_fields, eval_str=True).parameters.values())
+    last = own.pop()  # --json stays the last option, as in every other command
+    params = [p.replace(kind=p.POSITIONAL_OR_KEYWORD) for p in (*own, *shared, last)]
+    command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    return command
 
 
 def _limits_fields(
@@ -475,25 +484,12 @@ def _limits_fields(
 
 
 @keys_app.command("create")
+@_key_options
 def keys_create(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Key name, e.g. the developer or the CI job.")],
-    team: TeamOption = None,
-    customer: CustomerOption = None,
-    budget: BudgetOption = None,
-    period: PeriodOption = None,
-    rolling: RollingOption = False,
-    models: ModelsOption = None,
-    rpm: RpmOption = None,
-    tpm: TpmOption = None,
-    expires: ExpiresOption = None,
-    auth: AuthOption = None,
-    offline_grace: GraceOption = None,
-    token_budget: TokenBudgetOption = None,
-    max_devices: MaxDevicesOption = None,
-    ci: CiOption = None,
-    enrolment_code: EnrolmentCodeOption = False,
     json_output: JsonOption = False,
+    **options: Any,
 ) -> None:
     """Create a virtual key. The key is printed once and cannot be shown again.
 
@@ -501,27 +497,12 @@ def keys_create(
     waits for `ccgate admin devices approve`, up to --max-devices."""
     from ccgate.errors import CcgateError
 
-    if team and customer:
+    if options["team"] and options["customer"]:
         raise CcgateError("Give --team or --customer, not both: a team already has its customer.")
-    fields = _key_fields(
-        team=team,
-        customer=customer,
-        budget=budget,
-        period=period,
-        rolling=rolling,
-        models=models,
-        rpm=rpm,
-        tpm=tpm,
-        expires=expires,
-        auth=auth,
-        offline_grace=offline_grace,
-        token_budget=token_budget,
-    )
-    fields |= _device_fields(max_devices=max_devices, ci=ci, enrolment_code=enrolment_code)
+    fields = _key_fields(**options)
     with _client(ctx) as client:
         data = client.create_key({"name": name, **fields})
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     console.out.print(data["key"])
     console.info(
@@ -536,8 +517,7 @@ def keys_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """Virtual keys (their prefixes, never the keys)."""
     with _client(ctx) as client:
         data = client.keys()
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     rows = [{**k, "state": _key_state(k)} for k in data["keys"]]
     columns = ("name", "prefix", "team", "customer", "budget", "models", "state")
@@ -581,8 +561,7 @@ def keys_show(
 def _show_key(data: dict[str, Any], *, json_output: bool) -> None:
     from rich.table import Table
 
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -600,45 +579,18 @@ def _show_key(data: dict[str, Any], *, json_output: bool) -> None:
 
 
 @keys_app.command("update")
+@_key_options
 def keys_update(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Key name.")],
-    team: TeamOption = None,
-    customer: CustomerOption = None,
-    budget: BudgetOption = None,
-    period: PeriodOption = None,
-    rolling: RollingOption = False,
-    models: ModelsOption = None,
-    rpm: RpmOption = None,
-    tpm: TpmOption = None,
-    expires: ExpiresOption = None,
-    auth: AuthOption = None,
-    offline_grace: GraceOption = None,
-    token_budget: TokenBudgetOption = None,
-    max_devices: MaxDevicesOption = None,
-    ci: CiOption = None,
-    enrolment_code: EnrolmentCodeOption = False,
     json_output: JsonOption = False,
+    **options: Any,
 ) -> None:
     """Change a key: only the options given change. `none` clears --team, --customer,
     --budget; `never` clears --expires; 0 clears --rpm and --tpm; "" allows every model."""
     from ccgate.errors import CcgateError
 
-    fields = _key_fields(
-        team=team,
-        customer=customer,
-        budget=budget,
-        period=period,
-        rolling=rolling,
-        models=models,
-        rpm=rpm,
-        tpm=tpm,
-        expires=expires,
-        auth=auth,
-        offline_grace=offline_grace,
-        token_budget=token_budget,
-    )
-    fields |= _device_fields(max_devices=max_devices, ci=ci, enrolment_code=enrolment_code)
+    fields = _key_fields(**options)
     if not fields:
         raise CcgateError("Nothing to change: give at least one option (see --help).")
     with _client(ctx) as client:
@@ -657,9 +609,7 @@ def keys_revoke(
     """Revoke a key: daemons using it stop at their next sync; the server refuses it at once."""
     with _client(ctx) as client:
         data = client.revoke_key(name)
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         console.info(
             f"Revoked key {data['name']} ({data['prefix']}...) at {_when(data['revoked_at'])}."
         )
@@ -681,41 +631,36 @@ def devices_list(
     """Enrolled devices: which key, which machine, pending, approved or revoked."""
     with _client(ctx) as client:
         data = client.devices(key=key, status=status)
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     rows = [{**d, "enrolled": _when(d["created_at"])} for d in data["devices"]]
     _table(rows, ("id", "key", "name", "status", "enrolled"), empty="No devices.")
 
 
+DeviceIdArgument = Annotated[str, typer.Argument(help="Device id (dev_...), from `devices list`.")]
+
+
 @devices_app.command("approve")
 def devices_approve(
-    ctx: typer.Context,
-    device_id: Annotated[str, typer.Argument(help="Device id (dev_...), from `devices list`.")],
-    json_output: JsonOption = False,
+    ctx: typer.Context, device_id: DeviceIdArgument, json_output: JsonOption = False
 ) -> None:
     """Approve a pending device: its next poll gets the key's policy and sealed provider keys."""
     with _client(ctx) as client:
-        data = client.approve_device(device_id)
-    if json_output:
-        console.print_json(data)
-    else:
-        console.info(f"Device {data['id']} ({data['name']}) of key {data['key']}: approved.")
+        _device_done(client.approve_device(device_id), "approved", json_output=json_output)
 
 
 @devices_app.command("revoke")
 def devices_revoke(
-    ctx: typer.Context,
-    device_id: Annotated[str, typer.Argument(help="Device id (dev_...), from `devices list`.")],
-    json_output: JsonOption = False,
+    ctx: typer.Context, device_id: DeviceIdArgument, json_output: JsonOption = False
 ) -> None:
     """Revoke a device: the server refuses it at once; its daemon stops at its next poll."""
     with _client(ctx) as client:
-        data = client.revoke_device(device_id)
-    if json_output:
-        console.print_json(data)
-    else:
-        console.info(f"Device {data['id']} ({data['name']}) of key {data['key']}: revoked.")
+        _device_done(client.revoke_device(device_id), "revoked", json_output=json_output)
+
+
+def _device_done(data: dict[str, Any], state: str, *, json_output: bool) -> None:
+    if not _as_json(data, json_output):
+        console.info(f"Device {data['id']} ({data['name']}) of key {data['key']}: {state}.")
 
 
 # ------------------------------------------------------------------------ prices
@@ -740,9 +685,7 @@ def prices_set(
         raise ConfigError(f"Cannot read the price table {file}: {exc}") from None
     with _client(ctx) as client:
         data = client.set_prices(table)
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         console.info(f"Bundles now carry the price table from {file}; daemons get it at next sync.")
         _say_repriced(data.get("repriced"))
 
@@ -813,8 +756,7 @@ def usage(
     start = reports.parse_since(since, now=time.time())
     with _client(ctx) as client:
         data = client.usage(by=by, since=start)
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     _usage_table(data, by=by)
 
@@ -916,8 +858,7 @@ def audit(
 
     with _client(ctx) as client:
         data = client.audit(limit=limit)
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     rows = [
         {**e, "at": _when(e["at"]), "detail": json.dumps(e["detail"], sort_keys=True)}

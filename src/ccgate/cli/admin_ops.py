@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from ccgate.cli import console
-from ccgate.cli.admin import JsonOption, _cell, _client, _table, _when
+from ccgate.cli.admin import JsonOption, _as_json, _cell, _client, _table, _when
 
 tokens_app = typer.Typer(
     help="Admin tokens: admin (may change anything) or viewer (may only read).",
@@ -47,8 +47,7 @@ def tokens_create(
     """Create an admin token. The token is printed once and cannot be shown again."""
     with _client(ctx) as client:
         data = client.create_token(name, role=role)
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     console.out.print(data["token"])
     console.info(
@@ -62,8 +61,7 @@ def tokens_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """Admin tokens and their roles (prefixes, never the tokens)."""
     with _client(ctx) as client:
         data = client.tokens()
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     rows = [
         {
@@ -85,9 +83,7 @@ def tokens_revoke(
     """Revoke an admin token; the server refuses it at once. The last admin cannot be revoked."""
     with _client(ctx) as client:
         data = client.revoke_token(name)
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         console.info(f"Revoked admin token {data['name']} at {_when(data['revoked_at'])}.")
 
 
@@ -206,9 +202,7 @@ def alerts_add(
         body |= {"kind": "provider"}
     with _client(ctx) as client:
         data = client.add_alert(body)
-    if json_output:
-        console.print_json(data)
-    else:
+    if not _as_json(data, json_output):
         console.info(f"Added alert {data['id']} ({data['kind']} on {data['scope']}).")
 
 
@@ -217,8 +211,7 @@ def alerts_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """Alerts, with what was sent, what is pending and what gave up."""
     with _client(ctx) as client:
         data = client.alerts()
-    if json_output:
-        console.print_json(data)
+    if _as_json(data, json_output):
         return
     rows = [
         {

@@ -15,12 +15,16 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ccgate._files import atomic_write, private_dir
+from ccgate._format import iso_utc
 from ccgate.errors import ConfigError
 from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
+
+if TYPE_CHECKING:
+    from ccgate.policy.bundle import Bundle
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -45,6 +49,18 @@ class Profile:
         return base64.b64decode(self.public_key_b64)
 
 
+def summary(profile: Profile, bundle: Bundle | None) -> dict[str, Any]:
+    """The head of `ccgate status`'s server block, the same whether a daemon runs (the
+    governor's snapshot) or not (read from the persisted bundle)."""
+    return {
+        "server": profile.server_url,
+        "profile": profile.name,
+        "key": profile.key_prefix + "…",
+        "bundle_version": None if bundle is None else bundle.version,
+        "bundle_expires_at": None if bundle is None else iso_utc(bundle.expires_at),
+    }
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ProfileError(
@@ -54,11 +70,11 @@ def check_name(name: str) -> str:
 
 
 def profile_file(paths: Paths, name: str) -> Path:
-    return paths.config_dir / "profiles" / f"{check_name(name)}.json"
+    return paths.profile_file(check_name(name))
 
 
 def bundle_dir(paths: Paths, name: str) -> Path:
-    return paths.state_dir / "profiles" / check_name(name)
+    return paths.profile_state(check_name(name)).state_dir
 
 
 def _secret(name: str, what: str) -> str:
@@ -108,10 +124,10 @@ def remove(paths: Paths, name: str) -> bool:
     if path.exists():
         path.unlink()
         found = True
-    folder = bundle_dir(paths, name)
-    for child in ("bundle.json", "bundle-version.json", "bundle.lock"):
+    state = paths.profile_state(check_name(name))
+    for child in state.bundle_state:
         with contextlib.suppress(FileNotFoundError):
-            (folder / child).unlink()
+            child.unlink()
     with contextlib.suppress(OSError):
-        folder.rmdir()
+        state.state_dir.rmdir()
     return found

@@ -30,8 +30,7 @@ from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
 from ccgate.store import reports
 from ccgate.store.ledger import Ledger
-
-CLIENT_KEY_PREFIX = "sk-cg-"
+from ccgate.wire import CLIENT_KEY_PREFIX
 
 
 class AlreadyRunningError(CcgateError):
@@ -206,28 +205,17 @@ def _offline_server_state(paths: Paths, profile: profiles.Profile, *, now: float
     """What status can tell about server mode with no daemon running: the persisted bundle."""
     from ccgate.policy.bundle import BundleError, BundleStore
 
-    state: dict[str, Any] = {
-        "server": profile.server_url,
-        "profile": profile.name,
-        "key": profile.key_prefix + "…",
-        "bundle_version": None,
-        "bundle_expires_at": None,
-        "problem": None,
-        "unsynced": None,
-    }
     store = BundleStore(
         state_dir=profiles.bundle_dir(paths, profile.name),
         public_key=profile.public_key,
         device_id=profile.device_id,
     )
+    bundle, problem = None, None
     try:
         bundle = store.load(now=now)
     except BundleError as exc:
-        state["problem"] = str(exc)
-    else:
-        if bundle is not None:
-            state["bundle_version"] = bundle.version
-            state["bundle_expires_at"] = reports.iso_utc(bundle.expires_at)
+        problem = str(exc)
+    state = {**profiles.summary(profile, bundle), "problem": problem, "unsynced": None}
     if paths.ledger_file.exists():
         ledger = Ledger(paths.ledger_file, readonly=True)
         try:

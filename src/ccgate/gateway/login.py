@@ -23,6 +23,7 @@ from ccgate.errors import CcgateError
 from ccgate.paths import Paths
 from ccgate.policy.bundle import BundleStore, DeviceKey
 from ccgate.store.ledger import Ledger
+from ccgate.wire import CLIENT_KEY_PREFIX
 
 
 class FingerprintMismatch(CcgateError):
@@ -52,8 +53,10 @@ def login(
     """Log in; raises ``DevicePending`` (after saving the profile) when the admin must approve
     this device first: `ccgate up` or `ccgate sync` then fetch the bundle once approved."""
     profiles.check_name(profile)
-    if not key.startswith("sk-cg-"):
-        raise CcgateError("That is not a ccgate virtual key (they start with 'sk-cg-').")
+    if not key.startswith(CLIENT_KEY_PREFIX):
+        raise CcgateError(
+            f"That is not a ccgate virtual key (they start with '{CLIENT_KEY_PREFIX}')."
+        )
     return anyio.run(_login, paths, server_url.rstrip("/"), key, fingerprint, profile, code)
 
 

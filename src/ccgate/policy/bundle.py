@@ -37,7 +37,6 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -48,8 +47,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ccgate._files import atomic_write, private_dir
+from ccgate._files import PRIVATE, atomic_write, private_dir
+from ccgate._format import format_utc
 from ccgate.errors import CcgateError, ExitCode
+from ccgate.paths import BundleFiles
 
 PAYLOAD_TYPE = "application/vnd.ccgate.bundle+json"
 SCHEMA = 1
@@ -61,8 +62,7 @@ MAX_CLOCK_SKEW_S = 86_400.0
 Period = Literal["1d", "1w", "1M"]
 Auth = Literal["provider", "passthrough"]
 
-_FILE_MODE = 0o600
-_DIR_MODE = 0o700
+_FILE_MODE = PRIVATE
 _KEY_LEN = 32
 _SIG_LEN = 64
 _NONCE_LEN = 12
@@ -142,13 +142,6 @@ def _unb64(text: object) -> bytes | None:
         return None
 
 
-def _when(ts: float) -> str:
-    try:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (OverflowError, OSError, ValueError):
-        return f"{ts:.0f} (epoch seconds)"
-
-
 def _strict_json(data: bytes | str) -> Any:
     """``json.loads`` that refuses duplicate keys and NaN/Infinity (parser differentials)."""
 
@@ -217,7 +210,7 @@ class SigningKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path.parent.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+        private_dir(path.parent)
         try:
             atomic_write(path, pem, replace=False)
         except FileExistsError:
@@ -765,9 +758,10 @@ class BundleStore:
 
     def __init__(self, *, state_dir: Path, public_key: bytes, device_id: str | None = None) -> None:
         self.state_dir = state_dir
-        self.path = state_dir / "bundle.json"
-        self.version_path = state_dir / "bundle-version.json"
-        self._lock_path = state_dir / "bundle.lock"
+        self.files = BundleFiles(state_dir)
+        self.path = self.files.bundle_file
+        self.version_path = self.files.version_file
+        self._lock_path = self.files.lock_file
         self._public_key = public_key
         self._device_id = device_id  # when given, bundles for other devices are refused
         self._lock = threading.Lock()
@@ -851,14 +845,14 @@ class BundleStore:
     def _check_times(bundle: Bundle, *, now: float, source: str) -> None:
         if bundle.issued_at > now + MAX_CLOCK_SKEW_S:
             raise ClockSkewError(
-                f"{source} was issued at {_when(bundle.issued_at)}, more than a day after this "
-                f"machine's clock ({_when(now)}). Check the clock here (and on the server), "
-                "then run `ccgate sync`.",
+                f"{source} was issued at {format_utc(bundle.issued_at)}, more than a day after "
+                f"this machine's clock ({format_utc(now)}). Check the clock here (and on the "
+                "server), then run `ccgate sync`.",
                 field="issued_at",
             )
         if now >= bundle.expires_at:
             raise ExpiredError(
-                f"{source} expired at {_when(bundle.expires_at)}, so requests are refused "
+                f"{source} expired at {format_utc(bundle.expires_at)}, so requests are refused "
                 "until a fresh one arrives. Run `ccgate sync` once the server is reachable; "
                 "if it still fails, tell your ccgate admin."
             )

@@ -36,7 +36,7 @@ DEFAULT_MIN_GRANT: Final = 100_000
 
 
 @dataclass(frozen=True)
-class LevelState:
+class LevelBudget:
     """One budget level as the server sees it inside the grant's transaction."""
 
     limit_micros: int
@@ -56,7 +56,7 @@ class Grant:
 
 
 def grant_amount(
-    levels: Sequence[LevelState],
+    levels: Sequence[LevelBudget],
     *,
     want_micros: int,
     rate_micros_per_s: float,

@@ -14,7 +14,7 @@ Design:
 - ``admin`` (customers, teams, keys, providers, price override, audit), ``devices`` (key and
   device authentication), ``bundles`` (signed policy bundles) and
   ``usage`` (ingest, spent, rollups) are the core: plain functions over a database engine that
-  raise ``ServerError`` subclasses carrying their HTTP status. They never see a request.
+  raise ``RefusedError`` subclasses carrying their HTTP status. They never see a request.
 - ``app`` is the Starlette layer: authentication, JSON in and out, the error envelope; blocking
   database work runs in a worker thread so the event loop stays free. ``openapi`` describes it;
   ``runner`` loads the state and runs uvicorn.

@@ -16,7 +16,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -121,13 +121,7 @@ class Admin:
         with session.no_autoflush:  # a duplicate name must fail at commit, as a ConflictError
             db.bump_policy_epoch(session)
         session.add(
-            AuditEntry(
-                at=self.clock(),
-                actor=actor,
-                action=action,
-                target=target,
-                detail=json.dumps(detail, sort_keys=True),
-            )
+            db.audit(at=self.clock(), actor=actor, action=action, target=target, detail=detail)
         )
 
     def _commit(self, session: Session, *, kind: str, name: str) -> None:
@@ -181,27 +175,13 @@ class Admin:
 
     def remove_providers(self, name: str, *, provider_id: str | None, actor: str) -> dict[str, Any]:
         with db.session(self.engine) as session:
-            query = select(Provider).where(Provider.name == name)
-            if provider_id:
-                query = query.where(Provider.id == provider_id)
-            rows = session.exec(query).all()
-            if not rows:
-                which = f" with id {provider_id}" if provider_id else ""
-                raise NotFoundError(f"No provider named {name!r}{which}.")
+            rows = find_providers(session, name, provider_id=provider_id)
             for row in rows:
                 session.delete(row)
             detail = {"ids": [r.id for r in rows]}
             self._record(session, actor=actor, action="provider.remove", target=name, detail=detail)
             session.commit()
         return {"removed": len(rows)}
-
-    def provider_rows(self) -> Sequence[Provider]:
-        with db.session(self.engine) as session:
-            return session.exec(
-                select(Provider).order_by(
-                    col(Provider.priority), col(Provider.name), col(Provider.created_at)
-                )
-            ).all()
 
     # ---------------------------------------------------------------- price override
 
@@ -401,41 +381,26 @@ class Admin:
                         f"its limit; revoke one first (`ccgate admin devices revoke ID`) or "
                         f"raise it (`ccgate admin keys update {key.name} --max-devices N`)."
                     )
-                device.status, device.decided_at, device.decided_by = (
-                    "approved",
-                    self.clock(),
-                    actor,
-                )
-                session.add(device)
-                self._record(
-                    session,
-                    actor=actor,
-                    action="device.approve",
-                    target=device.id,
-                    detail={"key": key.name, "name": device.name},
-                )
-                session.commit()
+                self._decide(session, device, key, "approved", actor=actor)
             return device_info(device, key)
 
     def revoke_device(self, device_id: str, *, actor: str) -> dict[str, Any]:
         with db.session(self.engine) as session:
             device, key = _find_device(session, device_id)
             if device.status != "revoked":  # revoking twice keeps the first decision
-                device.status, device.decided_at, device.decided_by = (
-                    "revoked",
-                    self.clock(),
-                    actor,
-                )
-                session.add(device)
-                self._record(
-                    session,
-                    actor=actor,
-                    action="device.revoke",
-                    target=device.id,
-                    detail={"key": key.name, "name": device.name},
-                )
-                session.commit()
+                self._decide(session, device, key, "revoked", actor=actor)
             return device_info(device, key)
+
+    def _decide(
+        self, session: Session, device: Device, key: VirtualKey, status: str, *, actor: str
+    ) -> None:
+        """Approve or revoke ``device``, with its audit entry, in one commit."""
+        device.status, device.decided_at, device.decided_by = status, self.clock(), actor
+        session.add(device)
+        action = "device.approve" if status == "approved" else "device.revoke"
+        detail = {"key": key.name, "name": device.name}
+        self._record(session, actor=actor, action=action, target=device.id, detail=detail)
+        session.commit()
 
 
 # -------------------------------------------------------------------- helpers
@@ -501,6 +466,18 @@ def device_info(device: Device, key: VirtualKey) -> dict[str, Any]:
         "decided_at": device.decided_at,
         "decided_by": device.decided_by,
     }
+
+
+def find_providers(session: Session, name: str, *, provider_id: str | None) -> list[Provider]:
+    """The entries of provider ``name`` (only ``provider_id`` when given); NotFoundError if none."""
+    query = select(Provider).where(Provider.name == name)
+    if provider_id:
+        query = query.where(Provider.id == provider_id)
+    rows = list(session.exec(query).all())
+    if not rows:
+        which = f" with id {provider_id}" if provider_id else ""
+        raise NotFoundError(f"No provider named {name!r}{which}.")
+    return rows
 
 
 def _find_device(session: Session, device_id: str) -> tuple[Device, VirtualKey]:

@@ -37,13 +37,13 @@ from sqlalchemy import Engine, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
+from ccgate._format import format_utc
 from ccgate.accounting import periods
 from ccgate.errors import CcgateError
 from ccgate.server import db
 from ccgate.server.db import (
     AlertOutbox,
     AlertRule,
-    AuditEntry,
     Customer,
     Device,
     Team,
@@ -141,15 +141,8 @@ def add_rule(
         row.webhook_enc = box.encrypt(webhook, aad=row.id)
         info = rule_info(row, [])
         session.add(row)
-        session.add(
-            AuditEntry(
-                at=now,
-                actor=actor,
-                action="alert.add",
-                target=scope,
-                detail=json.dumps({k: info[k] for k in ("id", "kind", "at", "format")}),
-            )
-        )
+        detail = {k: info[k] for k in ("id", "kind", "at", "format")}
+        session.add(db.audit(at=now, actor=actor, action="alert.add", target=scope, detail=detail))
         session.commit()
     return info
 
@@ -226,13 +219,10 @@ def remove_rule(engine: Engine, rule_id: str, *, actor: str, now: float) -> dict
         for o in session.exec(select(AlertOutbox).where(AlertOutbox.rule_id == rule_id)).all():
             session.delete(o)
         session.delete(row)
+        target = f"{row.scope_kind}:{row.scope_name}"
         session.add(
-            AuditEntry(
-                at=now,
-                actor=actor,
-                action="alert.remove",
-                target=f"{row.scope_kind}:{row.scope_name}",
-                detail=json.dumps({"id": rule_id}),
+            db.audit(
+                at=now, actor=actor, action="alert.remove", target=target, detail={"id": rule_id}
             )
         )
         session.commit()
@@ -261,7 +251,7 @@ def budget_payload(
     now: float,
 ) -> dict[str, Any]:
     pct = spent_micros * 100 // budget_micros if budget_micros else 0
-    reset = "rolling window" if resets_at is None else f"resets {periods.format_utc(resets_at)}"
+    reset = "rolling window" if resets_at is None else f"resets {format_utc(resets_at)}"
     return {
         "type": "budget_threshold",
         "scope": {"kind": scope_kind, "name": scope_name},
@@ -410,7 +400,7 @@ def _eval_stale(session: Session, rule: AlertRule, settings: AlertSettings, now:
             "at": now,
             "text": (
                 f"ccgate: device {device.name} of key {key.name} has not synced for "
-                f"{hours:.1f} hours (since {periods.format_utc(seen)}; alert after "
+                f"{hours:.1f} hours (since {format_utc(seen)}; alert after "
                 f"{rule.stale_hours:g} h)."
             ),
         }

@@ -2,7 +2,7 @@
 
 Handlers stay thin: read the request, authenticate, hand plain data to the core (``admin``,
 ``devices``, ``bundles``, ``usage``) in a worker thread (database calls block), and turn the
-result or a ``ServerError`` into JSON. Errors use the gateway's envelope (``wire.error_response``)
+result or a ``RefusedError`` into JSON. Errors use the gateway's envelope (``wire.error_response``)
 so daemons and the admin CLI read one shape. An unexpected exception becomes a 500 that names no
 secret; the traceback goes to the server log only.
 """
@@ -34,7 +34,7 @@ from ccgate.server import alerts, devices, leases, reconcile, report, roles, usa
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
 from ccgate.server.db import Device, VirtualKey
-from ccgate.server.errors import BadRequestError, InvalidRequestError, ServerError
+from ccgate.server.errors import BadRequestError, InvalidRequestError, RefusedError
 from ccgate.server.state import SecretBox
 from ccgate.wire import error_response
 
@@ -120,7 +120,7 @@ def _guarded(handler: Handler) -> Handler:
         try:
             _refuse_nul(request)
             return await handler(request)
-        except ServerError as exc:
+        except RefusedError as exc:
             retry = False if exc.status in (401, 403) else None
             return error_response(exc.status, exc.err_type, str(exc), should_retry=retry)
         except CcgateError as exc:

@@ -150,19 +150,21 @@ class Bundler:
             epoch = _epoch(session)  # before the policy: see the module docstring
             key = session.get(VirtualKey, key.id) or key
             team, customer = key_levels(session, key)
-            policy = _Policy(
+            contents = _Contents(
                 key=_key_policy(key),
                 team=None if team is None else _level(team),
                 customer=None if customer is None else _level(customer),
                 providers=tuple(_providers(session)) if key.auth == "provider" else (),
                 prices=_prices(session),
             )
-            digest = self._content_hash(policy, device)
+            digest = self._content_hash(contents, device)
             stored = session.get(SignedBundle, device.id)
             if stored is not None and self._fresh(stored, digest=digest, now=now):
                 self._stamp(session, stored, epoch=epoch)
                 return Served(version=stored.version, envelope=stored.envelope)
-            return self._sign(session, stored, policy, device, digest=digest, epoch=epoch, now=now)
+            return self._sign(
+                session, stored, contents, device, digest=digest, epoch=epoch, now=now
+            )
 
     def _fresh(self, stored: SignedBundle, *, digest: str, now: float) -> bool:
         return stored.content_hash == digest and self._young(stored.issued_at, now=now)
@@ -190,19 +192,19 @@ class Bundler:
         )
         session.commit()
 
-    def _content_hash(self, policy: _Policy, device: Device) -> str:
+    def _content_hash(self, contents: _Contents, device: Device) -> str:
         content = {
             "schema": bundle_mod.SCHEMA,
             "poll_interval_s": self.settings.poll_interval_s,
             "ttl_s": self.settings.ttl_s,
             "device_id": device.id,
             "device_public_key": device.public_key,
-            "key": policy.key.to_payload(),
-            "team": None if policy.team is None else policy.team.to_payload(),
-            "customer": None if policy.customer is None else policy.customer.to_payload(),
-            "prices": policy.prices,
+            "key": contents.key.to_payload(),
+            "team": None if contents.team is None else contents.team.to_payload(),
+            "customer": None if contents.customer is None else contents.customer.to_payload(),
+            "prices": contents.prices,
             "providers": [
-                {**_entry(p, sealed={}).to_payload(), "id": p.id} for p in policy.providers
+                {**_entry(p, sealed={}).to_payload(), "id": p.id} for p in contents.providers
             ],
         }
         return hashlib.sha256(bundle_mod.encode_payload(content)).hexdigest()
@@ -211,7 +213,7 @@ class Bundler:
         self,
         session: Session,
         stored: SignedBundle | None,
-        policy: _Policy,
+        contents: _Contents,
         device: Device,
         *,
         digest: str,
@@ -228,7 +230,7 @@ class Bundler:
                     device_id=device.id,
                 ),
             )
-            for p in policy.providers
+            for p in contents.providers
         )
         version = _next_version(session)
         signed = bundle_mod.Bundle(
@@ -238,10 +240,10 @@ class Bundler:
             expires_at=now + self.settings.ttl_s,
             poll_interval_s=self.settings.poll_interval_s,
             device_id=device.id,
-            key=policy.key,
-            team=policy.team,
-            customer=policy.customer,
-            prices=policy.prices,
+            key=contents.key,
+            team=contents.team,
+            customer=contents.customer,
+            prices=contents.prices,
             providers=entries,
         )
         envelope = json.dumps(
@@ -250,7 +252,7 @@ class Bundler:
         row = stored or SignedBundle(
             device_id=device.id, key_id="", version=0, content_hash="", issued_at=0, envelope=""
         )
-        row.key_id, row.version, row.content_hash = policy.key.id, version, digest
+        row.key_id, row.version, row.content_hash = contents.key.id, version, digest
         row.issued_at, row.envelope = now, envelope
         row.policy_epoch, row.built_with = epoch, self.built_with
         session.add(row)
@@ -259,7 +261,9 @@ class Bundler:
 
 
 @dataclass(frozen=True)
-class _Policy:
+class _Contents:
+    """What a bundle says about one key, read in one transaction (see ``_content_hash``)."""
+
     key: bundle_mod.KeyPolicy
     team: bundle_mod.LevelPolicy | None
     customer: bundle_mod.LevelPolicy | None

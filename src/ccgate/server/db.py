@@ -8,9 +8,12 @@ stored as text so every backend stores them the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import URL, BigInteger, Engine, LargeBinary, event, make_url, update
 from sqlalchemy import create_engine as sa_create_engine
@@ -121,6 +124,15 @@ class AuditEntry(SQLModel, table=True):
     action: str
     target: str
     detail: str = "{}"
+
+
+def audit(
+    *, at: float, actor: str, action: str, target: str, detail: Mapping[str, Any]
+) -> AuditEntry:
+    """One audit entry; ``detail`` is stored as sorted JSON so equal details read equal."""
+    return AuditEntry(
+        at=at, actor=actor, action=action, target=target, detail=json.dumps(detail, sort_keys=True)
+    )
 
 
 class BundleCounter(SQLModel, table=True):

@@ -5,16 +5,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, update
 from sqlmodel import Session, select
 
-from ccgate.accounting.periods import format_utc
+from ccgate._format import format_utc
 from ccgate.server import db, validate
-from ccgate.server.db import AuditEntry, Device, VirtualKey, new_id
+from ccgate.server.db import Device, VirtualKey, new_id
 from ccgate.server.errors import (
     AuthenticationError,
     BadRequestError,
@@ -192,9 +191,7 @@ def _refusal(
 
 
 def _audit(now: float, actor: str, action: str, target: str, detail: Mapping[str, Any]) -> Any:
-    return AuditEntry(
-        at=now, actor=actor, action=action, target=target, detail=json.dumps(detail, sort_keys=True)
-    )
+    return db.audit(at=now, actor=actor, action=action, target=target, detail=detail)
 
 
 def device_for(

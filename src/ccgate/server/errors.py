@@ -5,33 +5,33 @@ from __future__ import annotations
 from ccgate.errors import CcgateError, ConfigError
 
 
-class ServerError(CcgateError):
+class RefusedError(CcgateError):
     """A request the server refuses; the message is shown to the caller as it is."""
 
     status: int = 400
     err_type: str = "invalid_request_error"
 
 
-class InvalidRequestError(ServerError):
+class InvalidRequestError(RefusedError):
     status = 422
 
 
-class AuthenticationError(ServerError):
+class AuthenticationError(RefusedError):
     status = 401
     err_type = "authentication_error"
 
 
-class PermissionDeniedError(ServerError):
+class PermissionDeniedError(RefusedError):
     status = 403
     err_type = "permission_error"
 
 
-class NotFoundError(ServerError):
+class NotFoundError(RefusedError):
     status = 404
     err_type = "not_found_error"
 
 
-class ConflictError(ServerError):
+class ConflictError(RefusedError):
     status = 409
 
 
@@ -39,7 +39,7 @@ class ServerStateError(ConfigError):
     """The server's files are missing, unsafe, or already there when they should not be."""
 
 
-class BadRequestError(ServerError):
+class BadRequestError(RefusedError):
     """The request itself is malformed (not JSON, a required header missing)."""
 
     status = 400

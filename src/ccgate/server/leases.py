@@ -32,7 +32,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from ccgate.accounting import periods
-from ccgate.policy import grants as policy
+from ccgate.policy import grants
 from ccgate.server import db, validate
 from ccgate.server.db import Customer, Device, Lease, Team, UsageRow, VirtualKey, new_id
 from ccgate.server.errors import InvalidRequestError, NotFoundError
@@ -48,9 +48,9 @@ Level = Literal["key", "team", "customer"]
 @dataclass(frozen=True)
 class LeaseSettings:
     ttl_s: float = DEFAULT_LEASE_TTL_S
-    target_s: float = policy.DEFAULT_TARGET_S
-    share: float = policy.DEFAULT_SHARE
-    min_grant: int = policy.DEFAULT_MIN_GRANT
+    target_s: float = grants.DEFAULT_TARGET_S
+    share: float = grants.DEFAULT_SHARE
+    min_grant: int = grants.DEFAULT_MIN_GRANT
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _decide(
     if not budgeted:
         return {"lease": None, "unlimited": True, "limited_by": None}
     states = _states(session, budgeted, now=now)
-    result = policy.grant_amount(
+    result = grants.grant_amount(
         states,
         want_micros=request.want_micros,
         rate_micros_per_s=request.rate_micros_per_s,
@@ -223,7 +223,7 @@ _LEVEL_COLUMNS: Final = {
 
 def _states(
     session: Session, budgeted: Sequence[_Budgeted], *, now: float
-) -> list[policy.LevelState]:
+) -> list[grants.LevelBudget]:
     """Spent and outstanding of every level, read by one statement (one snapshot)."""
     open_part = case(
         (
@@ -253,7 +253,7 @@ def _states(
         )
     values = [int(v) for v in session.execute(sa_select(*columns)).one()]
     return [
-        policy.LevelState(
+        grants.LevelBudget(
             limit_micros=level.limit_micros,
             spent_micros=values[2 * i],
             outstanding_micros=values[2 * i + 1],
@@ -317,7 +317,7 @@ def lease_json(row: Lease) -> dict[str, Any]:
     }
 
 
-def _limited(level: _Budgeted, state: policy.LevelState, *, now: float) -> dict[str, Any]:
+def _limited(level: _Budgeted, state: grants.LevelBudget, *, now: float) -> dict[str, Any]:
     return {
         "level": level.level,
         "name": level.row.name,

@@ -422,6 +422,19 @@ def _list(key: str, item: str) -> dict[str, Any]:
     return _obj({key: {"type": "array", "items": _ref(item)}})
 
 
+def _collection(
+    listing: tuple[str, str], listed: str, created: str, *, body: str, returns: str | None = None
+) -> dict[str, Any]:
+    """An admin collection: GET lists it as ``{key: [item...]}``, POST creates one (201)."""
+    key, item = listing
+    return {
+        "get": _op(listed, ok=_list(key, item), security="adminToken"),
+        "post": _op(
+            created, ok=_ref(returns or item), status="201", body=_ref(body), security="adminToken"
+        ),
+    }
+
+
 def _public_paths() -> dict[str, Any]:
     key = "virtualKey"
     return {
@@ -501,18 +514,12 @@ def _admin_paths() -> dict[str, Any]:
     adm = "adminToken"
     p = "/admin/v1"
     return {
-        f"{p}/providers": {
-            "get": _op(
-                "List providers (never a key)", ok=_list("providers", "Provider"), security=adm
-            ),
-            "post": _op(
-                "Add a provider entry; several under one name form a pool",
-                ok=_ref("Provider"),
-                status="201",
-                body=_ref("ProviderCreate"),
-                security=adm,
-            ),
-        },
+        f"{p}/providers": _collection(
+            ("providers", "Provider"),
+            "List providers (never a key)",
+            "Add a provider entry; several under one name form a pool",
+            body="ProviderCreate",
+        ),
         f"{p}/providers/{{name}}": {
             "delete": _op(
                 "Remove a provider pool, or one entry of it with ?id=",
@@ -529,36 +536,23 @@ def _admin_paths() -> dict[str, Any]:
                 params=[_NAME, _param("id", "query", _STR, required=False)],
             ),
         },
-        f"{p}/customers": {
-            "get": _op("List customers", ok=_list("customers", "Customer"), security=adm),
-            "post": _op(
-                "Create a customer",
-                ok=_ref("Customer"),
-                status="201",
-                body=_ref("LevelCreate"),
-                security=adm,
-            ),
-        },
-        f"{p}/teams": {
-            "get": _op("List teams", ok=_list("teams", "Team"), security=adm),
-            "post": _op(
-                "Create a team",
-                ok=_ref("Team"),
-                status="201",
-                body=_ref("LevelCreate"),
-                security=adm,
-            ),
-        },
-        f"{p}/keys": {
-            "get": _op("List virtual keys", ok=_list("keys", "KeyInfo"), security=adm),
-            "post": _op(
-                "Create a virtual key (returned once)",
-                ok=_ref("CreatedKey"),
-                status="201",
-                body=_ref("KeyCreate"),
-                security=adm,
-            ),
-        },
+        f"{p}/customers": _collection(
+            ("customers", "Customer"),
+            "List customers",
+            "Create a customer",
+            returns="Customer",
+            body="LevelCreate",
+        ),
+        f"{p}/teams": _collection(
+            ("teams", "Team"), "List teams", "Create a team", returns="Team", body="LevelCreate"
+        ),
+        f"{p}/keys": _collection(
+            ("keys", "KeyInfo"),
+            "List virtual keys",
+            "Create a virtual key (returned once)",
+            returns="CreatedKey",
+            body="KeyCreate",
+        ),
         f"{p}/keys/{{name}}": {
             "get": _op("Show a key", ok=_ref("KeyInfo"), security=adm, params=[_NAME]),
             "patch": _op(
@@ -611,20 +605,12 @@ def _admin_paths() -> dict[str, Any]:
                 ],
             )
         },
-        f"{p}/alerts": {
-            "get": _op(
-                "Alert rules with their deliveries (sent, pending, failed, the last one)",
-                ok=_list("alerts", "Alert"),
-                security=adm,
-            ),
-            "post": _op(
-                "Add a webhook alert: budget thresholds, a stale device or a failing provider",
-                ok=_ref("Alert"),
-                status="201",
-                body=_ref("AlertCreate"),
-                security=adm,
-            ),
-        },
+        f"{p}/alerts": _collection(
+            ("alerts", "Alert"),
+            "Alert rules with their deliveries (sent, pending, failed, the last one)",
+            "Add a webhook alert: budget thresholds, a stale device or a failing provider",
+            body="AlertCreate",
+        ),
         f"{p}/alerts/{{alert_id}}": {
             "delete": _op(
                 "Remove an alert rule and its outbox",

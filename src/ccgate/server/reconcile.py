@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 
 from ccgate.server import db
 from ccgate.server.db import Provider, UsageRow
-from ccgate.server.errors import ConflictError, InvalidRequestError, NotFoundError
+from ccgate.server.errors import ConflictError, InvalidRequestError
 
 if TYPE_CHECKING:
     from ccgate.server.admin import Admin
@@ -70,7 +70,7 @@ def update_provider(
     The key id is not part of any bundle, so bundles, which name provider entries by row id in
     their content hash, stay as they are.
     """
-    from ccgate.server.admin import provider_info
+    from ccgate.server.admin import find_providers, provider_info
 
     unknown = sorted(set(body) - {KEY_ID_FIELD})
     if unknown or KEY_ID_FIELD not in body:
@@ -79,13 +79,7 @@ def update_provider(
             "key, add a new entry and remove the old one)."
         )
     with db.session(admin.engine) as session:
-        query = select(Provider).where(Provider.name == name)
-        if provider_id:
-            query = query.where(Provider.id == provider_id)
-        rows = session.exec(query).all()
-        if not rows:
-            which = f" with id {provider_id}" if provider_id else ""
-            raise NotFoundError(f"No provider named {name!r}{which}.")
+        rows = find_providers(session, name, provider_id=provider_id)
         if len(rows) > 1:
             raise InvalidRequestError(
                 f"Provider {name!r} has {len(rows)} entries, each with its own API key: name "

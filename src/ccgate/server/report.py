@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from sqlalchemy import Engine, func
 from sqlmodel import col, select
@@ -31,7 +31,6 @@ from ccgate.server import db
 from ccgate.server.db import AuditEntry, Customer, Team, UsageRow, VirtualKey
 from ccgate.server.errors import InvalidRequestError
 
-ReportBy = Literal["customer", "team", "key", "model"]
 REPORT_BY: Final = ("customer", "team", "key", "model")
 TOKEN_FIELDS: Final = (
     "input_tokens",

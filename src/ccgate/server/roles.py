@@ -11,7 +11,6 @@ Tokens are stored as SHA-256 hashes; the plaintext exists only in the answer of
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from ccgate.server import db, validate
-from ccgate.server.db import AdminToken, AuditEntry
+from ccgate.server.db import AdminToken
 from ccgate.server.errors import (
     AuthenticationError,
     ConflictError,
@@ -175,12 +174,4 @@ def _active_admins(session: Session) -> int:
 def _audit(
     session: Session, *, actor: str, action: str, target: str, now: float, detail: dict[str, Any]
 ) -> None:
-    session.add(
-        AuditEntry(
-            at=now,
-            actor=actor,
-            action=action,
-            target=target,
-            detail=json.dumps(detail, sort_keys=True),
-        )
-    )
+    session.add(db.audit(at=now, actor=actor, action=action, target=target, detail=detail))

@@ -15,8 +15,6 @@ if TYPE_CHECKING:  # the app pulls in Starlette; `--help` should not
     from ccgate.server.alerts import AlertSettings
     from ccgate.server.app import ServerContext
 
-DEFAULT_HOST: Final = "127.0.0.1"
-DEFAULT_PORT: Final = 8790
 _TTL = re.compile(r"(\d+)([smhd]?)")
 _UNIT_S: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 MIN_TTL_S: Final = 1  # short lifetimes only make sense in tests: every fetch re-signs

@@ -1,6 +1,6 @@
 """The server's own files and secrets, and ``ccgate server init``.
 
-Layout under the resolved ``Paths`` (nothing is added to ``ccgate.paths``):
+Layout under the resolved ``Paths`` (``server_config_dir`` and ``server_data_dir``):
 ``<config_dir>/server/signing-key.pem`` (Ed25519, 0600), ``<config_dir>/server/secret`` (32 random
 bytes, 0600; or ``CCGATE_SERVER_SECRET`` as base64, so replicas can share it without a file) and
 ``<data_dir>/server/server.db`` (the default SQLite database).
@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from sqlmodel import select
 
 from ccgate import env
+from ccgate._files import atomic_write, private_dir
 from ccgate.paths import Paths
 from ccgate.server import db
 from ccgate.server.errors import ServerStateError
@@ -41,7 +42,6 @@ CCGATE_SERVER_SECRET = env.CCGATE_SERVER_SECRET
 
 ADMIN_TOKEN_PREFIX = "cga-"
 SECRET_BYTES = 32
-_FILE_MODE = 0o600
 _NONCE_BYTES = 12
 _PROVIDER_KEY_INFO = b"ccgate-server-provider-key-v1"
 
@@ -53,7 +53,7 @@ class ServerPaths:
 
     @classmethod
     def from_paths(cls, paths: Paths) -> ServerPaths:
-        return cls(config_dir=paths.config_dir / "server", data_dir=paths.data_dir / "server")
+        return cls(config_dir=paths.server_config_dir, data_dir=paths.server_data_dir)
 
     @property
     def signing_key_file(self) -> Path:
@@ -73,19 +73,7 @@ class ServerPaths:
 
     def ensure(self) -> None:
         for folder in (self.config_dir, self.data_dir):
-            mkdir_private(folder)
-
-
-def mkdir_private(folder: Path) -> None:
-    """``folder`` and every missing parent at 0700: ``mkdir(parents=True, mode=...)`` gives
-    the parents (a CCGATE_HOME the server creates) the umask's 0755 instead."""
-    missing: list[Path] = []
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            break
-        missing.append(candidate)
-    for path in reversed(missing):
-        path.mkdir(mode=0o700, exist_ok=True)
+            private_dir(folder)
 
 
 def sha256_hex(text: str) -> str:
@@ -159,15 +147,6 @@ def _refuse_loose_mode(path: Path) -> None:
         )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    # O_EXCL: init never overwrites a secret, even if two inits race.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 @dataclass(frozen=True)
 class InitResult:
     admin_token: str
@@ -197,7 +176,8 @@ def init_server(
         key = SigningKey.generate()
         key.save(spaths.signing_key_file)
         if not environ.get(CCGATE_SERVER_SECRET):
-            _write_private(spaths.secret_file, secrets.token_bytes(SECRET_BYTES))
+            # replace=False: init never overwrites a secret, even if two inits race.
+            atomic_write(spaths.secret_file, secrets.token_bytes(SECRET_BYTES), replace=False)
         token, admin_id = _create_admin_token(engine)
     finally:
         engine.dispose()
@@ -243,8 +223,8 @@ def _create_admin_token(engine: Engine) -> tuple[str, str]:
             )
         )
         session.add(
-            db.AuditEntry(
-                at=time.time(), actor=admin_id, action="server.init", target=admin_id, detail="{}"
+            db.audit(
+                at=time.time(), actor=admin_id, action="server.init", target=admin_id, detail={}
             )
         )
         session.commit()

@@ -33,7 +33,7 @@ from ccgate.server.errors import (
     BadRequestError,
     InvalidRequestError,
     PermissionDeniedError,
-    ServerError,
+    RefusedError,
 )
 from ccgate.server.roles import Actor
 from ccgate.server.ui import sessions, views
@@ -107,7 +107,7 @@ def routes(ctx: ServerContext) -> list[BaseRoute]:
                 if write:
                     roles.require(actor, request.method)
                 return await handler(request, actor, form)
-            except ServerError as exc:
+            except RefusedError as exc:
                 return render(request, "error.html", actor, exc.status, message=str(exc))
             except CcgateError as exc:
                 return render(request, "error.html", actor, 500, message=str(exc))
@@ -122,7 +122,7 @@ def routes(ctx: ServerContext) -> list[BaseRoute]:
     async def login(request: Request) -> Response:
         try:
             form = await _form(request)
-        except ServerError as exc:
+        except RefusedError as exc:
             return _login_page(request, render, status=exc.status, error=str(exc))
         if not sessions.same(form.get("csrf"), request.cookies.get(sessions.LOGIN_COOKIE)):
             return _login_page(

@@ -19,6 +19,7 @@ from typing import Any, Final
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
+from ccgate._format import format_utc
 from ccgate.accounting import periods
 from ccgate.server import db
 from ccgate.server.db import Customer, Device, Team, UsageRow, VirtualKey
@@ -55,7 +56,7 @@ def projected(spent: int, *, start: float, reset: float, now: float) -> int:
 
 
 def when(ts: float | None) -> str:
-    return "-" if ts is None else periods.format_utc(ts)
+    return "-" if ts is None else format_utc(ts)
 
 
 @dataclass(frozen=True)
