@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +41,7 @@ import anyio
 import httpx
 
 from ccgate._files import atomic_write
+from ccgate._format import iso_utc
 from ccgate.accounting import periods
 from ccgate.accounting.pricing import PriceTable
 from ccgate.client import profiles
@@ -504,7 +504,7 @@ class Governor:
 
     @property
     def _leases_file(self) -> Path:
-        return self.store.state_dir / "leases.json"
+        return self.store.files.leases_file
 
     def _save_leases(self) -> None:
         """Leases outlive the process: a daemon restarted offline keeps serving from them."""
@@ -740,13 +740,8 @@ class Governor:
         return out
 
     def snapshot(self, *, now: float) -> dict[str, Any]:
-        bundle = self.bundle
         return {
-            "server": self.profile.server_url,
-            "profile": self.profile.name,
-            "key": self.profile.key_prefix + "…",
-            "bundle_version": bundle.version if bundle else None,
-            "bundle_expires_at": _iso(bundle.expires_at) if bundle else None,
+            **profiles.summary(self.profile, self.bundle),
             "problem": self.key_refused or self.problem,  # the order refusal() answers in
             "limits": self.limiter.snapshot(now=now) if self.limiter else None,
             "budgets": self._budget_levels(now),
@@ -769,7 +764,7 @@ class Governor:
                 ),
             },
             "unsynced": self.ledger.count_unsynced(key_id=self.key_id),
-            "last_sync": _iso(self.sync_state.last_success)
+            "last_sync": iso_utc(self.sync_state.last_success)
             if self.sync_state.last_success
             else None,
             "last_sync_error": self.sync_state.last_error,
@@ -797,10 +792,6 @@ def _billing(message: str) -> admission.Reject:
 
 def _tokens(row: LedgerRow) -> int:
     return row.input_tokens + row.cache_creation_input_tokens + row.output_tokens
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _usage_record(row: LedgerRow) -> dict[str, Any]:
