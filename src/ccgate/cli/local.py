@@ -99,11 +99,12 @@ def up(
         where = f"forwarding to {result.info.upstream_url}"
     passthrough = result.info.auth == "passthrough"
     login = " with your own Claude Code login (passthrough)" if passthrough else ""
+    pid = result.info.pid
     if result.started:
-        console.info(f"Started ccgate on {result.info.url} (pid {result.info.pid}), {where}{login}.")
+        console.info(f"Started ccgate on {result.info.url} (pid {pid}), {where}{login}.")
     else:
         console.info(
-            f"ccgate is already running on {result.info.url} (pid {result.info.pid}), "
+            f"ccgate is already running on {result.info.url} (pid {pid}), "
             f"{where}{login}; nothing to change."
         )
     console.info(
