@@ -64,6 +64,7 @@ def show(
 
     paths = paths_mod.resolve()
     store = SecretStore(paths=paths)
+    source: str | None
     if store.get(daemon.UPSTREAM_KEY_NAME):
         source = store.backend
     elif os.environ.get(env.ANTHROPIC_API_KEY):

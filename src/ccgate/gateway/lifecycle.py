@@ -249,7 +249,7 @@ def running_differences(
     """What ``up`` was asked for that the running daemon does not have, one phrase each.
 
     In server mode the bundle, not the command line, decides the upstream and the auth."""
-    wanted = [("port", info.port, config.port)]
+    wanted: list[tuple[str, object, object]] = [("port", info.port, config.port)]
     if not bundle_decides:
         wanted += [
             ("upstream", info.upstream_url, config.upstream_url),
@@ -365,12 +365,18 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
         report["mode"] = "server"
         if current is None:
             report["server"] = _offline_server_state(paths, server_profile, now=now)
-    requests, cost = (0, 0)
+    today = reports.total_usage([])
     if paths.ledger_file.exists():
         ledger = Ledger(paths.ledger_file, readonly=True)
         try:
-            requests, cost = reports.today_totals(ledger, now=now)
+            today = reports.today_usage(ledger, now=now)
         finally:
             ledger.close()
-    report["today"] = {"requests": requests, "cost_usd": cost / 1_000_000, "cost_micros": cost}
+    report["today"] = {
+        "requests": today.requests,
+        "cost_usd": today.cost_micros / 1_000_000,
+        "cost_micros": today.cost_micros,
+        "errors": today.errors,
+        "rejected": today.rejected,
+    }
     return report
