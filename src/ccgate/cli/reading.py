@@ -156,9 +156,7 @@ def _follow(
                     emit([reports.record_to_json(r) for r in first])
                     cursor = max([r.finished_seq or 0 for r in first], default=0)
                     cursor = max(cursor, ledger.max_finished_seq()) if not first else cursor
-                fresh = ledger.records(
-                    after_finished_seq=cursor, newest_first=False, **filters
-                )
+                fresh = ledger.records(after_finished_seq=cursor, newest_first=False, **filters)
                 if fresh:
                     cursor = max(r.finished_seq or 0 for r in fresh)
                     emit([reports.record_to_json(r) for r in fresh])
