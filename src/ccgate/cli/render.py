@@ -154,6 +154,8 @@ def status(report: dict[str, Any]) -> None:
 
 def _level_line(level: dict[str, Any]) -> str:
     limit = usd(level["limit_micros"] / 1_000_000)
+    if level.get("period"):
+        limit += " " + per_period(level["period"], rolling=bool(level.get("rolling")))
     spent = level.get("spent_micros")
     spent_text = "? spent" if spent is None else f"{usd(spent / 1_000_000)} spent"
     held = usd(level.get("lease_available_micros", 0) / 1_000_000)
