@@ -64,3 +64,14 @@ def test_fit_drops_the_least_useful_columns_first_and_never_the_cost() -> None:
     kept, left_out = fit(columns, 10)
     assert [c.name for c in kept] == ["time", "cost"]
     assert left_out == ["session", "latency"]
+
+
+def test_numeric_columns_are_right_aligned() -> None:
+    from ccgate.cli.render import table
+
+    built = table("key", "requests", "cost", numeric=["requests", "cost"], title="t")
+    assert [(c.header, c.justify) for c in built.columns] == [
+        ("key", "left"),
+        ("requests", "right"),
+        ("cost", "right"),
+    ]
