@@ -816,8 +816,7 @@ def usage(
     with _client(ctx) as client:
         data = client.usage(by=by, since=start)
     if json_output:
-        # ISO 8601 like `ccgate usage --json`; the server's epoch stays under since_epoch.
-        console.print_json({**data, "since": reports.iso_utc(start), "since_epoch": data["since"]})
+        console.print_json(data)
         return
     _usage_table(data, by=by)
 
