@@ -223,4 +223,10 @@ def test_status_when_not_running(isolated: Isolated) -> None:
     data = json.loads(result.stdout)
     assert data["running"] is False
     assert data["pid"] is None
-    assert data["today"] == {"requests": 0, "cost_usd": 0.0, "cost_micros": 0}
+    assert data["today"] == {
+        "requests": 0,
+        "cost_usd": 0.0,
+        "cost_micros": 0,
+        "errors": 0,
+        "rejected": 0,
+    }
