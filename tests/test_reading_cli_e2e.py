@@ -174,6 +174,11 @@ def test_usage_shows_failures_cache_split_and_searches(traffic: dict[str, str]) 
         table.stderr.split()
     )
 
+    piped = ccgate("usage", env=dict(traffic, COLUMNS="80"))  # not a terminal: every column
+    assert "Left out" not in piped.stderr
+    piped_total = next(line for line in piped.stdout.split("\n") if line.startswith("total"))
+    assert piped_total.split()[-4:] == ["0", "2", "$6.31", "*"]
+
     wide = plain(ccgate("usage", env=terminal(traffic, columns=140)).stdout).split("\n")
     wide_total = next(line for line in wide if line.startswith("total"))
     assert wide_total.split() == [

@@ -212,7 +212,11 @@ def fit(columns: list[Column], width: int, *, gap: int = 2) -> tuple[list[Column
 def _print_fitted(columns: list[Column], *, header: bool = True, title: str | None = None) -> None:
     from rich import box
 
-    kept, left_out = fit(columns, console.out.width)
+    # Piped, nobody's terminal is too narrow: every column, at its full width.
+    gap = 3 if title else 2  # the boxed table draws a column separator between the paddings
+    full = sum(c.width() for c in columns) + gap * (len(columns) - 1)
+    width = console.out.width if console.out.is_terminal else max(full, console.out.width)
+    kept, left_out = fit(columns, width, gap=gap)
     table = Table(
         title=title,
         show_header=header,
@@ -229,7 +233,12 @@ def _print_fitted(columns: list[Column], *, header: bool = True, title: str | No
         )
     for cells in zip(*(c.cells for c in kept), strict=True):
         table.add_row(*cells)
-    console.out.print(table)
+    if width == console.out.width:
+        console.out.print(table)
+    else:  # rich never prints wider than its console: a wider one for the same file
+        from rich.console import Console
+
+        Console(file=console.out.file, width=width, highlight=False).print(table)
     if left_out and header:
         console.info(
             f"Left out at {console.out.width} columns: {', '.join(left_out)} "
