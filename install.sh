@@ -34,6 +34,50 @@ die() {
     exit 1
 }
 
+# Run a quiet, slow command (pip, uv, pipx) with a progress line every few seconds, so the
+# 20-odd seconds of downloading and building never look like a hang. Its output goes to a log,
+# shown only when it fails.
+with_progress() { # message command...
+    message=$1
+    shift
+    log=$(mktemp)
+    "$@" >"$log" 2>&1 &
+    pid=$!
+    elapsed=0
+    say "$message..."
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        elapsed=$((elapsed + 1))
+        if [ $((elapsed % 5)) -eq 0 ] && kill -0 "$pid" 2>/dev/null; then
+            say "  still working (${elapsed} s)"
+        fi
+    done
+    if wait "$pid"; then
+        rm -f -- "$log"
+        say "  done (${elapsed} s)"
+        return 0
+    fi
+    cat -- "$log" >&2
+    rm -f -- "$log"
+    die "$message failed (its output is above)."
+}
+
+# Where ccgate keeps its ledger, config and keys (what --uninstall leaves): platformdirs' folders,
+# or CCGATE_HOME. Only those that exist, one per line.
+data_folders() {
+    if [ -n "${CCGATE_HOME:-}" ]; then
+        set -- "$CCGATE_HOME"
+    elif [ "$(uname -s)" = Darwin ]; then
+        set -- "$HOME/Library/Application Support/ccgate"
+    else
+        set -- "${XDG_CONFIG_HOME:-$HOME/.config}/ccgate" "${XDG_DATA_HOME:-$HOME/.local/share}/ccgate" \
+            "${XDG_STATE_HOME:-$HOME/.local/state}/ccgate"
+    fi
+    for folder in "$@"; do
+        if [ -d "$folder" ]; then say "    $folder"; fi
+    done
+}
+
 usage() {
     # The comment block at the top is the help: print it without the leading "# ".
     if [ -f "$1" ]; then
@@ -175,8 +219,8 @@ install_venv() {
                 "python3-venv package for it (e.g. apt install python3.12-venv)."
         fi
     fi
-    say "Installing $PACKAGE"
-    "$VENV_DIR/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$PACKAGE"
+    with_progress "Installing $PACKAGE and its dependencies with pip (about 20 s)" \
+        "$VENV_DIR/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$PACKAGE"
     make_dirs "$BIN_DIR"
     record file "$BIN_DIR/ccgate"
     ln -sf -- "$VENV_DIR/bin/ccgate" "$BIN_DIR/ccgate"
@@ -188,8 +232,8 @@ install_uv() {
     if ! recorded tool uv && ! uv tool list 2>/dev/null | grep -q '^ccgate '; then
         record tool uv
     fi
-    say "Installing $PACKAGE with uv"
-    UV_TOOL_BIN_DIR=$BIN_DIR uv tool install --quiet --reinstall --python "$PYTHON" "$PACKAGE"
+    with_progress "Installing $PACKAGE with uv" \
+        env UV_TOOL_BIN_DIR="$BIN_DIR" uv tool install --quiet --reinstall --python "$PYTHON" "$PACKAGE"
 }
 
 install_pipx() {
@@ -197,8 +241,8 @@ install_pipx() {
     if ! recorded tool pipx && ! pipx list --short 2>/dev/null | grep -q '^ccgate '; then
         record tool pipx
     fi
-    say "Installing $PACKAGE with pipx"
-    PIPX_BIN_DIR=$BIN_DIR pipx install --force --python "$PYTHON" "$PACKAGE" >/dev/null
+    with_progress "Installing $PACKAGE with pipx" \
+        env PIPX_BIN_DIR="$BIN_DIR" pipx install --force --python "$PYTHON" "$PACKAGE"
 }
 
 # --- completions --------------------------------------------------------------------------------
@@ -298,6 +342,7 @@ do_install() {
     record installer "$INSTALLER"
     "install_$INSTALLER"
     version=$("$BIN_DIR/ccgate" --version) || die "the installed $BIN_DIR/ccgate does not run."
+    say "Installing shell completions"
     install_completions
     say "Installed $version: $BIN_DIR/ccgate (with $INSTALLER)."
     show_hints
@@ -339,8 +384,17 @@ do_uninstall() {
     printf '%s\n' "$entries" | while IFS= read -r line; do
         [ -n "$line" ] && undo "${line%% *}" "${line#* }"
     done
-    say "Removed ccgate and everything install.sh had installed. Your ccgate data (ledger," \
-        "config, keys) is kept."
+    kept=$(data_folders)
+    if [ -n "$kept" ]; then
+        say "Removed ccgate and everything install.sh had installed. Your ccgate data (ledger," \
+            "config, keys) is kept in:"
+        say "$kept"
+        say "Delete those folders to remove it too (the keys in the OS keyring stay until you" \
+            "delete the 'ccgate' entries)."
+    else
+        say "Removed ccgate and everything install.sh had installed. There was no ccgate data" \
+            "to keep."
+    fi
 }
 
 case ${1:-} in

@@ -89,6 +89,11 @@ def test_install_again_and_uninstall_from_the_clone(tmp_path: Path, home: Path) 
         assert target.read_text() == (REPO / "completions" / committed).read_text()
     assert '    export PATH="$HOME/.local/bin:$PATH"\n' in first.stdout
     assert '    fpath=("$HOME/.local/share/zsh/site-functions" $fpath)\n' in first.stdout
+    # Progress while pip works, never 20 silent seconds.
+    lines = first.stdout.splitlines()
+    assert lines[1] == f"Installing {REPO} and its dependencies with pip (about 20 s)..."
+    assert lines[2].startswith(("  still working (5 s)", "  done ("))
+    assert "Installing shell completions" in lines
     manifest = share / "ccgate" / "install-manifest"
     recorded = manifest.read_text()
 
@@ -97,9 +102,18 @@ def test_install_again_and_uninstall_from_the_clone(tmp_path: Path, home: Path) 
     assert manifest.read_text() == recorded  # nothing new, nothing twice
     assert subprocess.run([str(ccgate), "--version"], capture_output=True).returncode == 0
 
+    data = tmp_path / "ccgate-state"
+    data.mkdir(exist_ok=True)
+    (data / "ledger.db").write_text("the user's ledger")
     removed = _run(["sh", str(SCRIPT), "--uninstall"], environ=environ)
     assert removed.returncode == 0, removed.stderr
     assert _snapshot(home) == before
+    assert (
+        "Your ccgate data (ledger, config, keys) is kept in:\n"
+        f"    {data}\n"
+        "Delete those folders to remove it too"
+    ) in removed.stdout
+    assert (data / "ledger.db").read_text() == "the user's ledger"
 
 
 def test_piped_install_outside_a_clone_generates_completions(tmp_path: Path, home: Path) -> None:

@@ -78,7 +78,8 @@ def test_up_proxies_claude_code_settings_and_down_restores_them_exactly(
 
     # Running up again is safe and keeps the same daemon.
     again = up(env, port, fake_upstream.url)
-    assert "Already running" in again
+    assert f"ccgate is already running on http://127.0.0.1:{port} (pid {status['pid']})" in again
+    assert again.rstrip().endswith("See `ccgate usage` and `ccgate logs`.")
     assert ccgate_json("status", env=env)["pid"] == status["pid"]
 
     down = ccgate("down", env=env)
@@ -92,6 +93,40 @@ def test_up_proxies_claude_code_settings_and_down_restores_them_exactly(
     twice = ccgate("down", env=env)
     assert twice.returncode == 0
     assert settings.read_text() == ORIGINAL
+
+
+def test_second_up_from_a_shell_without_the_key_says_already_running(
+    isolated: Isolated, env: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    # The README quick start passes the key to the first `up` only; later shells lack it.
+    port = free_port()
+    up(env, port, fake_upstream.url)
+    pid = ccgate_json("status", env=env)["pid"]
+    bare = {k: v for k, v in env.items() if k != "ANTHROPIC_API_KEY"}
+
+    again = ccgate("up", env=bare)
+    assert again.returncode == 0, again.stderr
+    assert (
+        f"ccgate is already running on http://127.0.0.1:{port} (pid {pid}), forwarding to "
+        f"{fake_upstream.url}; nothing to change." in again.stderr
+    )
+
+    other = ccgate("up", "--port", str(port + 1), "--passthrough", env=bare)
+    assert other.returncode != 0
+    assert (
+        f"Error: ccgate is already running (pid {pid}) with other options: port {port} "
+        f"(asked: {port + 1}); passthrough off (asked: on). Run `ccgate down` first"
+    ) in " ".join(other.stderr.split())
+
+    # The daemon holds the key from the first shell: status and provider show agree on it.
+    assert ccgate_json("status", env=bare)["upstream_key"] is True
+    (shown,) = ccgate_json("provider", "show", env=bare)
+    assert shown["configured"] is True
+    assert shown["source"].startswith(f"the running daemon (pid {pid}): ANTHROPIC_API_KEY")
+    assert UPSTREAM_KEY not in json.dumps(shown)
+    ccgate("down", env=bare)
+    (gone,) = ccgate_json("provider", "show", env=bare)
+    assert gone == {"name": "anthropic", "configured": False, "source": None}
 
 
 def test_down_removes_a_settings_file_that_up_created(
@@ -188,4 +223,10 @@ def test_status_when_not_running(isolated: Isolated) -> None:
     data = json.loads(result.stdout)
     assert data["running"] is False
     assert data["pid"] is None
-    assert data["today"] == {"requests": 0, "cost_usd": 0.0, "cost_micros": 0}
+    assert data["today"] == {
+        "requests": 0,
+        "cost_usd": 0.0,
+        "cost_micros": 0,
+        "errors": 0,
+        "rejected": 0,
+    }

@@ -535,3 +535,60 @@ def test_a_ci_key_enrols_each_fresh_runner_up_to_its_daily_limit(
     other = ccgate_run(bare_runner(tmp_path / "desktop", server, person), *command)
     assert other.returncode != 0 and "ccgate admin devices approve dev_" in other.stderr
     assert other.stdout == ""
+
+
+DAEMON_SETTINGS = json.dumps(
+    {
+        "env": {
+            "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",  # a `ccgate up` daemon, long gone
+            "ANTHROPIC_AUTH_TOKEN": "sk-cg-the-developers-own-local-key",
+            "DISABLE_AUTOUPDATER": "1",
+        },
+        "permissions": {"allow": ["Bash(ls)"]},
+    }
+)
+
+
+@e2e
+def test_claude_code_uses_the_run_gateway_even_when_settings_json_points_at_a_daemon(
+    tmp_path: Path, server: Server, fake_upstream: FakeUpstream
+) -> None:
+    key = create_key(server, "ci", "--budget", "5", "--period", "1M")
+    runner = bare_runner(tmp_path, server, key)
+    settings = tmp_path / "runner-home" / ".claude" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(DAEMON_SETTINGS)
+    fake_upstream.enqueue(Scenario(text="via the run", usage=Usage(input_tokens=1000)))
+
+    passed = ccgate_run(runner, *claude("claude-sonnet-4-6"))
+    assert passed.returncode == 0, passed.stderr
+    assert json.loads(passed.stdout)["result"] == "via the run"
+    assert summary_of(passed.stderr).startswith("ccgate run: 1 request, 1,000 tokens in, 10 out")
+    assert "Warning" not in passed.stderr
+    assert settings.read_text() == DAEMON_SETTINGS  # the user's file is never touched
+    assert not list((tmp_path / "runner-home").rglob("run-settings-*"))  # the layer is gone
+    assert key_usage(server)["input_tokens"] == 1000
+
+
+@e2e
+def test_another_command_is_refused_when_settings_json_would_bypass_the_run(
+    tmp_path: Path, server: Server, fake_upstream: FakeUpstream
+) -> None:
+    key = create_key(server, "ci")
+    runner = bare_runner(tmp_path, server, key)
+    settings = tmp_path / "runner-home" / ".claude" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(DAEMON_SETTINGS)
+
+    refused = ccgate_run(runner, "sh", "-c", "echo started; exit 0")
+    assert refused.returncode != 0
+    assert "started" not in refused.stdout
+    assert " ".join(refused.stderr.split()) == (
+        f"Error: {settings} sets ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN, which Claude Code "
+        "prefers to the environment, so a `claude` inside this command would bypass the run's "
+        "gateway. Make `claude` the command itself (`ccgate run -- claude ...` gives it a "
+        "settings layer), run `ccgate down` first, or set CLAUDE_CONFIG_DIR to a folder "
+        "without those settings."
+    )
+    assert fake_upstream.requests == []
+    assert not (tmp_path / "runner-home" / ".local").exists()  # refused before the login

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from ccgate import paths
 from ccgate.cli import app
 from ccgate.server.state import ServerPaths
+from ccgate.store.reports import iso_utc
 from tests.support.harness import free_port, stop_process, wait_healthy
 
 PROVIDER_KEY = "sk-ant-api03-cli-provider-secret"
@@ -164,6 +166,11 @@ def test_admin_cli_end_to_end(running_server: RunningServer) -> None:
 
     usage = _json(server, "admin", "usage", "--since", "7d")
     assert usage["rows"] == [] and usage["totals"]["requests"] == 0
+    # ISO 8601 like the local `ccgate usage --json`; the epoch is kept under its own name.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", usage["since"])
+    assert usage["since"] == iso_utc(usage["since_epoch"])
+    teams = _invoke("admin", "teams", "list", env=env)
+    assert "$50.00 per rolling 7 days" in " ".join(teams.stdout.split())
     actions = [e["action"] for e in _json(server, "admin", "audit")["entries"]]
     assert actions == [
         "server.init", "provider.add", "customer.create", "team.create", "key.create",

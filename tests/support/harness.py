@@ -18,7 +18,11 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
-CLAUDE_BIN = REPO / "tests" / "claude" / "node_modules" / ".bin" / "claude"
+# CCGATE_TEST_CLAUDE: another Claude Code CLI (.ci/run tries the newest published one with it).
+CLAUDE_BIN = Path(
+    os.environ.get("CCGATE_TEST_CLAUDE")
+    or REPO / "tests" / "claude" / "node_modules" / ".bin" / "claude"
+)
 UPSTREAM_KEY = "sk-ant-upstream-test-key"
 
 

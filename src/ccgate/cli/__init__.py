@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from ccgate import __version__
 from ccgate.cli import console
@@ -27,6 +27,21 @@ class _Group(TyperGroup):
         except CcgateError as exc:
             console.error(str(exc))
             raise typer.Exit(int(exc.exit_code)) from None
+        except typer.BadParameter as exc:
+            # Typer validates choices with pydantic, whose text starts "Value error, ".
+            exc.message = exc.message.removeprefix("Value error, ")
+            raise
+
+
+_display_type = TyperOption.display_type_rich
+
+
+def _flag_type(self: TyperOption, ctx: Any) -> str | None:
+    # A flag takes no value: help showing `--version <bool>` reads as if it wanted one.
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 
 app = typer.Typer(

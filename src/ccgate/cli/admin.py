@@ -130,10 +130,10 @@ def _cell(value: Any) -> str:
 
 
 def _budget_text(budget: dict[str, Any]) -> str:
-    from ccgate.cli.render import usd
+    from ccgate.cli.render import per_period, usd
 
-    window = "rolling " if budget.get("rolling") else ""
-    return f"{usd(budget['limit_micros'] / 1_000_000)} / {window}{budget['period']}"
+    period = per_period(budget["period"], rolling=bool(budget.get("rolling")))
+    return f"{usd(budget['limit_micros'] / 1_000_000)} {period}"
 
 
 def _when(ts: float | None) -> str:
@@ -533,8 +533,10 @@ def _grace_text(micros: int | None) -> str:
 def _token_budget_text(budget: dict[str, Any] | None) -> str:
     if budget is None:
         return "-"
-    window = "rolling " if budget.get("rolling") else ""
-    return f"{budget['limit_tokens']:,} tokens / {window}{budget['period']}"
+    from ccgate.cli.render import per_period
+
+    period = per_period(budget["period"], rolling=bool(budget.get("rolling")))
+    return f"{budget['limit_tokens']:,} tokens {period}"
 
 
 def _key_state(key: dict[str, Any]) -> str:

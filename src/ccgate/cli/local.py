@@ -93,14 +93,20 @@ def up(
     config_mod.save(paths, config)  # remembered only once it worked
     for notice in result.notices:
         console.warn(notice)
-    verb = "Started" if result.started else "Already running:"
     if result.server_url is not None:
         where = f"in server mode: policy and providers from {result.server_url}"
     else:
         where = f"forwarding to {result.info.upstream_url}"
     passthrough = result.info.auth == "passthrough"
     login = " with your own Claude Code login (passthrough)" if passthrough else ""
-    console.info(f"{verb} ccgate on {result.info.url} (pid {result.info.pid}), {where}{login}.")
+    pid = result.info.pid
+    if result.started:
+        console.info(f"Started ccgate on {result.info.url} (pid {pid}), {where}{login}.")
+    else:
+        console.info(
+            f"ccgate is already running on {result.info.url} (pid {pid}), "
+            f"{where}{login}; nothing to change."
+        )
     console.info(
         f"Claude Code is configured in {result.settings_file}; new Claude Code sessions go "
         f"through ccgate. See `ccgate usage` and `ccgate logs`."

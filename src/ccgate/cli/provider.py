@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ccgate.cli import console
 from ccgate.errors import CcgateError
+
+if TYPE_CHECKING:
+    from ccgate.paths import Paths
 
 app = typer.Typer(help="Manage the upstream provider key (standalone mode).", no_args_is_help=True)
 
@@ -59,13 +62,15 @@ def show(
     from ccgate.gateway import daemon
     from ccgate.machine.credentials import SecretStore
 
-    store = SecretStore(paths=paths_mod.resolve())
+    paths = paths_mod.resolve()
+    store = SecretStore(paths=paths)
+    source: str | None
     if store.get(daemon.UPSTREAM_KEY_NAME):
         source = store.backend
     elif os.environ.get(env.ANTHROPIC_API_KEY):
         source = "environment variable ANTHROPIC_API_KEY"
     else:
-        source = None
+        source = _running_daemon_source(paths)
     if json_output:
         console.print_json(
             [{"name": "anthropic", "configured": source is not None, "source": source}]
@@ -74,3 +79,21 @@ def show(
         console.out.print(f"anthropic: key from {source}")
     else:
         console.out.print("anthropic: no key; run `ccgate provider set anthropic`")
+
+
+def _running_daemon_source(paths: Paths) -> str | None:
+    """A key that only the running daemon holds: the ANTHROPIC_API_KEY of the shell that ran
+    `ccgate up`. Neither the keyring nor this shell has it, yet requests are authenticated, so
+    say so (and that it lasts only as long as the daemon) rather than "no key"."""
+    from ccgate.gateway import daemon
+
+    current = daemon.running(paths)
+    if current is None:
+        return None
+    info, doc = current
+    if info.mode != "standalone" or info.auth != "provider" or not doc.get("upstream_key"):
+        return None
+    return (
+        f"the running daemon (pid {info.pid}): ANTHROPIC_API_KEY of the shell that started it; "
+        "it is gone once the daemon stops, so store it with `ccgate provider set anthropic`"
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -68,6 +68,23 @@ def usage(
 
 def logs(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many requests.")] = 20,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Only models whose name contains this (sonnet).")
+    ] = None,
+    session: Annotated[
+        str | None,
+        typer.Option("--session", help="Only this Claude Code session (its id, or how it starts)."),
+    ] = None,
+    outcome: Annotated[
+        str | None,
+        typer.Option(
+            "--outcome", help="Only ok, upstream_error, rejected, interrupted or pending."
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only requests since: 30m, 24h, 7d, 2w, or a UTC date."),
+    ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing requests as they finish.")
     ] = False,
@@ -76,10 +93,17 @@ def logs(
         typer.Option("--json", help="Print a JSON array (with --follow: one object per line)."),
     ] = False,
 ) -> None:
-    """The most recent requests, oldest first, like `tail`."""
+    """The most recent requests, oldest first, like `tail`.
+
+    In a terminal, a table that fits its width (low-value columns go first; the cost never
+    does). Piped, tab-separated lines with every value in full.
+    """
     from ccgate.cli import render
     from ccgate.store import reports
 
+    filters = reports.log_filters(
+        model=model, session=session, outcome=outcome, since=since, now=time.time()
+    )
     ledger = _open_ledger()
     if ledger is None and not follow:
         if json_output:
@@ -90,7 +114,7 @@ def logs(
     if not follow:
         assert ledger is not None
         try:
-            rows = list(reversed(ledger.records(limit=limit)))
+            rows = list(reversed(ledger.records(limit=limit, **filters)))
         finally:
             ledger.close()
         if json_output:
@@ -98,10 +122,12 @@ def logs(
         else:
             render.logs([reports.record_to_json(r) for r in rows])
         return
-    _follow(ledger, limit=limit, json_output=json_output)
+    _follow(ledger, limit=limit, json_output=json_output, filters=filters)
 
 
-def _follow(ledger: Ledger | None, *, limit: int, json_output: bool) -> None:
+def _follow(
+    ledger: Ledger | None, *, limit: int, json_output: bool, filters: dict[str, Any]
+) -> None:
     import json
 
     from ccgate.cli import render
@@ -124,11 +150,13 @@ def _follow(ledger: Ledger | None, *, limit: int, json_output: bool) -> None:
                 ledger = _open_ledger()
             if ledger is not None:
                 if cursor == 0:
-                    first = list(reversed(ledger.records(limit=limit, finished_only=True)))
+                    first = list(
+                        reversed(ledger.records(limit=limit, finished_only=True, **filters))
+                    )
                     emit([reports.record_to_json(r) for r in first])
                     cursor = max([r.finished_seq or 0 for r in first], default=0)
                     cursor = max(cursor, ledger.max_finished_seq()) if not first else cursor
-                fresh = ledger.records(after_finished_seq=cursor, newest_first=False)
+                fresh = ledger.records(after_finished_seq=cursor, newest_first=False, **filters)
                 if fresh:
                     cursor = max(r.finished_seq or 0 for r in fresh)
                     emit([reports.record_to_json(r) for r in fresh])

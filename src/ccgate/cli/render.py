@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -41,11 +42,55 @@ def money(micros: int) -> str:
 
 
 def tokens(value: int) -> str:
-    if value >= 10_000_000:
-        return f"{value / 1_000_000:.1f}M"
-    if value >= 10_000:
-        return f"{value / 1_000:.1f}k"
-    return str(value)
+    """``9999``, ``12.3k``, ``2.08M``, ``1.25B``: exact below 10,000, else 3 significant digits."""
+    if abs(value) < 10_000:
+        return str(value)
+    for unit, size in (("k", 1_000), ("M", 1_000_000), ("B", 1_000_000_000)):
+        shown = float(f"{value / size:.3g}")
+        if abs(shown) < 1_000 or unit == "B":
+            return f"{shown:.{max(0, 2 - len(str(int(abs(shown)))) + 1)}f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def utc(moment: float | str | None, *, seconds: bool = False) -> str:
+    """The one way a table shows a moment: ``2026-12-01 09:30 UTC`` (epoch or ISO 8601 in).
+
+    The daemon and the files it keeps write ISO stamps with different precision; people see
+    the same text whichever one a value came from."""
+    if moment is None:
+        return "-"
+    if isinstance(moment, str):
+        try:
+            epoch = datetime.fromisoformat(moment.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return moment
+    else:
+        epoch = moment
+    try:
+        stamp = datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{epoch:.0f} (epoch seconds)"
+    return stamp.strftime("%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC")
+
+
+_PERIODS = {"1d": "day", "1w": "week", "1M": "month"}
+_ROLLING = {"1d": "rolling 24 hours", "1w": "rolling 7 days", "1M": "rolling 30 days"}
+
+
+def per_period(period: str, *, rolling: bool = False) -> str:
+    """``per month`` for ``1M`` (``$500.00 / 1M`` read as a million), ``per rolling 7 days``."""
+    names = _ROLLING if rolling else _PERIODS
+    return f"per {names.get(period, period)}"
+
+
+def failures(errors: int, rejected: int) -> str:
+    """``2 upstream errors, 1 rejected``, or "" when nothing failed."""
+    parts = []
+    if errors:
+        parts.append(f"{errors} upstream error{'' if errors == 1 else 's'}")
+    if rejected:
+        parts.append(f"{rejected} rejected")
+    return ", ".join(parts)
 
 
 def duration(seconds: float) -> str:
@@ -89,82 +134,212 @@ def status(report: dict[str, Any]) -> None:
         if server.get("bundle_version") is not None:
             table.add_row(
                 "bundle",
-                f"version {server['bundle_version']}, expires {server['bundle_expires_at']}",
+                f"version {server['bundle_version']}, expires {utc(server['bundle_expires_at'])}",
             )
         if server.get("problem"):
             table.add_row("problem", f"[red]{escape(server['problem'])}[/red]")
         if server.get("unsynced") is not None:
             table.add_row("unsynced", f"{server['unsynced']} request(s)")
         if server.get("last_sync"):
-            table.add_row("last sync", server["last_sync"])
+            table.add_row("last sync", utc(server["last_sync"]))
         for level in server.get("budgets") or []:
             table.add_row(f"budget {level['kind']}", _level_line(level))
     today = report["today"]
-    table.add_row("today", f"{today['requests']} requests, {usd(today['cost_usd'])}")
+    failed = failures(today.get("errors", 0), today.get("rejected", 0))
+    failed = f" ([red]{failed}[/red])" if failed else ""
+    table.add_row("today", f"{today['requests']} requests{failed}, {usd(today['cost_usd'])}")
     table.add_row("state", report["state_dir"])
     console.out.print(table)
 
 
 def _level_line(level: dict[str, Any]) -> str:
     limit = usd(level["limit_micros"] / 1_000_000)
+    if level.get("period"):
+        limit += " " + per_period(level["period"], rolling=bool(level.get("rolling")))
     spent = level.get("spent_micros")
     spent_text = "? spent" if spent is None else f"{usd(spent / 1_000_000)} spent"
     held = usd(level.get("lease_available_micros", 0) / 1_000_000)
     return f"{level['name']}: {spent_text} of {limit}, {held} leased here ({level['resets']})"
 
 
-def iso_time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def table(*columns: str, numeric: tuple[str, ...] | list[str] = (), **options: Any) -> Table:
+    """A rich Table whose ``numeric`` columns are right-aligned, so digits line up: what every
+    table with counts or money should be built with (the admin tables still left-align)."""
+    built = Table(**options)
+    for name in columns:
+        built.add_column(name, justify="right" if name in numeric else "left")
+    return built
 
 
-def _usage_table(report: dict[str, Any]) -> Table:
-    by = report["by"]
-    table = Table(title=f"Usage by {by}" + (f" since {report['since']}" if report["since"] else ""))
-    table.add_column(by)
-    for name in ("requests", "input", "output", "cache write", "cache read", "cost"):
-        table.add_column(name, justify="right")
+@dataclass
+class Column:
+    """One table column and its cells (rich markup), for ``fit``.
 
-    def add(label: str, row: dict[str, Any], *, style: str | None = None) -> None:
-        mark = " *" if row["estimated"] else ""
-        table.add_row(
-            label,
-            str(row["requests"]),
-            tokens(row["input_tokens"]),
-            tokens(row["output_tokens"]),
-            tokens(row["cache_creation_input_tokens"]),
-            tokens(row["cache_read_input_tokens"]),
-            usd(row["cost_usd"]) + mark,
-            style=style,
+    ``drop`` orders what goes first when the terminal is too narrow (higher first; 0 never).
+    """
+
+    name: str
+    cells: list[str]
+    right: bool = False
+    drop: int = 0
+    wrap: bool = False
+
+    def width(self) -> int:
+        from rich.text import Text
+
+        return max([len(self.name), *(Text.from_markup(c).cell_len for c in self.cells)])
+
+
+def fit(columns: list[Column], width: int, *, gap: int = 2) -> tuple[list[Column], list[str]]:
+    """The columns that fit in ``width`` (dropping the highest ``drop`` first), and the names
+    of those left out. Columns with ``drop=0`` always stay; a ``wrap`` column may then fold."""
+    kept = list(columns)
+    left_out: list[str] = []
+
+    def needed() -> int:
+        return sum(c.width() for c in kept) + gap * (len(kept) - 1)
+
+    while needed() > width:
+        droppable = [c for c in kept if c.drop]
+        if not droppable:
+            break
+        worst = max(droppable, key=lambda c: (c.drop, kept.index(c)))
+        kept.remove(worst)
+        left_out.insert(0, worst.name)
+    return kept, [c.name for c in columns if c.name in left_out]
+
+
+def _print_fitted(columns: list[Column], *, header: bool = True, title: str | None = None) -> None:
+    from rich import box
+
+    # Piped, nobody's terminal is too narrow: every column, at its full width.
+    gap = 3 if title else 2  # the boxed table draws a column separator between the paddings
+    full = sum(c.width() for c in columns) + gap * (len(columns) - 1)
+    width = console.out.width if console.out.is_terminal else max(full, console.out.width)
+    kept, left_out = fit(columns, width, gap=gap)
+    table = Table(
+        title=title,
+        show_header=header,
+        box=box.SIMPLE_HEAD if title else None,
+        pad_edge=False,
+        show_edge=False,
+    )
+    for column in kept:
+        table.add_column(
+            column.name,
+            justify="right" if column.right else "left",
+            no_wrap=not column.wrap,
+            overflow="fold",
+        )
+    for cells in zip(*(c.cells for c in kept), strict=True):
+        table.add_row(*cells)
+    if width == console.out.width:
+        console.out.print(table)
+    else:  # rich never prints wider than its console: a wider one for the same file
+        from rich.console import Console
+
+        Console(file=console.out.file, width=width, highlight=False).print(table)
+    if left_out and header:
+        console.info(
+            f"Left out at {console.out.width} columns: {', '.join(left_out)} "
+            "(a wider terminal shows them; --json has every field)."
         )
 
-    for row in report["rows"]:
-        add(str(row[by] if row[by] is not None else "(none)"), row)
-    add("total", report["totals"], style="bold")
-    return table
+
+def _usage_columns(report: dict[str, Any]) -> list[Column]:
+    by = report["by"]
+    rows = [
+        *((str(r[by]) if r[by] is not None else "(none)", r) for r in report["rows"]),
+        ("[bold]total[/bold]", report["totals"]),
+    ]
+
+    def cells(render_cell: Any) -> list[str]:
+        return [render_cell(row) for _label, row in rows]
+
+    def count(field: str) -> Any:
+        return lambda row: tokens(row.get(field, 0))
+
+    columns = [
+        Column(by, [label for label, _row in rows], wrap=True),
+        Column("requests", cells(lambda r: str(r["requests"])), right=True),
+    ]
+    totals = report["totals"]
+    if totals["errors"]:
+        columns.append(Column("errors", cells(lambda r: str(r["errors"])), right=True, drop=1))
+    if totals["rejected"]:
+        columns.append(Column("rejected", cells(lambda r: str(r["rejected"])), right=True, drop=1))
+    columns += [
+        Column("input", cells(count("input_tokens")), right=True, drop=3),
+        Column("output", cells(count("output_tokens")), right=True, drop=3),
+    ]
+    if totals.get("cache_creation_1h_input_tokens"):
+        columns += [
+            Column("5m write", cells(count("cache_creation_5m_input_tokens")), right=True, drop=4),
+            Column("1h write", cells(count("cache_creation_1h_input_tokens")), right=True, drop=4),
+        ]
+    else:
+        columns.append(
+            Column("cache write", cells(count("cache_creation_input_tokens")), right=True, drop=4)
+        )
+    columns.append(
+        Column("cache read", cells(count("cache_read_input_tokens")), right=True, drop=4)
+    )
+    if totals.get("web_search_requests"):
+        columns.append(
+            Column("searches", cells(lambda r: str(r["web_search_requests"])), right=True, drop=5)
+        )
+    columns.append(
+        Column("cost", cells(lambda r: usd(r["cost_usd"]) + (" *" if r["estimated"] else "")),
+               right=True)
+    )  # fmt: skip
+    return columns
 
 
 def usage(report: dict[str, Any], series: list[tuple[str, int]]) -> None:
-    console.out.print(_usage_table(report))
+    title = f"Usage by {report['by']}" + (
+        f" since {utc(report['since'])}" if report["since"] else ""
+    )
+    _print_fitted(_usage_columns(report), title=title)
+    totals = report["totals"]
+    note = _note
+    if totals.get("cache_creation_1h_input_tokens") or totals.get("web_search_requests"):
+        searches = totals.get("web_search_requests", 0)
+        note(
+            f"Cache writes: {tokens(totals['cache_creation_5m_input_tokens'])} for 5 minutes, "
+            f"{tokens(totals['cache_creation_1h_input_tokens'])} for 1 hour; cache reads "
+            f"{tokens(totals['cache_read_input_tokens'])}; {searches} web "
+            f"search{'' if searches == 1 else 'es'}."
+        )
+    failed = failures(totals["errors"], totals["rejected"])
+    if failed:
+        note(
+            f"[red]{totals['errors'] + totals['rejected']} of {totals['requests']} requests "
+            f"failed[/red]: {failed}; see `ccgate logs --outcome upstream_error` (or rejected)."
+        )
     if any(row["estimated"] for row in report["rows"]):
-        console.out.print(
+        note(
             "* estimated: a model the price table does not name (priced at its family's "
             "highest rates), an unverified price, a regional cloud endpoint, or a request "
             "whose usage was never seen (billed by its input estimate); see `ccgate prices`"
         )
-    totals = report["totals"]
     if totals.get("repriced"):
         delta = totals["repriced_delta_micros"]
-        console.out.print(
+        note(
             f"Re-priced: {totals['repriced']} request(s) first priced as estimates were "
             f"re-priced once the price table learned their model ({money(delta)} in all)."
         )
     if totals["billing"] != "api":
-        console.out.print(
+        note(
             f"{usd(totals['subscription_cost_usd'])} of the cost is subscription traffic "
             "(passthrough): the API-equivalent price, no invoice follows it."
         )
     if series:
         console.out.print(cost_chart(series))
+
+
+def _note(text: str) -> None:
+    # Wrapped to the width: the console's soft wrap is for tables, not prose.
+    console.out.print(text, soft_wrap=False)
 
 
 def cost_chart(series: list[tuple[str, int]], *, width: int = 40) -> str:
@@ -177,36 +352,94 @@ def cost_chart(series: list[tuple[str, int]], *, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+_COLOURS = {"ok": "green", "interrupted": "yellow", "upstream_error": "red", "rejected": "red"}
+
+# Piped `ccgate logs`: one tab-separated line per request, every value in full, named as in
+# `--json` (so `cut -f` and `awk` see what the JSON calls the same field).
+LOG_FIELDS = (
+    "started_at",
+    "model",
+    "status",
+    "outcome",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_5m_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+    "web_search_requests",
+    "cost_usd",
+    "price_estimated",
+    "billing",
+    "latency_ms",
+    "session_id",
+    "id",
+)
+
+
 def logs(rows: list[dict[str, Any]], *, header: bool = True) -> None:
-    table = Table(show_header=header, box=None, pad_edge=False)
-    for name, justify in (
-        ("time (UTC)", "left"),
-        ("model", "left"),
-        ("status", "right"),
-        ("outcome", "left"),
-        ("in", "right"),
-        ("out", "right"),
-        ("cache w/r", "right"),
-        ("cost", "right"),
-        ("latency", "right"),
-        ("session", "left"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    colours = {"ok": "green", "interrupted": "yellow", "upstream_error": "red", "rejected": "red"}
-    for row in rows:
-        outcome = row["outcome"]
-        table.add_row(
-            row["started_at"].replace("T", " ").rstrip("Z")[:19],
-            row["model"] or "-",
-            str(row["status"] or "-"),
-            f"[{colours.get(outcome, 'white')}]{outcome}[/]",
-            tokens(row["input_tokens"]),
-            tokens(row["output_tokens"]),
-            f"{tokens(row['cache_creation_input_tokens'])}/{tokens(row['cache_read_input_tokens'])}",
-            usd(row["cost_usd"])
-            + (" *" if row["price_estimated"] else "")
-            + (" (sub)" if row["billing"] == "subscription" else ""),
-            f"{row['latency_ms']:.0f} ms" if row["latency_ms"] is not None else "-",
-            (row["session_id"] or "-")[:8],
-        )
-    console.out.print(table)
+    if not console.out.is_terminal:
+        _logs_tsv(rows, header=header)
+        return
+    if not rows:
+        return
+
+    def cells(render_cell: Any) -> list[str]:
+        return [render_cell(row) for row in rows]
+
+    def cost(row: dict[str, Any]) -> str:
+        mark = " *" if row["price_estimated"] else ""
+        return usd(row["cost_usd"]) + mark + (" (sub)" if row["billing"] == "subscription" else "")
+
+    def outcome(row: dict[str, Any]) -> str:
+        return f"[{_COLOURS.get(row['outcome'], 'white')}]{row['outcome']}[/]"
+
+    columns = [
+        Column("time (UTC)", cells(lambda r: utc(r["started_at"], seconds=True)[:19])),
+        Column("model", cells(lambda r: escape(r["model"] or "-")), wrap=True),
+        Column("status", cells(lambda r: str(r["status"] or "-")), right=True, drop=4),
+        Column("outcome", cells(outcome)),
+        Column("in", cells(lambda r: tokens(r["input_tokens"])), right=True, drop=2),
+        Column("out", cells(lambda r: tokens(r["output_tokens"])), right=True, drop=2),
+        Column(
+            "cache w/r",
+            cells(
+                lambda r: (
+                    f"{tokens(r['cache_creation_input_tokens'])}/"
+                    f"{tokens(r['cache_read_input_tokens'])}"
+                )
+            ),
+            right=True,
+            drop=3,
+        ),
+        Column("cost", cells(cost), right=True),
+        Column(
+            "latency",
+            cells(lambda r: "-" if r["latency_ms"] is None else f"{r['latency_ms']:.0f} ms"),
+            right=True,
+            drop=5,
+        ),
+        Column("session", cells(lambda r: (r["session_id"] or "-")[:8]), drop=6),
+    ]
+    _print_fitted(columns, header=header)
+
+
+def _logs_tsv(rows: list[dict[str, Any]], *, header: bool) -> None:
+    def value(row: dict[str, Any], field: str) -> str:
+        if field == "cost_usd":
+            whole, micros = divmod(abs(row["cost_micros"]), 1_000_000)  # exact, never rounded
+            return f"{'-' if row['cost_micros'] < 0 else ''}{whole}.{micros:06d}"
+        if field == "cache_creation_5m_input_tokens":
+            return str(row["cache_creation_input_tokens"] - row["cache_creation_1h_input_tokens"])
+        found = row.get(field)
+        if found is None:
+            return ""
+        if isinstance(found, bool):
+            return "true" if found else "false"
+        # A tab or newline inside a value (an error text) would break the columns.
+        return " ".join(str(found).split()) if isinstance(found, str) else str(found)
+
+    lines = ["\t".join(LOG_FIELDS)] if header else []
+    lines += ["\t".join(value(row, field) for field in LOG_FIELDS) for row in rows]
+    if lines:
+        console.out.file.write("\n".join(lines) + "\n")
+        console.out.file.flush()

@@ -9,6 +9,7 @@ The admin token is never part of a message or a repr.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -159,7 +160,14 @@ class AdminClient:
         return self.request("DELETE", "/prices")
 
     def usage(self, *, by: str, since: float) -> Any:
-        return self.request("GET", "/usage", params={"by": by, "since": since})
+        data = self.request("GET", "/usage", params={"by": by, "since": since})
+        epoch = data.get("since") if isinstance(data, dict) else None
+        if isinstance(epoch, int | float):
+            # ISO 8601 as the local `ccgate usage --json` writes it; the epoch stays beside it.
+            # (When ccgate._format lands on this branch, this is its iso_utc.)
+            stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+            data = {**data, "since": stamp.replace("+00:00", "Z"), "since_epoch": epoch}
+        return data
 
     def daily_usage(self, *, since: float, until: float) -> Any:
         return self.request("GET", "/usage/daily", params={"since": since, "until": until})

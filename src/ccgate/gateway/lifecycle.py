@@ -65,8 +65,14 @@ class _Prepared:
     notices: tuple[str, ...]
 
 
-def _prepare(*, paths: Paths, config: Config, environ: Mapping[str, str]) -> _Prepared:
-    """Checks that need no daemon: which key Claude Code will send, and conflicts."""
+def _prepare(
+    *, paths: Paths, config: Config, environ: Mapping[str, str], daemon_has_key: bool = False
+) -> _Prepared:
+    """Checks that need no daemon: which key Claude Code will send, and conflicts.
+
+    ``daemon_has_key``: a daemon already runs and holds an upstream key (often from the
+    ANTHROPIC_API_KEY of the shell that started it), so this shell needs none of its own.
+    """
     paths.ensure()
     store = SecretStore(paths=paths)
     settings_file = paths_mod.claude_settings_file(environ)
@@ -77,7 +83,7 @@ def _prepare(*, paths: Paths, config: Config, environ: Mapping[str, str]) -> _Pr
     else:
         if config.passthrough:
             _refuse_passthrough_conflicts(settings_file, environ)
-        elif daemon.upstream_key(store) is None:
+        elif not daemon_has_key and daemon.upstream_key(store) is None:
             raise _no_upstream_key(settings_file)
         local = daemon.local_client_key(store, create=True)
         assert local is not None
@@ -100,8 +106,9 @@ def up(
     Alone, it sends the local key and the upstream key comes from the keyring or environment.
     """
     environ = os.environ if environ is None else environ
-    prepared = _prepare(paths=paths, config=config, environ=environ)
     current = daemon.running(paths)
+    has_key = current is not None and bool(current[1].get("upstream_key"))
+    prepared = _prepare(paths=paths, config=config, environ=environ, daemon_has_key=has_key)
     if current is not None:
         info, _doc = current
         mode = "server" if prepared.server_profile is not None else "standalone"
@@ -111,15 +118,14 @@ def up(
                 f"ccgate runs in {info.mode} mode, but this machine has {change} since it "
                 f"started. Run `ccgate down`, then `ccgate up`, to restart it in {mode} mode."
             )
-        wanted: tuple[object, ...] = (config.port, config.upstream_url, _auth(config))
-        have: tuple[object, ...] = (info.port, info.upstream_url, info.auth)
-        if prepared.server_profile is not None:  # the bundle decides upstream and auth
-            wanted, have = wanted[:1], have[:1]
-        if have != wanted:
+        differences = running_differences(
+            info, config, bundle_decides=prepared.server_profile is not None
+        )
+        if differences:
             raise AlreadyRunningError(
-                f"ccgate already runs on port {info.port} with upstream {info.upstream_url} "
-                f"({info.auth} auth). Run `ccgate down` first to change the port, upstream or "
-                f"--passthrough."
+                f"ccgate is already running (pid {info.pid}) with other options: "
+                + "; ".join(differences)
+                + ". Run `ccgate down` first, then `ccgate up` with the new options."
             )
         started = False
     else:
@@ -225,6 +231,25 @@ def _offline_server_state(paths: Paths, profile: profiles.Profile, *, now: float
     return state
 
 
+def running_differences(
+    info: daemon.RuntimeInfo, config: Config, *, bundle_decides: bool
+) -> list[str]:
+    """What ``up`` was asked for that the running daemon does not have, one phrase each.
+
+    In server mode the bundle, not the command line, decides the upstream and the auth."""
+    wanted: list[tuple[str, object, object]] = [("port", info.port, config.port)]
+    if not bundle_decides:
+        wanted += [
+            ("upstream", info.upstream_url, config.upstream_url),
+            ("passthrough", _on(info.auth == "passthrough"), _on(bool(config.passthrough))),
+        ]
+    return [f"{name} {have} (asked: {want})" for name, have, want in wanted if have != want]
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def _auth(config: Config) -> str:
     return "passthrough" if config.passthrough else "provider"
 
@@ -328,12 +353,18 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
         report["mode"] = "server"
         if current is None:
             report["server"] = _offline_server_state(paths, server_profile, now=now)
-    requests, cost = (0, 0)
+    today = reports.total_usage([])
     if paths.ledger_file.exists():
         ledger = Ledger(paths.ledger_file, readonly=True)
         try:
-            requests, cost = reports.today_totals(ledger, now=now)
+            today = reports.today_usage(ledger, now=now)
         finally:
             ledger.close()
-    report["today"] = {"requests": requests, "cost_usd": cost / 1_000_000, "cost_micros": cost}
+    report["today"] = {
+        "requests": today.requests,
+        "cost_usd": today.cost_micros / 1_000_000,
+        "cost_micros": today.cost_micros,
+        "errors": today.errors,
+        "rejected": today.rejected,
+    }
     return report

@@ -287,6 +287,73 @@ def _conflict(path: Path) -> str | None:
     )
 
 
+def is_claude(command: Sequence[str]) -> bool:
+    return Path(command[0]).name in ("claude", "claude.exe")
+
+
+def check_overrides(
+    command: Sequence[str], *, environ: Mapping[str, str], cwd: Path, reporter: Reporter
+) -> bool:
+    """Whether the child needs a settings layer to reach this run's gateway.
+
+    A user or project settings.json that sets ANTHROPIC_BASE_URL (as `ccgate up` does) beats
+    the environment, so a `claude` child would talk to the daemon with the developer's key and
+    the run would count nothing. Claude Code's `--settings` layer beats those files, so a
+    command that is `claude` itself gets one; any other command is refused, since what it
+    starts cannot be reached. Managed settings beat every layer: a warning, as before.
+    """
+    user_files = [
+        claude_settings_file(environ),
+        cwd / ".claude" / "settings.json",
+        cwd / ".claude" / "settings.local.json",
+    ]
+    found = []
+    for path in dict.fromkeys([*user_files, *_MANAGED_SETTINGS]):
+        message = _conflict(path)
+        if message is None:
+            continue
+        if path in _MANAGED_SETTINGS or message.startswith("Cannot check"):
+            reporter.warning(message)
+        else:
+            found.append(message)
+    if not found:
+        return False
+    if is_claude(command):
+        return True
+    raise RunError(
+        found[0].split(", and Claude Code")[0]
+        + ", which Claude Code prefers to the environment, so a `claude` inside this command "
+        "would bypass the run's gateway. Make `claude` the command itself (`ccgate run -- "
+        "claude ...` gives it a settings layer), run `ccgate down` first, or set "
+        "CLAUDE_CONFIG_DIR to a folder without those settings."
+    )
+
+
+@contextlib.contextmanager
+def settings_layer(
+    command: Sequence[str], child_env: Mapping[str, str], *, folder: Path, enabled: bool
+) -> Iterator[list[str]]:
+    """``claude --settings FILE ...``: the run's variables as a settings layer over the user's
+    and project's files (which keep everything else). A 0600 file, not a JSON argument: the
+    run token must not show in the process list. Removed when the command ends."""
+    if not enabled:
+        yield list(command)
+        return
+    import json
+    import tempfile
+
+    names = (ANTHROPIC_BASE_URL, ANTHROPIC_AUTH_TOKEN, CUSTOM_HEADERS)
+    layer = {"env": {name: child_env[name] for name in names if name in child_env}}
+    handle, name = tempfile.mkstemp(prefix="run-settings-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as file:  # mkstemp makes it 0600
+            json.dump(layer, file)
+        yield [command[0], "--settings", name, *command[1:]]
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -509,11 +576,10 @@ def run(
 ) -> RunResult:
     """Run ``command`` behind an ephemeral gateway for key ``name``; see the module docstring."""
     check_command(command, environ=environ)
+    layer = check_overrides(command, environ=environ, cwd=cwd or Path.cwd(), reporter=reporter)
     prepared = prepare(paths=paths, name=name, environ=environ)
     for notice in prepared.notices:
         reporter.notice(notice)
-    for warning in settings_conflicts(environ=environ, cwd=cwd or Path.cwd()):
-        reporter.warning(warning)
     paths.ensure()
     ledger = _RunLedger(paths.ledger_file)
     try:
@@ -530,7 +596,8 @@ def run(
                 token=governor.run_token,
                 passthrough=governor.passthrough,
             )
-            code = execute(command, environ=child_env)
+            with settings_layer(command, child_env, folder=paths.state_dir, enabled=layer) as argv:
+                code = execute(argv, environ=child_env)
         ledger.flush()
         flushed = _flush(governor, reporter, timeout=flush_timeout)
         return RunResult(code, _summary(governor, ledger, flushed))

@@ -175,6 +175,9 @@ class UsageGroup:
     """Rows once priced as estimates and re-priced after the price table learned the model."""
     repriced_delta_micros: int = 0
     """What those re-pricings changed the cost by (usually negative: estimates are high)."""
+    cache_creation_1h_input_tokens: int = 0
+    """The part of ``cache_creation_input_tokens`` written for 1 hour (the rest is 5 minutes)."""
+    web_search_requests: int = 0
 
 
 # --------------------------------------------------------------------------- migrations
@@ -386,7 +389,9 @@ def _usage_sql(key_expr: str) -> str:
             COALESCE(SUM(CASE WHEN billing = 'subscription' THEN cost_micros ELSE 0 END), 0),
             COALESCE(SUM(repriced_at IS NOT NULL), 0),
             COALESCE(SUM(CASE WHEN repriced_at IS NOT NULL
-                THEN cost_micros - repriced_from_micros ELSE 0 END), 0)
+                THEN cost_micros - repriced_from_micros ELSE 0 END), 0),
+            COALESCE(SUM(cache_creation_1h_input_tokens), 0),
+            COALESCE(SUM(web_search_requests), 0)
         FROM requests
         WHERE outcome != 'pending'
             AND (path = :path OR substr(path, 1, length(:path) + 1) = :path || '?')
@@ -876,6 +881,9 @@ class Ledger:
         *,
         limit: int | None = None,
         since: float | None = None,
+        model: str | None = None,
+        session: str | None = None,
+        outcome: str | None = None,
         after_seq: int | None = None,
         newest_first: bool = True,
         finished_only: bool = False,
@@ -885,13 +893,18 @@ class Ledger:
 
         By default ordered by ``seq`` (start order). With ``finished_only`` or
         ``after_finished_seq`` only finished rows, ordered by ``finished_seq`` (finish
-        order): that is what ``logs --follow`` polls with ``newest_first=False``.
+        order): that is what ``logs --follow`` polls with ``newest_first=False``. ``model``
+        matches part of the name (``sonnet``), ``session`` the start of the id (as ``logs``
+        shows it), ``outcome`` exactly.
         """
         finished_only = finished_only or after_finished_seq is not None
         where: list[str] = ["1"]
         params: list[object] = []
         for clause, value in (
             ("started_at >= ?", since),
+            ("instr(model, ?) > 0", model),
+            ("instr(session_id, ?) = 1", session),
+            ("outcome = ?", outcome),
             ("seq > ?", after_seq),
             ("finished_seq > ?", after_finished_seq),
         ):
@@ -932,7 +945,7 @@ class Ledger:
         params = {"path": BILLABLE_PATH, "since": 0.0 if since is None else since, "until": until}
         rows = self._query(_usage_sql(_USAGE_KEYS[group_by]), params)
         if group_by is None and not rows:
-            rows = [(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)]
+            rows = [(None, *[0] * 16)]
         return [_to_group(r) for r in rows]
 
     def _query(self, sql: str, params: list[object] | dict[str, object]) -> list[tuple[Any, ...]]:
@@ -980,4 +993,6 @@ def _to_group(values: tuple[Any, ...]) -> UsageGroup:
         subscription_micros=n[11],
         repriced=n[12],
         repriced_delta_micros=n[13],
+        cache_creation_1h_input_tokens=n[14],
+        web_search_requests=n[15],
     )

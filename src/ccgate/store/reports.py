@@ -17,20 +17,23 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, get_args
 
 from ccgate.errors import CcgateError, ExitCode
-from ccgate.store.ledger import Ledger, LedgerRow, UsageBy, UsageGroup
+from ccgate.store.ledger import OUTCOMES, Ledger, LedgerRow, UsageBy, UsageGroup
 
 __all__ = [
+    "LogFilterError",
     "SinceError",
     "UsageBy",
     "UsageReport",
     "UsageReportError",
     "daily_series",
     "iso_utc",
+    "log_filters",
     "micros_to_usd",
     "parse_since",
     "record_to_json",
     "sort_usage",
     "today_totals",
+    "today_usage",
     "total_usage",
     "usage_report",
     "utc_day",
@@ -135,7 +138,12 @@ def _counters_json(group: UsageGroup) -> dict[str, Any]:
         "input_tokens": group.input_tokens,
         "output_tokens": group.output_tokens,
         "cache_creation_input_tokens": group.cache_creation_input_tokens,
+        "cache_creation_5m_input_tokens": (
+            group.cache_creation_input_tokens - group.cache_creation_1h_input_tokens
+        ),
+        "cache_creation_1h_input_tokens": group.cache_creation_1h_input_tokens,
         "cache_read_input_tokens": group.cache_read_input_tokens,
+        "web_search_requests": group.web_search_requests,
         "cost_usd": micros_to_usd(group.cost_micros),
         "cost_micros": group.cost_micros,
         "estimated": group.estimated,
@@ -185,6 +193,8 @@ def total_usage(groups: list[UsageGroup]) -> UsageGroup:
         subscription_micros=sum(g.subscription_micros for g in groups),
         repriced=sum(g.repriced for g in groups),
         repriced_delta_micros=sum(g.repriced_delta_micros for g in groups),
+        cache_creation_1h_input_tokens=sum(g.cache_creation_1h_input_tokens for g in groups),
+        web_search_requests=sum(g.web_search_requests for g in groups),
     )
 
 
@@ -211,11 +221,35 @@ def daily_series(ledger: Ledger, *, since: float | None, now: float) -> list[tup
 
 def today_totals(ledger: Ledger, *, now: float) -> tuple[int, int]:
     """``(requests, cost_micros)`` of billable requests since the start of today (UTC)."""
-    (group,) = ledger.usage(since=_day_start(now), until=now, group_by=None)
+    group = today_usage(ledger, now=now)
     return group.requests, group.cost_micros
 
 
+def today_usage(ledger: Ledger, *, now: float) -> UsageGroup:
+    """Today's (UTC) billable usage in one group: requests, cost, errors and rejections."""
+    (group,) = ledger.usage(since=_day_start(now), until=now, group_by=None)
+    return group
+
+
 # --------------------------------------------------------------------------- logs
+
+
+class LogFilterError(CcgateError):
+    """A ``ccgate logs`` filter that cannot match anything as written."""
+
+    exit_code = ExitCode.USAGE
+
+
+def log_filters(
+    *, model: str | None, session: str | None, outcome: str | None, since: str | None, now: float
+) -> dict[str, Any]:
+    """``ccgate logs`` filters as ``Ledger.records`` keywords; a misspelt outcome is an error
+    (it would silently match nothing)."""
+    if outcome is not None and outcome not in OUTCOMES:
+        choices = ", ".join(sorted(OUTCOMES))
+        raise LogFilterError(f"Unknown outcome {outcome!r}: choose one of {choices}.")
+    start = None if since is None else parse_since(since, now=now)
+    return {"model": model, "session": session, "outcome": outcome, "since": start}
 
 
 def record_to_json(row: LedgerRow) -> dict[str, Any]:
