@@ -764,9 +764,8 @@ def usage(
 
 
 def _usage_table(data: dict[str, Any], *, by: str) -> None:
-    from rich.table import Table
-
     from ccgate.cli.render import money, tokens, usd
+    from ccgate.cli.render import table as render_table
 
     labels = {
         "key": ["key", "team", "customer"],
@@ -774,7 +773,7 @@ def _usage_table(data: dict[str, Any], *, by: str) -> None:
         "customer": ["customer"],
     }
     numbers = ["requests", "input", "output", "cache write", "cache read", "cost"]
-    table = Table(*labels[by], *numbers)
+    table = render_table(*labels[by], *numbers, numeric=numbers)
 
     def figures(row: dict[str, Any]) -> list[str]:
         return [

@@ -10,6 +10,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from ccgate._format import format_utc
 from ccgate.cli import console
 
 
@@ -66,11 +67,12 @@ def utc(moment: float | str | None, *, seconds: bool = False) -> str:
             return moment
     else:
         epoch = moment
+    if not seconds:
+        return format_utc(epoch)
     try:
-        stamp = datetime.fromtimestamp(epoch, UTC)
+        return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, OSError, ValueError):
         return f"{epoch:.0f} (epoch seconds)"
-    return stamp.strftime("%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC")
 
 
 _PERIODS = {"1d": "day", "1w": "week", "1M": "month"}
@@ -164,7 +166,7 @@ def _level_line(level: dict[str, Any]) -> str:
 
 def table(*columns: str, numeric: tuple[str, ...] | list[str] = (), **options: Any) -> Table:
     """A rich Table whose ``numeric`` columns are right-aligned, so digits line up: what every
-    table with counts or money should be built with (the admin tables still left-align)."""
+    table with counts or money should be built with."""
     built = Table(**options)
     for name in columns:
         built.add_column(name, justify="right" if name in numeric else "left")

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from ccgate import env
+from ccgate._format import iso_utc
 from ccgate.errors import CcgateError, ExitCode
 
 CCGATE_SERVER_URL: Final = env.CCGATE_SERVER_URL
@@ -164,9 +165,7 @@ class AdminClient:
         epoch = data.get("since") if isinstance(data, dict) else None
         if isinstance(epoch, int | float):
             # ISO 8601 as the local `ccgate usage --json` writes it; the epoch stays beside it.
-            # (When ccgate._format lands on this branch, this is its iso_utc.)
-            stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-            data = {**data, "since": stamp.replace("+00:00", "Z"), "since_epoch": epoch}
+            data = {**data, "since": iso_utc(epoch), "since_epoch": epoch}
         return data
 
     def daily_usage(self, *, since: float, until: float) -> Any:
@@ -253,7 +252,6 @@ def token_budget_body(tokens: str, *, period: str | None, rolling: bool) -> dict
 
 def parse_expiry(text: str) -> float | None:
     """``YYYY-MM-DD`` or an ISO date-time (naive means UTC) as epoch seconds; ``never`` is None."""
-    from datetime import UTC, datetime
 
     if text.strip().lower() in ("never", "none"):
         return None
