@@ -24,12 +24,12 @@ from starlette.routing import Route
 from ccgate.accounting.pricing import PriceTable
 from ccgate.gateway._http import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
 from ccgate.gateway.governor import Governor
-from ccgate.gateway.proxy import Gateway, GatewaySettings
 from ccgate.policy.bundle import BundleError, BundleStore, RollbackError, SigningKey
 from ccgate.policy.limits import LevelLimit, Limiter, Policy
 from ccgate.policy.limits import Request as AdmitRequest
 from ccgate.store.ledger import Ledger
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.gateways import standalone
 from tests.support.harness import Isolated, ccgate, free_port, kill_pidfile_daemon, run_daemon
 from tests.test_bundle import NOW, envelope_for
 
@@ -52,15 +52,12 @@ def test_a_non_ascii_key_is_refused_by_the_server_mode_check_not_a_type_error() 
 async def client(tmp_path: Path) -> object:
     ledger = Ledger(tmp_path / "ledger.db")
     ledger.start_writer()
-    gateway = Gateway(
-        settings=GatewaySettings(
-            port=PORT,
-            upstream_url="http://127.0.0.1:9",
-            upstream_key=UPSTREAM_SECRET,
-            client_keys={KEY: "local"},
-        ),
+    gateway = standalone(
+        port=PORT,
         ledger=ledger,
-        prices=PriceTable.default(),
+        upstream_url="http://127.0.0.1:9",
+        upstream_key=UPSTREAM_SECRET,
+        client_keys={KEY: "local"},
     )
     transport = httpx.ASGITransport(app=gateway.app())
     async with (

@@ -1,9 +1,7 @@
 """Server mode inside the daemon: the signed bundle, admission, leases and usage sync.
 
-The gateway asks a ``Policy`` a few things per request: who is this key, may the gateway serve
-at all, may this request go (admission, which may wait for a lease), and where does it go
-(upstream). ``LocalPolicy`` answers for standalone mode (one local key, no limits).
-``Governor`` answers from the bundle the server signed for this key and device:
+``Governor`` is the server-mode ``Policy`` (gateway/policy.py): it answers the gateway from the
+bundle the server signed for this key and device:
 
 - At start it re-verifies the persisted bundle against the key pinned at login. A bundle that
   fails (tampered, rolled back, expired) is not obeyed: until a good one arrives from the
@@ -31,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 
@@ -40,6 +38,7 @@ from ccgate.accounting import periods
 from ccgate.accounting.pricing import PriceTable
 from ccgate.client import profiles
 from ccgate.client.remote import KeyRefused, ServerClient, ServerError
+from ccgate.gateway.policy import Refusal, Ticket, Upstream
 from ccgate.paths import Paths
 from ccgate.policy import limits as admission
 from ccgate.policy.bundle import Bundle, BundleError, BundleStore, DeviceKey, unseal
@@ -55,88 +54,6 @@ SYNC_INTERVAL_S = 2.0
 SYNC_DEBOUNCE_S = 0.2
 SPENT_REFRESH_S = 60.0
 LEASE_WAIT_S = 10.0
-
-
-@dataclass(frozen=True)
-class Upstream:
-    base_url: str
-    api_key: str | None
-    provider: str
-    passthrough: bool
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """What an admitted request holds until it ends: its reservations, released exactly once."""
-
-    limiter: admission.Ticket | None
-    lease_id: str | None
-    reserved_micros: int
-    reserved_tokens: int
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why the gateway cannot serve at all right now (a status and a message for people)."""
-
-    status: int
-    error_type: str
-    message: str
-
-
-class Policy(Protocol):
-    mode: str
-    passthrough: bool
-
-    def authenticate(self, token: str | None) -> str | None: ...
-    def refusal(self) -> Refusal | None: ...
-    def upstream(self) -> Upstream: ...
-    def prices(self) -> PriceTable: ...
-    async def admit(
-        self, req: admission.Request
-    ) -> tuple[Ticket | None, admission.Reject | None]: ...
-    def settle(
-        self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float
-    ) -> None: ...
-    def finished(self) -> None: ...
-    def snapshot(self, *, now: float) -> dict[str, Any]: ...
-
-
-@dataclass
-class LocalPolicy:
-    """Standalone mode: the local key, the configured upstream, no limits."""
-
-    client_keys: dict[str, str]
-    upstream_url: str
-    upstream_key: str | None
-    passthrough: bool
-    table: PriceTable
-    provider: str = "anthropic"
-    mode: str = "standalone"
-
-    def authenticate(self, token: str | None) -> str | None:
-        return None if token is None else self.client_keys.get(token)
-
-    def refusal(self) -> Refusal | None:
-        return None
-
-    def upstream(self) -> Upstream:
-        return Upstream(self.upstream_url, self.upstream_key, self.provider, self.passthrough)
-
-    def prices(self) -> PriceTable:
-        return self.table
-
-    async def admit(self, req: admission.Request) -> tuple[Ticket | None, admission.Reject | None]:
-        return None, None
-
-    def settle(self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float) -> None:
-        return None
-
-    def finished(self) -> None:
-        return None
-
-    def snapshot(self, *, now: float) -> dict[str, Any]:
-        return {}
 
 
 def has_budget(bundle: Bundle) -> bool:
