@@ -20,7 +20,7 @@ from starlette.types import Message
 from ccgate.accounting.billing import INPUT_ESTIMATE
 from ccgate.accounting.metering import Metered
 from ccgate.gateway.relay import Observation, Outbound, Relay
-from ccgate.store.ledger import Ledger, RequestRecord
+from ccgate.store.ledger import Ledger, LedgerRow, RequestRecord
 from tests.support.fake_upstream import DEFAULT_API_KEY, FakeUpstream, Scenario, Usage, sse_event
 from tests.support.gateways import standalone
 
@@ -71,7 +71,7 @@ async def post(client: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Respons
     return await client.post("/v1/messages", content=json.dumps(body), headers={"x-api-key": KEY})
 
 
-def stored(ledger: Ledger) -> RequestRecord:
+def stored(ledger: Ledger) -> LedgerRow:
     ledger.flush()
     (row,) = [r for r in ledger.records() if r.outcome != "pending"]
     return row
