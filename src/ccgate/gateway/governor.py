@@ -69,7 +69,6 @@ def admission_policy(bundle: Bundle) -> admission.Policy:
         tpm=bundle.key.tpm,
         expires_at=bundle.key.expires_at,
         revoked=False,
-        levels=(),
     )
 
 
@@ -188,7 +187,6 @@ class Governor:
         self._load_leases(now=now)
         assert self.limiter is not None
         for row in self.ledger.unsynced(key_id=self.key_id, limit=1_000_000):
-            self.limiter.restore_unsynced(cost_micros=row.cost_micros, at=row.started_at)
             if self.tokens is not None:
                 self.tokens.local_tokens += _tokens(row)
 
@@ -319,8 +317,6 @@ class Governor:
             spent = {}  # the rows are confirmed (remote.push_usage); a bad summary is not used
         else:
             self.last_spent = spent
-        if self.limiter is not None:
-            self.limiter.synced(sum(r.cost_micros for r in rows))
         if self.tokens is not None:
             key_level = spent.get("key")
             server_tokens = key_level.get("tokens") if isinstance(key_level, dict) else None
