@@ -93,7 +93,7 @@ class _TimedJson:
 
 
 def install() -> None:
-    from ccgate.gateway import governor, proxy
+    from ccgate.gateway import policy, proxy, relay
     from ccgate.store import ledger
 
     guard = proxy._GuardMiddleware
@@ -115,11 +115,11 @@ def install() -> None:
     guard.__call__ = call  # type: ignore[method-assign]
     _wrap_async(proxy, "_read_body", before=None, after="body_read")
     proxy.json = _TimedJson(json)  # type: ignore[assignment,attr-defined]
-    _wrap_async(governor.LocalPolicy, "admit", before=None, after="admitted")
+    _wrap_async(policy.LocalPolicy, "admit", before=None, after="admitted")
     _wrap_sync(ledger.Ledger, "record_start", before="record_start", after=None)
     _wrap_async(ledger.Ledger, "committed", before=None, after="committed")
     _wrap_sync(proxy.Gateway, "upstream_request", before=None, after="send")
-    _wrap_async(proxy._Relay, "_pump", before="upstream_headers", after=None)
+    _wrap_async(relay.Relay, "_pump", before="upstream_headers", after=None)
     _write({"missing": _MISSING})
 
 

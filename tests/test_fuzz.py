@@ -20,10 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ccgate.accounting.metering import ResponseMeter
-from ccgate.accounting.pricing import PriceTable
-from ccgate.gateway.proxy import Gateway, GatewaySettings
 from ccgate.machine import claude_settings as cs
 from ccgate.store.ledger import Ledger
+from tests.support.gateways import standalone
 
 CI = settings(
     derandomize=True,
@@ -85,15 +84,12 @@ async def _send(
     ledger: Ledger, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> httpx.Response:
     # The upstream is a port nothing listens on: past the guards a request gets ccgate's 502.
-    gateway = Gateway(
-        settings=GatewaySettings(
-            port=PORT,
-            upstream_url="http://127.0.0.1:9",
-            upstream_key=UPSTREAM_SECRET,
-            client_keys={KEY: "local"},
-        ),
+    gateway = standalone(
+        port=PORT,
         ledger=ledger,
-        prices=PriceTable.default(),
+        upstream_url="http://127.0.0.1:9",
+        upstream_key=UPSTREAM_SECRET,
+        client_keys={KEY: "local"},
     )
     transport = httpx.ASGITransport(app=gateway.app())
     async with (

@@ -10,8 +10,10 @@ import httpx
 import pytest
 
 from ccgate.accounting.pricing import PriceTable
-from ccgate.gateway.proxy import MAX_BODY_BYTES, Gateway, GatewaySettings
+from ccgate.gateway.policy import LocalPolicy
+from ccgate.gateway.proxy import MAX_BODY_BYTES, GatewaySettings
 from ccgate.store.ledger import Ledger
+from tests.support.gateways import standalone
 
 pytestmark = pytest.mark.anyio
 
@@ -32,13 +34,13 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 async def client(ledger: Ledger) -> AsyncIterator[httpx.AsyncClient]:
     # The upstream is a port nothing listens on: a request that got past the guards would fail
     # with 502, so every status asserted below proves the request was stopped locally.
-    settings = GatewaySettings(
+    gateway = standalone(
         port=PORT,
+        ledger=ledger,
         upstream_url="http://127.0.0.1:9",
         upstream_key=UPSTREAM_SECRET,
         client_keys={KEY: "local"},
     )
-    gateway = Gateway(settings=settings, ledger=ledger, prices=PriceTable.default())
     transport = httpx.ASGITransport(app=gateway.app())
     async with (
         gateway.lifespan(),
@@ -176,10 +178,15 @@ async def test_health_is_open_and_holds_no_secret(client: httpx.AsyncClient) -> 
     assert UPSTREAM_SECRET not in response.text
 
 
-def test_settings_repr_hides_keys() -> None:
-    settings = GatewaySettings(
-        port=1, upstream_url="http://x", upstream_key=UPSTREAM_SECRET, client_keys={KEY: "local"}
+def test_policy_and_settings_repr_hide_keys() -> None:
+    policy = LocalPolicy(
+        client_keys={KEY: "local"},
+        upstream_url="http://x",
+        upstream_key=UPSTREAM_SECRET,
+        passthrough=False,
+        table=PriceTable.default(),
     )
-    assert UPSTREAM_SECRET not in repr(settings)
-    assert KEY not in repr(settings)
-    assert UPSTREAM_SECRET not in json.dumps(str(settings))
+    for shown in (repr(policy), json.dumps(str(policy)), repr(GatewaySettings(port=1))):
+        assert UPSTREAM_SECRET not in shown
+        assert KEY not in shown
+    assert "http://x" in repr(policy)

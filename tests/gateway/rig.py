@@ -25,7 +25,8 @@ from sqlalchemy import text
 
 from ccgate.client import profiles
 from ccgate.client.remote import ServerClient
-from ccgate.gateway.governor import Governor, Ticket
+from ccgate.gateway.governor import Governor
+from ccgate.gateway.policy import Ticket
 from ccgate.policy import limits as admission
 from ccgate.policy.bundle import BundleStore, DeviceKey
 from ccgate.server.app import ServerContext

@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -336,8 +336,12 @@ class PriceTable:
         model: str,
         at: datetime,
         stop_reason: str | None = None,
+        find: Callable[[str], PriceLookup] | None = None,
     ) -> Charge:
-        """What one response costs, by the rules in the module docstring. Never raises."""
+        """What one response costs, by the rules in the module docstring. Never raises.
+
+        ``find`` replaces ``lookup`` (at ``at``), so a caller pricing one request several times
+        can look each model up once."""
         if stop_reason == "refusal" and usage.output_tokens == 0:
             return Charge(0, False, None, ("refusal before any output: not billed",))
         notes: list[str] = []
@@ -352,7 +356,7 @@ class PriceTable:
         if usage.iterations:
             notes.append(f"{len(parts)} iterations priced each by its own model")
         for part_model, part in parts:
-            lookup = self.lookup(part_model, at=at)
+            lookup = find(part_model) if find else self.lookup(part_model, at=at)
             entry_name = entry_name or lookup.entry
             cost, part_estimated, part_notes = self._token_cost(
                 part, lookup, at=at, speed=part.speed or usage.speed, usage=usage

@@ -10,13 +10,10 @@ that is still a guess keeps its (conservative) first guess. The change is record
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from ccgate.accounting.metering import Usage, iterations_from_json
+from ccgate.accounting.billing import INPUT_ESTIMATE, iterations_json, row_charge, usage_of
 from ccgate.accounting.pricing import PriceTable
 from ccgate.wire import INTERRUPTED_BY_RESTART
 
@@ -29,59 +26,12 @@ __all__ = [
     "usage_of",
 ]
 
-INPUT_ESTIMATE = "input-estimate"
-"""``price_version`` of a row priced from its request size alone (no usage was reported)."""
-
 
 @dataclass(frozen=True, slots=True)
 class Repriced:
     rows: int
     before_micros: int
     after_micros: int
-
-
-def usage_of(row: Mapping[str, Any]) -> Usage:
-    """The ``Usage`` a stored row (ledger or server) was priced from."""
-    total = int(row.get("cache_creation_input_tokens") or 0)
-    hour = int(row.get("cache_creation_1h_input_tokens") or 0)
-    iterations: Any = row.get("iterations")
-    if isinstance(iterations, str):
-        try:
-            iterations = json.loads(iterations)
-        except ValueError:
-            iterations = None
-    return Usage(
-        input_tokens=int(row.get("input_tokens") or 0),
-        output_tokens=int(row.get("output_tokens") or 0),
-        cache_creation_input_tokens=total,
-        cache_creation_5m_input_tokens=max(total - hour, 0),
-        cache_creation_1h_input_tokens=hour,
-        cache_read_input_tokens=int(row.get("cache_read_input_tokens") or 0),
-        web_search_requests=int(row.get("web_search_requests") or 0),
-        web_fetch_requests=int(row.get("web_fetch_requests") or 0),
-        code_execution_requests=int(row.get("code_execution_requests") or 0),
-        speed=row.get("speed"),
-        inference_geo=row.get("inference_geo"),
-        service_tier=row.get("service_tier"),
-        iterations=iterations_from_json(iterations),
-    )
-
-
-def iterations_json(usage: Usage) -> str | None:
-    if not usage.iterations:
-        return None
-    return json.dumps([it.to_json() for it in usage.iterations], separators=(",", ":"))
-
-
-def row_charge(table: PriceTable, row: Mapping[str, Any]) -> tuple[int, bool]:
-    """(cost, estimated) of a stored row under ``table``."""
-    charge = table.charge(
-        usage_of(row),
-        model=str(row["model"]),
-        at=datetime.fromtimestamp(float(row["started_at"]), UTC),
-        stop_reason=row.get("stop_reason"),
-    )
-    return charge.cost_micros, charge.estimated
 
 
 def reprice_ledger(ledger: Any, table: PriceTable, *, now: float) -> Repriced:

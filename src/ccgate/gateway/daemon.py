@@ -18,10 +18,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -33,6 +33,13 @@ from ccgate.gateway.proxy import HEALTH_PATH
 from ccgate.machine.config import Config
 from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from ccgate.gateway.policy import Policy
+    from ccgate.gateway.proxy import Authenticator, Gateway, OnFinish
+    from ccgate.store.ledger import Ledger
 
 LOCAL_KEY_NAME = "local-client-key"
 UPSTREAM_KEY_NAME = "provider:anthropic"
@@ -93,15 +100,61 @@ def bind_loopback(port: int) -> socket.socket:
     return sock
 
 
-def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
-    """Run the gateway in this process until SIGINT or SIGTERM."""
+def build(
+    policy: Policy,
+    *,
+    port: int,
+    ledger: Ledger,
+    log_content: bool = False,
+    authenticate: Authenticator | None = None,
+    on_finish: OnFinish | None = None,
+    background: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    sync_now: Callable[[], Awaitable[dict[str, str]]] | None = None,
+    log_level: str = "info",
+    graceful_s: int = 10,
+) -> tuple[Gateway, uvicorn.Server]:
+    """The one way a gateway is wired, for ``ccgate daemon`` and ``ccgate run`` alike.
+
+    Behaviour comes from the parts passed in (the policy, an authenticator, an on-finish hook,
+    the governor's loops), never from subclasses. The socket is the caller's: bind it with
+    ``bind_loopback`` and hand it to ``Server.run`` or ``Server.serve``.
+    """
     import uvicorn
 
+    from ccgate.gateway._http import HeaderDeadlineProtocol
+    from ccgate.gateway.proxy import Gateway, GatewaySettings
+
+    gateway = Gateway(
+        settings=GatewaySettings(port=port, log_content=log_content),
+        ledger=ledger,
+        policy=policy,
+        authenticate=authenticate,
+        on_finish=on_finish,
+        background=background,
+        sync_now=sync_now,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            gateway.app(),
+            log_config=None,
+            log_level=log_level,
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            timeout_graceful_shutdown=graceful_s,
+            http=HeaderDeadlineProtocol,
+            timeout_keep_alive=5,  # idle kept-alive connections close after 5 s
+        )
+    )
+    return gateway, server
+
+
+def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
+    """Run the gateway in this process until SIGINT or SIGTERM."""
     from ccgate.accounting import pricing
     from ccgate.accounting.repricing import reprice_ledger
-    from ccgate.gateway._http import HeaderDeadlineProtocol
     from ccgate.gateway.governor import Governor
-    from ccgate.gateway.proxy import Gateway, GatewaySettings
+    from ccgate.gateway.policy import LocalPolicy
     from ccgate.store.ledger import Ledger
 
     paths.ensure()
@@ -109,15 +162,8 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     store = SecretStore(paths=paths)
     client_key = local_client_key(store, create=True)
     assert client_key is not None
-    settings = GatewaySettings(
-        port=config.port,
-        upstream_url=config.upstream_url,
-        upstream_key=upstream_key(store),
-        client_keys={client_key: "local"},
-        log_content=config.log_content,
-        passthrough=config.passthrough,
-    )
-    if settings.upstream_key is None and not config.passthrough and not profiles_exist(paths):
+    provider_key = upstream_key(store)
+    if provider_key is None and not config.passthrough and not profiles_exist(paths):
         log.warning(
             "no upstream key: run `ccgate provider set anthropic` or set ANTHROPIC_API_KEY; "
             "requests will reach the upstream without a credential"
@@ -133,47 +179,52 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
             "marked %d request(s) left unfinished by a previous run as interrupted", recovered
         )
     ledger.start_writer()
-    governor = None
+    prices, origin = pricing.installed(paths.prices_file)
+    log.info("price table %s from %s", prices.version, origin)
     if profile is not None:
         governor = Governor.from_profile(
             paths=paths, profile=profile, ledger=ledger, passthrough_upstream=config.upstream_url
         )
         governor.load(now=time.time())
-        settings = replace(settings, mode="server", passthrough=governor.passthrough)
-    prices, origin = pricing.installed(paths.prices_file)
-    log.info("price table %s from %s", prices.version, origin)
-    # In server mode the admin's table (from the bundle) prices, and the server re-prices.
-    repriced = reprice_ledger(ledger, prices, now=time.time()) if governor is None else None
-    if repriced is not None and repriced.rows:
-        log.warning(
-            "re-priced %d estimated request(s) with price table %s",
-            repriced.rows,
-            prices.version,
-        )
-    gateway = Gateway(settings=settings, ledger=ledger, prices=prices, policy=governor)
-    if governor is not None:
-        gateway.background = governor.run
-        gateway.sync_now = governor.sync_now
-    server = uvicorn.Server(
-        uvicorn.Config(
-            gateway.app(),
-            log_config=None,
+        gateway, server = build(
+            governor,
+            port=config.port,
+            ledger=ledger,
+            log_content=config.log_content,
+            background=governor.run,
+            sync_now=governor.sync_now,
             log_level=log_level,
-            access_log=False,
-            server_header=False,
-            date_header=False,
-            timeout_graceful_shutdown=10,
-            http=HeaderDeadlineProtocol,
-            timeout_keep_alive=5,  # idle kept-alive connections close after 5 s
         )
-    )
+    else:
+        # In server mode the admin's table (from the bundle) prices, and the server re-prices.
+        repriced = reprice_ledger(ledger, prices, now=time.time())
+        if repriced.rows:
+            log.warning(
+                "re-priced %d estimated request(s) with price table %s",
+                repriced.rows,
+                prices.version,
+            )
+        local = LocalPolicy(
+            client_keys={client_key: "local"},
+            upstream_url=config.upstream_url,
+            upstream_key=provider_key,
+            passthrough=config.passthrough,
+            table=prices,
+        )
+        gateway, server = build(
+            local,
+            port=config.port,
+            ledger=ledger,
+            log_content=config.log_content,
+            log_level=log_level,
+        )
     info = RuntimeInfo(
         pid=os.getpid(),
         port=config.port,
         upstream_url=config.upstream_url,
-        mode=settings.mode,
-        started_at=settings.started_at,
-        auth="passthrough" if settings.passthrough else "provider",
+        mode=gateway.policy.mode,
+        started_at=gateway.settings.started_at,
+        auth="passthrough" if gateway.policy.passthrough else "provider",
     )
     _write_runtime(paths, info)
     log.info("ccgate %s listening on %s, upstream %s", _version(), info.url, info.upstream_url)

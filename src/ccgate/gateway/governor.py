@@ -1,9 +1,7 @@
 """Server mode inside the daemon: the signed bundle, admission, leases and usage sync.
 
-The gateway asks a ``Policy`` a few things per request: who is this key, may the gateway serve
-at all, may this request go (admission, which may wait for a lease), and where does it go
-(upstream). ``LocalPolicy`` answers for standalone mode (one local key, no limits).
-``Governor`` answers from the bundle the server signed for this key and device:
+``Governor`` is the server-mode ``Policy`` (gateway/policy.py): it answers the gateway from the
+bundle the server signed for this key and device:
 
 - At start it re-verifies the persisted bundle against the key pinned at login. A bundle that
   fails (tampered, rolled back, expired) is not obeyed: until a good one arrives from the
@@ -35,7 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import httpx
@@ -46,6 +44,7 @@ from ccgate.accounting import periods
 from ccgate.accounting.pricing import PriceTable
 from ccgate.client import profiles
 from ccgate.client.remote import KeyRefused, ServerClient, ServerError
+from ccgate.gateway.policy import Refusal, Ticket, Upstream
 from ccgate.paths import Paths
 from ccgate.policy import limits as admission
 from ccgate.policy.bundle import Bundle, BundleError, BundleStore, DeviceKey, unseal
@@ -63,88 +62,6 @@ SPENT_REFRESH_S = 60.0
 LEASE_WAIT_S = 10.0
 
 
-@dataclass(frozen=True)
-class Upstream:
-    base_url: str
-    api_key: str | None
-    provider: str
-    passthrough: bool
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """What an admitted request holds until it ends: its reservations, released exactly once."""
-
-    limiter: admission.Ticket | None
-    lease_id: str | None
-    reserved_micros: int
-    reserved_tokens: int
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why the gateway cannot serve at all right now (a status and a message for people)."""
-
-    status: int
-    error_type: str
-    message: str
-
-
-class Policy(Protocol):
-    mode: str
-    passthrough: bool
-
-    def authenticate(self, token: str | None) -> str | None: ...
-    def refusal(self) -> Refusal | None: ...
-    def upstream(self) -> Upstream: ...
-    def prices(self) -> PriceTable: ...
-    async def admit(
-        self, req: admission.Request
-    ) -> tuple[Ticket | None, admission.Reject | None]: ...
-    def settle(
-        self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float
-    ) -> None: ...
-    def finished(self) -> None: ...
-    def snapshot(self, *, now: float) -> dict[str, Any]: ...
-
-
-@dataclass
-class LocalPolicy:
-    """Standalone mode: the local key, the configured upstream, no limits."""
-
-    client_keys: dict[str, str]
-    upstream_url: str
-    upstream_key: str | None
-    passthrough: bool
-    table: PriceTable
-    provider: str = "anthropic"
-    mode: str = "standalone"
-
-    def authenticate(self, token: str | None) -> str | None:
-        return None if token is None else self.client_keys.get(token)
-
-    def refusal(self) -> Refusal | None:
-        return None
-
-    def upstream(self) -> Upstream:
-        return Upstream(self.upstream_url, self.upstream_key, self.provider, self.passthrough)
-
-    def prices(self) -> PriceTable:
-        return self.table
-
-    async def admit(self, req: admission.Request) -> tuple[Ticket | None, admission.Reject | None]:
-        return None, None
-
-    def settle(self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float) -> None:
-        return None
-
-    def finished(self) -> None:
-        return None
-
-    def snapshot(self, *, now: float) -> dict[str, Any]:
-        return {}
-
-
 def has_budget(bundle: Bundle) -> bool:
     return bool(_level_budgets(bundle))
 
@@ -158,7 +75,6 @@ def admission_policy(bundle: Bundle) -> admission.Policy:
         tpm=bundle.key.tpm,
         expires_at=bundle.key.expires_at,
         revoked=False,
-        levels=(),
     )
 
 
@@ -287,7 +203,6 @@ class Governor:
         self._load_leases(now=now)
         assert self.limiter is not None
         for row in self.ledger.unsynced(key_id=self.key_id, limit=1_000_000):
-            self.limiter.restore_unsynced(cost_micros=row.cost_micros, at=row.started_at)
             if self.tokens is not None:
                 self.tokens.local_tokens += _tokens(row)
 
@@ -441,8 +356,6 @@ class Governor:
             spent = {}  # the rows are confirmed (remote.push_usage); a bad summary is not used
         else:
             self.last_spent = spent
-        if self.limiter is not None:
-            self.limiter.synced(sum(r.cost_micros for r in rows))
         if self.tokens is not None:
             key_level = spent.get("key")
             server_tokens = key_level.get("tokens") if isinstance(key_level, dict) else None

@@ -49,7 +49,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 
@@ -64,6 +64,10 @@ from ccgate.paths import Paths, claude_settings_file
 from ccgate.policy.bundle import Budget as BundleBudget
 from ccgate.policy.bundle import Bundle
 from ccgate.store.ledger import Ledger, RequestRecord
+from ccgate.wire import CLIENT_KEY_PREFIX
+
+if TYPE_CHECKING:
+    import uvicorn
 
 KEY_ENV_PREFIX = env.CCGATE_KEY_PREFIX
 """``CCGATE_KEY_<NAME>`` holds the virtual key of ``ccgate run --key NAME``."""
@@ -76,7 +80,6 @@ ANTHROPIC_AUTH_TOKEN = env.ANTHROPIC_AUTH_TOKEN
 FLUSH_TIMEOUT_S = 15.0
 SLOW_FLUSH_S = 1.0
 
-_LITERAL_PREFIX = "sk-cg-"
 STALE_RUN_ROW_S = 86_400
 """A run's pending row this old was left by a killed run, not one still in flight."""
 _FORWARDED = tuple(
@@ -137,7 +140,7 @@ def literal_profile_name(key: str) -> str:
 
 
 def resolve_key(*, paths: Paths, name: str, environ: Mapping[str, str]) -> KeySource:
-    if name.startswith(_LITERAL_PREFIX):
+    if name.startswith(CLIENT_KEY_PREFIX):
         return _resolve_literal(paths, name)
     profiles.check_name(name)
     from_env = environ.get(key_env_var(name), "").strip() or None
@@ -420,32 +423,21 @@ def _terminal_sent_it() -> bool:
 # -- the gateway ---------------------------------------------------------------------------------
 
 
-class _RunGovernor(Governor):
-    """The governor, but the child authenticates with this run's token, not the virtual key."""
+@dataclass
+class _RunGate:
+    """What a run adds to the governor, as parts: its own token, and a tally of its rows.
 
-    run_token = ""
+    The child authenticates with a token made for this run, never the virtual key.
+    """
+
+    key_id: str
+    token: str
+    finished: dict[str, RequestRecord] = field(default_factory=dict)
 
     def authenticate(self, token: str | None) -> str | None:
-        if token is None or not self.run_token or not hmac.compare_digest(token, self.run_token):
+        if token is None or not hmac.compare_digest(token, self.token):
             return None
         return self.key_id
-
-
-class _RunLedger(Ledger):
-    """The normal ledger, also keeping a tally of the rows this run finished."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.tally = _Tally()
-
-    def record_finish(self, rec: RequestRecord) -> None:
-        self.tally.add(rec)
-        super().record_finish(rec)
-
-
-@dataclass
-class _Tally:
-    finished: dict[str, RequestRecord] = field(default_factory=dict)
 
     def add(self, rec: RequestRecord) -> None:
         # Keyed by id: a record finished twice is counted once.
@@ -455,24 +447,9 @@ class _Tally:
 class _ServedGateway:
     """uvicorn on its own thread and event loop; the socket is bound before it starts."""
 
-    def __init__(self, app: Any, sock: socket.socket) -> None:
-        import uvicorn
-
-        from ccgate.gateway._http import HeaderDeadlineProtocol
-
+    def __init__(self, server: uvicorn.Server, sock: socket.socket) -> None:
         self._sock = sock
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                log_config=None,
-                log_level="warning",
-                access_log=False,
-                server_header=False,
-                date_header=False,
-                timeout_graceful_shutdown=5,
-                http=HeaderDeadlineProtocol,
-            )
-        )
+        self._server = server
         self._thread = threading.Thread(target=self._run, name="ccgate-run-gateway", daemon=True)
         self._crash: BaseException | None = None
 
@@ -498,28 +475,24 @@ class _ServedGateway:
 
 
 @contextlib.contextmanager
-def _serving(governor: _RunGovernor, ledger: Ledger) -> Iterator[str]:
+def _serving(governor: Governor, ledger: Ledger, gate: _RunGate) -> Iterator[str]:
     """Serve the gateway for ``governor``; yields its base URL."""
-    from ccgate.accounting.pricing import PriceTable
-    from ccgate.gateway.daemon import bind_loopback
-    from ccgate.gateway.proxy import Gateway, GatewaySettings
+    from ccgate.gateway import daemon
 
-    sock = bind_loopback(0)
+    sock = daemon.bind_loopback(0)
     try:
         port: int = sock.getsockname()[1]
-        settings = GatewaySettings(
+        _, server = daemon.build(
+            governor,
             port=port,
-            upstream_url=governor.upstream().base_url,
-            upstream_key=None,
-            client_keys={},
-            mode="server",
-            passthrough=governor.passthrough,
+            ledger=ledger,
+            authenticate=gate.authenticate,
+            on_finish=gate.add,
+            background=governor.run,
+            log_level="warning",
+            graceful_s=5,
         )
-        gateway = Gateway(
-            settings=settings, ledger=ledger, prices=PriceTable.default(), policy=governor
-        )
-        gateway.background = governor.run
-        served = _ServedGateway(gateway.app(), sock)
+        served = _ServedGateway(server, sock)
         served.start()
         try:
             yield f"http://127.0.0.1:{port}"
@@ -581,7 +554,7 @@ def run(
     for notice in prepared.notices:
         reporter.notice(notice)
     paths.ensure()
-    ledger = _RunLedger(paths.ledger_file)
+    ledger = Ledger(paths.ledger_file)
     try:
         # A run killed earlier left its in-flight rows pending: finish them (billed for what was
         # seen) so they can be pushed. Only rows a day old: parallel jobs may share this key
@@ -589,18 +562,21 @@ def run(
         ledger.recover_pending(now=time.time() - STALE_RUN_ROW_S, key_ids=[prepared.profile.key_id])
         ledger.start_writer()
         governor = _start_governor(paths, prepared.profile, ledger, reporter, flush_timeout)
-        with _serving(governor, ledger) as base_url:
+        from ccgate.machine.credentials import new_client_key
+
+        gate = _RunGate(key_id=governor.key_id, token=new_client_key())
+        with _serving(governor, ledger, gate) as base_url:
             child_env = child_environment(
                 environ,
                 base_url=base_url,
-                token=governor.run_token,
+                token=gate.token,
                 passthrough=governor.passthrough,
             )
             with settings_layer(command, child_env, folder=paths.state_dir, enabled=layer) as argv:
                 code = execute(argv, environ=child_env)
         ledger.flush()
         flushed = _flush(governor, reporter, timeout=flush_timeout)
-        return RunResult(code, _summary(governor, ledger, flushed))
+        return RunResult(code, _summary(governor, gate, ledger, flushed))
     finally:
         ledger.close()
 
@@ -611,11 +587,8 @@ def _start_governor(
     ledger: Ledger,
     reporter: Reporter,
     timeout: float,
-) -> _RunGovernor:
-    from ccgate.machine.credentials import new_client_key
-
-    governor = _RunGovernor.from_profile(paths=paths, profile=profile, ledger=ledger)
-    assert isinstance(governor, _RunGovernor)
+) -> Governor:
+    governor = Governor.from_profile(paths=paths, profile=profile, ledger=ledger)
     governor.load(now=time.time())
     # Fresh bundle, leftovers pushed, and the server's spend known before the first request.
     problem = anyio.run(_first_sync, governor, timeout)
@@ -632,7 +605,6 @@ def _start_governor(
     refusal = governor.refusal()
     if refusal is not None:
         raise RunError(refusal.message)
-    governor.run_token = new_client_key()
     return governor
 
 
@@ -649,7 +621,7 @@ async def _first_sync(governor: Governor, timeout: float) -> str | None:
     )
 
 
-def _flush(governor: _RunGovernor, reporter: Reporter, *, timeout: float) -> _Flushed:
+def _flush(governor: Governor, reporter: Reporter, *, timeout: float) -> _Flushed:
     """Push every unsynced row of the key; shows progress when it takes over a second."""
     if governor.key_refused is not None:
         return _Flushed(error=governor.key_refused)
@@ -684,8 +656,8 @@ async def _final_sync(governor: Governor, timeout: float) -> _Flushed:
     return _Flushed(error=None)
 
 
-def _summary(governor: _RunGovernor, ledger: _RunLedger, flushed: _Flushed) -> Summary:
-    rows = list(ledger.tally.finished.values())
+def _summary(governor: Governor, gate: _RunGate, ledger: Ledger, flushed: _Flushed) -> Summary:
+    rows = list(gate.finished.values())
     return Summary(
         profile=governor.profile.name,
         requests=len(rows),

@@ -360,7 +360,7 @@ def reprice(engine: Engine, table: Any, *, now: float) -> dict[str, int]:
     ``used`` is what was charged at the time; spend windows sum the records, so budgets see
     the correction at once.
     """
-    from ccgate.accounting.repricing import INPUT_ESTIMATE, row_charge
+    from ccgate.accounting.billing import INPUT_ESTIMATE, row_charge
 
     changed = before = after = 0
     with db.session(engine) as session:

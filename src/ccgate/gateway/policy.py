@@ -1,0 +1,99 @@
+"""What the gateway asks of whoever decides for it, and the standalone answer.
+
+The gateway asks a ``Policy`` a few things per request: who is this key, may the gateway serve
+at all, may this request go (admission, which may wait for a lease), and where does it go
+(upstream). ``LocalPolicy`` answers for standalone mode (one local key, no limits); the
+server-mode ``Governor`` (gateway/governor.py) answers from the signed bundle. Neither the relay
+nor the gateway needs to know which one it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ccgate.accounting.pricing import PriceTable
+from ccgate.policy import limits as admission
+
+
+@dataclass(frozen=True)
+class Upstream:
+    base_url: str
+    api_key: str | None
+    provider: str
+    passthrough: bool
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What an admitted request holds until it ends: its reservations, released exactly once."""
+
+    limiter: admission.Ticket | None
+    lease_id: str | None
+    reserved_micros: int
+    reserved_tokens: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the gateway cannot serve at all right now (a status and a message for people)."""
+
+    status: int
+    error_type: str
+    message: str
+
+
+class Policy(Protocol):
+    mode: str
+    passthrough: bool
+
+    def authenticate(self, token: str | None) -> str | None: ...
+    def refusal(self) -> Refusal | None: ...
+    def upstream(self) -> Upstream: ...
+    def prices(self) -> PriceTable: ...
+    async def admit(
+        self, req: admission.Request
+    ) -> tuple[Ticket | None, admission.Reject | None]: ...
+    def settle(
+        self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float
+    ) -> None: ...
+    def finished(self) -> None: ...
+    def snapshot(self, *, now: float) -> dict[str, Any]: ...
+
+
+@dataclass
+class LocalPolicy:
+    """Standalone mode: the local key, the configured upstream, no limits."""
+
+    # Keys must never reach a log or a traceback, so they are left out of the repr.
+    client_keys: dict[str, str] = field(repr=False)  # client key -> key id in the ledger
+    upstream_url: str
+    upstream_key: str | None = field(repr=False)
+    passthrough: bool
+    table: PriceTable
+    provider: str = "anthropic"
+    mode: str = "standalone"
+
+    def authenticate(self, token: str | None) -> str | None:
+        return None if token is None else self.client_keys.get(token)
+
+    def refusal(self) -> Refusal | None:
+        return None
+
+    def upstream(self) -> Upstream:
+        return Upstream(self.upstream_url, self.upstream_key, self.provider, self.passthrough)
+
+    def prices(self) -> PriceTable:
+        return self.table
+
+    async def admit(self, req: admission.Request) -> tuple[Ticket | None, admission.Reject | None]:
+        return None, None
+
+    def settle(self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float) -> None:
+        return None
+
+    def finished(self) -> None:
+        return None
+
+    def snapshot(self, *, now: float) -> dict[str, Any]:
+        return {}

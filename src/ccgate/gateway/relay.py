@@ -1,0 +1,221 @@
+"""The relay: send one request upstream and copy the answer back as it arrives.
+
+It observes and forwards; it decides nothing about billing or outcomes. The gateway hands it a
+ready ``httpx.Request`` and two hooks: ``on_progress`` gets the usage metered so far at
+checkpoints (message_start, then every ``CHECKPOINT_EVERY_CHUNKS`` chunks or
+``CHECKPOINT_EVERY_S`` seconds of stream), so a daemon killed mid-stream still bills what was
+relayed; ``on_finish`` gets one ``Observation`` when the exchange ends, however it ends.
+
+The response is copied chunk by chunk (``aiter_raw``: still compressed, so nothing is decoded or
+re-encoded in the path). After each chunk has been handed to the client, the same bytes are fed
+to a ``ResponseMeter`` that decodes and reads usage on the side. A watcher task waits for the
+client to hang up; when it does, it cancels the relay, which closes the upstream response and so
+cancels the upstream request too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from ccgate.accounting.billing import Observed
+from ccgate.accounting.metering import Metered, ResponseMeter
+from ccgate.wire import error_response
+
+log = logging.getLogger("ccgate.proxy")
+
+CHECKPOINT_EVERY_CHUNKS: Final = 32
+CHECKPOINT_EVERY_S: Final = 1.0
+
+# RFC 9110 section 7.6.1: connection-specific headers are not forwarded by intermediaries.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """What the gateway decided to send, and how the answer is to be watched."""
+
+    request: httpx.Request
+    base_url: str  # named in ccgate's own 502/504 messages
+    request_id: str  # returned to the client as x-ccgate-request-id
+    streamed: bool
+    meter: bool  # a Messages response: read its usage
+    capture: bool = False  # keep the decoded response body (log_content)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the relay saw of one exchange, handed to ``on_finish`` once."""
+
+    seen: Observed
+    first_byte_at: float | None  # time.perf_counter() of the first body chunk
+    response_body: bytes | None
+
+
+class Relay(Response):
+    """An ASGI response that relays ``outbound`` through ``client``; see the module docstring."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        outbound: Outbound,
+        *,
+        on_progress: Callable[[Metered], None],
+        on_finish: Callable[[Observation], None],
+    ) -> None:
+        self.client = client
+        self.outbound = outbound
+        self.on_progress = on_progress
+        self.on_finish = on_finish
+        self.background = None
+        self._meter: ResponseMeter | None = None
+        self._status: int | None = None
+        self._first_byte_at: float | None = None
+        self._got_response = False
+        self._upstream_done = False
+        self._client_gone = False
+        self._failure: str | None = None
+        self._since_checkpoint = 0
+        self._checkpoint_at = 0.0
+        self._start_persisted = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+            try:
+                await self._relay(send)
+            finally:
+                tg.cancel_scope.cancel()
+                self.on_finish(self.observation())
+
+    def observation(self) -> Observation:
+        meter = self._meter
+        return Observation(
+            seen=Observed(
+                streamed=self.outbound.streamed,
+                status=self._status,
+                metered=meter.result() if meter is not None else None,
+                got_response=self._got_response,
+                upstream_done=self._upstream_done,
+                client_gone=self._client_gone,
+                upstream_failure=self._failure,
+            ),
+            first_byte_at=self._first_byte_at,
+            response_body=meter.captured() if meter is not None else None,
+        )
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self._upstream_done:
+                    self._client_gone = True
+                scope.cancel()
+                return
+
+    async def _relay(self, send: Send) -> None:
+        base_url = self.outbound.base_url
+        try:
+            upstream = await self.client.send(self.outbound.request, stream=True)
+        except httpx.TimeoutException:
+            await self._send_error(send, 504, f"timed out connecting to {base_url}")
+            return
+        except httpx.HTTPError as exc:
+            await self._send_error(send, 502, f"cannot reach {base_url} ({type(exc).__name__})")
+            return
+        try:
+            await self._pump(upstream, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+
+    async def _pump(self, upstream: httpx.Response, send: Send) -> None:
+        self._status = upstream.status_code
+        self._got_response = True
+        if self.outbound.meter:
+            self._meter = ResponseMeter(
+                content_type=upstream.headers.get("content-type"),
+                content_encoding=upstream.headers.get("content-encoding"),
+                capture=self.outbound.capture,
+            )
+        headers = [
+            (name.lower(), value)
+            for name, value in upstream.headers.raw
+            if name.lower().decode("latin-1") not in HOP_BY_HOP
+        ]
+        headers.append((b"x-ccgate-request-id", self.outbound.request_id.encode()))
+        await send(
+            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
+        )
+        meter = self._meter
+        try:
+            async for chunk in upstream.aiter_raw():
+                if self._first_byte_at is None:
+                    self._first_byte_at = time.perf_counter()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if meter is not None:
+                    meter.feed(chunk)
+                    self._checkpoint(meter)
+        except httpx.HTTPError as exc:
+            # The upstream dropped mid-response. Returning without the final empty body makes
+            # the server close the client connection, so the client sees a broken stream too
+            # rather than a clean end it could mistake for a complete answer.
+            self._failure = type(exc).__name__
+            log.warning("upstream response broke off: %s", type(exc).__name__)
+            return
+        self._upstream_done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _checkpoint(self, meter: ResponseMeter) -> None:
+        """Hand on the usage so far at message_start, then every N chunks or T seconds.
+
+        Per chunk this is a counter and a clock read; the usage is only built when one is due.
+        """
+        if not meter.started:
+            return
+        self._since_checkpoint += 1
+        now = time.monotonic()
+        if self._start_persisted:
+            due = self._since_checkpoint >= CHECKPOINT_EVERY_CHUNKS or (
+                now - self._checkpoint_at >= CHECKPOINT_EVERY_S
+            )
+            if not due:
+                return
+        self._start_persisted = True
+        self._since_checkpoint = 0
+        self._checkpoint_at = now
+        self.on_progress(meter.peek())
+
+    async def _send_error(self, send: Send, status: int, message: str) -> None:
+        self._status = status
+        self._failure = message
+        response = error_response(
+            status,
+            "api_error",
+            f"ccgate {message}. Check your network, or the upstream with `ccgate status`.",
+        )
+
+        async def no_receive() -> Message:
+            return {"type": "http.disconnect"}
+
+        await response({"type": "http"}, no_receive, send)
