@@ -35,8 +35,12 @@ def usage(
         str, typer.Option("--since", help="Window: 30m, 24h, 7d, 2w, or a date (YYYY-MM-DD, UTC).")
     ] = "7d",
     by: Annotated[
-        Literal["model", "day", "session"],
-        typer.Option("--by", help="Group rows by model, UTC day, or Claude Code session."),
+        Literal["model", "day", "session", "repo", "branch"],
+        typer.Option(
+            "--by",
+            help="Group rows by model, UTC day, Claude Code session, git repository, or "
+            "repository and branch.",
+        ),
     ] = "model",
     json_output: JsonOption = False,
 ) -> None:
@@ -75,6 +79,13 @@ def logs(
         bool,
         typer.Option("--json", help="Print a JSON array (with --follow: one object per line)."),
     ] = False,
+    repo: Annotated[
+        str | None,
+        typer.Option(
+            "--repo",
+            help="Only sessions in this git repository (host/owner/repo, owner/repo or repo).",
+        ),
+    ] = None,
 ) -> None:
     """The most recent requests, oldest first, like `tail`."""
     from ccgate.cli import render
@@ -90,7 +101,7 @@ def logs(
     if not follow:
         assert ledger is not None
         try:
-            rows = list(reversed(ledger.records(limit=limit)))
+            rows = list(reversed(ledger.records(limit=limit, repo=repo)))
         finally:
             ledger.close()
         if json_output:
@@ -98,10 +109,12 @@ def logs(
         else:
             render.logs([reports.record_to_json(r) for r in rows])
         return
-    _follow(ledger, limit=limit, json_output=json_output)
+    _follow(ledger, limit=limit, json_output=json_output, repo=repo)
 
 
-def _follow(ledger: Ledger | None, *, limit: int, json_output: bool) -> None:
+def _follow(
+    ledger: Ledger | None, *, limit: int, json_output: bool, repo: str | None = None
+) -> None:
     import json
 
     from ccgate.cli import render
@@ -124,11 +137,13 @@ def _follow(ledger: Ledger | None, *, limit: int, json_output: bool) -> None:
                 ledger = _open_ledger()
             if ledger is not None:
                 if cursor == 0:
-                    first = list(reversed(ledger.records(limit=limit, finished_only=True)))
+                    first = list(
+                        reversed(ledger.records(limit=limit, finished_only=True, repo=repo))
+                    )
                     emit([reports.record_to_json(r) for r in first])
                     cursor = max([r.finished_seq or 0 for r in first], default=0)
                     cursor = max(cursor, ledger.max_finished_seq()) if not first else cursor
-                fresh = ledger.records(after_finished_seq=cursor, newest_first=False)
+                fresh = ledger.records(after_finished_seq=cursor, newest_first=False, repo=repo)
                 if fresh:
                     cursor = max(r.finished_seq or 0 for r in fresh)
                     emit([reports.record_to_json(r) for r in fresh])
