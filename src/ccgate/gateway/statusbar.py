@@ -215,6 +215,45 @@ def _http_get(port: int, path: str) -> bytes:
     return body
 
 
+TODAY_RESCAN_S: Final = 300.0
+"""The running day total is recounted from scratch this often: a re-priced row changes the cost
+of a request that finished earlier, which the incremental count would not see."""
+
+
+def today_totals(paths: paths_mod.Paths, *, now: float) -> tuple[int, int]:
+    """``(today's cost, today's failed requests)``, UTC day, counted incrementally.
+
+    One small file (``statusline/today.json``) shared by every session's line keeps the running
+    total and the last ``finished_seq`` counted, so a line reads only the rows finished since
+    (a full day of a busy team is a scan of 100,000s of rows).
+    """
+    from ccgate.store import sessions
+
+    day_start = now - now % 86_400  # UTC midnight
+    path = paths.state_dir / "statusline" / "today.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        valid = kept["day_start"] == day_start and now - kept["counted_from"] < TODAY_RESCAN_S
+        cursor, cost, failed = (
+            (int(kept["cursor"]), int(kept["cost"]), int(kept["failed"])) if valid else (0, 0, 0)
+        )
+        counted_from = float(kept["counted_from"]) if valid else now
+    except (OSError, ValueError, KeyError, TypeError):
+        cursor, cost, failed, counted_from = 0, 0, 0, now
+    more, more_failed, cursor = sessions.finished_since(
+        paths.ledger_file, started_from=day_start, after_finished_seq=cursor
+    )
+    cost, failed = cost + more, failed + more_failed
+    record = {"day_start": day_start, "counted_from": counted_from, "cursor": cursor,
+              "cost": cost, "failed": failed}  # fmt: skip
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f"today.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, path)
+    return cost, failed
+
+
 def gather(
     paths: paths_mod.Paths, *, session_id: str | None, now: float, health: dict[str, Any] | None
 ) -> State:
@@ -223,9 +262,9 @@ def gather(
     session = today = failed = 0
     if paths.ledger_file.exists():
         with contextlib.suppress(Exception):  # a busy or older ledger: show zeros, not an error
-            session, today, failed = sessions.costs(
-                paths.ledger_file, session_id=session_id, now=now
-            )
+            if session_id:
+                session = sessions.session_cost(paths.ledger_file, session_id)
+            today, failed = today_totals(paths, now=now)
     if health is None:
         return State(session, today, failed, daemon_up=False)
     server = health.get("server")

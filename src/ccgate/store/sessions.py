@@ -13,7 +13,6 @@ have it yet (an older daemon) makes these functions return without writing.
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -32,6 +31,8 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         timeout=_BUSY_TIMEOUT_MS / 1000,
     )
     db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    if not readonly:
+        db.execute("PRAGMA synchronous = NORMAL")  # as the daemon's writer: no fsync per commit
     return db
 
 
@@ -83,25 +84,46 @@ def known_place(ledger_file: Path, session_id: str) -> tuple[str | None, str | N
     return None if row is None else (row[0], row[1])
 
 
-def costs(ledger_file: Path, *, session_id: str | None, now: float) -> tuple[int, int, int]:
-    """``(session cost, today's cost, today's failed requests)`` in micro-dollars; UTC day."""
-    day = datetime.fromtimestamp(now, UTC).date()
-    start = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+def session_cost(ledger_file: Path, session_id: str) -> int:
+    """Micro-dollars of the session's billable requests so far (index ``requests_session``)."""
     db = _connect(ledger_file, readonly=True)
     try:
-        ((today, failed),) = db.execute(
-            "SELECT COALESCE(SUM(cost_micros), 0), "
-            "COALESCE(SUM(outcome IN ('upstream_error', 'rejected')), 0) "
-            f"FROM requests WHERE {_BILLABLE} AND started_at >= ? AND started_at <= ?",
-            (start, now),
+        ((cost,),) = db.execute(
+            f"SELECT COALESCE(SUM(cost_micros), 0) FROM requests WHERE {_BILLABLE} "
+            "AND session_id = ?",
+            (session_id,),
         ).fetchall()
-        session = 0
-        if session_id:
-            ((session,),) = db.execute(
-                "SELECT COALESCE(SUM(cost_micros), 0) FROM requests "
-                f"WHERE {_BILLABLE} AND session_id = ?",
-                (session_id,),
-            ).fetchall()
     finally:
         db.close()
-    return int(session), int(today), int(failed)
+    return int(cost)
+
+
+def finished_since(
+    ledger_file: Path, *, started_from: float, after_finished_seq: int
+) -> tuple[int, int, int]:
+    """``(cost, failed requests, last finished_seq)`` of billable requests started from
+    ``started_from`` that finished after ``after_finished_seq``.
+
+    Finish order only grows (see ``ccgate.store.ledger``), so a caller that keeps the last
+    ``finished_seq`` adds up a day incrementally instead of scanning it on every call.
+    """
+    # From a cursor, walk the finished_seq index (a few rows); from scratch, the day's rows by
+    # started_at. The unary + keeps SQLite off the other index.
+    where = (
+        f"finished_seq > ? AND {_BILLABLE} AND +started_at >= ?"
+        if after_finished_seq
+        else f"+finished_seq > ? AND {_BILLABLE} AND started_at >= ?"
+    )
+    db = _connect(ledger_file, readonly=True)
+    try:
+        ((cost, failed, top),) = db.execute(
+            "SELECT COALESCE(SUM(cost_micros), 0), "
+            "COALESCE(SUM(outcome IN ('upstream_error', 'rejected')), 0), MAX(finished_seq) "
+            f"FROM requests WHERE {where}",
+            (after_finished_seq, started_from),
+        ).fetchall()
+        if top is None:  # nothing new that counts; still move past what finished meanwhile
+            ((top,),) = db.execute("SELECT COALESCE(MAX(finished_seq), 0) FROM requests")
+    finally:
+        db.close()
+    return int(cost), int(failed), max(int(top), after_finished_seq)
