@@ -293,16 +293,19 @@ def teams_create(
     budget: BudgetOption = None,
     period: PeriodOption = None,
     rolling: RollingOption = False,
+    repo_attribution: RepoAttributionOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a team, optionally under a customer and with a budget."""
     from ccgate.client.admin import budget_body
 
-    body = {
+    body: dict[str, Any] = {
         "name": name,
         "customer": customer,
         "budget": budget_body(budget, period=period, rolling=rolling),
     }
+    if repo_attribution is not None:
+        body["repo_attribution"] = repo_attribution
     with _client(ctx) as client:
         data = client.create_team(body)
     if json_output:
@@ -377,6 +380,14 @@ CiOption = Annotated[
     typer.Option(
         "--ci/--no-ci",
         help="A CI key: each runner enrols its device without approval, --max-devices a day.",
+    ),
+]
+RepoAttributionOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--repo-attribution/--no-repo-attribution",
+        help="Usage records name the git repository and branch of each Claude Code session "
+        "(the default); --no-repo-attribution keeps those names off the server.",
     ),
 ]
 EnrolmentCodeOption = Annotated[
@@ -493,6 +504,7 @@ def keys_create(
     max_devices: MaxDevicesOption = None,
     ci: CiOption = None,
     enrolment_code: EnrolmentCodeOption = False,
+    repo_attribution: RepoAttributionOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a virtual key. The key is printed once and cannot be shown again.
@@ -518,6 +530,8 @@ def keys_create(
         token_budget=token_budget,
     )
     fields |= _device_fields(max_devices=max_devices, ci=ci, enrolment_code=enrolment_code)
+    if repo_attribution is not None:
+        fields["repo_attribution"] = repo_attribution
     with _client(ctx) as client:
         data = client.create_key({"name": name, **fields})
     if json_output:
@@ -618,6 +632,7 @@ def keys_update(
     max_devices: MaxDevicesOption = None,
     ci: CiOption = None,
     enrolment_code: EnrolmentCodeOption = False,
+    repo_attribution: RepoAttributionOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Change a key: only the options given change. `none` clears --team, --customer,
@@ -639,6 +654,8 @@ def keys_update(
         token_budget=token_budget,
     )
     fields |= _device_fields(max_devices=max_devices, ci=ci, enrolment_code=enrolment_code)
+    if repo_attribution is not None:
+        fields["repo_attribution"] = repo_attribution
     if not fields:
         raise CcgateError("Nothing to change: give at least one option (see --help).")
     with _client(ctx) as client:
@@ -800,14 +817,15 @@ def prices_clear(ctx: typer.Context) -> None:
 def usage(
     ctx: typer.Context,
     by: Annotated[
-        Literal["key", "team", "customer"], typer.Option("--by", help="Group rows by this level.")
+        Literal["key", "team", "customer", "repo"],
+        typer.Option("--by", help="Group rows by this level, or by git repository."),
     ] = "key",
     since: Annotated[
         str, typer.Option("--since", help="Window: 30m, 24h, 7d, 2w, or a date (UTC).")
     ] = "30d",
     json_output: JsonOption = False,
 ) -> None:
-    """Tokens and dollars every daemon reported, by key, team or customer."""
+    """Tokens and dollars every daemon reported, by key, team, customer or repository."""
     from ccgate.store import reports
 
     start = reports.parse_since(since, now=time.time())
@@ -828,6 +846,7 @@ def _usage_table(data: dict[str, Any], *, by: str) -> None:
         "key": ["key", "team", "customer"],
         "team": ["team", "customer"],
         "customer": ["customer"],
+        "repo": ["repo"],
     }
     numbers = ["requests", "input", "output", "cache write", "cache read", "cost"]
     table = Table(*labels[by], *numbers)

@@ -496,8 +496,8 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
 
 def _usage_query(request: Request) -> tuple[usage.UsageBy, float]:
     by = request.query_params.get("by", "key")
-    if by not in ("key", "team", "customer"):
-        raise InvalidRequestError(f"'by' must be key, team or customer; got {by!r}.")
+    if by not in ("key", "team", "customer", "repo"):
+        raise InvalidRequestError(f"'by' must be key, team, customer or repo; got {by!r}.")
     since_text = request.query_params.get("since", "0")
     try:
         since = float(since_text)
