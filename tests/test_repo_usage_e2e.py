@@ -134,3 +134,46 @@ def test_usage_by_repo_with_real_claude_code_sessions(
     assert shown.stdout == (
         "ccgate: session $0.00315 · today $0.00945 · daemon down: budget unknown (ccgate up)\n"
     )
+
+
+def test_server_mode_sends_the_repository_and_the_line_shows_the_team_budget(
+    tmp_path: Path, developer: Isolated, fake_upstream: FakeUpstream
+) -> None:
+    import re
+
+    from tests.support.harness import run_server
+
+    with run_server(tmp_path / "server") as server:
+        server.add_provider(fake_upstream.url)
+        server.admin_json("teams", "create", "platform", "--budget", "10", "--period", "1M")
+        key = server.admin_json("keys", "create", "alice", "--team", "platform")["key"]
+        login = ccgate("login", "--server", server.url, "--key", key,
+                       "--fingerprint", server.fingerprint)  # fmt: skip
+        assert login.returncode == 0, login.stderr
+        port = free_port()
+        started = ccgate("up", "--port", str(port), "--statusline")
+        assert started.returncode == 0, started.stderr
+        repo = make_repo(tmp_path / "app", "git@github.com:acme/app.git", "main")
+        fake_upstream.enqueue(Scenario(text="hi", usage=Usage(input_tokens=1000, output_tokens=10)))
+        session = claude_in(repo)["session_id"]
+        assert ccgate("sync").returncode == 0
+        by_repo = server.admin_json("usage", "--by", "repo", "--since", "1d")
+        assert [(r["repo"], r["cost_micros"]) for r in by_repo["rows"]] == [
+            ("github.com/acme/app", 3150)
+        ]
+
+        settings = json.loads((developer.home / ".claude" / "settings.json").read_text())
+        shown = subprocess.run(
+            settings["statusLine"]["command"],
+            shell=True,
+            capture_output=True,
+            text=True,
+            input=json.dumps({"session_id": session, "cwd": str(repo)}),
+            check=True,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        assert re.fullmatch(
+            r"ccgate: session \$0\.00315 · today \$0\.00315 · team platform \$10\.00 left "
+            r"\(100%\), resets in \d+[dhms]( \d+[hm])?\n",
+            shown.stdout,
+        ), shown.stdout
