@@ -315,3 +315,20 @@ def test_usage_by_repo_and_branch(tmp_path: Path) -> None:
         "github.com/a/two @ feat",
         "github.com/a/one @ main",
     ]
+
+
+def test_cached_lines_of_sessions_gone_for_a_day_are_pruned() -> None:
+    import os
+    import time
+
+    paths = paths_mod.resolve()
+    seeded_ledger(paths.ledger_file)
+    environ = {"CCGATE_HOME": str(paths.state_dir), "NO_COLOR": "1"}
+    now = time.time()
+    statusline.statusline('{"session_id": "old"}', now=now, environ=environ)
+    folder = paths.state_dir / "statusline"
+    old = folder / "old.json"
+    os.utime(old, (now - 90_000, now - 90_000))
+    (folder / "today.json").unlink()  # the next line recounts the day, and prunes
+    statusline.statusline('{"session_id": "new"}', now=now, environ=environ)
+    assert sorted(p.name for p in folder.iterdir()) == ["new.json", "today.json"]

@@ -117,6 +117,8 @@ def up(
         f"Claude Code is configured in {result.settings_file}; new Claude Code sessions go "
         f"through ccgate. See `ccgate usage` and `ccgate logs`."
     )
+    if lifecycle.status_line_installed(paths):
+        console.info("Its status line shows ccgate's session cost and budget (see the docs).")
 
 
 def _offer_status_line(paths: Paths, wanted: bool | None) -> bool | None:

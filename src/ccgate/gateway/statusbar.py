@@ -240,6 +240,8 @@ def today_totals(paths: paths_mod.Paths, *, now: float) -> tuple[int, int]:
         counted_from = float(kept["counted_from"]) if valid else now
     except (OSError, ValueError, KeyError, TypeError):
         cursor, cost, failed, counted_from = 0, 0, 0, now
+    if cursor == 0:
+        _prune(path.parent, now=now)  # as seldom as the recount: every few minutes at most
     more, more_failed, cursor = sessions.finished_since(
         paths.ledger_file, started_from=day_start, after_finished_seq=cursor
     )
@@ -252,6 +254,18 @@ def today_totals(paths: paths_mod.Paths, *, now: float) -> tuple[int, int]:
         tmp.write_text(json.dumps(record), encoding="utf-8")
         os.replace(tmp, path)
     return cost, failed
+
+
+CACHE_KEEP_S: Final = 86_400.0
+
+
+def _prune(folder: Path, *, now: float) -> None:
+    """Drop the cached lines of sessions not seen for a day: one small file per session."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name != "today.json" and now - entry.stat().st_mtime > CACHE_KEEP_S:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def gather(
