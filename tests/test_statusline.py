@@ -332,3 +332,28 @@ def test_cached_lines_of_sessions_gone_for_a_day_are_pruned() -> None:
     (folder / "today.json").unlink()  # the next line recounts the day, and prunes
     statusline.statusline('{"session_id": "new"}', now=now, environ=environ)
     assert sorted(p.name for p in folder.iterdir()) == ["new.json", "today.json"]
+
+
+def test_up_offers_nothing_over_a_users_status_line_and_says_how_to_chain(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ccgate.cli.local import _offer_status_line
+
+    settings = paths_mod.claude_settings_file()
+    settings.parent.mkdir(parents=True)
+    settings.write_text('{"statusLine": {"type": "command", "command": "my-line --x"}}')
+    paths = paths_mod.resolve()
+    assert _offer_status_line(paths, True) is False
+    assert _offer_status_line(paths, None) is None  # not a terminal: nothing asked
+    err = " ".join(capsys.readouterr().err.split())
+    assert "ccgate statusline --then 'my-line --x'" in err
+
+
+def test_the_chained_command_through_the_fast_entry_point() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ccgate", "statusline", "--then", "echo theirs"],
+        input='{"session_id": "chain"}', capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout == (
+        "ccgate: session $0 · today $0 · daemon down: budget unknown (ccgate up) | theirs\n"
+    )
