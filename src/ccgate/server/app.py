@@ -524,6 +524,10 @@ def _float_query(request: Request, name: str) -> float:
         value = float(text or "")
     except ValueError:
         value = math.nan
-    if not math.isfinite(value):
+    # Bounded to 1970..9999: calendar days are computed from it, and datetime stops there.
+    if not math.isfinite(value) or not 0 <= value <= _LAST_EPOCH_S:
         raise InvalidRequestError(f"{name!r} must be epoch seconds; got {text!r}.")
     return value
+
+
+_LAST_EPOCH_S = 253_402_300_799  # 9999-12-31 23:59:59 UTC
