@@ -1,4 +1,5 @@
-"""Wall time of the commands a developer types: ``ccgate --help``, ``status`` and ``usage``.
+"""Wall time of the commands a developer types: ``ccgate --help``, ``status`` and ``usage``,
+and of ``ccgate statusline``, which Claude Code runs on every update of its status bar.
 
 Each is run as the user runs it, the installed ``ccgate`` entry point of the environment the
 bench runs in, in a fresh process, several times; the median is reported (the first run is
@@ -13,6 +14,7 @@ team's requests do.
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import statistics
@@ -55,6 +57,45 @@ def wall_times(
                 f"ccgate {' '.join(args)} exited {done.returncode}: "
                 f"{done.stderr.decode(errors='replace')[-500:]}"
             )
+        if index:
+            times.append(elapsed)
+    return times
+
+
+def statusline_times(*, env: Mapping[str, str], runs: int, cwd: str, mode: str) -> list[float]:
+    """Seconds per ``ccgate statusline`` run with Claude Code's JSON on stdin (one untimed first).
+
+    ``cached``: one session, runs back to back: answered from the per-session cache, as most of
+    Claude Code's refreshes are. ``expired``: one session whose cached line is aged past its TTL
+    before each run: the ledger and the daemon are read again (git is not: the repository is
+    kept for a minute). ``new``: a new session each run: everything, git included.
+    """
+    from ccgate import paths as paths_mod
+
+    cache = paths_mod.resolve(env).state_dir / "statusline" / "bench-session.json"
+    times: list[float] = []
+    for index in range(runs + 1):
+        session = str(uuid.uuid4()) if mode == "new" else "bench-session"
+        if mode == "expired" and cache.exists():
+            aged = json.loads(cache.read_text())
+            aged["at"] = 0
+            cache.write_text(json.dumps(aged))
+        stdin = (
+            f'{{"session_id": "{session}", "cwd": "{cwd}", "model": {{"id": "claude-sonnet-4-6"}},'
+            f' "workspace": {{"current_dir": "{cwd}"}}, "cost": {{"total_cost_usd": 0.01}}}}'
+        )
+        start = time.perf_counter()
+        done = subprocess.run(
+            [*ccgate_command(), "statusline"],
+            env=dict(env),
+            input=stdin.encode(),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        elapsed = time.perf_counter() - start
+        if done.returncode != 0 or not done.stdout.startswith(b"ccgate:"):
+            raise BenchError(f"ccgate statusline failed: {done.stdout[-300:]!r}")
         if index:
             times.append(elapsed)
     return times

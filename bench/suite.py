@@ -551,8 +551,22 @@ def _cli_phase(state: _Run, *, progress: Progress) -> dict[str, Any]:
     usage_json_ms = cli_bench.median_ms(
         cli_bench.wall_times(["usage", "--json"], env=usage_env, runs=runs)
     )
+    # The status line against the running daemon and the full ledger of the usage timing.
+    line_env = {**env, "CCGATE_HOME": str(usage_home)}
+    line: dict[str, float] = {}
+    for mode in ("cached", "expired", "new"):
+        line[mode] = cli_bench.median_ms(
+            cli_bench.statusline_times(env=env, runs=s.cli_runs, cwd=str(state.work), mode=mode)
+        )
+    line["big"] = cli_bench.median_ms(
+        cli_bench.statusline_times(env=line_env, runs=runs, cwd=str(state.work), mode="expired")
+    )
     shutil.rmtree(usage_home, ignore_errors=True)
     return {
+        "statusline_cached_ms": line["cached"],
+        "statusline_expired_ms": line["expired"],
+        "statusline_new_session_ms": line["new"],
+        "statusline_big_ledger_ms": line["big"],
         "runs": s.cli_runs,
         "help_ms": help_ms,
         "status_ms": status_ms,
@@ -712,6 +726,11 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
     cli = result["cli"]
     cap("`ccgate --help`", "≤ 150 ms", cli["help_ms"], 150.0, "ms")
     cap("`ccgate status`", "≤ 150 ms", cli["status_ms"], 150.0, "ms")
+    if "statusline_cached_ms" in cli:
+        # Most refreshes are answered from the cache; the others read the ledger and daemon.
+        cap("`ccgate statusline`, cached", "≤ 50 ms", cli["statusline_cached_ms"], 50.0, "ms")
+        cap("`ccgate statusline`, cache expired", "≤ 150 ms", cli["statusline_expired_ms"],
+            150.0, "ms")  # fmt: skip
     cap(
         f"`ccgate usage`, {cli['usage_rows']:,}-row ledger",
         "≤ 300 ms",

@@ -379,3 +379,68 @@ def test_record_does_not_hold_the_key_ccgate_wrote(settings: Path, undo: Path) -
 
 def test_read_env_of_missing_file_is_empty(settings: Path) -> None:
     assert cs.read_env(settings) == {}
+
+
+# -- status line and hooks ----------------------------------------------------------------------
+
+LINE = "/venv/bin/python -m ccgate statusline"
+HOOK = "/venv/bin/python -m ccgate hook session-start"
+USER_HOOK = {"matcher": "startup", "hooks": [{"type": "command", "command": "echo hi"}]}
+
+
+def test_status_line_and_hook_go_in_and_come_out_byte_for_byte(settings: Path, undo: Path) -> None:
+    original = (
+        b'{\n  "model": "opus",\n  "hooks": {"SessionStart": ['
+        + json.dumps(USER_HOOK).encode()
+        + b"]}\n}\n"
+    )
+    _write(settings, original)
+    _apply(settings, undo, status_line=LINE, hooks={"SessionStart": HOOK})
+    doc = _load(settings)
+    assert doc["statusLine"] == {"type": "command", "command": LINE}
+    assert doc["hooks"]["SessionStart"] == [
+        USER_HOOK,
+        {"hooks": [{"type": "command", "command": HOOK}]},
+    ]
+    assert cs.installed_status_line(undo)
+    # A second `up` (the record is re-applied) does not add a second hook group.
+    _apply(settings, undo, status_line=LINE, hooks={"SessionStart": HOOK})
+    assert len(_load(settings)["hooks"]["SessionStart"]) == 2
+    assert _restore(settings, undo)
+    assert settings.read_bytes() == original
+
+
+def test_a_users_status_line_is_kept(settings: Path, undo: Path) -> None:
+    _write(settings, b'{"statusLine": {"type": "command", "command": "my-line"}}')
+    assert cs.status_line_command(settings) == "my-line"
+    _apply(settings, undo, status_line=LINE, hooks={"SessionStart": HOOK})
+    assert _load(settings)["statusLine"]["command"] == "my-line"
+    assert not cs.installed_status_line(undo)
+
+
+def test_key_by_key_undo_keeps_the_users_later_edits(settings: Path, undo: Path) -> None:
+    _apply(settings, undo, status_line=LINE, hooks={"SessionStart": HOOK})
+    doc = _load(settings)
+    doc["hooks"]["SessionStart"].insert(0, USER_HOOK)  # the user adds a hook after `up`
+    doc["theme"] = "dark"
+    settings.write_text(json.dumps(doc))
+    assert _restore(settings, undo)
+    assert _load(settings) == {"hooks": {"SessionStart": [USER_HOOK]}, "theme": "dark"}
+
+
+def test_a_status_line_the_user_changed_after_up_stays(settings: Path, undo: Path) -> None:
+    _apply(settings, undo, status_line=LINE, hooks={"SessionStart": HOOK})
+    doc = _load(settings)
+    doc["statusLine"]["command"] = LINE + " --then 'theirs'"
+    settings.write_text(json.dumps(doc))
+    assert _restore(settings, undo)
+    assert _load(settings) == {"statusLine": doc["statusLine"]}
+
+
+def test_hooks_of_the_wrong_shape_are_refused(settings: Path, undo: Path) -> None:
+    _write(settings, b'{"hooks": {"SessionStart": {"oops": 1}}}')
+    with pytest.raises(
+        SettingsFileError, match=r'"hooks\.SessionStart" is a JSON object, not a list'
+    ):
+        _apply(settings, undo, hooks={"SessionStart": HOOK})
+    assert settings.read_bytes() == b'{"hooks": {"SessionStart": {"oops": 1}}}'

@@ -63,7 +63,13 @@ def test_bash_callback_completes_commands_subcommands_and_choices(
 ) -> None:
     assert _complete_bash(ccgate_on_path, "ccgate us", 1) == ["usage"]
     assert _complete_bash(ccgate_on_path, "ccgate provider s", 2) == ["set", "show"]
-    assert _complete_bash(ccgate_on_path, "ccgate usage --by ", 3) == ["model", "day", "session"]
+    assert _complete_bash(ccgate_on_path, "ccgate usage --by ", 3) == [
+        "model",
+        "day",
+        "session",
+        "repo",
+        "branch",
+    ]
 
 
 def test_bash_script_completes_usage(ccgate_on_path: dict[str, str]) -> None:

@@ -298,6 +298,8 @@ def test_record_to_json_has_every_field(ledger: Ledger) -> None:
         "session_id": "s1",
         "provider": "anthropic",
         "billing": "api",
+        "repo": None,
+        "branch": None,
     }
 
 

@@ -81,6 +81,9 @@ def _register() -> None:
     reading.register(app)
     account.register(app)
     run.register(app)
+    from ccgate.cli import inside
+
+    inside.register(app)
     app.add_typer(provider.app, name="provider")
     from ccgate.cli import prices
 

@@ -290,16 +290,19 @@ def teams_create(
     budget: BudgetOption = None,
     period: PeriodOption = None,
     rolling: RollingOption = False,
+    repo_attribution: RepoAttributionOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a team, optionally under a customer and with a budget."""
     from ccgate.client.admin import budget_body
 
-    body = {
+    body: dict[str, Any] = {
         "name": name,
         "customer": customer,
         "budget": budget_body(budget, period=period, rolling=rolling),
     }
+    if repo_attribution is not None:
+        body["repo_attribution"] = repo_attribution
     with _client(ctx) as client:
         data = client.create_team(body)
     if not _as_json(data, json_output):
@@ -372,6 +375,14 @@ CiOption = Annotated[
         help="A CI key: each runner enrols its device without approval, --max-devices a day.",
     ),
 ]
+RepoAttributionOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--repo-attribution/--no-repo-attribution",
+        help="Usage records name the git repository and branch of each Claude Code session "
+        "(the default); --no-repo-attribution keeps those names off the server.",
+    ),
+]
 EnrolmentCodeOption = Annotated[
     bool,
     typer.Option(
@@ -408,6 +419,7 @@ def _key_fields(
     max_devices: MaxDevicesOption = None,
     ci: CiOption = None,
     enrolment_code: EnrolmentCodeOption = False,
+    repo_attribution: RepoAttributionOption = None,
 ) -> dict[str, Any]:
     """The options given, as API fields (none given: none sent). 0 clears --rpm/--tpm.
 
@@ -441,13 +453,15 @@ def _key_fields(
         fields["ci"] = ci
     if enrolment_code:
         fields["enrolment_code"] = True
+    if repo_attribution is not None:
+        fields["repo_attribution"] = repo_attribution
     return fields
 
 
 def _key_options(command: Callable[..., None]) -> Callable[..., None]:
     """Give ``command`` the parameters of ``_key_fields`` as options, before its ``--json``.
 
-    `keys create` and `keys update` take the same fifteen options; Typer reads a command's
+    `keys create` and `keys update` take the same sixteen options; Typer reads a command's
     options from its signature, so they are declared once and the command gets them as
     ``**options``."""
     own = [
@@ -745,14 +759,15 @@ def prices_clear(ctx: typer.Context) -> None:
 def usage(
     ctx: typer.Context,
     by: Annotated[
-        Literal["key", "team", "customer"], typer.Option("--by", help="Group rows by this level.")
+        Literal["key", "team", "customer", "repo"],
+        typer.Option("--by", help="Group rows by this level, or by git repository."),
     ] = "key",
     since: Annotated[
         str, typer.Option("--since", help="Window: 30m, 24h, 7d, 2w, or a date (UTC).")
     ] = "30d",
     json_output: JsonOption = False,
 ) -> None:
-    """Tokens and dollars every daemon reported, by key, team or customer."""
+    """Tokens and dollars every daemon reported, by key, team, customer or repository."""
     from ccgate.store import reports
 
     start = reports.parse_since(since, now=time.time())
@@ -771,6 +786,7 @@ def _usage_table(data: dict[str, Any], *, by: str) -> None:
         "key": ["key", "team", "customer"],
         "team": ["team", "customer"],
         "customer": ["customer"],
+        "repo": ["repo"],
     }
     numbers = ["requests", "input", "output", "cache write", "cache read", "cost"]
     table = render_table(*labels[by], *numbers, numeric=numbers)

@@ -66,12 +66,23 @@ ServiceOption = Annotated[
 ]
 
 
+StatusLineOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--statusline/--no-statusline",
+        help="Show ccgate's cost and budget line in Claude Code's status line (only where "
+        "settings.json has none; `down` takes it out). Asked when run in a terminal.",
+    ),
+]
+
+
 def up(
     port: PortOption = None,
     upstream: UpstreamOption = None,
     log_content: LogContentOption = None,
     passthrough: PassthroughOption = None,
     service: ServiceOption = False,
+    statusline: StatusLineOption = None,
 ) -> None:
     """Start the daemon in the background and point Claude Code at it.
 
@@ -85,11 +96,12 @@ def up(
     config = config_mod.resolve(
         paths, port=port, upstream_url=upstream, log_content=log_content, passthrough=passthrough
     )
+    statusline = _offer_status_line(paths, statusline)
     if service:
-        _up_service(paths, config)
+        _up_service(paths, config, statusline)
         return
     with console.err.status("Starting the ccgate daemon..."):
-        result = lifecycle.up(paths=paths, config=config)
+        result = lifecycle.up(paths=paths, config=config, status_line=statusline)
     config_mod.save(paths, config)  # remembered only once it worked
     for notice in result.notices:
         console.warn(notice)
@@ -111,14 +123,55 @@ def up(
         f"Claude Code is configured in {result.settings_file}; new Claude Code sessions go "
         f"through ccgate. See `ccgate usage` and `ccgate logs`."
     )
+    if lifecycle.status_line_installed(paths):
+        console.info("Its status line shows ccgate's session cost and budget (see the docs).")
 
 
-def _up_service(paths: Paths, config: Config) -> None:
+def _offer_status_line(paths: Paths, wanted: bool | None) -> bool | None:
+    """``--statusline`` as given; else ask in a terminal when Claude Code has no status line.
+
+    Without a terminal (scripts, CI) nothing is asked and nothing new is installed; a status
+    line an earlier `up` installed stays (None)."""
+    import sys
+
+    from ccgate import paths as paths_mod
+    from ccgate.gateway import lifecycle
+    from ccgate.machine import claude_settings
+
+    settings_file = paths_mod.claude_settings_file()
+    theirs = (
+        None
+        if lifecycle.status_line_installed(paths)
+        else (claude_settings.status_line_command(settings_file))
+    )
+    if theirs is not None:
+        if wanted:
+            console.warn(
+                "Claude Code already has a status line, so ccgate left it as it is. To show "
+                f"both, set its command to: ccgate statusline --then {_quote(theirs)}"
+            )
+        return None if wanted is None else False
+    if wanted is not None or lifecycle.status_line_installed(paths):
+        return wanted
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return None
+    return typer.confirm(
+        "Show ccgate's session cost and budget in Claude Code's status line?", default=True
+    )
+
+
+def _quote(command: str) -> str:
+    import shlex
+
+    return shlex.quote(command)
+
+
+def _up_service(paths: Paths, config: Config, statusline: bool | None) -> None:
     from ccgate.gateway import lifecycle
     from ccgate.machine import config as config_mod
 
     with console.err.status("Installing the ccgate login service..."):
-        result, installed = lifecycle.up_service(paths=paths, config=config)
+        result, installed = lifecycle.up_service(paths=paths, config=config, status_line=statusline)
     config_mod.save(paths, config)
     console.info(f"Wrote {installed.unit_file}.")
     for note in installed.notes:

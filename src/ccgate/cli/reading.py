@@ -35,8 +35,12 @@ def usage(
         str, typer.Option("--since", help="Window: 30m, 24h, 7d, 2w, or a date (YYYY-MM-DD, UTC).")
     ] = "7d",
     by: Annotated[
-        Literal["model", "day", "session"],
-        typer.Option("--by", help="Group rows by model, UTC day, or Claude Code session."),
+        Literal["model", "day", "session", "repo", "branch"],
+        typer.Option(
+            "--by",
+            help="Group rows by model, UTC day, Claude Code session, git repository, or "
+            "repository and branch.",
+        ),
     ] = "model",
     json_output: JsonOption = False,
 ) -> None:
@@ -92,6 +96,13 @@ def logs(
         bool,
         typer.Option("--json", help="Print a JSON array (with --follow: one object per line)."),
     ] = False,
+    repo: Annotated[
+        str | None,
+        typer.Option(
+            "--repo",
+            help="Only sessions in this git repository (host/owner/repo, owner/repo or repo).",
+        ),
+    ] = None,
 ) -> None:
     """The most recent requests, oldest first, like `tail`.
 
@@ -103,7 +114,7 @@ def logs(
 
     filters = reports.log_filters(
         model=model, session=session, outcome=outcome, since=since, now=time.time()
-    )
+    ) | {"repo": repo}
     ledger = _open_ledger()
     if ledger is None and not follow:
         if json_output:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from rich.markup import escape
@@ -12,34 +11,12 @@ from rich.table import Table
 
 from ccgate._format import format_utc
 from ccgate.cli import console
+from ccgate.money import money as money  # re-exported: every table formats with it
 
 
 def usd(value: float) -> str:
     """Dollars (a float made from integer micro-dollars) for people: see ``money``."""
     return money(round(value * 1_000_000))
-
-
-def money(micros: int) -> str:
-    """Exact to the cent, and meaningful below a dollar: every table uses this.
-
-    From $1 up: cents, rounded half up (``$1.55``, ``$1,234.57``). Below $1: four significant
-    digits (``$0.1248``, ``$0.02925``, ``$0.0034``, ``$0.50``), so a sub-cent request never
-    shows as ``$0.00``.
-    """
-    if micros == 0:
-        return "$0"
-    sign = "-" if micros < 0 else ""
-    exact = Decimal(abs(micros)) / 1_000_000
-    if exact >= 1:
-        return f"{sign}${exact.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
-    digits = exact.adjusted()  # -1 for 0.1..0.99, -2 for 0.01..0.099, ...
-    shown = exact.quantize(Decimal(1).scaleb(digits - 3), ROUND_HALF_UP)
-    if shown >= 1:
-        return f"{sign}$1.00"
-    text = f"{shown:f}".rstrip("0")
-    if len(text.split(".")[1]) < 2:
-        text = f"{shown:.2f}"
-    return f"{sign}${text}"
 
 
 def tokens(value: int) -> str:

@@ -328,7 +328,8 @@ class Governor:
             rows = await anyio.to_thread.run_sync(self._unsynced_batch)
             try:
                 async with self.connected() as client:
-                    answer = await client.push_usage([_usage_record(r) for r in rows])
+                    named = repo_attribution(self.bundle)
+                    answer = await client.push_usage([_usage_record(r, named) for r in rows])
             except KeyRefused as exc:
                 self.key_refused = str(exc)
                 self.sync_state.last_error = str(exc)
@@ -707,7 +708,15 @@ def _tokens(row: LedgerRow) -> int:
     return row.input_tokens + row.cache_creation_input_tokens + row.output_tokens
 
 
-def _usage_record(row: LedgerRow) -> dict[str, Any]:
+def repo_attribution(bundle: Bundle | None) -> bool:
+    """Whether usage records may name the repository: off when the key or its team says so."""
+    if bundle is None:
+        return False
+    team = bundle.team
+    return bundle.key.repo_attribution and (team is None or team.repo_attribution)
+
+
+def _usage_record(row: LedgerRow, repo_attribution: bool = True) -> dict[str, Any]:
     record = {
         "id": row.id,
         "started_at": row.started_at,
@@ -738,4 +747,6 @@ def _usage_record(row: LedgerRow) -> dict[str, Any]:
     }
     if row.lease_id and row.lease_id != GRACE:
         record["lease_id"] = row.lease_id
+    if repo_attribution and row.repo is not None:
+        record["repo"], record["branch"] = row.repo, row.branch
     return record

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccgate import env
 from ccgate import paths as paths_mod
 from ccgate.client import profiles
 from ccgate.errors import CcgateError, CredentialError, NotRunningError
@@ -98,6 +100,7 @@ def up(
     config: Config,
     tick: Callable[[], None] | None = None,
     environ: Mapping[str, str] | None = None,
+    status_line: bool | None = None,
 ) -> UpResult:
     """Start the daemon if needed and point Claude Code at it.
 
@@ -131,7 +134,9 @@ def up(
     else:
         info = daemon.start_background(paths=paths, config=config, tick=tick)
         started = True
-    _configure_claude(paths=paths, prepared=prepared, info=info, environ=environ)
+    _configure_claude(
+        paths=paths, prepared=prepared, info=info, environ=environ, status_line=status_line
+    )
     server_profile = prepared.server_profile
     return UpResult(
         info=info,
@@ -148,6 +153,7 @@ def up_service(
     config: Config,
     environ: Mapping[str, str] | None = None,
     timeout: float = 20.0,
+    status_line: bool | None = None,
 ) -> tuple[UpResult | None, service.ServiceInstall]:
     """Install the login service (systemd user unit or launchd agent) and configure Claude Code.
 
@@ -180,14 +186,46 @@ def up_service(
     if current is None:
         return None, installed
     info, _doc = current
-    _configure_claude(paths=paths, prepared=prepared, info=info, environ=environ)
+    _configure_claude(
+        paths=paths, prepared=prepared, info=info, environ=environ, status_line=status_line
+    )
     notices = prepared.notices + installed.notes
     return UpResult(info, True, prepared.settings_file, notices), installed
 
 
+def callback_command(args: str, environ: Mapping[str, str]) -> str:
+    """The shell command settings.json runs for ccgate's status line or hook.
+
+    ``python -m ccgate`` with this interpreter (no PATH lookup, and ``ccgate.__main__`` answers
+    without loading the CLI); a ``CCGATE_HOME`` in force is written in, because Claude Code
+    runs the command later with its own environment.
+    """
+    home = environ.get(env.CCGATE_HOME)
+    prefix = (
+        f"{env.CCGATE_HOME}={shlex.quote(str(Path(home).expanduser().resolve()))} " if home else ""
+    )
+    return f"{prefix}{shlex.quote(sys.executable)} -m ccgate {args}"
+
+
+def status_line_installed(paths: Paths) -> bool:
+    """Whether a previous ``up`` installed ccgate's status line (a repeated ``up`` keeps it)."""
+    return claude_settings.installed_status_line(paths.settings_undo_file)
+
+
 def _configure_claude(
-    *, paths: Paths, prepared: _Prepared, info: daemon.RuntimeInfo, environ: Mapping[str, str]
+    *,
+    paths: Paths,
+    prepared: _Prepared,
+    info: daemon.RuntimeInfo,
+    environ: Mapping[str, str],
+    status_line: bool | None = None,
 ) -> None:
+    if status_line is None:
+        status_line = status_line_installed(paths)
+    callbacks: dict[str, Any] = {
+        "hooks": {"SessionStart": callback_command("hook session-start", environ)},
+        "status_line": callback_command("statusline", environ) if status_line else None,
+    }
     if info.auth == "passthrough":
         # No ANTHROPIC_AUTH_TOKEN: it would override the user's own login. The ccgate key rides
         # in a header Claude Code adds to every request.
@@ -198,12 +236,14 @@ def _configure_claude(
             undo_path=paths.settings_undo_file,
             set_env={"ANTHROPIC_BASE_URL": info.url},
             add_custom_headers={CCGATE_KEY_HEADER: prepared.token},
+            **callbacks,
         )
     else:
         claude_settings.apply(
             settings_path=prepared.settings_file,
             undo_path=paths.settings_undo_file,
             set_env={"ANTHROPIC_BASE_URL": info.url, "ANTHROPIC_AUTH_TOKEN": prepared.token},
+            **callbacks,
         )
 
 

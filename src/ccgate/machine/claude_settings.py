@@ -74,6 +74,19 @@ class Undo:
     added_headers: tuple[str, ...] = ()
     """Header names ccgate appended to ``ANTHROPIC_CUSTOM_HEADERS`` (its ``env`` entry holds
     the prior value of the whole variable)."""
+    status_line_sha256: str | None = None
+    """Set when ccgate added ``statusLine`` (only ever where there was none): its hash."""
+    hooks: HooksUndo | None = None
+
+
+@dataclass(frozen=True)
+class HooksUndo:
+    """The ``hooks`` entries ccgate added: one matcher group per (event, command)."""
+
+    hooks_existed: bool
+    events_existed: tuple[str, ...]
+    added: tuple[tuple[str, str], ...]
+    """``(event, command)`` pairs, e.g. ``("SessionStart", "... hook session-start")``."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +117,15 @@ def apply(
     undo_path: Path,
     set_env: Mapping[str, str],
     add_custom_headers: Mapping[str, str] | None = None,
+    status_line: str | None = None,
+    hooks: Mapping[str, str] | None = None,
 ) -> None:
-    """Merge ``set_env`` (and header lines) into settings.json, recording how to undo it."""
+    """Merge ``set_env`` (and header lines) into settings.json, recording how to undo it.
+
+    ``status_line`` is a command for ``statusLine``, set only when the file has none;
+    ``hooks`` maps a hook event (``SessionStart``) to a command appended to that event's list,
+    next to the user's own hooks.
+    """
     current = _read_bytes(settings_path)
     doc = _parse(settings_path, current)
     previous = _load_record(undo_path)
@@ -114,7 +134,13 @@ def apply(
     else:
         _check_same_file(previous, settings_path=settings_path, undo_path=undo_path)
         base_doc, origin = unmerge(doc, previous.undo), _carried_origin(previous, current)
-    new_doc, undo = merge(base_doc, set_env=set_env, add_custom_headers=add_custom_headers or {})
+    new_doc, undo = merge(
+        base_doc,
+        set_env=set_env,
+        add_custom_headers=add_custom_headers or {},
+        status_line=status_line,
+        hooks=hooks or {},
+    )
     data = _dumps(new_doc)
     # Record first: a crash before the settings write leaves a record that restores cleanly.
     _write_record(undo_path, _Record(origin=origin, written_sha256=_sha256(data), undo=undo))
@@ -151,6 +177,21 @@ def read_env(settings_path: Path) -> dict[str, str]:
     }
 
 
+def status_line_command(settings_path: Path) -> str | None:
+    """The user's ``statusLine`` command, if the file has one (to tell them how to chain it)."""
+    line = _parse(settings_path, _read_bytes(settings_path)).get("statusLine")
+    if isinstance(line, dict):
+        command = line.get("command")
+        return command if isinstance(command, str) else json.dumps(line)
+    return None if line is None else json.dumps(line)
+
+
+def installed_status_line(undo_path: Path) -> bool:
+    """Whether the current undo record says ccgate added ``statusLine``."""
+    record = _load_record(undo_path)
+    return record is not None and record.undo.status_line_sha256 is not None
+
+
 def backup_path(settings_path: Path) -> Path:
     """Where ``apply`` keeps a copy of the original file until ``restore``."""
     return _backup_path(settings_path)
@@ -160,7 +201,12 @@ def backup_path(settings_path: Path) -> Path:
 
 
 def merge(
-    doc: dict[str, Any], *, set_env: Mapping[str, str], add_custom_headers: Mapping[str, str]
+    doc: dict[str, Any],
+    *,
+    set_env: Mapping[str, str],
+    add_custom_headers: Mapping[str, str],
+    status_line: str | None = None,
+    hooks: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], Undo]:
     """Return a copy of ``doc`` with ``set_env`` set and header lines appended, plus its undo."""
     _check_request(set_env, add_custom_headers)
@@ -175,7 +221,59 @@ def merge(
     for key, value in wanted.items():
         undo_env[key] = KeyUndo(prior=_prior(env, key), written_sha256=_value_sha256(value))
         env[key] = value
-    return out, Undo(env_existed=env_existed, env=undo_env, added_headers=tuple(add_custom_headers))
+    status_sha = None
+    if status_line is not None and "statusLine" not in out:  # the user's own one stays
+        out["statusLine"] = {"type": "command", "command": status_line}
+        status_sha = _value_sha256(out["statusLine"])
+    return out, Undo(
+        env_existed=env_existed,
+        env=undo_env,
+        added_headers=tuple(add_custom_headers),
+        status_line_sha256=status_sha,
+        hooks=_add_hooks(out, hooks) if hooks else None,
+    )
+
+
+def _hook_group(command: str) -> dict[str, Any]:
+    return {"hooks": [{"type": "command", "command": command}]}
+
+
+def _add_hooks(doc: dict[str, Any], hooks: Mapping[str, str]) -> HooksUndo:
+    hooks_existed = "hooks" in doc
+    table = doc.setdefault("hooks", {})
+    if not isinstance(table, dict):
+        raise SettingsFileError(
+            f'Claude Code settings: "hooks" is a JSON {_json_type(table)}, not an object.'
+        )
+    existed = tuple(event for event in hooks if event in table)
+    for event, command in hooks.items():
+        groups = table.setdefault(event, [])
+        if not isinstance(groups, list):
+            raise SettingsFileError(
+                f'Claude Code settings: "hooks.{event}" is a JSON {_json_type(groups)}, not a list.'
+            )
+        groups.append(_hook_group(command))
+    return HooksUndo(
+        hooks_existed=hooks_existed, events_existed=existed, added=tuple(hooks.items())
+    )
+
+
+def _remove_hooks(doc: dict[str, Any], undo: HooksUndo) -> None:
+    table = doc.get("hooks")
+    if not isinstance(table, dict):
+        return  # the user replaced or removed them: nothing of ccgate's is left to take back
+    for event, command in undo.added:
+        groups = table.get(event)
+        if isinstance(groups, list):
+            ours = _hook_group(command)
+            # The last matching group is ccgate's (it appends); a user's identical one survives.
+            hits = [i for i, group in enumerate(groups) if group == ours]
+            if hits:
+                del groups[hits[-1]]
+            if not groups and event not in undo.events_existed:
+                del table[event]
+    if not table and not undo.hooks_existed:
+        doc.pop("hooks", None)
 
 
 def unmerge(doc: dict[str, Any], undo: Undo) -> dict[str, Any]:
@@ -189,6 +287,12 @@ def unmerge(doc: dict[str, Any], undo: Undo) -> dict[str, Any]:
         out["env"] = env
     elif not undo.env_existed:
         out.pop("env", None)
+    line = out.get("statusLine")
+    if undo.status_line_sha256 is not None and line is not None:
+        if _value_sha256(line) == undo.status_line_sha256:  # still ccgate's: a changed one stays
+            del out["statusLine"]
+    if undo.hooks is not None:
+        _remove_hooks(out, undo.hooks)
     return out
 
 
@@ -480,7 +584,27 @@ def _record_to_json(record: _Record) -> dict[str, Any]:
         "env_existed": record.undo.env_existed,
         "env": {key: _key_undo_to_json(item) for key, item in record.undo.env.items()},
         "added_headers": list(record.undo.added_headers),
+        "status_line_sha256": record.undo.status_line_sha256,
+        "hooks": None if record.undo.hooks is None else _hooks_to_json(record.undo.hooks),
     }
+
+
+def _hooks_to_json(hooks: HooksUndo) -> dict[str, Any]:
+    return {
+        "hooks_existed": hooks.hooks_existed,
+        "events_existed": list(hooks.events_existed),
+        "added": [[event, command] for event, command in hooks.added],
+    }
+
+
+def _hooks_from_json(obj: Any) -> HooksUndo | None:
+    if obj is None:
+        return None
+    return HooksUndo(
+        hooks_existed=_as_bool(obj["hooks_existed"]),
+        events_existed=tuple(_as_str(e) for e in obj["events_existed"]),
+        added=tuple((_as_str(e), _as_str(c)) for e, c in obj["added"]),
+    )
 
 
 def _key_undo_to_json(item: KeyUndo) -> dict[str, Any]:
@@ -506,6 +630,9 @@ def _record_from_json(obj: Any) -> _Record:
         env_existed=_as_bool(obj["env_existed"]),
         env={_as_str(key): _key_undo_from_json(item) for key, item in obj["env"].items()},
         added_headers=tuple(_as_str(name) for name in obj["added_headers"]),
+        # Absent in records written before ccgate installed a status line and hooks.
+        status_line_sha256=_as_optional_str(obj.get("status_line_sha256")),
+        hooks=_hooks_from_json(obj.get("hooks")),
     )
     return _Record(origin=origin, written_sha256=_as_str(obj["written_sha256"]), undo=undo)
 
@@ -523,6 +650,10 @@ def _as_str(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError("expected a string")
     return value
+
+
+def _as_optional_str(value: Any) -> str | None:
+    return None if value is None else _as_str(value)
 
 
 def _as_bool(value: Any) -> bool:

@@ -433,6 +433,8 @@ class KeyPolicy:
     """What the daemon may spend beyond its lease while the server is unreachable."""
     token_budget: TokenBudget | None = None
     """A budget in tokens (input + cache writes + output), for seat and subscription users."""
+    repo_attribution: bool = True
+    """False: the daemon sends usage records without the session's repository and branch."""
 
     def to_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -451,6 +453,8 @@ class KeyPolicy:
             payload["offline_grace_micros"] = self.offline_grace_micros
         if self.token_budget is not None:
             payload["token_budget"] = self.token_budget.to_payload()
+        if not self.repo_attribution:
+            payload["repo_attribution"] = False
         return payload
 
 
@@ -461,9 +465,17 @@ class LevelPolicy:
     id: str
     name: str
     budget: Budget | None
+    repo_attribution: bool = True
 
     def to_payload(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "budget": _budget_payload(self.budget)}
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "budget": _budget_payload(self.budget),
+        }
+        if not self.repo_attribution:
+            payload["repo_attribution"] = False  # only when set: older payloads round-trip
+        return payload
 
 
 @dataclass(frozen=True)
@@ -647,6 +659,7 @@ def _read_key(obj: _Obj) -> KeyPolicy:
         if obj.has("offline_grace_micros")
         else 0,
         token_budget=_read_token_budget(obj) if obj.has("token_budget") else None,
+        repo_attribution=obj.boolean("repo_attribution") if obj.has("repo_attribution") else True,
     )
 
 
@@ -665,7 +678,12 @@ def _read_level(parent: _Obj, name: str) -> LevelPolicy | None:
     if parent.raw(name) is None:
         return None
     obj = parent.obj(name)
-    return LevelPolicy(id=obj.text("id"), name=obj.text("name"), budget=_read_budget(obj, "budget"))
+    return LevelPolicy(
+        id=obj.text("id"),
+        name=obj.text("name"),
+        budget=_read_budget(obj, "budget"),
+        repo_attribution=obj.boolean("repo_attribution") if obj.has("repo_attribution") else True,
+    )
 
 
 def _read_sealed(obj: _Obj) -> dict[str, str]:

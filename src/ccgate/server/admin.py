@@ -265,6 +265,7 @@ class Admin:
                 name=name,
                 customer_id=customer.id if customer else None,
                 created_at=self.clock(),
+                repo_attribution=_repo_attribution(body),
             )
             _set_budget(row, validate.budget(body.get("budget")))
             info = team_info(row, {customer.id: customer.name} if customer else {})
@@ -451,6 +452,7 @@ def team_info(row: Team, customer_names: Mapping[str, str]) -> dict[str, Any]:
         "name": row.name,
         "customer": customer_names.get(row.customer_id) if row.customer_id else None,
         "budget": budget_json(row),
+        "repo_attribution": row.repo_attribution,
         "created_at": row.created_at,
     }
 
@@ -507,6 +509,7 @@ def key_info(session: Session, row: VirtualKey) -> dict[str, Any]:
         "token_budget": token_budget_json(row),
         "max_devices": row.max_devices,
         "ci": row.ci,
+        "repo_attribution": row.repo_attribution,
         "enrolment_code_expires_at": row.enrol_code_expires_at if row.enrol_code_hash else None,
         "created_at": row.created_at,
     }
@@ -605,11 +608,20 @@ def _apply_key_fields(
             body, "max_devices", default=default, minimum=1, maximum=MAX_DEVICES
         )
         row.max_devices = limit or default
+    if given("repo_attribution"):
+        row.repo_attribution = _repo_attribution(body)
     if given("auth"):
         auth = body.get("auth") or "provider"
         if auth not in AUTH_MODES:
             raise InvalidRequestError(f"'auth' must be provider or passthrough; got {auth!r}.")
         row.auth = auth
+
+
+def _repo_attribution(body: Mapping[str, Any]) -> bool:
+    value = body.get("repo_attribution", True)
+    if not isinstance(value, bool):
+        raise InvalidRequestError("'repo_attribution' must be true or false.")
+    return value
 
 
 def _reconcile_levels(session: Session, row: VirtualKey) -> None:

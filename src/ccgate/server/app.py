@@ -496,8 +496,8 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
 
 def _usage_query(request: Request) -> tuple[usage.UsageBy, float]:
     by = request.query_params.get("by", "key")
-    if by not in ("key", "team", "customer"):
-        raise InvalidRequestError(f"'by' must be key, team or customer; got {by!r}.")
+    if by not in ("key", "team", "customer", "repo"):
+        raise InvalidRequestError(f"'by' must be key, team, customer or repo; got {by!r}.")
     since_text = request.query_params.get("since", "0")
     try:
         since = float(since_text)
@@ -524,6 +524,10 @@ def _float_query(request: Request, name: str) -> float:
         value = float(text or "")
     except ValueError:
         value = math.nan
-    if not math.isfinite(value):
+    # Bounded to 1970..9999: calendar days are computed from it, and datetime stops there.
+    if not math.isfinite(value) or not 0 <= value <= _LAST_EPOCH_S:
         raise InvalidRequestError(f"{name!r} must be epoch seconds; got {text!r}.")
     return value
+
+
+_LAST_EPOCH_S = 253_402_300_799  # 9999-12-31 23:59:59 UTC

@@ -363,6 +363,7 @@ def _key_policy(key: VirtualKey) -> bundle_mod.KeyPolicy:
         expires_at=key.expires_at,
         offline_grace_micros=key.offline_grace_micros,
         token_budget=_token_budget(key),
+        repo_attribution=key.repo_attribution,
     )
 
 
@@ -377,7 +378,10 @@ def _token_budget(key: VirtualKey) -> bundle_mod.TokenBudget | None:
 
 
 def _level(row: Team | Customer) -> bundle_mod.LevelPolicy:
-    return bundle_mod.LevelPolicy(id=row.id, name=row.name, budget=_budget(row))
+    attribution = row.repo_attribution if isinstance(row, Team) else True
+    return bundle_mod.LevelPolicy(
+        id=row.id, name=row.name, budget=_budget(row), repo_attribution=attribution
+    )
 
 
 def _entry(row: Provider, *, sealed: Mapping[str, str]) -> bundle_mod.ProviderEntry:

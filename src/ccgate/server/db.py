@@ -72,6 +72,7 @@ class Team(SQLModel, table=True):
     budget_period: str | None = None
     budget_rolling: bool = False
     created_at: float
+    repo_attribution: bool = True  # False: its keys' records carry no repository or branch
 
 
 class VirtualKey(SQLModel, table=True):
@@ -100,6 +101,7 @@ class VirtualKey(SQLModel, table=True):
     ci: bool = False
     enrol_code_hash: str | None = None
     enrol_code_expires_at: float | None = None
+    repo_attribution: bool = True  # False: its records carry no repository or branch
 
 
 class Device(SQLModel, table=True):
@@ -197,6 +199,8 @@ class UsageRow(SQLModel, table=True):
     price_version: str | None = None
     repriced_at: float | None = None
     repriced_from_micros: int | None = Field(default=None, sa_type=BigInteger)
+    repo: str | None = None
+    branch: str | None = None
 
 
 class Lease(SQLModel, table=True):

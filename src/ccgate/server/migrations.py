@@ -430,6 +430,18 @@ def m013_device_enrolment(conn: Connection) -> None:
     conn.execute(text("UPDATE keys SET expires_at = 0 WHERE expires_at < 0"))
 
 
+def m014_repo_attribution(conn: Connection) -> None:
+    """Cost by repository (issue #14): each usage record may name the git repository
+    (``host/owner/repo``) and branch of its Claude Code session; an admin can turn that off per
+    key or per team, for organisations that consider repository names sensitive."""
+    for column in ("repo VARCHAR(512)", "branch VARCHAR(256)"):
+        conn.execute(text(f"ALTER TABLE usage ADD COLUMN {column}"))
+    for table in ("keys", "teams"):
+        conn.execute(
+            text(f"ALTER TABLE {table} ADD COLUMN repo_attribution BOOLEAN DEFAULT TRUE NOT NULL")
+        )
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -444,6 +456,7 @@ MIGRATIONS: Sequence[Migration] = (
     m011_ui_sessions,
     m012_usage_pricing_inputs,
     m013_device_enrolment,
+    m014_repo_attribution,
 )
 
 

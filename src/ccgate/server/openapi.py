@@ -114,11 +114,17 @@ SCHEMAS: dict[str, Any] = {
             "name": _STR,
             "customer": _nullable(_STR),
             "budget": _nullable(_ref("Budget")),
+            "repo_attribution": _BOOL,
             "created_at": _NUM,
         }
     ),
     "LevelCreate": _obj(
-        {"name": _STR, "customer": _nullable(_STR), "budget": _nullable(_ref("Budget"))},
+        {
+            "name": _STR,
+            "customer": _nullable(_STR),
+            "budget": _nullable(_ref("Budget")),
+            "repo_attribution": _BOOL,
+        },
         required=("name",),
     ),
     "KeyFields": _obj(
@@ -135,6 +141,7 @@ SCHEMAS: dict[str, Any] = {
             "token_budget": _nullable(_ref("TokenBudget")),
             "max_devices": {"type": "integer", "minimum": 1, "maximum": 10_000},
             "ci": _BOOL,
+            "repo_attribution": _BOOL,
             "enrolment_code": {
                 "type": "boolean",
                 "description": "true: issue a new one-time enrolment code (returned once).",
@@ -162,6 +169,7 @@ SCHEMAS: dict[str, Any] = {
             "token_budget": _nullable(_ref("TokenBudget")),
             "max_devices": _INT,
             "ci": _BOOL,
+            "repo_attribution": _BOOL,
             "enrolment_code_expires_at": _nullable(_NUM),
             "enrolment_code": {"type": "string", "description": "Only when just issued."},
             "created_at": _NUM,
@@ -230,6 +238,8 @@ SCHEMAS: dict[str, Any] = {
             "iterations": _nullable(_STR),
             "stop_reason": _nullable(_STR),
             "price_version": _nullable(_STR),
+            "repo": _nullable({"type": "string", "maxLength": 512}),
+            "branch": _nullable({"type": "string", "maxLength": 256}),
         },
         required=("id", "started_at"),
     ),
@@ -296,12 +306,17 @@ SCHEMAS: dict[str, Any] = {
     ),
     "UsageReport": _obj(
         {
-            "by": {"enum": ["key", "team", "customer"]},
+            "by": {"enum": ["key", "team", "customer", "repo"]},
             "since": _NUM,
             "rows": {
                 "type": "array",
                 "items": _obj(
-                    {"key": _nullable(_STR), "team": _nullable(_STR), "customer": _nullable(_STR)}
+                    {
+                        "key": _nullable(_STR),
+                        "team": _nullable(_STR),
+                        "customer": _nullable(_STR),
+                        "repo": _nullable(_STR),
+                    }
                     | _COUNTS
                 ),
             },
@@ -600,7 +615,9 @@ def _admin_paths() -> dict[str, Any]:
                 ok=_ref("UsageReport"),
                 security=adm,
                 params=[
-                    _param("by", "query", {"enum": ["key", "team", "customer"]}, required=False),
+                    _param(
+                        "by", "query", {"enum": ["key", "team", "customer", "repo"]}, required=False
+                    ),
                     _param("since", "query", _NUM, required=False),
                 ],
             )

@@ -52,13 +52,15 @@ _PRICING_TEXT: Final = {
     "stop_reason": 32,
     "price_version": 64,
     "iterations": 65_536,
+    "repo": 512,  # host/owner/repo of the session's git repository (issue #14)
+    "branch": 256,
 }
 _ID = re.compile(r"[0-9a-f]{32}")
 _LEASE_ID = re.compile(r"lse_[0-9a-f]{16}")
 _MAX_COUNT = 2**62
 _MAX_INT32 = 2**31 - 1
 
-UsageBy = Literal["key", "team", "customer"]
+UsageBy = Literal["key", "team", "customer", "repo"]
 
 
 def ingest(
@@ -93,9 +95,12 @@ def _insert_new(
     with db.session(engine) as session:
         team, customer = key_levels(session, key)
         leases = _own_leases(session, key, {r["lease_id"] for r in unique if r["lease_id"]})
+        # The bundle tells daemons not to send them; a daemon that still does is not believed.
+        unnamed = not key.repo_attribution or (team is not None and not team.repo_attribution)
         rows = [
             {
                 **record,
+                **({"repo": None, "branch": None} if unnamed else {}),
                 "lease_id": record["lease_id"] if record["lease_id"] in leases else None,
                 "key_id": key.id,
                 "team_id": team.id if team else None,
@@ -271,6 +276,7 @@ def rollup(engine: Engine, *, by: UsageBy, since: float) -> dict[str, Any]:
         "key": (key_id, team_id, customer_id),
         "team": (team_id, customer_id),
         "customer": (customer_id,),
+        "repo": (col(UsageRow.repo),),
     }[by]
     repriced = col(UsageRow.repriced_at).is_not(None)
     sums = (
@@ -296,7 +302,10 @@ def rollup(engine: Engine, *, by: UsageBy, since: float) -> dict[str, Any]:
         ).all()
     rows = [_row(by, tuple(r[: len(group)]), tuple(r[len(group) :]), names) for r in result]
     rows.sort(
-        key=lambda r: (-r["cost_micros"], [str(r.get(k)) for k in ("key", "team", "customer")])
+        key=lambda r: (
+            -r["cost_micros"],
+            [str(r.get(k)) for k in ("key", "team", "customer", "repo")],
+        )
     )
     return {"by": by, "since": since, "rows": rows, "totals": _totals(rows)}
 
@@ -315,6 +324,7 @@ def _row(
         "key": ("key", "team", "customer"),
         "team": ("team", "customer"),
         "customer": ("customer",),
+        "repo": ("repo",),
     }
     row: dict[str, Any] = {
         label: (names.get(ident, ident) if ident else None)

@@ -48,7 +48,7 @@ OUTCOMES: Final = frozenset({"pending", "ok", "upstream_error", "interrupted", "
 BILLINGS: Final = frozenset({"api", "subscription"})
 BILLABLE_PATH: Final = "/v1/messages"
 
-UsageBy = Literal["model", "day", "session"]
+UsageBy = Literal["model", "day", "session", "repo", "branch"]
 
 _BUSY_TIMEOUT_MS: Final = 5_000
 _BACKOFF_START_S: Final = 0.05
@@ -144,6 +144,9 @@ class LedgerRow:
     price_version: str | None = None
     repriced_at: float | None = None
     repriced_from_micros: int | None = None
+    repo: str | None = None
+    """From the ``sessions`` table (the session's git repository), not a ``requests`` column."""
+    branch: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -279,6 +282,26 @@ def m004_pricing_inputs(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX requests_estimated ON requests (seq) WHERE price_estimated = 1")
 
 
+@_migration
+def m005_sessions(db: sqlite3.Connection) -> None:
+    # Cost by repository and branch: Claude Code's SessionStart hook and the status line say
+    # which folder a session works in; requests name their session, so a join attributes them.
+    db.execute(
+        """
+        CREATE TABLE sessions (
+            session_id TEXT PRIMARY KEY,
+            cwd TEXT,
+            repo TEXT,
+            branch TEXT,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX requests_session ON requests (session_id)")
+    db.execute("CREATE INDEX sessions_repo ON sessions (repo)")
+
+
 def applied_migrations(db: sqlite3.Connection) -> set[str]:
     exists = db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
@@ -340,7 +363,18 @@ def _rollback_quietly(db: sqlite3.Connection) -> None:
 _RECORD_COLUMNS: Final = tuple(
     f.name for f in fields(RequestRecord) if f.name not in ("request_body", "response_body")
 )
-_ROW_COLUMNS: Final = tuple(f.name for f in fields(LedgerRow))
+_SESSION_COLUMNS: Final = ("repo", "branch")
+_ROW_COLUMNS: Final = tuple(f.name for f in fields(LedgerRow) if f.name not in _SESSION_COLUMNS)
+
+
+def _session_of(column: str) -> str:
+    # A correlated lookup rather than a JOIN, so every other column stays unqualified.
+    return (
+        f"(SELECT sessions.{column} FROM sessions WHERE sessions.session_id = requests.session_id)"
+    )
+
+
+_ROW_SELECT: Final = ", ".join([*_ROW_COLUMNS, *(_session_of(c) for c in _SESSION_COLUMNS)])
 _record_params = operator.attrgetter(*_RECORD_COLUMNS)
 _OUTCOME_PARAM: Final = _RECORD_COLUMNS.index("outcome") + 1
 
@@ -370,6 +404,8 @@ _USAGE_KEYS: Final[dict[UsageBy | None, str]] = {
     "model": "model",
     "day": "strftime('%Y-%m-%d', started_at, 'unixepoch')",
     "session": "session_id",
+    "repo": _session_of("repo"),
+    "branch": _session_of("repo") + " || ' @ ' || " + _session_of("branch"),
     None: "NULL",
 }
 
@@ -814,7 +850,7 @@ class Ledger:
     def unsynced(self, *, key_id: str, limit: int) -> list[LedgerRow]:
         """Finished rows of ``key_id`` the server has not acknowledged yet, oldest first."""
         sql = (
-            f"SELECT {', '.join(_ROW_COLUMNS)} FROM requests WHERE synced_at IS NULL "
+            f"SELECT {_ROW_SELECT} FROM requests WHERE synced_at IS NULL "
             "AND outcome != 'pending' AND key_id = ? ORDER BY seq LIMIT ?"
         )
         return [_to_row(r) for r in self._query(sql, [key_id, limit])]
@@ -849,7 +885,7 @@ class Ledger:
     def estimated_rows(self) -> list[LedgerRow]:
         """Finished rows priced as estimates: the candidates for re-pricing."""
         sql = (
-            f"SELECT {', '.join(_ROW_COLUMNS)} FROM requests "
+            f"SELECT {_ROW_SELECT} FROM requests "
             "WHERE price_estimated = 1 AND outcome != 'pending' AND model IS NOT NULL ORDER BY seq"
         )
         return [_to_row(r) for r in self._query(sql, [])]
@@ -888,6 +924,7 @@ class Ledger:
         newest_first: bool = True,
         finished_only: bool = False,
         after_finished_seq: int | None = None,
+        repo: str | None = None,
     ) -> list[LedgerRow]:
         """Rows without bodies.
 
@@ -911,11 +948,18 @@ class Ledger:
             if value is not None:
                 where.append(clause)
                 params.append(value)
+        if repo is not None:
+            # The full `host/owner/repo`, or its tail (`owner/repo`, `repo`) for short.
+            where.append(
+                "session_id IN (SELECT session_id FROM sessions WHERE repo = ? "
+                "OR substr(repo, -length(?) - 1) = '/' || ?)"
+            )
+            params.extend([repo, repo, repo])
         if finished_only:
             where.append("finished_seq IS NOT NULL")
         order = "finished_seq" if finished_only else "seq"
         sql = (
-            f"SELECT {', '.join(_ROW_COLUMNS)} FROM requests WHERE {' AND '.join(where)} "
+            f"SELECT {_ROW_SELECT} FROM requests WHERE {' AND '.join(where)} "
             f"ORDER BY {order} {'DESC' if newest_first else 'ASC'}"
         )
         if limit is not None:
@@ -967,7 +1011,7 @@ class Ledger:
 
 
 def _to_row(values: tuple[Any, ...]) -> LedgerRow:
-    data = dict(zip(_ROW_COLUMNS, values, strict=True))
+    data = dict(zip((*_ROW_COLUMNS, *_SESSION_COLUMNS), values, strict=True))
     # SQLite has no booleans; give callers real ones.
     data["streamed"] = bool(data["streamed"])
     data["price_estimated"] = bool(data["price_estimated"])

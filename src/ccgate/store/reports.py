@@ -199,7 +199,8 @@ def total_usage(groups: list[UsageGroup]) -> UsageGroup:
 
 
 def sort_usage(groups: list[UsageGroup], *, by: UsageBy) -> tuple[UsageGroup, ...]:
-    """Days in calendar order; models and sessions by cost, dearest first, then by name."""
+    """Days in calendar order; the others (model, session, repo, branch) by cost, dearest
+    first, then by name."""
     if by == "day":
         return tuple(sorted(groups, key=lambda g: g.key or ""))
     # A missing model or session (key None) sorts after named ones at equal cost.
@@ -289,4 +290,6 @@ def record_to_json(row: LedgerRow) -> dict[str, Any]:
         "session_id": row.session_id,
         "provider": row.provider,
         "billing": row.billing,
+        "repo": row.repo,
+        "branch": row.branch,
     }
