@@ -66,9 +66,9 @@ def has_budget(bundle: Bundle) -> bool:
     return bool(_level_budgets(bundle))
 
 
-def admission_policy(bundle: Bundle) -> admission.Policy:
+def admission_policy(bundle: Bundle) -> admission.KeyRules:
     """Models, rates and expiry; budgets are not here: leases enforce them."""
-    return admission.Policy(
+    return admission.KeyRules(
         key_name=bundle.key.name,
         models=bundle.key.models,
         rpm=bundle.key.rpm,
