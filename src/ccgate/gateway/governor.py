@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -577,26 +577,25 @@ class Governor:
         inner, reject = self.limiter.check(req)
         if reject is not None or inner is None:
             return None, reject
-        worst_tokens = estimate_input_tokens(req.body_bytes) + max(req.max_tokens, 0)
+        # The ticket grows with each reservation made; a refusal settles what it holds so far.
+        held = Ticket(inner, None, inner.reserve_micros, 0)
         if self.tokens is not None:
+            worst_tokens = estimate_input_tokens(req.body_bytes) + max(req.max_tokens, 0)
             problem = self.tokens.check(worst_tokens, now=req.now)
             if problem is not None:
-                self.limiter.settle(inner, cost_micros=0, tokens=0, now=req.now)
+                self.settle(held, cost_micros=0, tokens=0, now=req.now)
                 return None, _billing(problem + " Ask your ccgate admin to raise it.")
-        else:
-            worst_tokens = 0
+            held = replace(held, reserved_tokens=worst_tokens)
         lease_id = await self._reserve(inner.reserve_micros, now=req.now)
         if lease_id is None:
-            self.limiter.settle(inner, cost_micros=0, tokens=0, now=req.now)
-            if self.tokens is not None:
-                self.tokens.settle(reserved=worst_tokens, actual=0)
+            self.settle(held, cost_micros=0, tokens=0, now=req.now)
             message = budget_message(
                 self.limited_by, server_url=self.profile.server_url, offline=self.offline
             )
             return None, _billing(message)
         if self.wallet.needs_renewal(now=req.now):
             self._lease_wake.set()
-        return Ticket(inner, lease_id or None, inner.reserve_micros, worst_tokens), None
+        return replace(held, lease_id=lease_id or None), None
 
     async def _reserve(self, amount: int, *, now: float) -> str | None:
         """The lease id reserved against; "" when no budget applies; None when refused."""
