@@ -16,12 +16,12 @@ import pytest
 from ccgate.accounting.pricing import Price, PriceTable
 from ccgate.policy.limits import (
     Admit,
+    KeyRules,
     Limiter,
-    Policy,
     RateState,
     Reject,
     Request,
-    Ticket,
+    Reservation,
     admit,
     estimate_input_tokens,
     format_usd,
@@ -46,7 +46,7 @@ MODEL = "claude-sonnet-4-5-20250929"
 WORST = 21_000
 """Worst case of ``request()``'s defaults at Sonnet prices (see the module docstring)."""
 
-POLICY = Policy(
+POLICY = KeyRules(
     key_name="alice",
     models=(),
     rpm=None,
@@ -57,7 +57,7 @@ POLICY = Policy(
 NO_HISTORY = RateState(request_times=(), token_events=())
 
 
-def policy(**changes: Any) -> Policy:
+def policy(**changes: Any) -> KeyRules:
     return dataclasses.replace(POLICY, **changes)
 
 
@@ -72,7 +72,7 @@ def request(
 
 
 def decide(
-    pol: Policy,
+    pol: KeyRules,
     req: Request | None = None,
     *,
     rate: RateState = NO_HISTORY,
@@ -416,7 +416,7 @@ def limiter(**changes: Any) -> Limiter:
     return Limiter(policy=policy(**changes), prices=PRICES)
 
 
-def admitted(lim: Limiter, req: Request | None = None) -> Ticket:
+def admitted(lim: Limiter, req: Request | None = None) -> Reservation:
     ticket, reject = lim.check(request() if req is None else req)
     assert reject is None, reject
     assert ticket is not None

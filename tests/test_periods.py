@@ -7,13 +7,13 @@ from datetime import UTC, datetime
 
 import pytest
 
+from ccgate._format import format_utc
 from ccgate.accounting.periods import (
     PERIODS,
     Period,
     PeriodError,
     describe_reset,
     describe_span,
-    format_utc,
     parse_period,
     span_seconds,
     window,

@@ -29,7 +29,6 @@ __all__ = [
     "PeriodError",
     "describe_reset",
     "describe_span",
-    "format_utc",
     "parse_period",
     "span_seconds",
     "window",

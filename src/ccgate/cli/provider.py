@@ -68,7 +68,7 @@ def show(
     if store.get(daemon.UPSTREAM_KEY_NAME):
         source = store.backend
     elif os.environ.get(env.ANTHROPIC_API_KEY):
-        source = "environment variable ANTHROPIC_API_KEY"
+        source = f"environment variable {env.ANTHROPIC_API_KEY}"
     else:
         source = _running_daemon_source(paths)
     if json_output:

@@ -165,8 +165,9 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     provider_key = upstream_key(store)
     if provider_key is None and not config.passthrough and not profiles_exist(paths):
         log.warning(
-            "no upstream key: run `ccgate provider set anthropic` or set ANTHROPIC_API_KEY; "
-            "requests will reach the upstream without a credential"
+            "no upstream key: run `ccgate provider set anthropic` or set %s; "
+            "requests will reach the upstream without a credential",
+            env.ANTHROPIC_API_KEY,
         )
     sock = bind_loopback(config.port)
     ledger = Ledger(paths.ledger_file)

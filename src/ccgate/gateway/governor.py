@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,9 @@ def has_budget(bundle: Bundle) -> bool:
     return bool(_level_budgets(bundle))
 
 
-def admission_policy(bundle: Bundle) -> admission.Policy:
+def admission_policy(bundle: Bundle) -> admission.KeyRules:
     """Models, rates and expiry; budgets are not here: leases enforce them."""
-    return admission.Policy(
+    return admission.KeyRules(
         key_name=bundle.key.name,
         models=bundle.key.models,
         rpm=bundle.key.rpm,
@@ -577,26 +577,25 @@ class Governor:
         inner, reject = self.limiter.check(req)
         if reject is not None or inner is None:
             return None, reject
-        worst_tokens = estimate_input_tokens(req.body_bytes) + max(req.max_tokens, 0)
+        # The ticket grows with each reservation made; a refusal settles what it holds so far.
+        held = Ticket(inner, None, inner.reserve_micros, 0)
         if self.tokens is not None:
+            worst_tokens = estimate_input_tokens(req.body_bytes) + max(req.max_tokens, 0)
             problem = self.tokens.check(worst_tokens, now=req.now)
             if problem is not None:
-                self.limiter.settle(inner, cost_micros=0, tokens=0, now=req.now)
+                self.settle(held, cost_micros=0, tokens=0, now=req.now)
                 return None, _billing(problem + " Ask your ccgate admin to raise it.")
-        else:
-            worst_tokens = 0
+            held = replace(held, reserved_tokens=worst_tokens)
         lease_id = await self._reserve(inner.reserve_micros, now=req.now)
         if lease_id is None:
-            self.limiter.settle(inner, cost_micros=0, tokens=0, now=req.now)
-            if self.tokens is not None:
-                self.tokens.settle(reserved=worst_tokens, actual=0)
+            self.settle(held, cost_micros=0, tokens=0, now=req.now)
             message = budget_message(
                 self.limited_by, server_url=self.profile.server_url, offline=self.offline
             )
             return None, _billing(message)
         if self.wallet.needs_renewal(now=req.now):
             self._lease_wake.set()
-        return Ticket(inner, lease_id or None, inner.reserve_micros, worst_tokens), None
+        return replace(held, lease_id=lease_id or None), None
 
     async def _reserve(self, amount: int, *, now: float) -> str | None:
         """The lease id reserved against; "" when no budget applies; None when refused."""
@@ -724,20 +723,13 @@ def _usage_record(row: LedgerRow, repo_attribution: bool = True) -> dict[str, An
         "status": row.status,
         "outcome": row.outcome,
         "streamed": row.streamed,
-        "input_tokens": row.input_tokens,
-        "output_tokens": row.output_tokens,
-        "cache_creation_input_tokens": row.cache_creation_input_tokens,
-        "cache_creation_1h_input_tokens": row.cache_creation_1h_input_tokens,
-        "cache_read_input_tokens": row.cache_read_input_tokens,
-        "web_search_requests": row.web_search_requests,
+        **row.usage_counts(),
         "cost_micros": row.cost_micros,
         "latency_ms": row.latency_ms,
         "session_id": row.session_id,
         "provider": row.provider,
         "billing": row.billing,
         "price_estimated": row.price_estimated,
-        "web_fetch_requests": row.web_fetch_requests,
-        "code_execution_requests": row.code_execution_requests,
         "speed": row.speed,
         "inference_geo": row.inference_geo,
         "service_tier": row.service_tier,

@@ -56,7 +56,7 @@ class DownResult:
     service_removed: bool = False
 
 
-CLAUDE_CREDENTIAL_VARS = ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY")
+CLAUDE_CREDENTIAL_VARS = (env.ANTHROPIC_AUTH_TOKEN, env.ANTHROPIC_API_KEY)
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _configure_claude(
         claude_settings.apply(
             settings_path=prepared.settings_file,
             undo_path=paths.settings_undo_file,
-            set_env={"ANTHROPIC_BASE_URL": info.url},
+            set_env={env.ANTHROPIC_BASE_URL: info.url},
             add_custom_headers={CCGATE_KEY_HEADER: prepared.token},
             **callbacks,
         )
@@ -242,7 +242,7 @@ def _configure_claude(
         claude_settings.apply(
             settings_path=prepared.settings_file,
             undo_path=paths.settings_undo_file,
-            set_env={"ANTHROPIC_BASE_URL": info.url, "ANTHROPIC_AUTH_TOKEN": prepared.token},
+            set_env={env.ANTHROPIC_BASE_URL: info.url, env.ANTHROPIC_AUTH_TOKEN: prepared.token},
             **callbacks,
         )
 
@@ -338,7 +338,8 @@ def _no_upstream_key(settings_file: Path) -> CredentialError:
         )
     return CredentialError(
         "No upstream key. Store one with `ccgate provider set anthropic` (it reads the key "
-        "from stdin or a hidden prompt), export ANTHROPIC_API_KEY before `ccgate up`, or use "
+        f"from stdin or a hidden prompt), export {env.ANTHROPIC_API_KEY} before `ccgate up`, "
+        "or use "
         "`ccgate up --passthrough` if you sign in to Claude Code with a subscription."
     )
 

@@ -28,7 +28,7 @@ class Upstream:
 class Ticket:
     """What an admitted request holds until it ends: its reservations, released exactly once."""
 
-    limiter: admission.Ticket | None
+    limiter: admission.Reservation | None
     lease_id: str | None
     reserved_micros: int
     reserved_tokens: int

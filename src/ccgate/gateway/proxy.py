@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ccgate import __version__
+from ccgate import __version__, env
 from ccgate.accounting import billing
 from ccgate.accounting.metering import Metered
 from ccgate.gateway.policy import Policy, Ticket, Upstream
@@ -360,13 +360,13 @@ class Gateway:
             again = "ccgate up" if self.policy.mode == "server" else "ccgate up --passthrough"
             return (
                 "No valid x-ccgate-key header. In passthrough mode Claude Code sends it through "
-                f"ANTHROPIC_CUSTOM_HEADERS in ~/.claude/settings.json; run `{again}` again to "
-                "refresh it."
+                f"{env.ANTHROPIC_CUSTOM_HEADERS} in ~/.claude/settings.json; run `{again}` "
+                "again to refresh it."
             )
         if "authorization" in request.headers or "x-api-key" in request.headers:
             return (
                 "The ccgate key sent with this request is not valid. Run `ccgate up` again to "
-                "refresh ANTHROPIC_AUTH_TOKEN in ~/.claude/settings.json."
+                f"refresh {env.ANTHROPIC_AUTH_TOKEN} in ~/.claude/settings.json."
             )
         return (
             "No ccgate key was sent. Claude Code gets one from ~/.claude/settings.json "

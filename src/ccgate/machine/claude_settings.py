@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from ccgate._files import atomic_write
+from ccgate.env import ANTHROPIC_CUSTOM_HEADERS
 from ccgate.errors import SettingsFileError
 
-CUSTOM_HEADERS = "ANTHROPIC_CUSTOM_HEADERS"
+CUSTOM_HEADERS = ANTHROPIC_CUSTOM_HEADERS
 """Claude Code adds one HTTP header per ``Name: value`` line of this env value."""
 
 BACKUP_SUFFIX = ".ccgate-backup"

@@ -38,19 +38,20 @@ from decimal import ROUND_HALF_UP, Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Final
 
+from ccgate._format import format_utc
 from ccgate.accounting.billing import BYTES_PER_TOKEN, estimate_input_tokens
-from ccgate.accounting.periods import format_utc
 from ccgate.accounting.pricing import MICROS_PER_USD, TOKENS_PER_MTOK, Price, PriceTable
+from ccgate.wire import error_body
 
 __all__ = [
     "BYTES_PER_TOKEN",
     "Admit",
+    "KeyRules",
     "Limiter",
-    "Policy",
     "RateState",
     "Reject",
     "Request",
-    "Ticket",
+    "Reservation",
     "admit",
     "estimate_input_tokens",
     "format_usd",
@@ -66,7 +67,7 @@ RATE_WINDOW: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
+class KeyRules:
     """What the bundle says about one virtual key, flattened for admission."""
 
     key_name: str
@@ -112,7 +113,7 @@ class Reject:
 
     def envelope(self) -> dict[str, Any]:
         """The response body, in Anthropic's error envelope."""
-        return {"type": "error", "error": {"type": self.error_type, "message": self.message}}
+        return error_body(self.error_type, self.message)
 
     def headers(self) -> dict[str, str]:
         """``retry-after`` when known, and ``x-should-retry``, which Claude Code honours."""
@@ -150,7 +151,7 @@ def format_usd(micros: int) -> str:
 
 def admit(
     req: Request,
-    policy: Policy,
+    policy: KeyRules,
     *,
     rate: RateState,
     price: Price,
@@ -167,7 +168,7 @@ def admit(
     return reject or Admit(reserve_micros=reserve, reserve_tokens=tokens)
 
 
-def _check_key(req: Request, policy: Policy) -> Reject | None:
+def _check_key(req: Request, policy: KeyRules) -> Reject | None:
     key = f"The ccgate key '{policy.key_name}'"
     if policy.revoked:
         message = f"{key} has been revoked. Ask {policy.contact} for a new key."
@@ -189,7 +190,7 @@ def model_allowed(model: str | None, patterns: Iterable[str]) -> bool:
     return any(model == pattern or fnmatchcase(model, pattern) for pattern in patterns)
 
 
-def _check_model(req: Request, policy: Policy) -> Reject | None:
+def _check_model(req: Request, policy: KeyRules) -> Reject | None:
     if model_allowed(req.model, policy.models):
         return None
     allowed = ", ".join(policy.models)
@@ -212,7 +213,7 @@ def _seconds_until(leaves_at: float, now: float) -> int:
     return max(1, math.ceil(leaves_at - now))
 
 
-def _check_rpm(req: Request, policy: Policy, rate: RateState) -> Reject | None:
+def _check_rpm(req: Request, policy: KeyRules, rate: RateState) -> Reject | None:
     rpm = policy.rpm
     if rpm is None:
         return None
@@ -233,7 +234,7 @@ def _check_rpm(req: Request, policy: Policy, rate: RateState) -> Reject | None:
     return Reject(429, "rate_limit_error", message, retry_after=wait, should_retry=True)
 
 
-def _check_tpm(req: Request, policy: Policy, rate: RateState, *, tokens: int) -> Reject | None:
+def _check_tpm(req: Request, policy: KeyRules, rate: RateState, *, tokens: int) -> Reject | None:
     tpm = policy.tpm
     if tpm is None:
         return None
@@ -273,7 +274,7 @@ def _tokens_free_at(recent: list[tuple[float, int]], *, excess: int) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class Ticket:
+class Reservation:
     """An admitted request's reservation; hand it back to ``Limiter.settle`` exactly once."""
 
     id: int
@@ -289,19 +290,19 @@ class Limiter:
     their actual tokens count from the settle time for a minute.
     """
 
-    def __init__(self, *, policy: Policy, prices: PriceTable) -> None:
+    def __init__(self, *, policy: KeyRules, prices: PriceTable) -> None:
         self._policy = policy
         self._prices = prices
-        self._outstanding: dict[int, Ticket] = {}
+        self._outstanding: dict[int, Reservation] = {}
         self._request_times: deque[float] = deque()
         self._token_events: deque[tuple[float, int]] = deque()
         self._ids = itertools.count(1)
 
     @property
-    def policy(self) -> Policy:
+    def policy(self) -> KeyRules:
         return self._policy
 
-    def set_policy(self, policy: Policy) -> None:
+    def set_policy(self, policy: KeyRules) -> None:
         """Swap in a new policy (a new bundle) for requests checked from now on."""
         self._policy = policy
 
@@ -309,7 +310,7 @@ class Limiter:
         """Use another price table (a bundle can carry one) for requests checked from now on."""
         self._prices = prices
 
-    def check(self, req: Request) -> tuple[Ticket | None, Reject | None]:
+    def check(self, req: Request) -> tuple[Reservation | None, Reject | None]:
         """Admit ``req`` (reserving its worst case) or say why not; exactly one side is set."""
         self._prune(req.now)
         price = self._prices.lookup(req.model or "", at=datetime.fromtimestamp(req.now, UTC))
@@ -331,7 +332,7 @@ class Limiter:
         decision = admit(req, self._policy, rate=rate, price=worst)
         if isinstance(decision, Reject):
             return None, decision
-        ticket = Ticket(
+        ticket = Reservation(
             id=next(self._ids),
             reserve_micros=decision.reserve_micros,
             reserve_tokens=decision.reserve_tokens,
@@ -341,7 +342,7 @@ class Limiter:
         self._request_times.append(req.now)
         return ticket, None
 
-    def settle(self, ticket: Ticket, *, cost_micros: int, tokens: int, now: float) -> None:
+    def settle(self, ticket: Reservation, *, cost_micros: int, tokens: int, now: float) -> None:
         """Release the ticket and count its actual tokens; settling twice is a no-op.
 
         ``cost_micros`` is not kept: the leases the request was reserved against account for it.

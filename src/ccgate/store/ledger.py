@@ -148,6 +148,19 @@ class LedgerRow:
     """From the ``sessions`` table (the session's git repository), not a ``requests`` column."""
     branch: str | None = None
 
+    def usage_counts(self) -> dict[str, int]:
+        """The billable counters, as the usage sync and ``ccgate logs --json`` both name them."""
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "cache_creation_1h_input_tokens": self.cache_creation_1h_input_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "web_search_requests": self.web_search_requests,
+            "web_fetch_requests": self.web_fetch_requests,
+            "code_execution_requests": self.code_execution_requests,
+        }
+
 
 @dataclass(slots=True, frozen=True)
 class RequestContent:
