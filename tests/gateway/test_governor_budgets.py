@@ -68,3 +68,34 @@ async def test_a_rate_limit_is_429_with_retry_after_until_the_minute_has_passed(
     assert reject.retry_after is not None and 1 <= reject.retry_after <= 60
     rig.clock.advance(61)
     assert (await daemon.request())[1] is None
+
+
+async def test_a_clock_jumping_back_and_forth_across_the_week_never_reopens_a_spent_budget(
+    rig: Rig,
+) -> None:
+    key = await rig.new_key(
+        "jo", token_budget={"limit_tokens": 5_000, "period": "1w", "rolling": False}
+    )
+    daemon = await rig.enrol(key)
+
+    async def serve_until_refused() -> int:
+        served = 0
+        while (await daemon.request())[1] is None:
+            served += 1
+        return served
+
+    first_week = await serve_until_refused()
+    rig.clock.advance(7 * 86_400)  # forwards into the next calendar week: a fresh budget
+    second_week = await serve_until_refused()
+    assert first_week > 0 and second_week > 0
+    rig.clock.advance(-7 * 86_400)  # back across the boundary
+    _record, reject = await daemon.request()
+    assert reject is not None and "Token budget exhausted" in reject.message
+    rig.clock.advance(7 * 86_400)  # and forwards again: the second week is still spent
+    _record, reject = await daemon.request()
+    assert reject is not None and "Token budget exhausted" in reject.message
+    assert "pushed" in await daemon.governor.sync()
+    # Nothing lost, nothing counted twice: every request served is a row, and all are synced.
+    assert daemon.governor.ledger.count_unsynced(key_id=daemon.governor.key_id) == 0
+    served = [r for r in daemon.governor.ledger.records() if r.outcome == "ok"]
+    assert len(served) == first_week + second_week

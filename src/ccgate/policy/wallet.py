@@ -137,6 +137,10 @@ class TokenMeter:
 
     def _roll(self, now: float) -> None:
         start, _end = periods.window(self.period, rolling=self.rolling, now=now)
+        if self.window_start is not None and start < self.window_start:
+            # The clock went back across a boundary: stay in the later window, so a clock that
+            # jumps back and forth never opens a fresh budget twice.
+            return
         if not self.rolling and self.window_start is not None and start > self.window_start:
             self.server_tokens = 0
             self.local_tokens = 0
