@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -70,6 +70,14 @@ JSON_WARMUP = 3
 
 _T = TypeVar("_T")
 Progress = Callable[[str], None]
+
+
+class _HasJsonPath(Protocol):
+    @property
+    def json_path(self) -> Path: ...
+
+
+_S = TypeVar("_S", bound=_HasJsonPath)
 
 
 @dataclass(frozen=True)
@@ -118,10 +126,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
+    return run_command(parse_args(argv), run=run, render=render, progress=_progress)
+
+
+def run_command(
+    settings: _S,
+    *,
+    run: Callable[..., dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    progress: Progress,
+) -> int:
+    """A bench command's body: run with SIGTERM as Ctrl-C, write the JSON, print the tables."""
     try:
         with _sigterm_as_interrupt():
-            result = run(settings, progress=_progress)
+            result = run(settings, progress=progress)
     except KeyboardInterrupt:
         print("Interrupted; every process the benchmark started is stopped.", file=sys.stderr)
         return 130
@@ -131,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.json_path.parent.mkdir(parents=True, exist_ok=True)
     settings.json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(render(result))
-    _progress(f"results written to {settings.json_path}")
+    progress(f"results written to {settings.json_path}")
     return 0
 
 

@@ -64,7 +64,7 @@ from bench.processes import (
     health,
     isolated_env,
 )
-from bench.proxy_overhead import _sigterm_as_interrupt, machine
+from bench.proxy_overhead import machine, run_command
 from bench.upstream import SLOW_HEADER
 from bench.workload import claude_code_headers, request_body
 
@@ -139,21 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
-    try:
-        with _sigterm_as_interrupt():
-            result = run(settings, progress=_progress)
-    except KeyboardInterrupt:
-        print("Interrupted; every process the benchmark started is stopped.", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    settings.json_path.parent.mkdir(parents=True, exist_ok=True)
-    settings.json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(render(result))
-    _progress(f"results written to {settings.json_path}")
-    return 0
+    return run_command(parse_args(argv), run=run, render=render, progress=_progress)
 
 
 def _progress(message: str) -> None:

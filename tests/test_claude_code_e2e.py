@@ -7,7 +7,6 @@ not a skip, so CI can never pass without running these.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,12 +16,9 @@ from typer.testing import CliRunner
 from ccgate.cli import app
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.harness import (
-    CLAUDE_BIN,
     UPSTREAM_KEY,
     Isolated,
-    ccgate,
-    free_port,
-    kill_pidfile_daemon,
+    claude_code_gateway,
     run_claude,
 )
 
@@ -31,16 +27,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def gateway(isolated: Isolated, fake_upstream: FakeUpstream) -> Iterator[int]:
-    assert CLAUDE_BIN.exists(), "run scripts/test: it installs the Claude Code CLI"
-    env = dict(os.environ, ANTHROPIC_API_KEY=UPSTREAM_KEY)
-    port = free_port()
-    result = ccgate("up", "--port", str(port), "--upstream", fake_upstream.url, env=env)
-    assert result.returncode == 0, result.stderr
-    try:
+    with claude_code_gateway(isolated.ccgate_home, upstream_url=fake_upstream.url) as port:
         yield port
-    finally:
-        ccgate("down", env=env)
-        kill_pidfile_daemon(isolated.ccgate_home)
 
 
 def claude(prompt: str, *, model: str = "claude-sonnet-4-6") -> tuple[int, dict[str, Any]]:

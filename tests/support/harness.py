@@ -204,6 +204,22 @@ class Server:
         return json.loads(result.stdout)
 
 
+@contextlib.contextmanager
+def claude_code_gateway(ccgate_home: Path, *, upstream_url: str) -> Iterator[int]:
+    """`ccgate up` in front of ``upstream_url`` for the real Claude Code; yields the port and
+    runs `ccgate down` (and stops a daemon left behind) afterwards."""
+    assert CLAUDE_BIN.exists(), "run scripts/test: it installs the Claude Code CLI"
+    env = dict(os.environ, ANTHROPIC_API_KEY=UPSTREAM_KEY)
+    port = free_port()
+    result = ccgate("up", "--port", str(port), "--upstream", upstream_url, env=env)
+    assert result.returncode == 0, result.stderr
+    try:
+        yield port
+    finally:
+        ccgate("down", env=env)
+        kill_pidfile_daemon(ccgate_home)
+
+
 def _server_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["CCGATE_HOME"] = str(home)
