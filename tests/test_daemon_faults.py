@@ -388,7 +388,11 @@ def test_full_disk_refuses_with_503_shows_in_status_and_recovers(
             message = refused[0].json()["error"]["message"]
             assert str(home / "ledger.db") in message and "full" in message
             assert d.key not in message
-            assert len(fake_upstream.requests) == 1  # nothing went upstream unaccounted
+            # The pending row's commit overlaps the upstream round trip (proxy.py, Relay._relay):
+            # the first request after the disk filled went upstream before the commit failed,
+            # and its answer was withheld; from then on the ledger is known to be failing and
+            # nothing goes upstream unaccounted.
+            assert len(fake_upstream.requests) == 2
             status = ccgate_json("status")
             assert status["ledger"]["ok"] is False and "full" in status["ledger"]["error"]
             shown = ccgate("status")
@@ -405,8 +409,14 @@ def test_full_disk_refuses_with_503_shows_in_status_and_recovers(
             ok = [r for r in rows if r.outcome == "ok"]
             refused_rows = [r for r in rows if r.status == 503]
             assert len(ok) == 2 and all(r.output_tokens == 10 for r in ok)
-            assert len(refused_rows) >= 3 and all(r.cost_micros == 0 for r in refused_rows)
-            assert len(fake_upstream.requests) == 2
+            assert len(refused_rows) >= 3
+            # The withheld one is billed its input estimate (the upstream may bill it); the
+            # ones refused before sending cost nothing.
+            withheld = [r for r in refused_rows if r.outcome == "upstream_error"]
+            assert len(withheld) == 1 and withheld[0].cost_micros > 0
+            assert withheld[0].price_estimated
+            assert all(r.cost_micros == 0 for r in refused_rows if r.outcome == "rejected")
+            assert len(fake_upstream.requests) == 3
 
 
 def test_corrupted_ledger_is_a_clear_error_and_is_left_untouched(

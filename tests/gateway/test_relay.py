@@ -259,3 +259,79 @@ async def test_the_relay_hands_on_progress_at_message_start_and_one_observation(
     assert (b"x-ccgate-request-id", b"r1") in start["headers"]
     # Broken off: no final empty body, so the server closes the client's connection too.
     assert sent[-1].get("more_body") is True
+
+
+async def test_nothing_is_relayed_before_ready_and_the_request_is_in_flight_meanwhile() -> None:
+    """The pending row's commit overlaps the upstream round trip: the request is sent at once,
+    and the answer waits for ``ready``."""
+    upstream_asked = anyio.Event()
+    release = anyio.Event()
+    order: list[str] = []
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        upstream_asked.set()
+        order.append("upstream")
+        return httpx.Response(200, stream=httpx.ByteStream(b'{"type":"message"}'))
+
+    async def ready() -> str | None:
+        await release.wait()
+        order.append("ready")
+        return None
+
+    call = _Asgi(b"")
+    observed: list[Observation] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
+        relay = Relay(
+            upstream,
+            Outbound(
+                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
+                base_url=BASE,
+                request_id="r1",
+                streamed=False,
+                meter=False,
+            ),
+            on_progress=lambda _m: None,
+            on_finish=observed.append,
+            ready=ready,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(relay, {"type": "http"}, call.receive, call.send)
+            await upstream_asked.wait()
+            assert call.sent == []  # in flight upstream, nothing relayed yet
+            release.set()
+    assert order == ["upstream", "ready"]
+    assert call.sent[0]["status"] == 200
+    assert observed[0].withheld is False
+
+
+async def test_an_answer_whose_row_cannot_be_committed_is_withheld_with_503() -> None:
+    def answer(_request: httpx.Request) -> httpx.Response:
+        answer = b'{"type":"message","usage":{"input_tokens":5}}'
+        return httpx.Response(200, stream=httpx.ByteStream(answer))
+
+    async def ready() -> str | None:
+        return "ccgate cannot record this request: disk full"
+
+    call = _Asgi(b"")
+    observed: list[Observation] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
+        relay = Relay(
+            upstream,
+            Outbound(
+                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
+                base_url=BASE,
+                request_id="r1",
+                streamed=False,
+                meter=True,
+            ),
+            on_progress=lambda _m: None,
+            on_finish=observed.append,
+            ready=ready,
+        )
+        await relay({"type": "http"}, call.receive, call.send)
+    start, body = call.sent[0], call.sent[1]
+    assert start["status"] == 503
+    assert (b"x-should-retry", b"true") in start["headers"]
+    assert b"disk full" in body["body"] and b'"type":"message"' not in body["body"]
+    (seen,) = observed
+    assert seen.withheld and seen.seen.status == 503 and not seen.seen.got_response

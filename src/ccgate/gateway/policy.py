@@ -13,15 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ccgate.accounting.pricing import PriceTable
+from ccgate.gateway.providers import Upstream
 from ccgate.policy import limits as admission
 
-
-@dataclass(frozen=True)
-class Upstream:
-    base_url: str
-    api_key: str | None
-    provider: str
-    passthrough: bool
+__all__ = ["LocalPolicy", "Policy", "Refusal", "Ticket", "Upstream"]
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,13 @@ Design, in the order a request meets it:
    reads the body (capped at 32 MB) and checks that it is JSON. It never re-serialises: the bytes
    that came in are the bytes that go out.
 3. The policy admits it (standalone: always; server mode: the governor's limits and leases).
-4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``), and
-   the request goes upstream only once that row is committed (fail closed).
-5. ``relay.Relay`` sends the request upstream with the client's credential replaced by the
-   upstream one and copies the answer back as it arrives. It only observes: at checkpoints and at
+4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``). The
+   request goes upstream while the writer commits that row, and no byte of the answer is
+   relayed until the commit has landed (see ``Relay._relay``). When the ledger is already
+   known to be failing, the request is refused before it is sent (fail closed).
+5. ``relay.Relay`` sends the request upstream through the provider kind's adapter
+   (``gateway.providers``: the client's credential replaced by the upstream one) and copies the
+   answer back as it arrives. It only observes: at checkpoints and at
    the end it hands what it saw to this module's ``_Finish``, which bills it (``billing.charge``,
    ``billing.outcome``), queues the row and settles the admission. Ledger writes are queue puts
    that a writer thread commits, so no disk work sits between upstream and client.
@@ -44,7 +47,8 @@ from ccgate import __version__, env
 from ccgate.accounting import billing
 from ccgate.accounting.metering import Metered
 from ccgate.gateway.policy import Policy, Ticket, Upstream
-from ccgate.gateway.relay import HOP_BY_HOP, Observation, Outbound, Relay
+from ccgate.gateway.providers import HOP_BY_HOP, Forward, UnknownProviderKind, adapter_for
+from ccgate.gateway.relay import Observation, Outbound, Relay
 from ccgate.policy import limits as admission
 from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.wire import error_response
@@ -287,24 +291,49 @@ class Gateway:
         if record.path == "/v1/messages":
             _apply(record, billing.provisional(prices, model=record.model, body_bytes=len(body)))
         self.ledger.record_start(record)
-        # The pending row is on disk before the request goes upstream, so a daemon killed
-        # mid-request still bills it at its next start. Fail closed: a request that cannot be
-        # accounted for is not sent.
-        problem = await self._commit_pending()
-        if problem is not None:
-            _apply(record, billing.Charge(model=record.model))
-            policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
-            return self._refuse(record, t0, self._unaccounted(problem))
+        if self.ledger.write_problem() is not None:
+            # Known to be failing: fail closed, a request that cannot be accounted for is not
+            # sent. (Otherwise the commit overlaps the upstream round trip: Relay._relay.)
+            problem = await self._commit_pending()
+            if problem is not None:
+                return self._unsent(record, t0, ticket, self._unaccounted(problem))
+        try:
+            adapter = adapter_for(upstream.kind)
+            sent = self.upstream_request(
+                request,
+                body,
+                upstream,
+                path=upstream_path,
+                model=record.model,
+                streamed=record.streamed,
+            )
+        except UnknownProviderKind as exc:
+            return self._unsent(record, t0, ticket, _Refused.error(502, "api_error", str(exc)))
         outbound = Outbound(
-            request=self.upstream_request(request, body, upstream, path=upstream_path),
+            request=sent,
             base_url=upstream.base_url,
             request_id=record.id,
             streamed=record.streamed,
             meter=record.path == "/v1/messages",
             capture=self.settings.log_content,
+            adapter=adapter,
         )
         finish = _Finish(self, record, t0=t0, body_bytes=len(body), prices=prices, ticket=ticket)
-        return Relay(self.client, outbound, on_progress=finish.progress, on_finish=finish.done)
+        return Relay(
+            self.client,
+            outbound,
+            on_progress=finish.progress,
+            on_finish=finish.done,
+            ready=self._ready,
+        )
+
+    def _unsent(
+        self, record: RequestRecord, t0: float, ticket: Ticket | None, refused: _Refused
+    ) -> Response:
+        """Refuse an admitted request that was never sent: nothing to bill, admission undone."""
+        _apply(record, billing.Charge(model=record.model))
+        self.policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
+        return self._refuse(record, t0, refused)
 
     async def _admit(
         self, request: Request, record: RequestRecord
@@ -384,6 +413,11 @@ class Gateway:
             return f"the write did not complete within {_COMMIT_TIMEOUT_S:.0f} s"
         return None
 
+    async def _ready(self) -> str | None:
+        """None once the pending row is committed; else what the client is told instead."""
+        problem = await self._commit_pending()
+        return None if problem is None else self._unaccounted(problem).message
+
     def _unaccounted(self, problem: str) -> _Refused:
         message = (
             f"ccgate cannot record this request in its ledger at {self.ledger.path} "
@@ -424,12 +458,18 @@ class Gateway:
             self._on_finish(record)
 
     def upstream_request(
-        self, request: Request, body: bytes, upstream: Upstream, *, path: str
+        self,
+        request: Request,
+        body: bytes,
+        upstream: Upstream,
+        *,
+        path: str,
+        model: str | None = None,
+        streamed: bool = False,
     ) -> httpx.Request:
-        url = upstream.base_url.rstrip("/") + path
-        query = request.scope.get("query_string", b"")
-        if query:
-            url += "?" + query.decode("ascii")
+        """The request for ``upstream``, built by its kind's adapter from what the client sent:
+        the client's own credentials and hop-by-hop headers (and any it names in
+        ``Connection``) removed."""
         connection_tokens = {
             token.strip().lower()
             for token in request.headers.get("connection", "").split(",")
@@ -443,9 +483,16 @@ class Gateway:
             and name.decode("latin-1") not in connection_tokens
             and name != CCGATE_KEY_HEADER.encode()
         ]
-        if upstream.api_key is not None and not upstream.passthrough:
-            headers.append((b"x-api-key", upstream.api_key.encode()))
-        return httpx.Request(request.method, url, headers=headers, content=body)
+        forward = Forward(
+            method=request.method,
+            path=path,
+            query=request.scope.get("query_string", b""),
+            headers=headers,
+            body=body,
+            model=model,
+            streamed=streamed,
+        )
+        return adapter_for(upstream.kind).request(upstream, forward)
 
 
 @dataclass(frozen=True)
@@ -511,7 +558,11 @@ class _Finish:
         rec.latency_ms = (time.perf_counter() - self.t0) * 1000
         if observation.first_byte_at is not None:
             rec.ttfb_ms = (observation.first_byte_at - self.t0) * 1000
-        _apply(rec, self._charge(seen.metered, seen.status))
+        if observation.withheld:
+            estimate = billing.provisional(self.prices, model=rec.model, body_bytes=self.body_bytes)
+            _apply(rec, estimate)
+        else:
+            _apply(rec, self._charge(seen.metered, seen.status))
         outcome, error = billing.outcome(seen)
         rec.outcome, rec.error = outcome, cap_error(error)
         if self.gateway.settings.log_content and observation.response_body is not None:

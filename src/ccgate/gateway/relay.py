@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -28,27 +28,13 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ccgate.accounting.billing import Observed
 from ccgate.accounting.metering import Metered, ResponseMeter
+from ccgate.gateway.providers import ANTHROPIC, Adapter, Reply
 from ccgate.wire import error_response
 
 log = logging.getLogger("ccgate.proxy")
 
 CHECKPOINT_EVERY_CHUNKS: Final = 32
 CHECKPOINT_EVERY_S: Final = 1.0
-
-# RFC 9110 section 7.6.1: connection-specific headers are not forwarded by intermediaries.
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -61,6 +47,7 @@ class Outbound:
     streamed: bool
     meter: bool  # a Messages response: read its usage
     capture: bool = False  # keep the decoded response body (log_content)
+    adapter: Adapter = ANTHROPIC  # turns the provider's answer into Anthropic's wire format
 
 
 @dataclass(frozen=True)
@@ -70,6 +57,9 @@ class Observation:
     seen: Observed
     first_byte_at: float | None  # time.perf_counter() of the first body chunk
     response_body: bytes | None
+    # Sent upstream, but its answer was not relayed because the pending row could not be
+    # committed: the upstream may bill it, so the row keeps the input estimate.
+    withheld: bool = False
 
 
 class Relay(Response):
@@ -82,11 +72,13 @@ class Relay(Response):
         *,
         on_progress: Callable[[Metered], None],
         on_finish: Callable[[Observation], None],
+        ready: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self.client = client
         self.outbound = outbound
         self.on_progress = on_progress
         self.on_finish = on_finish
+        self.ready = ready
         self.background = None
         self._meter: ResponseMeter | None = None
         self._status: int | None = None
@@ -98,6 +90,7 @@ class Relay(Response):
         self._since_checkpoint = 0
         self._checkpoint_at = 0.0
         self._start_persisted = False
+        self._withheld = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tg:
@@ -122,6 +115,7 @@ class Relay(Response):
             ),
             first_byte_at=self._first_byte_at,
             response_body=meter.captured() if meter is not None else None,
+            withheld=self._withheld,
         )
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
@@ -134,42 +128,62 @@ class Relay(Response):
                 return
 
     async def _relay(self, send: Send) -> None:
+        """Send upstream while ``ready`` (the pending row's commit) completes; relay after both.
+
+        The commit and the upstream round trip overlap, so the disk wait is hidden behind the
+        network wait instead of added to it; nothing is relayed until the row is durable.
+        """
         base_url = self.outbound.base_url
+        upstream: httpx.Response | None = None
+        failed: tuple[int, str] | None = None
+        not_ready: str | None = None
+
+        async def wait_ready() -> None:
+            nonlocal not_ready
+            assert self.ready is not None
+            not_ready = await self.ready()
+
         try:
-            upstream = await self.client.send(self.outbound.request, stream=True)
-        except httpx.TimeoutException:
-            await self._send_error(send, 504, f"timed out connecting to {base_url}")
-            return
-        except httpx.HTTPError as exc:
-            await self._send_error(send, 502, f"cannot reach {base_url} ({type(exc).__name__})")
-            return
-        try:
-            await self._pump(upstream, send)
+            async with anyio.create_task_group() as tg:
+                if self.ready is not None:
+                    tg.start_soon(wait_ready)
+                try:
+                    upstream = await self.client.send(self.outbound.request, stream=True)
+                except httpx.TimeoutException:
+                    failed = (504, f"timed out connecting to {base_url}")
+                except httpx.HTTPError as exc:
+                    failed = (502, f"cannot reach {base_url} ({type(exc).__name__})")
+            if not_ready is not None:
+                self._withheld = upstream is not None
+                await self._send_error(send, 503, not_ready, raw=True, retry=True)
+            elif failed is not None:
+                await self._send_error(send, *failed)
+            elif upstream is not None:
+                await self._pump(upstream, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            if upstream is not None:
+                with anyio.CancelScope(shield=True):
+                    await upstream.aclose()
 
     async def _pump(self, upstream: httpx.Response, send: Send) -> None:
-        self._status = upstream.status_code
+        reply = self.outbound.adapter.reply(upstream, streamed=self.outbound.streamed)
+        self._status = reply.status
         self._got_response = True
         if self.outbound.meter:
             self._meter = ResponseMeter(
-                content_type=upstream.headers.get("content-type"),
-                content_encoding=upstream.headers.get("content-encoding"),
+                content_type=reply.header(b"content-type"),
+                content_encoding=reply.header(b"content-encoding"),
                 capture=self.outbound.capture,
             )
-        headers = [
-            (name.lower(), value)
-            for name, value in upstream.headers.raw
-            if name.lower().decode("latin-1") not in HOP_BY_HOP
-        ]
+        headers = reply.headers
         headers.append((b"x-ccgate-request-id", self.outbound.request_id.encode()))
-        await send(
-            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
-        )
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await self._copy(reply, send)
+
+    async def _copy(self, reply: Reply, send: Send) -> None:
         meter = self._meter
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in reply.chunks:
                 if self._first_byte_at is None:
                     self._first_byte_at = time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -206,14 +220,17 @@ class Relay(Response):
         self._checkpoint_at = now
         self.on_progress(meter.peek())
 
-    async def _send_error(self, send: Send, status: int, message: str) -> None:
+    async def _send_error(
+        self, send: Send, status: int, message: str, *, raw: bool = False, retry: bool = False
+    ) -> None:
         self._status = status
         self._failure = message
-        response = error_response(
-            status,
-            "api_error",
-            f"ccgate {message}. Check your network, or the upstream with `ccgate status`.",
+        text = (
+            message
+            if raw
+            else f"ccgate {message}. Check your network, or the upstream with `ccgate status`."
         )
+        response = error_response(status, "api_error", text, should_retry=True if retry else None)
 
         async def no_receive() -> Message:
             return {"type": "http.disconnect"}
