@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -102,6 +102,12 @@ class RequestRecord:
     repriced_from_micros: int | None = None  # the estimate a re-pricing replaced
     request_body: bytes | None = None
     response_body: bytes | None = None
+    # Upstream attempts for this request (fallback across keys and providers): how many, and
+    # one entry per attempt: {"provider", "kind", "key" (a label, never the secret), "status"
+    # (int or None), "reason" (None for the one that served; else "connect_error", "timeout",
+    # "rate_limited", "auth_failed", "server_error", "overloaded", "circuit_open"), "ms"}.
+    attempts: int = 1
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -373,9 +379,10 @@ def _rollback_quietly(db: sqlite3.Connection) -> None:
 
 # --------------------------------------------------------------------------- SQL
 
-_RECORD_COLUMNS: Final = tuple(
-    f.name for f in fields(RequestRecord) if f.name not in ("request_body", "response_body")
-)
+# Not stored as columns: the bodies (their own table) and, until their migration lands, the
+# attempt fields.
+_NOT_COLUMNS: Final = frozenset({"request_body", "response_body", "attempts", "attempt_log"})
+_RECORD_COLUMNS: Final = tuple(f.name for f in fields(RequestRecord) if f.name not in _NOT_COLUMNS)
 _SESSION_COLUMNS: Final = ("repo", "branch")
 _ROW_COLUMNS: Final = tuple(f.name for f in fields(LedgerRow) if f.name not in _SESSION_COLUMNS)
 
