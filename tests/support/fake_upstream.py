@@ -268,6 +268,47 @@ class Scenario:
         return error_type, self.error_message or ERROR_MESSAGES.get(error_type, "Error")
 
 
+def seat_quota_headers(
+    *,
+    five_hour: float = 0.42,
+    seven_day: float = 0.18,
+    now: float | None = None,
+    five_hour_reset_in: float = 3 * 3600 + 600,
+    seven_day_reset_in: float = 4 * 86400 + 7200,
+    status: str = "allowed",
+) -> tuple[tuple[str, str], ...]:
+    """The plan's rate-limit headers the real API sends to a subscription (OAuth) login.
+
+    The set and units are Claude Code 2.1.332's reading of them: per window a utilization
+    (fraction used, as a decimal), a reset (unix epoch seconds) and a status; overall a
+    status, the reset and the window that binds (``representative-claim``), the fallback
+    share, and the overage (extra usage) state. An API key gets none of them.
+    """
+    now = time.time() if now is None else now
+    reset_5h = int(now + five_hour_reset_in)
+    reset_7d = int(now + seven_day_reset_in)
+
+    def window_status(used: float) -> str:
+        return "rejected" if used >= 1 else "allowed_warning" if used >= 0.8 else "allowed"
+
+    claim = "five_hour" if five_hour >= seven_day else "seven_day"
+    p = "anthropic-ratelimit-unified-"
+    return (
+        (f"{p}status", status),
+        (f"{p}reset", str(reset_5h if claim == "five_hour" else reset_7d)),
+        (f"{p}representative-claim", claim),
+        (f"{p}fallback-percentage", "0.5"),
+        (f"{p}5h-status", window_status(five_hour)),
+        (f"{p}5h-reset", str(reset_5h)),
+        (f"{p}5h-utilization", f"{five_hour:g}"),
+        (f"{p}7d-status", window_status(seven_day)),
+        (f"{p}7d-reset", str(reset_7d)),
+        (f"{p}7d-utilization", f"{seven_day:g}"),
+        (f"{p}overage-status", "rejected"),
+        (f"{p}overage-disabled-reason", "org_level_disabled"),
+    )
+
+
 @dataclass(frozen=True)
 class ReceivedRequest:
     """One request as it arrived. Header names are lower-case; repeats are joined with ", "."""

@@ -127,6 +127,11 @@ def status(report: dict[str, Any]) -> None:
     failed = failures(today.get("errors", 0), today.get("rejected", 0))
     failed = f" ([red]{failed}[/red])" if failed else ""
     table.add_row("today", f"{today['requests']} requests{failed}, {usd(today['cost_usd'])}")
+    quota = report.get("quota")
+    if quota:
+        warn = quota.get("status") in ("allowed_warning", "rejected")
+        text = escape(quota["summary"])
+        table.add_row("plan quota", f"[yellow]{text}[/yellow]" if warn else text)
     table.add_row("state", report["state_dir"])
     console.out.print(table)
 

@@ -362,6 +362,23 @@ def down(*, paths: Paths, remove_service: bool = False) -> DownResult:
     )
 
 
+def latest_quota(ledger: Ledger, *, now: float) -> dict[str, Any] | None:
+    """The seat plan's quota from the newest answer that reported one (passthrough), for
+    ``status`` and ``usage --json``: ``accounting.quota.to_json`` plus a ``summary`` line."""
+    from ccgate.accounting import quota
+    from ccgate.gateway.statusbar import duration
+
+    latest = ledger.latest_ratelimit()
+    parsed = quota.decode(latest[1], observed_at=latest[0]) if latest else None
+    if parsed is None:
+        return None
+    return {
+        **(quota.to_json(parsed, now=now) or {}),
+        "summary": quota.describe(parsed, now=now, duration=duration),
+        "short": quota.short(parsed, now=now),
+    }
+
+
 def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
     """Everything ``ccgate status`` shows, as JSON-ready data."""
     now = time.time() if now is None else now
@@ -395,10 +412,12 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
         if current is None:
             report["server"] = _offline_server_state(paths, server_profile, now=now)
     today = reports.total_usage([])
+    report["quota"] = None
     if paths.ledger_file.exists():
         ledger = Ledger(paths.ledger_file, readonly=True)
         try:
             today = reports.today_usage(ledger, now=now)
+            report["quota"] = latest_quota(ledger, now=now)
         finally:
             ledger.close()
     report["today"] = {

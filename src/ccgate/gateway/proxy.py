@@ -41,7 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ccgate import __version__, env
-from ccgate.accounting import billing
+from ccgate.accounting import billing, quota
 from ccgate.accounting.metering import Metered
 from ccgate.gateway.policy import Policy, Ticket, Upstream
 from ccgate.gateway.relay import HOP_BY_HOP, Observation, Outbound, Relay
@@ -514,6 +514,7 @@ class _Finish:
         _apply(rec, self._charge(seen.metered, seen.status))
         outcome, error = billing.outcome(seen)
         rec.outcome, rec.error = outcome, cap_error(error)
+        rec.ratelimit = quota.encode(observation.quota_headers)
         if self.gateway.settings.log_content and observation.response_body is not None:
             rec.response_body = observation.response_body
         self.gateway.finish(rec)

@@ -26,6 +26,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from ccgate.accounting import quota
 from ccgate.accounting.billing import Observed
 from ccgate.accounting.metering import Metered, ResponseMeter
 from ccgate.wire import error_response
@@ -70,6 +71,7 @@ class Observation:
     seen: Observed
     first_byte_at: float | None  # time.perf_counter() of the first body chunk
     response_body: bytes | None
+    quota_headers: dict[str, str] | None = None  # anthropic-ratelimit-unified-*, seat plans
 
 
 class Relay(Response):
@@ -98,6 +100,7 @@ class Relay(Response):
         self._since_checkpoint = 0
         self._checkpoint_at = 0.0
         self._start_persisted = False
+        self._quota: dict[str, str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tg:
@@ -122,6 +125,7 @@ class Relay(Response):
             ),
             first_byte_at=self._first_byte_at,
             response_body=meter.captured() if meter is not None else None,
+            quota_headers=self._quota,
         )
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
@@ -152,6 +156,7 @@ class Relay(Response):
     async def _pump(self, upstream: httpx.Response, send: Send) -> None:
         self._status = upstream.status_code
         self._got_response = True
+        self._quota = quota.capture(upstream.headers.raw)
         if self.outbound.meter:
             self._meter = ResponseMeter(
                 content_type=upstream.headers.get("content-type"),

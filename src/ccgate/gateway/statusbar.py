@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ccgate import paths as paths_mod
+from ccgate.accounting.quota import Quota
 from ccgate.money import money
 
 HEALTH_TIMEOUT_S: Final = 0.3
@@ -59,6 +60,8 @@ class State:
     offline: bool = False
     bundle_expires_at: float | None = None
     problem: str | None = None
+    quota: Quota | None = None
+    """The seat plan's latest quota (passthrough), from the ledger."""
 
 
 def duration(seconds: float) -> str:
@@ -94,6 +97,8 @@ def format_line(state: State, *, now: float, colour: bool) -> str:
         parts.append(f"blocked: {state.problem}")
     if state.budget is not None:
         parts.append(_budget_text(state.budget, now=now, colour=colour))
+    if state.quota is not None:
+        parts.append(_quota_text(state.quota, now=now, colour=colour))
     if state.offline:
         parts.append("offline: spending the lease")
     if state.bundle_expires_at is not None and state.bundle_expires_at - now < EXPIRY_WARNING_S:
@@ -128,6 +133,18 @@ def _budget_text(budget: Budget, *, now: float, colour: bool) -> str:
     if colour:
         return f"{_COLOURS[level]}{text}{_RESET}"
     return f"{_WORDS[level]} {pct}% used: {text}"
+
+
+def _quota_text(quota: Quota, *, now: float, colour: bool) -> str:
+    from ccgate.accounting import quota as quota_mod
+
+    text = f"plan {quota_mod.short(quota, now=now)}"
+    level = quota_mod.level(quota, now=now)
+    if not level:
+        return text
+    if colour:
+        return f"{_COLOURS[level]}{text}{_RESET}"
+    return f"{_WORDS[level]}: {text}"
 
 
 # --------------------------------------------------------------------------- the daemon's view
@@ -274,16 +291,20 @@ def gather(
     from ccgate.store import sessions
 
     session = today = failed = 0
+    quota: Quota | None = None
     if paths.ledger_file.exists():
         with contextlib.suppress(Exception):  # a busy or older ledger: show zeros, not an error
             if session_id:
                 session = sessions.session_cost(paths.ledger_file, session_id)
             today, failed = today_totals(paths, now=now)
+        with contextlib.suppress(Exception):
+            quota = _latest_quota(paths)
     if health is None:
-        return State(session, today, failed, daemon_up=False)
+        return State(session, today, failed, daemon_up=False, quota=quota)
     server = health.get("server")
     if not isinstance(server, dict):
-        return State(session, today, failed, mode=str(health.get("mode") or "standalone"))
+        mode = str(health.get("mode") or "standalone")
+        return State(session, today, failed, mode=mode, quota=quota)
     lease = server.get("lease") or {}
     return State(
         session,
@@ -294,7 +315,18 @@ def gather(
         offline=bool(lease.get("offline")) if isinstance(lease, dict) else False,
         bundle_expires_at=_iso_to_epoch(server.get("bundle_expires_at")),
         problem=str(server["problem"]) if server.get("problem") else None,
+        quota=quota,
     )
+
+
+def _latest_quota(paths: paths_mod.Paths) -> Quota | None:
+    from ccgate.accounting import quota as quota_mod
+    from ccgate.store import sessions
+
+    latest = sessions.latest_ratelimit(paths.ledger_file)
+    if latest is None:
+        return None
+    return quota_mod.decode(latest[1], observed_at=latest[0])
 
 
 def attribute(
