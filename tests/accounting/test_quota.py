@@ -16,8 +16,9 @@ def raw(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in pairs]
 
 
-def seat(**kw: float) -> quota.Quota:
-    captured = quota.capture(raw(*seat_quota_headers(now=NOW, **kw)))
+def seat(*, five_hour: float = 0.42, seven_day: float = 0.18) -> quota.Quota:
+    headers = seat_quota_headers(now=NOW, five_hour=five_hour, seven_day=seven_day)
+    captured = quota.capture(raw(*headers))
     assert captured is not None
     return quota.parse(captured, observed_at=NOW)
 
