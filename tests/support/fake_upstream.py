@@ -243,6 +243,9 @@ class Scenario:
     """Sent as the whole body (with ``status`` and ``raw_content_type``) instead of a real
     answer: garbage or truncated SSE, a non-JSON error page."""
     raw_content_type: str = "text/event-stream; charset=utf-8"
+    tool_use: tuple[str, dict[str, Any]] | None = None
+    """A tool call (name, input) after the text, with ``stop_reason`` "tool_use": Claude Code
+    runs the tool and asks again in the same session (an agent loop)."""
 
     def __post_init__(self) -> None:
         if self.message_deltas < 1:
@@ -362,9 +365,20 @@ def stream_events(scenario: Scenario, *, model: str, message_id: str) -> list[di
         delta = {"type": "text_delta", "text": chunk}
         events.append({"type": "content_block_delta", "index": 0, "delta": delta})
     events.append({"type": "content_block_stop", "index": 0})
+    stop_reason = scenario.stop_reason
+    if scenario.tool_use is not None:
+        name, arguments = scenario.tool_use
+        block = {"type": "tool_use", "id": new_id("toolu_01", 22), "name": name, "input": {}}
+        partial = {"type": "input_json_delta", "partial_json": json.dumps(arguments)}
+        events += [
+            {"type": "content_block_start", "index": 1, "content_block": block},
+            {"type": "content_block_delta", "index": 1, "delta": partial},
+            {"type": "content_block_stop", "index": 1},
+        ]
+        stop_reason = "tool_use"
     outputs = scenario.usage.delta_outputs(scenario.message_deltas)
     for position, output_tokens in enumerate(outputs, start=1):
-        stop = scenario.stop_reason if position == len(outputs) else None
+        stop = stop_reason if position == len(outputs) else None
         events.append(
             {
                 "type": "message_delta",
@@ -377,9 +391,15 @@ def stream_events(scenario: Scenario, *, model: str, message_id: str) -> list[di
 
 
 def complete_message(scenario: Scenario, *, model: str, message_id: str) -> dict[str, Any]:
-    content = [{"type": "text", "text": scenario.text}]
+    content: list[dict[str, Any]] = [{"type": "text", "text": scenario.text}]
+    stop_reason = scenario.stop_reason
+    if scenario.tool_use is not None:
+        name, arguments = scenario.tool_use
+        tool_id = new_id("toolu_01", 22)
+        content.append({"type": "tool_use", "id": tool_id, "name": name, "input": arguments})
+        stop_reason = "tool_use"
     message = _message_shell(
-        model=model, message_id=message_id, content=content, stop_reason=scenario.stop_reason
+        model=model, message_id=message_id, content=content, stop_reason=stop_reason
     )
     message["usage"] = scenario.usage.message()
     return message

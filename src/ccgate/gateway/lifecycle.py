@@ -123,6 +123,8 @@ def up(
             )
         differences = running_differences(
             info, config, bundle_decides=prepared.server_profile is not None
+        ) + _session_cap_differences(
+            paths, config, bundle_decides=prepared.server_profile is not None
         )
         if differences:
             raise AlreadyRunningError(
@@ -169,6 +171,7 @@ def up_service(
         extra.append("--log-content")
     if config.passthrough:
         extra.append("--passthrough")
+    extra += daemon.session_cap_args(config)
     installed = service.install(
         paths=paths,
         port=config.port,
@@ -284,6 +287,33 @@ def running_differences(
             ("passthrough", _on(info.auth == "passthrough"), _on(bool(config.passthrough))),
         ]
     return [f"{name} {have} (asked: {want})" for name, have, want in wanted if have != want]
+
+
+def _session_cap_differences(paths: Paths, config: Config, *, bundle_decides: bool) -> list[str]:
+    """Session caps asked for that differ from the running daemon's: the config file holds
+    what it was started with (``up`` saves it once the daemon runs)."""
+    from ccgate.machine import config as config_mod
+
+    if bundle_decides:
+        return []
+    running = config_mod.load(paths)
+    out = []
+    for name, option in (
+        ("session_budget_micros", "session budget"),
+        ("session_rpm", "session rpm"),
+    ):
+        have, want = getattr(running, name), getattr(config, name)
+        if have != want:
+            out.append(f"{option} {_cap_text(name, have)} (asked: {_cap_text(name, want)})")
+    return out
+
+
+def _cap_text(name: str, value: int | None) -> str:
+    from ccgate.machine.config import usd_text
+
+    if value is None:
+        return "off"
+    return f"${usd_text(value)}" if name == "session_budget_micros" else str(value)
 
 
 def _on(flag: bool) -> str:

@@ -343,6 +343,7 @@ class Gateway:
                 body_bytes=len(body),
                 max_tokens=max_tokens if isinstance(max_tokens, int) else 0,
                 now=record.started_at,
+                session_id=record.session_id,
             )
         )
         if reject is not None:

@@ -990,6 +990,14 @@ class Ledger:
             params.append(limit)
         return [_to_row(r) for r in self._query(sql, params)]
 
+    def session_spent(self, session_id: str) -> int:
+        """Micro-dollars the session's requests have cost so far (index requests_session)."""
+        ((cost,),) = self._query(
+            "SELECT COALESCE(SUM(cost_micros), 0) FROM requests WHERE session_id = ?",
+            [session_id],
+        )
+        return int(cost)
+
     def latest_ratelimit(self) -> tuple[float, str] | None:
         """``(started_at, ratelimit)`` of the newest row that carried plan quota headers."""
         rows = self._query(
