@@ -40,7 +40,7 @@ import httpx
 
 from ccgate._files import atomic_write
 from ccgate._format import iso_utc
-from ccgate.accounting import periods
+from ccgate.accounting import periods, quota
 from ccgate.accounting.pricing import PriceTable
 from ccgate.client import profiles
 from ccgate.client.remote import KeyRefused, ServerClient, ServerError
@@ -785,4 +785,20 @@ def _usage_record(row: LedgerRow, repo_attribution: bool = True) -> dict[str, An
         record["lease_id"] = row.lease_id
     if repo_attribution and row.repo is not None:
         record["repo"], record["branch"] = row.repo, row.branch
+    record.update(quota_fields(row))
     return record
+
+
+def quota_fields(row: LedgerRow) -> dict[str, Any]:
+    """The seat plan's quota of a row, as the usage record names it; empty without one."""
+    parsed = quota.decode(row.ratelimit, observed_at=row.started_at)
+    if parsed is None:
+        return {}
+    fields: dict[str, Any] = {
+        "quota_status": parsed.status[:16],
+        "quota_claim": (parsed.representative_claim or "")[:32] or None,
+    }
+    for infix, window in (("5h", parsed.five_hour), ("7d", parsed.seven_day)):
+        fields[f"quota_{infix}_utilization"] = window.utilization if window else None
+        fields[f"quota_{infix}_reset"] = window.resets_at if window else None
+    return fields
