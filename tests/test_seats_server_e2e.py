@@ -107,6 +107,9 @@ def test_a_session_cap_from_the_admin_stops_a_runaway_loop(
     assert len([r for r in oauth_upstream.requests if r.path == "/v1/messages"]) == 2
     statuses = sorted(r["status"] for r in logged())
     assert statuses == [200, 200, 402]  # one refused attempt, not retried
+    status = ccgate("status", "--json")
+    caps = json.loads(status.stdout)["session_caps"]
+    assert (caps["budget_micros"], caps["budget_source"]) == (30_000, "key 'ana'")
 
 
 def test_teams_update_changes_attribution_and_caps(server: Server) -> None:

@@ -9,7 +9,10 @@ prints ccgate's message; the ledger has the refusal as a row.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -96,6 +99,21 @@ def test_a_session_budget_stops_a_runaway_loop_with_one_clear_message(
     assert "session budget of $0.03" in str(refused["error"])
     assert len({r["session_id"] for r in rows}) == 1
     assert sum(int(str(r["cost_micros"])) for r in rows) == 2 * PER_REQUEST
+
+    # What the developer sees outside Claude Code: the cap in status, and in the status line.
+    status = ccgate("status")
+    assert "session caps" in status.stdout
+    assert "$0.03 per session (the local config)" in status.stdout
+    line = subprocess.run(
+        [sys.executable, "-m", "ccgate", "statusline"],
+        input=json.dumps({"session_id": refused["session_id"], "cwd": "/tmp"}),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert line.startswith(
+        "CRITICAL ccgate: session $0.033 of $0.03: session cap reached, start a new session (402)"
+    ), line
 
     # A new session starts afresh under the same cap.
     loop_upstream.default = Scenario(usage=Usage(input_tokens=10, output_tokens=5))

@@ -135,3 +135,23 @@ def test_status_line_shows_the_plan_quota_with_warnings() -> None:
     hot = State(1000, 2000, quota=seat(five_hour=0.42, seven_day=0.86))
     assert format_line(hot, now=NOW, colour=False).endswith("WARNING: plan 5h 42% · 7d 86%")
     assert format_line(hot, now=NOW, colour=True).endswith("\x1b[33mplan 5h 42% · 7d 86%\x1b[0m")
+
+
+def test_status_line_warns_before_the_session_cap() -> None:
+    # Not quota, but the same line: the session's spend against its cap, from 80 % on.
+    under = State(1_000_000, 2_000_000, session_budget_micros=5_000_000)
+    assert format_line(under, now=NOW, colour=False) == (
+        "ccgate: session $1.00 of $5.00 · today $2.00"
+    )
+    near = State(4_100_000, 5_000_000, session_budget_micros=5_000_000)
+    assert format_line(near, now=NOW, colour=False).startswith(
+        "WARNING ccgate: session $4.10 of $5.00: at the cap this session's requests are "
+        "refused (402)"
+    )
+    over = State(5_200_000, 5_200_000, session_budget_micros=5_000_000)
+    assert format_line(over, now=NOW, colour=True).startswith(
+        "\x1b[1;31mccgate: session $5.20 of $5.00: session cap reached, start a new session "
+        "(402)\x1b[0m"
+    )
+    down = State(5_200_000, 5_200_000, daemon_up=False, session_budget_micros=5_000_000)
+    assert format_line(down, now=NOW, colour=False).startswith("ccgate: session $5.20 · ")

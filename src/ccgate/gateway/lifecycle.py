@@ -435,6 +435,7 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
             server=doc.get("server"),
             upstream_key=bool(doc.get("upstream_key")),
             ledger=doc.get("ledger"),
+            session_caps=doc.get("session_caps"),
         )
     server_profile = profiles.load(paths)
     if server_profile is not None:

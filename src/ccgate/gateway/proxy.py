@@ -230,6 +230,7 @@ class Gateway:
                 "auth": "passthrough" if policy.passthrough else "provider",
                 "server": self.policy.snapshot(now=time.time()) or None,
                 "ledger": self.ledger_state(),
+                "session_caps": _session_caps(policy),
             }
         )
 
@@ -523,6 +524,12 @@ class _Finish:
         policy = self.gateway.policy
         policy.settle(self.ticket, cost_micros=rec.cost_micros, tokens=tokens, now=time.time())
         policy.finished()
+
+
+def _session_caps(policy: Policy) -> dict[str, Any] | None:
+    # Both policies keep their session caps in ``sessions`` (None: no caps).
+    meter = getattr(policy, "sessions", None)
+    return meter.caps.to_json() if isinstance(meter, admission.SessionMeter) else None
 
 
 def _apply(rec: RequestRecord, charge: billing.Charge) -> None:

@@ -62,6 +62,8 @@ class State:
     problem: str | None = None
     quota: Quota | None = None
     """The seat plan's latest quota (passthrough), from the ledger."""
+    session_budget_micros: int | None = None
+    """The session cap on money (local config or bundle), from the daemon's health."""
 
 
 def duration(seconds: float) -> str:
@@ -87,7 +89,10 @@ def used_percent(budget: Budget) -> int:
 
 def format_line(state: State, *, now: float, colour: bool) -> str:
     """The one line. Exact strings are tested: change them with the tests and the docs."""
-    parts = [f"ccgate: session {money(state.session_micros)}", f"today {money(state.today_micros)}"]
+    parts = [
+        _session_text(state, colour=colour) if state.daemon_up else _plain_session(state),
+        f"today {money(state.today_micros)}",
+    ]
     if state.failed_today:
         parts.append(f"{state.failed_today} failed today")
     if not state.daemon_up:
@@ -133,6 +138,28 @@ def _budget_text(budget: Budget, *, now: float, colour: bool) -> str:
     if colour:
         return f"{_COLOURS[level]}{text}{_RESET}"
     return f"{_WORDS[level]} {pct}% used: {text}"
+
+
+def _plain_session(state: State) -> str:
+    return f"ccgate: session {money(state.session_micros)}"
+
+
+def _session_text(state: State, *, colour: bool) -> str:
+    cap = state.session_budget_micros
+    if not cap:
+        return _plain_session(state)
+    pct = min(state.session_micros * 100 // cap, 100)
+    text = f"ccgate: session {money(state.session_micros)} of {money(cap)}"
+    if pct >= 100:
+        text += ": session cap reached, start a new session (402)"
+    elif pct >= 80:
+        text += ": at the cap this session's requests are refused (402)"
+    level = next((at for at in WARN_AT if pct >= at), 0)
+    if level < 80:
+        return text
+    if colour:
+        return f"{_COLOURS[level]}{text}{_RESET}"
+    return f"{_WORDS[level]} {text}"
 
 
 def _quota_text(quota: Quota, *, now: float, colour: bool) -> str:
@@ -301,10 +328,13 @@ def gather(
             quota = _latest_quota(paths)
     if health is None:
         return State(session, today, failed, daemon_up=False, quota=quota)
+    caps = health.get("session_caps")
+    cap = caps.get("budget_micros") if isinstance(caps, dict) else None
+    cap = cap if isinstance(cap, int) and cap > 0 else None
     server = health.get("server")
     if not isinstance(server, dict):
         mode = str(health.get("mode") or "standalone")
-        return State(session, today, failed, mode=mode, quota=quota)
+        return State(session, today, failed, mode=mode, quota=quota, session_budget_micros=cap)
     lease = server.get("lease") or {}
     return State(
         session,
@@ -316,6 +346,7 @@ def gather(
         bundle_expires_at=_iso_to_epoch(server.get("bundle_expires_at")),
         problem=str(server["problem"]) if server.get("problem") else None,
         quota=quota,
+        session_budget_micros=cap,
     )
 
 

@@ -413,6 +413,17 @@ class SessionCaps:
     def active(self) -> bool:
         return self.budget_micros is not None or self.rpm is not None
 
+    def to_json(self) -> dict[str, Any] | None:
+        """For the daemon's health document (status, the status line); None without caps."""
+        if not self.active:
+            return None
+        return {
+            "budget_micros": self.budget_micros,
+            "rpm": self.rpm,
+            "budget_source": self.budget_source,
+            "rpm_source": self.rpm_source,
+        }
+
 
 _NEW_SESSION: Final = "start a new Claude Code session (/clear, or a new `claude`)"
 
