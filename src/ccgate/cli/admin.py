@@ -864,29 +864,41 @@ def seats(ctx: typer.Context, json_output: JsonOption = False) -> None:
         )
         return
     now = float(data["now"])
-    numbers = ["5h", "7d", "7d cost"]
-    table = render_table("key", "device", *numbers, "status", "seen", numeric=numbers)
+    numbers = ["5h", "7d", "resets in", "7d cost"]
+    table = render_table("key", "device", *numbers, "plan", "seen", numeric=numbers)
     for seat in data["seats"]:
         table.add_row(
             _cell(seat["key"]),
             _cell(seat["device"]),
-            _seat_window_text(seat["five_hour"], now=now),
-            _seat_window_text(seat["seven_day"], now=now),
+            _seat_percent(seat["five_hour"]),
+            _seat_percent(seat["seven_day"]),
+            _seat_reset(seat, now=now),
             money(seat["cost_micros_7d"]),
-            _cell(seat["status"]),
+            _PLAN_WORDS.get(seat["status"], _cell(seat["status"])),
             _ago(now - float(seat["observed_at"])),
         )
     console.out.print(table)
 
 
-def _seat_window_text(window: dict[str, Any], *, now: float) -> str:
-    from ccgate.gateway.statusbar import duration
+_PLAN_WORDS = {"allowed": "ok", "allowed_warning": "warning", "rejected": "limited"}
 
+
+def _seat_percent(window: dict[str, Any]) -> str:
     if window["percent"] is None:
         return "new" if window.get("window_reset") else "-"
-    resets = window.get("resets_at")
-    text = f"{window['percent']}%"
-    return f"{text} ({duration(float(resets) - now)})" if resets is not None else text
+    return f"{window['percent']}%"
+
+
+def _seat_reset(seat: dict[str, Any], *, now: float) -> str:
+    """When the binding window (the plan's representative claim) resets; the 5-hour one else."""
+    from ccgate.gateway.statusbar import duration
+
+    name = "seven_day" if seat.get("representative_claim") == "seven_day" else "five_hour"
+    resets = seat[name].get("resets_at")
+    if resets is None:
+        return "-"
+    window = "7d" if name == "seven_day" else "5h"
+    return f"{duration(float(resets) - now)} ({window})"
 
 
 def _ago(seconds: float) -> str:
