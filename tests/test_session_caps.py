@@ -146,3 +146,23 @@ def test_usd_text_is_exact() -> None:
     assert usd_text(2_500_000) == "2.5"
     assert usd_text(30_000) == "0.03"
     assert usd_text(5_000_000) == "5"
+
+
+def test_local_config_keeps_caps_and_off_removes_them() -> None:
+    from ccgate import paths as paths_mod
+    from ccgate.machine import config as config_mod
+
+    paths = paths_mod.resolve()
+    on = config_mod.resolve(paths, session_budget_micros=2_500_000, session_rpm=30, environ={})
+    config_mod.save(paths, on)
+    text = paths.config_file.read_text()
+    assert "session_budget_micros = 2500000" in text and "session_rpm = 30" in text
+    kept = config_mod.resolve(paths, environ={})  # a plain `ccgate up` keeps them
+    assert (kept.session_budget_micros, kept.session_rpm) == (2_500_000, 30)
+    off = config_mod.resolve(paths, session_budget_micros=0, session_rpm=0, environ={})
+    assert (off.session_budget_micros, off.session_rpm) == (None, None)
+    config_mod.save(paths, off)
+    assert "session" not in paths.config_file.read_text()
+    paths.config_file.write_text("session_rpm = -3\n")
+    with pytest.raises(ConfigError, match="must not be negative"):
+        config_mod.resolve(paths, environ={})
