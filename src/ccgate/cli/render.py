@@ -132,9 +132,9 @@ def status(report: dict[str, Any]) -> None:
         table.add_row("session caps", _caps_line(caps))
     quota = report.get("quota")
     if quota:
-        warn = quota.get("status") in ("allowed_warning", "rejected")
+        colour = {95: "red", 80: "yellow"}.get(quota.get("level") or 0)
         text = escape(quota["summary"])
-        table.add_row("plan quota", f"[yellow]{text}[/yellow]" if warn else text)
+        table.add_row("plan quota", f"[{colour}]{text}[/{colour}]" if colour else text)
     table.add_row("state", report["state_dir"])
     console.out.print(table)
 

@@ -406,6 +406,7 @@ def latest_quota(ledger: Ledger, *, now: float) -> dict[str, Any] | None:
         **(quota.to_json(parsed, now=now) or {}),
         "summary": quota.describe(parsed, now=now, duration=duration),
         "short": quota.short(parsed, now=now),
+        "level": quota.level(parsed, now=now),
     }
 
 
