@@ -319,7 +319,9 @@ def teams_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
         data = client.teams()
     if not _as_json(data, json_output):
         rows = [{**t, "session caps": _session_caps_text(t)} for t in data["teams"]]
-        columns = ("name", "id", "customer", "budget", "session caps")
+        columns: tuple[str, ...] = ("name", "id", "customer", "budget")
+        if any(r["session caps"] != "-" for r in rows):  # a column only when some team has caps
+            columns += ("session caps",)
         _table(rows, columns, empty="No teams yet.")
 
 
