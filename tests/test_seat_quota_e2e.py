@@ -67,7 +67,9 @@ def test_seat_quota_shows_in_status_usage_and_the_status_line(
     )
     code, result = run_claude("hi", extra_env={"CLAUDE_CODE_OAUTH_TOKEN": OAUTH})
     assert code == 0, result
-    wait_finished(1)
+    (row,) = wait_finished(1)
+    assert row["ratelimit"]["5h-utilization"] == "0.42"
+    assert row["ratelimit"]["representative-claim"] == "five_hour"
 
     status = ccgate("status")
     assert status.returncode == 0, status.stderr
