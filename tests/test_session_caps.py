@@ -136,7 +136,7 @@ def test_session_budget_option(text: str, micros: int) -> None:
     assert parse_session_budget(text) == micros
 
 
-@pytest.mark.parametrize("text", ["lots", "-1", "nan", "inf", "1e9"])
+@pytest.mark.parametrize("text", ["lots", "-1", "nan", "inf", "1e9", "0.0000001", "-0"])
 def test_bad_session_budget_is_a_clear_error(text: str) -> None:
     with pytest.raises(ConfigError, match="--session-budget"):
         parse_session_budget(text)

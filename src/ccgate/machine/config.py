@@ -148,9 +148,10 @@ def parse_session_budget(text: str) -> int:
         dollars = Decimal(cleaned)
     except InvalidOperation:
         dollars = Decimal("NaN")
-    if not dollars.is_finite() or dollars <= 0 or dollars > 1_000_000:
+    micros = dollars * 1_000_000 if dollars.is_finite() else dollars
+    if not micros.is_finite() or micros < 1 or dollars > 1_000_000 or micros % 1:
         raise ConfigError(
-            f"--session-budget {text!r} is not an amount in dollars (for example 5 or 2.50; "
-            "off removes the cap)."
+            f"--session-budget {text!r} is not an amount in dollars (for example 5 or 2.50, at "
+            "most 6 decimals; off removes the cap)."
         )
-    return int((dollars * 1_000_000).to_integral_value())
+    return int(micros)
