@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ def passthrough(isolated: Isolated, seat_upstream: FakeUpstream) -> Iterator[int
         kill_pidfile_daemon(isolated.ccgate_home)
 
 
-def wait_finished(count: int) -> list[dict[str, object]]:
+def wait_finished(count: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         rows = [r for r in ccgate_json("logs") if r["outcome"] != "pending"]
