@@ -323,6 +323,9 @@ def m006_ratelimit(db: sqlite3.Connection) -> None:
     # Seat and subscription quota: a passthrough answer's anthropic-ratelimit-unified-* headers
     # (5-hour and 7-day utilization, resets), so status shows how close the plan's limits are.
     db.execute("ALTER TABLE requests ADD COLUMN ratelimit TEXT")
+    # The status line asks for the newest such row on every cache miss; API-key traffic has
+    # none, and without this index that question would scan the whole ledger backwards.
+    db.execute("CREATE INDEX requests_ratelimit ON requests (seq) WHERE ratelimit IS NOT NULL")
 
 
 def applied_migrations(db: sqlite3.Connection) -> set[str]:
