@@ -300,6 +300,7 @@ def test_record_to_json_has_every_field(ledger: Ledger) -> None:
         "billing": "api",
         "repo": None,
         "branch": None,
+        "ratelimit": None,
     }
 
 

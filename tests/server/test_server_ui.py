@@ -190,7 +190,7 @@ async def test_every_page_renders_for_a_viewer_with_nothing_external(server: Ser
     await _seed(server)
     await _sign_in(server, await _viewer(server))
     for path in ("/ui/", "/ui/spend", "/ui/spend?by=key&days=7", "/ui/spend?by=model",
-                 "/ui/keys", "/ui/requests", "/ui/audit"):  # fmt: skip
+                 "/ui/keys", "/ui/requests", "/ui/seats", "/ui/audit"):  # fmt: skip
         page = await server.client.get(path)
         assert page.status_code == 200, path
         for attrs in _parse(page.text):
@@ -261,3 +261,28 @@ async def test_the_cookie_is_secure_over_https(server: Server) -> None:
             c for c in answer.headers.get_list("set-cookie") if c.startswith("ccgate_session=")
         )
         assert "Secure" in session_cookie and "HttpOnly" in session_cookie
+
+
+async def test_seats_page_shows_each_seat_quota_fullest_first(server: Server) -> None:
+    await _seed(server)
+    bo = await server.new_key("bo")
+    device, _ = await server.register(bo)
+    records = [
+        {"id": f"{n:032x}", "started_at": START + n, "outcome": "ok", "billing": "subscription",
+         "cost_micros": 1000, "quota_status": "allowed", "quota_claim": "five_hour",
+         "quota_5h_utilization": used, "quota_5h_reset": START + 3600,
+         "quota_7d_utilization": 0.2, "quota_7d_reset": START + 86_400}
+        for n, used in ((100, 0.3), (101, 0.91))
+    ]  # fmt: skip
+    answer = await server.client.post(
+        "/v1/usage", headers=device_headers(bo, device), json={"records": records}
+    )
+    assert answer.status_code == 200, answer.text
+    await _sign_in(server, await _viewer(server))
+    page = await server.client.get("/ui/seats")
+    assert page.status_code == 200
+    cells = [a["data-percent"] for a in _parse(page.text) if "data-percent" in a]
+    assert cells == ["91", "20"]  # only bo has a seat quota; the newest answer counts
+    api = await server.ok("GET", "/seats")
+    (seat,) = api["seats"]
+    assert (seat["key"], seat["five_hour"]["percent"], seat["requests_7d"]) == ("bo", 91, 2)

@@ -243,6 +243,9 @@ class Scenario:
     """Sent as the whole body (with ``status`` and ``raw_content_type``) instead of a real
     answer: garbage or truncated SSE, a non-JSON error page."""
     raw_content_type: str = "text/event-stream; charset=utf-8"
+    tool_use: tuple[str, dict[str, Any]] | None = None
+    """A tool call (name, input) after the text, with ``stop_reason`` "tool_use": Claude Code
+    runs the tool and asks again in the same session (an agent loop)."""
 
     def __post_init__(self) -> None:
         if self.message_deltas < 1:
@@ -266,6 +269,47 @@ class Scenario:
         """The error type and message to answer with; ``fallback_type`` when status is 200."""
         error_type = self.error_type or ERROR_TYPES.get(self.status, fallback_type)
         return error_type, self.error_message or ERROR_MESSAGES.get(error_type, "Error")
+
+
+def seat_quota_headers(
+    *,
+    five_hour: float = 0.42,
+    seven_day: float = 0.18,
+    now: float | None = None,
+    five_hour_reset_in: float = 3 * 3600 + 600,
+    seven_day_reset_in: float = 4 * 86400 + 7200,
+    status: str = "allowed",
+) -> tuple[tuple[str, str], ...]:
+    """The plan's rate-limit headers the real API sends to a subscription (OAuth) login.
+
+    The set and units are Claude Code 2.1.332's reading of them: per window a utilization
+    (fraction used, as a decimal), a reset (unix epoch seconds) and a status; overall a
+    status, the reset and the window that binds (``representative-claim``), the fallback
+    share, and the overage (extra usage) state. An API key gets none of them.
+    """
+    now = time.time() if now is None else now
+    reset_5h = int(now + five_hour_reset_in)
+    reset_7d = int(now + seven_day_reset_in)
+
+    def window_status(used: float) -> str:
+        return "rejected" if used >= 1 else "allowed_warning" if used >= 0.8 else "allowed"
+
+    claim = "five_hour" if five_hour >= seven_day else "seven_day"
+    p = "anthropic-ratelimit-unified-"
+    return (
+        (f"{p}status", status),
+        (f"{p}reset", str(reset_5h if claim == "five_hour" else reset_7d)),
+        (f"{p}representative-claim", claim),
+        (f"{p}fallback-percentage", "0.5"),
+        (f"{p}5h-status", window_status(five_hour)),
+        (f"{p}5h-reset", str(reset_5h)),
+        (f"{p}5h-utilization", f"{five_hour:g}"),
+        (f"{p}7d-status", window_status(seven_day)),
+        (f"{p}7d-reset", str(reset_7d)),
+        (f"{p}7d-utilization", f"{seven_day:g}"),
+        (f"{p}overage-status", "rejected"),
+        (f"{p}overage-disabled-reason", "org_level_disabled"),
+    )
 
 
 @dataclass(frozen=True)
@@ -321,9 +365,20 @@ def stream_events(scenario: Scenario, *, model: str, message_id: str) -> list[di
         delta = {"type": "text_delta", "text": chunk}
         events.append({"type": "content_block_delta", "index": 0, "delta": delta})
     events.append({"type": "content_block_stop", "index": 0})
+    stop_reason = scenario.stop_reason
+    if scenario.tool_use is not None:
+        name, arguments = scenario.tool_use
+        block = {"type": "tool_use", "id": new_id("toolu_01", 22), "name": name, "input": {}}
+        partial = {"type": "input_json_delta", "partial_json": json.dumps(arguments)}
+        events += [
+            {"type": "content_block_start", "index": 1, "content_block": block},
+            {"type": "content_block_delta", "index": 1, "delta": partial},
+            {"type": "content_block_stop", "index": 1},
+        ]
+        stop_reason = "tool_use"
     outputs = scenario.usage.delta_outputs(scenario.message_deltas)
     for position, output_tokens in enumerate(outputs, start=1):
-        stop = scenario.stop_reason if position == len(outputs) else None
+        stop = stop_reason if position == len(outputs) else None
         events.append(
             {
                 "type": "message_delta",
@@ -336,9 +391,15 @@ def stream_events(scenario: Scenario, *, model: str, message_id: str) -> list[di
 
 
 def complete_message(scenario: Scenario, *, model: str, message_id: str) -> dict[str, Any]:
-    content = [{"type": "text", "text": scenario.text}]
+    content: list[dict[str, Any]] = [{"type": "text", "text": scenario.text}]
+    stop_reason = scenario.stop_reason
+    if scenario.tool_use is not None:
+        name, arguments = scenario.tool_use
+        tool_id = new_id("toolu_01", 22)
+        content.append({"type": "tool_use", "id": tool_id, "name": name, "input": arguments})
+        stop_reason = "tool_use"
     message = _message_shell(
-        model=model, message_id=message_id, content=content, stop_reason=scenario.stop_reason
+        model=model, message_id=message_id, content=content, stop_reason=stop_reason
     )
     message["usage"] = scenario.usage.message()
     return message

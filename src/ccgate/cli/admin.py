@@ -291,6 +291,8 @@ def teams_create(
     period: PeriodOption = None,
     rolling: RollingOption = False,
     repo_attribution: RepoAttributionOption = None,
+    session_budget: SessionBudgetOption = None,
+    session_rpm: SessionRpmOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a team, optionally under a customer and with a budget."""
@@ -303,6 +305,7 @@ def teams_create(
     }
     if repo_attribution is not None:
         body["repo_attribution"] = repo_attribution
+    body |= _session_cap_fields(session_budget, session_rpm)
     with _client(ctx) as client:
         data = client.create_team(body)
     if not _as_json(data, json_output):
@@ -315,7 +318,49 @@ def teams_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     with _client(ctx) as client:
         data = client.teams()
     if not _as_json(data, json_output):
-        _table(data["teams"], ("name", "id", "customer", "budget"), empty="No teams yet.")
+        rows = [{**t, "session caps": _session_caps_text(t)} for t in data["teams"]]
+        columns: tuple[str, ...] = ("name", "id", "customer", "budget")
+        if any(r["session caps"] != "-" for r in rows):  # a column only when some team has caps
+            columns += ("session caps",)
+        _table(rows, columns, empty="No teams yet.")
+
+
+@teams_app.command("update")
+def teams_update(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Team name.")],
+    budget: BudgetOption = None,
+    period: PeriodOption = None,
+    rolling: RollingOption = False,
+    repo_attribution: RepoAttributionOption = None,
+    session_budget: SessionBudgetOption = None,
+    session_rpm: SessionRpmOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Change a team: only the options given change. `none` clears --budget and
+    --session-budget; 0 clears --session-rpm."""
+    from ccgate.client.admin import budget_body
+    from ccgate.errors import CcgateError
+
+    body: dict[str, Any] = {}
+    if budget is not None and budget.lower() == "none":
+        body["budget"] = None
+    elif budget is not None or period is not None or rolling:
+        body["budget"] = budget_body(budget, period=period, rolling=rolling)
+    if repo_attribution is not None:
+        body["repo_attribution"] = repo_attribution
+    body |= _session_cap_fields(session_budget, session_rpm)
+    if not body:
+        raise CcgateError("Nothing to change: give at least one option (see --help).")
+    with _client(ctx) as client:
+        data = client.update_team(name, body)
+    if _as_json(data, json_output):
+        return
+    attribution = "on" if data["repo_attribution"] else "off"
+    console.info(
+        f"Updated team {data['name']}: budget {_cell(data['budget'])}, repository attribution "
+        f"{attribution}, session caps {_session_caps_text(data)}."
+    )
 
 
 # ------------------------------------------------------------------------ keys
@@ -383,6 +428,50 @@ RepoAttributionOption = Annotated[
         "(the default); --no-repo-attribution keeps those names off the server.",
     ),
 ]
+SessionBudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--session-budget",
+        help="USD one Claude Code session may spend; past it the session's requests are "
+        "refused (402) until a new session starts. none clears.",
+    ),
+]
+SessionRpmOption = Annotated[
+    int | None,
+    typer.Option(
+        "--session-rpm",
+        min=0,
+        help="Requests one Claude Code session may make per minute (stops runaway loops; "
+        "429). 0 clears.",
+    ),
+]
+
+
+def _session_cap_fields(budget: str | None, rpm: int | None) -> dict[str, Any]:
+    """--session-budget/--session-rpm as API fields; "none" / 0 clear them (null)."""
+    from ccgate.accounting.pricing import usd_micros
+
+    fields: dict[str, Any] = {}
+    if budget is not None:
+        none = budget.strip().lower() in ("none", "off")
+        micros = None if none else usd_micros(budget, option="--session-budget")
+        fields["session_budget_micros"] = micros or None
+    if rpm is not None:
+        fields["session_rpm"] = rpm or None
+    return fields
+
+
+def _session_caps_text(row: dict[str, Any]) -> str:
+    from ccgate.cli.render import usd
+
+    parts = []
+    if row.get("session_budget_micros"):
+        parts.append(f"{usd(row['session_budget_micros'] / 1_000_000)}/session")
+    if row.get("session_rpm"):
+        parts.append(f"{row['session_rpm']} rpm/session")
+    return ", ".join(parts) or "-"
+
+
 EnrolmentCodeOption = Annotated[
     bool,
     typer.Option(
@@ -420,6 +509,8 @@ def _key_fields(
     ci: CiOption = None,
     enrolment_code: EnrolmentCodeOption = False,
     repo_attribution: RepoAttributionOption = None,
+    session_budget: SessionBudgetOption = None,
+    session_rpm: SessionRpmOption = None,
 ) -> dict[str, Any]:
     """The options given, as API fields (none given: none sent). 0 clears --rpm/--tpm.
 
@@ -455,13 +546,14 @@ def _key_fields(
         fields["enrolment_code"] = True
     if repo_attribution is not None:
         fields["repo_attribution"] = repo_attribution
+    fields |= _session_cap_fields(session_budget, session_rpm)
     return fields
 
 
 def _key_options(command: Callable[..., None]) -> Callable[..., None]:
     """Give ``command`` the parameters of ``_key_fields`` as options, before its ``--json``.
 
-    `keys create` and `keys update` take the same sixteen options; Typer reads a command's
+    `keys create` and `keys update` take the same options; Typer reads a command's
     options from its signature, so they are declared once and the command gets them as
     ``**options``."""
     own = [
@@ -587,6 +679,7 @@ def _show_key(data: dict[str, Any], *, json_output: bool) -> None:
     table.add_row("auth", data["auth"])
     table.add_row("offline grace", _grace_text(data.get("offline_grace_micros")))
     table.add_row("token budget", _token_budget_text(data.get("token_budget")))
+    table.add_row("session caps", _session_caps_text(data))
     kind = "CI, per 24 h" if data.get("ci") else "approved"
     table.add_row("max devices", f"{data.get('max_devices', 1)} ({kind})")
     table.add_row("state", _key_state(data))
@@ -753,6 +846,67 @@ def prices_clear(ctx: typer.Context) -> None:
 
 
 # ------------------------------------------------------------------------ usage and audit
+
+
+@app.command("seats")
+def seats(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """How close each developer (key and device) runs to their seat plan's limits: the latest
+    5-hour and 7-day quota their daemon saw (passthrough logins), fullest first."""
+    from ccgate.cli.render import money
+    from ccgate.cli.render import table as render_table
+
+    with _client(ctx) as client:
+        data = client.seats()
+    if _as_json(data, json_output):
+        return
+    if not data["seats"]:
+        console.info(
+            "No seat quota reported yet: it comes from keys with --auth passthrough, whose "
+            "developers sign in to Claude Code with a subscription."
+        )
+        return
+    now = float(data["now"])
+    numbers = ["5h", "7d", "resets in", "7d cost"]
+    table = render_table("key", "device", *numbers, "plan", "seen", numeric=numbers)
+    for seat in data["seats"]:
+        table.add_row(
+            _cell(seat["key"]),
+            _cell(seat["device"]),
+            _seat_percent(seat["five_hour"]),
+            _seat_percent(seat["seven_day"]),
+            _seat_reset(seat, now=now),
+            money(seat["cost_micros_7d"]),
+            _PLAN_WORDS.get(seat["status"], _cell(seat["status"])),
+            _ago(now - float(seat["observed_at"])),
+        )
+    console.out.print(table)
+
+
+_PLAN_WORDS = {"allowed": "ok", "allowed_warning": "warning", "rejected": "limited"}
+
+
+def _seat_percent(window: dict[str, Any]) -> str:
+    if window["percent"] is None:
+        return "new" if window.get("window_reset") else "-"
+    return f"{window['percent']}%"
+
+
+def _seat_reset(seat: dict[str, Any], *, now: float) -> str:
+    """When the binding window (the plan's representative claim) resets; the 5-hour one else."""
+    from ccgate.gateway.statusbar import duration
+
+    name = "seven_day" if seat.get("representative_claim") == "seven_day" else "five_hour"
+    resets = seat[name].get("resets_at")
+    if resets is None:
+        return "-"
+    window = "7d" if name == "seven_day" else "5h"
+    return f"{duration(float(resets) - now)} ({window})"
+
+
+def _ago(seconds: float) -> str:
+    from ccgate.gateway.statusbar import duration
+
+    return f"{duration(seconds)} ago"
 
 
 @app.command("usage")

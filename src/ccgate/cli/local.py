@@ -49,6 +49,31 @@ LogContentOption = Annotated[
 ]
 
 
+SessionBudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--session-budget",
+        help="Standalone cap: dollars one Claude Code session may spend (e.g. 5 or 2.50); "
+        "past it the session's requests are refused (402). off removes it.",
+    ),
+]
+SessionRpmOption = Annotated[
+    int | None,
+    typer.Option(
+        "--session-rpm",
+        min=0,
+        help="Standalone cap: requests one Claude Code session may make per minute; more are "
+        "refused (429). 0 removes it.",
+    ),
+]
+
+
+def _budget_micros(budget: str | None) -> int | None:
+    from ccgate.machine.config import parse_session_budget
+
+    return None if budget is None else parse_session_budget(budget)
+
+
 def register(app: typer.Typer) -> None:
     app.command("up")(up)
     app.command("down")(down)
@@ -83,6 +108,8 @@ def up(
     passthrough: PassthroughOption = None,
     service: ServiceOption = False,
     statusline: StatusLineOption = None,
+    session_budget: SessionBudgetOption = None,
+    session_rpm: SessionRpmOption = None,
 ) -> None:
     """Start the daemon in the background and point Claude Code at it.
 
@@ -94,7 +121,13 @@ def up(
 
     paths = paths_mod.resolve()
     config = config_mod.resolve(
-        paths, port=port, upstream_url=upstream, log_content=log_content, passthrough=passthrough
+        paths,
+        port=port,
+        upstream_url=upstream,
+        log_content=log_content,
+        passthrough=passthrough,
+        session_budget_micros=_budget_micros(session_budget),
+        session_rpm=session_rpm,
     )
     statusline = _offer_status_line(paths, statusline)
     if service:
@@ -230,6 +263,8 @@ def daemon_cmd(
     upstream: UpstreamOption = None,
     log_content: LogContentOption = None,
     passthrough: PassthroughOption = None,
+    session_budget: SessionBudgetOption = None,
+    session_rpm: SessionRpmOption = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
@@ -241,6 +276,12 @@ def daemon_cmd(
 
     paths = paths_mod.resolve()
     config = config_mod.resolve(
-        paths, port=port, upstream_url=upstream, log_content=log_content, passthrough=passthrough
+        paths,
+        port=port,
+        upstream_url=upstream,
+        log_content=log_content,
+        passthrough=passthrough,
+        session_budget_micros=_budget_micros(session_budget),
+        session_rpm=session_rpm,
     )
     daemon.serve(paths=paths, config=config, log_level=log_level.lower())

@@ -55,6 +55,7 @@ def usage(
     now = time.time()
     start = reports.parse_since(since, now=now)
     ledger = _open_ledger()
+    quota = None
     if ledger is None:
         report = reports.UsageReport(since=start, by=by, totals=reports.total_usage([]), rows=())
         series: list[tuple[str, int]] = []
@@ -62,10 +63,14 @@ def usage(
         try:
             report = reports.usage_report(ledger, since=start, by=by, now=now)
             series = reports.daily_series(ledger, since=start, now=now)
+            if json_output:
+                from ccgate.gateway.lifecycle import latest_quota
+
+                quota = latest_quota(ledger, now=now)
         finally:
             ledger.close()
     if json_output:
-        console.print_json(report.to_json())
+        console.print_json({**report.to_json(), "quota": quota})
     else:
         render.usage(report.to_json(), series)
 

@@ -127,8 +127,25 @@ def status(report: dict[str, Any]) -> None:
     failed = failures(today.get("errors", 0), today.get("rejected", 0))
     failed = f" ([red]{failed}[/red])" if failed else ""
     table.add_row("today", f"{today['requests']} requests{failed}, {usd(today['cost_usd'])}")
+    caps = report.get("session_caps")
+    if caps:
+        table.add_row("session caps", _caps_line(caps))
+    quota = report.get("quota")
+    if quota:
+        colour = {95: "red", 80: "yellow"}.get(quota.get("level") or 0)
+        text = escape(quota["summary"])
+        table.add_row("plan quota", f"[{colour}]{text}[/{colour}]" if colour else text)
     table.add_row("state", report["state_dir"])
     console.out.print(table)
+
+
+def _caps_line(caps: dict[str, Any]) -> str:
+    parts = []
+    if caps.get("budget_micros"):
+        parts.append(f"{money(caps['budget_micros'])} per session ({caps['budget_source']})")
+    if caps.get("rpm"):
+        parts.append(f"{caps['rpm']} requests per minute per session ({caps['rpm_source']})")
+    return escape("; ".join(parts))
 
 
 def _level_line(level: dict[str, Any]) -> str:

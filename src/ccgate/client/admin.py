@@ -136,6 +136,12 @@ class AdminClient:
     def create_team(self, body: Mapping[str, Any]) -> Any:
         return self.request("POST", "/teams", json=dict(body))
 
+    def update_team(self, name: str, body: Mapping[str, Any]) -> Any:
+        return self.request("PATCH", f"/teams/{quote(name, safe='')}", json=dict(body))
+
+    def seats(self) -> Any:
+        return self.request("GET", "/seats")
+
     def keys(self) -> Any:
         return self.request("GET", "/keys")
 

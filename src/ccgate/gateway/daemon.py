@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from ccgate.gateway.policy import Policy
     from ccgate.gateway.proxy import Authenticator, Gateway, OnFinish
+    from ccgate.policy.limits import SessionMeter
     from ccgate.store.ledger import Ledger
 
 LOCAL_KEY_NAME = "local-client-key"
@@ -211,6 +212,7 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
             upstream_key=provider_key,
             passthrough=config.passthrough,
             table=prices,
+            sessions=local_session_meter(config, ledger),
         )
         gateway, server = build(
             local,
@@ -324,6 +326,36 @@ def running(paths: Paths) -> tuple[RuntimeInfo, dict[str, Any]] | None:
     return info, doc
 
 
+def session_cap_args(config: Config) -> list[str]:
+    """The daemon command's options for the local session caps (the file is saved only after
+    the daemon started, so it cannot be where the daemon reads them)."""
+    from ccgate.machine.config import usd_text
+
+    args: list[str] = []
+    if config.session_budget_micros:
+        args += ["--session-budget", usd_text(config.session_budget_micros)]
+    if config.session_rpm:
+        args += ["--session-rpm", str(config.session_rpm)]
+    return args
+
+
+def local_session_meter(config: Config, ledger: Ledger) -> SessionMeter | None:
+    """Standalone mode's session caps, from the local config; None when none is set."""
+    from ccgate.policy.limits import SessionCaps, SessionMeter
+
+    if config.session_budget_micros is None and config.session_rpm is None:
+        return None
+    hint = "raise it with `ccgate down` and `ccgate up --session-budget/--session-rpm`"
+    caps = SessionCaps(
+        budget_micros=config.session_budget_micros,
+        rpm=config.session_rpm,
+        budget_source="the local config",
+        rpm_source="the local config",
+        raise_hint=hint,
+    )
+    return SessionMeter(caps, spent_before=ledger.session_spent)
+
+
 def start_background(
     *, paths: Paths, config: Config, timeout: float = 20.0, tick: Callable[[], None] | None = None
 ) -> RuntimeInfo:
@@ -343,6 +375,7 @@ def start_background(
         command.append("--log-content")
     if config.passthrough:
         command.append("--passthrough")
+    command += session_cap_args(config)
     with _open_log(paths.log_file) as log_file:
         child = subprocess.Popen(
             command,

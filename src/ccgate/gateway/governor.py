@@ -40,14 +40,22 @@ import httpx
 
 from ccgate._files import atomic_write
 from ccgate._format import iso_utc
-from ccgate.accounting import periods
+from ccgate.accounting import periods, quota
 from ccgate.accounting.pricing import PriceTable
 from ccgate.client import profiles
 from ccgate.client.remote import KeyRefused, ServerClient, ServerError
 from ccgate.gateway.policy import Refusal, Ticket, Upstream
 from ccgate.paths import Paths
 from ccgate.policy import limits as admission
-from ccgate.policy.bundle import Bundle, BundleError, BundleStore, DeviceKey, unseal
+from ccgate.policy.bundle import (
+    Bundle,
+    BundleError,
+    BundleStore,
+    DeviceKey,
+    KeyPolicy,
+    LevelPolicy,
+    unseal,
+)
 from ccgate.policy.limits import estimate_input_tokens, format_usd
 from ccgate.policy.wallet import GRACE, Lease, TokenMeter, Wallet
 from ccgate.store.ledger import Ledger, LedgerRow
@@ -75,6 +83,32 @@ def admission_policy(bundle: Bundle) -> admission.KeyRules:
         tpm=bundle.key.tpm,
         expires_at=bundle.key.expires_at,
         revoked=False,
+    )
+
+
+def session_caps(bundle: Bundle) -> admission.SessionCaps:
+    """The tightest of the key's and its team's session caps, each naming who set it."""
+    levels: list[tuple[str, KeyPolicy | LevelPolicy]] = [(f"key '{bundle.key.name}'", bundle.key)]
+    if bundle.team is not None:
+        levels.append((f"team '{bundle.team.name}'", bundle.team))
+    budget = min(
+        (
+            (lvl.session_budget_micros, who)
+            for who, lvl in levels
+            if lvl.session_budget_micros is not None
+        ),
+        default=(None, "the key"),
+    )
+    rpm = min(
+        ((lvl.session_rpm, who) for who, lvl in levels if lvl.session_rpm is not None),
+        default=(None, "the key"),
+    )
+    return admission.SessionCaps(
+        budget_micros=budget[0],
+        rpm=rpm[0],
+        budget_source=budget[1],
+        rpm_source=rpm[1],
+        raise_hint="ask your ccgate admin to raise it",
     )
 
 
@@ -141,6 +175,9 @@ class Governor:
         self.wallet = Wallet()
         self.tokens: TokenMeter | None = None
         self.limited_by: dict[str, Any] | None = None
+        self.sessions = admission.SessionMeter(
+            admission.SessionCaps(), spent_before=ledger.session_spent
+        )
         self.last_spent: dict[str, Any] = {}  # the server's Spent, from the last answer
         self.offline = False
         self.sync_state = _SyncState()
@@ -231,6 +268,7 @@ class Governor:
         else:
             self.limiter.set_policy(policy)
             self.limiter.set_prices(self._table)
+        self.sessions.caps = session_caps(bundle)
         self.wallet.grace_micros = bundle.key.offline_grace_micros
         self.wallet.unlimited = not has_budget(bundle)
         budget = bundle.key.token_budget
@@ -579,6 +617,11 @@ class Governor:
             return None, reject
         # The ticket grows with each reservation made; a refusal settles what it holds so far.
         held = Ticket(inner, None, inner.reserve_micros, 0)
+        session_refused = self.sessions.check(req.session_id, now=req.now)
+        if session_refused is not None:
+            self.settle(held, cost_micros=0, tokens=0, now=req.now)
+            return None, session_refused
+        held = replace(held, session_id=req.session_id)
         if self.tokens is not None:
             worst_tokens = estimate_input_tokens(req.body_bytes) + max(req.max_tokens, 0)
             problem = self.tokens.check(worst_tokens, now=req.now)
@@ -623,6 +666,7 @@ class Governor:
             )
         if self.tokens is not None and ticket.reserved_tokens:
             self.tokens.settle(reserved=ticket.reserved_tokens, actual=tokens)
+        self.sessions.settle(ticket.session_id, cost_micros=cost_micros)
 
     def finished(self) -> None:
         self.sync_state.wake.set()
@@ -741,4 +785,20 @@ def _usage_record(row: LedgerRow, repo_attribution: bool = True) -> dict[str, An
         record["lease_id"] = row.lease_id
     if repo_attribution and row.repo is not None:
         record["repo"], record["branch"] = row.repo, row.branch
+    record.update(quota_fields(row))
     return record
+
+
+def quota_fields(row: LedgerRow) -> dict[str, Any]:
+    """The seat plan's quota of a row, as the usage record names it; empty without one."""
+    parsed = quota.decode(row.ratelimit, observed_at=row.started_at)
+    if parsed is None:
+        return {}
+    fields: dict[str, Any] = {
+        "quota_status": parsed.status[:16],
+        "quota_claim": (parsed.representative_claim or "")[:32] or None,
+    }
+    for infix, window in (("5h", parsed.five_hour), ("7d", parsed.seven_day)):
+        fields[f"quota_{infix}_utilization"] = window.utilization if window else None
+        fields[f"quota_{infix}_reset"] = window.resets_at if window else None
+    return fields

@@ -123,6 +123,8 @@ def up(
             )
         differences = running_differences(
             info, config, bundle_decides=prepared.server_profile is not None
+        ) + _session_cap_differences(
+            paths, config, bundle_decides=prepared.server_profile is not None
         )
         if differences:
             raise AlreadyRunningError(
@@ -169,6 +171,7 @@ def up_service(
         extra.append("--log-content")
     if config.passthrough:
         extra.append("--passthrough")
+    extra += daemon.session_cap_args(config)
     installed = service.install(
         paths=paths,
         port=config.port,
@@ -286,6 +289,33 @@ def running_differences(
     return [f"{name} {have} (asked: {want})" for name, have, want in wanted if have != want]
 
 
+def _session_cap_differences(paths: Paths, config: Config, *, bundle_decides: bool) -> list[str]:
+    """Session caps asked for that differ from the running daemon's: the config file holds
+    what it was started with (``up`` saves it once the daemon runs)."""
+    from ccgate.machine import config as config_mod
+
+    if bundle_decides:
+        return []
+    running = config_mod.load(paths)
+    out = []
+    for name, option in (
+        ("session_budget_micros", "session budget"),
+        ("session_rpm", "session rpm"),
+    ):
+        have, want = getattr(running, name), getattr(config, name)
+        if have != want:
+            out.append(f"{option} {_cap_text(name, have)} (asked: {_cap_text(name, want)})")
+    return out
+
+
+def _cap_text(name: str, value: int | None) -> str:
+    from ccgate.machine.config import usd_text
+
+    if value is None:
+        return "off"
+    return f"${usd_text(value)}" if name == "session_budget_micros" else str(value)
+
+
 def _on(flag: bool) -> str:
     return "on" if flag else "off"
 
@@ -362,6 +392,24 @@ def down(*, paths: Paths, remove_service: bool = False) -> DownResult:
     )
 
 
+def latest_quota(ledger: Ledger, *, now: float) -> dict[str, Any] | None:
+    """The seat plan's quota from the newest answer that reported one (passthrough), for
+    ``status`` and ``usage --json``: ``accounting.quota.to_json`` plus a ``summary`` line."""
+    from ccgate.accounting import quota
+    from ccgate.gateway.statusbar import duration
+
+    latest = ledger.latest_ratelimit()
+    parsed = quota.decode(latest[1], observed_at=latest[0]) if latest else None
+    if parsed is None:
+        return None
+    return {
+        **(quota.to_json(parsed, now=now) or {}),
+        "summary": quota.describe(parsed, now=now, duration=duration),
+        "short": quota.short(parsed, now=now),
+        "level": quota.level(parsed, now=now),
+    }
+
+
 def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
     """Everything ``ccgate status`` shows, as JSON-ready data."""
     now = time.time() if now is None else now
@@ -388,6 +436,7 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
             server=doc.get("server"),
             upstream_key=bool(doc.get("upstream_key")),
             ledger=doc.get("ledger"),
+            session_caps=doc.get("session_caps"),
         )
     server_profile = profiles.load(paths)
     if server_profile is not None:
@@ -395,10 +444,12 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
         if current is None:
             report["server"] = _offline_server_state(paths, server_profile, now=now)
     today = reports.total_usage([])
+    report["quota"] = None
     if paths.ledger_file.exists():
         ledger = Ledger(paths.ledger_file, readonly=True)
         try:
             today = reports.today_usage(ledger, now=now)
+            report["quota"] = latest_quota(ledger, now=now)
         finally:
             ledger.close()
     report["today"] = {

@@ -27,6 +27,7 @@ class Ticket:
     lease_id: str | None
     reserved_micros: int
     reserved_tokens: int
+    session_id: str | None = None  # counted against the session caps when it settles
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Policy(Protocol):
 
 @dataclass
 class LocalPolicy:
-    """Standalone mode: the local key, the configured upstream, no limits."""
+    """Standalone mode: the local key, the configured upstream, and only the session caps of
+    the local config (``ccgate up --session-budget/--session-rpm``)."""
 
     # Keys must never reach a log or a traceback, so they are left out of the repr.
     client_keys: dict[str, str] = field(repr=False)  # client key -> key id in the ledger
@@ -68,6 +70,7 @@ class LocalPolicy:
     table: PriceTable
     provider: str = "anthropic"
     mode: str = "standalone"
+    sessions: admission.SessionMeter | None = None
 
     def authenticate(self, token: str | None) -> str | None:
         return None if token is None else self.client_keys.get(token)
@@ -82,10 +85,16 @@ class LocalPolicy:
         return self.table
 
     async def admit(self, req: admission.Request) -> tuple[Ticket | None, admission.Reject | None]:
-        return None, None
+        if self.sessions is None or req.session_id is None:
+            return None, None
+        reject = self.sessions.check(req.session_id, now=req.now)
+        if reject is not None:
+            return None, reject
+        return Ticket(None, None, 0, 0, session_id=req.session_id), None
 
     def settle(self, ticket: Ticket | None, *, cost_micros: int, tokens: int, now: float) -> None:
-        return None
+        if self.sessions is not None and ticket is not None:
+            self.sessions.settle(ticket.session_id, cost_micros=cost_micros)
 
     def finished(self) -> None:
         return None

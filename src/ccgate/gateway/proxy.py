@@ -44,7 +44,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ccgate import __version__, env
-from ccgate.accounting import billing
+from ccgate.accounting import billing, quota
 from ccgate.accounting.metering import Metered
 from ccgate.gateway.policy import Policy, Ticket, Upstream
 from ccgate.gateway.providers import HOP_BY_HOP, Forward, UnknownProviderKind, adapter_for
@@ -234,6 +234,7 @@ class Gateway:
                 "auth": "passthrough" if policy.passthrough else "provider",
                 "server": self.policy.snapshot(now=time.time()) or None,
                 "ledger": self.ledger_state(),
+                "session_caps": _session_caps(policy),
             }
         )
 
@@ -372,6 +373,7 @@ class Gateway:
                 body_bytes=len(body),
                 max_tokens=max_tokens if isinstance(max_tokens, int) else 0,
                 now=record.started_at,
+                session_id=record.session_id,
             )
         )
         if reject is not None:
@@ -565,6 +567,7 @@ class _Finish:
             _apply(rec, self._charge(seen.metered, seen.status))
         outcome, error = billing.outcome(seen)
         rec.outcome, rec.error = outcome, cap_error(error)
+        rec.ratelimit = quota.encode(observation.quota_headers)
         if self.gateway.settings.log_content and observation.response_body is not None:
             rec.response_body = observation.response_body
         self.gateway.finish(rec)
@@ -572,6 +575,12 @@ class _Finish:
         policy = self.gateway.policy
         policy.settle(self.ticket, cost_micros=rec.cost_micros, tokens=tokens, now=time.time())
         policy.finished()
+
+
+def _session_caps(policy: Policy) -> dict[str, Any] | None:
+    # Both policies keep their session caps in ``sessions`` (None: no caps).
+    meter = getattr(policy, "sessions", None)
+    return meter.caps.to_json() if isinstance(meter, admission.SessionMeter) else None
 
 
 def _apply(rec: RequestRecord, charge: billing.Charge) -> None:

@@ -26,6 +26,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from ccgate.accounting import quota
 from ccgate.accounting.billing import Observed
 from ccgate.accounting.metering import Metered, ResponseMeter
 from ccgate.gateway.providers import ANTHROPIC, Adapter, Reply
@@ -60,6 +61,7 @@ class Observation:
     # Sent upstream, but its answer was not relayed because the pending row could not be
     # committed: the upstream may bill it, so the row keeps the input estimate.
     withheld: bool = False
+    quota_headers: dict[str, str] | None = None  # anthropic-ratelimit-unified-*, seat plans
 
 
 class Relay(Response):
@@ -91,6 +93,7 @@ class Relay(Response):
         self._checkpoint_at = 0.0
         self._start_persisted = False
         self._withheld = False
+        self._quota: dict[str, str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tg:
@@ -116,6 +119,7 @@ class Relay(Response):
             first_byte_at=self._first_byte_at,
             response_body=meter.captured() if meter is not None else None,
             withheld=self._withheld,
+            quota_headers=self._quota,
         )
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
@@ -169,6 +173,7 @@ class Relay(Response):
         reply = self.outbound.adapter.reply(upstream, streamed=self.outbound.streamed)
         self._status = reply.status
         self._got_response = True
+        self._quota = quota.capture(upstream.headers.raw)
         if self.outbound.meter:
             self._meter = ResponseMeter(
                 content_type=reply.header(b"content-type"),

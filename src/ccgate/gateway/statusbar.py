@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ccgate import paths as paths_mod
+from ccgate.accounting.quota import Quota
 from ccgate.money import money
 
 HEALTH_TIMEOUT_S: Final = 0.3
@@ -59,6 +60,10 @@ class State:
     offline: bool = False
     bundle_expires_at: float | None = None
     problem: str | None = None
+    quota: Quota | None = None
+    """The seat plan's latest quota (passthrough), from the ledger."""
+    session_budget_micros: int | None = None
+    """The session cap on money (local config or bundle), from the daemon's health."""
 
 
 def duration(seconds: float) -> str:
@@ -84,7 +89,10 @@ def used_percent(budget: Budget) -> int:
 
 def format_line(state: State, *, now: float, colour: bool) -> str:
     """The one line. Exact strings are tested: change them with the tests and the docs."""
-    parts = [f"ccgate: session {money(state.session_micros)}", f"today {money(state.today_micros)}"]
+    parts = [
+        _session_text(state, colour=colour) if state.daemon_up else _plain_session(state),
+        f"today {money(state.today_micros)}",
+    ]
     if state.failed_today:
         parts.append(f"{state.failed_today} failed today")
     if not state.daemon_up:
@@ -94,6 +102,8 @@ def format_line(state: State, *, now: float, colour: bool) -> str:
         parts.append(f"blocked: {state.problem}")
     if state.budget is not None:
         parts.append(_budget_text(state.budget, now=now, colour=colour))
+    if state.quota is not None:
+        parts.append(_quota_text(state.quota, now=now, colour=colour))
     if state.offline:
         parts.append("offline: spending the lease")
     if state.bundle_expires_at is not None and state.bundle_expires_at - now < EXPIRY_WARNING_S:
@@ -128,6 +138,40 @@ def _budget_text(budget: Budget, *, now: float, colour: bool) -> str:
     if colour:
         return f"{_COLOURS[level]}{text}{_RESET}"
     return f"{_WORDS[level]} {pct}% used: {text}"
+
+
+def _plain_session(state: State) -> str:
+    return f"ccgate: session {money(state.session_micros)}"
+
+
+def _session_text(state: State, *, colour: bool) -> str:
+    cap = state.session_budget_micros
+    if not cap:
+        return _plain_session(state)
+    pct = min(state.session_micros * 100 // cap, 100)
+    text = f"ccgate: session {money(state.session_micros)} of {money(cap)}"
+    if pct >= 100:
+        text += ": session cap reached, start a new session (402)"
+    elif pct >= 80:
+        text += ": at the cap this session's requests are refused (402)"
+    level = next((at for at in WARN_AT if pct >= at), 0)
+    if level < 80:
+        return text
+    if colour:
+        return f"{_COLOURS[level]}{text}{_RESET}"
+    return f"{_WORDS[level]} {text}"
+
+
+def _quota_text(quota: Quota, *, now: float, colour: bool) -> str:
+    from ccgate.accounting import quota as quota_mod
+
+    text = f"plan {quota_mod.short(quota, now=now)}"
+    level = quota_mod.level(quota, now=now)
+    if not level:
+        return text
+    if colour:
+        return f"{_COLOURS[level]}{text}{_RESET}"
+    return f"{_WORDS[level]}: {text}"
 
 
 # --------------------------------------------------------------------------- the daemon's view
@@ -274,16 +318,23 @@ def gather(
     from ccgate.store import sessions
 
     session = today = failed = 0
+    quota: Quota | None = None
     if paths.ledger_file.exists():
         with contextlib.suppress(Exception):  # a busy or older ledger: show zeros, not an error
             if session_id:
                 session = sessions.session_cost(paths.ledger_file, session_id)
             today, failed = today_totals(paths, now=now)
+        with contextlib.suppress(Exception):
+            quota = _latest_quota(paths)
     if health is None:
-        return State(session, today, failed, daemon_up=False)
+        return State(session, today, failed, daemon_up=False, quota=quota)
+    caps = health.get("session_caps")
+    cap = caps.get("budget_micros") if isinstance(caps, dict) else None
+    cap = cap if isinstance(cap, int) and cap > 0 else None
     server = health.get("server")
     if not isinstance(server, dict):
-        return State(session, today, failed, mode=str(health.get("mode") or "standalone"))
+        mode = str(health.get("mode") or "standalone")
+        return State(session, today, failed, mode=mode, quota=quota, session_budget_micros=cap)
     lease = server.get("lease") or {}
     return State(
         session,
@@ -294,7 +345,19 @@ def gather(
         offline=bool(lease.get("offline")) if isinstance(lease, dict) else False,
         bundle_expires_at=_iso_to_epoch(server.get("bundle_expires_at")),
         problem=str(server["problem"]) if server.get("problem") else None,
+        quota=quota,
+        session_budget_micros=cap,
     )
+
+
+def _latest_quota(paths: paths_mod.Paths) -> Quota | None:
+    from ccgate.accounting import quota as quota_mod
+    from ccgate.store import sessions
+
+    latest = sessions.latest_ratelimit(paths.ledger_file)
+    if latest is None:
+        return None
+    return quota_mod.decode(latest[1], observed_at=latest[0])
 
 
 def attribute(

@@ -30,6 +30,10 @@ class Config:
     upstream_url: str = DEFAULT_UPSTREAM
     log_content: bool = False
     passthrough: bool = False
+    session_budget_micros: int | None = None
+    """Standalone session cap: money one Claude Code session may spend (None: no cap)."""
+    session_rpm: int | None = None
+    """Standalone session cap: requests one Claude Code session may make per minute."""
 
 
 def load(paths: Paths) -> Config:
@@ -51,6 +55,8 @@ def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
         "upstream_url": str,
         "log_content": bool,
         "passthrough": bool,
+        "session_budget_micros": int,
+        "session_rpm": int,
     }
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -65,7 +71,9 @@ def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
 
 def save(paths: Paths, config: Config) -> None:
     paths.ensure()
-    atomic_write(paths.config_file, tomli_w.dumps(asdict(config)).encode("utf-8"))
+    # TOML has no null: a cap that is not set is left out.
+    data = {k: v for k, v in asdict(config).items() if v is not None}
+    atomic_write(paths.config_file, tomli_w.dumps(data).encode("utf-8"))
 
 
 def resolve(
@@ -75,9 +83,13 @@ def resolve(
     upstream_url: str | None = None,
     log_content: bool | None = None,
     passthrough: bool | None = None,
+    session_budget_micros: int | None = None,
+    session_rpm: int | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """The effective configuration: flags over environment over file over defaults."""
+    """The effective configuration: flags over environment over file over defaults.
+
+    A session cap given as 0 is turned off (the file then leaves it out)."""
     environ = os.environ if environ is None else environ
     config = load(paths)
     env_port = environ.get(env.CCGATE_PORT)
@@ -97,6 +109,10 @@ def resolve(
         config = replace(config, log_content=log_content)
     if passthrough is not None:
         config = replace(config, passthrough=passthrough)
+    if session_budget_micros is not None:
+        config = replace(config, session_budget_micros=session_budget_micros or None)
+    if session_rpm is not None:
+        config = replace(config, session_rpm=session_rpm or None)
     validate(config)
     return config
 
@@ -104,7 +120,38 @@ def resolve(
 def validate(config: Config) -> None:
     if not 0 < config.port < 65536:
         raise ConfigError(f"Port {config.port} is out of range; choose 1-65535.")
+    for name in ("session_budget_micros", "session_rpm"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"'{name}' must not be negative; got {value}.")
     if not config.upstream_url.startswith(("http://", "https://")):
         raise ConfigError(
             f"Upstream URL {config.upstream_url!r} must start with http:// or https://."
         )
+
+
+def usd_text(micros: int) -> str:
+    """Micro-dollars as the exact dollar figure an option takes back: 2_500_000 -> "2.5"."""
+    from decimal import Decimal
+
+    return format((Decimal(micros) / 1_000_000).normalize(), "f")
+
+
+def parse_session_budget(text: str) -> int:
+    """``--session-budget``: dollars (``5``, ``2.50``, ``$5``), or ``off``/``0`` for no cap."""
+    from decimal import Decimal, InvalidOperation
+
+    cleaned = text.strip().lower().removeprefix("$")
+    if cleaned in ("off", "none", "0"):
+        return 0
+    try:
+        dollars = Decimal(cleaned)
+    except InvalidOperation:
+        dollars = Decimal("NaN")
+    micros = dollars * 1_000_000 if dollars.is_finite() else dollars
+    if not micros.is_finite() or micros < 1 or dollars > 1_000_000 or micros % 1:
+        raise ConfigError(
+            f"--session-budget {text!r} is not an amount in dollars (for example 5 or 2.50, at "
+            "most 6 decimals; off removes the cap)."
+        )
+    return int(micros)

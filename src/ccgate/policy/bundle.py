@@ -435,6 +435,10 @@ class KeyPolicy:
     """A budget in tokens (input + cache writes + output), for seat and subscription users."""
     repo_attribution: bool = True
     """False: the daemon sends usage records without the session's repository and branch."""
+    session_budget_micros: int | None = None
+    """Money one Claude Code session may spend (issue #14: runaway loops)."""
+    session_rpm: int | None = None
+    """Requests one Claude Code session may make per minute."""
 
     def to_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -455,7 +459,16 @@ class KeyPolicy:
             payload["token_budget"] = self.token_budget.to_payload()
         if not self.repo_attribution:
             payload["repo_attribution"] = False
+        _session_caps_payload(payload, self.session_budget_micros, self.session_rpm)
         return payload
+
+
+def _session_caps_payload(payload: dict[str, Any], budget: int | None, rpm: int | None) -> None:
+    # Only when set, so older payloads round-trip.
+    if budget is not None:
+        payload["session_budget_micros"] = budget
+    if rpm is not None:
+        payload["session_rpm"] = rpm
 
 
 @dataclass(frozen=True)
@@ -466,6 +479,8 @@ class LevelPolicy:
     name: str
     budget: Budget | None
     repo_attribution: bool = True
+    session_budget_micros: int | None = None
+    session_rpm: int | None = None
 
     def to_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -475,6 +490,7 @@ class LevelPolicy:
         }
         if not self.repo_attribution:
             payload["repo_attribution"] = False  # only when set: older payloads round-trip
+        _session_caps_payload(payload, self.session_budget_micros, self.session_rpm)
         return payload
 
 
@@ -660,7 +676,15 @@ def _read_key(obj: _Obj) -> KeyPolicy:
         else 0,
         token_budget=_read_token_budget(obj) if obj.has("token_budget") else None,
         repo_attribution=obj.boolean("repo_attribution") if obj.has("repo_attribution") else True,
+        **_read_session_caps(obj),
     )
+
+
+def _read_session_caps(obj: _Obj) -> dict[str, int | None]:
+    return {
+        name: obj.nullable(name, obj.integer) if obj.has(name) else None
+        for name in ("session_budget_micros", "session_rpm")
+    }
 
 
 def _read_token_budget(parent: _Obj) -> TokenBudget | None:
@@ -683,6 +707,7 @@ def _read_level(parent: _Obj, name: str) -> LevelPolicy | None:
         name=obj.text("name"),
         budget=_read_budget(obj, "budget"),
         repo_attribution=obj.boolean("repo_attribution") if obj.has("repo_attribution") else True,
+        **_read_session_caps(obj),
     )
 
 

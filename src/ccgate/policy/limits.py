@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -52,7 +52,10 @@ __all__ = [
     "Reject",
     "Request",
     "Reservation",
+    "SessionCaps",
+    "SessionMeter",
     "admit",
+    "check_session",
     "estimate_input_tokens",
     "format_usd",
     "model_allowed",
@@ -87,6 +90,8 @@ class Request:
     body_bytes: int
     max_tokens: int
     now: float
+    session_id: str | None = None
+    """Claude Code's ``x-claude-code-session-id``: what session caps count by."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,3 +390,137 @@ class Limiter:
             self._request_times.popleft()
         while self._token_events and self._token_events[0][0] <= horizon:
             self._token_events.popleft()
+
+
+# --- session caps -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCaps:
+    """Per Claude Code session: money it may spend, requests it may make per minute.
+
+    They stop a runaway loop (an agent retrying the same failing step for hours) without
+    touching the key's other sessions. ``*_source`` names who set each cap ("key 'alice'",
+    "team 'blue'", "the local policy"); ``raise_hint`` says how to get it raised."""
+
+    budget_micros: int | None = None
+    rpm: int | None = None
+    budget_source: str = "the local policy"
+    rpm_source: str = "the local policy"
+    raise_hint: str = "ask your ccgate admin to raise it"
+
+    @property
+    def active(self) -> bool:
+        return self.budget_micros is not None or self.rpm is not None
+
+    def to_json(self) -> dict[str, Any] | None:
+        """For the daemon's health document (status, the status line); None without caps."""
+        if not self.active:
+            return None
+        return {
+            "budget_micros": self.budget_micros,
+            "rpm": self.rpm,
+            "budget_source": self.budget_source,
+            "rpm_source": self.rpm_source,
+        }
+
+
+_NEW_SESSION: Final = "start a new Claude Code session (/clear, or a new `claude`)"
+
+
+def check_session(
+    caps: SessionCaps, *, spent_micros: int, request_times: Iterable[float], now: float
+) -> Reject | None:
+    """Refuse a request of a session over its caps; both refusals say ``x-should-retry: false``:
+    a loop that retried by itself would only hit the cap again.
+
+    The money cap counts what the session's finished requests cost: the request that crosses
+    the cap is served, the next one is refused (a request's cost is not known before it runs)."""
+    budget = caps.budget_micros
+    if budget is not None and spent_micros >= budget:
+        message = (
+            f"Session cap: this Claude Code session has spent {format_usd(spent_micros)}, which "
+            f"reaches its session budget of {format_usd(budget)} (set by {caps.budget_source}). "
+            f"ccgate refuses further requests in this session so a runaway loop stops here. To "
+            f"continue, {_NEW_SESSION}, or {caps.raise_hint}."
+        )
+        return Reject(402, "billing_error", message, retry_after=None, should_retry=False)
+    rpm = caps.rpm
+    if rpm is None:
+        return None
+    recent = sorted(t for t in request_times if _in_window(t, now))
+    if len(recent) < rpm:
+        return None
+    wait = _seconds_until(recent[len(recent) - rpm] + RATE_WINDOW, now) if rpm > 0 else None
+    waiting = f"wait {wait} s, " if wait is not None else ""
+    message = (
+        f"Session cap: this Claude Code session made {len(recent):,} requests in the last "
+        f"minute; its limit is {rpm:,} per minute (set by {caps.rpm_source}), which a person "
+        f"rarely reaches and a runaway loop does. ccgate refused this request. To continue, "
+        f"{waiting}{_NEW_SESSION}, or {caps.raise_hint}."
+    )
+    return Reject(429, "rate_limit_error", message, retry_after=wait, should_retry=False)
+
+
+@dataclass(slots=True)
+class _Session:
+    spent_micros: int
+    request_times: deque[float]
+    last_seen: float
+
+
+class SessionMeter:
+    """What the session caps need, per session, on the daemon's event loop. Not thread-safe.
+
+    A session first seen by this process starts from what the ledger already holds for it
+    (``spent_before``: a daemon restarted mid-session keeps counting), then adds the cost of
+    each of its requests as they settle."""
+
+    KEEP_S: Final = 3_600.0
+    MAX_SESSIONS: Final = 10_000
+
+    def __init__(
+        self, caps: SessionCaps, *, spent_before: Callable[[str], int] | None = None
+    ) -> None:
+        self.caps = caps
+        self._spent_before = spent_before
+        self._sessions: dict[str, _Session] = {}
+
+    def check(self, session_id: str | None, *, now: float) -> Reject | None:
+        """Refuse, or admit and count the request. Requests outside a session are not capped."""
+        if session_id is None or not self.caps.active:
+            return None
+        state = self._sessions.get(session_id)
+        if state is None:
+            self._prune(now)
+            spent = self._spent_before(session_id) if self._spent_before is not None else 0
+            state = self._sessions[session_id] = _Session(spent, deque(), now)
+        while state.request_times and state.request_times[0] <= now - RATE_WINDOW:
+            state.request_times.popleft()
+        state.last_seen = now
+        reject = check_session(
+            self.caps,
+            spent_micros=state.spent_micros,
+            request_times=state.request_times,
+            now=now,
+        )
+        if reject is None:
+            state.request_times.append(now)
+        return reject
+
+    def settle(self, session_id: str | None, *, cost_micros: int) -> None:
+        state = self._sessions.get(session_id) if session_id is not None else None
+        if state is not None:
+            state.spent_micros += max(cost_micros, 0)
+
+    def snapshot(self, session_id: str) -> dict[str, Any] | None:
+        state = self._sessions.get(session_id)
+        if state is None:
+            return None
+        return {"spent_micros": state.spent_micros, "requests": len(state.request_times)}
+
+    def _prune(self, now: float) -> None:
+        if len(self._sessions) < self.MAX_SESSIONS:
+            return
+        for sid in [s for s, st in self._sessions.items() if now - st.last_seen > self.KEEP_S]:
+            del self._sessions[sid]

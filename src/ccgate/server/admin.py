@@ -268,10 +268,34 @@ class Admin:
                 repo_attribution=_repo_attribution(body),
             )
             _set_budget(row, validate.budget(body.get("budget")))
+            _apply_session_caps(row, body, partial=False)
             info = team_info(row, {customer.id: customer.name} if customer else {})
             session.add(row)
             self._record(session, actor=actor, action="team.create", target=name, detail=info)
             self._commit(session, kind="team", name=name)
+        return info
+
+    def update_team(self, name: str, body: Mapping[str, Any], *, actor: str) -> dict[str, Any]:
+        """Change a team: only the fields given (budget, repo attribution, session caps)."""
+        unknown = sorted(set(body) - TEAM_UPDATE_FIELDS)
+        if unknown:
+            raise InvalidRequestError(
+                f"A team update takes {', '.join(sorted(TEAM_UPDATE_FIELDS))}; got {unknown[0]!r}."
+            )
+        if not body:
+            raise InvalidRequestError("Nothing to change: give at least one field.")
+        with db.session(self.engine) as session:
+            row = _find_team(session, name)
+            if "budget" in body:
+                _set_budget(row, validate.budget(body.get("budget")))
+            if "repo_attribution" in body:
+                row.repo_attribution = _repo_attribution(body)
+            _apply_session_caps(row, body, partial=True)
+            info = team_info(row, _customer_names(session))
+            session.add(row)
+            changed = {k: info[k] for k in body if k in info}
+            self._record(session, actor=actor, action="team.update", target=name, detail=changed)
+            session.commit()
         return info
 
     # ---------------------------------------------------------------- virtual keys
@@ -453,6 +477,8 @@ def team_info(row: Team, customer_names: Mapping[str, str]) -> dict[str, Any]:
         "customer": customer_names.get(row.customer_id) if row.customer_id else None,
         "budget": budget_json(row),
         "repo_attribution": row.repo_attribution,
+        "session_budget_micros": row.session_budget_micros,
+        "session_rpm": row.session_rpm,
         "created_at": row.created_at,
     }
 
@@ -510,6 +536,8 @@ def key_info(session: Session, row: VirtualKey) -> dict[str, Any]:
         "max_devices": row.max_devices,
         "ci": row.ci,
         "repo_attribution": row.repo_attribution,
+        "session_budget_micros": row.session_budget_micros,
+        "session_rpm": row.session_rpm,
         "enrolment_code_expires_at": row.enrol_code_expires_at if row.enrol_code_hash else None,
         "created_at": row.created_at,
     }
@@ -610,11 +638,27 @@ def _apply_key_fields(
         row.max_devices = limit or default
     if given("repo_attribution"):
         row.repo_attribution = _repo_attribution(body)
+    _apply_session_caps(row, body, partial=partial)
     if given("auth"):
         auth = body.get("auth") or "provider"
         if auth not in AUTH_MODES:
             raise InvalidRequestError(f"'auth' must be provider or passthrough; got {auth!r}.")
         row.auth = auth
+
+
+TEAM_UPDATE_FIELDS: Final = frozenset(
+    {"budget", "repo_attribution", "session_budget_micros", "session_rpm"}
+)
+
+
+def _apply_session_caps(row: Team | VirtualKey, body: Mapping[str, Any], *, partial: bool) -> None:
+    """``session_budget_micros`` and ``session_rpm``: a positive whole number, or null (none)."""
+    if not partial or "session_budget_micros" in body:
+        row.session_budget_micros = validate.integer(
+            body, "session_budget_micros", default=None, minimum=1, maximum=validate.MAX_MICROS
+        )
+    if not partial or "session_rpm" in body:
+        row.session_rpm = validate.integer(body, "session_rpm", default=None, minimum=1)
 
 
 def _repo_attribution(body: Mapping[str, Any]) -> bool:

@@ -372,6 +372,10 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
     async def create_team(r: Request, actor: str) -> Any:
         return await _blocking(admin.create_team, await _json_body(r), actor=actor)
 
+    async def update_team(r: Request, actor: str) -> Any:
+        body = await _json_body(r)
+        return await _blocking(admin.update_team, r.path_params["name"], body, actor=actor)
+
     async def list_keys(_r: Request, _a: str) -> Any:
         return await _blocking(admin.list_keys)
 
@@ -400,6 +404,9 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
     async def get_usage(r: Request, _a: str) -> Any:
         by, since = _usage_query(r)
         return await _blocking(usage.rollup, ctx.engine, by=by, since=since)
+
+    async def get_seats(_r: Request, _a: str) -> Any:
+        return await _blocking(usage.seats, ctx.engine, now=ctx.clock())
 
     async def update_provider(r: Request, actor: str) -> Any:
         name, pid, body = r.path_params["name"], r.query_params.get("id"), await _json_body(r)
@@ -477,6 +484,7 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/customers", authed(create_customer, 201), methods=["POST"]),
         Route("/teams", authed(list_teams), methods=["GET"]),
         Route("/teams", authed(create_team, 201), methods=["POST"]),
+        Route("/teams/{name}", authed(update_team), methods=["PATCH"]),
         Route("/keys", authed(list_keys), methods=["GET"]),
         Route("/keys", authed(create_key, 201), methods=["POST"]),
         Route("/keys/{name}", authed(get_key), methods=["GET"]),
@@ -487,6 +495,7 @@ def admin_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/prices", authed(clear_prices), methods=["DELETE"]),
         Route("/usage", authed(get_usage), methods=["GET"]),
         Route("/usage/daily", authed(get_daily_usage), methods=["GET"]),
+        Route("/seats", authed(get_seats), methods=["GET"]),
         Route("/audit", authed(get_audit), methods=["GET"]),
         Route("/devices", authed(list_devices), methods=["GET"]),
         Route("/devices/{device_id}/approve", authed(approve_device), methods=["POST"]),

@@ -364,6 +364,8 @@ def _key_policy(key: VirtualKey) -> bundle_mod.KeyPolicy:
         offline_grace_micros=key.offline_grace_micros,
         token_budget=_token_budget(key),
         repo_attribution=key.repo_attribution,
+        session_budget_micros=key.session_budget_micros,
+        session_rpm=key.session_rpm,
     )
 
 
@@ -378,9 +380,15 @@ def _token_budget(key: VirtualKey) -> bundle_mod.TokenBudget | None:
 
 
 def _level(row: Team | Customer) -> bundle_mod.LevelPolicy:
-    attribution = row.repo_attribution if isinstance(row, Team) else True
+    if not isinstance(row, Team):
+        return bundle_mod.LevelPolicy(id=row.id, name=row.name, budget=_budget(row))
     return bundle_mod.LevelPolicy(
-        id=row.id, name=row.name, budget=_budget(row), repo_attribution=attribution
+        id=row.id,
+        name=row.name,
+        budget=_budget(row),
+        repo_attribution=row.repo_attribution,
+        session_budget_micros=row.session_budget_micros,
+        session_rpm=row.session_rpm,
     )
 
 

@@ -73,6 +73,8 @@ class Team(SQLModel, table=True):
     budget_rolling: bool = False
     created_at: float
     repo_attribution: bool = True  # False: its keys' records carry no repository or branch
+    session_budget_micros: int | None = Field(default=None, sa_type=BigInteger)
+    session_rpm: int | None = None
 
 
 class VirtualKey(SQLModel, table=True):
@@ -102,6 +104,8 @@ class VirtualKey(SQLModel, table=True):
     enrol_code_hash: str | None = None
     enrol_code_expires_at: float | None = None
     repo_attribution: bool = True  # False: its records carry no repository or branch
+    session_budget_micros: int | None = Field(default=None, sa_type=BigInteger)
+    session_rpm: int | None = None  # requests per Claude Code session per minute
 
 
 class Device(SQLModel, table=True):
@@ -201,6 +205,13 @@ class UsageRow(SQLModel, table=True):
     repriced_from_micros: int | None = Field(default=None, sa_type=BigInteger)
     repo: str | None = None
     branch: str | None = None
+    # The seat plan's quota at this answer (passthrough; ``accounting.quota``).
+    quota_status: str | None = None
+    quota_claim: str | None = None
+    quota_5h_utilization: float | None = None
+    quota_5h_reset: float | None = None
+    quota_7d_utilization: float | None = None
+    quota_7d_reset: float | None = None
 
 
 class Lease(SQLModel, table=True):

@@ -442,6 +442,29 @@ def m014_repo_attribution(conn: Connection) -> None:
         )
 
 
+def m015_seats_and_session_caps(conn: Connection) -> None:
+    """Seat quota and session caps (issue #14).
+
+    Each usage record may carry the seat plan's quota as the upstream reported it to a
+    passthrough login (``anthropic-ratelimit-unified-*``: 5-hour and 7-day utilization as a
+    fraction, their resets in epoch seconds, the overall status and the binding window), so an
+    admin sees how close each developer runs to the plan's limits. Keys and teams get the two
+    session caps: money per Claude Code session and requests per session per minute.
+    """
+    for column in (
+        "quota_status VARCHAR(16)",
+        "quota_claim VARCHAR(32)",
+        "quota_5h_utilization FLOAT",
+        "quota_5h_reset FLOAT",
+        "quota_7d_utilization FLOAT",
+        "quota_7d_reset FLOAT",
+    ):
+        conn.execute(text(f"ALTER TABLE usage ADD COLUMN {column}"))
+    for table in ("keys", "teams"):
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN session_budget_micros BIGINT"))
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN session_rpm INTEGER"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -457,6 +480,7 @@ MIGRATIONS: Sequence[Migration] = (
     m012_usage_pricing_inputs,
     m013_device_enrolment,
     m014_repo_attribution,
+    m015_seats_and_session_caps,
 )
 
 

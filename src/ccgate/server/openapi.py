@@ -115,6 +115,8 @@ SCHEMAS: dict[str, Any] = {
             "customer": _nullable(_STR),
             "budget": _nullable(_ref("Budget")),
             "repo_attribution": _BOOL,
+            "session_budget_micros": _nullable(_INT),
+            "session_rpm": _nullable(_INT),
             "created_at": _NUM,
         }
     ),
@@ -124,8 +126,41 @@ SCHEMAS: dict[str, Any] = {
             "customer": _nullable(_STR),
             "budget": _nullable(_ref("Budget")),
             "repo_attribution": _BOOL,
+            "session_budget_micros": _nullable(_INT),
+            "session_rpm": _nullable(_INT),
         },
         required=("name",),
+    ),
+    "SeatWindow": _obj(
+        {
+            "utilization": _nullable(_NUM),
+            "percent": _nullable(_INT),
+            "resets_at": _nullable(_NUM),
+            "window_reset": _BOOL,
+        }
+    ),
+    "Seat": _obj(
+        {
+            "key": _STR,
+            "team": _nullable(_STR),
+            "device": _STR,
+            "device_id": _STR,
+            "observed_at": _NUM,
+            "status": _STR,
+            "representative_claim": _nullable(_STR),
+            "five_hour": _ref("SeatWindow"),
+            "seven_day": _ref("SeatWindow"),
+            "requests_7d": _INT,
+            "cost_micros_7d": _INT,
+        }
+    ),
+    "TeamUpdate": _obj(
+        {
+            "budget": _nullable(_ref("Budget")),
+            "repo_attribution": _BOOL,
+            "session_budget_micros": _nullable(_INT),
+            "session_rpm": _nullable(_INT),
+        }
     ),
     "KeyFields": _obj(
         {
@@ -142,6 +177,8 @@ SCHEMAS: dict[str, Any] = {
             "max_devices": {"type": "integer", "minimum": 1, "maximum": 10_000},
             "ci": _BOOL,
             "repo_attribution": _BOOL,
+            "session_budget_micros": _nullable(_INT),
+            "session_rpm": _nullable(_INT),
             "enrolment_code": {
                 "type": "boolean",
                 "description": "true: issue a new one-time enrolment code (returned once).",
@@ -170,6 +207,8 @@ SCHEMAS: dict[str, Any] = {
             "max_devices": _INT,
             "ci": _BOOL,
             "repo_attribution": _BOOL,
+            "session_budget_micros": _nullable(_INT),
+            "session_rpm": _nullable(_INT),
             "enrolment_code_expires_at": _nullable(_NUM),
             "enrolment_code": {"type": "string", "description": "Only when just issued."},
             "created_at": _NUM,
@@ -240,6 +279,12 @@ SCHEMAS: dict[str, Any] = {
             "price_version": _nullable(_STR),
             "repo": _nullable({"type": "string", "maxLength": 512}),
             "branch": _nullable({"type": "string", "maxLength": 256}),
+            "quota_status": _nullable({"type": "string", "maxLength": 16}),
+            "quota_claim": _nullable({"type": "string", "maxLength": 32}),
+            "quota_5h_utilization": _nullable(_NUM),
+            "quota_5h_reset": _nullable(_NUM),
+            "quota_7d_utilization": _nullable(_NUM),
+            "quota_7d_reset": _nullable(_NUM),
         },
         required=("id", "started_at"),
     ),
@@ -561,6 +606,15 @@ def _admin_paths() -> dict[str, Any]:
         f"{p}/teams": _collection(
             ("teams", "Team"), "List teams", "Create a team", returns="Team", body="LevelCreate"
         ),
+        f"{p}/teams/{{name}}": {
+            "patch": _op(
+                "Update a team: only the fields given change",
+                ok=_ref("Team"),
+                body=_ref("TeamUpdate"),
+                security=adm,
+                params=[_NAME],
+            ),
+        },
         f"{p}/keys": _collection(
             ("keys", "KeyInfo"),
             "List virtual keys",
@@ -590,6 +644,14 @@ def _admin_paths() -> dict[str, Any]:
                 security=adm,
             ),
             "delete": _op("Remove the price table override", ok=_ref("Prices"), security=adm),
+        },
+        f"{p}/seats": {
+            "get": _op(
+                "Per key and device: the seat plan's latest 5-hour and 7-day quota "
+                "(passthrough logins), fullest first",
+                ok=_obj({"now": _NUM, "seats": {"type": "array", "items": _ref("Seat")}}),
+                security=adm,
+            )
         },
         f"{p}/usage/daily": {
             "get": _op(

@@ -15,6 +15,7 @@ key's entry also carries ``tokens`` for the daemon's token budget (issue #6).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
@@ -190,7 +191,33 @@ def _record(raw: Any, *, index: int) -> dict[str, Any]:
     if lease_id is not None and not (isinstance(lease_id, str) and _LEASE_ID.fullmatch(lease_id)):
         raise InvalidRequestError(f"{where}.lease_id must be a lease id (lse_ and 16 hex).")
     record["lease_id"] = lease_id
+    record.update(_quota_fields(raw, where))
     return record
+
+
+QUOTA_TEXT: Final = {"quota_status": 16, "quota_claim": 32}
+QUOTA_NUMBERS: Final = (
+    "quota_5h_utilization",
+    "quota_5h_reset",
+    "quota_7d_utilization",
+    "quota_7d_reset",
+)
+
+
+def _quota_fields(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The optional seat quota of a record: short texts, finite non-negative numbers."""
+    fields: dict[str, Any] = {}
+    for name, longest in QUOTA_TEXT.items():
+        value = _optional(raw, name, str, where)
+        if value is not None and len(value) > longest:
+            raise InvalidRequestError(f"{where}.{name} is longer than {longest} characters.")
+        fields[name] = value
+    for name in QUOTA_NUMBERS:
+        value = _optional(raw, name, (int, float), where)
+        if value is not None and not (math.isfinite(value) and 0 <= value < 1e12):
+            raise InvalidRequestError(f"{where}.{name} must be a finite number >= 0.")
+        fields[name] = None if value is None else float(value)
+    return fields
 
 
 def _optional(raw: Mapping[str, Any], name: str, kind: Any, where: str) -> Any:
@@ -397,3 +424,94 @@ def reprice(engine: Engine, table: Any, *, now: float) -> dict[str, int]:
             session.add(row)
         session.commit()
     return {"rows": changed, "before_micros": before, "after_micros": after}
+
+
+# -------------------------------------------------------------------- seats
+
+
+SEAT_WINDOW_S: Final = 7 * 86_400.0
+
+
+def seats(engine: Engine, *, now: float) -> dict[str, Any]:
+    """Per key and device: the seat plan's latest 5-hour and 7-day quota its daemon reported
+    (passthrough logins only), and its subscription requests of the last 7 days.
+
+    The fullest seat comes first: that is who is about to be refused by the plan."""
+    with_quota = col(UsageRow.quota_status).is_not(None)
+    latest = (
+        select(
+            col(UsageRow.key_id).label("key_id"),
+            col(UsageRow.device_id).label("device_id"),
+            func.max(UsageRow.started_at).label("at"),
+        )
+        .where(with_quota)
+        .group_by(col(UsageRow.key_id), col(UsageRow.device_id))
+        .subquery()
+    )
+    since = now - SEAT_WINDOW_S
+    with db.session(engine) as session:
+        found = session.exec(
+            select(UsageRow)
+            .join(
+                latest,
+                (col(UsageRow.key_id) == latest.c.key_id)
+                & (col(UsageRow.device_id) == latest.c.device_id)
+                & (col(UsageRow.started_at) == latest.c.at),
+            )
+            .where(with_quota)
+        ).all()
+        activity = {
+            (k, d): (int(n), int(c))
+            for k, d, n, c in session.exec(
+                select(
+                    col(UsageRow.key_id),
+                    col(UsageRow.device_id),
+                    func.count(),
+                    func.coalesce(func.sum(UsageRow.cost_micros), 0),
+                )
+                .where(UsageRow.started_at >= since, UsageRow.billing == "subscription")
+                .group_by(col(UsageRow.key_id), col(UsageRow.device_id))
+            ).all()
+        }
+        keys = {k.id: k for k in session.exec(select(VirtualKey)).all()}
+        teams = {t.id: t.name for t in session.exec(select(Team)).all()}
+        devices = {d.id: d.name for d in session.exec(select(Device)).all()}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in found:
+        seat = (row.key_id, row.device_id)
+        if seat in rows:
+            continue  # two answers with the same start time: either is the latest
+        key = keys.get(row.key_id)
+        requests, cost = activity.get(seat, (0, 0))
+        rows[seat] = {
+            "key": key.name if key else row.key_id,
+            "team": teams.get(row.team_id or "") if row.team_id else None,
+            "device": devices.get(row.device_id, row.device_id),
+            "device_id": row.device_id,
+            "observed_at": row.started_at,
+            "status": row.quota_status,
+            "representative_claim": row.quota_claim,
+            "five_hour": _seat_window(row.quota_5h_utilization, row.quota_5h_reset, now=now),
+            "seven_day": _seat_window(row.quota_7d_utilization, row.quota_7d_reset, now=now),
+            "requests_7d": requests,
+            "cost_micros_7d": cost,
+        }
+    ordered = sorted(rows.values(), key=lambda r: (-_fullest(r), r["key"], r["device"]))
+    return {"now": now, "seats": ordered}
+
+
+def _seat_window(utilization: float | None, reset: float | None, *, now: float) -> dict[str, Any]:
+    # Past its reset a window has started afresh: its old figure no longer says anything.
+    if reset is not None and now >= reset:
+        return {"utilization": None, "percent": None, "resets_at": None, "window_reset": True}
+    percent = None if utilization is None else round(utilization * 100)
+    return {
+        "utilization": utilization,
+        "percent": percent,
+        "resets_at": reset,
+        "window_reset": False,
+    }
+
+
+def _fullest(row: Mapping[str, Any]) -> float:
+    return max((w["utilization"] or 0.0 for w in (row["five_hour"], row["seven_day"])), default=0.0)

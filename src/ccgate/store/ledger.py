@@ -100,6 +100,7 @@ class RequestRecord:
     price_version: str | None = None  # the price table version the cost was computed with
     repriced_at: float | None = None
     repriced_from_micros: int | None = None  # the estimate a re-pricing replaced
+    ratelimit: str | None = None  # a seat plan's anthropic-ratelimit-unified-* headers, as JSON
     request_body: bytes | None = None
     response_body: bytes | None = None
     # Upstream attempts for this request (fallback across keys and providers): how many, and
@@ -150,6 +151,8 @@ class LedgerRow:
     price_version: str | None = None
     repriced_at: float | None = None
     repriced_from_micros: int | None = None
+    ratelimit: str | None = None
+    """The plan quota headers of the answer (``accounting.quota``), as JSON; None without."""
     repo: str | None = None
     """From the ``sessions`` table (the session's git repository), not a ``requests`` column."""
     branch: str | None = None
@@ -319,6 +322,16 @@ def m005_sessions(db: sqlite3.Connection) -> None:
     )
     db.execute("CREATE INDEX requests_session ON requests (session_id)")
     db.execute("CREATE INDEX sessions_repo ON sessions (repo)")
+
+
+@_migration
+def m006_ratelimit(db: sqlite3.Connection) -> None:
+    # Seat and subscription quota: a passthrough answer's anthropic-ratelimit-unified-* headers
+    # (5-hour and 7-day utilization, resets), so status shows how close the plan's limits are.
+    db.execute("ALTER TABLE requests ADD COLUMN ratelimit TEXT")
+    # The status line asks for the newest such row on every cache miss; API-key traffic has
+    # none, and without this index that question would scan the whole ledger backwards.
+    db.execute("CREATE INDEX requests_ratelimit ON requests (seq) WHERE ratelimit IS NOT NULL")
 
 
 def applied_migrations(db: sqlite3.Connection) -> set[str]:
@@ -986,6 +999,23 @@ class Ledger:
             sql += " LIMIT ?"
             params.append(limit)
         return [_to_row(r) for r in self._query(sql, params)]
+
+    def session_spent(self, session_id: str) -> int:
+        """Micro-dollars the session's requests have cost so far (index requests_session)."""
+        ((cost,),) = self._query(
+            "SELECT COALESCE(SUM(cost_micros), 0) FROM requests WHERE session_id = ?",
+            [session_id],
+        )
+        return int(cost)
+
+    def latest_ratelimit(self) -> tuple[float, str] | None:
+        """``(started_at, ratelimit)`` of the newest row that carried plan quota headers."""
+        rows = self._query(
+            "SELECT started_at, ratelimit FROM requests WHERE ratelimit IS NOT NULL "
+            "ORDER BY seq DESC LIMIT 1",
+            [],
+        )
+        return (float(rows[0][0]), str(rows[0][1])) if rows else None
 
     def max_finished_seq(self) -> int:
         """The cursor a follower starts from to see only requests finishing from now on."""

@@ -11,6 +11,7 @@ billable, and pending rows are not finished. A report covers ``since <= started_
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -285,4 +286,16 @@ def record_to_json(row: LedgerRow) -> dict[str, Any]:
         "billing": row.billing,
         "repo": row.repo,
         "branch": row.branch,
+        "ratelimit": _ratelimit(row.ratelimit),
     }
+
+
+def _ratelimit(column: str | None) -> dict[str, str] | None:
+    """The answer's plan quota headers (name without ``anthropic-ratelimit-unified-``)."""
+    if not column:
+        return None
+    try:
+        value = json.loads(column)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

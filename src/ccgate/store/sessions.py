@@ -127,3 +127,19 @@ def finished_since(
     finally:
         db.close()
     return int(cost), int(failed), max(int(top), after_finished_seq)
+
+
+def latest_ratelimit(ledger_file: Path) -> tuple[float, str] | None:
+    """``(started_at, ratelimit)`` of the newest row with a seat plan's quota headers; None
+    without one, or on a ledger older than migration ``m006_ratelimit``."""
+    db = _connect(ledger_file, readonly=True)
+    try:
+        row = db.execute(
+            "SELECT started_at, ratelimit FROM requests WHERE ratelimit IS NOT NULL "
+            "ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        db.close()
+    return None if row is None else (float(row[0]), str(row[1]))

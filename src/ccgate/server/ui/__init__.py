@@ -27,7 +27,7 @@ from starlette.templating import Jinja2Templates
 
 from ccgate.accounting import periods
 from ccgate.errors import CcgateError
-from ccgate.server import report, roles
+from ccgate.server import report, roles, usage
 from ccgate.server.errors import (
     AuthenticationError,
     BadRequestError,
@@ -230,6 +230,10 @@ def routes(ctx: ServerContext) -> list[BaseRoute]:
             outcomes=OUTCOMES,
         )
 
+    async def seats(request: Request, actor: Actor, _f: dict[str, str]) -> Response:
+        data = await blocking(usage.seats, ctx.engine, now=ctx.clock())
+        return render(request, "seats.html", actor, page="seats", seats=data["seats"])
+
     async def audit(request: Request, actor: Actor, _f: dict[str, str]) -> Response:
         entries = (await blocking(admin.audit, limit=200))["entries"]
         return render(request, "audit.html", actor, page="audit", entries=list(reversed(entries)))
@@ -257,6 +261,7 @@ def routes(ctx: ServerContext) -> list[BaseRoute]:
         Route("/keys/{name}/revoke", page(revoke_key, write=True), methods=["POST"]),
         Route("/keys/{name}/budget", page(key_budget, write=True), methods=["POST"]),
         Route("/requests", page(requests_), methods=["GET"]),
+        Route("/seats", page(seats), methods=["GET"]),
         Route("/audit", page(audit), methods=["GET"]),
         Route("/report.csv", page(report_csv), methods=["GET"]),
         Mount("/static", app=static, name="static"),
