@@ -121,6 +121,7 @@ def build(
     """
     import uvicorn
 
+    from ccgate.gateway import telemetry
     from ccgate.gateway._http import HeaderDeadlineProtocol
     from ccgate.gateway.proxy import Gateway, GatewaySettings
 
@@ -132,6 +133,7 @@ def build(
         on_finish=on_finish,
         background=background,
         sync_now=sync_now,
+        telemetry=telemetry.start(policy, os.environ),
     )
     server = uvicorn.Server(
         uvicorn.Config(

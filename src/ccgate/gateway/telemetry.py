@@ -1,0 +1,217 @@
+"""OpenTelemetry traces: one span per Messages request, exported over OTLP/HTTP.
+
+Off unless configured, by the standard variables the SDK itself reads
+(``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, their ``_HEADERS``,
+``_TIMEOUT``, ``_COMPRESSION``; ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` for the
+resource; ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turn it off).
+
+The span is built from the final ledger row in the gateway's finish hook, after the answer was
+relayed, with the row's own start time and latency, so nothing waits on it. The SDK's
+``BatchSpanProcessor`` queues it and exports from its own thread: a collector that is down,
+refuses or hangs only fills that bounded queue (spans beyond it are dropped), never a request.
+
+Attributes follow the GenAI semantic conventions (``gen_ai.*``) plus ``ccgate.*`` ones. Never
+exported: prompts, answers, key secrets, upstream credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from ccgate import __version__
+from ccgate.gateway.metrics import rejection_reason
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Tracer
+
+    from ccgate.gateway.policy import Policy
+    from ccgate.store.ledger import RequestRecord
+
+log = logging.getLogger("ccgate.telemetry")
+
+ENDPOINT_VARS: Final = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+CLOSE_TIMEOUT_S: Final = 3.0  # at shutdown, what a hanging collector may cost the daemon
+TRACED_PATHS: Final = frozenset({"/v1/messages"})
+# gen_ai.provider.name's well-known values, from the provider kind of the attempt that served.
+_PROVIDER_NAMES: Final = {
+    "anthropic": "anthropic",
+    "bedrock": "aws.bedrock",
+    "vertex": "gcp.vertex_ai",
+    "foundry": "azure.ai.inference",
+}
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Where spans go. ``endpoint`` None: the SDK reads the ``OTEL_*`` variables itself."""
+
+    endpoint: str | None = None
+    # Collector credentials (an API key header): never logged, never in a repr.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def shown(self, environ: Mapping[str, str]) -> str:
+        """The endpoint for a log line: scheme, host and path, never credentials or a query."""
+        url = self.endpoint or next((environ[v] for v in ENDPOINT_VARS if environ.get(v)), "")
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+
+
+def config_from_env(environ: Mapping[str, str]) -> TelemetryConfig | None:
+    """A config when the environment asks for OTLP traces, else None."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return None
+    if not any(environ.get(name, "").strip() for name in ENDPOINT_VARS):
+        return None
+    return TelemetryConfig()
+
+
+def attributes(record: RequestRecord, *, team: str | None = None) -> dict[str, Any]:
+    """The span's attributes for one final row (GenAI conventions, then ccgate's own)."""
+    kind = "anthropic"
+    if record.attempt_log:
+        kind = str(record.attempt_log[-1].get("kind") or "anthropic")
+    provider_name = _PROVIDER_NAMES.get(kind, kind)
+    cache_write = record.cache_creation_input_tokens
+    one_hour = record.cache_creation_1h_input_tokens
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": provider_name,
+        "gen_ai.system": provider_name,  # the older name, still what many backends read
+        # The conventions count every input token, cached ones included; Anthropic reports
+        # uncached input, cache writes and cache reads apart, so they are summed here.
+        "gen_ai.usage.input_tokens": record.input_tokens
+        + cache_write
+        + record.cache_read_input_tokens,
+        "gen_ai.usage.output_tokens": record.output_tokens,
+        "gen_ai.usage.cache_creation.input_tokens": cache_write,
+        "gen_ai.usage.cache_read.input_tokens": record.cache_read_input_tokens,
+        "ccgate.request_id": record.id,
+        "ccgate.key_id": record.key_id,
+        "ccgate.provider": record.provider,
+        "ccgate.attempts": record.attempts,
+        "ccgate.outcome": record.outcome,
+        "ccgate.streamed": record.streamed,
+        "ccgate.cost_usd": record.cost_micros / 1_000_000,
+        "ccgate.cost_micros": record.cost_micros,
+        "ccgate.price_estimated": record.price_estimated,
+        "ccgate.usage.uncached_input_tokens": record.input_tokens,
+        "ccgate.usage.cache_write_5m_tokens": cache_write - one_hour,
+        "ccgate.usage.cache_write_1h_tokens": one_hour,
+    }
+    if record.model is not None:
+        attrs["gen_ai.request.model"] = record.model
+        attrs["gen_ai.response.model"] = record.model
+    if record.stop_reason is not None:
+        attrs["gen_ai.response.finish_reasons"] = [record.stop_reason]
+    if record.status is not None:
+        attrs["http.response.status_code"] = record.status
+    error = error_type(record)
+    if error is not None:
+        attrs["error.type"] = error
+    if record.ttfb_ms is not None:
+        attrs["gen_ai.response.time_to_first_chunk"] = record.ttfb_ms / 1000
+    if team is not None:
+        attrs["ccgate.team"] = team
+    if record.session_id is not None:
+        attrs["ccgate.session_id"] = record.session_id[:200]
+    return attrs
+
+
+def error_type(record: RequestRecord) -> str | None:
+    """``error.type``: low cardinality, as the conventions ask (a reason or a status code)."""
+    if record.outcome == "ok":
+        return None
+    if record.outcome == "rejected":
+        return rejection_reason(record.status, record.error)
+    if record.status is not None and record.status >= 400:
+        return str(record.status)
+    return record.outcome  # interrupted, or an upstream error before any status
+
+
+class Telemetry:
+    """A tracer provider of its own (never the process-global one) with a batch exporter."""
+
+    def __init__(
+        self, config: TelemetryConfig, *, policy: Policy, environ: Mapping[str, str]
+    ) -> None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        self.policy = policy
+        exporter = OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers) or None)
+        # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win; without them the service is ccgate.
+        resource = Resource.create({"service.version": __version__})
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "ccgate"}))
+        self._provider: TracerProvider = TracerProvider(resource=resource)
+        self._provider.add_span_processor(BatchSpanProcessor(exporter))
+        self._tracer: Tracer = self._provider.get_tracer("ccgate", __version__)
+        self._failed = False
+        log.info("exporting request spans over OTLP/HTTP to %s", config.shown(environ))
+
+    def observe(self, record: RequestRecord) -> None:
+        """Queue the span of one final row. Never raises (a broken exporter loses spans only)."""
+        if record.path not in TRACED_PATHS:
+            return
+        try:
+            self._span(record)
+        except Exception as exc:  # never fail or slow a request for telemetry
+            if not self._failed:
+                self._failed = True
+                log.warning("could not build a request span: %s", type(exc).__name__)
+
+    def _span(self, record: RequestRecord) -> None:
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        start_ns = int(record.started_at * 1_000_000_000)
+        end_ns = start_ns + int((record.latency_ms or 0.0) * 1_000_000)
+        attrs = attributes(record, team=_team(self.policy))
+        name = f"chat {record.model}" if record.model else "chat"
+        span = self._tracer.start_span(
+            name, kind=SpanKind.CLIENT, start_time=start_ns, attributes=attrs
+        )
+        if "error.type" in attrs:
+            span.set_status(Status(StatusCode.ERROR, str(attrs["error.type"])))
+        span.end(end_time=end_ns)
+
+    def close(self) -> None:
+        """Flush what is queued, waiting at most ``CLOSE_TIMEOUT_S`` for the collector."""
+        worker = threading.Thread(
+            target=self._provider.shutdown, name="ccgate-otel-shutdown", daemon=True
+        )
+        worker.start()
+        worker.join(CLOSE_TIMEOUT_S)
+
+
+def _team(policy: Policy) -> str | None:
+    from ccgate.gateway.governor import Governor
+
+    if isinstance(policy, Governor) and policy.bundle is not None and policy.bundle.team:
+        return policy.bundle.team.name
+    return None
+
+
+def start(policy: Policy, environ: Mapping[str, str]) -> Telemetry | None:
+    """The telemetry the environment configures, or None (off, or the SDK missing)."""
+    config = config_from_env(environ)
+    if config is None:
+        return None
+    try:
+        return Telemetry(config, policy=policy, environ=environ)
+    except ImportError as exc:
+        log.warning(
+            "OTLP export is configured but the OpenTelemetry SDK cannot be imported (%s); "
+            "reinstall ccgate to get opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http",
+            exc.name,
+        )
+        return None
