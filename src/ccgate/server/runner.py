@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
@@ -71,12 +73,16 @@ def serve(
     public_url: str | None = None,
     alert_interval_s: float = 60.0,
     alert_retry_s: float = 5.0,
+    metrics_bind: str | None = None,
 ) -> None:
     """Run the server in this process until SIGINT or SIGTERM."""
     import uvicorn
 
     from ccgate.server.alerts import AlertSettings
-    from ccgate.server.app import create_app
+    from ccgate.server.app import create_app, metrics_only_app
+
+    # Bound before anything starts, so an address in use is a clear error, not a log line.
+    metrics_sock = bind(parse_bind(metrics_bind)) if metrics_bind is not None else None
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     # httpx logs every request's full URL at INFO; a webhook URL is a credential (Slack's is).
@@ -102,9 +108,66 @@ def serve(
             timeout_graceful_shutdown=10,
         )  # configures uvicorn's loggers: the filter goes on after it
         logging.getLogger("uvicorn.access").addFilter(drop_query)
-        uvicorn.Server(config).run()
+        metrics_server = None
+        if metrics_sock is not None:
+            metrics_server = uvicorn.Server(
+                uvicorn.Config(
+                    metrics_only_app(ctx),
+                    log_level=log_level,
+                    server_header=False,
+                    access_log=False,
+                    lifespan="off",
+                )
+            )
+            # Its own thread and loop: signals stay with the main server (uvicorn installs
+            # handlers only on the main thread), which stops this one when it stops.
+            threading.Thread(
+                target=metrics_server.run,
+                kwargs={"sockets": [metrics_sock]},
+                name="ccgate-metrics",
+                daemon=True,
+            ).start()
+            host_shown, port_shown = metrics_sock.getsockname()[:2]
+            logging.getLogger("ccgate.server").info(
+                "metrics (no token) on http://%s:%d/metrics", host_shown, port_shown
+            )
+        try:
+            uvicorn.Server(config).run()
+        finally:
+            if metrics_server is not None:
+                metrics_server.should_exit = True
     finally:
         ctx.engine.dispose()
+        if metrics_sock is not None:
+            metrics_sock.close()
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) for ``--metrics-bind``."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ServerStateError(
+            f"Cannot read the metrics address {text!r}: use HOST:PORT, e.g. 127.0.0.1:9464."
+        )
+    return host, int(port)
+
+
+def bind(address: tuple[str, int]) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServerStateError(
+            f"Cannot listen for metrics on {host}:{port} ({exc.strerror}); choose another "
+            "--metrics-bind address."
+        ) from None
+    sock.listen(128)
+    return sock
 
 
 def drop_query(record: logging.LogRecord) -> bool:
