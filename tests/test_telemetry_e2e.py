@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,15 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from ccgate import paths
 from ccgate.store.ledger import Ledger, LedgerRow
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
-from tests.support.harness import UPSTREAM_KEY, Daemon, free_port, run_daemon
+from tests.support.harness import (
+    UPSTREAM_KEY,
+    Daemon,
+    Isolated,
+    ccgate,
+    free_port,
+    run_daemon,
+    run_server,
+)
 from tests.support.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.e2e
@@ -161,3 +170,50 @@ def test_a_dead_or_stuck_collector_never_fails_or_holds_a_request(
         # spans were pending.
         assert daemon.process.returncode == -signal.SIGTERM
         assert "Application shutdown complete" in daemon.log_text()
+
+
+# -- server mode: the bundle names the collector -------------------------------------------------
+
+
+def test_the_bundle_configures_export_with_headers_sealed_to_the_device(
+    tmp_path: Path,
+    fake_upstream: FakeUpstream,
+    receiver: OtlpReceiver,
+    developer: Isolated,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CCGATE_OTLP_HEADERS", f"X-Collector-Key={COLLECTOR_SECRET}")
+    args = ("--otlp-endpoint", receiver.url)
+    with run_server(tmp_path / "server", extra_args=args) as server:
+        monkeypatch.delenv("CCGATE_OTLP_HEADERS")  # the daemon must get it from the bundle
+        server.add_provider(fake_upstream.url)
+        assert server.admin("teams", "create", "platform").returncode == 0
+        created = server.admin_json("keys", "create", "alice", "--team", "platform")
+        key = created["key"]
+        login = ccgate(
+            "login", "--server", server.url, "--key", key, "--fingerprint", server.fingerprint
+        )
+        assert login.returncode == 0, login.stderr
+        port = free_port()
+        assert ccgate("up", "--port", str(port)).returncode == 0
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/messages",
+            content=message(stream=True),
+            headers={"x-api-key": key, "x-claude-code-session-id": "sess-9"},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        (span,) = receiver.wait_for(1)
+        server_log = server.log.read_text()
+    a = span.attributes
+    assert a["ccgate.team"] == "platform"
+    assert a["ccgate.key_id"] == created["id"]
+    assert a["ccgate.session_id"] == "sess-9"
+    assert a["gen_ai.operation.name"] == "chat"
+    assert receiver.headers[0]["x-collector-key"] == COLLECTOR_SECRET
+    # The collector credential is sealed in the bundle: no file of the developer's holds it
+    # in the clear, and no log of either side shows it.
+    for path in developer.ccgate_home.rglob("*"):
+        if path.is_file():
+            assert COLLECTOR_SECRET.encode() not in path.read_bytes(), path
+    assert COLLECTOR_SECRET not in server_log

@@ -88,6 +88,14 @@ def run(
             help="Also serve GET /metrics without a token on HOST:PORT (e.g. 127.0.0.1:9464).",
         ),
     ] = None,
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--otlp-endpoint",
+            help="Tell every daemon (in its bundle) to export request spans to this OTLP/HTTP "
+            "base URL; collector headers come from CCGATE_OTLP_HEADERS.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the device and admin APIs (migrating the database first)."""
     import os
@@ -107,4 +115,5 @@ def run(
         alert_interval_s=alert_interval,
         alert_retry_s=alert_retry,
         metrics_bind=metrics_bind,
+        otlp_endpoint=otlp_endpoint,
     )

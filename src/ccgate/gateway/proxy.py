@@ -56,7 +56,7 @@ from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.wire import error_response
 
 if TYPE_CHECKING:
-    from ccgate.gateway.telemetry import Telemetry
+    from ccgate.gateway.telemetry import SpanSink
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 HEALTH_PATH = "/_ccgate/health"
@@ -162,7 +162,7 @@ class Gateway:
         background: Callable[[], Coroutine[Any, Any, None]] | None = None,
         sync_now: Callable[[], Awaitable[dict[str, str]]] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        telemetry: Telemetry | None = None,
+        telemetry: SpanSink | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger

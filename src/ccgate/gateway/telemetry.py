@@ -3,7 +3,9 @@
 Off unless configured, by the standard variables the SDK itself reads
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, their ``_HEADERS``,
 ``_TIMEOUT``, ``_COMPRESSION``; ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` for the
-resource; ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turn it off).
+resource; ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turn it off), or in
+server mode by the signed bundle's ``telemetry`` object (endpoint, and collector headers sealed
+to the device), which ``FollowBundle`` follows as bundles change. The environment wins.
 
 The span is built from the final ledger row in the gateway's finish hook, after the answer was
 relayed, with the row's own start time and latency, so nothing waits on it. The SDK's
@@ -16,11 +18,12 @@ exported: prompts, answers, key secrets, upstream credentials.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
 
 from ccgate import __version__
@@ -30,7 +33,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Tracer
 
+    from ccgate.gateway.governor import Governor
     from ccgate.gateway.policy import Policy
+    from ccgate.policy.bundle import TelemetryEntry
     from ccgate.store.ledger import RequestRecord
 
 log = logging.getLogger("ccgate.telemetry")
@@ -45,6 +50,13 @@ _PROVIDER_NAMES: Final = {
     "vertex": "gcp.vertex_ai",
     "foundry": "azure.ai.inference",
 }
+
+
+class SpanSink(Protocol):
+    """What the gateway's finish hook hands each final row to."""
+
+    def observe(self, record: RequestRecord) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,11 +74,16 @@ class TelemetryConfig:
         return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
 
 
+def _disabled(environ: Mapping[str, str]) -> bool:
+    return (
+        environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        or environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none"
+    )
+
+
 def config_from_env(environ: Mapping[str, str]) -> TelemetryConfig | None:
     """A config when the environment asks for OTLP traces, else None."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    if environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+    if _disabled(environ):
         return None
     if not any(environ.get(name, "").strip() for name in ENDPOINT_VARS):
         return None
@@ -193,6 +210,64 @@ class Telemetry:
         worker.join(CLOSE_TIMEOUT_S)
 
 
+class FollowBundle:
+    """Server mode without ``OTEL_*`` variables: export where the current bundle says, if it
+    says anything, and move when a new bundle names another collector (or none)."""
+
+    def __init__(self, governor: Governor, environ: Mapping[str, str]) -> None:
+        self.governor = governor
+        self.environ = environ
+        self._entry: TelemetryEntry | None = None
+        self._config: TelemetryConfig | None = None
+        self._current: Telemetry | None = None
+
+    def observe(self, record: RequestRecord) -> None:
+        bundle = self.governor.bundle
+        entry = bundle.telemetry if bundle is not None else None
+        if entry is not self._entry:  # a new bundle: a cheap identity check per request
+            self._entry = entry
+            self._switch(entry)
+        if self._current is not None:
+            self._current.observe(record)
+
+    def _switch(self, entry: TelemetryEntry | None) -> None:
+        config = None
+        if entry is not None:
+            try:
+                config = bundle_config(self.governor, entry)
+            except Exception as exc:  # a bad entry costs the spans, never the request
+                log.warning("cannot use the bundle's telemetry settings: %s", type(exc).__name__)
+        if config == self._config:
+            return  # re-signed, same collector: keep the exporter and its queue
+        self._config = config
+        old, self._current = self._current, None
+        if old is not None:
+            threading.Thread(target=old.close, name="ccgate-otel-close", daemon=True).start()
+        if config is not None:
+            try:
+                self._current = Telemetry(config, policy=self.governor, environ=self.environ)
+            except ImportError as exc:
+                log.warning("the bundle asks for OTLP export, but %s cannot be imported", exc.name)
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+
+
+def bundle_config(governor: Governor, entry: TelemetryEntry) -> TelemetryConfig:
+    """The bundle's telemetry object as exporter settings, its headers unsealed."""
+    from ccgate.policy.bundle import unseal
+
+    headers: dict[str, str] = {}
+    bundle = governor.bundle
+    if entry.sealed_headers is not None and bundle is not None:
+        opened = json.loads(
+            unseal(entry.sealed_headers, device=governor.device, device_id=bundle.device_id)
+        )
+        headers = {str(k): str(v) for k, v in opened.items()}
+    return TelemetryConfig(endpoint=entry.endpoint.rstrip("/") + "/v1/traces", headers=headers)
+
+
 def _team(policy: Policy) -> str | None:
     from ccgate.gateway.governor import Governor
 
@@ -201,11 +276,16 @@ def _team(policy: Policy) -> str | None:
     return None
 
 
-def start(policy: Policy, environ: Mapping[str, str]) -> Telemetry | None:
-    """The telemetry the environment configures, or None (off, or the SDK missing)."""
+def start(policy: Policy, environ: Mapping[str, str]) -> SpanSink | None:
+    """The telemetry the environment configures; else in server mode the bundle's; else None
+    (also when the SDK is missing, or the environment turns it off)."""
+    from ccgate.gateway.governor import Governor
+
     config = config_from_env(environ)
     if config is None:
-        return None
+        if _disabled(environ) or not isinstance(policy, Governor):
+            return None
+        return FollowBundle(policy, environ)
     try:
         return Telemetry(config, policy=policy, environ=environ)
     except ImportError as exc:

@@ -9,7 +9,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote, urlsplit
 
+from ccgate import env
 from ccgate.paths import Paths
 from ccgate.server.errors import ServerStateError
 
@@ -41,6 +43,7 @@ def build_context(
     bundle_ttl_s: int,
     clock: Callable[[], float] = time.time,
     alert_settings: AlertSettings | None = None,
+    otlp_endpoint: str | None = None,
 ) -> ServerContext:
     from ccgate.policy.bundle import SigningKey
     from ccgate.server import db
@@ -55,7 +58,11 @@ def build_context(
         engine=db.open_database(url),
         box=SecretBox(loaded.secret),
         signing_key=SigningKey.load(loaded.signing_key_path),
-        bundle_settings=BundleSettings(ttl_s=bundle_ttl_s),
+        bundle_settings=BundleSettings(
+            ttl_s=bundle_ttl_s,
+            otlp_endpoint=otlp_endpoint,
+            otlp_headers=otlp_headers(environ) if otlp_endpoint else {},
+        ),
         clock=clock,
         alert_settings=alert_settings or AlertSettings(),
     )
@@ -74,6 +81,7 @@ def serve(
     alert_interval_s: float = 60.0,
     alert_retry_s: float = 5.0,
     metrics_bind: str | None = None,
+    otlp_endpoint: str | None = None,
 ) -> None:
     """Run the server in this process until SIGINT or SIGTERM."""
     import uvicorn
@@ -97,6 +105,7 @@ def serve(
         db_url=db_url,
         bundle_ttl_s=bundle_ttl_s,
         alert_settings=settings,
+        otlp_endpoint=check_otlp_endpoint(otlp_endpoint) if otlp_endpoint else None,
     )
     try:
         config = uvicorn.Config(
@@ -140,6 +149,35 @@ def serve(
         ctx.engine.dispose()
         if metrics_sock is not None:
             metrics_sock.close()
+
+
+def check_otlp_endpoint(url: str) -> str:
+    """The OTLP/HTTP base URL the bundle names (daemons add ``/v1/traces``)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ServerStateError(
+            f"Cannot use {url!r} as the OTLP endpoint: give the collector's http(s) base URL, "
+            "e.g. https://otel.example.com:4318."
+        )
+    return url.strip().rstrip("/")
+
+
+def otlp_headers(environ: Mapping[str, str]) -> dict[str, str]:
+    """``CCGATE_OTLP_HEADERS``, in the ``OTEL_EXPORTER_OTLP_HEADERS`` format: ``name=value``
+    pairs split by commas, values percent-decoded. The message never shows a value."""
+    headers: dict[str, str] = {}
+    for number, item in enumerate(environ.get(env.CCGATE_OTLP_HEADERS, "").split(","), 1):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            # Only the position: the entry may be a credential written the wrong way round.
+            raise ServerStateError(
+                f"{env.CCGATE_OTLP_HEADERS} must be name=value pairs split by commas; entry "
+                f"{number} has no name or no '='."
+            )
+        headers[name.strip().lower()] = unquote(value.strip())
+    return headers
 
 
 def parse_bind(text: str) -> tuple[str, int]:
