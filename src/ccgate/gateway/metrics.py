@@ -19,7 +19,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -203,6 +203,8 @@ class GatewayMetrics:
         )
         r.register(self._state)
         self._models: set[str] = set()
+        # labels() validates and hashes on every call; the few live combinations are kept.
+        self._request_children: dict[tuple[str, str, str, str], Any] = {}
         self._tokens = (
             self.tokens.labels("input"),
             self.tokens.labels("output"),
@@ -225,7 +227,11 @@ class GatewayMetrics:
         """Count one final row. Called on the event loop, after the answer was relayed."""
         status = str(record.status) if record.status is not None else "none"
         model = self._model(record.model)
-        self.requests.labels(status, model, record.provider, record.outcome).inc()
+        key = (status, model, record.provider, record.outcome)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()
         if record.outcome == "rejected":
             self.rejections.labels(rejection_reason(record.status, record.error)).inc()
             return

@@ -26,6 +26,7 @@ retry cannot help (a bad key, a malformed body), because Claude Code retries 401
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -466,9 +467,12 @@ class Gateway:
     def finish(self, record: RequestRecord, timing: Timing | None = None) -> None:
         """Queue a final row, count it, and tell the on-finish hook and the telemetry."""
         self.ledger.record_finish(record)
-        self.metrics.observe(record, timing)
-        if self.telemetry is not None:
-            self.telemetry.observe(record)
+        try:  # observers must never cost a row or a settlement (the caller settles next)
+            self.metrics.observe(record, timing)
+            if self.telemetry is not None:
+                self.telemetry.observe(record)
+        except Exception:
+            logging.getLogger("ccgate.proxy").exception("counting a finished request failed")
         if self._on_finish is not None:
             self._on_finish(record)
 

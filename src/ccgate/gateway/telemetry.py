@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ log = logging.getLogger("ccgate.telemetry")
 
 ENDPOINT_VARS: Final = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 CLOSE_TIMEOUT_S: Final = 3.0  # at shutdown, what a hanging collector may cost the daemon
+MAX_PENDING: Final = 2048  # rows waiting for their span (the SDK's own queue holds as many)
 TRACED_PATHS: Final = frozenset({"/v1/messages"})
 # gen_ai.provider.name's well-known values, from the provider kind of the attempt that served.
 _PROVIDER_NAMES: Final = {
@@ -154,7 +156,13 @@ def error_type(record: RequestRecord) -> str | None:
 
 
 class Telemetry:
-    """A tracer provider of its own (never the process-global one) with a batch exporter."""
+    """A tracer provider of its own (never the process-global one) with a batch exporter.
+
+    The finish hook only queues the row (a bounded queue put, about a microsecond); a thread of
+    its own builds the span (tens of microseconds in the SDK) and hands it to the batch
+    processor, so neither the span's cost nor the exporter's competes with the event loop in
+    the request's path. Rows beyond ``MAX_PENDING`` are dropped, like spans beyond the SDK's
+    queue."""
 
     def __init__(
         self, config: TelemetryConfig, *, policy: Policy, environ: Mapping[str, str]
@@ -174,25 +182,38 @@ class Telemetry:
         self._provider.add_span_processor(BatchSpanProcessor(exporter))
         self._tracer: Tracer = self._provider.get_tracer("ccgate", __version__)
         self._failed = False
+        self.dropped = 0
+        self._rows: queue.Queue[tuple[RequestRecord, str | None] | None] = queue.Queue(
+            maxsize=MAX_PENDING
+        )
+        self._worker = threading.Thread(target=self._run, name="ccgate-otel-spans", daemon=True)
+        self._worker.start()
         log.info("exporting request spans over OTLP/HTTP to %s", config.shown(environ))
 
     def observe(self, record: RequestRecord) -> None:
-        """Queue the span of one final row. Never raises (a broken exporter loses spans only)."""
+        """Queue one final row for its span. Never blocks, never raises."""
         if record.path not in TRACED_PATHS:
             return
         try:
-            self._span(record)
-        except Exception as exc:  # never fail or slow a request for telemetry
-            if not self._failed:
-                self._failed = True
-                log.warning("could not build a request span: %s", type(exc).__name__)
+            self._rows.put_nowait((record, _team(self.policy)))
+        except queue.Full:
+            self.dropped += 1
 
-    def _span(self, record: RequestRecord) -> None:
+    def _run(self) -> None:
+        while (item := self._rows.get()) is not None:
+            try:
+                self._span(*item)
+            except Exception as exc:  # a broken span loses that span, nothing else
+                if not self._failed:
+                    self._failed = True
+                    log.warning("could not build a request span: %s", type(exc).__name__)
+
+    def _span(self, record: RequestRecord, team: str | None) -> None:
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
         start_ns = int(record.started_at * 1_000_000_000)
         end_ns = start_ns + int((record.latency_ms or 0.0) * 1_000_000)
-        attrs = attributes(record, team=_team(self.policy))
+        attrs = attributes(record, team=team)
         name = f"chat {record.model}" if record.model else "chat"
         span = self._tracer.start_span(
             name, kind=SpanKind.CLIENT, start_time=start_ns, attributes=attrs
@@ -203,11 +224,16 @@ class Telemetry:
 
     def close(self) -> None:
         """Flush what is queued, waiting at most ``CLOSE_TIMEOUT_S`` for the collector."""
-        worker = threading.Thread(
-            target=self._provider.shutdown, name="ccgate-otel-shutdown", daemon=True
-        )
-        worker.start()
-        worker.join(CLOSE_TIMEOUT_S)
+
+        def drain_then_shut_down() -> None:
+            self._rows.put(None)  # after every row already queued
+            self._worker.join()
+            self._provider.shutdown()
+
+        closing = threading.Thread(target=drain_then_shut_down, name="ccgate-otel-close")
+        closing.daemon = True
+        closing.start()
+        closing.join(CLOSE_TIMEOUT_S)
 
 
 class FollowBundle:
@@ -269,11 +295,12 @@ def bundle_config(governor: Governor, entry: TelemetryEntry) -> TelemetryConfig:
 
 
 def _team(policy: Policy) -> str | None:
-    from ccgate.gateway.governor import Governor
-
-    if isinstance(policy, Governor) and policy.bundle is not None and policy.bundle.team:
-        return policy.bundle.team.name
-    return None
+    if policy.mode != "server":
+        return None
+    bundle = getattr(policy, "bundle", None)  # the governor's current bundle
+    team = getattr(bundle, "team", None)
+    name = getattr(team, "name", None)
+    return name if isinstance(name, str) else None
 
 
 def start(policy: Policy, environ: Mapping[str, str]) -> SpanSink | None:
