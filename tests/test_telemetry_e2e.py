@@ -186,6 +186,7 @@ def test_the_bundle_configures_export_with_headers_sealed_to_the_device(
     args = ("--otlp-endpoint", receiver.url)
     with run_server(tmp_path / "server", extra_args=args) as server:
         monkeypatch.delenv("CCGATE_OTLP_HEADERS")  # the daemon must get it from the bundle
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # batching only, not where to
         server.add_provider(fake_upstream.url)
         assert server.admin("teams", "create", "platform").returncode == 0
         created = server.admin_json("keys", "create", "alice", "--team", "platform")

@@ -238,7 +238,10 @@ class Telemetry:
 
 class FollowBundle:
     """Server mode without ``OTEL_*`` variables: export where the current bundle says, if it
-    says anything, and move when a new bundle names another collector (or none)."""
+    says anything, and move when a new bundle names another collector (or none).
+
+    A new exporter is built on a thread (the first one imports the SDK: a fifth of a second the
+    event loop must not spend); rows finishing meanwhile are held, then handed to it."""
 
     def __init__(self, governor: Governor, environ: Mapping[str, str]) -> None:
         self.governor = governor
@@ -246,6 +249,10 @@ class FollowBundle:
         self._entry: TelemetryEntry | None = None
         self._config: TelemetryConfig | None = None
         self._current: Telemetry | None = None
+        self._lock = threading.Lock()  # the handover from the building thread
+        self._generation = 0
+        self._building = False
+        self._held: list[RequestRecord] = []
 
     def observe(self, record: RequestRecord) -> None:
         bundle = self.governor.bundle
@@ -253,8 +260,15 @@ class FollowBundle:
         if entry is not self._entry:  # a new bundle: a cheap identity check per request
             self._entry = entry
             self._switch(entry)
-        if self._current is not None:
-            self._current.observe(record)
+        current = self._current
+        if current is not None:
+            current.observe(record)
+            return
+        with self._lock:
+            if self._current is not None:
+                self._current.observe(record)
+            elif self._building and len(self._held) < MAX_PENDING:
+                self._held.append(record)
 
     def _switch(self, entry: TelemetryEntry | None) -> None:
         config = None
@@ -266,18 +280,47 @@ class FollowBundle:
         if config == self._config:
             return  # re-signed, same collector: keep the exporter and its queue
         self._config = config
-        old, self._current = self._current, None
+        with self._lock:
+            self._generation += 1
+            old, self._current = self._current, None
+            self._building = config is not None
+            self._held = []
         if old is not None:
             threading.Thread(target=old.close, name="ccgate-otel-close", daemon=True).start()
         if config is not None:
-            try:
-                self._current = Telemetry(config, policy=self.governor, environ=self.environ)
-            except ImportError as exc:
-                log.warning("the bundle asks for OTLP export, but %s cannot be imported", exc.name)
+            threading.Thread(
+                target=self._build, args=(config, self._generation), name="ccgate-otel-start",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _build(self, config: TelemetryConfig, generation: int) -> None:
+        try:
+            built: Telemetry | None = Telemetry(config, policy=self.governor, environ=self.environ)
+        except ImportError as exc:
+            log.warning("the bundle asks for OTLP export, but %s cannot be imported", exc.name)
+            built = None
+        except Exception as exc:
+            log.warning("cannot start OTLP export: %s", type(exc).__name__)
+            built = None
+        with self._lock:
+            stale = generation != self._generation
+            if not stale:
+                self._building = False
+                if built is not None:
+                    for record in self._held:
+                        built.observe(record)
+                    self._current = built
+                self._held = []
+        if stale and built is not None:
+            built.close()  # the bundle moved on while it was starting
 
     def close(self) -> None:
-        if self._current is not None:
-            self._current.close()
+        with self._lock:
+            self._generation += 1
+            current, self._current = self._current, None
+            self._building = False
+        if current is not None:
+            current.close()
 
 
 def bundle_config(governor: Governor, entry: TelemetryEntry) -> TelemetryConfig:
