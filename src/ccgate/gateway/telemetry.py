@@ -214,7 +214,7 @@ class Telemetry:
         start_ns = int(record.started_at * 1_000_000_000)
         end_ns = start_ns + int((record.latency_ms or 0.0) * 1_000_000)
         attrs = attributes(record, team=team)
-        name = f"chat {record.model}" if record.model else "chat"
+        name = f"chat {record.model[:100]}" if record.model else "chat"
         span = self._tracer.start_span(
             name, kind=SpanKind.CLIENT, start_time=start_ns, attributes=attrs
         )
