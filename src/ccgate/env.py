@@ -45,3 +45,7 @@ XDG_DATA_HOME = "XDG_DATA_HOME"
 XDG_STATE_HOME = "XDG_STATE_HOME"
 PYTHON_KEYRING_BACKEND = "PYTHON_KEYRING_BACKEND"
 """Not ccgate's, but they decide which files and keyring it uses (copied into service units)."""
+
+CCGATE_OTLP_HEADERS = "CCGATE_OTLP_HEADERS"
+"""`ccgate server run --otlp-endpoint`: the collector headers (`name=value,...`) the bundle seals
+to every device; in the environment so a collector credential stays off the command line."""

@@ -39,8 +39,12 @@ def tokens_create(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Token name, e.g. the person or the tool.")],
     role: Annotated[
-        Literal["admin", "viewer"],
-        typer.Option("--role", help="admin changes anything; viewer reads the API and dashboard."),
+        Literal["admin", "viewer", "metrics"],
+        typer.Option(
+            "--role",
+            help="admin changes anything; viewer reads the API and dashboard; metrics only "
+            "scrapes GET /metrics.",
+        ),
     ] = "viewer",
     json_output: JsonOption = False,
 ) -> None:

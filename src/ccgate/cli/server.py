@@ -81,6 +81,21 @@ def run(
         float,
         typer.Option("--alert-retry", min=0.1, help="Seconds before a failed webhook's 1st retry."),
     ] = 5.0,
+    metrics_bind: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-bind",
+            help="Also serve GET /metrics without a token on HOST:PORT (e.g. 127.0.0.1:9464).",
+        ),
+    ] = None,
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--otlp-endpoint",
+            help="Tell every daemon (in its bundle) to export request spans to this OTLP/HTTP "
+            "base URL; collector headers come from CCGATE_OTLP_HEADERS.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the device and admin APIs (migrating the database first)."""
     import os
@@ -99,4 +114,6 @@ def run(
         public_url=public_url,
         alert_interval_s=alert_interval,
         alert_retry_s=alert_retry,
+        metrics_bind=metrics_bind,
+        otlp_endpoint=otlp_endpoint,
     )

@@ -122,6 +122,7 @@ def build(
     """
     import uvicorn
 
+    from ccgate.gateway import telemetry
     from ccgate.gateway._http import HeaderDeadlineProtocol
     from ccgate.gateway.proxy import Gateway, GatewaySettings
 
@@ -133,6 +134,7 @@ def build(
         on_finish=on_finish,
         background=background,
         sync_now=sync_now,
+        telemetry=telemetry.start(policy, os.environ),
     )
     server = uvicorn.Server(
         uvicorn.Config(

@@ -26,6 +26,7 @@ retry cannot help (a bad key, a malformed body), because Claude Code retries 401
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -33,9 +34,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import anyio.to_thread
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -46,12 +48,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ccgate import __version__, env
 from ccgate.accounting import billing, quota
 from ccgate.accounting.metering import Metered
+from ccgate.gateway.metrics import METRICS_PATH, GatewayMetrics, Timing
 from ccgate.gateway.policy import Policy, Ticket, Upstream
 from ccgate.gateway.providers import HOP_BY_HOP, Forward, UnknownProviderKind, adapter_for
 from ccgate.gateway.relay import Observation, Outbound, Relay
 from ccgate.policy import limits as admission
 from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.wire import error_response
+
+if TYPE_CHECKING:
+    from ccgate.gateway.telemetry import SpanSink
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 HEALTH_PATH = "/_ccgate/health"
@@ -157,6 +163,7 @@ class Gateway:
         background: Callable[[], Coroutine[Any, Any, None]] | None = None,
         sync_now: Callable[[], Awaitable[dict[str, str]]] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        telemetry: SpanSink | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -168,6 +175,8 @@ class Gateway:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self.requests_served = 0
+        self.metrics = GatewayMetrics(ledger=ledger, policy=policy, started_at=settings.started_at)
+        self.telemetry = telemetry
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -188,6 +197,8 @@ class Gateway:
                 tg.cancel_scope.cancel()
         finally:
             await self._client.aclose()
+            if self.telemetry is not None:
+                await anyio.to_thread.run_sync(self.telemetry.close)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -199,6 +210,8 @@ class Gateway:
             Route("/", self.root, methods=["GET", "HEAD"]),
             Route(HEALTH_PATH, self.health, methods=["GET"]),
             Route(SYNC_PATH, self.sync, methods=["POST"]),
+            # Loopback only (the guard middleware), like health: no key, nothing secret in it.
+            Route(METRICS_PATH, self.metrics.endpoint, methods=["GET"]),
             Route("/v1/messages", self.proxy, methods=["POST"]),
             Route("/v1/messages/count_tokens", self.proxy, methods=["POST"]),
             Route("/v1/models", self.proxy, methods=["GET"]),
@@ -453,9 +466,15 @@ class Gateway:
         self.finish(record)
         return refused.response
 
-    def finish(self, record: RequestRecord) -> None:
-        """Queue a final row and tell the on-finish hook."""
+    def finish(self, record: RequestRecord, timing: Timing | None = None) -> None:
+        """Queue a final row, count it, and tell the on-finish hook and the telemetry."""
         self.ledger.record_finish(record)
+        try:  # observers must never cost a row or a settlement (the caller settles next)
+            self.metrics.observe(record, timing)
+            if self.telemetry is not None:
+                self.telemetry.observe(record)
+        except Exception:
+            logging.getLogger("ccgate.proxy").exception("counting a finished request failed")
         if self._on_finish is not None:
             self._on_finish(record)
 
@@ -570,7 +589,15 @@ class _Finish:
         rec.ratelimit = quota.encode(observation.quota_headers)
         if self.gateway.settings.log_content and observation.response_body is not None:
             rec.response_body = observation.response_body
-        self.gateway.finish(rec)
+        finished = time.perf_counter()
+        timing = Timing(
+            received=self.t0,
+            sent=observation.sent_at,
+            answered=observation.answered_at,
+            relaying=observation.relaying_at,
+            finished=finished,
+        )
+        self.gateway.finish(rec, timing)
         tokens = rec.input_tokens + rec.cache_creation_input_tokens + rec.output_tokens
         policy = self.gateway.policy
         policy.settle(self.ticket, cost_micros=rec.cost_micros, tokens=tokens, now=time.time())

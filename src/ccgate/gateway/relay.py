@@ -62,6 +62,11 @@ class Observation:
     # committed: the upstream may bill it, so the row keeps the input estimate.
     withheld: bool = False
     quota_headers: dict[str, str] | None = None  # anthropic-ratelimit-unified-*, seat plans
+    # perf_counter() stamps for the latency split (gateway.metrics.Timing): handed to the
+    # upstream client, its response headers in, the relay to the client starting.
+    sent_at: float | None = None
+    answered_at: float | None = None
+    relaying_at: float | None = None
 
 
 class Relay(Response):
@@ -94,6 +99,9 @@ class Relay(Response):
         self._start_persisted = False
         self._withheld = False
         self._quota: dict[str, str] | None = None
+        self._sent_at: float | None = None
+        self._answered_at: float | None = None
+        self._relaying_at: float | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tg:
@@ -120,6 +128,9 @@ class Relay(Response):
             response_body=meter.captured() if meter is not None else None,
             withheld=self._withheld,
             quota_headers=self._quota,
+            sent_at=self._sent_at,
+            answered_at=self._answered_at,
+            relaying_at=self._relaying_at,
         )
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
@@ -151,12 +162,15 @@ class Relay(Response):
             async with anyio.create_task_group() as tg:
                 if self.ready is not None:
                     tg.start_soon(wait_ready)
+                self._sent_at = time.perf_counter()
                 try:
                     upstream = await self.client.send(self.outbound.request, stream=True)
                 except httpx.TimeoutException:
                     failed = (504, f"timed out connecting to {base_url}")
                 except httpx.HTTPError as exc:
                     failed = (502, f"cannot reach {base_url} ({type(exc).__name__})")
+                self._answered_at = time.perf_counter()
+            self._relaying_at = time.perf_counter()
             if not_ready is not None:
                 self._withheld = upstream is not None
                 await self._send_error(send, 503, not_ready, raw=True, retry=True)

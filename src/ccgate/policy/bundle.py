@@ -515,6 +515,20 @@ class ProviderEntry:
 
 
 @dataclass(frozen=True)
+class TelemetryEntry:
+    """Where the daemon exports request spans (OTLP/HTTP base URL; ``/v1/traces`` is added).
+    The collector headers (credentials) are one JSON object, sealed to the device like a
+    provider key, so a copied bundle file does not give them away."""
+
+    endpoint: str
+    sealed_headers: Mapping[str, str] | None
+
+    def to_payload(self) -> dict[str, Any]:
+        headers = None if self.sealed_headers is None else dict(self.sealed_headers)
+        return {"endpoint": self.endpoint, "sealed_headers": headers}
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A parsed payload. ``prices`` and ``sealed_key`` are plain mappings: treat as read-only."""
 
@@ -529,10 +543,11 @@ class Bundle:
     customer: LevelPolicy | None
     prices: Mapping[str, Any] | None
     providers: tuple[ProviderEntry, ...]
+    telemetry: TelemetryEntry | None = None  # absent from the payload when None
 
     def to_payload(self) -> dict[str, Any]:
         """JSON-ready, in the docs/protocol.md shape (a deep copy: safe to mutate)."""
-        return {
+        doc = {
             "schema": self.schema,
             "version": self.version,
             "issued_at": self.issued_at,
@@ -545,6 +560,9 @@ class Bundle:
             "prices": None if self.prices is None else copy.deepcopy(dict(self.prices)),
             "providers": [provider.to_payload() for provider in self.providers],
         }
+        if self.telemetry is not None:
+            doc["telemetry"] = self.telemetry.to_payload()
+        return doc
 
 
 def _budget_payload(budget: Budget | None) -> dict[str, Any] | None:
@@ -711,8 +729,8 @@ def _read_level(parent: _Obj, name: str) -> LevelPolicy | None:
     )
 
 
-def _read_sealed(obj: _Obj) -> dict[str, str]:
-    sealed = obj.obj("sealed_key")
+def _read_sealed(obj: _Obj, name: str = "sealed_key") -> dict[str, str]:
+    sealed = obj.obj(name)
     if sealed.raw("alg") != SEAL_ALG:
         raise _FieldError(sealed.field("alg"), f"must be {SEAL_ALG!r}")
     return {name: sealed.text(name) for name in _SEALED_FIELDS}
@@ -731,6 +749,20 @@ def _read_provider(field: str, item: object) -> ProviderEntry:
         weight=obj.integer("weight"),
         sealed_key=_read_sealed(obj),
     )
+
+
+def _read_telemetry(top: _Obj) -> TelemetryEntry | None:
+    # Optional: older servers send none, and null means "no export".
+    if not top.has("telemetry") or top.raw("telemetry") is None:
+        return None
+    obj = top.obj("telemetry")
+    endpoint = obj.text("endpoint")
+    if not endpoint.startswith(("https://", "http://")):
+        raise _FieldError(obj.field("endpoint"), "must be an http(s) URL")
+    headers = None
+    if obj.has("sealed_headers") and obj.raw("sealed_headers") is not None:
+        headers = _read_sealed(obj, "sealed_headers")
+    return TelemetryEntry(endpoint=endpoint, sealed_headers=headers)
 
 
 def _read_prices(obj: _Obj) -> dict[str, Any] | None:
@@ -761,6 +793,7 @@ def _read_bundle(doc: object) -> Bundle:
         customer=_read_level(top, "customer"),
         prices=_read_prices(top),
         providers=tuple(_read_provider(field, item) for field, item in top.items("providers")),
+        telemetry=_read_telemetry(top),
     )
 
 

@@ -31,10 +31,16 @@ from ccgate import __version__
 from ccgate.errors import CcgateError
 from ccgate.policy.bundle import SigningKey
 from ccgate.server import alerts, devices, leases, reconcile, report, roles, usage
+from ccgate.server import metrics as server_metrics
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
 from ccgate.server.db import Device, VirtualKey
-from ccgate.server.errors import BadRequestError, InvalidRequestError, RefusedError
+from ccgate.server.errors import (
+    AuthenticationError,
+    BadRequestError,
+    InvalidRequestError,
+    RefusedError,
+)
 from ccgate.server.state import SecretBox
 from ccgate.wire import error_response
 
@@ -62,6 +68,10 @@ class ServerContext:
     @functools.cached_property
     def alert_worker(self) -> alerts.AlertWorker:
         return alerts.AlertWorker(self.engine, self.box, self.alert_settings, self.clock)
+
+    @functools.cached_property
+    def metrics(self) -> server_metrics.ServerMetrics:
+        return server_metrics.ServerMetrics(self.engine, self.clock)
 
     @functools.cached_property
     def admin(self) -> Admin:
@@ -209,6 +219,22 @@ def _json(data: Any, status: int = 200) -> Response:
     return JSONResponse(data, status_code=status)
 
 
+async def _exposition(ctx: ServerContext) -> Response:
+    body = await _blocking(ctx.metrics.exposition)
+    return Response(body, media_type=server_metrics.CONTENT_TYPE)
+
+
+def metrics_only_app(ctx: ServerContext) -> Starlette:
+    """What ``--metrics-bind`` serves: ``GET /metrics`` without a token, and nothing else. The
+    admin binds it where only the monitoring system can reach it."""
+
+    @_guarded
+    async def metrics(_request: Request) -> Response:
+        return await _exposition(ctx)
+
+    return Starlette(routes=[Route(server_metrics.METRICS_PATH, metrics, methods=["GET"])])
+
+
 # -------------------------------------------------------------------- public and device routes
 
 
@@ -262,6 +288,7 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
         body = await _json_body(request)
         result = await _blocking(usage.ingest, ctx.engine, key, device, body, now=ctx.clock())
         await _blocking(_after_ingest, ctx, key, device)
+        ctx.metrics.ingested(result)
         return _json(result)
 
     @_guarded
@@ -291,8 +318,19 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
         )
         return _json(result)
 
+    @_guarded
+    async def metrics(request: Request) -> Response:
+        admin_id = await _blocking(ctx.admin.authenticate, _bearer(request))
+        if not await _blocking(server_metrics.may_scrape, ctx.engine, admin_id):
+            raise AuthenticationError(
+                "This token was revoked; create a new one with "
+                "`ccgate admin tokens create NAME --role metrics`."
+            )
+        return await _exposition(ctx)
+
     return [
         Route("/healthz", healthz, methods=["GET"]),
+        Route(server_metrics.METRICS_PATH, metrics, methods=["GET"]),
         Route("/v1/server-key", server_key, methods=["GET"]),
         Route("/v1/devices", register, methods=["POST"]),
         Route("/v1/bundle", get_bundle, methods=["GET"]),

@@ -73,6 +73,17 @@ POLL_INTERVAL_S: Final = 60
 class BundleSettings:
     ttl_s: int = DEFAULT_TTL_S
     poll_interval_s: int = POLL_INTERVAL_S
+    # Where daemons export request spans (``ccgate server run --otlp-endpoint``), and the
+    # collector's headers (credentials: sealed to each device, never in a repr or a log).
+    otlp_endpoint: str | None = None
+    otlp_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def telemetry_digest(self) -> str | None:
+        """What of the telemetry settings shapes a bundle, without the header values."""
+        if self.otlp_endpoint is None:
+            return None
+        headers = json.dumps(dict(self.otlp_headers), sort_keys=True).encode()
+        return f"{self.otlp_endpoint} {hashlib.sha256(headers).hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,9 @@ class Bundler:
             "ttl_s": self.settings.ttl_s,
             "poll_interval_s": self.settings.poll_interval_s,
         }
+        telemetry = self.settings.telemetry_digest()
+        if telemetry is not None:
+            shape["telemetry"] = telemetry
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
     def cached(
@@ -207,6 +221,9 @@ class Bundler:
                 {**_entry(p, sealed={}).to_payload(), "id": p.id} for p in contents.providers
             ],
         }
+        telemetry = self.settings.telemetry_digest()
+        if telemetry is not None:
+            content["telemetry"] = telemetry
         return hashlib.sha256(bundle_mod.encode_payload(content)).hexdigest()
 
     def _sign(
@@ -245,6 +262,7 @@ class Bundler:
             customer=contents.customer,
             prices=contents.prices,
             providers=entries,
+            telemetry=self._telemetry(device_public, device.id),
         )
         envelope = json.dumps(
             self.signing_key.sign_envelope(bundle_mod.encode_payload(signed)), sort_keys=True
@@ -258,6 +276,22 @@ class Bundler:
         session.add(row)
         session.commit()
         return Served(version=version, envelope=envelope)
+
+    def _telemetry(self, device_public: bytes, device_id: str) -> bundle_mod.TelemetryEntry | None:
+        endpoint = self.settings.otlp_endpoint
+        if endpoint is None:
+            return None
+        headers = self.settings.otlp_headers
+        sealed = (
+            bundle_mod.seal(
+                json.dumps(dict(headers), sort_keys=True),
+                device_public=device_public,
+                device_id=device_id,
+            )
+            if headers
+            else None
+        )
+        return bundle_mod.TelemetryEntry(endpoint=endpoint, sealed_headers=sealed)
 
 
 @dataclass(frozen=True)

@@ -431,7 +431,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "id": _STR,
             "name": _STR,
-            "role": {"enum": ["admin", "viewer"]},
+            "role": {"enum": ["admin", "viewer", "metrics"]},
             "prefix": _STR,
             "created_at": _NUM,
             "revoked_at": _nullable(_NUM),
@@ -502,6 +502,20 @@ def _public_paths() -> dict[str, Any]:
             "get": _op("Liveness", ok=_obj({"status": _STR, "version": _STR})),
         },
         "/openapi.json": {"get": _op("This document", ok={"type": "object"})},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text format); any admin token, or one with the "
+                "metrics role, which can read nothing else",
+                "security": [{"adminToken": []}],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": _STR}},
+                    },
+                    "default": {"description": "Error envelope", **_json_content(_ref("Error"))},
+                },
+            }
+        },
         "/v1/server-key": {
             "get": _op(
                 "The server's Ed25519 public key and fingerprint",
@@ -726,7 +740,8 @@ def _admin_paths() -> dict[str, Any]:
                 ok=_ref("AdminTokenInfo"),
                 status="201",
                 body=_obj(
-                    {"name": _STR, "role": {"enum": ["admin", "viewer"]}}, required=("name",)
+                    {"name": _STR, "role": {"enum": ["admin", "viewer", "metrics"]}},
+                    required=("name",),
                 ),
                 security=adm,
             ),

@@ -1,4 +1,5 @@
-"""Admin tokens with roles: ``admin`` may change anything, ``viewer`` may only read.
+"""Admin tokens with roles: ``admin`` may change anything, ``viewer`` may only read, and
+``metrics`` may only scrape ``GET /metrics`` (``ccgate.server.metrics``), nothing of the API.
 
 A request's token is first checked by ``Admin.authenticate`` (the hash lookup), then
 ``authorize`` reads its role and refuses what the role may not do: a revoked token is a 401, a
@@ -31,7 +32,7 @@ from ccgate.server.errors import (
 from ccgate.server.state import ADMIN_TOKEN_PREFIX, sha256_hex
 
 Role = Literal["admin", "viewer"]
-ROLES: Final = ("admin", "viewer")
+ROLES: Final = ("admin", "viewer", "metrics")
 READ_METHODS: Final = frozenset({"GET", "HEAD"})
 PREFIX_CHARS: Final = 12
 
@@ -55,6 +56,11 @@ def actor_for(engine: Engine, admin_id: str) -> Actor:
         raise AuthenticationError(
             "This admin token was revoked; ask an admin for a new one "
             "(`ccgate admin tokens create`)."
+        )
+    if row.role == "metrics":
+        raise PermissionDeniedError(
+            f"The token {row.name or row.id!r} has the metrics role: it can only scrape "
+            "GET /metrics. Use an admin or viewer token for the API and the dashboard."
         )
     role: Role = "viewer" if row.role == "viewer" else "admin"
     return Actor(id=row.id, name=row.name or row.id, role=role)
@@ -103,7 +109,7 @@ def create_token(
     name = validate.name(body)
     role = body.get("role", "viewer")
     if role not in ROLES:
-        raise InvalidRequestError(f"'role' must be admin or viewer; got {role!r}.")
+        raise InvalidRequestError(f"'role' must be admin, viewer or metrics; got {role!r}.")
     plaintext = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = AdminToken(
         id=db.new_id("adm", hex_chars=8),

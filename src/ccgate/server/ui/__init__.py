@@ -135,6 +135,8 @@ def routes(ctx: ServerContext) -> list[BaseRoute]:
             return _login_page(
                 request, render, status=401, error="That token is not valid for this server."
             )
+        except PermissionDeniedError as exc:  # a metrics token: it may only scrape /metrics
+            return _login_page(request, render, status=403, error=str(exc))
         token = await blocking(sessions.create, ctx.engine, who.id, now=ctx.clock())
         response = RedirectResponse("/ui/", status_code=303)
         response.set_cookie(
