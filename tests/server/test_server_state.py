@@ -202,7 +202,7 @@ def test_openapi_lists_every_route() -> None:
                     seen.add((prefix + r.path, method.lower()))
     documented = {(path, m) for path, ops in spec["paths"].items() for m in ops}
     assert seen == documented
-    assert len(seen) == 39
+    assert len(seen) == 40
     ctx.engine.dispose()
 
 
