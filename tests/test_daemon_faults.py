@@ -462,3 +462,25 @@ def test_corrupted_ledger_is_a_clear_error_and_is_left_untouched(
         check=False,
     )
     assert usage.returncode != 0 and "not a readable ccgate ledger" in usage.stderr
+
+
+def test_sigterm_commits_every_row_clears_the_runtime_file_and_exits_0(
+    fake_upstream: FakeUpstream,
+) -> None:
+    """uvicorn re-raises SIGTERM after its graceful shutdown; the daemon's own cleanup (the
+    writer's last commit, the runtime file) must still run, and the exit is clean."""
+    with run_daemon(upstream_url=fake_upstream.url) as d:
+        with httpx.Client(timeout=30) as client:
+            for stream in (False, True):
+                answer = client.post(
+                    f"{d.url}/v1/messages", json=body(stream=stream), headers={"x-api-key": d.key}
+                )
+                assert answer.status_code == 200
+        runtime = paths_mod.resolve().runtime_file
+        assert runtime.exists()
+        d.process.send_signal(signal.SIGTERM)
+        assert d.process.wait(timeout=15) == 0
+        assert "ccgate stopped" in d.log.read_text()
+        assert not runtime.exists()
+    rows = Ledger(paths_mod.resolve().ledger_file).records()
+    assert [r.outcome for r in rows] == ["ok", "ok"]

@@ -4,7 +4,6 @@ A collector that hangs or refuses costs the requests nothing."""
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,8 +167,8 @@ def test_a_dead_or_stuck_collector_never_fails_or_holds_a_request(
             assert httpx.get(f"{daemon.url}/_ccgate/health", timeout=5).status_code == 200
         # SIGTERM stopped the daemon by itself (run_daemon kills it only after 15 s) although
         # spans were pending.
-        assert daemon.process.returncode == -signal.SIGTERM
-        assert "Application shutdown complete" in daemon.log_text()
+        assert daemon.process.returncode == 0
+        assert "ccgate stopped" in daemon.log_text()
 
 
 # -- server mode: the bundle names the collector -------------------------------------------------

@@ -233,14 +233,29 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     )
     _write_runtime(paths, info)
     log.info("ccgate %s listening on %s, upstream %s", _version(), info.url, info.upstream_url)
+    # uvicorn shuts down gracefully on SIGTERM, then restores the previous handler and raises
+    # the signal again; with the default handler that kills the process before the cleanup
+    # below (queued ledger rows committed, runtime file cleared). Exit through it instead.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         server.run(sockets=[sock])
+    except _Terminated:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         ledger.stop_writer()
         ledger.close()
         sock.close()
         _clear_runtime(paths, pid=info.pid)
         log.info("ccgate stopped")
+
+
+class _Terminated(BaseException):
+    """SIGTERM re-raised by uvicorn after its graceful shutdown."""
+
+
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Terminated
 
 
 def profiles_exist(paths: Paths) -> bool:
