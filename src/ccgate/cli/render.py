@@ -352,6 +352,8 @@ LOG_FIELDS = (
     "latency_ms",
     "session_id",
     "id",
+    "provider",
+    "attempts",
 )
 
 
@@ -372,11 +374,17 @@ def logs(rows: list[dict[str, Any]], *, header: bool = True) -> None:
     def outcome(row: dict[str, Any]) -> str:
         return f"[{_COLOURS.get(row['outcome'], 'white')}]{row['outcome']}[/]"
 
+    def provider(row: dict[str, Any]) -> str:
+        # "backup ×2": served by backup, on the second attempt (fallback or another key).
+        attempts = row.get("attempts") or 1
+        return escape(str(row.get("provider") or "-")) + (f" ×{attempts}" if attempts > 1 else "")
+
     columns = [
         Column("time (UTC)", cells(lambda r: utc(r["started_at"], seconds=True)[:19])),
         Column("model", cells(lambda r: escape(r["model"] or "-")), wrap=True),
         Column("status", cells(lambda r: str(r["status"] or "-")), right=True, drop=4),
         Column("outcome", cells(outcome)),
+        Column("provider", cells(provider), drop=4),
         Column("in", cells(lambda r: tokens(r["input_tokens"])), right=True, drop=2),
         Column("out", cells(lambda r: tokens(r["output_tokens"])), right=True, drop=2),
         Column(
