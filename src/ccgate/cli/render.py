@@ -375,9 +375,10 @@ def logs(rows: list[dict[str, Any]], *, header: bool = True) -> None:
         return f"[{_COLOURS.get(row['outcome'], 'white')}]{row['outcome']}[/]"
 
     def provider(row: dict[str, Any]) -> str:
-        # "backup ×2": served by backup, on the second attempt (fallback or another key).
+        # "backup \u00d72": served by backup, on the second attempt (fallback or another key).
         attempts = row.get("attempts") or 1
-        return escape(str(row.get("provider") or "-")) + (f" ×{attempts}" if attempts > 1 else "")
+        times = f" \u00d7{attempts}" if attempts > 1 else ""
+        return escape(str(row.get("provider") or "-")) + times
 
     columns = [
         Column("time (UTC)", cells(lambda r: utc(r["started_at"], seconds=True)[:19])),

@@ -30,6 +30,29 @@ class Config:
     upstream_url: str = DEFAULT_UPSTREAM
     log_content: bool = False
     passthrough: bool = False
+    # Upstream timeouts in seconds (see docs/admin.md, "Timeouts"); in server mode these are the
+    # defaults a provider entry's own timeouts override.
+    connect_timeout_s: float = 10.0
+    stream_first_byte_timeout_s: float = 60.0
+    first_byte_timeout_s: float = 600.0
+    idle_timeout_s: float = 300.0
+
+    def timeouts(self) -> dict[str, float]:
+        """The timeouts by the names gateway.routing.Timeouts uses."""
+        return {
+            "connect_s": self.connect_timeout_s,
+            "stream_first_byte_s": self.stream_first_byte_timeout_s,
+            "first_byte_s": self.first_byte_timeout_s,
+            "idle_s": self.idle_timeout_s,
+        }
+
+
+_TIMEOUT_KEYS = (
+    "connect_timeout_s",
+    "stream_first_byte_timeout_s",
+    "first_byte_timeout_s",
+    "idle_timeout_s",
+)
 
 
 def load(paths: Paths) -> Config:
@@ -54,6 +77,11 @@ def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
     }
     values: dict[str, Any] = {}
     for key, value in data.items():
+        if key in _TIMEOUT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{source}: '{key}' must be a number of seconds above 0.")
+            values[key] = float(value)
+            continue
         kind = known.get(key)
         if kind is None:
             continue  # keys from newer versions are ignored, not fatal
@@ -65,7 +93,13 @@ def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
 
 def save(paths: Paths, config: Config) -> None:
     paths.ensure()
-    atomic_write(paths.config_file, tomli_w.dumps(asdict(config)).encode("utf-8"))
+    data = asdict(config)
+    defaults = asdict(Config())
+    # A timeout left at its default is not written, so a later ccgate's default applies.
+    for key in _TIMEOUT_KEYS:
+        if data[key] == defaults[key]:
+            del data[key]
+    atomic_write(paths.config_file, tomli_w.dumps(data).encode("utf-8"))
 
 
 def resolve(

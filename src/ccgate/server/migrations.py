@@ -442,6 +442,15 @@ def m014_repo_attribution(conn: Connection) -> None:
         )
 
 
+def m015_attempts_and_key_status(conn: Connection) -> None:
+    """Key pools and fallback (issue #13): how many upstream attempts each usage record took;
+    per provider entry, its upstream timeouts (JSON, unset phases default) and the last time a
+    daemon reported the upstream refusing its key (401/403), with that status."""
+    conn.execute(text("ALTER TABLE usage ADD COLUMN attempts INTEGER DEFAULT 1 NOT NULL"))
+    for column in ("timeouts TEXT", "key_failed_at FLOAT", "key_failed_status INTEGER"):
+        conn.execute(text(f"ALTER TABLE providers ADD COLUMN {column}"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -457,6 +466,7 @@ MIGRATIONS: Sequence[Migration] = (
     m012_usage_pricing_inputs,
     m013_device_enrolment,
     m014_repo_attribution,
+    m015_attempts_and_key_status,
 )
 
 
