@@ -70,7 +70,8 @@ def ask(client: anthropic.Anthropic, *, stream: bool, session: str) -> str:
     }
     if stream:
         with client.messages.stream(**kwargs) as events:
-            return events.get_final_text()
+            text: str = events.get_final_text()
+            return text
     block = client.messages.create(**kwargs).content[0]
     assert block.type == "text"
     return block.text
