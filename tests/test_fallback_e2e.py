@@ -74,7 +74,8 @@ def ask(client: anthropic.Anthropic, *, stream: bool, session: str) -> str:
             return text
     block = client.messages.create(**kwargs).content[0]
     assert block.type == "text"
-    return block.text
+    answer: str = block.text
+    return answer
 
 
 def logs() -> list[dict[str, Any]]:
