@@ -711,6 +711,7 @@ class Governor:
                     self.tokens.period, rolling=self.tokens.rolling, now=now
                 ),
             },
+            "providers": self.router.snapshot(now=now),  # key states and breakers, no secrets
             "unsynced": self.ledger.count_unsynced(key_id=self.key_id),
             "last_sync": iso_utc(self.sync_state.last_success)
             if self.sync_state.last_success
