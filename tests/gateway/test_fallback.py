@@ -390,3 +390,116 @@ async def test_the_breaker_opens_after_repeated_failures_and_the_primary_is_skip
     assert len(main.requests) == 3  # then skipped: the breaker is open
     last = max(rows(ledger), key=lambda r: r.seq)
     assert (last.attempts, reasons(last)) == (1, [("main", "circuit_open"), ("backup", None)])
+
+
+async def test_ready_is_awaited_once_and_gates_the_answer_whichever_attempt_serves() -> None:
+    from ccgate.gateway.relay import Attempt, Observation, Outbound, Relay
+    from ccgate.gateway.routing import Candidate
+
+    asked: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.host)
+        if request.url.host == "main.test":
+            return httpx.Response(503, json={"type": "error"})
+        return httpx.Response(200, stream=httpx.ByteStream(b'{"type":"message"}'))
+
+    ready_calls: list[float] = []
+    release = anyio.Event()
+
+    async def ready() -> str | None:
+        ready_calls.append(1.0)
+        await release.wait()
+        return None
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    keys = [pool_key("main", "sk-main-0001"), pool_key("backup", "sk-back-0002", priority=1)]
+    attempts = tuple(
+        Attempt(
+            build=lambda k=k: httpx.Request("POST", f"{k.upstream.base_url}/v1/messages"),
+            base_url=k.upstream.base_url,
+            candidate=Candidate(k),
+            timeouts=k.timeouts,
+        )
+        for k in keys
+    )
+    observed: list[Observation] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
+        relay = Relay(
+            upstream,
+            Outbound(
+                request=attempts[0].build(),
+                base_url="http://main.test",
+                request_id="r1",
+                streamed=False,
+                meter=False,
+                attempts=attempts,
+            ),
+            on_progress=lambda _m: None,
+            on_finish=observed.append,
+            ready=ready,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(relay, {"type": "http"}, receive, send)
+            while len(asked) < 2:
+                await anyio.sleep(0.01)
+            await anyio.wait_all_tasks_blocked()
+            assert sent == []  # both attempts done, the row not yet committed: nothing relayed
+            release.set()
+    assert asked == ["main.test", "backup.test"] and len(ready_calls) == 1
+    assert sent[0]["status"] == 200
+    (seen,) = observed
+    assert (seen.attempts, seen.provider) == (2, "backup")
+    assert [e["reason"] for e in seen.attempt_log] == ["server_error", None]
+
+
+async def test_a_client_that_hangs_up_mid_attempt_cancels_it_and_tries_nothing_else(
+    ledger: Ledger,
+) -> None:
+    with FakeUpstream(api_key="sk-main-0001") as main, FakeUpstream(api_key="sk-back-2") as backup:
+        main.enqueue(Scenario(hang=True))
+        keys = [
+            pool_key("main", "sk-main-0001", url=main.url),
+            pool_key("backup", "sk-back-2", url=backup.url, priority=1),
+        ]
+        async with gateway(ledger, None, keys) as (client, _router):
+            asked = anyio.Event()
+            body = json.dumps({**BODY, "stream": True}).encode()
+            delivered = False
+
+            async def receive() -> Message:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await asked.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(_message: Message) -> None:
+                raise AssertionError("nothing may be relayed to a client that left")
+
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                "method": "POST", "scheme": "http", "path": "/v1/messages",
+                "raw_path": b"/v1/messages", "query_string": b"", "root_path": "",
+                "headers": [
+                    (b"host", f"127.0.0.1:{PORT}".encode()), (b"x-api-key", CLIENT_KEY.encode())
+                ],
+                "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", PORT),
+            }  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.app, scope, receive, send)  # type: ignore[attr-defined]
+                await anyio.to_thread.run_sync(main.wait_for_requests, 1)
+                asked.set()
+            await anyio.to_thread.run_sync(main.wait_for_disconnects, 1)
+        assert backup.requests == []
+    (row,) = rows(ledger)
+    assert row.outcome == "interrupted" and row.attempts == 1

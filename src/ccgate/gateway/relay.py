@@ -278,6 +278,12 @@ class Relay(Response):
         except httpx.HTTPError as exc:
             problem = f"cannot reach {base_url} ({type(exc).__name__})"
             reason, failed = "connect_error", (502, problem)
+        except BaseException:
+            # Cancelled (the client hung up) mid-attempt: the response is nobody else's to close.
+            if response is not None:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            raise
         if failed is not None:
             reply = None
         status = reply.status if reply is not None else None
