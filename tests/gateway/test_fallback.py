@@ -10,7 +10,7 @@ body, and the ledger row (provider, attempts, attempt_log).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -422,9 +422,12 @@ async def test_ready_is_awaited_once_and_gates_the_answer_whichever_attempt_serv
         raise AssertionError("unreachable")
 
     keys = [pool_key("main", "sk-main-0001"), pool_key("backup", "sk-back-0002", priority=1)]
+    def request_to(key: PoolKey) -> Callable[[], httpx.Request]:
+        return lambda: httpx.Request("POST", f"{key.upstream.base_url}/v1/messages")
+
     attempts = tuple(
         Attempt(
-            build=lambda k=k: httpx.Request("POST", f"{k.upstream.base_url}/v1/messages"),
+            build=request_to(k),
             base_url=k.upstream.base_url,
             candidate=Candidate(k),
             timeouts=k.timeouts,
