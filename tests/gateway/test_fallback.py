@@ -422,6 +422,7 @@ async def test_ready_is_awaited_once_and_gates_the_answer_whichever_attempt_serv
         raise AssertionError("unreachable")
 
     keys = [pool_key("main", "sk-main-0001"), pool_key("backup", "sk-back-0002", priority=1)]
+
     def request_to(key: PoolKey) -> Callable[[], httpx.Request]:
         return lambda: httpx.Request("POST", f"{key.upstream.base_url}/v1/messages")
 

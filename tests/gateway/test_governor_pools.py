@@ -100,3 +100,22 @@ async def test_the_server_refuses_a_malformed_key_failure(rig: Rig) -> None:
             await client.push_usage(
                 [], key_failures=[{"provider_id": "prov_x", "status": 500, "at": 1.0}]
             )
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "problem"),
+    [
+        ({"connect": 2}, "'timeouts.connect' is not a timeout"),
+        ({"idle_s": 0}, "'timeouts.idle_s' must be above 0"),
+        ({"idle_s": "5"}, "'timeouts.idle_s' must be a number of seconds"),
+        ([5], "'timeouts' must be an object"),
+    ],
+)
+async def test_the_admin_api_refuses_bad_provider_timeouts(
+    rig: Rig, timeouts: object, problem: str
+) -> None:
+    body = {"name": "slow", "kind": "anthropic", "base_url": "https://slow.test"}
+    refused = await rig.ok(
+        "POST", "/providers", 422, json={**body, "api_key": "sk-x", "timeouts": timeouts}
+    )
+    assert problem in refused["error"]["message"]
