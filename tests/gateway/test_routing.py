@@ -178,3 +178,11 @@ def test_timeouts_merge_only_the_phases_named() -> None:
     assert merged.connect_s == 2.5 and merged.idle_s == Timeouts().idle_s
     assert merged.first_byte(streamed=True) == 60.0
     assert merged.first_byte(streamed=False) == 600.0
+
+
+def test_an_entry_of_the_same_name_with_a_higher_priority_is_a_fallback_key() -> None:
+    router = Router(
+        [key("anthropic", "spare", priority=1), key("anthropic", "a"), key("anthropic", "b")]
+    )
+    for session in ("s1", "s2", "s3", "s4"):
+        assert labels(router, session)[-1] == "spare"

@@ -6,8 +6,9 @@ them in order before the first byte reaches the client, and reports each attempt
 here (``Router.report``), which is what moves keys and providers in and out of rotation.
 
 - **Providers** are tried by ``priority`` (lower first); a higher number is a fallback.
-- **A pool** is every bundle entry with the same provider name: each entry is one key with a
-  ``weight``. Within a pool the order is weighted rendezvous hashing over the usable keys,
+- **A pool** is every bundle entry with the same provider name and priority: each entry is one
+  key with a ``weight``; an entry of the same name with a higher priority is a fallback key,
+  tried after the pool. Within a pool the order is weighted rendezvous hashing over the usable keys,
   keyed by the Claude Code session id (``x-claude-code-session-id``): one session keeps landing
   on the same key while that key is usable, so its prompt cache keeps hitting, and sessions
   spread over the keys in proportion to their weights. A request without a session id is
@@ -33,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from functools import cached_property
 from typing import Final, Literal
 
 from ccgate.gateway.providers import Upstream
@@ -122,7 +124,7 @@ class PoolKey:
     def provider(self) -> str:
         return self.upstream.provider
 
-    @property
+    @cached_property
     def ident(self) -> tuple[str, str, str]:
         """Who this key is across bundle updates: same provider, label and secret."""
         secret = self.upstream.api_key or ""
@@ -211,6 +213,7 @@ class Router:
     ) -> None:
         self.settings = breaker or BreakerSettings()
         self._keys: tuple[PoolKey, ...] = ()
+        self._pools: dict[tuple[int, str], list[PoolKey]] = {}
         self._states: dict[tuple[str, str, str], _KeyState] = {}
         self._breakers: dict[str, _Breaker] = {}
         self._unreported: dict[tuple[str, str, str], KeyFailure] = {}
@@ -223,6 +226,10 @@ class Router:
     def update(self, keys: Iterable[PoolKey]) -> None:
         """Install a new set of keys (a new bundle); a key that stays keeps its state."""
         self._keys = tuple(keys)
+        # Grouped once per bundle, not per request: pools by priority, then name.
+        self._pools = {}
+        for key in sorted(self._keys, key=lambda k: (k.priority, k.provider)):
+            self._pools.setdefault((key.priority, key.provider), []).append(key)
         idents = {key.ident for key in self._keys}
         self._states = {i: s for i, s in self._states.items() if i in idents}
         self._unreported = {i: f for i, f in self._unreported.items() if i in idents}
@@ -234,12 +241,9 @@ class Router:
     def plan(self, affinity: str, *, now: float) -> Plan:
         """The candidates for one request, in order; ``affinity`` is the session id, else the
         request id. Never empty while any key is installed."""
-        by_provider: dict[str, list[PoolKey]] = {}
-        for key in sorted(self._keys, key=lambda k: (k.priority, k.provider)):
-            by_provider.setdefault(key.provider, []).append(key)
         candidates: list[Candidate] = []
         skipped: list[tuple[str, str]] = []
-        for provider, keys in by_provider.items():
+        for (_priority, provider), keys in self._pools.items():
             usable = [k for k in keys if self._key_usable(k, now)]
             if not usable:
                 continue
@@ -250,7 +254,8 @@ class Router:
                     breaker.probing_until is None or now >= breaker.probing_until
                 )
                 if not probe_due:
-                    skipped.append((provider, keys[0].upstream.kind))
+                    if (provider, keys[0].upstream.kind) not in skipped:
+                        skipped.append((provider, keys[0].upstream.kind))
                     continue
                 breaker.probing_until = now + self.settings.probe_timeout_s
                 probe = True
@@ -354,6 +359,9 @@ def rendezvous(keys: Sequence[PoolKey], affinity: str) -> list[PoolKey]:
     same order, removing a key moves only the sessions that were on it, and over many
     affinities each key comes first in proportion to its weight.
     """
+
+    if len(keys) < 2:
+        return list(keys)
 
     def score(key: PoolKey) -> float:
         digest = hashlib.blake2b(f"{affinity}\x00{key.label}".encode(), digest_size=8).digest()
