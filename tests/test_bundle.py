@@ -797,3 +797,23 @@ def test_bundle_is_frozen() -> None:
     with pytest.raises(AttributeError):
         bundle.version = 43  # type: ignore[misc]
     assert isinstance(bundle, Bundle)
+
+
+def test_a_provider_entry_may_carry_its_id_and_timeouts_and_older_entries_have_neither() -> None:
+    doc = payload_dict()
+    (entry,) = parse_payload(encode_payload(doc)).providers
+    assert (entry.id, entry.timeouts) == (None, None)
+    doc["providers"][0] |= {"id": "prov_1", "timeouts": {"connect_s": 2, "idle_s": 900.5}}
+    bundle = parse_payload(encode_payload(doc))
+    (entry,) = bundle.providers
+    assert (entry.id, entry.timeouts) == ("prov_1", {"connect_s": 2.0, "idle_s": 900.5})
+    assert parse_payload(encode_payload(bundle)) == bundle
+
+
+@pytest.mark.parametrize("value", [0, -1, 86_401, "10", True])
+def test_a_provider_timeout_out_of_range_is_refused_and_named(value: object) -> None:
+    doc = payload_dict()
+    doc["providers"][0]["timeouts"] = {"idle_s": value}
+    with pytest.raises(MalformedBundleError) as caught:
+        parse_payload(encode_payload(doc))
+    assert caught.value.field == "providers[0].timeouts.idle_s"

@@ -78,15 +78,15 @@ def test_logs_fit_80_columns_and_keep_the_cost(traffic: dict[str, str]) -> None:
     assert lines[3].split()[2:5] == [MODEL, "upstream_error", "0"]
     assert lines[4].split()[2:] == ["claude-haiku-4-5", "ok", "7", "3", "$0.000022"]
     assert (
-        "Left out at 80 columns: status, cache w/r, latency, session (a wider terminal shows "
-        "them; --json has every field)." in " ".join(result.stderr.split())
+        "Left out at 80 columns: status, provider, cache w/r, latency, session (a wider "
+        "terminal shows them; --json has every field)." in " ".join(result.stderr.split())
     )
 
     wide = ccgate("logs", env=terminal(traffic, columns=160))
     header = plain(wide.stdout).split("\n")[0].split()
     assert header == [
-        "time", "(UTC)", "model", "status", "outcome", "in", "out", "cache", "w/r", "cost",
-        "latency", "session",
+        "time", "(UTC)", "model", "status", "outcome", "provider", "in", "out", "cache", "w/r",
+        "cost", "latency", "session",
     ]  # fmt: skip
     assert "Left out" not in wide.stderr
 

@@ -18,6 +18,11 @@ tested); each ``message_delta`` carries cumulative usage, input and cache fields
 use the ``{"type": "error", "error": {...}, "request_id": ...}`` envelope with a matching
 ``request-id`` header.
 
+Several keys: ``keys`` (besides ``api_key``) are accepted too, and ``by_key`` gives a key its own
+standing scenario (a key that is always rate-limited, or refused), which answers every request
+made with that key instead of the queue: a key pool is several keys on one fake, fallback
+providers are several fakes.
+
 Use it as a context manager or from a fixture::
 
     @pytest.fixture(scope="module")
@@ -700,20 +705,23 @@ class _App:
                 exchange, status=400, error_type="invalid_request_error", message=message
             )
             return
-        await _answer(request, self._owner._next_scenario(), exchange, endpoint)
+        standing = self._owner.by_key.get(request.headers.get("x-api-key", ""))
+        scenario = standing if standing is not None else self._owner._next_scenario()
+        await _answer(request, scenario, exchange, endpoint)
 
     def _auth_problem(self, headers: dict[str, str]) -> str | None:
         """Like the real API: a key is required, and every credential offered must be valid."""
         if not self._owner.require_key:
             return None
         expected = self._owner.api_key
+        accepted = {expected, *self._owner.keys}
         api_key = headers.get("x-api-key")
         authorization = headers.get("authorization")
         if api_key is None and authorization is None:
             return "x-api-key header is required"
-        if api_key is not None and api_key != expected:
+        if api_key is not None and api_key not in accepted:
             return "invalid x-api-key"
-        if authorization is not None and authorization != f"Bearer {expected}":
+        if authorization is not None and authorization.removeprefix("Bearer ") not in accepted:
             return "Invalid bearer token"
         return None
 
@@ -871,9 +879,12 @@ class FakeUpstream:
         port: int = 0,
         api_key: str = DEFAULT_API_KEY,
         require_key: bool = True,
+        keys: Iterable[str] = (),
     ) -> None:
         self.host = host
         self.api_key = api_key
+        self.keys = set(keys)
+        self.by_key: dict[str, Scenario] = {}
         self.require_key = require_key
         self.default = Scenario()
         self.requests: list[ReceivedRequest] = []
@@ -917,6 +928,7 @@ class FakeUpstream:
             self.requests.clear()
             self._disconnects = 0
             self.default = Scenario()
+            self.by_key.clear()
 
     def wait_for_requests(self, count: int, *, timeout: float = 5.0) -> list[ReceivedRequest]:
         with self._changed:
@@ -928,6 +940,11 @@ class FakeUpstream:
         with self._changed:
             if not self._changed.wait_for(lambda: self._disconnects >= count, timeout):
                 raise TimeoutError(f"{self._disconnects} clients hung up, expected {count}")
+
+    def keys_used(self) -> list[str | None]:
+        """The ``x-api-key`` of every request so far, in order."""
+        with self._changed:
+            return [r.headers.get("x-api-key") for r in self.requests]
 
     def _record(self, request: ReceivedRequest) -> None:
         with self._changed:

@@ -168,6 +168,32 @@ def providers_add(
     ] = 0,
     weight: Annotated[int, typer.Option("--weight", min=1, help="Share within a priority.")] = 1,
     anthropic_key_id: AnthropicKeyIdOption = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option("--connect-timeout", min=0.001, help="Seconds to connect [default: 10]."),
+    ] = None,
+    first_byte_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--first-byte-timeout",
+            min=0.001,
+            help="Seconds until a non-streaming answer starts [default: 600].",
+        ),
+    ] = None,
+    stream_first_byte_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--stream-first-byte-timeout",
+            min=0.001,
+            help="Seconds until a stream's headers and first event [default: 60].",
+        ),
+    ] = None,
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-timeout", min=0.001, help="Seconds of silence within an answer [default: 300]."
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Add a provider entry; several adds under one NAME form a pool. The key is never shown."""
@@ -182,6 +208,14 @@ def providers_add(
     body |= {"priority": priority, "weight": weight} | ({"kind": kind} if kind else {})
     if anthropic_key_id:
         body["anthropic_key_id"] = anthropic_key_id
+    timeouts = {
+        "connect_s": connect_timeout,
+        "first_byte_s": first_byte_timeout,
+        "stream_first_byte_s": stream_first_byte_timeout,
+        "idle_s": idle_timeout,
+    }
+    if any(v is not None for v in timeouts.values()):
+        body["timeouts"] = {k: v for k, v in timeouts.items() if v is not None}
     with _client(ctx) as client:
         provider = client.add_provider(body)
     if json_output:
@@ -198,9 +232,21 @@ def providers_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     with _client(ctx) as client:
         data = client.providers()
     if not _as_json(data, json_output):
-        rows = [{**p, "key id": p.get("anthropic_key_id")} for p in data["providers"]]
-        columns = ("name", "id", "base_url", "priority", "weight", "key id")
+        rows = [
+            {**p, "key id": p.get("anthropic_key_id"), "key": _key_status(p)}
+            for p in data["providers"]
+        ]
+        columns = ("name", "id", "base_url", "priority", "weight", "key id", "key")
         _table(rows, columns, empty="No providers yet.")
+
+
+def _key_status(provider: dict[str, Any]) -> str:
+    """ "ok", or the status a daemon saw and when: "401 at 2026-11-30 16:00 UTC"."""
+    if provider.get("key_status") != "failing":
+        return "ok"
+    at = provider.get("key_failed_at")
+    when = f" at {format_utc(at)}" if isinstance(at, int | float) else ""
+    return f"{provider.get('key_failed_status') or 'failing'}{when}"
 
 
 @providers_app.command("update")

@@ -369,6 +369,8 @@ LOG_FIELDS = (
     "latency_ms",
     "session_id",
     "id",
+    "provider",
+    "attempts",
 )
 
 
@@ -389,11 +391,18 @@ def logs(rows: list[dict[str, Any]], *, header: bool = True) -> None:
     def outcome(row: dict[str, Any]) -> str:
         return f"[{_COLOURS.get(row['outcome'], 'white')}]{row['outcome']}[/]"
 
+    def provider(row: dict[str, Any]) -> str:
+        # "backup \u00d72": served by backup, on the second attempt (fallback or another key).
+        attempts = row.get("attempts") or 1
+        times = f" \u00d7{attempts}" if attempts > 1 else ""
+        return escape(str(row.get("provider") or "-")) + times
+
     columns = [
         Column("time (UTC)", cells(lambda r: utc(r["started_at"], seconds=True)[:19])),
         Column("model", cells(lambda r: escape(r["model"] or "-")), wrap=True),
         Column("status", cells(lambda r: str(r["status"] or "-")), right=True, drop=4),
         Column("outcome", cells(outcome)),
+        Column("provider", cells(provider), drop=4),
         Column("in", cells(lambda r: tokens(r["input_tokens"])), right=True, drop=2),
         Column("out", cells(lambda r: tokens(r["output_tokens"])), right=True, drop=2),
         Column(

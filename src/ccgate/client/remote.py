@@ -182,10 +182,16 @@ class ServerClient:
     async def return_lease(self, lease_id: str) -> None:
         await self._request("POST", f"/v1/leases/{lease_id}/return", json={}, ok=(200, 404))
 
-    async def push_usage(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+    async def push_usage(
+        self, records: list[dict[str, Any]], *, key_failures: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """Push a batch; returns only when the server accounts for every record in it (stored
-        now or before), so the caller can mark them synced without losing one."""
-        response = await self._request("POST", "/v1/usage", json={"records": records})
+        now or before), so the caller can mark them synced without losing one. Provider keys
+        the upstream refused since the last push ride along (``key_failures``)."""
+        body: dict[str, Any] = {"records": records}
+        if key_failures:
+            body["key_failures"] = key_failures
+        response = await self._request("POST", "/v1/usage", json=body)
         data = self._object(response, "a usage push")
         accepted, duplicates = data.get("accepted"), data.get("duplicates")
         if (

@@ -158,6 +158,7 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     from ccgate.accounting.repricing import reprice_ledger
     from ccgate.gateway.governor import Governor
     from ccgate.gateway.policy import LocalPolicy
+    from ccgate.gateway.routing import Timeouts
     from ccgate.store.ledger import Ledger
 
     paths.ensure()
@@ -183,12 +184,14 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
             "marked %d request(s) left unfinished by a previous run as interrupted", recovered
         )
     ledger.start_writer()
+    timeouts = Timeouts().merged(config.timeouts())
     prices, origin = pricing.installed(paths.prices_file)
     log.info("price table %s from %s", prices.version, origin)
     if profile is not None:
         governor = Governor.from_profile(
             paths=paths, profile=profile, ledger=ledger, passthrough_upstream=config.upstream_url
         )
+        governor.timeouts = timeouts  # before load: the bundle's entries override them
         governor.load(now=time.time())
         gateway, server = build(
             governor,
@@ -215,6 +218,7 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
             passthrough=config.passthrough,
             table=prices,
             sessions=local_session_meter(config, ledger),
+            timeouts=timeouts,
         )
         gateway, server = build(
             local,

@@ -45,6 +45,7 @@ from ccgate.accounting.pricing import PriceTable
 from ccgate.client import profiles
 from ccgate.client.remote import KeyRefused, ServerClient, ServerError
 from ccgate.gateway.policy import Refusal, Ticket, Upstream
+from ccgate.gateway.routing import KeyFailure, Plan, PoolKey, Router, Timeouts, single
 from ccgate.paths import Paths
 from ccgate.policy import limits as admission
 from ccgate.policy.bundle import (
@@ -171,6 +172,9 @@ class Governor:
         self.etag: str | None = None
         self._table = PriceTable.default()
         self._upstream: Upstream | None = None
+        # Key pools, fallbacks and breakers (gateway/routing.py); kept across bundle updates.
+        self.router = Router()
+        self.timeouts = Timeouts()
         self.limiter: admission.Limiter | None = None
         self.wallet = Wallet()
         self.tokens: TokenMeter | None = None
@@ -283,21 +287,41 @@ class Governor:
         self.passthrough = bundle.key.auth == "passthrough"
 
     def _pick_upstream(self, bundle: Bundle) -> Upstream | None:
+        """Install the bundle's providers in the router; the first by priority is returned
+        (what status names). An entry whose key cannot be opened is left out; none usable is
+        the problem that refuses requests."""
         passthrough = bundle.key.auth == "passthrough"
         if passthrough:
             # The user's own login (a seat or subscription) only works with Anthropic's API, and
             # the server sends no provider keys for it: the daemon's own upstream setting
             # (`ccgate up --upstream`, default api.anthropic.com) is where it goes.
+            self.router.update(())
             return Upstream(self.passthrough_upstream, None, "anthropic", True)
-        if not bundle.providers:
+        keys: list[PoolKey] = []
+        problem: str | None = None
+        for index, entry in enumerate(bundle.providers):
+            try:
+                api_key = unseal(entry.sealed_key, device=self.device, device_id=bundle.device_id)
+            except BundleError as exc:
+                problem = str(exc)
+                log.error("provider entry %s left out: %s", entry.id or entry.name, exc)
+                continue
+            upstream = Upstream(entry.base_url, api_key, entry.name, False, kind=entry.kind)
+            keys.append(
+                PoolKey(
+                    upstream,
+                    label=entry.id or f"{entry.name}#{index}",
+                    weight=entry.weight,
+                    priority=entry.priority,
+                    timeouts=self.timeouts.merged(entry.timeouts),
+                )
+            )
+        self.router.update(keys)
+        if not keys:
+            if problem is not None:
+                self.problem = problem
             return None
-        entry = min(bundle.providers, key=lambda p: p.priority)
-        try:
-            api_key = unseal(entry.sealed_key, device=self.device, device_id=bundle.device_id)
-        except BundleError as exc:
-            self.problem = str(exc)
-            return None
-        return Upstream(entry.base_url, api_key, entry.name, False)
+        return min(keys, key=lambda k: k.priority).upstream
 
     def client(self) -> ServerClient:
         """A new client of its own, for a caller outside the governor's loops to close."""
@@ -365,9 +389,13 @@ class Governor:
         while True:
             rows = await anyio.to_thread.run_sync(self._unsynced_batch)
             try:
+                failures = self.router.unreported_failures()
                 async with self.connected() as client:
                     named = repo_attribution(self.bundle)
-                    answer = await client.push_usage([_usage_record(r, named) for r in rows])
+                    answer = await client.push_usage(
+                        [_usage_record(r, named) for r in rows],
+                        key_failures=[_key_failure(f) for f in failures],
+                    )
             except KeyRefused as exc:
                 self.key_refused = str(exc)
                 self.sync_state.last_error = str(exc)
@@ -379,6 +407,7 @@ class Governor:
             if rows:
                 ids = [r.id for r in rows]
                 await anyio.to_thread.run_sync(partial(self.ledger.mark_synced, ids, at=now))
+            self.router.mark_reported(failures)
             self._apply_spent(rows, answer)
             self.sync_state.last_success = now
             self.sync_state.last_error = None
@@ -607,6 +636,12 @@ class Governor:
         assert self._upstream is not None
         return self._upstream
 
+    def plan(self, affinity: str, *, now: float) -> Plan:
+        upstream = self.upstream()
+        if upstream.passthrough:
+            return single(upstream, label="passthrough", timeouts=self.timeouts)
+        return self.router.plan(affinity, now=now)
+
     def prices(self) -> PriceTable:
         return self._table
 
@@ -720,6 +755,7 @@ class Governor:
                     self.tokens.period, rolling=self.tokens.rolling, now=now
                 ),
             },
+            "providers": self.router.snapshot(now=now),  # key states and breakers, no secrets
             "unsynced": self.ledger.count_unsynced(key_id=self.key_id),
             "last_sync": iso_utc(self.sync_state.last_success)
             if self.sync_state.last_success
@@ -780,6 +816,7 @@ def _usage_record(row: LedgerRow, repo_attribution: bool = True) -> dict[str, An
         "iterations": row.iterations,
         "stop_reason": row.stop_reason,
         "price_version": row.price_version,
+        "attempts": row.attempts,
     }
     if row.lease_id and row.lease_id != GRACE:
         record["lease_id"] = row.lease_id
@@ -802,3 +839,9 @@ def quota_fields(row: LedgerRow) -> dict[str, Any]:
         fields[f"quota_{infix}_utilization"] = window.utilization if window else None
         fields[f"quota_{infix}_reset"] = window.resets_at if window else None
     return fields
+
+
+def _key_failure(failure: KeyFailure) -> dict[str, Any]:
+    """A provider key the upstream refused, as the server's usage push takes it: the entry id
+    (the key's label; never the key), the status and when."""
+    return {"provider_id": failure.label, "status": failure.status, "at": failure.at}

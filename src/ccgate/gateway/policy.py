@@ -2,7 +2,8 @@
 
 The gateway asks a ``Policy`` a few things per request: who is this key, may the gateway serve
 at all, may this request go (admission, which may wait for a lease), and where does it go
-(upstream). ``LocalPolicy`` answers for standalone mode (one local key, no limits); the
+(``plan``: the candidates to try, in order, from gateway/routing.py; ``upstream`` is the first
+of them, for status). ``LocalPolicy`` answers for standalone mode (one local key, no limits); the
 server-mode ``Governor`` (gateway/governor.py) answers from the signed bundle. Neither the relay
 nor the gateway needs to know which one it has.
 """
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 from ccgate.accounting.pricing import PriceTable
 from ccgate.gateway.providers import Upstream
+from ccgate.gateway.routing import Plan, PoolKey, Router, Timeouts, single
 from ccgate.policy import limits as admission
 
 __all__ = ["LocalPolicy", "Policy", "Refusal", "Ticket", "Upstream"]
@@ -46,6 +48,7 @@ class Policy(Protocol):
     def authenticate(self, token: str | None) -> str | None: ...
     def refusal(self) -> Refusal | None: ...
     def upstream(self) -> Upstream: ...
+    def plan(self, affinity: str, *, now: float) -> Plan: ...
     def prices(self) -> PriceTable: ...
     async def admit(
         self, req: admission.Request
@@ -71,6 +74,13 @@ class LocalPolicy:
     provider: str = "anthropic"
     mode: str = "standalone"
     sessions: admission.SessionMeter | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    # One key is a pool of one: a 429 still keeps it out until its reset (the plan then tries
+    # it anyway, there being no other), and its breaker state shows in status.
+    router: Router = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.router = Router([PoolKey(self.upstream(), "local", timeouts=self.timeouts)])
 
     def authenticate(self, token: str | None) -> str | None:
         return None if token is None else self.client_keys.get(token)
@@ -80,6 +90,11 @@ class LocalPolicy:
 
     def upstream(self) -> Upstream:
         return Upstream(self.upstream_url, self.upstream_key, self.provider, self.passthrough)
+
+    def plan(self, affinity: str, *, now: float) -> Plan:
+        if self.passthrough:
+            return single(self.upstream(), label="passthrough", timeouts=self.timeouts)
+        return self.router.plan(affinity, now=now)
 
     def prices(self) -> PriceTable:
         return self.table

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -51,7 +52,7 @@ from ccgate.accounting.metering import Metered
 from ccgate.gateway.metrics import METRICS_PATH, GatewayMetrics, Timing
 from ccgate.gateway.policy import Policy, Ticket, Upstream
 from ccgate.gateway.providers import HOP_BY_HOP, Forward, UnknownProviderKind, adapter_for
-from ccgate.gateway.relay import Observation, Outbound, Relay
+from ccgate.gateway.relay import Attempt, Observation, Outbound, Relay
 from ccgate.policy import limits as admission
 from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.wire import error_response
@@ -294,9 +295,10 @@ class Gateway:
             return self._refuse(record, t0, admitted)
         body, ticket = admitted
         policy = self.policy
-        upstream = policy.upstream()
-        record.provider = upstream.provider
-        record.billing = "subscription" if upstream.passthrough else "api"
+        plan = policy.plan(record.session_id or record.id, now=time.time())
+        first = plan.candidates[0].upstream
+        record.provider = first.provider
+        record.billing = "subscription" if first.passthrough else "api"
         if ticket is not None:
             record.lease_id = ticket.lease_id
         if self.settings.log_content and body:
@@ -311,9 +313,17 @@ class Gateway:
             problem = await self._commit_pending()
             if problem is not None:
                 return self._unsent(record, t0, ticket, self._unaccounted(problem))
-        try:
-            adapter = adapter_for(upstream.kind)
-            sent = self.upstream_request(
+        attempts: list[Attempt] = []
+        unknown: UnknownProviderKind | None = None
+        for candidate in plan.candidates:
+            upstream = candidate.upstream
+            try:
+                adapter = adapter_for(upstream.kind)
+            except UnknownProviderKind as exc:
+                unknown = exc
+                continue
+            build = partial(
+                self.upstream_request,
                 request,
                 body,
                 upstream,
@@ -321,16 +331,37 @@ class Gateway:
                 model=record.model,
                 streamed=record.streamed,
             )
-        except UnknownProviderKind as exc:
-            return self._unsent(record, t0, ticket, _Refused.error(502, "api_error", str(exc)))
+            if not attempts:
+                # The first request is built here, so a problem building it is this request's
+                # refusal rather than a failed attempt.
+                try:
+                    sent = build()
+                except UnknownProviderKind as exc:
+                    unknown = exc
+                    continue
+                build = partial(_same, sent)
+            attempts.append(
+                Attempt(
+                    build=build,
+                    base_url=upstream.base_url,
+                    adapter=adapter,
+                    candidate=candidate,
+                    timeouts=candidate.key.timeouts,
+                )
+            )
+        if not attempts:
+            assert unknown is not None
+            return self._unsent(record, t0, ticket, _Refused.error(502, "api_error", str(unknown)))
         outbound = Outbound(
-            request=sent,
-            base_url=upstream.base_url,
+            request=attempts[0].build(),
+            base_url=attempts[0].base_url,
             request_id=record.id,
             streamed=record.streamed,
             meter=record.path == "/v1/messages",
             capture=self.settings.log_content,
-            adapter=adapter,
+            adapter=attempts[0].adapter,
+            attempts=tuple(attempts),
+            plan=plan,
         )
         finish = _Finish(self, record, t0=t0, body_bytes=len(body), prices=prices, ticket=ticket)
         return Relay(
@@ -576,6 +607,10 @@ class _Finish:
         seen = observation.seen
         rec = self.record
         rec.status = seen.status
+        rec.attempts = observation.attempts
+        rec.attempt_log = list(observation.attempt_log)
+        if observation.provider is not None:
+            rec.provider = observation.provider
         rec.latency_ms = (time.perf_counter() - self.t0) * 1000
         if observation.first_byte_at is not None:
             rec.ttfb_ms = (observation.first_byte_at - self.t0) * 1000
@@ -608,6 +643,10 @@ def _session_caps(policy: Policy) -> dict[str, Any] | None:
     # Both policies keep their session caps in ``sessions`` (None: no caps).
     meter = getattr(policy, "sessions", None)
     return meter.caps.to_json() if isinstance(meter, admission.SessionMeter) else None
+
+
+def _same(request: httpx.Request) -> httpx.Request:
+    return request
 
 
 def _apply(rec: RequestRecord, charge: billing.Charge) -> None:

@@ -6,6 +6,17 @@ checkpoints (message_start, then every ``CHECKPOINT_EVERY_CHUNKS`` chunks or
 ``CHECKPOINT_EVERY_S`` seconds of stream), so a daemon killed mid-stream still bills what was
 relayed; ``on_finish`` gets one ``Observation`` when the exchange ends, however it ends.
 
+Before the first byte, a request may be tried on several candidates (``Outbound.attempts``: the
+routing plan's keys and fallback providers, see gateway/routing.py). An attempt that fails to
+connect, times out before its first byte, answers 429, 401/403, 5xx or 529, or whose stream
+opens with an SSE ``overloaded_error`` event is closed and the next candidate is tried with the
+same request bytes. Only the last candidate's answer is relayed whatever it is (or ccgate's
+502/504 when it never answered). To see a stream's first event, the relay holds back that one
+event (never more) and replays it to the client in front of the rest. Once
+``http.response.start`` has gone to the client, the request never moves again: a stream that
+breaks later is relayed broken, not retried. Each attempt is reported to the plan (which moves
+keys and providers in and out of rotation) and logged in the ``Observation``.
+
 The response is copied chunk by chunk (``aiter_raw``: still compressed, so nothing is decoded or
 re-encoded in the path). After each chunk has been handed to the client, the same bytes are fed
 to a ``ResponseMeter`` that decodes and reads usage on the side. A watcher task waits for the
@@ -15,14 +26,18 @@ cancels the upstream request too.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import anyio
+import brotli
 import httpx
+import zstandard
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -30,12 +45,33 @@ from ccgate.accounting import quota
 from ccgate.accounting.billing import Observed
 from ccgate.accounting.metering import Metered, ResponseMeter
 from ccgate.gateway.providers import ANTHROPIC, Adapter, Reply
+from ccgate.gateway.routing import Candidate, Plan, Reason, Timeouts, classify
 from ccgate.wire import error_response
 
 log = logging.getLogger("ccgate.proxy")
 
 CHECKPOINT_EVERY_CHUNKS: Final = 32
 CHECKPOINT_EVERY_S: Final = 1.0
+# At most this much of a stream's decoded start is held back to read its first event.
+PEEK_LIMIT_BYTES: Final = 64 * 1024
+WRITE_TIMEOUT_S: Final = 60.0
+POOL_TIMEOUT_S: Final = 30.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One candidate of the routing plan, ready to send: ``build`` makes its request (the same
+    body bytes every time; built when tried, so a signature is fresh)."""
+
+    build: Callable[[], httpx.Request]
+    base_url: str
+    adapter: Adapter = ANTHROPIC
+    candidate: Candidate | None = None
+    timeouts: Timeouts | None = None  # None: the client's own (tests)
+
+    @property
+    def provider(self) -> str | None:
+        return self.candidate.provider if self.candidate is not None else None
 
 
 @dataclass(frozen=True)
@@ -49,6 +85,9 @@ class Outbound:
     meter: bool  # a Messages response: read its usage
     capture: bool = False  # keep the decoded response body (log_content)
     adapter: Adapter = ANTHROPIC  # turns the provider's answer into Anthropic's wire format
+    # The routing plan's candidates in order; empty: ``request`` alone, on the client's timeouts.
+    attempts: tuple[Attempt, ...] = ()
+    plan: Plan | None = None  # told each attempt's result
 
 
 @dataclass(frozen=True)
@@ -67,6 +106,10 @@ class Observation:
     sent_at: float | None = None
     answered_at: float | None = None
     relaying_at: float | None = None
+    attempts: int = 1  # requests sent upstream
+    # RequestRecord.attempt_log entries: providers skipped (breaker open), then each attempt.
+    attempt_log: tuple[dict[str, Any], ...] = ()
+    provider: str | None = None  # whose answer (or failure) the client got
 
 
 class Relay(Response):
@@ -102,6 +145,9 @@ class Relay(Response):
         self._sent_at: float | None = None
         self._answered_at: float | None = None
         self._relaying_at: float | None = None
+        self._sent = 0
+        self._attempt_log: list[dict[str, Any]] = []
+        self._served_by: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with anyio.create_task_group() as tg:
@@ -131,6 +177,9 @@ class Relay(Response):
             sent_at=self._sent_at,
             answered_at=self._answered_at,
             relaying_at=self._relaying_at,
+            attempts=max(self._sent, 1),
+            attempt_log=tuple(self._attempt_log),
+            provider=self._served_by,
         )
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
@@ -143,13 +192,14 @@ class Relay(Response):
                 return
 
     async def _relay(self, send: Send) -> None:
-        """Send upstream while ``ready`` (the pending row's commit) completes; relay after both.
+        """Try the candidates while ``ready`` (the pending row's commit) completes; relay after
+        both.
 
-        The commit and the upstream round trip overlap, so the disk wait is hidden behind the
-        network wait instead of added to it; nothing is relayed until the row is durable.
+        The commit and the upstream round trips overlap, so the disk wait is hidden behind the
+        network wait instead of added to it; nothing is relayed until the row is durable, and
+        ``ready`` is awaited once, whichever attempt ends up relayed.
         """
-        base_url = self.outbound.base_url
-        upstream: httpx.Response | None = None
+        chosen: tuple[httpx.Response, Reply] | None = None
         failed: tuple[int, str] | None = None
         not_ready: str | None = None
 
@@ -163,31 +213,132 @@ class Relay(Response):
                 if self.ready is not None:
                     tg.start_soon(wait_ready)
                 self._sent_at = time.perf_counter()
-                try:
-                    upstream = await self.client.send(self.outbound.request, stream=True)
-                except httpx.TimeoutException:
-                    failed = (504, f"timed out connecting to {base_url}")
-                except httpx.HTTPError as exc:
-                    failed = (502, f"cannot reach {base_url} ({type(exc).__name__})")
-                self._answered_at = time.perf_counter()
+                attempts = self._attempts()
+                self._log_skipped()
+                for index, attempt in enumerate(attempts):
+                    chosen, failed = await self._attempt(attempt, last=index == len(attempts) - 1)
+                    if failed is None and self._attempt_log[-1]["reason"] is None:
+                        break
             self._relaying_at = time.perf_counter()
             if not_ready is not None:
-                self._withheld = upstream is not None
+                self._withheld = chosen is not None
                 await self._send_error(send, 503, not_ready, raw=True, retry=True)
-            elif failed is not None:
+            elif chosen is None:
+                assert failed is not None
                 await self._send_error(send, *failed)
-            elif upstream is not None:
-                await self._pump(upstream, send)
+            else:
+                await self._pump(chosen[1], send)
         finally:
-            if upstream is not None:
+            if chosen is not None:
                 with anyio.CancelScope(shield=True):
-                    await upstream.aclose()
+                    await chosen[0].aclose()
 
-    async def _pump(self, upstream: httpx.Response, send: Send) -> None:
-        reply = self.outbound.adapter.reply(upstream, streamed=self.outbound.streamed)
+    def _attempts(self) -> Sequence[Attempt]:
+        out = self.outbound
+        if out.attempts:
+            return out.attempts
+        request = out.request
+        return (Attempt(lambda: request, out.base_url, out.adapter),)
+
+    def _log_skipped(self) -> None:
+        plan = self.outbound.plan
+        for provider, kind in plan.skipped if plan is not None else ():
+            entry = {"provider": provider, "kind": kind, "key": None, "status": None}
+            self._attempt_log.append({**entry, "reason": "circuit_open", "ms": 0.0})
+
+    async def _attempt(
+        self, attempt: Attempt, *, last: bool
+    ) -> tuple[tuple[httpx.Response, Reply] | None, tuple[int, str] | None]:
+        """Send one attempt and look at its answer up to its first event.
+
+        Returns the response and its reply when it may be relayed (served, or the last one),
+        else None; and ccgate's own error when nothing usable came back. The reason it did not
+        serve goes to the log and to the plan. Only the first-byte phase is bounded here: past
+        it, httpx's read timeout (``idle_s``) bounds each wait for more of the body.
+        """
+        started = time.perf_counter()
+        request = attempt.build()
+        timeouts = attempt.timeouts
+        limits: dict[str, float | None] | None = None
+        if timeouts is not None:
+            # httpcore reads this dict when the headers are awaited, and again when the body
+            # starts: the body's read timeout is switched to idle_s once the headers are in.
+            limits = {
+                "connect": timeouts.connect_s,
+                "read": timeouts.first_byte(streamed=self.outbound.streamed),
+                "write": WRITE_TIMEOUT_S,
+                "pool": POOL_TIMEOUT_S,
+            }
+            request.extensions = {**request.extensions, "timeout": limits}
+        deadline = (
+            timeouts.first_byte(streamed=self.outbound.streamed) if timeouts else float("inf")
+        )
+        response: httpx.Response | None = None
+        reply: Reply | None = None
+        reason: Reason | None = None
+        failed: tuple[int, str] | None = None
+        base_url = attempt.base_url
+        self._sent += 1
+        try:
+            with anyio.fail_after(deadline):
+                response = await self.client.send(request, stream=True)
+                self._answered_at = time.perf_counter()
+                if limits is not None and timeouts is not None:
+                    limits["read"] = timeouts.idle_s
+                reply = attempt.adapter.reply(response, streamed=self.outbound.streamed)
+                reason = classify(reply.status)
+                if reason is None and not last and self.outbound.streamed and reply.status == 200:
+                    reply, overloaded = await _peek_first_event(reply)
+                    if overloaded:
+                        reason = "overloaded"
+        except (TimeoutError, httpx.TimeoutException):
+            reason, failed = "timeout", (504, f"timed out waiting for {base_url}")
+        except httpx.HTTPError as exc:
+            problem = f"cannot reach {base_url} ({type(exc).__name__})"
+            reason, failed = "connect_error", (502, problem)
+        except BaseException:
+            # Cancelled (the client hung up) mid-attempt: the response is nobody else's to close.
+            if response is not None:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            raise
+        if failed is not None:
+            reply = None
+        status = reply.status if reply is not None else None
+        self._served_by = attempt.provider
+        self._log_attempt(attempt, status=status, reason=reason, started=started)
+        plan = self.outbound.plan
+        if plan is not None and attempt.candidate is not None:
+            headers = _str_headers(reply.headers) if reply is not None else None
+            plan.report(
+                attempt.candidate, status=status, reason=reason, headers=headers, now=time.time()
+            )
+        if reply is None or response is None or (reason is not None and not last):
+            if response is not None:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            return None, failed
+        return (response, reply), None
+
+    def _log_attempt(
+        self, attempt: Attempt, *, status: int | None, reason: Reason | None, started: float
+    ) -> None:
+        candidate = attempt.candidate
+        self._attempt_log.append(
+            {
+                "provider": candidate.provider if candidate else None,
+                "kind": candidate.upstream.kind if candidate else attempt.adapter.kind,
+                "key": candidate.key.label if candidate else None,
+                "status": status,
+                "reason": reason,
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            }
+        )
+
+    async def _pump(self, reply: Reply, send: Send) -> None:
         self._status = reply.status
         self._got_response = True
-        self._quota = quota.capture(upstream.headers.raw)
+        self._quota = quota.capture(reply.headers)
         if self.outbound.meter:
             self._meter = ResponseMeter(
                 content_type=reply.header(b"content-type"),
@@ -255,3 +406,80 @@ class Relay(Response):
             return {"type": "http.disconnect"}
 
         await response({"type": "http"}, no_receive, send)
+
+
+def _str_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
+
+
+class _Replay:
+    """The chunks held back to read the first event, then the rest of the stream."""
+
+    def __init__(self, held: list[bytes], rest: AsyncIterator[bytes]) -> None:
+        self._held = held
+        self._rest = rest
+
+    def __aiter__(self) -> _Replay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._held:
+            return self._held.pop(0)
+        return await self._rest.__anext__()
+
+
+def _peek_decoder(encoding: str | None) -> Callable[[bytes], bytes] | None:
+    """A decoder for the peek alone (the meter decodes the same bytes on its own later)."""
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return lambda data: data
+    if name in ("gzip", "x-gzip", "deflate"):
+        decompressor = zlib.decompressobj(wbits=47)  # gzip or zlib, by the header
+        return decompressor.decompress
+    if name == "br":
+        brotli_decoder = brotli.Decompressor()
+        return lambda data: bytes(brotli_decoder.process(data))
+    if name == "zstd":
+        zstd_decoder = zstandard.ZstdDecompressor().decompressobj()
+        return lambda data: bytes(zstd_decoder.decompress(data))
+    return None
+
+
+async def _peek_first_event(reply: Reply) -> tuple[Reply, bool]:
+    """Read a stream up to the end of its first SSE event: whether that event is an
+    ``overloaded_error``, and the reply to relay otherwise (the held chunks replayed first)."""
+    decode = _peek_decoder(reply.header(b"content-encoding"))
+    chunks = reply.chunks.__aiter__()
+    held: list[bytes] = []
+    seen = b""
+    while decode is not None and len(seen) <= PEEK_LIMIT_BYTES:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        held.append(chunk)
+        try:
+            seen += decode(chunk)
+        except (zlib.error, brotli.error, zstandard.ZstdError):
+            break  # not ours to judge: the meter reports a stream it cannot read
+        if b"\n\n" in seen.replace(b"\r\n", b"\n"):
+            break
+    if _is_overloaded(seen):
+        return reply, True
+    return Reply(reply.status, reply.headers, _Replay(held, chunks)), False
+
+
+def _is_overloaded(start: bytes) -> bool:
+    event, _, _ = start.replace(b"\r\n", b"\n").partition(b"\n\n")
+    fields: dict[bytes, bytes] = {}
+    for line in event.split(b"\n"):
+        name, _, value = line.partition(b":")
+        fields.setdefault(name, value.removeprefix(b" "))
+    if fields.get(b"event") != b"error":
+        return False
+    try:
+        data = json.loads(fields.get(b"data", b""))
+    except ValueError:
+        return False
+    error = data.get("error") if isinstance(data, dict) else None
+    return isinstance(error, dict) and error.get("type") == "overloaded_error"

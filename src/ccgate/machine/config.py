@@ -34,6 +34,29 @@ class Config:
     """Standalone session cap: money one Claude Code session may spend (None: no cap)."""
     session_rpm: int | None = None
     """Standalone session cap: requests one Claude Code session may make per minute."""
+    # Upstream timeouts in seconds (see docs/admin.md, "Timeouts"); in server mode these are the
+    # defaults a provider entry's own timeouts override.
+    connect_timeout_s: float = 10.0
+    stream_first_byte_timeout_s: float = 60.0
+    first_byte_timeout_s: float = 600.0
+    idle_timeout_s: float = 300.0
+
+    def timeouts(self) -> dict[str, float]:
+        """The timeouts by the names gateway.routing.Timeouts uses."""
+        return {
+            "connect_s": self.connect_timeout_s,
+            "stream_first_byte_s": self.stream_first_byte_timeout_s,
+            "first_byte_s": self.first_byte_timeout_s,
+            "idle_s": self.idle_timeout_s,
+        }
+
+
+_TIMEOUT_KEYS = (
+    "connect_timeout_s",
+    "stream_first_byte_timeout_s",
+    "first_byte_timeout_s",
+    "idle_timeout_s",
+)
 
 
 def load(paths: Paths) -> Config:
@@ -60,6 +83,11 @@ def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
     }
     values: dict[str, Any] = {}
     for key, value in data.items():
+        if key in _TIMEOUT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{source}: '{key}' must be a number of seconds above 0.")
+            values[key] = float(value)
+            continue
         kind = known.get(key)
         if kind is None:
             continue  # keys from newer versions are ignored, not fatal
@@ -73,6 +101,11 @@ def save(paths: Paths, config: Config) -> None:
     paths.ensure()
     # TOML has no null: a cap that is not set is left out.
     data = {k: v for k, v in asdict(config).items() if v is not None}
+    defaults = asdict(Config())
+    # A timeout left at its default is not written, so a later ccgate's default applies.
+    for key in _TIMEOUT_KEYS:
+        if data[key] == defaults[key]:
+            del data[key]
     atomic_write(paths.config_file, tomli_w.dumps(data).encode("utf-8"))
 
 

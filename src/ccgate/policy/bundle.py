@@ -502,9 +502,13 @@ class ProviderEntry:
     priority: int
     weight: int
     sealed_key: Mapping[str, str]
+    # The server's entry id: the key's label in attempt logs and in key-failure reports.
+    id: str | None = None
+    # Per-phase upstream timeouts in seconds (names in PROVIDER_TIMEOUTS); unset ones default.
+    timeouts: Mapping[str, float] | None = None
 
     def to_payload(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "base_url": self.base_url,
@@ -512,6 +516,16 @@ class ProviderEntry:
             "weight": self.weight,
             "sealed_key": dict(self.sealed_key),
         }
+        # Only when set: older payloads round-trip unchanged.
+        if self.id is not None:
+            payload["id"] = self.id
+        if self.timeouts:
+            payload["timeouts"] = dict(self.timeouts)
+        return payload
+
+
+PROVIDER_TIMEOUTS = ("connect_s", "stream_first_byte_s", "first_byte_s", "idle_s")
+MAX_TIMEOUT_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -748,6 +762,8 @@ def _read_provider(field: str, item: object) -> ProviderEntry:
         priority=obj.integer("priority", minimum=None),
         weight=obj.integer("weight"),
         sealed_key=_read_sealed(obj),
+        id=obj.text("id") if obj.has("id") else None,
+        timeouts=_read_timeouts(obj) if obj.has("timeouts") else None,
     )
 
 
@@ -763,6 +779,19 @@ def _read_telemetry(top: _Obj) -> TelemetryEntry | None:
     if obj.has("sealed_headers") and obj.raw("sealed_headers") is not None:
         headers = _read_sealed(obj, "sealed_headers")
     return TelemetryEntry(endpoint=endpoint, sealed_headers=headers)
+
+
+def _read_timeouts(parent: _Obj) -> dict[str, float]:
+    obj = parent.obj("timeouts")
+    out: dict[str, float] = {}
+    for name in PROVIDER_TIMEOUTS:
+        if obj.has(name):
+            value = obj.number(name)
+            if not 0 < value <= MAX_TIMEOUT_S:
+                limit = f"must be above 0 and at most {MAX_TIMEOUT_S:.0f}"
+                raise _FieldError(obj.field(name), limit)
+            out[name] = value
+    return out
 
 
 def _read_prices(obj: _Obj) -> dict[str, Any] | None:

@@ -154,6 +154,7 @@ class Admin:
         if not base_url.startswith(("https://", "http://")):
             raise InvalidRequestError(f"'base_url' must be an http(s) URL; got {base_url!r}.")
         api_key = validate.string(body, "api_key", max_len=4096)
+        timeouts = provider_timeouts(body.get("timeouts"))
         row = Provider(
             id=new_id("prov"),
             name=name,
@@ -163,6 +164,7 @@ class Admin:
             weight=validate.integer(body, "weight", default=1, minimum=1) or 1,
             api_key_enc=b"",
             created_at=self.clock(),
+            timeouts=json.dumps(timeouts, sort_keys=True) if timeouts else None,
         )
         row.api_key_enc = self.box.encrypt(api_key, aad=row.id)
         with db.session(self.engine) as session:
@@ -458,7 +460,38 @@ def provider_info(row: Provider) -> dict[str, Any]:
         "weight": row.weight,
         "anthropic_key_id": row.anthropic_key_id,
         "created_at": row.created_at,
+        "timeouts": json.loads(row.timeouts) if row.timeouts else {},
+        # A daemon saw the upstream refuse this key (401/403); a new entry replaces it.
+        "key_status": "failing" if row.key_failed_at is not None else "ok",
+        "key_failed_at": row.key_failed_at,
+        "key_failed_status": row.key_failed_status,
     }
+
+
+def provider_timeouts(raw: object) -> dict[str, float]:
+    """A provider entry's upstream timeouts: seconds per phase, unset phases default."""
+    from ccgate.policy.bundle import MAX_TIMEOUT_S, PROVIDER_TIMEOUTS
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise InvalidRequestError(
+            f"'timeouts' must be an object with any of {', '.join(PROVIDER_TIMEOUTS)}."
+        )
+    out: dict[str, float] = {}
+    for name, value in raw.items():
+        if name not in PROVIDER_TIMEOUTS:
+            raise InvalidRequestError(
+                f"'timeouts.{name}' is not a timeout; use {', '.join(PROVIDER_TIMEOUTS)}."
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidRequestError(f"'timeouts.{name}' must be a number of seconds.")
+        if not 0 < value <= MAX_TIMEOUT_S:
+            raise InvalidRequestError(
+                f"'timeouts.{name}' must be above 0 and at most {MAX_TIMEOUT_S:.0f} seconds."
+            )
+        out[name] = float(value)
+    return out
 
 
 def customer_info(row: Customer) -> dict[str, Any]:

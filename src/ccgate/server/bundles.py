@@ -434,4 +434,6 @@ def _entry(row: Provider, *, sealed: Mapping[str, str]) -> bundle_mod.ProviderEn
         priority=row.priority,
         weight=row.weight,
         sealed_key=sealed,
+        id=row.id,
+        timeouts=json.loads(row.timeouts) if row.timeouts else None,
     )

@@ -51,6 +51,9 @@ class Provider(SQLModel, table=True):
     api_key_enc: bytes = Field(sa_type=LargeBinary)  # nonce + ChaCha20-Poly1305 ciphertext
     created_at: float
     anthropic_key_id: str | None = None  # the provider's id for the key (reconciliation)
+    timeouts: str | None = None  # JSON: per-phase upstream timeouts in seconds, for the bundle
+    key_failed_at: float | None = None  # when a daemon last reported the key refused
+    key_failed_status: int | None = None  # and the upstream's status then (401 or 403)
 
 
 class Customer(SQLModel, table=True):
@@ -202,6 +205,7 @@ class UsageRow(SQLModel, table=True):
     stop_reason: str | None = None
     price_version: str | None = None
     repriced_at: float | None = None
+    attempts: int = 1  # upstream attempts (key pool and fallback) this request took
     repriced_from_micros: int | None = Field(default=None, sa_type=BigInteger)
     repo: str | None = None
     branch: str | None = None

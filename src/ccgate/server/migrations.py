@@ -465,6 +465,15 @@ def m015_seats_and_session_caps(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE {table} ADD COLUMN session_rpm INTEGER"))
 
 
+def m016_attempts_and_key_status(conn: Connection) -> None:
+    """Key pools and fallback (issue #13): how many upstream attempts each usage record took;
+    per provider entry, its upstream timeouts (JSON, unset phases default) and the last time a
+    daemon reported the upstream refusing its key (401/403), with that status."""
+    conn.execute(text("ALTER TABLE usage ADD COLUMN attempts INTEGER DEFAULT 1 NOT NULL"))
+    for column in ("timeouts TEXT", "key_failed_at FLOAT", "key_failed_status INTEGER"):
+        conn.execute(text(f"ALTER TABLE providers ADD COLUMN {column}"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -481,6 +490,7 @@ MIGRATIONS: Sequence[Migration] = (
     m013_device_enrolment,
     m014_repo_attribution,
     m015_seats_and_session_caps,
+    m016_attempts_and_key_status,
 )
 
 

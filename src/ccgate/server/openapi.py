@@ -42,7 +42,15 @@ _COUNTS = {
     "repriced_delta_micros": _INT,
 }
 
+_TIMEOUTS = _obj(
+    {"connect_s": _NUM, "stream_first_byte_s": _NUM, "first_byte_s": _NUM, "idle_s": _NUM}
+)
+
 SCHEMAS: dict[str, Any] = {
+    "KeyFailure": _obj(
+        {"provider_id": _STR, "status": {"enum": [401, 403]}, "at": _NUM},
+        required=("provider_id", "status", "at"),
+    ),
     "Error": _obj(
         {
             "type": {"const": "error"},
@@ -76,6 +84,10 @@ SCHEMAS: dict[str, Any] = {
             "weight": _INT,
             "anthropic_key_id": _nullable(_STR),
             "created_at": _NUM,
+            "timeouts": _TIMEOUTS,
+            "key_status": {"enum": ["ok", "failing"]},
+            "key_failed_at": _nullable(_NUM),
+            "key_failed_status": _nullable(_INT),
         }
     ),
     "ProviderCreate": _obj(
@@ -87,6 +99,7 @@ SCHEMAS: dict[str, Any] = {
             "priority": _INT,
             "weight": _INT,
             "anthropic_key_id": _nullable(_STR),
+            "timeouts": _TIMEOUTS,
         },
         required=("name", "base_url", "api_key"),
     ),
@@ -277,6 +290,7 @@ SCHEMAS: dict[str, Any] = {
             "iterations": _nullable(_STR),
             "stop_reason": _nullable(_STR),
             "price_version": _nullable(_STR),
+            "attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
             "repo": _nullable({"type": "string", "maxLength": 512}),
             "branch": _nullable({"type": "string", "maxLength": 256}),
             "quota_status": _nullable({"type": "string", "maxLength": 16}),
@@ -558,7 +572,12 @@ def _public_paths() -> dict[str, Any]:
             "post": _op(
                 "Push usage records (at most 1,000; each id is kept once) and read spend",
                 ok=_obj({"accepted": _INT, "duplicates": _INT, "spent": _ref("Spent")}),
-                body=_obj({"records": {"type": "array", "items": _ref("UsageRecord")}}),
+                body=_obj(
+                    {
+                        "records": {"type": "array", "items": _ref("UsageRecord")},
+                        "key_failures": {"type": "array", "items": _ref("KeyFailure")},
+                    }
+                ),
                 security=key,
                 params=[_DEVICE, _DEVICE_TOKEN],
             )

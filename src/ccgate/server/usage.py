@@ -20,13 +20,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from sqlalchemy import Engine, case, func, update
+from sqlalchemy import Engine, case, func, or_, update
 from sqlmodel import Session, col, select
 
 from ccgate.accounting import periods
 from ccgate.server import db
 from ccgate.server.admin import key_levels
-from ccgate.server.db import Customer, Device, Lease, Team, UsageRow, VirtualKey
+from ccgate.server.db import Customer, Device, Lease, Provider, Team, UsageRow, VirtualKey
 from ccgate.server.errors import InvalidRequestError
 
 MAX_BATCH: Final = 1000
@@ -76,7 +76,10 @@ def ingest(
             f"A batch holds at most {MAX_BATCH} records; got {len(records)}. Split it."
         )
     parsed = [_record(r, index=i) for i, r in enumerate(records)]
+    failures = _key_failures(body.get("key_failures", []))
     accepted = _insert_new(engine, key, device, parsed, now=now) if parsed else 0
+    if failures and key.auth == "provider":  # only these keys' bundles carry provider entries
+        _note_key_failures(engine, failures, now=now)
     with db.session(engine) as session:
         spent = spent_for(session, key, now=now)
     return {"accepted": accepted, "duplicates": len(parsed) - accepted, "spent": spent}
@@ -192,6 +195,10 @@ def _record(raw: Any, *, index: int) -> dict[str, Any]:
         raise InvalidRequestError(f"{where}.lease_id must be a lease id (lse_ and 16 hex).")
     record["lease_id"] = lease_id
     record.update(_quota_fields(raw, where))
+    attempts = raw.get("attempts", 1)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 1000:
+        raise InvalidRequestError(f"{where}.attempts must be a whole number from 1 to 1000.")
+    record["attempts"] = attempts
     return record
 
 
@@ -218,6 +225,45 @@ def _quota_fields(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise InvalidRequestError(f"{where}.{name} must be a finite number >= 0.")
         fields[name] = None if value is None else float(value)
     return fields
+
+
+def _key_failures(raw: Any) -> list[tuple[str, int, float]]:
+    """Provider keys a daemon saw refused: (entry id, status, when)."""
+    if not isinstance(raw, list) or len(raw) > MAX_BATCH:
+        raise InvalidRequestError(f"'key_failures' must be a list of at most {MAX_BATCH} objects.")
+    out: list[tuple[str, int, float]] = []
+    for index, item in enumerate(raw):
+        where = f"key_failures[{index}]"
+        if not isinstance(item, Mapping):
+            raise InvalidRequestError(f"{where} must be a JSON object.")
+        provider_id, status, at = item.get("provider_id"), item.get("status"), item.get("at")
+        if not isinstance(provider_id, str) or not 0 < len(provider_id) <= 64:
+            raise InvalidRequestError(f"{where}.provider_id must be a provider entry id.")
+        if status not in (401, 403) or isinstance(status, bool):
+            raise InvalidRequestError(f"{where}.status must be 401 or 403.")
+        if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+            raise InvalidRequestError(f"{where}.at must be epoch seconds.")
+        out.append((provider_id, int(status), float(at)))
+    return out
+
+
+def _note_key_failures(
+    engine: Engine, failures: Sequence[tuple[str, int, float]], *, now: float
+) -> None:
+    """Mark each named entry's key as failing, keeping the latest report (a time in the future
+    is read as now); ids the server does not know (an entry removed since) are ignored."""
+    with db.session(engine) as session:
+        for provider_id, status, at in sorted(failures):
+            at = min(at, now)
+            session.execute(
+                update(Provider)
+                .where(
+                    col(Provider.id) == provider_id,
+                    or_(col(Provider.key_failed_at).is_(None), col(Provider.key_failed_at) < at),
+                )
+                .values(key_failed_at=at, key_failed_status=status)
+            )
+        session.commit()
 
 
 def _optional(raw: Mapping[str, Any], name: str, kind: Any, where: str) -> Any:

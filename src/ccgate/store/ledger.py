@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import operator
 import os
@@ -153,6 +154,10 @@ class LedgerRow:
     repriced_from_micros: int | None = None
     ratelimit: str | None = None
     """The plan quota headers of the answer (``accounting.quota``), as JSON; None without."""
+    attempts: int = 1
+    """Requests sent upstream for this one (key pool and provider fallback)."""
+    attempt_log: tuple[dict[str, Any], ...] = ()
+    """One entry per attempt (``RequestRecord.attempt_log``); empty for rows from before."""
     repo: str | None = None
     """From the ``sessions`` table (the session's git repository), not a ``requests`` column."""
     branch: str | None = None
@@ -334,6 +339,14 @@ def m006_ratelimit(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX requests_ratelimit ON requests (seq) WHERE ratelimit IS NOT NULL")
 
 
+def m007_attempts(db: sqlite3.Connection) -> None:
+    # Key pools and fallback providers: how many upstream attempts a request took, and each
+    # one (provider, kind, key label, status, reason, ms) as JSON; the served provider is the
+    # existing provider column.
+    db.execute("ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
+    db.execute("ALTER TABLE requests ADD COLUMN attempt_log TEXT")
+
+
 def applied_migrations(db: sqlite3.Connection) -> set[str]:
     exists = db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
@@ -392,9 +405,8 @@ def _rollback_quietly(db: sqlite3.Connection) -> None:
 
 # --------------------------------------------------------------------------- SQL
 
-# Not stored as columns: the bodies (their own table) and, until their migration lands, the
-# attempt fields.
-_NOT_COLUMNS: Final = frozenset({"request_body", "response_body", "attempts", "attempt_log"})
+# Not stored as columns: the bodies (their own table).
+_NOT_COLUMNS: Final = frozenset({"request_body", "response_body"})
 _RECORD_COLUMNS: Final = tuple(f.name for f in fields(RequestRecord) if f.name not in _NOT_COLUMNS)
 _SESSION_COLUMNS: Final = ("repo", "branch")
 _ROW_COLUMNS: Final = tuple(f.name for f in fields(LedgerRow) if f.name not in _SESSION_COLUMNS)
@@ -497,6 +509,8 @@ def _snapshot(sql: str, rec: RequestRecord) -> _Write:
 
 
 def _storable(value: object) -> object:
+    if isinstance(value, list):  # attempt_log
+        value = json.dumps(value, separators=(",", ":")) if value else None
     # A JSON "\ud800" escape (in a model name, an upstream error) decodes to a lone surrogate,
     # which SQLite cannot store: the whole row would be dropped. Keep the row, lose the char.
     if isinstance(value, str) and not value.isascii():
@@ -1065,7 +1079,18 @@ def _to_row(values: tuple[Any, ...]) -> LedgerRow:
     # SQLite has no booleans; give callers real ones.
     data["streamed"] = bool(data["streamed"])
     data["price_estimated"] = bool(data["price_estimated"])
+    data["attempt_log"] = _attempt_log(data["attempt_log"])
     return LedgerRow(**data)
+
+
+def _attempt_log(text: object) -> tuple[dict[str, Any], ...]:
+    if not isinstance(text, str):
+        return ()
+    try:
+        entries = json.loads(text)
+    except ValueError:
+        return ()
+    return tuple(e for e in entries if isinstance(e, dict)) if isinstance(entries, list) else ()
 
 
 def _to_group(values: tuple[Any, ...]) -> UsageGroup:

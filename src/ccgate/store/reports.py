@@ -283,6 +283,8 @@ def record_to_json(row: LedgerRow) -> dict[str, Any]:
         "ttfb_ms": row.ttfb_ms,
         "session_id": row.session_id,
         "provider": row.provider,
+        "attempts": row.attempts,
+        "attempt_log": list(row.attempt_log),
         "billing": row.billing,
         "repo": row.repo,
         "branch": row.branch,
