@@ -339,6 +339,7 @@ def m006_ratelimit(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX requests_ratelimit ON requests (seq) WHERE ratelimit IS NOT NULL")
 
 
+@_migration
 def m007_attempts(db: sqlite3.Connection) -> None:
     # Key pools and fallback providers: how many upstream attempts a request took, and each
     # one (provider, kind, key label, status, reason, ms) as JSON; the served provider is the
