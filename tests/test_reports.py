@@ -301,6 +301,8 @@ def test_record_to_json_has_every_field(ledger: Ledger) -> None:
         "repo": None,
         "branch": None,
         "ratelimit": None,
+        "attempts": 1,
+        "attempt_log": [],
     }
 
 
