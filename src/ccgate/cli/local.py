@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -48,6 +49,32 @@ LogContentOption = Annotated[
     ),
 ]
 
+ProviderOption = Annotated[
+    str | None,
+    typer.Option(
+        "--provider",
+        help="Provider kind to send to: anthropic (default), bedrock, vertex or foundry "
+        "(see docs/standalone.md). Bedrock and Vertex use this machine's AWS or Google "
+        "credentials; the endpoint follows from the options unless --upstream names one.",
+    ),
+]
+ProviderOptionOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--provider-option",
+        help="NAME=VALUE for the provider kind, repeatable: region, profile_prefix and "
+        "aws_profile (bedrock); project and location (vertex); resource (foundry).",
+    ),
+]
+ModelMapOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-map",
+        help="CLAUDE_ID=PROVIDER_ID, repeatable: send that model under the provider's own id "
+        "(extends the shipped table).",
+    ),
+]
+
 
 def register(app: typer.Typer) -> None:
     app.command("up")(up)
@@ -83,6 +110,9 @@ def up(
     passthrough: PassthroughOption = None,
     service: ServiceOption = False,
     statusline: StatusLineOption = None,
+    provider: ProviderOption = None,
+    provider_option: ProviderOptionOption = None,
+    model_map: ModelMapOption = None,
 ) -> None:
     """Start the daemon in the background and point Claude Code at it.
 
@@ -93,8 +123,15 @@ def up(
     from ccgate.machine import config as config_mod
 
     paths = paths_mod.resolve()
-    config = config_mod.resolve(
-        paths, port=port, upstream_url=upstream, log_content=log_content, passthrough=passthrough
+    config = _resolve(
+        paths,
+        port=port,
+        upstream=upstream,
+        log_content=log_content,
+        passthrough=passthrough,
+        provider=provider,
+        provider_option=provider_option,
+        model_map=model_map,
     )
     statusline = _offer_status_line(paths, statusline)
     if service:
@@ -233,14 +270,77 @@ def daemon_cmd(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    provider: ProviderOption = None,
+    provider_option: ProviderOptionOption = None,
+    model_map: ModelMapOption = None,
 ) -> None:
     """Run the gateway in the foreground on 127.0.0.1 (what `ccgate up` starts)."""
     from ccgate import paths as paths_mod
     from ccgate.gateway import daemon
-    from ccgate.machine import config as config_mod
 
     paths = paths_mod.resolve()
-    config = config_mod.resolve(
-        paths, port=port, upstream_url=upstream, log_content=log_content, passthrough=passthrough
+    config = _resolve(
+        paths,
+        port=port,
+        upstream=upstream,
+        log_content=log_content,
+        passthrough=passthrough,
+        provider=provider,
+        provider_option=provider_option,
+        model_map=model_map,
     )
     daemon.serve(paths=paths, config=config, log_level=log_level.lower())
+
+
+def _resolve(
+    paths: Paths,
+    *,
+    port: int | None,
+    upstream: str | None,
+    log_content: bool | None,
+    passthrough: bool | None,
+    provider: str | None,
+    provider_option: list[str] | None,
+    model_map: list[str] | None,
+) -> Config:
+    """The effective config, with the provider kind's options checked and its endpoint set."""
+    from ccgate.errors import ConfigError
+    from ccgate.machine import config as config_mod
+    from ccgate.policy import provider_kinds
+
+    options: dict[str, object] = dict(_pairs(provider_option or [], "--provider-option"))
+    if model_map:
+        options["models"] = dict(_pairs(model_map, "--model-map"))
+    config = config_mod.resolve(
+        paths,
+        port=port,
+        upstream_url=upstream,
+        log_content=log_content,
+        passthrough=passthrough,
+        provider=provider,
+        provider_options=options,
+    )
+    try:
+        checked = provider_kinds.check_options(
+            config.provider, config.provider_options, has_base_url=upstream is not None
+        )
+    except provider_kinds.ProviderOptionsError as exc:
+        raise ConfigError(f"{exc}.") from None
+    endpoint = provider_kinds.default_base_url(config.provider, checked)
+    if upstream is None and (provider is not None or options) and endpoint is not None:
+        config = replace(config, upstream_url=endpoint)
+    elif upstream is None and provider == "anthropic":
+        config = replace(config, upstream_url=config_mod.DEFAULT_UPSTREAM)
+    return config
+
+
+def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
+    from ccgate.errors import ConfigError
+
+    pairs = []
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise ConfigError(f"{flag} takes NAME=VALUE; got {value!r}.")
+        pairs.append((name.strip(), text.strip()))
+    return pairs

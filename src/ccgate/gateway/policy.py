@@ -9,6 +9,7 @@ nor the gateway needs to know which one it has.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,6 +69,8 @@ class LocalPolicy:
     table: PriceTable
     provider: str = "anthropic"
     mode: str = "standalone"
+    kind: str = "anthropic"
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def authenticate(self, token: str | None) -> str | None:
         return None if token is None else self.client_keys.get(token)
@@ -76,7 +79,14 @@ class LocalPolicy:
         return None
 
     def upstream(self) -> Upstream:
-        return Upstream(self.upstream_url, self.upstream_key, self.provider, self.passthrough)
+        return Upstream(
+            self.upstream_url,
+            self.upstream_key,
+            self.provider,
+            self.passthrough,
+            kind=self.kind,
+            options=self.options,
+        )
 
     def prices(self) -> PriceTable:
         return self.table

@@ -47,7 +47,13 @@ from ccgate import __version__, env
 from ccgate.accounting import billing
 from ccgate.accounting.metering import Metered
 from ccgate.gateway.policy import Policy, Ticket, Upstream
-from ccgate.gateway.providers import HOP_BY_HOP, Forward, UnknownProviderKind, adapter_for
+from ccgate.gateway.providers import (
+    HOP_BY_HOP,
+    Forward,
+    LocalAnswer,
+    ProviderError,
+    adapter_for,
+)
 from ccgate.gateway.relay import Observation, Outbound, Relay
 from ccgate.policy import limits as admission
 from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
@@ -299,6 +305,7 @@ class Gateway:
                 return self._unsent(record, t0, ticket, self._unaccounted(problem))
         try:
             adapter = adapter_for(upstream.kind)
+            await adapter.prepare(upstream)
             sent = self.upstream_request(
                 request,
                 body,
@@ -307,8 +314,11 @@ class Gateway:
                 model=record.model,
                 streamed=record.streamed,
             )
-        except UnknownProviderKind as exc:
-            return self._unsent(record, t0, ticket, _Refused.error(502, "api_error", str(exc)))
+        except ProviderError as exc:
+            refused = _Refused.error(exc.status, exc.error_type, str(exc))
+            return self._unsent(record, t0, ticket, refused)
+        except LocalAnswer as answer:
+            return self._answered(record, t0, ticket, answer)
         outbound = Outbound(
             request=sent,
             base_url=upstream.base_url,
@@ -334,6 +344,18 @@ class Gateway:
         _apply(record, billing.Charge(model=record.model))
         self.policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
         return self._refuse(record, t0, refused)
+
+    def _answered(
+        self, record: RequestRecord, t0: float, ticket: Ticket | None, answer: LocalAnswer
+    ) -> Response:
+        """An answer the provider kind gave from its own tables: nothing sent, nothing billed."""
+        _apply(record, billing.Charge(model=record.model))
+        self.policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
+        record.status = answer.status
+        record.outcome = "ok"
+        record.latency_ms = (time.perf_counter() - t0) * 1000
+        self.finish(record)
+        return JSONResponse(answer.body, status_code=answer.status)
 
     async def _admit(
         self, request: Request, record: RequestRecord

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import tomli_w
@@ -30,6 +30,10 @@ class Config:
     upstream_url: str = DEFAULT_UPSTREAM
     log_content: bool = False
     passthrough: bool = False
+    # A standalone daemon may send to another provider kind (bedrock, vertex, foundry) with its
+    # options (region, project, ...); the CLI checks both (ccgate.policy.provider_kinds).
+    provider: str = "anthropic"
+    provider_options: dict[str, Any] = field(default_factory=dict)
 
 
 def load(paths: Paths) -> Config:
@@ -51,6 +55,8 @@ def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
         "upstream_url": str,
         "log_content": bool,
         "passthrough": bool,
+        "provider": str,
+        "provider_options": dict,
     }
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -75,6 +81,8 @@ def resolve(
     upstream_url: str | None = None,
     log_content: bool | None = None,
     passthrough: bool | None = None,
+    provider: str | None = None,
+    provider_options: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """The effective configuration: flags over environment over file over defaults."""
@@ -97,6 +105,11 @@ def resolve(
         config = replace(config, log_content=log_content)
     if passthrough is not None:
         config = replace(config, passthrough=passthrough)
+    if provider is not None and provider != config.provider:
+        # Another kind's options mean nothing to this one.
+        config = replace(config, provider=provider, provider_options={})
+    if provider_options:
+        config = replace(config, provider_options=dict(provider_options))
     validate(config)
     return config
 
