@@ -342,7 +342,9 @@ class FakeBedrock(FakeUpstream):
         self.secret_key = secret_key
         self.region = region
         self.corrupt_frame: int | None = None
-        self._app = _BedrockApp(self)
+
+    def _make_app(self) -> _App:
+        return _BedrockApp(self)
 
     def reset(self) -> None:
         super().reset()

@@ -46,6 +46,7 @@ LOCATION = "us-east5"
 ANTHROPIC_VERSION = "vertex-2023-10-16"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 CLIENT_EMAIL = "ccgate-tests@ccgate-test-project.iam.gserviceaccount.com"
+GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 
 _ROUTE = re.compile(
     r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/publishers/anthropic/"
@@ -181,13 +182,12 @@ class FakeVertex(FakeUpstream):
         self.issued: list[str] = []
         self.token_lifetime_s = 3600
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self._app = _VertexApp(self)
 
     @property
     def token_uri(self) -> str:
         return f"{self.url}/token"
 
-    def service_account(self, path: Path) -> Path:
+    def service_account(self, path: Path, *, token_uri: str | None = None) -> Path:
         """Write a service-account key file for this fake to ``path`` (0600) and return it."""
         pem = self._key.private_bytes(
             serialization.Encoding.PEM,
@@ -201,7 +201,7 @@ class FakeVertex(FakeUpstream):
             "private_key": pem,
             "client_email": CLIENT_EMAIL,
             "client_id": "100000000000000000001",
-            "token_uri": self.token_uri,
+            "token_uri": token_uri or self.token_uri,
         }
         path.write_text(json.dumps(info))
         path.chmod(0o600)
@@ -222,13 +222,17 @@ class FakeVertex(FakeUpstream):
             )
         except Exception as exc:
             return f"Invalid JWT Signature ({type(exc).__name__})."
-        if claims.get("iss") != CLIENT_EMAIL or claims.get("aud") != self.token_uri:
+        # google-auth always names Google's token endpoint as the audience, whatever token_uri.
+        if claims.get("iss") != CLIENT_EMAIL or claims.get("aud") != GOOGLE_TOKEN_AUDIENCE:
             return "Invalid JWT: iss or aud"
         if SCOPE not in str(claims.get("scope", "")).split():
             return "Invalid JWT: scope"
         if not claims.get("iat", 0) <= time.time() + 60 < claims.get("exp", 0) + 60:
             return "Invalid JWT: Token must be a short-lived token"
         return None
+
+    def _make_app(self) -> _App:
+        return _VertexApp(self)
 
     def reset(self) -> None:
         super().reset()
