@@ -255,11 +255,17 @@ class Governor:
             return None
         entry = min(bundle.providers, key=lambda p: p.priority)
         try:
-            api_key = unseal(entry.sealed_key, device=self.device, device_id=bundle.device_id)
+            api_key = (
+                None  # bedrock, vertex: the machine's own cloud credentials sign
+                if not entry.sealed_key
+                else unseal(entry.sealed_key, device=self.device, device_id=bundle.device_id)
+            )
         except BundleError as exc:
             self.problem = str(exc)
             return None
-        return Upstream(entry.base_url, api_key, entry.name, False)
+        return Upstream(
+            entry.base_url, api_key, entry.name, False, kind=entry.kind, options=entry.options
+        )
 
     def client(self) -> ServerClient:
         """A new client of its own, for a caller outside the governor's loops to close."""

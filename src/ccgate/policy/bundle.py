@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -51,6 +52,7 @@ from ccgate._files import PRIVATE, atomic_write, private_dir
 from ccgate._format import format_utc
 from ccgate.errors import CcgateError, ExitCode
 from ccgate.paths import BundleFiles
+from ccgate.policy import provider_kinds
 
 PAYLOAD_TYPE = "application/vnd.ccgate.bundle+json"
 SCHEMA = 1
@@ -485,10 +487,12 @@ class ProviderEntry:
     base_url: str
     priority: int
     weight: int
+    # Empty for kinds whose credentials come from the machine (bedrock, vertex): no key to seal.
     sealed_key: Mapping[str, str]
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # see provider_kinds
 
     def to_payload(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "base_url": self.base_url,
@@ -496,6 +500,9 @@ class ProviderEntry:
             "weight": self.weight,
             "sealed_key": dict(self.sealed_key),
         }
+        if self.options:  # only when set: older payloads round-trip
+            payload["options"] = copy.deepcopy(dict(self.options))
+        return payload
 
 
 @dataclass(frozen=True)
@@ -698,14 +705,31 @@ def _read_provider(field: str, item: object) -> ProviderEntry:
     base_url = obj.text("base_url")
     if not base_url.startswith(("https://", "http://")):
         raise _FieldError(obj.field("base_url"), "must be an http(s) URL")
+    kind = obj.text("kind")
+    keyless = not provider_kinds.needs_key(kind)
     return ProviderEntry(
         name=obj.text("name"),
-        kind=obj.text("kind"),
+        kind=kind,
         base_url=base_url,
         priority=obj.integer("priority", minimum=None),
         weight=obj.integer("weight"),
-        sealed_key=_read_sealed(obj),
+        sealed_key={}
+        if keyless and (not obj.has("sealed_key") or not obj.raw("sealed_key"))
+        else _read_sealed(obj),
+        options=_read_options(obj, kind) if obj.has("options") else {},
     )
+
+
+def _read_options(obj: _Obj, kind: str) -> dict[str, Any]:
+    value = obj.raw("options")
+    if not isinstance(value, dict):
+        raise _FieldError(obj.field("options"), "must be an object")
+    if kind not in provider_kinds.KINDS:
+        return value  # a kind this daemon cannot send to: refused per request, by name
+    try:
+        return provider_kinds.check_options(kind, value, has_base_url=True)
+    except provider_kinds.ProviderOptionsError as exc:
+        raise _FieldError(obj.field("options"), str(exc)) from None
 
 
 def _read_prices(obj: _Obj) -> dict[str, Any] | None:

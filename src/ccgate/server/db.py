@@ -51,6 +51,7 @@ class Provider(SQLModel, table=True):
     api_key_enc: bytes = Field(sa_type=LargeBinary)  # nonce + ChaCha20-Poly1305 ciphertext
     created_at: float
     anthropic_key_id: str | None = None  # the provider's id for the key (reconciliation)
+    options_json: str | None = None  # the kind's options (policy.provider_kinds), as JSON
 
 
 class Customer(SQLModel, table=True):

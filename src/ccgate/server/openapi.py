@@ -74,21 +74,25 @@ SCHEMAS: dict[str, Any] = {
             "base_url": _STR,
             "priority": _INT,
             "weight": _INT,
+            "options": {"type": "object"},
             "anthropic_key_id": _nullable(_STR),
             "created_at": _NUM,
         }
     ),
+    # base_url and api_key are required for the anthropic kind; a bedrock or vertex entry takes
+    # no key and derives its URL from its options (docs/admin.md#provider-kinds).
     "ProviderCreate": _obj(
         {
             "name": _STR,
-            "kind": _STR,
+            "kind": {"enum": ["anthropic", "bedrock", "vertex", "foundry"]},
             "base_url": _STR,
             "api_key": {"type": "string", "writeOnly": True},
             "priority": _INT,
             "weight": _INT,
+            "options": {"type": "object"},
             "anthropic_key_id": _nullable(_STR),
         },
-        required=("name", "base_url", "api_key"),
+        required=("name",),
     ),
     "DailyUsageRow": _obj(
         {
