@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -36,6 +37,7 @@ from tests.support.harness import (
     kill_pidfile_daemon,
     run_claude,
     run_daemon,
+    run_server,
 )
 
 pytestmark = pytest.mark.e2e
@@ -43,10 +45,22 @@ pytestmark = pytest.mark.e2e
 USAGE = Usage(input_tokens=2000, output_tokens=300, cache_read_input_tokens=10000)
 # Opus 5.5 per token: $4 in, $20 out, $0.20 cache read per MTok, in micro-dollars.
 OPUS_COST = 2000 * 4 + 300 * 20 + 10000 * 0.2  # 16000
-BEDROCK_FLAGS = ("--provider", "bedrock", "--provider-option", f"region={REGION}",
-                 "--provider-option", "profile_prefix=us")  # fmt: skip
-VERTEX_FLAGS = ("--provider", "vertex", "--provider-option", f"project={PROJECT}",
-                "--provider-option", f"location={LOCATION}")  # fmt: skip
+BEDROCK_FLAGS = (
+    "--provider",
+    "bedrock",
+    "--provider-option",
+    f"region={REGION}",
+    "--provider-option",
+    "profile_prefix=us",
+)
+VERTEX_FLAGS = (
+    "--provider",
+    "vertex",
+    "--provider-option",
+    f"project={PROJECT}",
+    "--provider-option",
+    f"location={LOCATION}",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -293,3 +307,50 @@ def test_up_remembers_the_provider_and_refuses_bad_options(isolated: Isolated) -
     )
     assert "takes no option 'colour'" in result.stderr
     assert not paths.resolve().config_file.exists()  # nothing remembered
+
+
+# ---------------------------------------------------------------------------- server mode
+
+
+def test_server_mode_a_keyless_bedrock_provider_serves_claude_code(
+    bedrock: FakeBedrock, developer: Isolated, tmp_path: Path
+) -> None:
+    """The admin adds Bedrock with flags and no key; the developer's daemon signs with the
+    machine's AWS credentials and the row names the pool and the regional profile."""
+    bedrock.default = Scenario(text="hi via the server's bedrock", usage=USAGE)
+    with run_server(tmp_path / "server") as server:
+        added = server.admin_json(
+            "providers",
+            "add",
+            "aws",
+            "--kind",
+            "bedrock",
+            "--region",
+            REGION,
+            "--profile-prefix",
+            "us",
+            "--base-url",
+            bedrock.url,
+        )
+        assert added["options"] == {"region": REGION, "profile_prefix": "us"}
+        key = server.admin_json("keys", "create", "ann")["key"]
+        login = ccgate(
+            "login", "--server", server.url, "--key", key, "--fingerprint", server.fingerprint
+        )
+        assert login.returncode == 0, login.stderr
+        started = ccgate("up", "--port", str(free_port()))
+        assert started.returncode == 0, started.stderr
+        code, result = run_claude("say hi", model="claude-opus-5-5")
+    assert code == 0, result
+    assert result["result"] == "hi via the server's bedrock"
+    assert (
+        bedrock.requests[0].path
+        == "/model/us.anthropic.claude-opus-5-5/invoke-with-response-stream"
+    )
+    row = next(r for r in rows(1) if r["path"] == "/v1/messages")
+    assert (row["outcome"], row["provider"], row["model"]) == (
+        "ok",
+        "aws",
+        "us.anthropic.claude-opus-5-5",
+    )
+    assert row["cost_micros"] == round(OPUS_COST * 1.1)
