@@ -171,7 +171,7 @@ def providers_add(
         str | None,
         typer.Option(
             "--kind",
-            help="anthropic, bedrock, vertex or foundry [default: NAME if it is one]. Bedrock "
+            help="anthropic, bedrock, vertex or foundry (default: NAME when it is one). Bedrock "
             "and Vertex take no key: each daemon uses its machine's AWS or Google credentials.",
         ),
     ] = None,
