@@ -512,3 +512,47 @@ async def test_count_tokens_answers_in_anthropic_shape() -> None:
         streamed=False,
     )
     assert b"".join([c async for c in reply.chunks]) == b'{"input_tokens":42}'
+
+
+def test_the_fakes_event_stream_reads_back_through_the_anthropic_sdks_bedrock_decoder() -> None:
+    """The fake's encoder against an independent reader: the SDK's own Bedrock stream decoder
+    (botocore's service model and parser), so the fake is faithful, not just self-consistent."""
+    from anthropic.lib.bedrock._stream_decoder import AWSEventStreamDecoder
+
+    events = anthropic_events()
+    wire = [chunk_message(e) for e in events] + [exception_message("throttlingException", "slow")]
+    decoded = list(AWSEventStreamDecoder().iter_bytes(iter(wire)))
+    assert [(e.event, json.loads(e.data)) for e in decoded[:-1]] == [(e["type"], e) for e in events]
+    assert decoded[-1].event == "error"
+    assert json.loads(decoded[-1].data)["error"]["message"] == "slow"
+
+
+def test_importing_the_gateway_loads_no_cloud_sdk() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ccgate.gateway.daemon, ccgate.gateway.proxy, ccgate.gateway.providers, "
+        "ccgate.gateway.providers.bedrock, ccgate.gateway.providers.vertex; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('botocore', 'google')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_without_botocore_a_bedrock_request_says_what_to_install() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, anyio; sys.modules['botocore'] = None\n"
+        "from ccgate.gateway.providers import ProviderError, Upstream, adapter_for\n"
+        "up = Upstream('https://b', None, 'aws', False, kind='bedrock', options={'region': 'x'})\n"
+        "try:\n"
+        "    anyio.run(adapter_for('bedrock').prepare, up)\n"
+        "except ProviderError as exc:\n"
+        "    print(exc.status, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("502 ccgate needs botocore")
+    assert "pip install 'ccgate[bedrock]'" in out.stdout

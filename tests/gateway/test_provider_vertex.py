@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
 
@@ -242,3 +243,24 @@ def test_foundry_is_the_anthropic_wire_with_foundry_keys() -> None:
 def test_options_are_checked_per_kind(kind: str, options: dict[str, Any], problem: str) -> None:
     with pytest.raises(provider_kinds.ProviderOptionsError, match=problem):
         provider_kinds.check_options(kind, options, has_base_url=False)
+
+
+def test_the_fake_serves_the_anthropic_sdks_vertex_client(vertex: FakeVertex) -> None:
+    """The official AnthropicVertex client against the fake: its URL, body and stream."""
+    vertex.issued.append("ya29.sdk-token")
+    client = anthropic.AnthropicVertex(
+        region=LOCATION,
+        project_id=PROJECT,
+        access_token="ya29.sdk-token",
+        base_url=f"{vertex.url}/v1",
+        max_retries=0,
+    )
+    with client.messages.stream(
+        model="claude-opus-5-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        text = "".join(stream.text_stream)
+    assert text == "Hello from the fake upstream."
+    message = client.messages.create(
+        model="claude-opus-5-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert message.usage.input_tokens == 25

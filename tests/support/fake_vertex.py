@@ -44,6 +44,8 @@ from tests.support.fake_upstream import (
 PROJECT = "ccgate-test-project"
 LOCATION = "us-east5"
 ANTHROPIC_VERSION = "vertex-2023-10-16"
+# The newest anthropic SDK sends Anthropic's dated API version in the body on Vertex too.
+ACCEPTED_VERSIONS = (ANTHROPIC_VERSION, "2026-10-21")
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 CLIENT_EMAIL = "ccgate-tests@ccgate-test-project.iam.gserviceaccount.com"
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
@@ -151,7 +153,7 @@ class _VertexApp(_App):
 def _validation_problem(body: dict[str, Any], *, streamed: bool) -> str | None:
     if "model" in body:
         return "model: Extra inputs are not permitted"
-    if body.get("anthropic_version") != ANTHROPIC_VERSION:
+    if body.get("anthropic_version") not in ACCEPTED_VERSIONS:
         return f"anthropic_version: Input should be '{ANTHROPIC_VERSION}'"
     if (body.get("stream") is True) != streamed:
         return "stream: must match the method (streamRawPredict streams, rawPredict does not)"
