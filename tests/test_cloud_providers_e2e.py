@@ -26,10 +26,11 @@ from ccgate import paths
 from ccgate.cli import app
 from ccgate.machine import config
 from tests.support.fake_bedrock import ACCESS_KEY, REGION, SECRET_KEY, FakeBedrock
-from tests.support.fake_upstream import Scenario, Usage
+from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.fake_vertex import LOCATION, PROJECT, FakeVertex
 from tests.support.harness import (
     CLAUDE_BIN,
+    UPSTREAM_KEY,
     Daemon,
     Isolated,
     ccgate,
@@ -354,3 +355,18 @@ def test_server_mode_a_keyless_bedrock_provider_serves_claude_code(
         "us.anthropic.claude-opus-5-5",
     )
     assert row["cost_micros"] == round(OPUS_COST * 1.1)
+
+
+def test_foundry_is_the_anthropic_wire_with_the_key_in_both_headers(
+    fake_upstream: FakeUpstream,
+) -> None:
+    fake_upstream.default = Scenario(text="hello from foundry", usage=USAGE)
+    flags = ("--provider", "foundry", "--model-map", "claude-opus-5-5=opus-prod-deployment")
+    with run_daemon(upstream_url=fake_upstream.url, extra_args=flags) as d:
+        text, _usage = ask(sdk(d), stream=True)
+    assert text == "hello from foundry"
+    (sent,) = [r for r in fake_upstream.requests if r.path == "/v1/messages"]
+    assert sent.headers["x-api-key"] == sent.headers["api-key"] == UPSTREAM_KEY
+    assert sent.json is not None and sent.json["model"] == "opus-prod-deployment"
+    (row,) = rows(1)
+    assert (row["outcome"], row["provider"]) == ("ok", "foundry")
