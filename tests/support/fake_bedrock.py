@@ -16,7 +16,8 @@ Anthropic API in fake_upstream.py, so a test gets the same Anthropic events eith
   ``corrupt_frame`` (on the fake) damages the message CRC of one frame;
 - errors are AWS-shaped: ``{"message": ...}`` with ``x-amzn-ErrorType`` and
   ``x-amzn-RequestId``;
-- the answer's ``model`` is the first-party id of the model invoked, as Bedrock reports it.
+- the answer's ``model`` is the first-party id of the model invoked, as Bedrock reports it, and
+  the stream's last event carries Bedrock's ``amazon-bedrock-invocationMetrics``.
 """
 
 from __future__ import annotations
@@ -271,6 +272,19 @@ class _BedrockApp(_App):
 
     async def _stream(self, exchange: _Exchange, scenario: Scenario, model: str) -> None:
         events = stream_events(scenario, model=model, message_id=new_id("msg_bdrk_01", 20))
+        usage = scenario.usage
+        # Bedrock adds its own metrics to the last event; clients must ignore the extra field.
+        events[-1] = {
+            **events[-1],
+            "amazon-bedrock-invocationMetrics": {
+                "inputTokenCount": usage.input_tokens,
+                "outputTokenCount": usage.output_tokens,
+                "invocationLatency": 812,
+                "firstByteLatency": 301,
+                "cacheReadInputTokenCount": usage.cache_read_input_tokens,
+                "cacheWriteInputTokenCount": usage.cache_creation_input_tokens,
+            },
+        }
         cut = scenario.stream_error_after
         frames = [chunk_message(e) for e in (events[:cut] if cut is not None else events)]
         if cut is not None:
