@@ -370,3 +370,25 @@ def test_foundry_is_the_anthropic_wire_with_the_key_in_both_headers(
     assert sent.json is not None and sent.json["model"] == "opus-prod-deployment"
     (row,) = rows(1)
     assert (row["outcome"], row["provider"]) == ("ok", "foundry")
+
+
+def test_claude_code_falls_back_to_invoke_after_a_bedrock_stream_exception(
+    bedrock: FakeBedrock, isolated: Isolated
+) -> None:
+    """A modelStreamErrorException mid-stream reaches Claude Code as Anthropic's error event, so
+    it retries without streaming, which goes to InvokeModel; both rows are accounted."""
+    bedrock.enqueue(
+        Scenario(stream_error_after=2, error_type="api_error", error_message="boom"),
+        Scenario(text="fallback answer", usage=USAGE),
+    )
+    code, result = claude_code_through(isolated, bedrock.url, BEDROCK_FLAGS)
+    assert code == 0, result
+    assert result["result"] == "fallback answer"
+    assert [r.path.rsplit("/", 1)[-1] for r in bedrock.requests] == [
+        "invoke-with-response-stream",
+        "invoke",
+    ]
+    found = [r for r in rows(2) if r["path"] == "/v1/messages"]
+    assert sorted(r["outcome"] for r in found) == ["ok", "upstream_error"]
+    ok = next(r for r in found if r["outcome"] == "ok")
+    assert ok["cost_micros"] == round(OPUS_COST * 1.1)
