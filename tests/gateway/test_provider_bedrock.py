@@ -556,3 +556,51 @@ def test_without_botocore_a_bedrock_request_says_what_to_install() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("502 ccgate needs botocore")
     assert "pip install 'ccgate[bedrock]'" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b'{"bytes": "%%%not-base64"}',
+        b'{"bytes": "'
+        + base64.b64encode(b'{"type":"message_start", broken').decode().encode()
+        + b'"}',
+        b'{"bytes": "' + base64.b64encode(b"[1, 2]").decode().encode() + b'"}',
+        b"{}",
+    ],
+)
+def test_a_malformed_chunk_never_raises_out_of_the_translator(payload: bytes) -> None:
+    headers = {
+        ":event-type": "chunk",
+        ":content-type": "application/json",
+        ":message-type": "event",
+    }
+    translator = StreamTranslator(rewrite=lambda kind, data: data)
+    out = translator.feed(encode_message(headers, payload))
+    assert out.startswith(b"event: ")  # an Anthropic frame either way: the event or an error
+
+
+async def test_a_garbled_message_start_is_passed_on_not_raised() -> None:
+    headers = {
+        ":event-type": "chunk",
+        ":content-type": "application/json",
+        ":message-type": "event",
+    }
+    garbled = b'{"type":"message_start", broken'
+    wire = encode_message(
+        headers, json.dumps({"bytes": base64.b64encode(garbled).decode()}).encode()
+    )
+    reply = BEDROCK.reply(
+        response(
+            200,
+            [wire],
+            url=STREAM_URL,
+            headers={"content-type": "application/vnd.amazon.eventstream"},
+        ),
+        streamed=True,
+    )
+    assert (
+        b"".join([c async for c in reply.chunks])
+        == b"event: message_start\ndata: " + garbled + b"\n\n"
+    )

@@ -245,8 +245,11 @@ def _named(invoked: str) -> Any:
     def rewrite(kind: str, data: bytes) -> bytes:
         if kind != "message_start":
             return data
-        event = json.loads(data)
-        message = event.get("message")
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return data  # passed on as it came: the meter, not the relay, copes with it
+        message = event.get("message") if isinstance(event, dict) else None
         if isinstance(message, dict):
             message["model"] = invoked
         return _cloud.dumps(event)
