@@ -442,7 +442,7 @@ def m014_repo_attribution(conn: Connection) -> None:
         )
 
 
-def m015_provider_options(conn: Connection) -> None:
+def m016_provider_options(conn: Connection) -> None:
     """Provider kinds beyond anthropic (issue #13): a Bedrock or Vertex entry carries options
     (region, project, location, profile prefix, model map), stored as JSON, and no API key of
     its own (the machine's AWS or Google credentials sign), so its encrypted key may be empty."""
@@ -464,7 +464,7 @@ MIGRATIONS: Sequence[Migration] = (
     m012_usage_pricing_inputs,
     m013_device_enrolment,
     m014_repo_attribution,
-    m015_provider_options,
+    m016_provider_options,
 )
 
 
