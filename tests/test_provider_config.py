@@ -13,15 +13,7 @@ from ccgate.machine import config
 
 
 def resolve(**flags: object) -> config.Config:
-    base: dict[str, object] = {
-        "port": None,
-        "upstream": None,
-        "log_content": None,
-        "passthrough": None,
-        "provider": None,
-        "provider_option": None,
-        "model_map": None,
-    }
+    base: dict[str, object] = {"provider": None, "provider_option": None, "model_map": None}
     return _resolve(paths.resolve(), **{**base, **flags})  # type: ignore[arg-type]
 
 
@@ -65,7 +57,7 @@ def test_switching_kind_drops_the_old_kinds_options_and_anthropic_goes_back_home
 
 
 def test_an_explicit_upstream_wins_over_the_kinds_endpoint() -> None:
-    chosen = resolve(provider="foundry", upstream="https://proxy.example/anthropic")
+    chosen = resolve(provider="foundry", upstream_url="https://proxy.example/anthropic")
     assert chosen.upstream_url == "https://proxy.example/anthropic"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -125,13 +125,13 @@ def up(
     paths = paths_mod.resolve()
     config = _resolve(
         paths,
-        port=port,
-        upstream=upstream,
-        log_content=log_content,
-        passthrough=passthrough,
         provider=provider,
         provider_option=provider_option,
         model_map=model_map,
+        port=port,
+        upstream_url=upstream,
+        log_content=log_content,
+        passthrough=passthrough,
     )
     statusline = _offer_status_line(paths, statusline)
     if service:
@@ -281,13 +281,13 @@ def daemon_cmd(
     paths = paths_mod.resolve()
     config = _resolve(
         paths,
-        port=port,
-        upstream=upstream,
-        log_content=log_content,
-        passthrough=passthrough,
         provider=provider,
         provider_option=provider_option,
         model_map=model_map,
+        port=port,
+        upstream_url=upstream,
+        log_content=log_content,
+        passthrough=passthrough,
     )
     daemon.serve(paths=paths, config=config, log_level=log_level.lower())
 
@@ -295,15 +295,13 @@ def daemon_cmd(
 def _resolve(
     paths: Paths,
     *,
-    port: int | None,
-    upstream: str | None,
-    log_content: bool | None,
-    passthrough: bool | None,
     provider: str | None,
     provider_option: list[str] | None,
     model_map: list[str] | None,
+    **settings: Any,
 ) -> Config:
-    """The effective config, with the provider kind's options checked and its endpoint set."""
+    """``config.resolve(paths, **settings)`` with the provider kind's options parsed and
+    checked, and the kind's endpoint as the upstream unless ``upstream_url`` names one."""
     from ccgate.errors import ConfigError
     from ccgate.machine import config as config_mod
     from ccgate.policy import provider_kinds
@@ -311,15 +309,8 @@ def _resolve(
     options: dict[str, object] = dict(_pairs(provider_option or [], "--provider-option"))
     if model_map:
         options["models"] = dict(_pairs(model_map, "--model-map"))
-    config = config_mod.resolve(
-        paths,
-        port=port,
-        upstream_url=upstream,
-        log_content=log_content,
-        passthrough=passthrough,
-        provider=provider,
-        provider_options=options,
-    )
+    config = config_mod.resolve(paths, provider=provider, provider_options=options, **settings)
+    upstream = settings.get("upstream_url")
     try:
         checked = provider_kinds.check_options(
             config.provider, config.provider_options, has_base_url=upstream is not None
