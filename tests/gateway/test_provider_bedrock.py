@@ -604,3 +604,27 @@ async def test_a_garbled_message_start_is_passed_on_not_raised() -> None:
         b"".join([c async for c in reply.chunks])
         == b"event: message_start\ndata: " + garbled + b"\n\n"
     )
+
+
+async def test_a_bedrock_api_key_is_sent_as_a_bearer_token_instead_of_signing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.support.fake_bedrock import FakeBedrock
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # no AWS credentials at all: none are needed
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", "ABSKbedrock-api-key-for-tests")
+    with FakeBedrock() as fake:
+        fake.bearer_token = "ABSKbedrock-api-key-for-tests"
+        up = Upstream(fake.url, None, "aws", False, kind="bedrock", options={"region": REGION})
+        await BEDROCK.prepare(up)
+        request = BEDROCK.request(up, forward({**BODY, "stream": False}))
+        assert request.headers["authorization"] == "Bearer ABSKbedrock-api-key-for-tests"
+        assert "x-amz-date" not in request.headers
+        async with httpx.AsyncClient() as client:
+            answer = await client.send(request)
+            assert answer.status_code == 200, answer.text
+            fake.bearer_token = "another-key"
+            refused = BEDROCK.reply(await client.send(request, stream=True), streamed=False)
+            body = json.loads(b"".join([c async for c in refused.chunks]))
+    assert (refused.status, body["error"]["type"]) == (401, "authentication_error")

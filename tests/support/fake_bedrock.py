@@ -6,7 +6,8 @@ Anthropic API in fake_upstream.py, so a test gets the same Anthropic events eith
 
 - every request must carry a valid SigV4 signature: the fake recomputes it from the request as
   it arrived (raw path, signed headers, body hash) with the test's secret key, in its own code
-  (not botocore's), and answers as AWS does when it does not match;
+  (not botocore's), and answers as AWS does when it does not match; or the Bedrock API key set
+  in ``bearer_token`` as ``Authorization: Bearer``;
 - the body must be a Bedrock Messages body: ``anthropic_version: "bedrock-2023-05-31"``, no
   ``model`` and no ``stream`` (Bedrock answers ``ValidationException`` for extraneous keys);
 - streams are the binary AWS event stream, encoded here with both CRC32s: each Anthropic event
@@ -221,9 +222,15 @@ class _BedrockApp(_App):
         if request.method != "POST" or route is None:
             await _aws_error(exchange, 404, "UnknownOperationException", "Unknown operation")
             return
-        problem = signature_problem(
-            request, access_key=fake.access_key, secret_key=fake.secret_key, region=fake.region
-        )
+        auth = request.headers.get("authorization", "")
+        if auth.startswith("Bearer "):
+            # A Bedrock API key: valid only if it is the one the test configured.
+            valid = fake.bearer_token is not None and auth[7:] == fake.bearer_token
+            problem = None if valid else ("UnrecognizedClientException", "Invalid API Key format")
+        else:
+            problem = signature_problem(
+                request, access_key=fake.access_key, secret_key=fake.secret_key, region=fake.region
+            )
         if problem is not None:
             await _aws_error(exchange, 403, *problem)
             return
@@ -356,6 +363,7 @@ class FakeBedrock(FakeUpstream):
         self.secret_key = secret_key
         self.region = region
         self.corrupt_frame: int | None = None
+        self.bearer_token: str | None = None  # a Bedrock API key it accepts instead of SigV4
 
     def _make_app(self) -> _App:
         return _BedrockApp(self)

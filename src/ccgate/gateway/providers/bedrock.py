@@ -16,13 +16,16 @@ models; ``global.`` ones do not).
 Requests are signed by botocore's SigV4 signer with credentials from the standard AWS chain
 (environment, shared config and credentials files, the ``aws_profile`` option, SSO, container
 and instance roles), resolved and refreshed in a worker thread by ``prepare``. botocore is
-imported only here, the first time a Bedrock provider is used.
+imported only here, the first time a Bedrock provider is used. A Bedrock API key in
+``AWS_BEARER_TOKEN_BEDROCK`` (as the AWS SDKs and Claude Code read it) is sent as a bearer token
+instead, and needs no botocore.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -44,6 +47,7 @@ from ccgate.gateway.providers.eventstream import StreamTranslator, aws_error
 
 ANTHROPIC_VERSION: Final = "bedrock-2023-05-31"
 SIGNING_NAME: Final = "bedrock"
+BEARER_TOKEN_ENV: Final = "AWS_BEARER_TOKEN_BEDROCK"
 _MISSING_BOTOCORE: Final = (
     "ccgate needs botocore to sign requests to Amazon Bedrock; install it with "
     "`pip install 'ccgate[bedrock]'` (or `pip install botocore`) and restart the daemon."
@@ -127,7 +131,7 @@ class BedrockAdapter:
 
     async def prepare(self, upstream: Upstream) -> None:
         profile = upstream.options.get("aws_profile")
-        if self.credentials.current(profile) is None:
+        if _bearer_token() is None and self.credentials.current(profile) is None:
             await anyio.to_thread.run_sync(
                 lambda: self.credentials.resolve(profile, provider=upstream.provider)
             )
@@ -173,6 +177,17 @@ class BedrockAdapter:
         return httpx.Request("POST", url, headers=headers, content=content)
 
     def _sign(self, upstream: Upstream, url: str, content: bytes, *, accept: str) -> list[Any]:
+        # Asked for plainly: the event stream is read frame by frame, never decompressed.
+        headers = {
+            "content-type": "application/json",
+            "accept": accept,
+            "accept-encoding": "identity",
+        }
+        token = _bearer_token()
+        if token is not None:
+            # A Bedrock API key (what AWS_BEARER_TOKEN_BEDROCK holds for the AWS SDKs and Claude
+            # Code): a bearer token instead of a signature.
+            return [*headers.items(), ("authorization", f"Bearer {token}")]
         try:
             from botocore.auth import SigV4Auth
             from botocore.awsrequest import AWSRequest
@@ -182,17 +197,7 @@ class BedrockAdapter:
         creds = self.credentials.current(profile) or self.credentials.resolve(
             profile, provider=upstream.provider
         )
-        aws = AWSRequest(
-            method="POST",
-            url=url,
-            data=content,
-            headers={
-                "content-type": "application/json",
-                "accept": accept,
-                # Asked for plainly: the event stream is read frame by frame, never decompressed.
-                "accept-encoding": "identity",
-            },
-        )
+        aws = AWSRequest(method="POST", url=url, data=content, headers=headers)
         SigV4Auth(creds, SIGNING_NAME, upstream.options["region"]).add_auth(aws)
         return list(aws.headers.items())
 
@@ -234,6 +239,10 @@ class BedrockAdapter:
             return _cloud.error_envelope(error_type, message, request_id)
 
         return Reply(status, [*headers, _cloud.ERROR_HEADERS], _cloud.once(body))
+
+
+def _bearer_token() -> str | None:
+    return os.environ.get(BEARER_TOKEN_ENV) or None
 
 
 def _invoked_model(url: httpx.URL) -> str:
