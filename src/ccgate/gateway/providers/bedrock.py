@@ -18,12 +18,13 @@ Requests are signed by botocore's SigV4 signer with credentials from the standar
 and instance roles), resolved and refreshed in a worker thread by ``prepare``. botocore is
 imported only here, the first time a Bedrock provider is used. A Bedrock API key in
 ``AWS_BEARER_TOKEN_BEDROCK`` (as the AWS SDKs and Claude Code read it) is sent as a bearer token
-instead, and needs no botocore.
+instead of a signature.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import threading
@@ -130,6 +131,9 @@ class BedrockAdapter:
         self.credentials = _Credentials()
 
     async def prepare(self, upstream: Upstream) -> None:
+        if importlib.util.find_spec("botocore") is None:
+            # Needed to read the event stream even when a bearer token replaces the signature.
+            raise ProviderError(502, "api_error", _MISSING_BOTOCORE)
         profile = upstream.options.get("aws_profile")
         if _bearer_token() is None and self.credentials.current(profile) is None:
             await anyio.to_thread.run_sync(
