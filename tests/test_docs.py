@@ -170,7 +170,9 @@ def _check_value(param: Parameter, value: str, *, command: Command) -> str | Non
     if _PLACEHOLDER.search(value):
         return None
     try:
-        param.process_value(command.context_class(command, info_name=command.name), value)
+        # A repeatable option gets its values as a sequence, one per occurrence.
+        raw: object = (value,) if getattr(param, "multiple", False) else value
+        param.process_value(command.context_class(command, info_name=command.name), raw)
     except typer.BadParameter as exc:
         return f"{param.name}={value!r}: {exc.format_message()}"
     return None

@@ -64,8 +64,8 @@ async def test_providers_pool_list_remove_and_key_never_leaks(server: Server) ->
     listed = await server.admin("GET", "/providers")
     assert [p["id"] for p in listed.json()["providers"]] == [first["id"], second["id"]]
     assert set(listed.json()["providers"][0]) == {
-        "id", "name", "kind", "base_url", "priority", "weight", "anthropic_key_id", "created_at",
-        "timeouts", "key_status", "key_failed_at", "key_failed_status",
+        "id", "name", "kind", "base_url", "priority", "weight", "options", "anthropic_key_id",
+        "created_at", "timeouts", "key_status", "key_failed_at", "key_failed_status",
     }  # fmt: skip
     removed = await server.ok("DELETE", f"/providers/anthropic?id={second['id']}")
     assert removed == {"removed": 1}

@@ -1007,6 +1007,10 @@ class FakeUpstream:
     ) -> None:
         self.stop()
 
+    def _make_app(self) -> _App:
+        """A fresh app for each start (the fakes of other providers serve their own)."""
+        return _App(self)
+
     def _prepare(self) -> None:
         _install_log_filter()
         # Listening before uvicorn starts means the port is known, and connections made before
@@ -1018,7 +1022,7 @@ class FakeUpstream:
         sock.bind((self.host, self._wanted_port))
         sock.listen(128)
         self._socket = sock
-        self._app = _App(self)
+        self._app = self._make_app()
         config = uvicorn.Config(
             self._app,
             interface="asgi3",

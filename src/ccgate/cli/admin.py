@@ -156,12 +156,24 @@ AnthropicKeyIdOption = Annotated[
 def providers_add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Provider (pool) name, e.g. anthropic.")],
-    base_url: Annotated[str, typer.Option("--base-url", help="The provider's API base URL.")],
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--base-url",
+            help="The provider's API base URL (bedrock, vertex, foundry: derived from the "
+            "region, location or resource unless given).",
+        ),
+    ] = None,
     api_key_stdin: Annotated[
         bool, typer.Option("--api-key-stdin", help="Read the provider API key from stdin.")
     ] = False,
     kind: Annotated[
-        str | None, typer.Option("--kind", help="Provider kind [default: NAME if known].")
+        str | None,
+        typer.Option(
+            "--kind",
+            help="anthropic, bedrock, vertex or foundry (default: NAME when it is one). Bedrock "
+            "and Vertex take no key: each daemon uses its machine's AWS or Google credentials.",
+        ),
     ] = None,
     priority: Annotated[
         int, typer.Option("--priority", min=0, help="Lower numbers are tried first.")
@@ -194,18 +206,70 @@ def providers_add(
             "--idle-timeout", min=0.001, help="Seconds of silence within an answer [default: 300]."
         ),
     ] = None,
+    region: Annotated[str | None, typer.Option("--region", help="bedrock: AWS region.")] = None,
+    profile_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--profile-prefix",
+            help="bedrock: inference-profile prefix (global, us, eu, apac, jp, au, us-gov).",
+        ),
+    ] = None,
+    aws_profile: Annotated[
+        str | None,
+        typer.Option("--aws-profile", help="bedrock: named profile of the machines' AWS config."),
+    ] = None,
+    project: Annotated[
+        str | None, typer.Option("--project", help="vertex: Google Cloud project id.")
+    ] = None,
+    location: Annotated[
+        str | None, typer.Option("--location", help="vertex: region, or global.")
+    ] = None,
+    resource: Annotated[
+        str | None, typer.Option("--resource", help="foundry: the Foundry resource name.")
+    ] = None,
+    model_map: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-map",
+            help="CLAUDE_ID=PROVIDER_ID, repeatable: extends the shipped model table.",
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Add a provider entry; several adds under one NAME form a pool. The key is never shown."""
     from ccgate.errors import CcgateError
+    from ccgate.policy import provider_kinds
 
-    if not api_key_stdin:
-        raise CcgateError("Pass --api-key-stdin and pipe the key in, so it stays out of history.")
-    api_key = sys.stdin.readline().strip()
-    if not api_key:
-        raise CcgateError("No API key on stdin.")
-    body = {"name": name, "base_url": base_url, "api_key": api_key}
-    body |= {"priority": priority, "weight": weight} | ({"kind": kind} if kind else {})
+    options: dict[str, object] = {
+        option: value
+        for option, value in (
+            ("region", region),
+            ("profile_prefix", profile_prefix),
+            ("aws_profile", aws_profile),
+            ("project", project),
+            ("location", location),
+            ("resource", resource),
+        )
+        if value is not None
+    }
+    if model_map:
+        pairs = [entry.partition("=") for entry in model_map]
+        if any(not sep or not a or not b for a, sep, b in pairs):
+            raise CcgateError("--model-map takes CLAUDE_ID=PROVIDER_ID.")
+        options["models"] = {a.strip(): b.strip() for a, _, b in pairs}
+    body: dict[str, object] = {"name": name, "priority": priority, "weight": weight}
+    body |= ({"kind": kind} if kind else {}) | ({"options": options} if options else {})
+    if base_url is not None:
+        body["base_url"] = base_url
+    if provider_kinds.needs_key(kind or name) or api_key_stdin:
+        if not api_key_stdin:
+            raise CcgateError(
+                "Pass --api-key-stdin and pipe the key in, so it stays out of history."
+            )
+        api_key = sys.stdin.readline().strip()
+        if not api_key:
+            raise CcgateError("No API key on stdin.")
+        body["api_key"] = api_key
     if anthropic_key_id:
         body["anthropic_key_id"] = anthropic_key_id
     timeouts = {

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from dataclasses import replace
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -45,6 +46,32 @@ LogContentOption = Annotated[
     typer.Option(
         "--log-content/--no-log-content",
         help="Store request and response bodies in the local ledger (never synced).",
+    ),
+]
+
+ProviderOption = Annotated[
+    str | None,
+    typer.Option(
+        "--provider",
+        help="Provider kind to send to: anthropic (default), bedrock, vertex or foundry "
+        "(see docs/standalone.md). Bedrock and Vertex use this machine's AWS or Google "
+        "credentials; the endpoint follows from the options unless --upstream names one.",
+    ),
+]
+ProviderOptionOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--provider-option",
+        help="NAME=VALUE for the provider kind, repeatable: region, profile_prefix and "
+        "aws_profile (bedrock); project and location (vertex); resource (foundry).",
+    ),
+]
+ModelMapOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-map",
+        help="CLAUDE_ID=PROVIDER_ID, repeatable: send that model under the provider's own id "
+        "(extends the shipped table).",
     ),
 ]
 
@@ -110,6 +137,9 @@ def up(
     statusline: StatusLineOption = None,
     session_budget: SessionBudgetOption = None,
     session_rpm: SessionRpmOption = None,
+    provider: ProviderOption = None,
+    provider_option: ProviderOptionOption = None,
+    model_map: ModelMapOption = None,
 ) -> None:
     """Start the daemon in the background and point Claude Code at it.
 
@@ -120,8 +150,11 @@ def up(
     from ccgate.machine import config as config_mod
 
     paths = paths_mod.resolve()
-    config = config_mod.resolve(
+    config = _resolve(
         paths,
+        provider=provider,
+        provider_option=provider_option,
+        model_map=model_map,
         port=port,
         upstream_url=upstream,
         log_content=log_content,
@@ -268,15 +301,20 @@ def daemon_cmd(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    provider: ProviderOption = None,
+    provider_option: ProviderOptionOption = None,
+    model_map: ModelMapOption = None,
 ) -> None:
     """Run the gateway in the foreground on 127.0.0.1 (what `ccgate up` starts)."""
     from ccgate import paths as paths_mod
     from ccgate.gateway import daemon
-    from ccgate.machine import config as config_mod
 
     paths = paths_mod.resolve()
-    config = config_mod.resolve(
+    config = _resolve(
         paths,
+        provider=provider,
+        provider_option=provider_option,
+        model_map=model_map,
         port=port,
         upstream_url=upstream,
         log_content=log_content,
@@ -285,3 +323,48 @@ def daemon_cmd(
         session_rpm=session_rpm,
     )
     daemon.serve(paths=paths, config=config, log_level=log_level.lower())
+
+
+def _resolve(
+    paths: Paths,
+    *,
+    provider: str | None,
+    provider_option: list[str] | None,
+    model_map: list[str] | None,
+    **settings: Any,
+) -> Config:
+    """``config.resolve(paths, **settings)`` with the provider kind's options parsed and
+    checked, and the kind's endpoint as the upstream unless ``upstream_url`` names one."""
+    from ccgate.errors import ConfigError
+    from ccgate.machine import config as config_mod
+    from ccgate.policy import provider_kinds
+
+    options: dict[str, object] = dict(_pairs(provider_option or [], "--provider-option"))
+    if model_map:
+        options["models"] = dict(_pairs(model_map, "--model-map"))
+    config = config_mod.resolve(paths, provider=provider, provider_options=options, **settings)
+    upstream = settings.get("upstream_url")
+    try:
+        checked = provider_kinds.check_options(
+            config.provider, config.provider_options, has_base_url=upstream is not None
+        )
+    except provider_kinds.ProviderOptionsError as exc:
+        raise ConfigError(f"{exc}.") from None
+    endpoint = provider_kinds.default_base_url(config.provider, checked)
+    if upstream is None and (provider is not None or options) and endpoint is not None:
+        config = replace(config, upstream_url=endpoint)
+    elif upstream is None and provider == "anthropic":
+        config = replace(config, upstream_url=config_mod.DEFAULT_UPSTREAM)
+    return config
+
+
+def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
+    from ccgate.errors import ConfigError
+
+    pairs = []
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise ConfigError(f"{flag} takes NAME=VALUE; got {value!r}.")
+        pairs.append((name.strip(), text.strip()))
+    return pairs

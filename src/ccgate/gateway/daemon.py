@@ -28,11 +28,12 @@ import httpx
 from ccgate import env
 from ccgate._files import atomic_write
 from ccgate.client import profiles
-from ccgate.errors import DaemonStartError, NotRunningError
+from ccgate.errors import ConfigError, DaemonStartError, NotRunningError
 from ccgate.gateway.proxy import HEALTH_PATH
 from ccgate.machine.config import Config
 from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
+from ccgate.policy import provider_kinds
 
 if TYPE_CHECKING:
     import uvicorn
@@ -62,6 +63,28 @@ class RuntimeInfo:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def provider_args(config: Config) -> list[str]:
+    """The daemon flags that give it ``config``'s provider kind and options."""
+    if config.provider == "anthropic" and not config.provider_options:
+        return []
+    args = ["--provider", config.provider]
+    for name, value in config.provider_options.items():
+        if name == "models":
+            args += ["--model-map", *(f"{k}={v}" for k, v in value.items())]
+        else:
+            args += ["--provider-option", f"{name}={value}"]
+    return args
+
+
+def _provider_options(config: Config) -> dict[str, Any]:
+    try:
+        return provider_kinds.check_options(
+            config.provider, config.provider_options, has_base_url=True
+        )
+    except provider_kinds.ProviderOptionsError as exc:
+        raise ConfigError(f"The configured provider cannot be used: {exc}.") from None
 
 
 def upstream_key(store: SecretStore) -> str | None:
@@ -167,7 +190,9 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     client_key = local_client_key(store, create=True)
     assert client_key is not None
     provider_key = upstream_key(store)
-    if provider_key is None and not config.passthrough and not profiles_exist(paths):
+    options = _provider_options(config)
+    keyless = not provider_kinds.needs_key(config.provider)
+    if provider_key is None and not (config.passthrough or keyless) and not profiles_exist(paths):
         log.warning(
             "no upstream key: run `ccgate provider set anthropic` or set %s; "
             "requests will reach the upstream without a credential",
@@ -219,6 +244,9 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
             table=prices,
             sessions=local_session_meter(config, ledger),
             timeouts=timeouts,
+            provider=config.provider,
+            kind=config.provider,
+            options=options,
         )
         gateway, server = build(
             local,
@@ -397,6 +425,7 @@ def start_background(
     if config.passthrough:
         command.append("--passthrough")
     command += session_cap_args(config)
+    command += provider_args(config)
     with _open_log(paths.log_file) as log_file:
         child = subprocess.Popen(
             command,

@@ -301,12 +301,18 @@ class Governor:
         problem: str | None = None
         for index, entry in enumerate(bundle.providers):
             try:
-                api_key = unseal(entry.sealed_key, device=self.device, device_id=bundle.device_id)
+                api_key = (
+                    None  # bedrock, vertex: the machine's own cloud credentials sign
+                    if not entry.sealed_key
+                    else unseal(entry.sealed_key, device=self.device, device_id=bundle.device_id)
+                )
             except BundleError as exc:
                 problem = str(exc)
                 log.error("provider entry %s left out: %s", entry.id or entry.name, exc)
                 continue
-            upstream = Upstream(entry.base_url, api_key, entry.name, False, kind=entry.kind)
+            upstream = Upstream(
+                entry.base_url, api_key, entry.name, False, kind=entry.kind, options=entry.options
+            )
             keys.append(
                 PoolKey(
                     upstream,

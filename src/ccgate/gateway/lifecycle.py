@@ -30,6 +30,7 @@ from ccgate.machine import claude_settings, service
 from ccgate.machine.config import Config
 from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
+from ccgate.policy import provider_kinds
 from ccgate.store import reports
 from ccgate.store.ledger import Ledger
 from ccgate.wire import CLIENT_KEY_PREFIX
@@ -85,7 +86,11 @@ def _prepare(
     else:
         if config.passthrough:
             _refuse_passthrough_conflicts(settings_file, environ)
-        elif not daemon_has_key and daemon.upstream_key(store) is None:
+        elif (
+            not daemon_has_key
+            and provider_kinds.needs_key(config.provider)
+            and daemon.upstream_key(store) is None
+        ):
             raise _no_upstream_key(settings_file)
         local = daemon.local_client_key(store, create=True)
         assert local is not None
@@ -172,6 +177,7 @@ def up_service(
     if config.passthrough:
         extra.append("--passthrough")
     extra += daemon.session_cap_args(config)
+    extra += daemon.provider_args(config)
     installed = service.install(
         paths=paths,
         port=config.port,

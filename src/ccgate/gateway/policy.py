@@ -10,6 +10,7 @@ nor the gateway needs to know which one it has.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,6 +76,8 @@ class LocalPolicy:
     mode: str = "standalone"
     sessions: admission.SessionMeter | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    kind: str = "anthropic"
+    options: Mapping[str, Any] = field(default_factory=dict)
     # One key is a pool of one: a 429 still keeps it out until its reset (the plan then tries
     # it anyway, there being no other), and its breaker state shows in status.
     router: Router = field(init=False, repr=False)
@@ -89,7 +92,14 @@ class LocalPolicy:
         return None
 
     def upstream(self) -> Upstream:
-        return Upstream(self.upstream_url, self.upstream_key, self.provider, self.passthrough)
+        return Upstream(
+            self.upstream_url,
+            self.upstream_key,
+            self.provider,
+            self.passthrough,
+            kind=self.kind,
+            options=self.options,
+        )
 
     def plan(self, affinity: str, *, now: float) -> Plan:
         if self.passthrough:

@@ -51,7 +51,13 @@ from ccgate.accounting import billing, quota
 from ccgate.accounting.metering import Metered
 from ccgate.gateway.metrics import METRICS_PATH, GatewayMetrics, Timing
 from ccgate.gateway.policy import Policy, Ticket, Upstream
-from ccgate.gateway.providers import HOP_BY_HOP, Forward, UnknownProviderKind, adapter_for
+from ccgate.gateway.providers import (
+    HOP_BY_HOP,
+    Forward,
+    LocalAnswer,
+    ProviderError,
+    adapter_for,
+)
 from ccgate.gateway.relay import Attempt, Observation, Outbound, Relay
 from ccgate.policy import limits as admission
 from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
@@ -314,13 +320,15 @@ class Gateway:
             if problem is not None:
                 return self._unsent(record, t0, ticket, self._unaccounted(problem))
         attempts: list[Attempt] = []
-        unknown: UnknownProviderKind | None = None
+        refused_by: ProviderError | None = None
         for candidate in plan.candidates:
             upstream = candidate.upstream
             try:
                 adapter = adapter_for(upstream.kind)
-            except UnknownProviderKind as exc:
-                unknown = exc
+                # Credentials (a cloud token, AWS keys) are fetched off the loop, and cached.
+                await adapter.prepare(upstream)
+            except ProviderError as exc:
+                refused_by = refused_by or exc
                 continue
             build = partial(
                 self.upstream_request,
@@ -333,12 +341,14 @@ class Gateway:
             )
             if not attempts:
                 # The first request is built here, so a problem building it is this request's
-                # refusal rather than a failed attempt.
+                # refusal (or the provider kind's own answer) rather than a failed attempt.
                 try:
                     sent = build()
-                except UnknownProviderKind as exc:
-                    unknown = exc
+                except ProviderError as exc:
+                    refused_by = refused_by or exc
                     continue
+                except LocalAnswer as answer:
+                    return self._answered(record, t0, ticket, answer)
                 build = partial(_same, sent)
             attempts.append(
                 Attempt(
@@ -350,8 +360,9 @@ class Gateway:
                 )
             )
         if not attempts:
-            assert unknown is not None
-            return self._unsent(record, t0, ticket, _Refused.error(502, "api_error", str(unknown)))
+            assert refused_by is not None
+            refused = _Refused.error(refused_by.status, refused_by.error_type, str(refused_by))
+            return self._unsent(record, t0, ticket, refused)
         outbound = Outbound(
             request=attempts[0].build(),
             base_url=attempts[0].base_url,
@@ -379,6 +390,18 @@ class Gateway:
         _apply(record, billing.Charge(model=record.model))
         self.policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
         return self._refuse(record, t0, refused)
+
+    def _answered(
+        self, record: RequestRecord, t0: float, ticket: Ticket | None, answer: LocalAnswer
+    ) -> Response:
+        """An answer the provider kind gave from its own tables: nothing sent, nothing billed."""
+        _apply(record, billing.Charge(model=record.model))
+        self.policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
+        record.status = answer.status
+        record.outcome = "ok"
+        record.latency_ms = (time.perf_counter() - t0) * 1000
+        self.finish(record)
+        return JSONResponse(answer.body, status_code=answer.status)
 
     async def _admit(
         self, request: Request, record: RequestRecord

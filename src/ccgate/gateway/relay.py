@@ -257,7 +257,13 @@ class Relay(Response):
         it, httpx's read timeout (``idle_s``) bounds each wait for more of the body.
         """
         started = time.perf_counter()
-        request = attempt.build()
+        try:
+            request = attempt.build()
+        except Exception as exc:
+            # A fallback its provider kind cannot build a request for (ProviderError: say, no
+            # cloud credentials on this machine): a failed attempt, not a failed request.
+            self._log_attempt(attempt, status=None, reason="connect_error", started=started)
+            return None, (502, f"cannot send to {attempt.base_url} ({exc})")
         timeouts = attempt.timeouts
         limits: dict[str, float | None] | None = None
         if timeouts is not None:

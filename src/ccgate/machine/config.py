@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import tomli_w
@@ -34,6 +34,10 @@ class Config:
     """Standalone session cap: money one Claude Code session may spend (None: no cap)."""
     session_rpm: int | None = None
     """Standalone session cap: requests one Claude Code session may make per minute."""
+    # A standalone daemon may send to another provider kind (bedrock, vertex, foundry) with its
+    # options (region, project, ...); the CLI checks both (ccgate.policy.provider_kinds).
+    provider: str = "anthropic"
+    provider_options: dict[str, Any] = field(default_factory=dict)
     # Upstream timeouts in seconds (see docs/admin.md, "Timeouts"); in server mode these are the
     # defaults a provider entry's own timeouts override.
     connect_timeout_s: float = 10.0
@@ -80,6 +84,8 @@ def _from_mapping(data: Mapping[str, Any], *, source: str) -> Config:
         "passthrough": bool,
         "session_budget_micros": int,
         "session_rpm": int,
+        "provider": str,
+        "provider_options": dict,
     }
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -118,6 +124,8 @@ def resolve(
     passthrough: bool | None = None,
     session_budget_micros: int | None = None,
     session_rpm: int | None = None,
+    provider: str | None = None,
+    provider_options: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """The effective configuration: flags over environment over file over defaults.
@@ -146,6 +154,11 @@ def resolve(
         config = replace(config, session_budget_micros=session_budget_micros or None)
     if session_rpm is not None:
         config = replace(config, session_rpm=session_rpm or None)
+    if provider is not None and provider != config.provider:
+        # Another kind's options mean nothing to this one.
+        config = replace(config, provider=provider, provider_options={})
+    if provider_options:
+        config = replace(config, provider_options=dict(provider_options))
     validate(config)
     return config
 

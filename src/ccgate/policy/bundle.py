@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -51,6 +52,7 @@ from ccgate._files import PRIVATE, atomic_write, private_dir
 from ccgate._format import format_utc
 from ccgate.errors import CcgateError, ExitCode
 from ccgate.paths import BundleFiles
+from ccgate.policy import provider_kinds
 
 PAYLOAD_TYPE = "application/vnd.ccgate.bundle+json"
 SCHEMA = 1
@@ -501,11 +503,13 @@ class ProviderEntry:
     base_url: str
     priority: int
     weight: int
+    # Empty for kinds whose credentials come from the machine (bedrock, vertex): no key to seal.
     sealed_key: Mapping[str, str]
     # The server's entry id: the key's label in attempt logs and in key-failure reports.
     id: str | None = None
     # Per-phase upstream timeouts in seconds (names in PROVIDER_TIMEOUTS); unset ones default.
     timeouts: Mapping[str, float] | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # see provider_kinds
 
     def to_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -521,6 +525,8 @@ class ProviderEntry:
             payload["id"] = self.id
         if self.timeouts:
             payload["timeouts"] = dict(self.timeouts)
+        if self.options:  # only when set: older payloads round-trip
+            payload["options"] = copy.deepcopy(dict(self.options))
         return payload
 
 
@@ -755,13 +761,18 @@ def _read_provider(field: str, item: object) -> ProviderEntry:
     base_url = obj.text("base_url")
     if not base_url.startswith(("https://", "http://")):
         raise _FieldError(obj.field("base_url"), "must be an http(s) URL")
+    kind = obj.text("kind")
+    keyless = not provider_kinds.needs_key(kind)
     return ProviderEntry(
         name=obj.text("name"),
-        kind=obj.text("kind"),
+        kind=kind,
         base_url=base_url,
         priority=obj.integer("priority", minimum=None),
         weight=obj.integer("weight"),
-        sealed_key=_read_sealed(obj),
+        sealed_key={}
+        if keyless and (not obj.has("sealed_key") or not obj.raw("sealed_key"))
+        else _read_sealed(obj),
+        options=_read_options(obj, kind) if obj.has("options") else {},
         id=obj.text("id") if obj.has("id") else None,
         timeouts=_read_timeouts(obj) if obj.has("timeouts") else None,
     )
@@ -792,6 +803,18 @@ def _read_timeouts(parent: _Obj) -> dict[str, float]:
                 raise _FieldError(obj.field(name), limit)
             out[name] = value
     return out
+
+
+def _read_options(obj: _Obj, kind: str) -> dict[str, Any]:
+    value = obj.raw("options")
+    if not isinstance(value, dict):
+        raise _FieldError(obj.field("options"), "must be an object")
+    if kind not in provider_kinds.KINDS:
+        return value  # a kind this daemon cannot send to: refused per request, by name
+    try:
+        return provider_kinds.check_options(kind, value, has_base_url=True)
+    except provider_kinds.ProviderOptionsError as exc:
+        raise _FieldError(obj.field("options"), str(exc)) from None
 
 
 def _read_prices(obj: _Obj) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from ccgate.policy import provider_kinds
 from ccgate.server import db, reconcile, validate
 from ccgate.server import devices as devices_mod
 from ccgate.server.db import (
@@ -46,7 +47,7 @@ from ccgate.server.errors import (
 from ccgate.server.state import SecretBox, sha256_hex
 from ccgate.wire import CLIENT_KEY_PREFIX
 
-KNOWN_KINDS: Final = ("anthropic",)
+KNOWN_KINDS: Final = provider_kinds.KINDS
 AUTH_MODES: Final = ("provider", "passthrough")
 KEY_PREFIX_CHARS: Final = 12
 MAX_AUDIT_LIMIT: Final = 1000
@@ -150,10 +151,23 @@ class Admin:
                 f"'kind' must be one of {', '.join(KNOWN_KINDS)} (it defaults to the name when "
                 f"the name is a known kind); got {kind!r}."
             )
-        base_url = validate.string(body, "base_url").rstrip("/")
+        options = _provider_options(str(kind), body)
+        default_url = provider_kinds.default_base_url(str(kind), options)
+        if body.get("base_url") is None and default_url is not None:
+            base_url = default_url
+        else:
+            base_url = validate.string(body, "base_url").rstrip("/")
         if not base_url.startswith(("https://", "http://")):
             raise InvalidRequestError(f"'base_url' must be an http(s) URL; got {base_url!r}.")
-        api_key = validate.string(body, "api_key", max_len=4096)
+        if provider_kinds.needs_key(str(kind)):
+            api_key: str | None = validate.string(body, "api_key", max_len=4096)
+        elif body.get("api_key") is not None:
+            raise InvalidRequestError(
+                f"A {kind} provider takes no 'api_key': the daemon signs with its machine's "
+                f"{'AWS' if kind == 'bedrock' else 'Google'} credentials."
+            )
+        else:
+            api_key = None
         timeouts = provider_timeouts(body.get("timeouts"))
         row = Provider(
             id=new_id("prov"),
@@ -165,8 +179,10 @@ class Admin:
             api_key_enc=b"",
             created_at=self.clock(),
             timeouts=json.dumps(timeouts, sort_keys=True) if timeouts else None,
+            options_json=json.dumps(options, sort_keys=True) if options else None,
         )
-        row.api_key_enc = self.box.encrypt(api_key, aad=row.id)
+        if api_key is not None:
+            row.api_key_enc = self.box.encrypt(api_key, aad=row.id)
         with db.session(self.engine) as session:
             row.anthropic_key_id = reconcile.key_id(body, session, pool=name)
             info = provider_info(row)
@@ -458,6 +474,7 @@ def provider_info(row: Provider) -> dict[str, Any]:
         "base_url": row.base_url,
         "priority": row.priority,
         "weight": row.weight,
+        "options": json.loads(row.options_json) if row.options_json else {},
         "anthropic_key_id": row.anthropic_key_id,
         "created_at": row.created_at,
         "timeouts": json.loads(row.timeouts) if row.timeouts else {},
@@ -492,6 +509,18 @@ def provider_timeouts(raw: object) -> dict[str, float]:
             )
         out[name] = float(value)
     return out
+
+
+def _provider_options(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequestError("'options' must be an object of the provider kind's options.")
+    try:
+        return provider_kinds.check_options(
+            kind, options, has_base_url=body.get("base_url") is not None
+        )
+    except provider_kinds.ProviderOptionsError as exc:
+        raise InvalidRequestError(f"'options': {exc}.") from None
 
 
 def customer_info(row: Customer) -> dict[str, Any]:

@@ -241,7 +241,11 @@ class Bundler:
         entries = tuple(
             _entry(
                 p,
-                sealed=bundle_mod.seal(
+                # An entry with no key (bedrock, vertex: the machine's own credentials) has
+                # nothing to seal.
+                sealed={}
+                if not p.api_key_enc
+                else bundle_mod.seal(
                     self.box.decrypt(p.api_key_enc, aad=p.id),
                     device_public=device_public,
                     device_id=device.id,
@@ -436,4 +440,5 @@ def _entry(row: Provider, *, sealed: Mapping[str, str]) -> bundle_mod.ProviderEn
         sealed_key=sealed,
         id=row.id,
         timeouts=json.loads(row.timeouts) if row.timeouts else None,
+        options=json.loads(row.options_json) if row.options_json else {},
     )

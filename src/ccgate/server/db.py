@@ -54,6 +54,7 @@ class Provider(SQLModel, table=True):
     timeouts: str | None = None  # JSON: per-phase upstream timeouts in seconds, for the bundle
     key_failed_at: float | None = None  # when a daemon last reported the key refused
     key_failed_status: int | None = None  # and the upstream's status then (401 or 403)
+    options_json: str | None = None  # the kind's options (policy.provider_kinds), as JSON
 
 
 class Customer(SQLModel, table=True):

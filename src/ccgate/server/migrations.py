@@ -474,6 +474,13 @@ def m016_attempts_and_key_status(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE providers ADD COLUMN {column}"))
 
 
+def m017_provider_options(conn: Connection) -> None:
+    """Provider kinds beyond anthropic (issue #13): a Bedrock or Vertex entry carries options
+    (region, project, location, profile prefix, model map), stored as JSON, and no API key of
+    its own (the machine's AWS or Google credentials sign), so its encrypted key may be empty."""
+    conn.execute(text("ALTER TABLE providers ADD COLUMN options_json TEXT"))
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -491,6 +498,7 @@ MIGRATIONS: Sequence[Migration] = (
     m014_repo_attribution,
     m015_seats_and_session_caps,
     m016_attempts_and_key_status,
+    m017_provider_options,
 )
 
 

@@ -82,6 +82,7 @@ SCHEMAS: dict[str, Any] = {
             "base_url": _STR,
             "priority": _INT,
             "weight": _INT,
+            "options": {"type": "object"},
             "anthropic_key_id": _nullable(_STR),
             "created_at": _NUM,
             "timeouts": _TIMEOUTS,
@@ -90,18 +91,21 @@ SCHEMAS: dict[str, Any] = {
             "key_failed_status": _nullable(_INT),
         }
     ),
+    # base_url and api_key are required for the anthropic kind; a bedrock or vertex entry takes
+    # no key and derives its URL from its options (docs/admin.md#provider-kinds).
     "ProviderCreate": _obj(
         {
             "name": _STR,
-            "kind": _STR,
+            "kind": {"enum": ["anthropic", "bedrock", "vertex", "foundry"]},
             "base_url": _STR,
             "api_key": {"type": "string", "writeOnly": True},
             "priority": _INT,
             "weight": _INT,
+            "options": {"type": "object"},
             "anthropic_key_id": _nullable(_STR),
             "timeouts": _TIMEOUTS,
         },
-        required=("name", "base_url", "api_key"),
+        required=("name",),
     ),
     "DailyUsageRow": _obj(
         {

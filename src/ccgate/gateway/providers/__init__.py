@@ -13,11 +13,20 @@ The gateway speaks Anthropic's Messages API to Claude Code whatever serves the r
   and meters the same bytes, so an adapter must never buffer a stream.
 
 ``anthropic`` (any Anthropic-compatible endpoint) is the identity: the body and the answer pass
-through untouched, still compressed.
+through untouched, still compressed. ``bedrock``, ``vertex`` and ``foundry`` live in modules of
+their own, imported the first time a provider of that kind is used (``adapter_for``), so the
+cloud SDKs they need (botocore, google-auth) load only on machines that use them.
+
+``prepare`` runs on the event loop before ``request``: an adapter whose credentials must be
+fetched or refreshed (an AWS role, a Google OAuth token) does that there, in a worker thread, so
+``request`` itself never blocks. ``ProviderError`` is an answer ccgate gives instead of sending
+(no credentials, an endpoint the kind does not have); ``LocalAnswer`` is one it gives from its
+own tables (``/v1/models`` of a cloud provider, which has no such endpoint).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -87,6 +96,7 @@ class Reply:
 class Adapter(Protocol):
     kind: str
 
+    async def prepare(self, upstream: Upstream) -> None: ...
     def request(self, upstream: Upstream, forward: Forward) -> httpx.Request: ...
     def reply(self, response: httpx.Response, *, streamed: bool) -> Reply: ...
 
@@ -105,6 +115,9 @@ class AnthropicAdapter:
 
     kind = "anthropic"
 
+    async def prepare(self, upstream: Upstream) -> None:
+        return None
+
     def request(self, upstream: Upstream, forward: Forward) -> httpx.Request:
         url = upstream.base_url.rstrip("/") + forward.path
         if forward.query:
@@ -121,10 +134,31 @@ class AnthropicAdapter:
 
 ANTHROPIC: Final = AnthropicAdapter()
 _ADAPTERS: dict[str, Adapter] = {ANTHROPIC.kind: ANTHROPIC}
+# Kinds whose adapter module registers itself when first imported.
+_LAZY: Final = ("bedrock", "vertex", "foundry")
 
 
-class UnknownProviderKind(LookupError):
-    pass
+class ProviderError(Exception):
+    """The gateway answers this instead of sending: the message is for the person at the client."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+
+
+class UnknownProviderKind(ProviderError, LookupError):
+    def __init__(self, message: str) -> None:
+        super().__init__(502, "api_error", message)
+
+
+class LocalAnswer(Exception):
+    """A complete JSON answer from ccgate's own tables, given without asking the upstream."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
 
 
 def register(adapter: Adapter) -> None:
@@ -132,10 +166,12 @@ def register(adapter: Adapter) -> None:
 
 
 def adapter_for(kind: str) -> Adapter:
+    if kind not in _ADAPTERS and kind in _LAZY:
+        importlib.import_module(f"{__name__}.{kind}")
     try:
         return _ADAPTERS[kind]
     except KeyError:
-        known = ", ".join(sorted(_ADAPTERS))
+        known = ", ".join(sorted({*_ADAPTERS, *_LAZY}))
         raise UnknownProviderKind(
             f"ccgate cannot send to a provider of kind {kind!r}; it knows {known}."
         ) from None
