@@ -121,7 +121,7 @@ def build(
     """
     import uvicorn
 
-    from ccgate.gateway import _http
+    from ccgate.gateway import _http, _upstream
     from ccgate.gateway.proxy import Gateway, GatewaySettings
 
     gateway = Gateway(
@@ -132,6 +132,7 @@ def build(
         on_finish=on_finish,
         background=background,
         sync_now=sync_now,
+        transport=_upstream.transport(),
     )
     server = uvicorn.Server(
         uvicorn.Config(
