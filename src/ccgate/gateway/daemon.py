@@ -142,6 +142,7 @@ def build(
             access_log=False,
             server_header=False,
             date_header=False,
+            proxy_headers=False,  # loopback only: no proxy in front whose headers to trust
             timeout_graceful_shutdown=graceful_s,
             http=_http.server_protocol(),
             loop=_http.event_loop(),
