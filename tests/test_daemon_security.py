@@ -170,6 +170,25 @@ def test_slowloris_headers_are_cut_but_slow_answers_are_not(slow_server: int) ->
         silent.close()
 
 
+def test_the_deadline_rearms_for_the_next_request_on_a_kept_alive_connection(
+    slow_server: int,
+) -> None:
+    with socket.create_connection(("127.0.0.1", slow_server)) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.settimeout(10)
+        answer = b""
+        while not answer.endswith(b"hello"):
+            answer += conn.recv(4096)
+        # The 1.5 s answer outlived the 1 s deadline: it was not cut. Now dribble the next one.
+        for byte in b"GET / HTTP/1.1\r\n":
+            try:
+                conn.send(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+        assert _closed_by_peer(conn, within=5)
+
+
 def test_oversized_headers_are_refused_and_the_connection_closed(slow_server: int) -> None:
     with socket.create_connection(("127.0.0.1", slow_server)) as conn:
         conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nx-big: " + b"a" * (MAX_HEADER_BYTES + 1))
