@@ -10,7 +10,9 @@ It does what the relay needs and no more: HTTP/1.1 with keep-alive, TLS with htt
 certificate defaults (certifi, ``SSL_CERT_FILE``/``SSL_CERT_DIR``), httpx's connect, read,
 write and pool timeouts, and httpx's exceptions, so ``Relay`` cannot tell it from httpx's
 transport. With a proxy configured in the environment (``HTTPS_PROXY`` and friends)
-``transport()`` returns None and httpx's own transport is used, proxy support and all.
+``transport()`` returns None and httpx's own transport is used, proxy support and all. Unlike
+httpx's pool it caps only the idle connections it keeps (20 per host), not the open ones: there
+is one per request in flight, and the daemon's clients are one developer's Claude Code.
 """
 
 from __future__ import annotations
