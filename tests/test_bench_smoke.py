@@ -255,10 +255,13 @@ def test_profile_summary_sets_idle_waits_apart(tmp_path: Path) -> None:
             f"run ({source}:2) 7",  # waiting: the line is a queue.get(
             "main (/x/app.py:1);send (/usr/lib/python3.11/asyncio/selector_events.py:9) 3",
             "main (/x/app.py:1);parse (/site-packages/h11/_readers.py:5) 1",
+            # uvloop's loop is C: its I/O and its idle wait both end in Runner.run.
+            "main (/x/app.py:1);Runner.run (/usr/lib/python3.11/asyncio/runners.py:118) 5",
         ]
     )
     summary = _summarise(collapsed)
     assert summary["waiting_samples"] == 7
+    assert summary["uvloop_samples"] == 5
     assert summary["samples"] == 4
     assert dict(summary["components"]) == {
         "asyncio (loop, sockets)": 75.0,

@@ -21,7 +21,13 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from ccgate.gateway._http import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
+from ccgate.gateway._http import (
+    HEADER_TIMEOUT_S,
+    MAX_HEADER_BYTES,
+    HeaderDeadlineProtocol,
+    HttpToolsDeadlineProtocol,
+    server_protocol,
+)
 from ccgate.gateway.governor import Governor
 from ccgate.policy.bundle import BundleError, BundleStore, RollbackError, SigningKey
 from ccgate.store.ledger import Ledger
@@ -103,8 +109,17 @@ class _FastDeadline(HeaderDeadlineProtocol):
     header_timeout_s = 1.0
 
 
-@pytest.fixture
-def slow_server() -> Iterator[int]:
+class _FastDeadlineHttpTools(HttpToolsDeadlineProtocol):
+    header_timeout_s = 1.0
+
+
+def test_the_daemon_serves_with_httptools_where_it_is_installed() -> None:
+    # httptools is a dependency; the h11 protocol is only the fallback without it.
+    assert server_protocol() is HttpToolsDeadlineProtocol
+
+
+@pytest.fixture(params=[_FastDeadline, _FastDeadlineHttpTools], ids=["h11", "httptools"])
+def slow_server(request: pytest.FixtureRequest) -> Iterator[int]:
     async def hello(_request: Request) -> PlainTextResponse:
         await asyncio.sleep(1.5)  # a slow answer (a thinking pause) must not be cut
         return PlainTextResponse("hello")
@@ -113,7 +128,7 @@ def slow_server() -> Iterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
-    config = uvicorn.Config(app, log_config=None, http=_FastDeadline, lifespan="off")
+    config = uvicorn.Config(app, log_config=None, http=request.param, lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: server.run(sockets=[sock]), daemon=True)
     thread.start()
@@ -153,6 +168,40 @@ def test_slowloris_headers_are_cut_but_slow_answers_are_not(slow_server: int) ->
     finally:
         dribbler.close()
         silent.close()
+
+
+def test_the_deadline_rearms_for_the_next_request_on_a_kept_alive_connection(
+    slow_server: int,
+) -> None:
+    with socket.create_connection(("127.0.0.1", slow_server)) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.settimeout(10)
+        answer = b""
+        while not answer.endswith(b"hello"):
+            answer += conn.recv(4096)
+        # The 1.5 s answer outlived the 1 s deadline: it was not cut. Now dribble the next one.
+        for byte in b"GET / HTTP/1.1\r\n":
+            try:
+                conn.send(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+        assert _closed_by_peer(conn, within=5)
+
+
+def test_oversized_headers_are_refused_and_the_connection_closed(slow_server: int) -> None:
+    with socket.create_connection(("127.0.0.1", slow_server)) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nx-big: " + b"a" * (MAX_HEADER_BYTES + 1))
+        conn.settimeout(5)
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+    assert answer.split(b"\r\n", 1)[0] in (
+        b"HTTP/1.1 431 Request Header Fields Too Large",  # httptools
+        b"HTTP/1.1 400 Bad Request",  # h11: its incomplete-event limit
+    )
+    # A request with ordinary headers on a new connection is still served.
+    assert httpx.get(f"http://127.0.0.1:{slow_server}/", timeout=10).text == "hello"
 
 
 @pytest.mark.anyio

@@ -217,6 +217,45 @@ def test_content_and_ping_events_are_not_json_decoded(monkeypatch: pytest.Monkey
     assert [real_loads(d)["type"] for d in decoded] == ["message_start", "message_delta"]
 
 
+def test_whole_events_in_one_chunk_skip_the_line_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccgate.accounting import metering
+
+    lines: list[bytes] = []
+    real_line = metering._SseParser._line
+
+    def counting_line(self: metering._SseParser, line: bytes) -> None:
+        lines.append(line)
+        real_line(self, line)
+
+    monkeypatch.setattr(metering._SseParser, "_line", counting_line)
+    framed = STREAM.replace(b": keep-alive comment\n\n", b"")
+    assert meter([framed]) == EXPECTED  # every event framed as Anthropic does: no line parsing
+    assert lines == []
+    assert meter([STREAM]) == EXPECTED
+    # Anthropic's framing takes the fast path; only the stream's comment block does not.
+    assert lines == [b": keep-alive comment"]
+    lines.clear()
+    # Another odd block (an id, two data lines) goes through the line parser too.
+    odd = b"id: 9\nevent: ping\ndata: {}\ndata: {}\n\n"
+    assert meter([STREAM.replace(PING, PING + odd)]) == EXPECTED
+    assert sorted(lines) == sorted(
+        [b": keep-alive comment", b"id: 9", b"event: ping", b"data: {}", b"data: {}"]
+    )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_any_chunking_gives_what_one_chunk_gives(seed: int) -> None:
+    # The fast path (whole events) and the line parser (partial ones) interleave as chunks
+    # fall; wherever they fall the result is the same.
+    rng = random.Random(seed)
+    odd = b": c\n\nevent: content_block_delta\ndata:{}\n\n\n\nevent: ping\n\n"
+    data = STREAM.replace(PING, PING + odd)
+    whole = meter([data])
+    cuts = sorted(rng.sample(range(1, len(data)), 6))
+    parts = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    assert meter(parts) == whole == replace(EXPECTED, stream_deltas=EXPECTED.stream_deltas + 1)
+
+
 def test_event_without_blank_line_at_end_is_not_dispatched() -> None:
     result = meter([stream(*EVENTS[:-1]), b'event: message_stop\ndata: {"type":"message_stop"}'])
     assert result.complete is False

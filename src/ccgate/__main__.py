@@ -4,11 +4,16 @@
 (``<python> -m ccgate statusline``). Claude Code runs them often, so they are dispatched here
 before the Typer CLI (and everything it imports) is loaded; ``ccgate statusline`` through the
 full CLI does the same thing, only slower.
+
+``daemon`` (what ``ccgate up`` starts) is dispatched here too, so the long-running process never
+loads Typer and Rich: they are a third of its resident memory. Only the options ``ccgate daemon``
+documents are understood; anything else (``--help``, a typo) goes to the full CLI to explain.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 
 def _fast(argv: list[str]) -> int | None:
@@ -28,7 +33,78 @@ def _fast(argv: list[str]) -> int | None:
 
         statusline.session_start(sys.stdin.read())
         return 0
+    if argv[:1] == ["daemon"]:
+        options = _daemon_options(argv[1:])
+        if options is not None:
+            return _daemon(options)
     return None
+
+
+@dataclass
+class _DaemonArgs:
+    port: int | None = None
+    upstream: str | None = None
+    log_content: bool | None = None
+    passthrough: bool | None = None
+    log_level: str = "info"
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _daemon_options(args: list[str]) -> _DaemonArgs | None:
+    """``ccgate daemon``'s options, or None for anything the full CLI should parse."""
+    options = _DaemonArgs()
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("--log-content", "--no-log-content"):
+            options.log_content = arg == "--log-content"
+            continue
+        if arg in ("--passthrough", "--no-passthrough"):
+            options.passthrough = arg == "--passthrough"
+            continue
+        name, eq, value = arg.partition("=")
+        if name not in ("--port", "-p", "--upstream", "--log-level"):
+            return None
+        if not eq:
+            if not rest:
+                return None
+            value = rest.pop(0)
+        if name == "--upstream":
+            options.upstream = value
+        elif name == "--log-level" and value.lower() in _LOG_LEVELS:
+            options.log_level = value.lower()
+        elif name in ("--port", "-p") and value.isdigit():
+            options.port = int(value)
+        else:
+            return None
+    return options
+
+
+def _daemon(options: _DaemonArgs) -> int:
+    # httpx's package imports its command-line client (click, rich, pygments: ~6 MB) whenever
+    # they are installed, and skips it on an ImportError; the daemon never runs it.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+    from ccgate import paths as paths_mod
+    from ccgate.errors import CcgateError
+    from ccgate.gateway import daemon
+    from ccgate.machine import config as config_mod
+
+    try:
+        paths = paths_mod.resolve()
+        config = config_mod.resolve(
+            paths,
+            port=options.port,
+            upstream_url=options.upstream,
+            log_content=options.log_content,
+            passthrough=options.passthrough,
+        )
+        daemon.serve(paths=paths, config=config, log_level=options.log_level)
+    except CcgateError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return int(exc.exit_code)
+    return 0
 
 
 def main() -> None:

@@ -22,11 +22,13 @@ Any other content type (a non-streaming message, an error body) is collected up 
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import brotli
 import zstandard
@@ -387,6 +389,18 @@ _MAX_PENDING = 16 * 1024 * 1024
 """Longest line or event data the parser holds; an event that outgrows it is dropped."""
 
 
+_FRAMED: Final = re.compile(rb"(?:event: [^\n]+\ndata: [^\n]*\n\n)*")
+"""Whole events as Anthropic frames them: an event line and one data line each."""
+
+
+@functools.cache
+def _kept_events(keep: frozenset[bytes]) -> re.Pattern[bytes]:
+    # Searched in LF + the chunk: in a chunk _FRAMED matched, every line starting "event: "
+    # opens an event, and a literal prefix lets the search skip ahead in C.
+    names = b"|".join(re.escape(name) for name in sorted(keep))
+    return re.compile(rb"\nevent: (" + names + rb")\ndata: ([^\n]*)\n")
+
+
 class _SseParser:
     """Incremental text/event-stream parser (WHATWG HTML, "server-sent events"), on bytes.
 
@@ -429,6 +443,19 @@ class _SseParser:
     def feed(self, chunk: bytes) -> None:
         if not chunk:
             return
+        if self._first_line and not self._pending and not chunk.startswith(_BOM[:1]):
+            self._first_line = False  # the stream opens without a byte-order mark to strip
+        if not (
+            self._pending
+            or self._skip_lf
+            or self._first_line
+            or self._overflow
+            or self._has_data
+            or self._event
+        ):
+            chunk = self._whole_events(chunk)
+            if not chunk:
+                return
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -451,6 +478,49 @@ class _SseParser:
         for line in lines:
             self._line(line)
         self._hold(tail)
+
+    def _whole_events(self, chunk: bytes) -> bytes:
+        """The fast path, for a chunk that starts at an event boundary; returns what is left.
+
+        Anthropic frames every event as ``event: NAME`` and one ``data: JSON`` line, LF-ended.
+        When every whole event in the chunk is framed so (one regular-expression match, in C),
+        content_block_delta events are counted with ``bytes.count`` and only the events in
+        ``keep`` are picked out; no Python runs per event. Otherwise the chunk is read block by
+        block, and a block framed any other way (a comment, an id, several data lines, no event
+        line) goes through the line parser, which gives it exactly the meaning it would have had.
+        CRs take the line parser too.
+        """
+        end = chunk.rfind(b"\n\n")
+        if end < 0 or b"\r" in chunk:
+            return chunk
+        whole = chunk[: end + 2]
+        if _FRAMED.fullmatch(whole):
+            whole = b"\n" + whole
+            self.deltas += whole.count(b"\nevent: content_block_delta\n")
+            for match in _kept_events(self._keep).finditer(whole):
+                event, data = match.groups()
+                if len(data) <= _MAX_PENDING:
+                    self._on_event(event, data)
+            return chunk[end + 2 :]
+        keep = self._keep
+        for block in chunk[:end].split(b"\n\n"):
+            head, _, data = block.partition(b"\n")
+            if (
+                head.startswith(b"event: ")
+                and data.startswith(b"data: ")
+                and b"\n" not in data
+                and head != b"event: "
+            ):
+                event = head[7:]
+                if event == b"content_block_delta":
+                    self.deltas += 1
+                elif event in keep and len(data) - 6 <= _MAX_PENDING:
+                    self._on_event(event, data[6:])
+                continue
+            for line in block.split(b"\n"):
+                self._line(line)
+            self._dispatch()
+        return chunk[end + 2 :]
 
     def _hold(self, part: bytes) -> None:
         if not part or self._overflow:

@@ -145,8 +145,7 @@ def build(
     """
     import uvicorn
 
-    from ccgate.gateway import telemetry
-    from ccgate.gateway._http import HeaderDeadlineProtocol
+    from ccgate.gateway import _http, _upstream, telemetry
     from ccgate.gateway.proxy import Gateway, GatewaySettings
 
     gateway = Gateway(
@@ -158,6 +157,7 @@ def build(
         background=background,
         sync_now=sync_now,
         telemetry=telemetry.start(policy, os.environ),
+        transport=_upstream.transport(),
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -167,8 +167,10 @@ def build(
             access_log=False,
             server_header=False,
             date_header=False,
+            proxy_headers=False,  # loopback only: no proxy in front whose headers to trust
             timeout_graceful_shutdown=graceful_s,
-            http=HeaderDeadlineProtocol,
+            http=_http.server_protocol(),
+            loop=_http.event_loop(),
             timeout_keep_alive=5,  # idle kept-alive connections close after 5 s
         )
     )
@@ -179,7 +181,6 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     """Run the gateway in this process until SIGINT or SIGTERM."""
     from ccgate.accounting import pricing
     from ccgate.accounting.repricing import reprice_ledger
-    from ccgate.gateway.governor import Governor
     from ccgate.gateway.policy import LocalPolicy
     from ccgate.gateway.routing import Timeouts
     from ccgate.store.ledger import Ledger
@@ -213,6 +214,9 @@ def serve(*, paths: Paths, config: Config, log_level: str = "info") -> None:
     prices, origin = pricing.installed(paths.prices_file)
     log.info("price table %s from %s", prices.version, origin)
     if profile is not None:
+        # Only here: the governor brings the bundle's crypto and the server client (~10 MB).
+        from ccgate.gateway.governor import Governor
+
         governor = Governor.from_profile(
             paths=paths, profile=profile, ledger=ledger, passthrough_upstream=config.upstream_url
         )

@@ -1,0 +1,367 @@
+"""The daemon's upstream HTTP/1.1 client: an httpx transport on httptools (llhttp, in C).
+
+httpx's own transport parses with httpcore and h11, in pure Python, and yields one chunk per
+HTTP chunk: an answer of 225 SSE events became 225 ``send`` calls to the client even when they
+had all arrived in one socket read. Here an asyncio protocol feeds each read to llhttp and the
+body comes out one piece per read: everything that arrived together is relayed together, and
+nothing is ever held back waiting for more (docs/benchmarks.md, "coalescing").
+
+It does what the relay needs and no more: HTTP/1.1 with keep-alive, TLS with httpx's
+certificate defaults (certifi, ``SSL_CERT_FILE``/``SSL_CERT_DIR``), httpx's connect, read,
+write and pool timeouts, and httpx's exceptions, so ``Relay`` cannot tell it from httpx's
+transport. With a proxy configured in the environment (``HTTPS_PROXY`` and friends)
+``transport()`` returns None and httpx's own transport is used, proxy support and all. Unlike
+httpx's pool it caps only the idle connections it keeps (20 per host), not the open ones: there
+is one per request in flight, and the daemon's clients are one developer's Claude Code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any, Final, cast
+
+import httpx
+
+try:
+    import httptools
+except ImportError:  # pragma: no cover - httptools is a dependency
+    httptools = None  # type: ignore[assignment]
+
+_PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy")
+# Reading pauses while this much of an answer waits for the client, so a slow client does not
+# make the daemon hold a whole answer in memory.
+_HIGH_WATER: Final = 256 * 1024
+MAX_IDLE_PER_HOST: Final = 20
+
+
+def transport() -> httpx.AsyncBaseTransport | None:
+    """This transport, or None (httpx's own) without httptools or with a proxy configured."""
+    if httptools is None:
+        return None
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARIABLES):
+        return None
+    return HttpToolsTransport()
+
+
+class HttpToolsTransport(httpx.AsyncBaseTransport):
+    def __init__(self, *, max_idle_per_host: int = MAX_IDLE_PER_HOST) -> None:
+        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._max_idle = max_idle_per_host
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        url = request.url
+        scheme = url.scheme
+        if scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"cannot send to a {scheme!r} URL", request=request)
+        port = url.port or (443 if scheme == "https" else 80)
+        key = (scheme, url.host, port)
+        body = await request.aread()
+        head = _request_head(request, body)
+        conn = self._take_idle(key)
+        if conn is None:
+            conn = await self._connect(key, request, timeouts.get("connect"))
+        try:
+            await conn.send(
+                head, body, timeouts.get("write"), request, head_only=request.method == "HEAD"
+            )
+            status, headers, reason = await conn.response_head(timeouts.get("read"), request)
+        except BaseException:
+            conn.close()
+            raise
+        return httpx.Response(
+            status,
+            headers=headers,
+            stream=_Body(self, key, conn, timeouts, request),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.reusable():
+                return conn
+            conn.close()
+        return None
+
+    def _give_back(self, key: tuple[str, str, int], conn: _Connection) -> None:
+        idle = self._idle.setdefault(key, deque())
+        if self._closed or not conn.reusable() or len(idle) >= self._max_idle:
+            conn.close()
+        else:
+            idle.append(conn)
+
+    async def _connect(
+        self, key: tuple[str, str, int], request: httpx.Request, timeout: float | None
+    ) -> _Connection:
+        scheme, host, port = key
+        context: ssl.SSLContext | None = None
+        if scheme == "https":
+            if self._ssl is None:
+                self._ssl = httpx.create_ssl_context()
+                self._ssl.set_alpn_protocols(["http/1.1"])
+            context = self._ssl
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    _Connection, host, port, ssl=context, server_hostname=host if context else None
+                )
+        except TimeoutError:
+            message = f"connecting to {host}:{port} timed out"
+            raise httpx.ConnectTimeout(message, request=request) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        return conn
+
+
+def _request_head(request: httpx.Request, body: bytes) -> bytes:
+    target = request.url.raw_path  # path and query, as httpx encoded them
+    lines = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in request.headers.raw:
+        lines += [name, b": ", value, b"\r\n"]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; a response at a time, its body pieces queued per read."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._parser: Any = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._lost = False
+        self._error: str | None = None
+        self._reading_paused = False
+        # Per response.
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_done = False
+        self._head_only = False
+        self._pieces: list[bytes] = []
+        self._buffered = 0
+        self._complete = False
+        self._until_close = False
+        self._keep_alive = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is None or self._complete:
+            self._error = "the upstream sent data with no request outstanding"
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._error = "the upstream switched protocols"
+        except httptools.HttpParserError as exc:
+            self._error = f"the upstream's answer is not valid HTTP/1.1 ({exc})"
+        if self._error is not None:
+            self.close()
+        elif self._buffered > _HIGH_WATER and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._until_close and self._head_done and not self._complete:
+            self._complete = True  # a body delimited by the connection closing
+        self._wake()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- llhttp callbacks ------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        self._head_done = True
+        self._keep_alive = self._parser.should_keep_alive()
+        if 100 <= self._status < 200:  # an interim answer (103 Early Hints): wait for the real one
+            self._head_done = False
+            self._headers = []
+            return
+        has_length = any(
+            name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self._headers
+        )
+        no_body = self._head_only or self._status in (204, 304)
+        self._until_close = not has_length and not no_body
+        if no_body:
+            self._complete = True
+
+    def on_body(self, body: bytes) -> None:
+        self._pieces.append(body)
+        self._buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self._head_done:  # not the end of an interim (1xx) answer
+            self._complete = True
+
+    # -- what the transport calls ----------------------------------------------------------
+
+    def reusable(self) -> bool:
+        transport = self._transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and not self._lost
+            and self._error is None
+            and self._complete
+            and self._keep_alive
+            and not self._until_close
+            and not self._pieces
+        )
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    async def send(
+        self,
+        head: bytes,
+        body: bytes,
+        timeout: float | None,
+        request: httpx.Request,
+        *,
+        head_only: bool,
+    ) -> None:
+        assert self._transport is not None
+        self._head_only = head_only
+        self._parser = httptools.HttpResponseParser(self)
+        self._status, self._headers, self._head_done = 0, [], False
+        self._pieces, self._buffered, self._complete = [], 0, False
+        self._until_close = self._keep_alive = False
+        if len(body) < 64 * 1024:
+            self._transport.write(head + body)
+        else:
+            self._transport.writelines((head, body))
+        if self._write_paused and not self._lost:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drained
+            except TimeoutError:
+                raise httpx.WriteTimeout("sending the request timed out", request=request) from None
+        if self._lost and not self._head_done:
+            self._raise_lost(request, "while the request was being sent")
+
+    async def response_head(
+        self, timeout: float | None, request: httpx.Request
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._head_done:
+                    self._check(request, "without sending a response")
+                    await self._wait()
+        except TimeoutError:
+            message = "the upstream did not answer in time"
+            raise httpx.ReadTimeout(message, request=request) from None
+        return self._status, self._headers, b""
+
+    async def body(self, timeout: float | None, request: httpx.Request) -> AsyncIterator[bytes]:
+        while True:
+            if self._pieces:
+                pieces, self._pieces, self._buffered = self._pieces, [], 0
+                if self._reading_paused and self._transport is not None:
+                    self._reading_paused = False
+                    self._transport.resume_reading()
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                continue
+            if self._complete:
+                return
+            self._check(request, "before the answer was complete")
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wait()
+            except TimeoutError:
+                raise httpx.ReadTimeout("reading the answer timed out", request=request) from None
+
+    def _check(self, request: httpx.Request, when: str) -> None:
+        if self._error is not None:
+            raise httpx.RemoteProtocolError(self._error, request=request)
+        if self._lost:
+            self._raise_lost(request, when)
+
+    def _raise_lost(self, request: httpx.Request, when: str) -> None:
+        message = f"the upstream closed the connection {when}"
+        raise httpx.RemoteProtocolError(message, request=request)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Body(httpx.AsyncByteStream):
+    """The response body; the connection goes back to the pool once it was read to the end."""
+
+    def __init__(
+        self,
+        pool: HttpToolsTransport,
+        key: tuple[str, str, int],
+        conn: _Connection,
+        timeouts: dict[str, float | None],
+        request: httpx.Request,
+    ) -> None:
+        self._pool, self._key, self._conn = pool, key, conn
+        # Read when the body starts, as httpcore does: the relay switches the read timeout
+        # from the first-byte limit to the idle limit once the headers are in.
+        self._timeouts, self._request = timeouts, request
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self._conn.body(self._timeouts.get("read"), self._request):
+            yield piece
+        self._done = True
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None  # type: ignore[assignment]
+        if conn is None:
+            return
+        if self._done:
+            self._pool._give_back(self._key, conn)
+        else:
+            conn.close()  # abandoned mid-answer: the rest of it must not reach the next request
