@@ -1182,13 +1182,15 @@ class Ledger:
                 "last": _bucket(end - rollup.width, rollup),
             }
             bucket = f"strftime('{rollup.fmt}', started_at, 'unixepoch')"
-            low = _usage_sql(key, f"AND started_at < :edge AND {bucket} < :first")
-            high = _usage_sql(key, f"AND started_at > :edge AND {bucket} > :last")
+            # The ends as narrower since/until (SQLite bounds its index range by those), the
+            # bucket test for exactness.
+            low = _usage_sql(key, f"AND {bucket} < :first")
+            high = _usage_sql(key, f"AND {bucket} > :last")
             rows = _merge_usage(
                 [
                     self._query(_rollup_sql(rollup, rollup.keys[group_by]), edges),
-                    self._query(low, {**params, **edges, "edge": first + 1}),
-                    self._query(high, {**params, **edges, "edge": end - 1}),
+                    self._query(low, {**params, **edges, "until": first + 1}),
+                    self._query(high, {**params, **edges, "since": end - 1}),
                 ]
             )
         if group_by is None and not rows:
