@@ -24,7 +24,6 @@ Design:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -38,11 +37,14 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ccgate._files import private_dir
 from ccgate.errors import ConfigError
 from ccgate.wire import INTERRUPTED_BY_RESTART
+
+if TYPE_CHECKING:
+    import asyncio  # only the daemon awaits commits; `ccgate usage` should not pay 20 ms for it
 
 logger = logging.getLogger("ccgate.ledger")
 
@@ -964,6 +966,8 @@ class Ledger:
 
         Raises ``LedgerWriteError`` as soon as a commit attempt fails; the records stay queued
         and the writer keeps retrying them."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._queue().put(_LoopWaiter(loop, future))
