@@ -335,21 +335,21 @@ class SyncResult:
 async def _sync_across(
     servers: Sequence[_Running], token: str, *, daemons: int, concurrency: int
 ) -> tuple[float, float | None]:
-    limits = httpx.Limits(
-        max_connections=concurrency, max_keepalive_connections=64, keepalive_expiry=2.0
-    )
+    # One connection per client, one client per in-flight daemon and server: httpcore's pool
+    # scans every connection it holds for each request, and with 64 in one pool that scan cost
+    # the bench client more CPU than the server spent on the syncs (the client was the limit).
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0)
 
     def client(base: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=base, timeout=120, limits=limits)
 
-    async with client(servers[0].base) as http:
+    async with httpx.AsyncClient(base_url=servers[0].base, timeout=120) as http:
         fleet = await _setup(http, token, daemons)
     RETRIES[0] = 0
-    clients = [client(s.base) for s in servers]
+    clients = [[client(s.base) for s in servers] for _ in range(concurrency)]
     try:
 
-        async def sync(index: int, device: _Device) -> None:
-            http = clients[index % len(clients)]  # a load balancer's round robin
+        async def sync(http: httpx.AsyncClient, device: _Device) -> None:
             batch = [_record() for _ in range(5)]
             pushed = await _retrying(
                 http.post, "/v1/usage", headers=device.headers, json={"records": batch}
@@ -360,13 +360,22 @@ async def _sync_across(
             )
             assert polled.status_code == 304, polled.status_code
 
-        jobs = [functools.partial(sync, i, d) for i, d in enumerate(fleet)]
+        queue = list(reversed(list(enumerate(fleet))))
+
+        async def worker(own: list[httpx.AsyncClient]) -> None:
+            while queue:
+                index, device = queue.pop()
+                await sync(own[index % len(own)], device)  # a load balancer's round robin
+
         before = [_cpu_seconds(s.pid) for s in servers]
-        wall = await _bounded(jobs, concurrency)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(own) for own in clients))
+        wall = time.perf_counter() - start
         after = [_cpu_seconds(s.pid) for s in servers]
     finally:
-        for http in clients:
-            await http.aclose()
+        for own in clients:
+            for http in own:
+                await http.aclose()
     used = 0.0
     for a, b in zip(after, before, strict=True):
         if a is None or b is None:
