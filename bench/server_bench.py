@@ -447,10 +447,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--polls", type=int, default=10_000)
-    parser.add_argument("--daemons", type=int, default=10_000)
+    parser.add_argument("--daemons", type=int, help="default 10,000 (2,000 with --sync-rate)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--sync-rate",
+        action="store_true",
+        help="only what scripts/bench's server phase measures: syncs/s of one process on "
+        "SQLite, then of --replicas processes on one PostgreSQL (where there is one); "
+        "--daemons defaults to 2,000 here, as in the suite",
+    )
+    parser.add_argument("--replicas", default="1,2,4", help="with --sync-rate (comma-separated)")
     args = parser.parse_args(argv)
+    if args.sync_rate:
+        return _sync_rate_main(args)
+    args.daemons = args.daemons or 10_000
     results = []
     if not args.skip_sqlite:
         results.append(_run_one("SQLite", lambda home: db.sqlite_url(home / "bench.db"), args))
@@ -458,6 +469,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _postgres_database(args.postgres_url) as url:
             results.append(_run_one("PostgreSQL", lambda _home: url, args))
     print(_table(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+def _sync_rate_main(args: argparse.Namespace) -> int:
+    from bench import pg
+
+    daemons = args.daemons or 2_000
+    replicas = [int(r) for r in args.replicas.split(",") if r.strip()]
+    results = [] if args.skip_sqlite else [sync_rate("SQLite", "", replicas=1, daemons=daemons)]
+    if replicas and pg.available():
+        with pg.cluster() as admin:
+            for count in replicas:
+                with pg.database(admin) as url:
+                    results.append(sync_rate("PostgreSQL", url, replicas=count, daemons=daemons))
+    elif replicas:
+        print("no PostgreSQL: only SQLite measured", file=sys.stderr)
+    print("| database | processes | daemons | syncs/s | server CPU ms / sync |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        cpu = "-" if r.server_cpu_ms_per_sync is None else f"{r.server_cpu_ms_per_sync:.2f}"
+        print(f"| {r.database} | {r.replicas} | {r.daemons:,} | {r.syncs_per_s:,.0f} | {cpu} |")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     return 0

@@ -64,10 +64,10 @@ def _lean_coercion() -> None:
             and type(value) is str
             and descriptor.parameter_info.parser is None
         )
-        if not (single and known and descriptor.file_annotation is None):
-            return process(self, ctx, value)
-        if self.required and self.value_is_missing(value):
-            raise typer.core._click.exceptions.MissingParameter(ctx=ctx, param=self)
+        if not (single and known and descriptor.file_annotation is None) or (
+            self.required and self.value_is_missing(value)
+        ):
+            return process(self, ctx, value)  # Typer's own path (and its MissingParameter)
         return value if self.callback is None else self.callback(ctx, self, value)
 
     parameter.process_value = process_value
