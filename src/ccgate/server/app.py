@@ -332,13 +332,18 @@ def _poll_bundle(
     current and the device approved with this token (one query), else the device check and the
     full path."""
     now = ctx.clock()
-    key = devices.authenticate_key(ctx.engine, token, now=now)  # revoked or expired: 401 here
-    if device_id and device_token:
-        hit = ctx.bundler.cached(
-            key_id=key.id, device_id=device_id, device_token=device_token, now=now
-        )
-        if hit is not None:
-            return hit
+    with db.session(ctx.engine) as session:  # one connection for both reads
+        key = devices.key_in(session, token, now=now)  # revoked or expired: 401 here
+        if device_id and device_token:
+            hit = ctx.bundler.cached(
+                key_id=key.id,
+                device_id=device_id,
+                device_token=device_token,
+                now=now,
+                connection=session.connection(),
+            )
+            if hit is not None:
+                return hit
     # the 400, 401 (device token) and 403 (unknown, pending, revoked device) answers
     device = devices.device_for(ctx.engine, key, device_id, device_token, now=now)
     return ctx.bundler.serve(key, device)
