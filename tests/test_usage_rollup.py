@@ -227,7 +227,7 @@ def test_a_ledger_from_before_the_rollups_is_backfilled(tmp_path: Path) -> None:
     from ccgate.store import ledger as ledger_mod
 
     path = tmp_path / "old.db"
-    old = [m for m in ledger_mod.MIGRATIONS if m.__name__ < "m006"]
+    old = ledger_mod.MIGRATIONS[: ledger_mod.MIGRATIONS.index(ledger_mod.m006_usage_rollups)]
     db = sqlite3.connect(path, isolation_level=None)
     ledger_mod.migrate(db, old)
     rng = random.Random(3)
