@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 from bench.processes import BenchError
 
@@ -156,3 +157,54 @@ def fill_ledger(path: Path, *, rows: int, now: float | None = None) -> None:
         db.close()
     if counted != rows:
         raise BenchError(f"The ledger holds {counted} rows, not {rows}.")
+
+
+# -- standalone: the CLI rows of the suite, optionally against another source tree ---------------
+
+_CASES: Final = (["--help"], ["status"], ["usage"], ["usage", "--json"], ["logs"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.cli_bench``: --help, status, usage, usage --json and logs, each a fresh
+    ``ccgate`` process, median of ``--runs``. ``--base SRC`` runs the same entry point with
+    ``PYTHONPATH=SRC`` (another checkout's ``src``, e.g. ``git archive <commit> src``),
+    alternating run by run with this tree so machine load lands on both alike."""
+    import argparse
+    import os
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m bench.cli_bench", description=main.__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="ledger rows for usage/logs")
+    parser.add_argument("--home", type=Path, help="reuse this CCGATE_HOME (its ledger) for usage")
+    parser.add_argument("--status-home", type=Path, help="CCGATE_HOME for status (a daemon's)")
+    parser.add_argument("--base", type=Path, help="also time this src folder, alternately")
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ccgate-cli-bench-") as tmp:
+        home = args.home or Path(tmp) / "home"
+        if args.home is None:
+            from ccgate import paths as paths_mod
+
+            ledger = paths_mod.resolve({"CCGATE_HOME": str(home)}).ledger_file
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            print(f"filling a {args.rows:,}-row ledger...", file=sys.stderr)
+            fill_ledger(ledger, rows=args.rows)
+        trees: list[tuple[str, dict[str, str]]] = [("this tree", {})]
+        if args.base:
+            trees.insert(0, (str(args.base), {"PYTHONPATH": str(args.base)}))
+        print("| command | " + " | ".join(name for name, _ in trees) + " |")
+        print("| --- |" + " ---: |" * len(trees))
+        for case in _CASES:
+            place = args.status_home if case == ["status"] and args.status_home else home
+            env = {**os.environ, "CCGATE_HOME": str(place), "HOME": tmp}
+            times: dict[str, list[float]] = {name: [] for name, _ in trees}
+            for _ in range(args.runs):
+                for name, extra in trees:
+                    times[name] += wall_times(case, env={**env, **extra}, runs=1, check=False)
+            cells = " | ".join(f"{median_ms(times[name]):.0f} ms" for name, _ in trees)
+            print(f"| `ccgate {' '.join(case)}` | {cells} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -335,21 +335,21 @@ class SyncResult:
 async def _sync_across(
     servers: Sequence[_Running], token: str, *, daemons: int, concurrency: int
 ) -> tuple[float, float | None]:
-    limits = httpx.Limits(
-        max_connections=concurrency, max_keepalive_connections=64, keepalive_expiry=2.0
-    )
+    # One connection per client, one client per in-flight daemon and server: httpcore's pool
+    # scans every connection it holds for each request, and with 64 in one pool that scan cost
+    # the bench client more CPU than the server spent on the syncs (the client was the limit).
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0)
 
     def client(base: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=base, timeout=120, limits=limits)
 
-    async with client(servers[0].base) as http:
+    async with httpx.AsyncClient(base_url=servers[0].base, timeout=120) as http:
         fleet = await _setup(http, token, daemons)
     RETRIES[0] = 0
-    clients = [client(s.base) for s in servers]
+    clients = [[client(s.base) for s in servers] for _ in range(concurrency)]
     try:
 
-        async def sync(index: int, device: _Device) -> None:
-            http = clients[index % len(clients)]  # a load balancer's round robin
+        async def sync(http: httpx.AsyncClient, device: _Device) -> None:
             batch = [_record() for _ in range(5)]
             pushed = await _retrying(
                 http.post, "/v1/usage", headers=device.headers, json={"records": batch}
@@ -360,13 +360,22 @@ async def _sync_across(
             )
             assert polled.status_code == 304, polled.status_code
 
-        jobs = [functools.partial(sync, i, d) for i, d in enumerate(fleet)]
+        queue = list(reversed(list(enumerate(fleet))))
+
+        async def worker(own: list[httpx.AsyncClient]) -> None:
+            while queue:
+                index, device = queue.pop()
+                await sync(own[index % len(own)], device)  # a load balancer's round robin
+
         before = [_cpu_seconds(s.pid) for s in servers]
-        wall = await _bounded(jobs, concurrency)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(own) for own in clients))
+        wall = time.perf_counter() - start
         after = [_cpu_seconds(s.pid) for s in servers]
     finally:
-        for http in clients:
-            await http.aclose()
+        for own in clients:
+            for http in own:
+                await http.aclose()
     used = 0.0
     for a, b in zip(after, before, strict=True):
         if a is None or b is None:
@@ -438,10 +447,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--polls", type=int, default=10_000)
-    parser.add_argument("--daemons", type=int, default=10_000)
+    parser.add_argument("--daemons", type=int, help="default 10,000 (2,000 with --sync-rate)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--sync-rate",
+        action="store_true",
+        help="only what scripts/bench's server phase measures: syncs/s of one process on "
+        "SQLite, then of --replicas processes on one PostgreSQL (where there is one); "
+        "--daemons defaults to 2,000 here, as in the suite",
+    )
+    parser.add_argument("--replicas", default="1,2,4", help="with --sync-rate (comma-separated)")
     args = parser.parse_args(argv)
+    if args.sync_rate:
+        return _sync_rate_main(args)
+    args.daemons = args.daemons or 10_000
     results = []
     if not args.skip_sqlite:
         results.append(_run_one("SQLite", lambda home: db.sqlite_url(home / "bench.db"), args))
@@ -449,6 +469,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _postgres_database(args.postgres_url) as url:
             results.append(_run_one("PostgreSQL", lambda _home: url, args))
     print(_table(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+def _sync_rate_main(args: argparse.Namespace) -> int:
+    from bench import pg
+
+    daemons = args.daemons or 2_000
+    replicas = [int(r) for r in args.replicas.split(",") if r.strip()]
+    results = [] if args.skip_sqlite else [sync_rate("SQLite", "", replicas=1, daemons=daemons)]
+    if replicas and pg.available():
+        with pg.cluster() as admin:
+            for count in replicas:
+                with pg.database(admin) as url:
+                    results.append(sync_rate("PostgreSQL", url, replicas=count, daemons=daemons))
+    elif replicas:
+        print("no PostgreSQL: only SQLite measured", file=sys.stderr)
+    print("| database | processes | daemons | syncs/s | server CPU ms / sync |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        cpu = "-" if r.server_cpu_ms_per_sync is None else f"{r.server_cpu_ms_per_sync:.2f}"
+        print(f"| {r.database} | {r.replicas} | {r.daemons:,} | {r.syncs_per_s:,.0f} | {cpu} |")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     return 0

@@ -44,6 +44,38 @@ def _flag_type(self: TyperOption, ctx: Any) -> str | None:
 TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 
+def _lean_coercion() -> None:
+    """Skip building a pydantic validator where its answer is known: an option left unset
+    (None stays None) and a plain ``str`` given as one. Typer builds one per parameter it
+    sees, `--help` and the completion options included, which imports pydantic: a quarter of
+    what `ccgate status` took. Everything else still goes through Typer."""
+    parameter: Any = getattr(typer.core, "_TyperParameter", None)
+    process: Any = getattr(parameter, "process_value", None)
+    if process is None:
+        return  # another Typer: leave it as it is
+
+    def process_value(self: Any, ctx: Any, value: Any) -> Any:
+        descriptor = getattr(self, "type_descriptor", None)
+        if descriptor is None:
+            return process(self, ctx, value)
+        single = not self.multiple and self.nargs == 1
+        known = value is None or (
+            descriptor.annotation is str
+            and type(value) is str
+            and descriptor.parameter_info.parser is None
+        )
+        if not (single and known and descriptor.file_annotation is None) or (
+            self.required and self.value_is_missing(value)
+        ):
+            return process(self, ctx, value)  # Typer's own path (and its MissingParameter)
+        return value if self.callback is None else self.callback(ctx, self, value)
+
+    parameter.process_value = process_value
+
+
+_lean_coercion()
+
+
 app = typer.Typer(
     name="ccgate",
     cls=_Group,

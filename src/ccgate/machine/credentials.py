@@ -25,18 +25,18 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
-
-import keyring
-import keyring.errors
-from keyring.backend import KeyringBackend
-from keyring.backends import chainer, fail, null
+from typing import TYPE_CHECKING, TypeVar
 
 from ccgate import env
 from ccgate._files import atomic_write, private_dir
 from ccgate.errors import CredentialError
 from ccgate.paths import Paths
 from ccgate.wire import CLIENT_KEY_PREFIX
+
+if TYPE_CHECKING:
+    # keyring costs 20 ms to import: loaded when a secret is first read or written, not by every
+    # command that imports this module (`ccgate status`).
+    from keyring.backend import KeyringBackend
 
 DEFAULT_SERVICE = "ccgate"
 _NOTICE_MARKER = "secrets-fallback-noticed"
@@ -60,6 +60,8 @@ def service_name(base: str = DEFAULT_SERVICE, environ: Mapping[str, str] | None 
 
 def is_real_keyring(backend: KeyringBackend) -> bool:
     """Whether ``backend`` keeps secrets better than a 0600 file would."""
+    from keyring.backends import chainer, fail, null
+
     if isinstance(backend, chainer.ChainerBackend):
         # The chainer writes to its first backend, so that one decides.
         chain = list(backend.backends)
@@ -72,6 +74,8 @@ def is_real_keyring(backend: KeyringBackend) -> bool:
 
 def describe_keyring(backend: KeyringBackend) -> str:
     """A short name: "SecretService", "macOS", "Windows WinVaultKeyring"."""
+    from keyring.backends import chainer
+
     if isinstance(backend, chainer.ChainerBackend) and list(backend.backends):
         return describe_keyring(next(iter(backend.backends)))
     cls = type(backend)
@@ -167,6 +171,8 @@ class SecretStore:
 
     def _delete_from_keyring(self, name: str) -> bool:
         def call(ring: KeyringBackend) -> bool:
+            import keyring.errors
+
             try:
                 ring.delete_password(self._service, name)
             except keyring.errors.PasswordDeleteError:
@@ -226,6 +232,8 @@ class SecretStore:
 
 def _detect_keyring() -> KeyringBackend | None:
     try:
+        import keyring
+
         ring = keyring.get_keyring()
         return ring if is_real_keyring(ring) else None
     # A bad PYTHON_KEYRING_BACKEND or a backend whose probe fails must not stop ccgate.

@@ -33,7 +33,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, bindparam, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
@@ -50,6 +50,7 @@ from ccgate.server.db import (
     UsageRow,
     VirtualKey,
 )
+from ccgate.server.devices import touch
 from ccgate.server.errors import InvalidRequestError, NotFoundError
 from ccgate.server.state import SecretBox
 
@@ -448,28 +449,37 @@ def evaluate(
 ) -> int:
     """Write the events due into the outbox; with ``key``, only the rules its usage can move."""
     with db.session(engine) as session:
-        query = select(AlertRule)
-        if key is not None:
-            targets = [key.id, key.team_id, key.customer_id]
-            if key.team_id:
-                team = session.get(Team, key.team_id)
-                targets.append(team.customer_id if team else None)
-            ids = [t for t in targets if t]
-            query = query.where(AlertRule.kind == "budget", col(AlertRule.target_id).in_(ids))
-        fired = sum(_EVALUATORS[r.kind](session, r, settings, now) for r in session.exec(query))
-        session.commit()
+        return evaluate_in(session, settings, now=now, key=key)
+
+
+def evaluate_in(
+    session: Session, settings: AlertSettings, *, now: float, key: VirtualKey | None = None
+) -> int:
+    """``evaluate`` inside the caller's session (it commits what it enqueues)."""
+    if key is None:
+        rules = session.exec(select(AlertRule))
+    else:
+        targets = [key.id, key.team_id, key.customer_id]
+        if key.team_id:
+            team = session.get(Team, key.team_id)
+            targets.append(team.customer_id if team else None)
+        ids = [t for t in targets if t]
+        rules = session.exec(_BUDGET_RULES_OF, params={"ids": ids})
+    fired = sum(_EVALUATORS[r.kind](session, r, settings, now) for r in rules)
+    session.commit()
     return fired
+
+
+_BUDGET_RULES_OF: Final = select(AlertRule).where(
+    AlertRule.kind == "budget", col(AlertRule.target_id).in_(bindparam("ids", expanding=True))
+)
+"""Built once: every usage sync runs it (see ``devices._KEY_BY_HASH``)."""
 
 
 def note_sync(engine: Engine, device_id: str, *, now: float) -> None:
     """Record that a device synced (at most one write a minute per device)."""
     with db.session(engine) as session:
-        session.execute(
-            update(Device)
-            .where(col(Device.id) == device_id)
-            .where((col(Device.last_seen_at).is_(None)) | (col(Device.last_seen_at) < now - 60))
-            .values(last_seen_at=now)
-        )
+        touch(session, device_id, now=now)
         session.commit()
 
 

@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from ccgate import __version__
 from ccgate.errors import CcgateError
 from ccgate.policy.bundle import SigningKey
-from ccgate.server import alerts, devices, leases, reconcile, report, roles, usage
+from ccgate.server import alerts, db, devices, leases, reconcile, report, roles, usage
 from ccgate.server import metrics as server_metrics
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
@@ -144,7 +144,10 @@ def _guarded(handler: Handler) -> Handler:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
+    return _parse_body(await request.body())
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
     if len(body) > MAX_BODY_BYTES:
         raise BadRequestError(f"The request body is over {MAX_BODY_BYTES} bytes.")
     if not body:
@@ -283,11 +286,10 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
 
     @_guarded
     async def post_usage(request: Request) -> Response:
-        key = await key_of(request)
-        device = await device_of(request, key)
-        body = await _json_body(request)
-        result = await _blocking(usage.ingest, ctx.engine, key, device, body, now=ctx.clock())
-        await _blocking(_after_ingest, ctx, key, device)
+        header = request.headers.get(devices.DEVICE_HEADER)
+        token = request.headers.get(devices.TOKEN_HEADER)
+        raw = await request.body()  # read here, parsed only once the caller is known
+        result = await _blocking(_sync_usage, ctx, _bearer(request), header, token, raw)
         ctx.metrics.ingested(result)
         return _json(result)
 
@@ -340,12 +342,25 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
     ]
 
 
-def _after_ingest(ctx: ServerContext, key: VirtualKey, device: Device) -> None:
-    """The device synced; usage may have crossed an alert threshold of the key's levels."""
+def _sync_usage(
+    ctx: ServerContext,
+    token: str | None,
+    device_id: str | None,
+    device_token: str | None,
+    raw: bytes,
+) -> dict[str, Any]:
+    """A usage push in one worker-thread hop and one session: the key, the device, the body,
+    then one transaction for the new records and the device's last sync. Usage may have
+    crossed an alert threshold of the key's levels: those rules are evaluated next."""
     now = ctx.clock()
-    alerts.note_sync(ctx.engine, device.id, now=now)
-    if alerts.evaluate(ctx.engine, ctx.alert_settings, now=now, key=key):
-        ctx.alert_worker.wake()
+    with db.session(ctx.engine) as session:
+        key = devices.key_in(session, token, now=now)  # revoked or expired: 401 here
+        device = devices.device_in(session, key, device_id, device_token, now=now)
+        body = _parse_body(raw)
+        result = usage.ingest_in(session, key, device, body, now=now, touch_device=True)
+        if alerts.evaluate_in(session, ctx.alert_settings, now=now, key=key):
+            ctx.alert_worker.wake()
+    return result
 
 
 def _poll_bundle(
@@ -355,13 +370,18 @@ def _poll_bundle(
     current and the device approved with this token (one query), else the device check and the
     full path."""
     now = ctx.clock()
-    key = devices.authenticate_key(ctx.engine, token, now=now)  # revoked or expired: 401 here
-    if device_id and device_token:
-        hit = ctx.bundler.cached(
-            key_id=key.id, device_id=device_id, device_token=device_token, now=now
-        )
-        if hit is not None:
-            return hit
+    with db.session(ctx.engine) as session:  # one connection for both reads
+        key = devices.key_in(session, token, now=now)  # revoked or expired: 401 here
+        if device_id and device_token:
+            hit = ctx.bundler.cached(
+                key_id=key.id,
+                device_id=device_id,
+                device_token=device_token,
+                now=now,
+                connection=session.connection(),
+            )
+            if hit is not None:
+                return hit
     # the 400, 401 (device token) and 403 (unknown, pending, revoked device) answers
     device = devices.device_for(ctx.engine, key, device_id, device_token, now=now)
     return ctx.bundler.serve(key, device)

@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
-from sqlalchemy import Engine, bindparam, update
+from sqlalchemy import Connection, Engine, bindparam, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -123,7 +123,13 @@ class Bundler:
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
     def cached(
-        self, *, key_id: str, device_id: str, device_token: str, now: float
+        self,
+        *,
+        key_id: str,
+        device_id: str,
+        device_token: str,
+        now: float,
+        connection: Connection | None = None,
     ) -> Served | None:
         """The stored envelope of (key, device) if it can be served as it is, else None.
 
@@ -133,8 +139,12 @@ class Bundler:
         device must exist and belong to the key, which the same statement checks. None only
         means "take the full path" (``serve``): no device, no stored envelope, or a stale one.
         """
-        with self.engine.connect() as conn:
-            row = conn.execute(_CACHED, {"device_id": device_id, "key_id": key_id}).first()
+        params = {"device_id": device_id, "key_id": key_id}
+        if connection is not None:  # the caller's (a poll checks the key on it first)
+            row = connection.execute(_CACHED, params).first()
+        else:
+            with self.engine.connect() as conn:
+                row = conn.execute(_CACHED, params).first()
         if row is None:
             return None
         version, envelope, issued_at, stored_epoch, built_with, epoch, status, token_hash = row

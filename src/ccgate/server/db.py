@@ -13,7 +13,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import URL, BigInteger, Engine, LargeBinary, event, make_url, update
 from sqlalchemy import create_engine as sa_create_engine
@@ -307,6 +307,9 @@ def bump_policy_epoch(session: Session) -> None:
     )
 
 
+_SQLITE_POOL_SIZE: Final = 40
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
@@ -320,8 +323,14 @@ def create_engine(url: str) -> Engine:
         return sa_create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=10)
     if parsed.database and parsed.database != ":memory:":
         _touch_private(Path(parsed.database))
+    # A connection for each of anyio's 40 worker threads: with SQLAlchemy's default (5, plus
+    # 10 overflow opened and closed again) concurrent syncs queued for a connection, and the
+    # wake-ups cost more CPU than the queries (seen with py-spy). SQLite connections are cheap.
     engine = sa_create_engine(
-        url, connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S}
+        url,
+        connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S},
+        pool_size=_SQLITE_POOL_SIZE,
+        max_overflow=0,
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine

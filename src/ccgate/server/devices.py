@@ -6,10 +6,10 @@ import base64
 import binascii
 import hmac
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import Engine, update
-from sqlmodel import Session, select
+from sqlalchemy import Engine, bindparam, update
+from sqlmodel import Session, col, select
 
 from ccgate._format import format_utc
 from ccgate.server import db, validate
@@ -28,14 +28,22 @@ _ASK = "Ask your ccgate admin for a new key, then run `ccgate login` again."
 
 def authenticate_key(engine: Engine, token: str | None, *, now: float) -> VirtualKey:
     """The live key row for ``token``; 401 with the reason (missing, unknown, revoked, expired)."""
+    with db.session(engine) as session:
+        return key_in(session, token, now=now)
+
+
+_KEY_BY_HASH: Final = select(VirtualKey).where(VirtualKey.key_hash == bindparam("key_hash"))
+"""Built once: a sync runs this on every request, and building the statement costs more than
+running it."""
+
+
+def key_in(session: Session, token: str | None, *, now: float) -> VirtualKey:
+    """``authenticate_key`` inside the caller's session (a sync's requests use one)."""
     if not token:
         raise AuthenticationError(
             "Missing virtual key: send `Authorization: Bearer sk-cg-...` (run `ccgate login`)."
         )
-    with db.session(engine) as session:
-        row = session.exec(
-            select(VirtualKey).where(VirtualKey.key_hash == sha256_hex(token))
-        ).first()
+    row = session.exec(_KEY_BY_HASH, params={"key_hash": sha256_hex(token)}).first()
     if row is None:
         raise AuthenticationError(f"This virtual key is not known to the server. {_ASK}")
     if row.revoked_at is not None:
@@ -199,34 +207,42 @@ def device_for(
 ) -> Device:
     """The approved device named by the header, which must belong to ``key`` and present its
     device token: the virtual key alone never gets a bundle, usage or a lease."""
+    with db.session(engine) as session:
+        return device_in(session, key, device_id, token, now=now)
+
+
+def device_in(
+    session: Session, key: VirtualKey, device_id: str | None, token: str | None, *, now: float
+) -> Device:
+    """``device_for`` inside the caller's session; it commits only an audit row or a bound
+    first token, as ``device_for`` does."""
     if not device_id:
         raise BadRequestError(
             f"Missing the {DEVICE_HEADER} header; run `ccgate login` to register this machine."
         )
-    with db.session(engine) as session:
-        device = session.get(Device, device_id)
-        if device is None or device.key_id != key.id:
-            raise PermissionDeniedError(
-                f"Device {device_id} is not registered for the key {key.name!r}; run `ccgate "
-                "login` again to register this machine."
-            )
-        if not token:
-            raise AuthenticationError(
-                f"Missing the {TOKEN_HEADER} header: update ccgate and run `ccgate login` again."
-            )
-        if device.token_hash is None:
-            # Registered before device tokens existed: its first token binds (see m013).
-            device.token_hash = sha256_hex(token)
-            session.add(device)
-            session.add(_audit(now, key.id, "device.token_bound", device.id, {"key": key.name}))
-            session.commit()
-        elif not hmac.compare_digest(sha256_hex(token), device.token_hash):
-            session.add(_audit(now, key.id, "device.token_refused", device.id, {"key": key.name}))
-            session.commit()
-            raise AuthenticationError(
-                f"The device token for {device_id} is wrong: this machine is not that device. "
-                "Run `ccgate login` to enrol it."
-            )
+    device = session.get(Device, device_id)
+    if device is None or device.key_id != key.id:
+        raise PermissionDeniedError(
+            f"Device {device_id} is not registered for the key {key.name!r}; run `ccgate "
+            "login` again to register this machine."
+        )
+    if not token:
+        raise AuthenticationError(
+            f"Missing the {TOKEN_HEADER} header: update ccgate and run `ccgate login` again."
+        )
+    if device.token_hash is None:
+        # Registered before device tokens existed: its first token binds (see m013).
+        device.token_hash = sha256_hex(token)
+        session.add(device)
+        session.add(_audit(now, key.id, "device.token_bound", device.id, {"key": key.name}))
+        session.commit()
+    elif not hmac.compare_digest(sha256_hex(token), device.token_hash):
+        session.add(_audit(now, key.id, "device.token_refused", device.id, {"key": key.name}))
+        session.commit()
+        raise AuthenticationError(
+            f"The device token for {device_id} is wrong: this machine is not that device. "
+            "Run `ccgate login` to enrol it."
+        )
     if device.status == "pending":
         raise PermissionDeniedError(
             f"Device {device.id} waits for approval: {_APPROVE.format(id=device.id)}."
@@ -237,3 +253,17 @@ def device_for(
             "this machine again, then ask your admin to approve it."
         )
     return device
+
+
+def touch(session: Session, device_id: str, *, now: float) -> None:
+    """Record that a device synced, in the caller's transaction (at most one write a minute
+    per device: ``alerts`` reads it for stale-device alerts)."""
+    session.connection().execute(_TOUCH, {"device_id": device_id, "now": now, "due": now - 60})
+
+
+_TOUCH: Final = (
+    update(Device)
+    .where(col(Device.id) == bindparam("device_id"))
+    .where((col(Device.last_seen_at).is_(None)) | (col(Device.last_seen_at) < bindparam("due")))
+    .values(last_seen_at=bindparam("now"))
+)

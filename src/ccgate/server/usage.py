@@ -20,13 +20,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from sqlalchemy import Engine, case, func, or_, update
+from sqlalchemy import Engine, bindparam, case, func, or_, update
 from sqlmodel import Session, col, select
 
 from ccgate.accounting import periods
 from ccgate.server import db
 from ccgate.server.admin import key_levels
 from ccgate.server.db import Customer, Device, Lease, Provider, Team, UsageRow, VirtualKey
+from ccgate.server.devices import touch
 from ccgate.server.errors import InvalidRequestError
 
 MAX_BATCH: Final = 1000
@@ -68,6 +69,21 @@ def ingest(
     engine: Engine, key: VirtualKey, device: Device, body: Mapping[str, Any], *, now: float
 ) -> dict[str, Any]:
     """Store the new records of a batch; reply ``{"accepted", "duplicates", "spent"}``."""
+    with db.session(engine) as session:
+        return ingest_in(session, key, device, body, now=now)
+
+
+def ingest_in(
+    session: Session,
+    key: VirtualKey,
+    device: Device,
+    body: Mapping[str, Any],
+    *,
+    now: float,
+    touch_device: bool = False,
+) -> dict[str, Any]:
+    """``ingest`` inside the caller's session: one transaction stores the batch (and, with
+    ``touch_device``, the device's last sync), then the spend is read back."""
     records = body.get("records", [])
     if not isinstance(records, list):
         raise InvalidRequestError("'records' must be a list of UsageRecord objects.")
@@ -77,16 +93,18 @@ def ingest(
         )
     parsed = [_record(r, index=i) for i, r in enumerate(records)]
     failures = _key_failures(body.get("key_failures", []))
-    accepted = _insert_new(engine, key, device, parsed, now=now) if parsed else 0
+    accepted = _insert_new(session, key, device, parsed, now=now) if parsed else 0
     if failures and key.auth == "provider":  # only these keys' bundles carry provider entries
-        _note_key_failures(engine, failures, now=now)
-    with db.session(engine) as session:
-        spent = spent_for(session, key, now=now)
+        _note_key_failures(session, failures, now=now)
+    if touch_device:
+        touch(session, device.id, now=now)
+    session.commit()
+    spent = spent_for(session, key, now=now)
     return {"accepted": accepted, "duplicates": len(parsed) - accepted, "spent": spent}
 
 
 def _insert_new(
-    engine: Engine,
+    session: Session,
     key: VirtualKey,
     device: Device,
     records: Sequence[dict[str, Any]],
@@ -95,28 +113,27 @@ def _insert_new(
 ) -> int:
     # First occurrence wins within a batch; sorted by id so two transactions inserting
     # overlapping batches wait on each other in the same order and never deadlock.
+    # The caller commits.
     unique = sorted({r["id"]: r for r in reversed(records)}.values(), key=lambda r: r["id"])
-    with db.session(engine) as session:
-        team, customer = key_levels(session, key)
-        leases = _own_leases(session, key, {r["lease_id"] for r in unique if r["lease_id"]})
-        # The bundle tells daemons not to send them; a daemon that still does is not believed.
-        unnamed = not key.repo_attribution or (team is not None and not team.repo_attribution)
-        rows = [
-            {
-                **record,
-                **({"repo": None, "branch": None} if unnamed else {}),
-                "lease_id": record["lease_id"] if record["lease_id"] in leases else None,
-                "key_id": key.id,
-                "team_id": team.id if team else None,
-                "customer_id": customer.id if customer else None,
-                "device_id": device.id,
-                "received_at": now,
-            }
-            for record in unique
-        ]
-        inserted = set(session.execute(_insert_ignoring_duplicates(session), rows).scalars())
-        _charge_leases(session, [r for r in rows if r["id"] in inserted])
-        session.commit()
+    team, customer = key_levels(session, key)
+    leases = _own_leases(session, key, {r["lease_id"] for r in unique if r["lease_id"]})
+    # The bundle tells daemons not to send them; a daemon that still does is not believed.
+    unnamed = not key.repo_attribution or (team is not None and not team.repo_attribution)
+    rows = [
+        {
+            **record,
+            **({"repo": None, "branch": None} if unnamed else {}),
+            "lease_id": record["lease_id"] if record["lease_id"] in leases else None,
+            "key_id": key.id,
+            "team_id": team.id if team else None,
+            "customer_id": customer.id if customer else None,
+            "device_id": device.id,
+            "received_at": now,
+        }
+        for record in unique
+    ]
+    inserted = set(session.execute(_insert_ignoring_duplicates(session), rows).scalars())
+    _charge_leases(session, [r for r in rows if r["id"] in inserted])
     return len(inserted)
 
 
@@ -127,11 +144,22 @@ def _insert_ignoring_duplicates(session: Session) -> Any:
     for the other's transaction and then skips the row, so each record is counted (and charged
     to its lease) exactly once, with no retry loop.
     """
-    from sqlalchemy.dialects import postgresql, sqlite
+    postgres = db.is_postgres(session.get_bind())  # type: ignore[arg-type]
+    statement = _INSERTS.get(postgres)
+    if statement is None:  # built once per dialect: every sync runs it
+        from sqlalchemy.dialects import postgresql, sqlite
 
-    dialect = postgresql if db.is_postgres(session.get_bind()) else sqlite  # type: ignore[arg-type]
-    table = UsageRow.__table__  # type: ignore[attr-defined]
-    return dialect.insert(table).on_conflict_do_nothing(index_elements=["id"]).returning(table.c.id)
+        dialect = postgresql if postgres else sqlite
+        table = UsageRow.__table__  # type: ignore[attr-defined]
+        statement = _INSERTS[postgres] = (
+            dialect.insert(table)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(table.c.id)
+        )
+    return statement
+
+
+_INSERTS: dict[bool, Any] = {}
 
 
 def _own_leases(session: Session, key: VirtualKey, ids: set[str]) -> set[str]:
@@ -248,22 +276,21 @@ def _key_failures(raw: Any) -> list[tuple[str, int, float]]:
 
 
 def _note_key_failures(
-    engine: Engine, failures: Sequence[tuple[str, int, float]], *, now: float
+    session: Session, failures: Sequence[tuple[str, int, float]], *, now: float
 ) -> None:
     """Mark each named entry's key as failing, keeping the latest report (a time in the future
-    is read as now); ids the server does not know (an entry removed since) are ignored."""
-    with db.session(engine) as session:
-        for provider_id, status, at in sorted(failures):
-            at = min(at, now)
-            session.execute(
-                update(Provider)
-                .where(
-                    col(Provider.id) == provider_id,
-                    or_(col(Provider.key_failed_at).is_(None), col(Provider.key_failed_at) < at),
-                )
-                .values(key_failed_at=at, key_failed_status=status)
+    is read as now); ids the server does not know (an entry removed since) are ignored. In the
+    caller's transaction."""
+    for provider_id, status, at in sorted(failures):
+        at = min(at, now)
+        session.execute(
+            update(Provider)
+            .where(
+                col(Provider.id) == provider_id,
+                or_(col(Provider.key_failed_at).is_(None), col(Provider.key_failed_at) < at),
             )
-        session.commit()
+            .values(key_failed_at=at, key_failed_status=status)
+        )
 
 
 def _optional(raw: Mapping[str, Any], name: str, kind: Any, where: str) -> Any:
@@ -294,6 +321,23 @@ def spent_for(session: Session, key: VirtualKey, *, now: float) -> dict[str, Any
     }
 
 
+def _sum_statements(summed: Any, column: Any) -> tuple[Any, Any]:
+    """``SUM(summed)`` of a level's records, all time and since ``:start``, built once: every
+    sync reads three of them, and building a statement costs more than running it."""
+    total = select(func.coalesce(func.sum(summed), 0)).where(column == bindparam("level_id"))
+    return total, total.where(UsageRow.started_at >= bindparam("start"))
+
+
+_SPENT: Final = {
+    name: _sum_statements(UsageRow.cost_micros, getattr(UsageRow, name))
+    for name in ("key_id", "team_id", "customer_id")
+}
+_TOKENS: Final = _sum_statements(
+    UsageRow.input_tokens + UsageRow.output_tokens + UsageRow.cache_creation_input_tokens,
+    UsageRow.key_id,
+)
+
+
 def _level_spent(
     session: Session, column: Any, row: VirtualKey | Team | Customer, *, now: float
 ) -> dict[str, Any]:
@@ -301,14 +345,21 @@ def _level_spent(
     if row.budget_micros is not None and row.budget_period is not None:
         period = periods.parse_period(row.budget_period)
         start = periods.window(period, rolling=row.budget_rolling, now=now)[0]
-    query = select(func.coalesce(func.sum(UsageRow.cost_micros), 0)).where(column == row.id)
-    if start is not None:
-        query = query.where(UsageRow.started_at >= start)
-    total = session.exec(query).one()
+    total = _sum(session, _SPENT[column.key], row.id, start)
     return {
         "period_start": None if start is None else _plain_number(start),
-        "spent_micros": int(total),
+        "spent_micros": total,
     }
+
+
+def _sum(session: Session, statements: tuple[Any, Any], level_id: str, start: float | None) -> int:
+    all_time, windowed = statements
+    params: dict[str, Any] = {"level_id": level_id}
+    if start is not None:
+        params["start"] = start
+    # Core on the session's connection: these are plain sums, no ORM objects to load.
+    value = session.connection().execute(all_time if start is None else windowed, params)
+    return int(value.scalar_one())
 
 
 def _tokens(session: Session, key: VirtualKey, *, now: float) -> dict[str, int]:
@@ -324,11 +375,7 @@ def _tokens(session: Session, key: VirtualKey, *, now: float) -> dict[str, int]:
     elif key.budget_micros is not None and key.budget_period is not None:
         period = periods.parse_period(key.budget_period)
         start = periods.window(period, rolling=key.budget_rolling, now=now)[0]
-    summed = UsageRow.input_tokens + UsageRow.output_tokens + UsageRow.cache_creation_input_tokens
-    query = select(func.coalesce(func.sum(summed), 0)).where(UsageRow.key_id == key.id)
-    if start is not None:
-        query = query.where(UsageRow.started_at >= start)
-    return {"tokens": int(session.exec(query).one())}
+    return {"tokens": _sum(session, _TOKENS, key.id, start)}
 
 
 def _plain_number(value: float) -> float | int:

@@ -24,10 +24,10 @@ Design:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
+import math
 import operator
 import os
 import queue
@@ -36,12 +36,16 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ccgate._files import private_dir
 from ccgate.errors import ConfigError
 from ccgate.wire import INTERRUPTED_BY_RESTART
+
+if TYPE_CHECKING:
+    import asyncio  # only the daemon awaits commits; `ccgate usage` should not pay 20 ms for it
 
 logger = logging.getLogger("ccgate.ledger")
 
@@ -348,6 +352,99 @@ def m007_attempts(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN attempt_log TEXT")
 
 
+@_migration
+def m008_usage_rollups(db: sqlite3.Connection) -> None:
+    # `ccgate usage` over a year of requests must not read every row. Two rollups of billable
+    # usage (finished /v1/messages rows): per UTC hour and model (usage by model or day, the
+    # daily chart, today's totals) and per UTC day and session (by session, repo, branch).
+    # Triggers keep them exact in the same transaction as every write to `requests`: the
+    # writer's inserts and pending -> final upserts, crash recovery, re-pricing, and any update
+    # or delete to come: the old row's contribution is taken out and the new one's put in.
+    # Buckets use the same strftime as the raw report, so a row lands in the same day either way.
+    counters = (
+        ("requests", "1"),
+        ("input_tokens", "ifnull({r}.input_tokens, 0)"),
+        ("output_tokens", "ifnull({r}.output_tokens, 0)"),
+        ("cache_creation_input_tokens", "ifnull({r}.cache_creation_input_tokens, 0)"),
+        ("cache_read_input_tokens", "ifnull({r}.cache_read_input_tokens, 0)"),
+        ("cost_micros", "ifnull({r}.cost_micros, 0)"),
+        ("estimated", "ifnull({r}.price_estimated, 0) != 0"),
+        ("interrupted", "{r}.outcome = 'interrupted'"),
+        ("errors", "{r}.outcome = 'upstream_error'"),
+        ("rejected", "{r}.outcome = 'rejected'"),
+        ("subscription_requests", "{r}.billing = 'subscription'"),
+        (
+            "subscription_micros",
+            "CASE WHEN {r}.billing = 'subscription' THEN ifnull({r}.cost_micros, 0) ELSE 0 END",
+        ),
+        ("repriced", "{r}.repriced_at IS NOT NULL"),
+        (
+            "repriced_delta_micros",
+            "CASE WHEN {r}.repriced_at IS NOT NULL"
+            " THEN ifnull({r}.cost_micros - {r}.repriced_from_micros, 0) ELSE 0 END",
+        ),
+        ("cache_creation_1h_input_tokens", "ifnull({r}.cache_creation_1h_input_tokens, 0)"),
+        ("web_search_requests", "ifnull({r}.web_search_requests, 0)"),
+    )
+    # Every column a report reads; an update of others (synced_at) fires nothing.
+    watched = (
+        "started_at, path, model, session_id, outcome, billing, input_tokens, output_tokens, "
+        "cache_creation_input_tokens, cache_creation_1h_input_tokens, cache_read_input_tokens, "
+        "web_search_requests, cost_micros, price_estimated, repriced_at, repriced_from_micros"
+    )
+    billable = (
+        "{r}.outcome != 'pending' AND ({r}.path = '/v1/messages'"
+        " OR substr({r}.path, 1, 13) = '/v1/messages?')"
+    )
+    # A NULL model or session is its own group: x'00' (a blob) equals no text value.
+    rollups = (
+        ("usage_hourly", "hour", "strftime('%Y-%m-%d %H', {r}.started_at, 'unixepoch')", "model"),
+        ("usage_daily", "day", "strftime('%Y-%m-%d', {r}.started_at, 'unixepoch')", "session_id"),
+    )
+    names = ", ".join(name for name, _ in counters)
+    for table, bucket, bucket_expr, key in rollups:
+        columns = ", ".join(f"{name} INTEGER NOT NULL DEFAULT 0" for name, _ in counters)
+        db.execute(f"CREATE TABLE {table} ({bucket} TEXT NOT NULL, {key} TEXT, {columns})")
+        target = f"{bucket}, ifnull({key}, x'00')"
+        db.execute(f"CREATE UNIQUE INDEX {table}_key ON {table} ({target})")
+
+        upsert = (
+            f"INSERT INTO {table} ({bucket}, {key}, {names}) VALUES ({bucket_expr}, {{r}}.{key}, "
+            + ", ".join(f"{{sign}}({expr})" for _, expr in counters)
+            + f") ON CONFLICT ({target}) DO UPDATE SET "
+            + ", ".join(f"{name} = {name} + excluded.{name}" for name, _ in counters)
+            + ";"
+        )
+
+        def add(r: str, sign: str, upsert: str = upsert) -> str:
+            return upsert.replace("{sign}", sign).replace("{r}", r)
+
+        when_new, when_old = billable.format(r="NEW"), billable.format(r="OLD")
+        db.execute(
+            f"CREATE TRIGGER {table}_insert AFTER INSERT ON requests WHEN {when_new} "
+            f"BEGIN {add('NEW', '+')} END"
+        )
+        # Two triggers for an update, one per side, each only when that side is billable.
+        db.execute(
+            f"CREATE TRIGGER {table}_update_old AFTER UPDATE OF {watched} ON requests "
+            f"WHEN {when_old} BEGIN {add('OLD', '-')} END"
+        )
+        db.execute(
+            f"CREATE TRIGGER {table}_update_new AFTER UPDATE OF {watched} ON requests "
+            f"WHEN {when_new} BEGIN {add('NEW', '+')} END"
+        )
+        db.execute(
+            f"CREATE TRIGGER {table}_delete AFTER DELETE ON requests WHEN {when_old} "
+            f"BEGIN {add('OLD', '-')} END"
+        )
+        sums = ", ".join(f"SUM({expr.format(r='requests')})" for _, expr in counters)
+        db.execute(
+            f"INSERT INTO {table} ({bucket}, {key}, {names}) "
+            f"SELECT {bucket_expr.format(r='requests')} AS b, {key}, {sums} FROM requests "
+            f"WHERE {billable.format(r='requests')} GROUP BY b, {key}"
+        )
+
+
 def applied_migrations(db: sqlite3.Connection) -> set[str]:
     exists = db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
@@ -456,7 +553,7 @@ _USAGE_KEYS: Final[dict[UsageBy | None, str]] = {
 }
 
 
-def _usage_sql(key_expr: str) -> str:
+def _usage_sql(key_expr: str, extra: str = "") -> str:
     # Only finished /v1/messages calls are billable; tolerate a query string in the stored path.
     return f"""
         SELECT {key_expr} AS k, COUNT(*),
@@ -477,9 +574,80 @@ def _usage_sql(key_expr: str) -> str:
         FROM requests
         WHERE outcome != 'pending'
             AND (path = :path OR substr(path, 1, length(:path) + 1) = :path || '?')
-            AND started_at >= :since AND started_at <= :until
+            AND started_at >= :since AND started_at <= :until {extra}
         GROUP BY k
     """
+
+
+@dataclass(frozen=True, slots=True)
+class _Rollup:
+    """One of m006's rollup tables: buckets of ``width`` seconds, named by ``strftime(fmt)``."""
+
+    table: str
+    bucket: str
+    fmt: str
+    width: int
+    keys: dict[UsageBy | None, str]
+
+
+def _rollup_session_of(column: str) -> str:
+    return (
+        f"(SELECT sessions.{column} FROM sessions "
+        f"WHERE sessions.session_id = usage_daily.session_id)"
+    )
+
+
+_HOURLY: Final = _Rollup(
+    table="usage_hourly",
+    bucket="hour",
+    fmt="%Y-%m-%d %H",
+    width=3_600,
+    keys={"model": "model", "day": "substr(hour, 1, 10)", None: "NULL"},
+)
+_DAILY: Final = _Rollup(
+    table="usage_daily",
+    bucket="day",
+    fmt="%Y-%m-%d",
+    width=86_400,
+    keys={
+        "session": "session_id",
+        "repo": _rollup_session_of("repo"),
+        "branch": _rollup_session_of("repo") + " || ' @ ' || " + _rollup_session_of("branch"),
+    },
+)
+_ESTIMATED_INDEX: Final = 6  # in a usage row's counters: a flag (any), not a sum
+
+
+def _rollup_sql(rollup: _Rollup, key_expr: str) -> str:
+    sums = ", ".join(
+        "MAX(estimated > 0)" if name == "estimated" else f"SUM({name})"
+        for name in (
+            "requests", "input_tokens", "output_tokens", "cache_creation_input_tokens",
+            "cache_read_input_tokens", "cost_micros", "estimated", "interrupted", "errors",
+            "rejected", "subscription_requests", "subscription_micros", "repriced",
+            "repriced_delta_micros", "cache_creation_1h_input_tokens", "web_search_requests",
+        )
+    )  # fmt: skip
+    # requests = 0: every row of the bucket was taken out again (all its counters are 0 too).
+    return (
+        f"SELECT {key_expr} AS k, {sums} FROM {rollup.table} "
+        f"WHERE {rollup.bucket} BETWEEN :first AND :last AND requests != 0 GROUP BY k"
+    )
+
+
+def _merge_usage(parts: list[list[tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+    merged: dict[Any, list[int]] = {}
+    for rows in parts:
+        for key, *counts in rows:
+            into = merged.get(key)
+            if into is None:
+                merged[key] = [int(c) for c in counts]
+                continue
+            for i, count in enumerate(counts):
+                into[i] = max(into[i], int(count)) if i == _ESTIMATED_INDEX else into[i] + count
+    # GROUP BY's order: NULL first, then by key.
+    ordered = sorted(merged.items(), key=lambda item: (item[0] is not None, item[0] or ""))
+    return [(key, *counts) for key, counts in ordered]
 
 
 @dataclass(slots=True, frozen=True)
@@ -833,6 +1001,8 @@ class Ledger:
 
         Raises ``LedgerWriteError`` as soon as a commit attempt fails; the records stay queued
         and the writer keeps retrying them."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._queue().put(_LoopWaiter(loop, future))
@@ -1051,8 +1221,34 @@ class Ledger:
 
         Days are UTC. With ``group_by=None`` there is one entry (key None), empty or not.
         """
-        params = {"path": BILLABLE_PATH, "since": 0.0 if since is None else since, "until": until}
-        rows = self._query(_usage_sql(_USAGE_KEYS[group_by]), params)
+        start = 0.0 if since is None else since
+        rollup = _HOURLY if group_by in _HOURLY.keys else _DAILY
+        # Whole buckets come from the rollup, the partial ones at each end from the rows. A
+        # bucket is whole only a second inside the window: strftime rounds to the millisecond,
+        # so a row at 09:59:59.9996 is in the 10:00 bucket, and must still be in the window.
+        first = math.ceil((start + 1) / rollup.width) * rollup.width
+        end = math.floor((until - 1) / rollup.width) * rollup.width
+        key = _USAGE_KEYS[group_by]
+        params: dict[str, object] = {"path": BILLABLE_PATH, "since": start, "until": until}
+        if first >= end:
+            rows = self._query(_usage_sql(key), params)
+        else:
+            edges: dict[str, object] = {
+                "first": _bucket(first, rollup),
+                "last": _bucket(end - rollup.width, rollup),
+            }
+            bucket = f"strftime('{rollup.fmt}', started_at, 'unixepoch')"
+            # The ends as narrower since/until (SQLite bounds its index range by those), the
+            # bucket test for exactness.
+            low = _usage_sql(key, f"AND {bucket} < :first")
+            high = _usage_sql(key, f"AND {bucket} > :last")
+            rows = _merge_usage(
+                [
+                    self._query(_rollup_sql(rollup, rollup.keys[group_by]), edges),
+                    self._query(low, {**params, **edges, "until": first + 1}),
+                    self._query(high, {**params, **edges, "since": end - 1}),
+                ]
+            )
         if group_by is None and not rows:
             rows = [(None, *[0] * 16)]
         return [_to_group(r) for r in rows]
@@ -1092,6 +1288,10 @@ def _attempt_log(text: object) -> tuple[dict[str, Any], ...]:
     except ValueError:
         return ()
     return tuple(e for e in entries if isinstance(e, dict)) if isinstance(entries, list) else ()
+
+
+def _bucket(ts: float, rollup: _Rollup) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime(rollup.fmt)
 
 
 def _to_group(values: tuple[Any, ...]) -> UsageGroup:
