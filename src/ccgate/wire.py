@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 CLIENT_KEY_PREFIX: Final = "sk-cg-"
 """Every virtual key and local client key starts with this."""
 
+HEALTH_PATH: Final = "/_ccgate/health"
+"""The daemon's health endpoint, which `ccgate status` and `up` ask."""
+
 INTERRUPTED_BY_RESTART: Final = "daemon stopped before the request finished"
 """The error of a ledger row that was still in flight when its daemon stopped."""
 

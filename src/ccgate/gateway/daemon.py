@@ -23,13 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from ccgate import env
 from ccgate._files import atomic_write
 from ccgate.client import profiles
 from ccgate.errors import ConfigError, DaemonStartError, NotRunningError
-from ccgate.gateway.proxy import HEALTH_PATH
 from ccgate.machine.config import Config
 from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
@@ -358,13 +355,23 @@ def pid_alive(pid: int) -> bool:
 
 def health(port: int, *, timeout: float = 1.0) -> dict[str, Any] | None:
     """The daemon's health document, or None when nothing healthy answers on the port."""
+    import http.client
+
+    from ccgate.wire import HEALTH_PATH
+
+    # http.client, not httpx: `ccgate status` asks this, and httpx (with the TLS context it
+    # builds for every client) costs more than the rest of the command.
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        response = httpx.get(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=timeout)
-        if response.status_code != 200:
+        connection.request("GET", HEALTH_PATH)
+        response = connection.getresponse()
+        if response.status != 200:
             return None
-        data = response.json()
-    except (httpx.HTTPError, ValueError):
+        data = json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError):
         return None
+    finally:
+        connection.close()
     return data if isinstance(data, dict) and data.get("service") == "ccgate" else None
 
 

@@ -25,7 +25,6 @@ from ccgate import paths as paths_mod
 from ccgate.client import profiles
 from ccgate.errors import CcgateError, CredentialError, NotRunningError
 from ccgate.gateway import daemon
-from ccgate.gateway.proxy import CCGATE_KEY_HEADER
 from ccgate.machine import claude_settings, service
 from ccgate.machine.config import Config
 from ccgate.machine.credentials import SecretStore
@@ -236,6 +235,8 @@ def _configure_claude(
         "status_line": callback_command("statusline", environ) if status_line else None,
     }
     if info.auth == "passthrough":
+        from ccgate.gateway.proxy import CCGATE_KEY_HEADER
+
         # No ANTHROPIC_AUTH_TOKEN: it would override the user's own login. The ccgate key rides
         # in a header Claude Code adds to every request.
         if prepared.server_profile is not None:

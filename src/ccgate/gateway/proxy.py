@@ -61,13 +61,12 @@ from ccgate.gateway.providers import (
 from ccgate.gateway.relay import Attempt, Observation, Outbound, Relay
 from ccgate.policy import limits as admission
 from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
-from ccgate.wire import error_response
+from ccgate.wire import HEALTH_PATH, error_response
 
 if TYPE_CHECKING:
     from ccgate.gateway.telemetry import SpanSink
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-HEALTH_PATH = "/_ccgate/health"
 SYNC_PATH = "/_ccgate/sync"
 SESSION_HEADER = "x-claude-code-session-id"
 CCGATE_KEY_HEADER = "x-ccgate-key"
