@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.fake_upstream import FakeUpstream, Scenario
 from tests.support.harness import Isolated, Server, ccgate, free_port, run_claude, run_server
@@ -85,6 +87,17 @@ def logs() -> list[dict[str, Any]]:
     return rows
 
 
+def moves(port: int, name: str) -> dict[tuple[str, ...], float]:
+    """The daemon's /metrics counter ``name`` (fallbacks or key rotations) by its labels."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    out: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name + "_total":
+                out[tuple(sample.labels[k] for k in sorted(sample.labels))] = sample.value
+    return out
+
+
 def wait_for(condition: Any, *, within_s: float = 20.0) -> Any:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
@@ -114,6 +127,13 @@ def test_with_one_exhausted_key_in_a_pool_every_request_succeeds_and_a_refused_k
         # Each bad key answered once; after that the pool kept it out of rotation.
         assert (used.count(EXHAUSTED), used.count(REVOKED)) == (1, 1)
         assert used.count(GOOD) == len(used) - 2
+        # /metrics counts the two moves to another key of the same provider (labels sorted:
+        # provider, reason).
+        assert moves(port, "ccgate_key_rotations") == {
+            ("anthropic", "auth_failed"): 1.0,
+            ("anthropic", "rate_limited"): 1.0,
+        }
+        assert moves(port, "ccgate_fallbacks") == {}
 
     rows = [r for r in logs() if r["path"] == "/v1/messages"]
     assert rows and all(r["status"] == 200 and r["outcome"] == "ok" for r in rows)
@@ -154,6 +174,15 @@ def test_with_the_primary_down_requests_fail_over_and_the_ledger_says_which_serv
 
     rows = [r for r in logs() if r["path"] == "/v1/messages"]
     assert rows and all((r["outcome"], r["provider"]) == ("ok", "backup") for r in rows)
+    # /metrics counts one fallback per request, primary to backup: a connect error at first,
+    # the open breaker once primary has failed often enough (labels sorted: from, reason, to).
+    fallbacks = moves(port, "ccgate_fallbacks")
+    assert set(fallbacks) <= {
+        ("primary", "connect_error", "backup"),
+        ("primary", "circuit_open", "backup"),
+    }
+    assert fallbacks[("primary", "connect_error", "backup")] >= 1
+    assert sum(fallbacks.values()) == len(rows)
     first = min(rows, key=lambda r: r["seq"])
     assert first["attempts"] == 2
     assert [(e["provider"], e["reason"]) for e in first["attempt_log"]] == [
