@@ -249,6 +249,12 @@ def claude_code_through(isolated: Isolated, upstream_url: str, flags: tuple[str,
     assert (remembered.provider, remembered.upstream_url) == (flags[1], upstream_url)
     assert remembered.provider_options == dict(o.split("=") for o in flags[3::2])
     try:
+        # status names the kind, and does not warn of a missing key: the machine's cloud
+        # credentials sign.
+        status = ccgate("status", env=env)
+        assert f"({flags[1]})" in status.stdout and "no upstream key" not in status.stdout
+        report = json.loads(ccgate("status", "--json", env=env).stdout)
+        assert (report["provider_kind"], report["upstream_key"]) == (flags[1], True)
         return run_claude("say hi", model="claude-opus-5-5")
     finally:
         ccgate("down", env=env)

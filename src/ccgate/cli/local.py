@@ -349,7 +349,10 @@ def _resolve(
             config.provider, config.provider_options, has_base_url=upstream is not None
         )
     except provider_kinds.ProviderOptionsError as exc:
-        raise ConfigError(f"{exc}.") from None
+        raise ConfigError(
+            f"{exc}. Pass each as --provider-option NAME=VALUE, e.g. `ccgate up --provider "
+            "bedrock --provider-option region=us-east-1` (docs/standalone.md)."
+        ) from None
     endpoint = provider_kinds.default_base_url(config.provider, checked)
     if upstream is None and (provider is not None or options) and endpoint is not None:
         config = replace(config, upstream_url=endpoint)

@@ -94,7 +94,9 @@ def status(report: dict[str, Any]) -> None:
         table.add_row("status", "[green]running[/green]")
         table.add_row("pid", str(report["pid"]))
         table.add_row("url", report["url"])
-        table.add_row("upstream", report["upstream"] or "-")
+        upstream = report["upstream"] or "-"
+        kind = report.get("provider_kind") or "anthropic"
+        table.add_row("upstream", upstream if kind == "anthropic" else f"{upstream} ({kind})")
         table.add_row("mode", report["mode"])
         table.add_row("uptime", duration(report["uptime_s"]))
         if not report.get("upstream_key", True):

@@ -442,6 +442,7 @@ def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
             auth=info.auth,
             server=doc.get("server"),
             upstream_key=bool(doc.get("upstream_key")),
+            provider_kind=doc.get("provider_kind") or "anthropic",
             ledger=doc.get("ledger"),
             session_caps=doc.get("session_caps"),
         )

@@ -60,6 +60,7 @@ from ccgate.gateway.providers import (
 )
 from ccgate.gateway.relay import Attempt, Observation, Outbound, Relay
 from ccgate.policy import limits as admission
+from ccgate.policy import provider_kinds
 from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.wire import HEALTH_PATH, error_response
 
@@ -249,7 +250,16 @@ class Gateway:
                 "mode": policy.mode,
                 "started_at": s.started_at,
                 "requests_served": self.requests_served,
-                "upstream_key": bool(upstream and (upstream.api_key or upstream.passthrough)),
+                # Bedrock and Vertex sign with the machine's own cloud credentials: no key.
+                "upstream_key": bool(
+                    upstream
+                    and (
+                        upstream.api_key
+                        or upstream.passthrough
+                        or not provider_kinds.needs_key(upstream.kind)
+                    )
+                ),
+                "provider_kind": upstream.kind if upstream else None,
                 "auth": "passthrough" if policy.passthrough else "provider",
                 "server": self.policy.snapshot(now=time.time()) or None,
                 "ledger": self.ledger_state(),
