@@ -308,10 +308,7 @@ def _optional(raw: Mapping[str, Any], name: str, kind: Any, where: str) -> Any:
 def spent_for(session: Session, key: VirtualKey, *, now: float) -> dict[str, Any]:
     team, customer = key_levels(session, key)
     return {
-        "key": {
-            **_level_spent(session, UsageRow.key_id, key, now=now),
-            **_tokens(session, key, now=now),
-        },
+        "key": _key_spent(session, key, now=now),
         "team": None if team is None else _level_spent(session, UsageRow.team_id, team, now=now),
         "customer": (
             None
@@ -336,6 +333,54 @@ _TOKENS: Final = _sum_statements(
     UsageRow.input_tokens + UsageRow.output_tokens + UsageRow.cache_creation_input_tokens,
     UsageRow.key_id,
 )
+
+
+def _key_statements() -> tuple[Any, Any]:
+    money = func.coalesce(func.sum(UsageRow.cost_micros), 0)
+    tokens = func.coalesce(
+        func.sum(
+            UsageRow.input_tokens + UsageRow.output_tokens + UsageRow.cache_creation_input_tokens
+        ),
+        0,
+    )
+    total = select(money, tokens).where(UsageRow.key_id == bindparam("level_id"))
+    return total, total.where(UsageRow.started_at >= bindparam("start"))
+
+
+_KEY_SPENT_AND_TOKENS: Final = _key_statements()
+"""The key's money and tokens in one pass over its rows (``_key_spent``), built once."""
+
+
+def _key_spent(session: Session, key: VirtualKey, *, now: float) -> dict[str, Any]:
+    """The key's money and tokens; one query when both share a window (the usual case: a key
+    without a token budget counts its tokens in its money budget's window)."""
+    start = _window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
+    tokens_start = _tokens_start(key, now=now)
+    if tokens_start != start:
+        return {
+            **_level_spent(session, UsageRow.key_id, key, now=now),
+            **_tokens(session, key, now=now),
+        }
+    all_time, windowed = _KEY_SPENT_AND_TOKENS
+    params: dict[str, Any] = {"level_id": key.id}
+    if start is not None:
+        params["start"] = start
+    money, tokens = (
+        session.connection().execute(all_time if start is None else windowed, params).one()
+    )
+    return {
+        "period_start": None if start is None else _plain_number(start),
+        "spent_micros": int(money),
+        "tokens": int(tokens),
+    }
+
+
+def _window_start(
+    limit: int | None, period: str | None, rolling: bool, *, now: float
+) -> float | None:
+    if limit is None or period is None:
+        return None
+    return periods.window(periods.parse_period(period), rolling=rolling, now=now)[0]
 
 
 def _level_spent(
@@ -368,14 +413,15 @@ def _tokens(session: Session, key: VirtualKey, *, now: float) -> dict[str, int]:
     Without a token budget the window is the money budget's (all time without either), so the
     figure always sits beside a meaningful ``period_start``.
     """
-    start: float | None = None
+    return {"tokens": _sum(session, _TOKENS, key.id, _tokens_start(key, now=now))}
+
+
+def _tokens_start(key: VirtualKey, *, now: float) -> float | None:
     if key.token_budget_tokens is not None and key.token_budget_period is not None:
-        period = periods.parse_period(key.token_budget_period)
-        start = periods.window(period, rolling=key.token_budget_rolling, now=now)[0]
-    elif key.budget_micros is not None and key.budget_period is not None:
-        period = periods.parse_period(key.budget_period)
-        start = periods.window(period, rolling=key.budget_rolling, now=now)[0]
-    return {"tokens": _sum(session, _TOKENS, key.id, start)}
+        return _window_start(
+            key.token_budget_tokens, key.token_budget_period, key.token_budget_rolling, now=now
+        )
+    return _window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
 
 
 def _plain_number(value: float) -> float | int:
