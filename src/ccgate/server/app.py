@@ -74,6 +74,11 @@ class ServerContext:
         return devices.CallerCache()
 
     @functools.cached_property
+    def usage_writer(self) -> usage.GroupCommit | None:
+        """SQLite's group commit of usage writes (``usage.GroupCommit``); None on PostgreSQL."""
+        return None if db.is_postgres(self.engine) else usage.GroupCommit(self.engine)
+
+    @functools.cached_property
     def metrics(self) -> server_metrics.ServerMetrics:
         return server_metrics.ServerMetrics(self.engine, self.clock)
 
@@ -362,7 +367,9 @@ def _sync_usage(
         # whenever the policy epoch moved (``devices.CallerCache``)
         key, device = ctx.callers.caller(session, token, device_id, device_token, now=now)
         body = _parse_body(raw)
-        result = usage.ingest_in(session, key, device, body, now=now, touch_device=True)
+        result = usage.ingest_in(
+            session, key, device, body, now=now, touch_device=True, writer=ctx.usage_writer
+        )
         if alerts.evaluate_in(session, ctx.alert_settings, now=now, key=key):
             ctx.alert_worker.wake()
     return result

@@ -16,8 +16,10 @@ key's entry also carries ``tokens`` for the daemon's token budget (issue #6).
 from __future__ import annotations
 
 import math
+import queue
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 from sqlalchemy import Engine, bindparam, case, func, or_, update
@@ -28,7 +30,7 @@ from ccgate.server import db
 from ccgate.server.admin import key_levels
 from ccgate.server.db import Customer, Device, Lease, Provider, Team, UsageRow, VirtualKey
 from ccgate.server.devices import touch
-from ccgate.server.errors import InvalidRequestError
+from ccgate.server.errors import InvalidRequestError, ServerStateError
 
 MAX_BATCH: Final = 1000
 OUTCOMES: Final = frozenset({"ok", "upstream_error", "interrupted", "rejected"})
@@ -81,9 +83,11 @@ def ingest_in(
     *,
     now: float,
     touch_device: bool = False,
+    writer: GroupCommit | None = None,
 ) -> dict[str, Any]:
     """``ingest`` inside the caller's session: one transaction stores the batch (and, with
-    ``touch_device``, the device's last sync), then the spend is read back."""
+    ``touch_device``, the device's last sync), then the spend is read back. With ``writer``
+    that transaction is the writer's next group (SQLite), else the session's own."""
     records = body.get("records", [])
     if not isinstance(records, list):
         raise InvalidRequestError("'records' must be a list of UsageRecord objects.")
@@ -93,27 +97,120 @@ def ingest_in(
         )
     parsed = [_record(r, index=i) for i, r in enumerate(records)]
     failures = _key_failures(body.get("key_failures", []))
-    accepted = _insert_new(session, key, device, parsed, now=now) if parsed else 0
-    if failures and key.auth == "provider":  # only these keys' bundles carry provider entries
-        _note_key_failures(session, failures, now=now)
-    if touch_device:
-        touch(session, device.id, now=now)
-    session.commit()
+    rows = _new_rows(session, key, device, parsed, now=now) if parsed else []
+
+    def write(into: Session) -> int:
+        accepted = _insert_rows(into, rows) if rows else 0
+        if failures and key.auth == "provider":  # only these keys' bundles carry providers
+            _note_key_failures(into, failures, now=now)
+        if touch_device:
+            touch(into, device.id, now=now)
+        return accepted
+
+    if writer is None:
+        accepted = write(session)
+        session.commit()
+    else:
+        accepted = writer.run(write)  # answered once committed, with other syncs' writes
     spent = spent_for(session, key, now=now)
     return {"accepted": accepted, "duplicates": len(parsed) - accepted, "spent": spent}
 
 
-def _insert_new(
+class GroupCommit:
+    """One SQLite transaction (and one fsync) for the usage writes of many concurrent syncs.
+
+    SQLite takes one writer at a time and, at its default ``synchronous=FULL``, syncs the
+    write-ahead log to disk at every commit: with one transaction per sync the server was
+    bounded by the disk's fsync rate, and concurrent syncs queued in SQLite's busy handler,
+    which sleeps (milliseconds at a time) between attempts. Here one thread takes every write
+    that is waiting, runs them in one transaction and commits once; each caller is answered
+    only after that commit, so a sync answered 200 is still on disk. A write that fails rolls
+    the whole group back, and each write is then run again in its own transaction, so one bad
+    batch cannot cost another sync its records (or be stored twice: nothing was committed).
+
+    PostgreSQL takes concurrent writers and groups their commits itself: it is not used there.
+    """
+
+    MAX_GROUP: Final = 256
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._queue: queue.SimpleQueue[_Write] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def run(self, write: Callable[[Session], int]) -> int:
+        """Run ``write`` in the next group's transaction; return its result once committed."""
+        job = _Write(write)
+        self._start()
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        if job.result is None:  # the writer thread was stopped mid-group
+            raise ServerStateError("The usage batch was not stored; the daemon sends it again.")
+        return job.result
+
+    def _start(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._loop, name="ccgate-usage-writer", daemon=True
+                    )
+                    self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            jobs = [self._queue.get()]
+            while len(jobs) < self.MAX_GROUP:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._commit(jobs)
+            except Exception:  # the group is rolled back: each write alone, in its own commit
+                self._one_by_one(jobs)
+            finally:
+                for job in jobs:
+                    job.done.set()
+
+    def _commit(self, jobs: Sequence[_Write]) -> None:
+        with db.session(self._engine) as session:
+            results = [job.write(session) for job in jobs]
+            session.commit()
+        for job, result in zip(jobs, results, strict=True):
+            job.result = result
+
+    def _one_by_one(self, jobs: Sequence[_Write]) -> None:
+        for job in jobs:
+            try:
+                self._commit([job])
+            except Exception as exc:  # raised again in the caller's thread
+                job.error = exc
+
+
+class _Write:
+    __slots__ = ("done", "error", "result", "write")
+
+    def __init__(self, write: Callable[[Session], int]) -> None:
+        self.write = write
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.result: int | None = None
+
+
+def _new_rows(
     session: Session,
     key: VirtualKey,
     device: Device,
     records: Sequence[dict[str, Any]],
     *,
     now: float,
-) -> int:
+) -> list[dict[str, Any]]:
     # First occurrence wins within a batch; sorted by id so two transactions inserting
     # overlapping batches wait on each other in the same order and never deadlock.
-    # The caller commits.
     unique = sorted({r["id"]: r for r in reversed(records)}.values(), key=lambda r: r["id"])
     team, customer = key_levels(session, key)
     leases = _own_leases(session, key, {r["lease_id"] for r in unique if r["lease_id"]})
@@ -132,6 +229,11 @@ def _insert_new(
         }
         for record in unique
     ]
+    return rows
+
+
+def _insert_rows(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert the rows not stored yet and charge their leases; the caller commits."""
     inserted = set(session.execute(_insert_ignoring_duplicates(session), rows).scalars())
     _charge_leases(session, [r for r in rows if r["id"] in inserted])
     return len(inserted)
