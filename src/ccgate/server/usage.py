@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
-from sqlalchemy import Engine, bindparam, case, func, or_, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, or_, update
 from sqlmodel import Session, col, select
 
 from ccgate.accounting import periods
@@ -138,6 +138,11 @@ class GroupCommit:
         self._queue: queue.SimpleQueue[_Write] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # The writer's own connection, held for good: its callers hold pooled connections
+        # while they wait for it, so taking one from the pool could wait on them (a deadlock
+        # once every pooled connection is a waiting caller's). ``db.create_engine`` sizes the
+        # SQLite pool for anyio's threads plus this one.
+        self._connection: Connection | None = None
 
     def run(self, write: Callable[[Session], int]) -> int:
         """Run ``write`` in the next group's transaction; return its result once committed."""
@@ -177,9 +182,18 @@ class GroupCommit:
                     job.done.set()
 
     def _commit(self, jobs: Sequence[_Write]) -> None:
-        with db.session(self._engine) as session:
-            results = [job.write(session) for job in jobs]
-            session.commit()
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        try:
+            # Bound to a connection outside any transaction, the session begins and commits
+            # its own; closing it rolls back whatever was not committed.
+            with Session(bind=self._connection, expire_on_commit=False) as session:
+                results = [job.write(session) for job in jobs]
+                session.commit()
+        except Exception:
+            self._connection.close()  # taken afresh for the next group: it may be broken
+            self._connection = None
+            raise
         for job, result in zip(jobs, results, strict=True):
             job.result = result
 
