@@ -95,8 +95,11 @@ async def test_a_cached_key_still_expires_and_a_wrong_device_token_is_audited(
 
 
 async def test_concurrent_syncs_are_all_stored_once(server: Server) -> None:
-    key = await server.new_key("alice", ci=True, max_devices=50)
-    devices = [(await server.register(key))[0] for _ in range(8)]
+    # More threads than the SQLite pool has connections: each holds one while it waits for
+    # the group's commit, and the writer must still get on (it has its own).
+    count = db._SQLITE_POOL_SIZE + 8
+    key = await server.new_key("alice", ci=True, max_devices=count)
+    devices = [(await server.register(key))[0] for _ in range(count)]
     results: list[Any] = []
 
     def sync(i: int) -> None:
@@ -105,15 +108,22 @@ async def test_concurrent_syncs_are_all_stored_once(server: Server) -> None:
         results.append(_sync_on(server.ctx, key, devices[i], *ids))
         results.append(_sync_on(server.ctx, key, devices[i], *ids))
 
-    threads = [threading.Thread(target=sync, args=(i,)) for i in range(8)]
+    writer, gate = server.ctx.usage_writer, threading.Event()
+    if writer is not None:  # SQLite: hold the writer until every pooled connection waits on it
+        held = threading.Thread(target=writer.run, args=(lambda _session: gate.wait(10) and 0,))
+        held.start()
+    threads = [threading.Thread(target=sync, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
+    while writer is not None and writer._queue.qsize() < db._SQLITE_POOL_SIZE:
+        threading.Event().wait(0.01)
+    gate.set()
     for thread in threads:
         thread.join()
-    assert sum(r["accepted"] for r in results) == 16
-    assert sum(r["duplicates"] for r in results) == 16
-    assert _stored(server) == 16
-    assert max(r["spent"]["key"]["spent_micros"] for r in results) == 160
+    assert sum(r["accepted"] for r in results) == 2 * count
+    assert sum(r["duplicates"] for r in results) == 2 * count
+    assert _stored(server) == 2 * count
+    assert max(r["spent"]["key"]["spent_micros"] for r in results) == 20 * count
 
 
 def test_a_failing_write_costs_its_group_nothing(tmp_path: Any) -> None:
