@@ -330,58 +330,116 @@ class SyncResult:
     syncs_per_s: float
     server_cpu_ms_per_sync: float | None  # all replicas' CPU time per sync (Linux)
     retried_requests: int
+    client_cpu_ms_per_sync: float  # the load generator's own CPU: is it the limit?
+    load_average: float  # the machine's 1-minute load average at the end (shared machines)
+
+
+class _Raw:
+    """A minimal HTTP/1.1 keep-alive client for the timed sync phase only (load generator).
+
+    httpx costs its caller about 2 ms of CPU per request here, twice the server's own cost per
+    sync, and the client shares the machine's two cores with the server: with it the bench
+    measured the client. This one writes a request as bytes and reads the status, the headers
+    and a ``content-length`` body (all the server sends), on one connection that it reopens
+    after the server closed it (counted as a retry, as a daemon would send again).
+    """
+
+    def __init__(self, base: str) -> None:
+        host, _, port = base.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, bytes]:
+        try:
+            return await self._once(method, path, headers, body)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            await self.close()
+            RETRIES[0] += 1
+            return await self._once(method, path, headers, body)
+
+    async def _once(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        lines.append(f"content-length: {len(body)}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
+        status, length, close = int(status_line.split()[1]), 0, False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and "close" in value.lower():
+                close = True
+        data = await reader.readexactly(length) if length else b""
+        if close:
+            await self.close()
+        return status, data
+
+    async def close(self) -> None:
+        if self.streams is not None:
+            writer = self.streams[1]
+            self.streams = None
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
 
 async def _sync_across(
     servers: Sequence[_Running], token: str, *, daemons: int, concurrency: int
-) -> tuple[float, float | None]:
-    # One connection per client, one client per in-flight daemon and server: httpcore's pool
-    # scans every connection it holds for each request, and with 64 in one pool that scan cost
-    # the bench client more CPU than the server spent on the syncs (the client was the limit).
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0)
+) -> tuple[float, float | None, float]:
+    """Wall time, the servers' CPU time and this client's CPU time for ``daemons`` syncs.
 
-    def client(base: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=base, timeout=120, limits=limits)
-
+    One connection per in-flight daemon and server, as each daemon has its own (``_Raw``).
+    """
     async with httpx.AsyncClient(base_url=servers[0].base, timeout=120) as http:
         fleet = await _setup(http, token, daemons)
     RETRIES[0] = 0
-    clients = [[client(s.base) for s in servers] for _ in range(concurrency)]
+    clients = [[_Raw(s.base) for s in servers] for _ in range(concurrency)]
     try:
 
-        async def sync(http: httpx.AsyncClient, device: _Device) -> None:
-            batch = [_record() for _ in range(5)]
-            pushed = await _retrying(
-                http.post, "/v1/usage", headers=device.headers, json={"records": batch}
-            )
-            pushed.raise_for_status()
-            polled = await _retrying(
-                http.get, "/v1/bundle", headers={**device.headers, "if-none-match": device.etag}
-            )
-            assert polled.status_code == 304, polled.status_code
+        async def sync(http: _Raw, device: _Device) -> None:
+            batch = json.dumps({"records": [_record() for _ in range(5)]}).encode()
+            headers = {**device.headers, "content-type": "application/json"}
+            status, data = await http.request("POST", "/v1/usage", headers, batch)
+            assert status == 200, (status, data[:500])
+            poll = {**device.headers, "if-none-match": device.etag}
+            status, data = await http.request("GET", "/v1/bundle", poll)
+            assert status == 304, (status, data[:500])
 
         queue = list(reversed(list(enumerate(fleet))))
 
-        async def worker(own: list[httpx.AsyncClient]) -> None:
+        async def worker(own: list[_Raw]) -> None:
             while queue:
                 index, device = queue.pop()
                 await sync(own[index % len(own)], device)  # a load balancer's round robin
 
         before = [_cpu_seconds(s.pid) for s in servers]
+        client_before = time.process_time()
         start = time.perf_counter()
-        await asyncio.gather(*(worker(own) for own in clients))
+        await asyncio.wait_for(asyncio.gather(*(worker(own) for own in clients)), timeout=600)
         wall = time.perf_counter() - start
+        client_cpu = time.process_time() - client_before
         after = [_cpu_seconds(s.pid) for s in servers]
     finally:
         for own in clients:
-            for http in own:
-                await http.aclose()
+            for raw in own:
+                await raw.close()
     used = 0.0
     for a, b in zip(after, before, strict=True):
         if a is None or b is None:
-            return wall, None
+            return wall, None, client_cpu
         used += a - b
-    return wall, used
+    return wall, used, client_cpu
 
 
 def sync_rate(
@@ -404,10 +462,10 @@ def sync_rate(
                 for i in range(replicas)
             ]
             try:
-                wall, cpu = asyncio.run(
+                wall, cpu, client_cpu = asyncio.run(
                     _sync_across(servers, token, daemons=daemons, concurrency=concurrency)
                 )
-            except (httpx.HTTPError, AssertionError):
+            except (httpx.HTTPError, OSError, AssertionError):
                 for i in range(replicas):
                     log = (home / f"server-{i}.log").read_text(errors="replace")
                     print(
@@ -422,6 +480,8 @@ def sync_rate(
         syncs_per_s=round(daemons / wall, 1),
         server_cpu_ms_per_sync=None if cpu is None else round(cpu / daemons * 1000, 2),
         retried_requests=RETRIES[0],
+        client_cpu_ms_per_sync=round(client_cpu / daemons * 1000, 2),
+        load_average=round(os.getloadavg()[0], 2),
     )
 
 
@@ -487,11 +547,17 @@ def _sync_rate_main(args: argparse.Namespace) -> int:
                     results.append(sync_rate("PostgreSQL", url, replicas=count, daemons=daemons))
     elif replicas:
         print("no PostgreSQL: only SQLite measured", file=sys.stderr)
-    print("| database | processes | daemons | syncs/s | server CPU ms / sync |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| database | processes | daemons | syncs/s | server CPU ms / sync "
+        "| client CPU ms / sync | load average |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         cpu = "-" if r.server_cpu_ms_per_sync is None else f"{r.server_cpu_ms_per_sync:.2f}"
-        print(f"| {r.database} | {r.replicas} | {r.daemons:,} | {r.syncs_per_s:,.0f} | {cpu} |")
+        print(
+            f"| {r.database} | {r.replicas} | {r.daemons:,} | {r.syncs_per_s:,.0f} | {cpu} "
+            f"| {r.client_cpu_ms_per_sync:.2f} | {r.load_average:.1f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     return 0

@@ -464,6 +464,9 @@ def evaluate_in(
             team = session.get(Team, key.team_id)
             targets.append(team.customer_id if team else None)
         ids = [t for t in targets if t]
+        connection = session.connection()
+        if connection.execute(_ANY_BUDGET_RULE_OF, {"ids": ids}).first() is None:
+            return 0  # most syncs: no rule watches these levels, and no ORM load is needed
         rules = session.exec(_BUDGET_RULES_OF, params={"ids": ids})
     fired = sum(_EVALUATORS[r.kind](session, r, settings, now) for r in rules)
     session.commit()
@@ -474,6 +477,14 @@ _BUDGET_RULES_OF: Final = select(AlertRule).where(
     AlertRule.kind == "budget", col(AlertRule.target_id).in_(bindparam("ids", expanding=True))
 )
 """Built once: every usage sync runs it (see ``devices._KEY_BY_HASH``)."""
+_ANY_BUDGET_RULE_OF: Final = (
+    select(AlertRule.id)
+    .where(
+        AlertRule.kind == "budget",
+        col(AlertRule.target_id).in_(bindparam("ids", expanding=True)),
+    )
+    .limit(1)
+)
 
 
 def note_sync(engine: Engine, device_id: str, *, now: float) -> None:

@@ -70,6 +70,15 @@ class ServerContext:
         return alerts.AlertWorker(self.engine, self.box, self.alert_settings, self.clock)
 
     @functools.cached_property
+    def callers(self) -> devices.CallerCache:
+        return devices.CallerCache()
+
+    @functools.cached_property
+    def usage_writer(self) -> usage.GroupCommit | None:
+        """SQLite's group commit of usage writes (``usage.GroupCommit``); None on PostgreSQL."""
+        return None if db.is_postgres(self.engine) else usage.GroupCommit(self.engine)
+
+    @functools.cached_property
     def metrics(self) -> server_metrics.ServerMetrics:
         return server_metrics.ServerMetrics(self.engine, self.clock)
 
@@ -354,10 +363,13 @@ def _sync_usage(
     crossed an alert threshold of the key's levels: those rules are evaluated next."""
     now = ctx.clock()
     with db.session(ctx.engine) as session:
-        key = devices.key_in(session, token, now=now)  # revoked or expired: 401 here
-        device = devices.device_in(session, key, device_id, device_token, now=now)
+        # revoked or expired key: 401; unknown, pending or revoked device: 403; checked afresh
+        # whenever the policy epoch moved (``devices.CallerCache``)
+        key, device = ctx.callers.caller(session, token, device_id, device_token, now=now)
         body = _parse_body(raw)
-        result = usage.ingest_in(session, key, device, body, now=now, touch_device=True)
+        result = usage.ingest_in(
+            session, key, device, body, now=now, touch_device=True, writer=ctx.usage_writer
+        )
         if alerts.evaluate_in(session, ctx.alert_settings, now=now, key=key):
             ctx.alert_worker.wake()
     return result
@@ -371,7 +383,7 @@ def _poll_bundle(
     full path."""
     now = ctx.clock()
     with db.session(ctx.engine) as session:  # one connection for both reads
-        key = devices.key_in(session, token, now=now)  # revoked or expired: 401 here
+        key = ctx.callers.key(session, token, now=now)  # revoked or expired: 401 here
         if device_id and device_token:
             hit = ctx.bundler.cached(
                 key_id=key.id,

@@ -329,7 +329,7 @@ def create_engine(url: str) -> Engine:
     engine = sa_create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S},
-        pool_size=_SQLITE_POOL_SIZE,
+        pool_size=_SQLITE_POOL_SIZE + 1,  # and the usage writer's own (``usage.GroupCommit``)
         max_overflow=0,
     )
     event.listen(engine, "connect", _sqlite_pragmas)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from sqlalchemy import Engine, bindparam, update
+from sqlalchemy import Connection, Engine, bindparam, update
 from sqlmodel import Session, col, select
 
 from ccgate._format import format_utc
 from ccgate.server import db, validate
-from ccgate.server.db import Device, VirtualKey, new_id
+from ccgate.server.db import Device, PolicyEpoch, VirtualKey, new_id
 from ccgate.server.errors import (
     AuthenticationError,
     BadRequestError,
@@ -46,6 +47,11 @@ def key_in(session: Session, token: str | None, *, now: float) -> VirtualKey:
     row = session.exec(_KEY_BY_HASH, params={"key_hash": sha256_hex(token)}).first()
     if row is None:
         raise AuthenticationError(f"This virtual key is not known to the server. {_ASK}")
+    return _live(row, now=now)
+
+
+def _live(row: VirtualKey, *, now: float) -> VirtualKey:
+    """``row`` if it is neither revoked nor expired at ``now``, else the 401."""
     if row.revoked_at is not None:
         raise AuthenticationError(
             f"The virtual key {row.name!r} ({row.prefix}...) was revoked on "
@@ -267,3 +273,104 @@ _TOUCH: Final = (
     .where((col(Device.last_seen_at).is_(None)) | (col(Device.last_seen_at) < bindparam("due")))
     .values(last_seen_at=bindparam("now"))
 )
+
+
+class CallerCache:
+    """The key and device rows a sync authenticates against, kept for one policy epoch.
+
+    Every change to a key or a device that can refuse its next request (revocation, expiry
+    and every other key update, device approval and revocation) goes through ``Admin._record``,
+    which bumps the policy epoch in the change's own transaction. Each request reads the epoch
+    first (one tiny Core query instead of loading two ORM rows) and drops everything when it
+    moved, so a request that starts after such a change has committed reads the rows afresh and
+    is refused: a revoked key gets its 401 on its very next request, on every replica, since
+    the epoch lives in the database. Expiry is checked against ``now`` on every request, and the
+    device token on every request too (a wrong one takes the full path: its audit row).
+
+    Only rows that passed are kept, and only devices that are approved with a bound token (the
+    first-token binding of m013 writes without an epoch bump, so those rows are never cached).
+    Entries are ORM objects detached from the session that loaded them, read and never written.
+    """
+
+    MAX_ENTRIES: Final = 100_000  # per table, past it no more are kept: bounded memory
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: tuple[int, dict[str, VirtualKey], dict[str, Device]] | None = None
+
+    def key(self, session: Session, token: str | None, *, now: float) -> VirtualKey:
+        """``key_in``, from the cache when the epoch has not moved since the row was read."""
+        return self._key(session, self._tables(session), token, now=now)
+
+    def caller(
+        self,
+        session: Session,
+        token: str | None,
+        device_id: str | None,
+        device_token: str | None,
+        *,
+        now: float,
+    ) -> tuple[VirtualKey, Device]:
+        """``key_in`` then ``device_in``, from the cache for an approved device presenting its
+        own token (any other answer, and its audit row, comes from ``device_in``)."""
+        tables = self._tables(session)
+        key = self._key(session, tables, token, now=now)
+        cached = tables[1].get(device_id) if tables is not None and device_id else None
+        if (
+            cached is not None
+            and device_token
+            and cached.key_id == key.id
+            and cached.token_hash is not None
+            and hmac.compare_digest(sha256_hex(device_token), cached.token_hash)
+        ):
+            return key, cached
+        device = device_in(session, key, device_id, device_token, now=now)
+        if tables is not None and device.status == "approved" and device.token_hash is not None:
+            _keep(tables[1], device.id, device)
+        return key, device
+
+    def _key(
+        self,
+        session: Session,
+        tables: tuple[dict[str, VirtualKey], dict[str, Device]] | None,
+        token: str | None,
+        *,
+        now: float,
+    ) -> VirtualKey:
+        if tables is None or not token:
+            return key_in(session, token, now=now)
+        digest = sha256_hex(token)
+        cached = tables[0].get(digest)
+        if cached is not None:
+            return _live(cached, now=now)  # expiry is a matter of time, not of the epoch
+        row = key_in(session, token, now=now)
+        _keep(tables[0], digest, row)
+        return row
+
+    def _tables(self, session: Session) -> tuple[dict[str, VirtualKey], dict[str, Device]] | None:
+        """The cache's tables for the epoch read now, or None: this request reads the rows.
+
+        Epochs only grow: a request that read an older epoch than the cache holds (it began
+        before a change another request has already seen) neither reads nor fills it.
+        """
+        epoch = policy_epoch(session.connection())
+        state = self._state
+        if state is None or state[0] != epoch:
+            with self._lock:
+                state = self._state
+                if state is None or state[0] < epoch:
+                    state = self._state = (epoch, {}, {})
+        return (state[1], state[2]) if state[0] == epoch else None
+
+
+def _keep(table: dict[str, Any], name: str, row: Any) -> None:
+    if len(table) < CallerCache.MAX_ENTRIES:
+        table[name] = row
+
+
+def policy_epoch(connection: Connection) -> int:
+    """The server-wide policy epoch (``db.bump_policy_epoch``), on the caller's connection."""
+    return int(connection.execute(_EPOCH).scalar_one())
+
+
+_EPOCH: Final = select(PolicyEpoch.epoch).where(PolicyEpoch.id == db.POLICY_EPOCH_ROW)

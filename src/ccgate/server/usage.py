@@ -16,11 +16,13 @@ key's entry also carries ``tokens`` for the daemon's token budget (issue #6).
 from __future__ import annotations
 
 import math
+import queue
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
-from sqlalchemy import Engine, bindparam, case, func, or_, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, or_, update
 from sqlmodel import Session, col, select
 
 from ccgate.accounting import periods
@@ -28,7 +30,7 @@ from ccgate.server import db
 from ccgate.server.admin import key_levels
 from ccgate.server.db import Customer, Device, Lease, Provider, Team, UsageRow, VirtualKey
 from ccgate.server.devices import touch
-from ccgate.server.errors import InvalidRequestError
+from ccgate.server.errors import InvalidRequestError, ServerStateError
 
 MAX_BATCH: Final = 1000
 OUTCOMES: Final = frozenset({"ok", "upstream_error", "interrupted", "rejected"})
@@ -81,9 +83,11 @@ def ingest_in(
     *,
     now: float,
     touch_device: bool = False,
+    writer: GroupCommit | None = None,
 ) -> dict[str, Any]:
     """``ingest`` inside the caller's session: one transaction stores the batch (and, with
-    ``touch_device``, the device's last sync), then the spend is read back."""
+    ``touch_device``, the device's last sync), then the spend is read back. With ``writer``
+    that transaction is the writer's next group (SQLite), else the session's own."""
     records = body.get("records", [])
     if not isinstance(records, list):
         raise InvalidRequestError("'records' must be a list of UsageRecord objects.")
@@ -93,27 +97,134 @@ def ingest_in(
         )
     parsed = [_record(r, index=i) for i, r in enumerate(records)]
     failures = _key_failures(body.get("key_failures", []))
-    accepted = _insert_new(session, key, device, parsed, now=now) if parsed else 0
-    if failures and key.auth == "provider":  # only these keys' bundles carry provider entries
-        _note_key_failures(session, failures, now=now)
-    if touch_device:
-        touch(session, device.id, now=now)
-    session.commit()
+    rows = _new_rows(session, key, device, parsed, now=now) if parsed else []
+
+    def write(into: Session) -> int:
+        accepted = _insert_rows(into, rows) if rows else 0
+        if failures and key.auth == "provider":  # only these keys' bundles carry providers
+            _note_key_failures(into, failures, now=now)
+        if touch_device:
+            touch(into, device.id, now=now)
+        return accepted
+
+    if writer is None:
+        accepted = write(session)
+        session.commit()
+    else:
+        accepted = writer.run(write)  # answered once committed, with other syncs' writes
     spent = spent_for(session, key, now=now)
     return {"accepted": accepted, "duplicates": len(parsed) - accepted, "spent": spent}
 
 
-def _insert_new(
+class GroupCommit:
+    """One SQLite transaction (and one fsync) for the usage writes of many concurrent syncs.
+
+    SQLite takes one writer at a time and, at its default ``synchronous=FULL``, syncs the
+    write-ahead log to disk at every commit: with one transaction per sync the server was
+    bounded by the disk's fsync rate, and concurrent syncs queued in SQLite's busy handler,
+    which sleeps (milliseconds at a time) between attempts. Here one thread takes every write
+    that is waiting, runs them in one transaction and commits once; each caller is answered
+    only after that commit, so a sync answered 200 is still on disk. A write that fails rolls
+    the whole group back, and each write is then run again in its own transaction, so one bad
+    batch cannot cost another sync its records (or be stored twice: nothing was committed).
+
+    PostgreSQL takes concurrent writers and groups their commits itself: it is not used there.
+    """
+
+    MAX_GROUP: Final = 256
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._queue: queue.SimpleQueue[_Write] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        # The writer's own connection, held for good: its callers hold pooled connections
+        # while they wait for it, so taking one from the pool could wait on them (a deadlock
+        # once every pooled connection is a waiting caller's). ``db.create_engine`` sizes the
+        # SQLite pool for anyio's threads plus this one.
+        self._connection: Connection | None = None
+
+    def run(self, write: Callable[[Session], int]) -> int:
+        """Run ``write`` in the next group's transaction; return its result once committed."""
+        job = _Write(write)
+        self._start()
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        if job.result is None:  # the writer thread was stopped mid-group
+            raise ServerStateError("The usage batch was not stored; the daemon sends it again.")
+        return job.result
+
+    def _start(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._loop, name="ccgate-usage-writer", daemon=True
+                    )
+                    self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            jobs = [self._queue.get()]
+            while len(jobs) < self.MAX_GROUP:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._commit(jobs)
+            except Exception:  # the group is rolled back: each write alone, in its own commit
+                self._one_by_one(jobs)
+            finally:
+                for job in jobs:
+                    job.done.set()
+
+    def _commit(self, jobs: Sequence[_Write]) -> None:
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        try:
+            # Bound to a connection outside any transaction, the session begins and commits
+            # its own; closing it rolls back whatever was not committed.
+            with Session(bind=self._connection, expire_on_commit=False) as session:
+                results = [job.write(session) for job in jobs]
+                session.commit()
+        except Exception:
+            self._connection.close()  # taken afresh for the next group: it may be broken
+            self._connection = None
+            raise
+        for job, result in zip(jobs, results, strict=True):
+            job.result = result
+
+    def _one_by_one(self, jobs: Sequence[_Write]) -> None:
+        for job in jobs:
+            try:
+                self._commit([job])
+            except Exception as exc:  # raised again in the caller's thread
+                job.error = exc
+
+
+class _Write:
+    __slots__ = ("done", "error", "result", "write")
+
+    def __init__(self, write: Callable[[Session], int]) -> None:
+        self.write = write
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.result: int | None = None
+
+
+def _new_rows(
     session: Session,
     key: VirtualKey,
     device: Device,
     records: Sequence[dict[str, Any]],
     *,
     now: float,
-) -> int:
+) -> list[dict[str, Any]]:
     # First occurrence wins within a batch; sorted by id so two transactions inserting
     # overlapping batches wait on each other in the same order and never deadlock.
-    # The caller commits.
     unique = sorted({r["id"]: r for r in reversed(records)}.values(), key=lambda r: r["id"])
     team, customer = key_levels(session, key)
     leases = _own_leases(session, key, {r["lease_id"] for r in unique if r["lease_id"]})
@@ -132,6 +243,11 @@ def _insert_new(
         }
         for record in unique
     ]
+    return rows
+
+
+def _insert_rows(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert the rows not stored yet and charge their leases; the caller commits."""
     inserted = set(session.execute(_insert_ignoring_duplicates(session), rows).scalars())
     _charge_leases(session, [r for r in rows if r["id"] in inserted])
     return len(inserted)
@@ -308,10 +424,7 @@ def _optional(raw: Mapping[str, Any], name: str, kind: Any, where: str) -> Any:
 def spent_for(session: Session, key: VirtualKey, *, now: float) -> dict[str, Any]:
     team, customer = key_levels(session, key)
     return {
-        "key": {
-            **_level_spent(session, UsageRow.key_id, key, now=now),
-            **_tokens(session, key, now=now),
-        },
+        "key": _key_spent(session, key, now=now),
         "team": None if team is None else _level_spent(session, UsageRow.team_id, team, now=now),
         "customer": (
             None
@@ -336,6 +449,54 @@ _TOKENS: Final = _sum_statements(
     UsageRow.input_tokens + UsageRow.output_tokens + UsageRow.cache_creation_input_tokens,
     UsageRow.key_id,
 )
+
+
+def _key_statements() -> tuple[Any, Any]:
+    money = func.coalesce(func.sum(UsageRow.cost_micros), 0)
+    tokens = func.coalesce(
+        func.sum(
+            UsageRow.input_tokens + UsageRow.output_tokens + UsageRow.cache_creation_input_tokens
+        ),
+        0,
+    )
+    total = select(money, tokens).where(UsageRow.key_id == bindparam("level_id"))
+    return total, total.where(UsageRow.started_at >= bindparam("start"))
+
+
+_KEY_SPENT_AND_TOKENS: Final = _key_statements()
+"""The key's money and tokens in one pass over its rows (``_key_spent``), built once."""
+
+
+def _key_spent(session: Session, key: VirtualKey, *, now: float) -> dict[str, Any]:
+    """The key's money and tokens; one query when both share a window (the usual case: a key
+    without a token budget counts its tokens in its money budget's window)."""
+    start = _window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
+    tokens_start = _tokens_start(key, now=now)
+    if tokens_start != start:
+        return {
+            **_level_spent(session, UsageRow.key_id, key, now=now),
+            **_tokens(session, key, now=now),
+        }
+    all_time, windowed = _KEY_SPENT_AND_TOKENS
+    params: dict[str, Any] = {"level_id": key.id}
+    if start is not None:
+        params["start"] = start
+    money, tokens = (
+        session.connection().execute(all_time if start is None else windowed, params).one()
+    )
+    return {
+        "period_start": None if start is None else _plain_number(start),
+        "spent_micros": int(money),
+        "tokens": int(tokens),
+    }
+
+
+def _window_start(
+    limit: int | None, period: str | None, rolling: bool, *, now: float
+) -> float | None:
+    if limit is None or period is None:
+        return None
+    return periods.window(periods.parse_period(period), rolling=rolling, now=now)[0]
 
 
 def _level_spent(
@@ -368,14 +529,15 @@ def _tokens(session: Session, key: VirtualKey, *, now: float) -> dict[str, int]:
     Without a token budget the window is the money budget's (all time without either), so the
     figure always sits beside a meaningful ``period_start``.
     """
-    start: float | None = None
+    return {"tokens": _sum(session, _TOKENS, key.id, _tokens_start(key, now=now))}
+
+
+def _tokens_start(key: VirtualKey, *, now: float) -> float | None:
     if key.token_budget_tokens is not None and key.token_budget_period is not None:
-        period = periods.parse_period(key.token_budget_period)
-        start = periods.window(period, rolling=key.token_budget_rolling, now=now)[0]
-    elif key.budget_micros is not None and key.budget_period is not None:
-        period = periods.parse_period(key.budget_period)
-        start = periods.window(period, rolling=key.budget_rolling, now=now)[0]
-    return {"tokens": _sum(session, _TOKENS, key.id, start)}
+        return _window_start(
+            key.token_budget_tokens, key.token_budget_period, key.token_budget_rolling, now=now
+        )
+    return _window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
 
 
 def _plain_number(value: float) -> float | int:
