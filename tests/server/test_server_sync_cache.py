@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -108,14 +109,26 @@ async def test_concurrent_syncs_are_all_stored_once(server: Server) -> None:
         results.append(_sync_on(server.ctx, key, devices[i], *ids))
         results.append(_sync_on(server.ctx, key, devices[i], *ids))
 
-    writer, gate = server.ctx.usage_writer, threading.Event()
+    writer, gate, holding = server.ctx.usage_writer, threading.Event(), threading.Event()
+
+    def hold(_session: Any) -> int:
+        holding.set()
+        gate.wait(60)
+        return 0
+
     if writer is not None:  # SQLite: hold the writer until every pooled connection waits on it
-        held = threading.Thread(target=writer.run, args=(lambda _session: gate.wait(10) and 0,))
+        held = threading.Thread(target=writer.run, args=(hold,))
         held.start()
+        # Held before any sync queues, so no sync's write is in the held group itself.
+        assert holding.wait(10)
     threads = [threading.Thread(target=sync, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
+    # Under load the 48 threads take a while to queue up; bounded, so a slow machine fails
+    # with a message instead of hanging.
+    deadline = time.monotonic() + 50
     while writer is not None and writer._queue.qsize() < db._SQLITE_POOL_SIZE:
+        assert time.monotonic() < deadline, "the syncs never all queued behind the writer"
         threading.Event().wait(0.01)
     gate.set()
     for thread in threads:
