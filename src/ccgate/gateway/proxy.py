@@ -8,10 +8,12 @@ Design, in the order a request meets it:
    reads the body (capped at 32 MB) and checks that it is JSON. It never re-serialises: the bytes
    that came in are the bytes that go out.
 3. The policy admits it (standalone: always; server mode: the governor's limits and leases).
-4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``). The
-   request goes upstream while the writer commits that row, and no byte of the answer is
-   relayed until the commit has landed (see ``Relay._relay``). When the ledger is already
-   known to be failing, the request is refused before it is sent (fail closed).
+4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``),
+   committed on the spot when SQLite's write lock is free (``Ledger.commit_start``: one WAL
+   append). Otherwise the request goes upstream while the writer commits that row, and no byte
+   of the answer is relayed until the commit has landed (see ``Relay._relay``). When the
+   ledger is already known to be failing, the request is refused before it is sent (fail
+   closed).
 5. ``relay.Relay`` sends the request upstream through the provider kind's adapter
    (``gateway.providers``: the client's credential replaced by the upstream one) and copies the
    answer back as it arrives. It only observes: at checkpoints and at
@@ -311,8 +313,11 @@ class Gateway:
         prices = billing.RequestPrices(policy.prices(), started_at=record.started_at)
         if record.path == "/v1/messages":
             _apply(record, billing.provisional(prices, model=record.model, body_bytes=len(body)))
-        self.ledger.record_start(record)
-        if self.ledger.write_problem() is not None:
+        # Committed right here when the write lock is free (no thread hand-off: under load
+        # that wait was the first byte's tail); otherwise queued, and the commit overlaps the
+        # upstream round trip (Relay._relay).
+        durable = self.ledger.commit_start(record)
+        if not durable and self.ledger.write_problem() is not None:
             # Known to be failing: fail closed, a request that cannot be accounted for is not
             # sent. (Otherwise the commit overlaps the upstream round trip: Relay._relay.)
             problem = await self._commit_pending()
@@ -379,7 +384,7 @@ class Gateway:
             outbound,
             on_progress=finish.progress,
             on_finish=finish.done,
-            ready=self._ready,
+            ready=None if durable else self._ready,
         )
 
     def _unsent(
