@@ -197,6 +197,9 @@ class Gateway:
             follow_redirects=False,
             transport=self._transport,
         )
+        # A relay keeps no cookies: an upstream's Set-Cookie is the client's to keep (it is
+        # relayed), and storing it costs a urllib request object per answer.
+        self._client._cookies = _NoCookies()
         try:
             async with anyio.create_task_group() as tg:
                 if self._background is not None:
@@ -316,13 +319,16 @@ class Gateway:
         # Committed right here when the write lock is free (no thread hand-off: under load
         # that wait was the first byte's tail); otherwise queued, and the commit overlaps the
         # upstream round trip (Relay._relay).
-        durable = self.ledger.commit_start(record)
-        if not durable and self.ledger.write_problem() is not None:
+        if self.ledger.write_problem() is None:
+            durable = self.ledger.commit_start(record)
+        else:
             # Known to be failing: fail closed, a request that cannot be accounted for is not
-            # sent. (Otherwise the commit overlaps the upstream round trip: Relay._relay.)
+            # sent, and the writer (whose retry clears the problem) stays the one to commit.
+            self.ledger.record_start(record)
             problem = await self._commit_pending()
             if problem is not None:
                 return self._unsent(record, t0, ticket, self._unaccounted(problem))
+            durable = True
         attempts: list[Attempt] = []
         refused_by: ProviderError | None = None
         for candidate in plan.candidates:
@@ -719,6 +725,13 @@ def allowed_upstream_path(scope: Scope) -> str | None:
     if prefix == "/v1/models" and _MODEL_ID.fullmatch(model_id):
         return f"/v1/models/{model_id}"
     return None
+
+
+class _NoCookies(httpx.Cookies):
+    """The upstream client's cookie jar, which stores nothing (see ``Gateway.lifespan``)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
 
 
 class BodyError(ValueError):
