@@ -26,6 +26,7 @@ cancels the upstream request too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -150,12 +151,16 @@ class Relay(Response):
         self._served_by: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+        # One plain task for the watcher and a cancel scope around the relay, rather than a
+        # task group: the same cancellation, at a fraction of the cost per request.
+        with anyio.CancelScope() as relaying:
+            watcher = asyncio.get_running_loop().create_task(
+                self._watch_disconnect(receive, relaying)
+            )
             try:
                 await self._relay(send)
             finally:
-                tg.cancel_scope.cancel()
+                watcher.cancel()
                 self.on_finish(self.observation())
 
     def observation(self) -> Observation:
@@ -202,23 +207,18 @@ class Relay(Response):
         chosen: tuple[httpx.Response, Reply] | None = None
         failed: tuple[int, str] | None = None
         not_ready: str | None = None
-
-        async def wait_ready() -> None:
-            nonlocal not_ready
-            assert self.ready is not None
-            not_ready = await self.ready()
-
+        # None when the row was committed before the request came here (the common case).
+        ready = asyncio.ensure_future(self.ready()) if self.ready is not None else None
         try:
-            async with anyio.create_task_group() as tg:
-                if self.ready is not None:
-                    tg.start_soon(wait_ready)
-                self._sent_at = time.perf_counter()
-                attempts = self._attempts()
-                self._log_skipped()
-                for index, attempt in enumerate(attempts):
-                    chosen, failed = await self._attempt(attempt, last=index == len(attempts) - 1)
-                    if failed is None and self._attempt_log[-1]["reason"] is None:
-                        break
+            self._sent_at = time.perf_counter()
+            attempts = self._attempts()
+            self._log_skipped()
+            for index, attempt in enumerate(attempts):
+                chosen, failed = await self._attempt(attempt, last=index == len(attempts) - 1)
+                if failed is None and self._attempt_log[-1]["reason"] is None:
+                    break
+            if ready is not None:
+                not_ready = await ready
             self._relaying_at = time.perf_counter()
             if not_ready is not None:
                 self._withheld = chosen is not None
@@ -229,6 +229,8 @@ class Relay(Response):
             else:
                 await self._pump(chosen[1], send)
         finally:
+            if ready is not None and not ready.done():
+                ready.cancel()  # the attempts failed or were cancelled
             if chosen is not None:
                 with anyio.CancelScope(shield=True):
                     await chosen[0].aclose()
