@@ -3,7 +3,8 @@
 Design, in the order a request meets it:
 
 1. ``_GuardMiddleware`` (pure ASGI, before routing) refuses a Host that is not loopback with the
-   daemon's port (DNS rebinding) and any request carrying ``Origin`` (a web page).
+   daemon's port (DNS rebinding) and any request carrying ``Origin`` (a web page). It hands
+   ``POST /v1/messages`` to its handler itself; every other route goes through Starlette's.
 2. The route handler authenticates the client's key (``Authorization: Bearer`` or ``x-api-key``),
    reads the body (capped at 32 MB) and checks that it is JSON. It never re-serialises: the bytes
    that came in are the bytes that go out.
@@ -110,8 +111,15 @@ OnFinish = Callable[[RequestRecord], None]
 class _GuardMiddleware:
     """Refuse what a browser or a rebinding DNS name could send, before any routing."""
 
-    def __init__(self, app: ASGIApp, *, port: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        port: int,
+        messages: Callable[[Request], Awaitable[Response]] | None = None,
+    ) -> None:
         self.app = app
+        self.messages = messages
         self.allowed_hosts = {
             f"127.0.0.1:{port}".encode(),
             f"localhost:{port}".encode(),
@@ -145,6 +153,15 @@ class _GuardMiddleware:
                 "ccgate refuses requests from web pages (the request carried an Origin header).",
                 should_retry=False,
             )
+        elif (
+            self.messages is not None
+            and scope["path"] == "/v1/messages"
+            and scope["method"] == "POST"
+        ):
+            # The hot route straight to its handler, past Starlette's router, exception
+            # middleware and their two wrappers around every send; what Starlette's Route would
+            # do for it is exactly this (the handler answers every error itself).
+            response = await self.messages(Request(scope, receive, send))
         else:
             await self.app(scope, receive, send)
             return
@@ -231,7 +248,7 @@ class Gateway:
         app = Starlette(routes=routes, lifespan=self.lifespan)
         app.add_exception_handler(404, _not_found)
         app.add_exception_handler(405, _not_allowed)
-        return _GuardMiddleware(app, port=self.settings.port)
+        return _GuardMiddleware(app, port=self.settings.port, messages=self.proxy)
 
     # -- local endpoints ---------------------------------------------------------------------
 
