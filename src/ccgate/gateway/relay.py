@@ -2,9 +2,10 @@
 
 It observes and forwards; it decides nothing about billing or outcomes. The gateway hands it a
 ready ``httpx.Request`` and two hooks: ``on_progress`` gets the usage metered so far at
-checkpoints (message_start, then every ``CHECKPOINT_EVERY_CHUNKS`` chunks or
-``CHECKPOINT_EVERY_S`` seconds of stream), so a daemon killed mid-stream still bills what was
-relayed; ``on_finish`` gets one ``Observation`` when the exchange ends, however it ends.
+checkpoints (``START_CHECKPOINT_DELAY_S`` after message_start unless the stream is over by
+then, then every ``CHECKPOINT_EVERY_CHUNKS`` chunks or ``CHECKPOINT_EVERY_S`` seconds of
+stream), so a daemon killed mid-stream still bills what was relayed; ``on_finish`` gets one
+``Observation`` when the exchange ends, however it ends.
 
 Before the first byte, a request may be tried on several candidates (``Outbound.attempts``: the
 routing plan's keys and fallback providers, see gateway/routing.py). An attempt that fails to
@@ -53,6 +54,9 @@ log = logging.getLogger("ccgate.proxy")
 
 CHECKPOINT_EVERY_CHUNKS: Final = 32
 CHECKPOINT_EVERY_S: Final = 1.0
+# The message_start checkpoint is taken this long after that event, unless the stream has
+# ended by then: the final row follows at once, and a ledger write per stream is saved.
+START_CHECKPOINT_DELAY_S: Final = 0.05
 # At most this much of a stream's decoded start is held back to read its first event.
 PEEK_LIMIT_BYTES: Final = 64 * 1024
 WRITE_TIMEOUT_S: Final = 60.0
@@ -141,6 +145,7 @@ class Relay(Response):
         self._since_checkpoint = 0
         self._checkpoint_at = 0.0
         self._start_persisted = False
+        self._start_timer: asyncio.TimerHandle | None = None
         self._withheld = False
         self._quota: dict[str, str] | None = None
         self._sent_at: float | None = None
@@ -161,6 +166,8 @@ class Relay(Response):
                 await self._relay(send)
             finally:
                 watcher.cancel()
+                if self._start_timer is not None:
+                    self._start_timer.cancel()  # the final row carries the usage now
                 self.on_finish(self.observation())
 
     def observation(self) -> Observation:
@@ -379,20 +386,35 @@ class Relay(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _checkpoint(self, meter: ResponseMeter) -> None:
-        """Hand on the usage so far at message_start, then every N chunks or T seconds.
+        """Hand on the usage so far shortly after message_start, then every N chunks or T
+        seconds.
 
         Per chunk this is a counter and a clock read; the usage is only built when one is due.
+        The first one waits ``START_CHECKPOINT_DELAY_S`` on a timer (cancelled when the stream
+        ends first: most short answers), so a daemon killed in that window bills the input
+        estimate of the pending row rather than the reported input.
         """
         if not meter.started:
             return
         self._since_checkpoint += 1
+        if not self._start_persisted:
+            if self._start_timer is None:
+                loop = asyncio.get_running_loop()
+                self._start_timer = loop.call_later(START_CHECKPOINT_DELAY_S, self._start_due)
+            return
         now = time.monotonic()
-        if self._start_persisted:
-            due = self._since_checkpoint >= CHECKPOINT_EVERY_CHUNKS or (
-                now - self._checkpoint_at >= CHECKPOINT_EVERY_S
-            )
-            if not due:
-                return
+        due = self._since_checkpoint >= CHECKPOINT_EVERY_CHUNKS or (
+            now - self._checkpoint_at >= CHECKPOINT_EVERY_S
+        )
+        if due:
+            self._save_checkpoint(meter, now)
+
+    def _start_due(self) -> None:
+        meter = self._meter
+        if meter is not None and not self._start_persisted:
+            self._save_checkpoint(meter, time.monotonic())
+
+    def _save_checkpoint(self, meter: ResponseMeter, now: float) -> None:
         self._start_persisted = True
         self._since_checkpoint = 0
         self._checkpoint_at = now
