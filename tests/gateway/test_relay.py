@@ -345,3 +345,28 @@ async def test_an_answer_whose_row_cannot_be_committed_is_withheld_with_503() ->
     assert b"disk full" in body["body"] and b'"type":"message"' not in body["body"]
     (seen,) = observed
     assert seen.withheld and seen.seen.status == 503 and not seen.seen.got_response
+
+
+async def test_an_upstream_cookie_is_relayed_to_the_client_and_not_kept_by_the_daemon(
+    ledger: Ledger, fake: FakeUpstream
+) -> None:
+    # The daemon's one upstream client serves every request: the cookie is the client's.
+    fake.enqueue(Scenario(headers=(("set-cookie", "session=abc; Path=/"),)))
+    gateway = standalone(
+        port=PORT,
+        ledger=ledger,
+        upstream_url=BASE,
+        upstream_key=DEFAULT_API_KEY,
+        client_keys={KEY: "local"},
+        transport=httpx.ASGITransport(app=fake._app),
+    )
+    to_gateway = httpx.ASGITransport(app=gateway.app())
+    async with (
+        gateway.lifespan(),
+        httpx.AsyncClient(transport=to_gateway, base_url=f"http://127.0.0.1:{PORT}") as client,
+    ):
+        response = await post(client, BODY)
+        kept = list(gateway.client.cookies.jar)
+    assert response.status_code == 200
+    assert response.headers["set-cookie"] == "session=abc; Path=/"
+    assert kept == []
