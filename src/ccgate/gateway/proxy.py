@@ -9,10 +9,10 @@ Design, in the order a request meets it:
    reads the body (capped at 32 MB) and checks that it is JSON. It never re-serialises: the bytes
    that came in are the bytes that go out.
 3. The policy admits it (standalone: always; server mode: the governor's limits and leases).
-4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``),
-   committed on the spot when SQLite's write lock is free (``Ledger.commit_start``: one WAL
-   append). Otherwise the request goes upstream while the writer commits that row, and no byte
-   of the answer is relayed until the commit has landed (see ``Relay._relay``). When the
+4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``).
+   It is committed while the request is on its way upstream: on the event loop when SQLite's
+   write lock is free (``Ledger.commit_start``: one WAL append), else by the writer thread; no
+   byte of the answer is relayed until the commit has landed (see ``Relay._relay``). When the
    ledger is already known to be failing, the request is refused before it is sent (fail
    closed).
 5. ``relay.Relay`` sends the request upstream through the provider kind's adapter
@@ -333,19 +333,16 @@ class Gateway:
         prices = billing.RequestPrices(policy.prices(), started_at=record.started_at)
         if record.path == "/v1/messages":
             _apply(record, billing.provisional(prices, model=record.model, body_bytes=len(body)))
-        # Committed right here when the write lock is free (no thread hand-off: under load
-        # that wait was the first byte's tail); otherwise queued, and the commit overlaps the
-        # upstream round trip (Relay._relay).
-        if self.ledger.write_problem() is None:
-            durable = self.ledger.commit_start(record)
-        else:
+        ready: Callable[[], Awaitable[str | None]] | None = partial(self._ready, record)
+        if self.ledger.write_problem() is not None:
             # Known to be failing: fail closed, a request that cannot be accounted for is not
             # sent, and the writer (whose retry clears the problem) stays the one to commit.
+            # (Otherwise the commit overlaps the upstream round trip: _ready, Relay._relay.)
             self.ledger.record_start(record)
             problem = await self._commit_pending()
             if problem is not None:
                 return self._unsent(record, t0, ticket, self._unaccounted(problem))
-            durable = True
+            ready = None
         attempts: list[Attempt] = []
         refused_by: ProviderError | None = None
         for candidate in plan.candidates:
@@ -407,7 +404,7 @@ class Gateway:
             outbound,
             on_progress=finish.progress,
             on_finish=finish.done,
-            ready=None if durable else self._ready,
+            ready=ready,
         )
 
     def _unsent(
@@ -509,8 +506,15 @@ class Gateway:
             return f"the write did not complete within {_COMMIT_TIMEOUT_S:.0f} s"
         return None
 
-    async def _ready(self) -> str | None:
-        """None once the pending row is committed; else what the client is told instead."""
+    async def _ready(self, record: RequestRecord) -> str | None:
+        """Commit the pending row; None once it is committed, else what the client is told.
+
+        The relay runs this as soon as the request is on its way upstream (its first wait), so
+        the commit overlaps the upstream's work. It is made right here on the loop when the
+        write lock is free (one WAL append: handing it to the writer thread and waiting for its
+        answer cost more than that under load); otherwise the writer commits it."""
+        if self.ledger.commit_start(record):
+            return None
         problem = await self._commit_pending()
         return None if problem is None else self._unaccounted(problem).message
 

@@ -214,7 +214,9 @@ class Relay(Response):
         chosen: tuple[httpx.Response, Reply] | None = None
         failed: tuple[int, str] | None = None
         not_ready: str | None = None
-        # None when the row was committed before the request came here (the common case).
+        # A task: it first runs when this one first waits, once the request has been written
+        # upstream (or while connecting), so even a commit made on the loop overlaps the
+        # upstream's work. None: the row was committed before the request came here.
         ready = asyncio.ensure_future(self.ready()) if self.ready is not None else None
         try:
             self._sent_at = time.perf_counter()
