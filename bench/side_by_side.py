@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.side_by_side", description=__doc__)
     parser.add_argument("builds", nargs="+", type=_build, metavar="LABEL:SRC")
     parser.add_argument("--requests", type=int, default=300, help="per build and kind")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed, per target and kind")
     args = parser.parse_args(argv)
     builds: list[tuple[str, Path]] = args.builds
     with tempfile.TemporaryDirectory(prefix="ccgate-side-") as tmp, contextlib.ExitStack() as stack:
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             body = request_body(stream=once is measure.stream_once)
             added: dict[str, list[float]] = {t.name: [] for t in targets}
             with httpx.Client(trust_env=False, timeout=60) as client:
-                for _ in range(WARMUP):
+                for _ in range(args.warmup):
                     for target in targets:
                         once(client, target, body)
                 before = {label: stats.cpu_seconds() or 0.0 for label, stats in cpu.items()}
