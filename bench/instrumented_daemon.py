@@ -4,9 +4,10 @@
 wrapping a few of its functions, from outside (ccgate's code is not changed): for every
 ``POST /v1/messages`` it notes the time when the ASGI app is called (headers parsed), the body has
 been read, the body is parsed (``json.loads``), admission has answered, the pending row is handed
-to the ledger, its commit has been awaited, the upstream request is built (it is sent next), and
-the upstream's response headers are in. As each request ends it appends them, one JSON line per
-request, to the file named by ``CCGATE_BENCH_TIMINGS``. ``bench.profile`` reads that file.
+to the ledger, its commit has been made on the spot or awaited, the upstream request is built
+(it is sent next), and the upstream's response headers are in. As each request ends it appends
+them, one JSON line per request, to the file named by ``CCGATE_BENCH_TIMINGS``.
+``bench.profile`` reads that file.
 
 The wrapped names are ccgate internals and may move; a hook whose target is gone is reported
 in the file's ``missing`` list and its step is simply absent, so the run still works.
@@ -71,6 +72,25 @@ def _wrap_sync(owner: Any, attribute: str, *, before: str | None, after: str | N
     setattr(owner, attribute, wrapper)
 
 
+def _wrap_commit_start(owner: Any) -> None:
+    """The pending row committed on the loop (``Ledger.commit_start``): its commit is done when
+    it returns True; when it returns False the row was queued and ``committed`` stamps it."""
+    original = getattr(owner, "commit_start", None)
+    if original is None:
+        _MISSING.append(f"{owner.__name__}.commit_start")
+        return
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _stamp("record_start")
+        done = original(*args, **kwargs)
+        if done:
+            _stamp("committed")
+        return done
+
+    owner.commit_start = wrapper
+
+
 class _TimedJson:
     """Stands in for the ``json`` module inside ccgate.gateway.proxy: stamps the body's parse."""
 
@@ -118,6 +138,7 @@ def install() -> None:
     _wrap_async(policy.LocalPolicy, "admit", before=None, after="admitted")
     _wrap_sync(ledger.Ledger, "record_start", before="record_start", after=None)
     _wrap_async(ledger.Ledger, "committed", before=None, after="committed")
+    _wrap_commit_start(ledger.Ledger)
     _wrap_sync(proxy.Gateway, "upstream_request", before=None, after="send")
     _wrap_async(relay.Relay, "_pump", before="upstream_headers", after=None)
     _write({"missing": _MISSING})

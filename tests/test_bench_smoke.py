@@ -267,3 +267,37 @@ def test_profile_summary_sets_idle_waits_apart(tmp_path: Path) -> None:
         "asyncio (loop, sockets)": 75.0,
         "h11 (HTTP/1.1 parsing, server and client)": 25.0,
     }
+
+
+@pytest.mark.e2e
+def test_side_by_side_measures_every_build_in_turn() -> None:
+    builds = [f"{label}:{REPO / 'src'}" for label in ("a", "b")]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.side_by_side", "--requests", "4", "--warmup", "1", *builds],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for kind in ("stream, first byte", "non-streaming"):
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(f"{kind}, 4 requests")]
+        assert lines[at + 1].startswith("  direct: p50 ")
+        assert [line.split(":")[0] for line in lines[at + 2 : at + 4]] == ["  a", "  b"]
+        assert all("CPU " in line and "ms/request" in line for line in lines[at + 2 : at + 4])
+
+
+def test_side_by_side_refuses_a_build_without_ccgate(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.side_by_side", f"a:{tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "expected LABEL:SRC with SRC/ccgate in it" in result.stderr

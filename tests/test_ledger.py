@@ -494,3 +494,43 @@ def test_committed_fails_fast_while_locked_and_the_record_lands_after(db_path: P
         assert ledger.flush(timeout=10)
         assert ledger.write_problem() is None
         assert [r.id for r in ledger.records()] == [rec(1).id]
+
+
+def test_commit_start_commits_on_the_spot_when_the_lock_is_free(
+    ledger: Ledger, db_path: Path
+) -> None:
+    # No flush: the row is in the file when commit_start returns, seen by another connection.
+    assert ledger.commit_start(rec(1)) is True
+    reader = raw(db_path)
+    try:
+        assert reader.execute("SELECT id, outcome FROM requests").fetchall() == [
+            (rec(1).id, "pending")
+        ]
+    finally:
+        reader.close()
+    ledger.record_finish(finished(1))
+    assert ledger.flush(timeout=10)
+    assert [(r.id, r.outcome) for r in ledger.records()] == [(rec(1).id, "ok")]
+
+
+def test_commit_start_queues_without_waiting_while_another_writer_holds_the_lock(
+    db_path: Path,
+) -> None:
+    with Ledger(db_path, busy_timeout_ms=20) as ledger:
+        ledger.start_writer()
+        blocker = raw(db_path)
+        blocker.execute("BEGIN IMMEDIATE")
+        assert ledger.commit_start(rec(1)) is False  # queued for the writer, which retries
+        assert ledger.records() == []
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert ledger.flush(timeout=10)
+        assert [(r.id, r.outcome) for r in ledger.records()] == [(rec(1).id, "pending")]
+
+
+def test_commit_start_queues_while_the_writer_is_mid_transaction(ledger: Ledger) -> None:
+    # The writer's own turn (its lock) is not waited for either.
+    with ledger._inline_lock:
+        assert ledger.commit_start(rec(1)) is False
+    assert ledger.flush(timeout=10)
+    assert [r.id for r in ledger.records()] == [rec(1).id]

@@ -19,7 +19,7 @@ from starlette.types import Message
 
 from ccgate.accounting.billing import INPUT_ESTIMATE
 from ccgate.accounting.metering import Metered
-from ccgate.gateway.relay import Observation, Outbound, Relay
+from ccgate.gateway.relay import START_CHECKPOINT_DELAY_S, Observation, Outbound, Relay
 from ccgate.store.ledger import Ledger, LedgerRow, RequestRecord
 from tests.support.fake_upstream import DEFAULT_API_KEY, FakeUpstream, Scenario, Usage, sse_event
 from tests.support.gateways import standalone
@@ -142,8 +142,9 @@ async def test_an_unreachable_upstream_gets_502_and_an_upstream_error_row(ledger
 class _BreaksOff(httpx.AsyncByteStream):
     """message_start, some text deltas, then the connection drops."""
 
-    def __init__(self, deltas: int) -> None:
+    def __init__(self, deltas: int, pause_s: float = 0.0) -> None:
         self.deltas = deltas
+        self.pause_s = pause_s  # after message_start: a stream that lasts
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         start = {
@@ -158,6 +159,8 @@ class _BreaksOff(httpx.AsyncByteStream):
             },
         }
         yield sse_event(start)
+        if self.pause_s:
+            await anyio.sleep(self.pause_s)
         for _ in range(self.deltas):
             delta = {"type": "text_delta", "text": "ab"}
             yield sse_event({"type": "content_block_delta", "index": 0, "delta": delta})
@@ -223,10 +226,17 @@ async def test_a_stream_that_breaks_off_bills_the_deltas_it_relayed(ledger: Ledg
     assert row.cost_micros == 300 + 600
 
 
-async def test_the_relay_hands_on_progress_at_message_start_and_one_observation() -> None:
+@pytest.mark.parametrize(
+    ("pause_s", "checkpoints"), [(0.0, []), (3 * START_CHECKPOINT_DELAY_S, [100])]
+)
+async def test_the_relay_hands_on_progress_after_message_start_and_one_observation(
+    pause_s: float, checkpoints: list[int]
+) -> None:
+    # A stream still going START_CHECKPOINT_DELAY_S after message_start is checkpointed; one
+    # over before that is not (its final row follows at once, with the same usage).
     def answer(_request: httpx.Request) -> httpx.Response:
         headers = {"content-type": "text/event-stream", "connection": "keep-alive"}
-        return httpx.Response(200, headers=headers, stream=_BreaksOff(deltas=3))
+        return httpx.Response(200, headers=headers, stream=_BreaksOff(deltas=3, pause_s=pause_s))
 
     progress: list[Metered] = []
     observed: list[Observation] = []
@@ -245,8 +255,8 @@ async def test_the_relay_hands_on_progress_at_message_start_and_one_observation(
             on_finish=observed.append,
         )
         await relay({"type": "http"}, call.receive, call.send)
-    # message_start was checkpointed before anything else was known.
-    assert [m.usage.input_tokens for m in progress] == [100]
+    # message_start's usage, before anything else was known.
+    assert [m.usage.input_tokens for m in progress] == checkpoints
     (seen,) = [o.seen for o in observed]
     assert (seen.status, seen.got_response, seen.upstream_done) == (200, True, False)
     assert seen.upstream_failure == "ReadError"
@@ -335,3 +345,28 @@ async def test_an_answer_whose_row_cannot_be_committed_is_withheld_with_503() ->
     assert b"disk full" in body["body"] and b'"type":"message"' not in body["body"]
     (seen,) = observed
     assert seen.withheld and seen.seen.status == 503 and not seen.seen.got_response
+
+
+async def test_an_upstream_cookie_is_relayed_to_the_client_and_not_kept_by_the_daemon(
+    ledger: Ledger, fake: FakeUpstream
+) -> None:
+    # The daemon's one upstream client serves every request: the cookie is the client's.
+    fake.enqueue(Scenario(headers=(("set-cookie", "session=abc; Path=/"),)))
+    gateway = standalone(
+        port=PORT,
+        ledger=ledger,
+        upstream_url=BASE,
+        upstream_key=DEFAULT_API_KEY,
+        client_keys={KEY: "local"},
+        transport=httpx.ASGITransport(app=fake._app),
+    )
+    to_gateway = httpx.ASGITransport(app=gateway.app())
+    async with (
+        gateway.lifespan(),
+        httpx.AsyncClient(transport=to_gateway, base_url=f"http://127.0.0.1:{PORT}") as client,
+    ):
+        response = await post(client, BODY)
+        kept = list(gateway.client.cookies.jar)
+    assert response.status_code == 200
+    assert response.headers["set-cookie"] == "session=abc; Path=/"
+    assert kept == []

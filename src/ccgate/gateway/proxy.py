@@ -3,15 +3,18 @@
 Design, in the order a request meets it:
 
 1. ``_GuardMiddleware`` (pure ASGI, before routing) refuses a Host that is not loopback with the
-   daemon's port (DNS rebinding) and any request carrying ``Origin`` (a web page).
+   daemon's port (DNS rebinding) and any request carrying ``Origin`` (a web page). It hands
+   ``POST /v1/messages`` to its handler itself; every other route goes through Starlette's.
 2. The route handler authenticates the client's key (``Authorization: Bearer`` or ``x-api-key``),
    reads the body (capped at 32 MB) and checks that it is JSON. It never re-serialises: the bytes
    that came in are the bytes that go out.
 3. The policy admits it (standalone: always; server mode: the governor's limits and leases).
-4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``). The
-   request goes upstream while the writer commits that row, and no byte of the answer is
-   relayed until the commit has landed (see ``Relay._relay``). When the ledger is already
-   known to be failing, the request is refused before it is sent (fail closed).
+4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``).
+   It is committed while the request is on its way upstream: on the event loop when SQLite's
+   write lock is free (``Ledger.commit_start``: one WAL append), else by the writer thread; no
+   byte of the answer is relayed until the commit has landed (see ``Relay._relay``). When the
+   ledger is already known to be failing, the request is refused before it is sent (fail
+   closed).
 5. ``relay.Relay`` sends the request upstream through the provider kind's adapter
    (``gateway.providers``: the client's credential replaced by the upstream one) and copies the
    answer back as it arrives. It only observes: at checkpoints and at
@@ -109,8 +112,15 @@ OnFinish = Callable[[RequestRecord], None]
 class _GuardMiddleware:
     """Refuse what a browser or a rebinding DNS name could send, before any routing."""
 
-    def __init__(self, app: ASGIApp, *, port: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        port: int,
+        messages: Callable[[Request], Awaitable[Response]] | None = None,
+    ) -> None:
         self.app = app
+        self.messages = messages
         self.allowed_hosts = {
             f"127.0.0.1:{port}".encode(),
             f"localhost:{port}".encode(),
@@ -144,6 +154,15 @@ class _GuardMiddleware:
                 "ccgate refuses requests from web pages (the request carried an Origin header).",
                 should_retry=False,
             )
+        elif (
+            self.messages is not None
+            and scope["path"] == "/v1/messages"
+            and scope["method"] == "POST"
+        ):
+            # The hot route straight to its handler, past Starlette's router, exception
+            # middleware and their two wrappers around every send; what Starlette's Route would
+            # do for it is exactly this (the handler answers every error itself).
+            response = await self.messages(Request(scope, receive, send))
         else:
             await self.app(scope, receive, send)
             return
@@ -196,6 +215,9 @@ class Gateway:
             follow_redirects=False,
             transport=self._transport,
         )
+        # A relay keeps no cookies: an upstream's Set-Cookie is the client's to keep (it is
+        # relayed), and storing it costs a urllib request object per answer.
+        self._client._cookies = _NoCookies()
         try:
             async with anyio.create_task_group() as tg:
                 if self._background is not None:
@@ -227,7 +249,7 @@ class Gateway:
         app = Starlette(routes=routes, lifespan=self.lifespan)
         app.add_exception_handler(404, _not_found)
         app.add_exception_handler(405, _not_allowed)
-        return _GuardMiddleware(app, port=self.settings.port)
+        return _GuardMiddleware(app, port=self.settings.port, messages=self.proxy)
 
     # -- local endpoints ---------------------------------------------------------------------
 
@@ -321,13 +343,16 @@ class Gateway:
         prices = billing.RequestPrices(policy.prices(), started_at=record.started_at)
         if record.path == "/v1/messages":
             _apply(record, billing.provisional(prices, model=record.model, body_bytes=len(body)))
-        self.ledger.record_start(record)
+        ready: Callable[[], Awaitable[str | None]] | None = partial(self._ready, record)
         if self.ledger.write_problem() is not None:
             # Known to be failing: fail closed, a request that cannot be accounted for is not
-            # sent. (Otherwise the commit overlaps the upstream round trip: Relay._relay.)
+            # sent, and the writer (whose retry clears the problem) stays the one to commit.
+            # (Otherwise the commit overlaps the upstream round trip: _ready, Relay._relay.)
+            self.ledger.record_start(record)
             problem = await self._commit_pending()
             if problem is not None:
                 return self._unsent(record, t0, ticket, self._unaccounted(problem))
+            ready = None
         attempts: list[Attempt] = []
         refused_by: ProviderError | None = None
         for candidate in plan.candidates:
@@ -389,7 +414,7 @@ class Gateway:
             outbound,
             on_progress=finish.progress,
             on_finish=finish.done,
-            ready=self._ready,
+            ready=ready,
         )
 
     def _unsent(
@@ -491,8 +516,15 @@ class Gateway:
             return f"the write did not complete within {_COMMIT_TIMEOUT_S:.0f} s"
         return None
 
-    async def _ready(self) -> str | None:
-        """None once the pending row is committed; else what the client is told instead."""
+    async def _ready(self, record: RequestRecord) -> str | None:
+        """Commit the pending row; None once it is committed, else what the client is told.
+
+        The relay runs this as soon as the request is on its way upstream (its first wait), so
+        the commit overlaps the upstream's work. It is made right here on the loop when the
+        write lock is free (one WAL append: handing it to the writer thread and waiting for its
+        answer cost more than that under load); otherwise the writer commits it."""
+        if self.ledger.commit_start(record):
+            return None
         problem = await self._commit_pending()
         return None if problem is None else self._unaccounted(problem).message
 
@@ -724,6 +756,13 @@ def allowed_upstream_path(scope: Scope) -> str | None:
     if prefix == "/v1/models" and _MODEL_ID.fullmatch(model_id):
         return f"/v1/models/{model_id}"
     return None
+
+
+class _NoCookies(httpx.Cookies):
+    """The upstream client's cookie jar, which stores nothing (see ``Gateway.lifespan``)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
 
 
 class BodyError(ValueError):

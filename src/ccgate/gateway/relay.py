@@ -2,9 +2,10 @@
 
 It observes and forwards; it decides nothing about billing or outcomes. The gateway hands it a
 ready ``httpx.Request`` and two hooks: ``on_progress`` gets the usage metered so far at
-checkpoints (message_start, then every ``CHECKPOINT_EVERY_CHUNKS`` chunks or
-``CHECKPOINT_EVERY_S`` seconds of stream), so a daemon killed mid-stream still bills what was
-relayed; ``on_finish`` gets one ``Observation`` when the exchange ends, however it ends.
+checkpoints (``START_CHECKPOINT_DELAY_S`` after message_start unless the stream is over by
+then, then every ``CHECKPOINT_EVERY_CHUNKS`` chunks or ``CHECKPOINT_EVERY_S`` seconds of
+stream), so a daemon killed mid-stream still bills what was relayed; ``on_finish`` gets one
+``Observation`` when the exchange ends, however it ends.
 
 Before the first byte, a request may be tried on several candidates (``Outbound.attempts``: the
 routing plan's keys and fallback providers, see gateway/routing.py). An attempt that fails to
@@ -26,6 +27,7 @@ cancels the upstream request too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -52,6 +54,9 @@ log = logging.getLogger("ccgate.proxy")
 
 CHECKPOINT_EVERY_CHUNKS: Final = 32
 CHECKPOINT_EVERY_S: Final = 1.0
+# The message_start checkpoint is taken this long after that event, unless the stream has
+# ended by then: the final row follows at once, and a ledger write per stream is saved.
+START_CHECKPOINT_DELAY_S: Final = 0.05
 # At most this much of a stream's decoded start is held back to read its first event.
 PEEK_LIMIT_BYTES: Final = 64 * 1024
 WRITE_TIMEOUT_S: Final = 60.0
@@ -140,6 +145,7 @@ class Relay(Response):
         self._since_checkpoint = 0
         self._checkpoint_at = 0.0
         self._start_persisted = False
+        self._start_timer: asyncio.TimerHandle | None = None
         self._withheld = False
         self._quota: dict[str, str] | None = None
         self._sent_at: float | None = None
@@ -150,12 +156,18 @@ class Relay(Response):
         self._served_by: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+        # One plain task for the watcher and a cancel scope around the relay, rather than a
+        # task group: the same cancellation, at a fraction of the cost per request.
+        with anyio.CancelScope() as relaying:
+            watcher = asyncio.get_running_loop().create_task(
+                self._watch_disconnect(receive, relaying)
+            )
             try:
                 await self._relay(send)
             finally:
-                tg.cancel_scope.cancel()
+                watcher.cancel()
+                if self._start_timer is not None:
+                    self._start_timer.cancel()  # the final row carries the usage now
                 self.on_finish(self.observation())
 
     def observation(self) -> Observation:
@@ -202,23 +214,20 @@ class Relay(Response):
         chosen: tuple[httpx.Response, Reply] | None = None
         failed: tuple[int, str] | None = None
         not_ready: str | None = None
-
-        async def wait_ready() -> None:
-            nonlocal not_ready
-            assert self.ready is not None
-            not_ready = await self.ready()
-
+        # A task: it first runs when this one first waits, once the request has been written
+        # upstream (or while connecting), so even a commit made on the loop overlaps the
+        # upstream's work. None: the row was committed before the request came here.
+        ready = asyncio.ensure_future(self.ready()) if self.ready is not None else None
         try:
-            async with anyio.create_task_group() as tg:
-                if self.ready is not None:
-                    tg.start_soon(wait_ready)
-                self._sent_at = time.perf_counter()
-                attempts = self._attempts()
-                self._log_skipped()
-                for index, attempt in enumerate(attempts):
-                    chosen, failed = await self._attempt(attempt, last=index == len(attempts) - 1)
-                    if failed is None and self._attempt_log[-1]["reason"] is None:
-                        break
+            self._sent_at = time.perf_counter()
+            attempts = self._attempts()
+            self._log_skipped()
+            for index, attempt in enumerate(attempts):
+                chosen, failed = await self._attempt(attempt, last=index == len(attempts) - 1)
+                if failed is None and self._attempt_log[-1]["reason"] is None:
+                    break
+            if ready is not None:
+                not_ready = await ready
             self._relaying_at = time.perf_counter()
             if not_ready is not None:
                 self._withheld = chosen is not None
@@ -229,6 +238,8 @@ class Relay(Response):
             else:
                 await self._pump(chosen[1], send)
         finally:
+            if ready is not None and not ready.done():
+                ready.cancel()  # the attempts failed or were cancelled
             if chosen is not None:
                 with anyio.CancelScope(shield=True):
                     await chosen[0].aclose()
@@ -377,20 +388,35 @@ class Relay(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _checkpoint(self, meter: ResponseMeter) -> None:
-        """Hand on the usage so far at message_start, then every N chunks or T seconds.
+        """Hand on the usage so far shortly after message_start, then every N chunks or T
+        seconds.
 
         Per chunk this is a counter and a clock read; the usage is only built when one is due.
+        The first one waits ``START_CHECKPOINT_DELAY_S`` on a timer (cancelled when the stream
+        ends first: most short answers), so a daemon killed in that window bills the input
+        estimate of the pending row rather than the reported input.
         """
         if not meter.started:
             return
         self._since_checkpoint += 1
+        if not self._start_persisted:
+            if self._start_timer is None:
+                loop = asyncio.get_running_loop()
+                self._start_timer = loop.call_later(START_CHECKPOINT_DELAY_S, self._start_due)
+            return
         now = time.monotonic()
-        if self._start_persisted:
-            due = self._since_checkpoint >= CHECKPOINT_EVERY_CHUNKS or (
-                now - self._checkpoint_at >= CHECKPOINT_EVERY_S
-            )
-            if not due:
-                return
+        due = self._since_checkpoint >= CHECKPOINT_EVERY_CHUNKS or (
+            now - self._checkpoint_at >= CHECKPOINT_EVERY_S
+        )
+        if due:
+            self._save_checkpoint(meter, now)
+
+    def _start_due(self) -> None:
+        meter = self._meter
+        if meter is not None and not self._start_persisted:
+            self._save_checkpoint(meter, time.monotonic())
+
+    def _save_checkpoint(self, meter: ResponseMeter, now: float) -> None:
         self._start_persisted = True
         self._since_checkpoint = 0
         self._checkpoint_at = now

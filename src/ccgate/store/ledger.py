@@ -8,7 +8,11 @@ Design:
 - Opening a ledger for writing runs the named, ordered migrations below (``m001_initial``, ...)
   and records each in the ``migrations`` table, so opening is always safe. A read-only ledger
   runs none and refuses a file that still needs them.
-- The daemon never touches SQLite from the event loop. ``record_start`` and ``record_finish``
+- One write from the event loop: ``commit_start`` commits a request's pending row right there
+  when SQLite's write lock is free at that instant (a WAL append without fsync, no waiting for
+  the lock, no checkpoint), because handing it to the writer thread and back costs more than
+  the commit itself under load; when the lock is taken, or the commit fails, the row is queued
+  as below. Everything else: ``record_start`` and ``record_finish``
   snapshot the record and put it on a ``queue.SimpleQueue``; one writer thread owns the write
   connection, drains whatever is queued, applies it in ONE transaction and commits. A failed
   commit (locked, disk full, read-only) keeps the batch and is retried with backoff; a record
@@ -787,8 +791,11 @@ _Item = _Write | _Waiter | _Stop
 class _Writer:
     """The thread that owns the write connection and commits queued records in batches."""
 
-    def __init__(self, *, path: Path, busy_timeout_ms: int) -> None:
+    def __init__(self, *, path: Path, busy_timeout_ms: int, lock: threading.Lock) -> None:
         self.queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        # Held around each transaction, and tried by Ledger.commit_start: the two writers of
+        # this process take turns here rather than in SQLite's busy handler (which sleeps).
+        self._lock = lock
         self.abandon = threading.Event()
         self._path = path
         self._busy_timeout_ms = busy_timeout_ms
@@ -871,7 +878,7 @@ class _Writer:
             return batch
         try:
             db = self._connection()
-            with _write_transaction(db):
+            with self._lock, _write_transaction(db):
                 for op in batch:
                     _apply(db, op)
         except Exception as exc:
@@ -887,7 +894,7 @@ class _Writer:
         for index, op in enumerate(batch):
             try:
                 db = self._connection()
-                with _write_transaction(db):
+                with self._lock, _write_transaction(db):
                     _apply(db, op)
             except Exception as exc:
                 if _is_transient(exc):
@@ -936,6 +943,8 @@ class Ledger:
         self._busy_timeout_ms = busy_timeout_ms
         self._lock = threading.Lock()  # the read connection may be used from several threads
         self._writer: _Writer | None = None
+        self._inline: sqlite3.Connection | None = None  # commit_start's, opened on first use
+        self._inline_lock = threading.Lock()
         self._db = self._open()
 
     def __enter__(self) -> Ledger:
@@ -984,13 +993,44 @@ class Ledger:
         if self.readonly:
             raise LedgerError(f"The ledger at {self.path} was opened read-only.")
         if self._writer is None:
-            self._writer = _Writer(path=self.path, busy_timeout_ms=self._busy_timeout_ms)
+            self._writer = _Writer(
+                path=self.path, busy_timeout_ms=self._busy_timeout_ms, lock=self._inline_lock
+            )
         if not self._writer.alive:
             self._writer.start()
 
     def record_start(self, rec: RequestRecord) -> None:
         """Queue the INSERT of a new (normally pending) row. Never blocks; safe on the loop."""
         self._queue().put(_snapshot(_INSERT_START, rec))
+
+    def commit_start(self, rec: RequestRecord) -> bool:
+        """Insert and commit a pending row on the calling thread if SQLite's write lock is free
+        right now; True once it is committed. Otherwise (the writer holds the lock, or the
+        commit failed) it is queued as ``record_start`` does, and False.
+
+        Never waits for the lock (``busy_timeout`` 0) and never checkpoints the WAL (the
+        writer's connection does), so on the event loop it costs one WAL append."""
+        op = _snapshot(_INSERT_START, rec)
+        queued = self._queue()
+        if not self._inline_lock.acquire(blocking=False):
+            queued.put(op)
+            return False
+        try:
+            db = self._inline
+            if db is None:
+                db = _connect(self.path, readonly=False, busy_timeout_ms=0)
+                db.execute("PRAGMA wal_autocheckpoint = 0")
+                self._inline = db
+            with _write_transaction(db):
+                _apply(db, op)
+        except sqlite3.Error:
+            # Locked by the writer (or another process), or failing: the writer's retries and
+            # its problem reporting take it from here.
+            queued.put(op)
+            return False
+        finally:
+            self._inline_lock.release()
+        return True
 
     def record_finish(self, rec: RequestRecord) -> None:
         """Queue an UPSERT of the whole record. Never blocks; safe on the loop."""
@@ -1125,7 +1165,9 @@ class Ledger:
     def _queue(self) -> queue.SimpleQueue[_Item]:
         if self._writer is None:
             # Records queued before start_writer are kept and written once it starts.
-            self._writer = _Writer(path=self.path, busy_timeout_ms=self._busy_timeout_ms)
+            self._writer = _Writer(
+                path=self.path, busy_timeout_ms=self._busy_timeout_ms, lock=self._inline_lock
+            )
         return self._writer.queue
 
     # ---- readers
@@ -1267,6 +1309,11 @@ class Ledger:
     def close(self) -> None:
         """Stop the writer (committing what is queued) and close the read connection."""
         self.stop_writer()
+        # Not under _inline_lock: a writer that gave up stopping may still hold it.
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            with contextlib.suppress(sqlite3.Error):
+                inline.close()
         with self._lock:
             self._db.close()
 
