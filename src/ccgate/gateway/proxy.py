@@ -421,16 +421,19 @@ class Gateway:
         self, record: RequestRecord, t0: float, ticket: Ticket | None, refused: _Refused
     ) -> Response:
         """Refuse an admitted request that was never sent: nothing to bill, admission undone."""
+        self._not_sent(record, ticket)
+        return self._refuse(record, t0, refused)
+
+    def _not_sent(self, record: RequestRecord, ticket: Ticket | None) -> None:
+        """The row bills nothing (its provisional estimate replaced) and the admission is undone."""
         _apply(record, billing.Charge(model=record.model))
         self.policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
-        return self._refuse(record, t0, refused)
 
     def _answered(
         self, record: RequestRecord, t0: float, ticket: Ticket | None, answer: LocalAnswer
     ) -> Response:
         """An answer the provider kind gave from its own tables: nothing sent, nothing billed."""
-        _apply(record, billing.Charge(model=record.model))
-        self.policy.settle(ticket, cost_micros=0, tokens=0, now=time.time())
+        self._not_sent(record, ticket)
         record.status = answer.status
         record.outcome = "ok"
         record.latency_ms = (time.perf_counter() - t0) * 1000
