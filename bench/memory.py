@@ -25,7 +25,8 @@ from bench import measure
 from bench.measure import Target
 from bench.processes import ProcStats, ccgate_daemon, client_key, fake_upstream, isolated_env
 from bench.side_by_side import _build
-from bench.suite import SLOW_HEADER, _RssSampler, _slow_batch
+from bench.suite import _RssSampler, _slow_batch
+from bench.upstream import SLOW_HEADER
 from bench.workload import claude_code_headers, request_body
 
 
@@ -68,13 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         load()
         idle = {label: s.rss_kib() for label, s in stats.items()}
         stream_body, json_body = request_body(stream=True), request_body(stream=False)
+        every, n = tuple(targets), args.requests
         with measure.sync_client() as client:
-            measure.alternate(
-                client, targets, once=measure.stream_once, body=stream_body, requests=args.requests
-            )
-            measure.alternate(
-                client, targets, once=measure.json_once, body=json_body, requests=args.requests
-            )
+            measure.alternate(client, every, once=measure.stream_once, body=stream_body, requests=n)
+            measure.alternate(client, every, once=measure.json_once, body=json_body, requests=n)
         load()
         sequential = {label: s.rss_kib() for label, s in stats.items()}
         half = args.requests // 2

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.harness import free_port
+
 PROBE = """
 import json, sys
 sys.argv = ["ccgate", *json.loads(sys.argv[1])]
@@ -18,7 +20,8 @@ try:
     main()
 except SystemExit:
     pass
-heavy = ("pydantic", "httpx", "keyring", "sqlmodel", "sqlalchemy", "starlette", "asyncio")
+heavy = ("pydantic", "httpx", "keyring", "sqlmodel", "sqlalchemy", "starlette", "asyncio", "typer",
+         "http.client", "ssl", "plistlib")
 print(json.dumps(sorted(name for name in heavy if name in sys.modules)), file=sys.stderr)
 """
 
@@ -37,12 +40,65 @@ def imported(args: list[str], home: Path) -> set[str]:
 
 @pytest.mark.parametrize("args", [["--help"], ["usage", "--help"], ["admin", "--help"]])
 def test_help_imports_no_client_server_or_validator(args: list[str], tmp_path: Path) -> None:
-    assert imported(args, tmp_path) == set()
+    assert imported(args, tmp_path) == {"typer"}
 
 
-def test_status_imports_neither_pydantic_nor_the_keyring(tmp_path: Path) -> None:
-    loaded = imported(["status", "--json"], tmp_path)
-    assert not loaded & {"pydantic", "keyring", "sqlmodel", "sqlalchemy"}
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"]])
+def test_status_imports_neither_typer_nor_an_http_client(args: list[str], tmp_path: Path) -> None:
+    # Answered by ccgate.__main__ without the Typer app; the health check is a bare socket.
+    loaded = imported(args, tmp_path)
+    assert not loaded & {"pydantic", "keyring", "sqlmodel", "sqlalchemy", "typer"}
+    assert not loaded & {"http.client", "ssl", "httpx", "starlette", "plistlib"}
+
+
+def test_help_still_goes_through_typer(tmp_path: Path) -> None:
+    assert "typer" in imported(["status", "--help"], tmp_path)
+
+
+# A standalone daemon, started as `ccgate up` starts it; once it answers its health check, the
+# modules it loaded are printed and it is stopped with SIGTERM.
+DAEMON_PROBE = """
+import json, os, signal, sys, threading, time
+port = int(sys.argv[1])
+def watch():
+    from ccgate.gateway.lifecycle import health
+    deadline = time.monotonic() + 30
+    while health(port) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(json.dumps(sorted(sys.modules)), file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = ["ccgate", "daemon", "--port", str(port), "--upstream", "http://127.0.0.1:9"]
+from ccgate.__main__ import main
+main()
+"""
+
+
+def test_standalone_daemon_loads_no_server_mode_or_telemetry_code(tmp_path: Path) -> None:
+    # The governor brings the bundle's crypto (cryptography: 8 MB of resident memory) and the
+    # OpenTelemetry SDK is for an OTLP endpoint; a standalone daemon without one needs neither.
+    done = subprocess.run(
+        [sys.executable, "-c", DAEMON_PROBE, str(free_port())],
+        env={
+            "CCGATE_HOME": str(tmp_path / "ccgate"),
+            "HOME": str(tmp_path),
+            "PATH": "/usr/bin:/bin",
+            "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+            "ANTHROPIC_API_KEY": "sk-ant-test",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith('["')]
+    assert lines, done.stderr
+    loaded = set(json.loads(lines[-1]))
+    assert "ccgate.gateway.proxy" in loaded  # it did serve
+    unused = {"cryptography", "opentelemetry", "ccgate.gateway.governor", "ccgate.policy.bundle"}
+    assert not loaded & unused
+    assert not {name for name in loaded if name.startswith(("cryptography.", "opentelemetry."))}
+    assert not loaded & {"typer", "rich", "ccgate.cli"}
 
 
 def test_usage_reads_the_ledger_without_the_daemons_libraries(tmp_path: Path) -> None:
