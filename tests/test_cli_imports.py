@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import file_keyring
 from tests.support.harness import free_port
 
 PROBE = """
@@ -55,6 +56,11 @@ def test_help_still_goes_through_typer(tmp_path: Path) -> None:
     assert "typer" in imported(["status", "--help"], tmp_path)
 
 
+def test_usage_reads_the_ledger_without_the_daemons_libraries(tmp_path: Path) -> None:
+    loaded = imported(["usage", "--json"], tmp_path)
+    assert not loaded & {"httpx", "keyring", "sqlmodel", "sqlalchemy", "starlette", "asyncio"}
+
+
 # A standalone daemon, started as `ccgate up` starts it; once it answers its health check, the
 # modules it loaded are printed and it is stopped with SIGTERM.
 DAEMON_PROBE = """
@@ -74,16 +80,23 @@ main()
 """
 
 
-def test_standalone_daemon_loads_no_server_mode_or_telemetry_code(tmp_path: Path) -> None:
-    # The governor brings the bundle's crypto (cryptography: 8 MB of resident memory) and the
-    # OpenTelemetry SDK is for an OTLP endpoint; a standalone daemon without one needs neither.
+@pytest.mark.parametrize("backend", ["keyring.backends.fail.Keyring", file_keyring.BACKEND])
+def test_standalone_daemon_loads_no_server_mode_telemetry_or_keyring_code(
+    backend: str, tmp_path: Path
+) -> None:
+    # The governor brings the bundle's crypto (cryptography: 8 MB of resident memory), the
+    # OpenTelemetry SDK is for an OTLP endpoint, and keyring's backends (cryptography again, on
+    # Linux) run in a child: a standalone daemon without an endpoint loads none of them.
+    ring = tmp_path / "ring.json"
     done = subprocess.run(
         [sys.executable, "-c", DAEMON_PROBE, str(free_port())],
         env={
             "CCGATE_HOME": str(tmp_path / "ccgate"),
             "HOME": str(tmp_path),
             "PATH": "/usr/bin:/bin",
-            "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "PYTHON_KEYRING_BACKEND": backend,
+            file_keyring.FILE_VAR: str(ring),
             "ANTHROPIC_API_KEY": "sk-ant-test",
         },
         capture_output=True,
@@ -96,11 +109,10 @@ def test_standalone_daemon_loads_no_server_mode_or_telemetry_code(tmp_path: Path
     loaded = set(json.loads(lines[-1]))
     assert "ccgate.gateway.proxy" in loaded  # it did serve
     unused = {"cryptography", "opentelemetry", "ccgate.gateway.governor", "ccgate.policy.bundle"}
-    assert not loaded & unused
+    assert not loaded & (unused | {"keyring", "secretstorage", "typer", "rich", "ccgate.cli"})
     assert not {name for name in loaded if name.startswith(("cryptography.", "opentelemetry."))}
-    assert not loaded & {"typer", "rich", "ccgate.cli"}
-
-
-def test_usage_reads_the_ledger_without_the_daemons_libraries(tmp_path: Path) -> None:
-    loaded = imported(["usage", "--json"], tmp_path)
-    assert not loaded & {"httpx", "keyring", "sqlmodel", "sqlalchemy", "starlette", "asyncio"}
+    if backend == file_keyring.BACKEND:
+        # The local client key the daemon made went to the keyring, through the child.
+        stored = json.loads(ring.read_text())
+        assert [name for names in stored.values() for name in names] == ["local-client-key"]
+        assert not (tmp_path / "ccgate" / "secrets.json").exists()

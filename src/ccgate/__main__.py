@@ -115,7 +115,11 @@ def _daemon(options: _DaemonArgs) -> int:
     from ccgate.errors import CcgateError
     from ccgate.gateway import daemon
     from ccgate.machine import config as config_mod
+    from ccgate.machine import credentials
 
+    # The keyring's backends (cryptography among them) would stay in memory for the daemon's
+    # life after the two reads at start: they run in a child instead.
+    credentials.keyring_out_of_process(prefetch=(daemon.LOCAL_KEY_NAME, daemon.UPSTREAM_KEY_NAME))
     try:
         paths = paths_mod.resolve()
         config = config_mod.resolve(
