@@ -87,6 +87,7 @@ def test_standalone_daemon_loads_no_server_mode_telemetry_or_keyring_code(
     # The governor brings the bundle's crypto (cryptography: 8 MB of resident memory), the
     # OpenTelemetry SDK is for an OTLP endpoint, and keyring's backends (cryptography again, on
     # Linux) run in a child: a standalone daemon without an endpoint loads none of them.
+    # prometheus_client waits for the first scrape.
     ring = tmp_path / "ring.json"
     done = subprocess.run(
         [sys.executable, "-c", DAEMON_PROBE, str(free_port())],
@@ -110,6 +111,7 @@ def test_standalone_daemon_loads_no_server_mode_telemetry_or_keyring_code(
     assert "ccgate.gateway.proxy" in loaded  # it did serve
     unused = {"cryptography", "opentelemetry", "ccgate.gateway.governor", "ccgate.policy.bundle"}
     assert not loaded & (unused | {"keyring", "secretstorage", "typer", "rich", "ccgate.cli"})
+    assert "prometheus_client" not in loaded  # until the first scrape of /metrics
     assert not {name for name in loaded if name.startswith(("cryptography.", "opentelemetry."))}
     if backend == file_keyring.BACKEND:
         # The local client key the daemon made went to the keyring, through the child.
