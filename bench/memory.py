@@ -6,6 +6,7 @@ its order, every build in turn: VmRSS idle (a second after the health check answ
 and non-streaming answers of the 100 KB body one at a time, 16 concurrent streams, then 64
 concurrent slow streams (50 ms between events) with VmRSS sampled every 20 ms, and the peak
 (VmHWM) at the end. The suite's "RSS under 64 streams" is the sampled figure of that last phase.
+``--system-keyring`` leaves ``PYTHON_KEYRING_BACKEND`` unset, as a user's daemon runs.
 
     git archive HEAD~3 src | (mkdir -p /tmp/a && tar -x -C /tmp/a)
     .venv/bin/python -m bench.memory before:/tmp/a/src after:src
@@ -39,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("builds", nargs="+", type=_build, metavar="LABEL:SRC")
     parser.add_argument("--requests", type=int, default=300, help="per build and phase")
     parser.add_argument("--slow", type=int, default=64, help="concurrent slow streams")
+    parser.add_argument(
+        "--system-keyring",
+        action="store_true",
+        help="leave PYTHON_KEYRING_BACKEND unset, as a user's daemon runs (keyring discovers "
+        "its backends; the bench otherwise names the fail backend)",
+    )
     args = parser.parse_args(argv)
     builds: list[tuple[str, Path]] = args.builds
     loads: list[str] = []
@@ -59,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             home.mkdir()
             env = isolated_env(home)
             env["PYTHONPATH"] = str(src)
+            if args.system_keyring:
+                env.pop("PYTHON_KEYRING_BACKEND", None)
             daemon = stack.enter_context(
                 ccgate_daemon(upstream_url=upstream.url, env=env, work=home)
             )
