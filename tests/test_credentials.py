@@ -350,3 +350,19 @@ def test_no_keyring_in_the_child_means_the_file(
     store.set("local", "sk-cg-x")
     assert store.uses_fallback
     assert store.get("local") == "sk-cg-x"
+
+
+def test_a_child_that_cannot_run_falls_back_to_the_keyring_in_process(
+    child_keyring: Path,
+    paths: paths_mod.Paths,
+    monkeypatch: pytest.MonkeyPatch,
+    memory_keyring: MemoryKeyring,
+) -> None:
+    def no_child(service: str, ops: list[list[str]]) -> dict[str, object]:
+        raise OSError("fork failed")
+
+    monkeypatch.setattr(credentials, "_ask_child", no_child)
+    store = SecretStore(paths=paths)
+    memory_keyring.items[(store.service, "local")] = SECRET
+    assert store.get("local") == SECRET  # from the keyring in this process, not "none"
+    assert not store.uses_fallback

@@ -339,11 +339,14 @@ class _ChildKeyring:
         self._cache = cache  # prefetched answers, each used once
 
     @classmethod
-    def detect(cls, service: str, *, prefetch: Sequence[str]) -> _ChildKeyring | None:
+    def detect(cls, service: str, *, prefetch: Sequence[str]) -> _Ring | None:
         try:
             answer = _ask_child(service, [["get", name] for name in prefetch])
         except Exception:
-            return None  # as in-process: a keyring that cannot even be probed is no keyring
+            # The child itself could not run (no fork, a broken interpreter): ask in-process as
+            # before, memory and all, rather than take the file for a keyring that may hold
+            # the keys (the daemon would mint a new local key there).
+            return _detect_here()
         if not answer.get("real"):
             return None
         cache: dict[str, str | None] = {}
