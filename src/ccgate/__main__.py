@@ -72,9 +72,13 @@ class _DaemonArgs:
     log_content: bool | None = None
     passthrough: bool | None = None
     log_level: str = "info"
+    session_budget: str | None = None  # as typed: parsed (and refused) where the CLI parses it
+    session_rpm: int | None = None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# The provider options (--provider, --provider-option, --model-map) are parsed by the full CLI.
+_VALUED = ("--port", "-p", "--upstream", "--log-level", "--session-budget", "--session-rpm")
 
 
 def _daemon_options(args: list[str]) -> _DaemonArgs | None:
@@ -90,7 +94,7 @@ def _daemon_options(args: list[str]) -> _DaemonArgs | None:
             options.passthrough = arg == "--passthrough"
             continue
         name, eq, value = arg.partition("=")
-        if name not in ("--port", "-p", "--upstream", "--log-level"):
+        if name not in _VALUED:
             return None
         if not eq:
             if not rest:
@@ -102,6 +106,10 @@ def _daemon_options(args: list[str]) -> _DaemonArgs | None:
             options.log_level = value.lower()
         elif name in ("--port", "-p") and value.isdigit():
             options.port = int(value)
+        elif name == "--session-budget":
+            options.session_budget = value
+        elif name == "--session-rpm" and value.isdigit():
+            options.session_rpm = int(value)
         else:
             return None
     return options
@@ -122,12 +130,17 @@ def _daemon(options: _DaemonArgs) -> int:
     credentials.keyring_out_of_process(prefetch=(daemon.LOCAL_KEY_NAME, daemon.UPSTREAM_KEY_NAME))
     try:
         paths = paths_mod.resolve()
+        budget = options.session_budget
         config = config_mod.resolve(
             paths,
             port=options.port,
             upstream_url=options.upstream,
             log_content=options.log_content,
             passthrough=options.passthrough,
+            session_budget_micros=None
+            if budget is None
+            else config_mod.parse_session_budget(budget),
+            session_rpm=options.session_rpm,
         )
         daemon.serve(paths=paths, config=config, log_level=options.log_level)
     except CcgateError as exc:
