@@ -10,8 +10,10 @@ output as through Typer, without loading Typer and every command module (issue #
 ``ccgate status`` 150 ms).
 
 ``daemon`` (what ``ccgate up`` starts) is dispatched here too, so the long-running process never
-loads Typer and Rich: they are a third of its resident memory. Only the options ``ccgate daemon``
-documents are understood; anything else (``--help``, a typo) goes to the full CLI to explain.
+loads Typer and Rich: they are a third of its resident memory. The options ``ccgate daemon``
+documents are understood, the session caps included, except the provider kind's (``--provider``,
+``--provider-option``, ``--model-map``: such a daemon goes through the full CLI); anything else
+(``--help``, a typo) goes to the full CLI to explain.
 """
 
 from __future__ import annotations
