@@ -366,3 +366,21 @@ def test_a_child_that_cannot_run_falls_back_to_the_keyring_in_process(
     memory_keyring.items[(store.service, "local")] = SECRET
     assert store.get("local") == SECRET  # from the keyring in this process, not "none"
     assert not store.uses_fallback
+
+
+def test_the_stores_of_a_daemon_share_one_detecting_child(
+    child_keyring: Path, paths: paths_mod.Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = SecretStore(paths=paths)
+    child_keyring.write_text(json.dumps({first.service: {"upstream": SECRET, "other": "x"}}))
+    calls: list[list[str]] = []
+    ask = credentials._ask_child
+
+    def counted(service: str, ops: list[list[str]]) -> dict[str, object]:
+        calls.append([op[0] for op in ops])
+        return ask(service, ops)
+
+    monkeypatch.setattr(credentials, "_ask_child", counted)
+    assert first.get("upstream") == SECRET
+    assert SecretStore(paths=paths).get("other") == "x"  # a second store: no new detection
+    assert calls == [["get"], ["get"]]

@@ -123,15 +123,15 @@ def _daemon(options: _DaemonArgs) -> int:
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     from ccgate import paths as paths_mod
     from ccgate.errors import CcgateError
-    from ccgate.gateway import daemon
+    from ccgate.gateway import daemon, lifecycle
     from ccgate.machine import config as config_mod
     from ccgate.machine import credentials
 
-    # The keyring's backends (cryptography among them) would stay in memory for the daemon's
-    # life after the two reads at start: they run in a child instead.
-    credentials.keyring_out_of_process(prefetch=(daemon.LOCAL_KEY_NAME, daemon.UPSTREAM_KEY_NAME))
     try:
         paths = paths_mod.resolve()
+        # The keyring's backends (cryptography among them) would stay in memory for the daemon's
+        # life after the reads at start: they run in a child instead.
+        credentials.keyring_out_of_process(prefetch=lifecycle.daemon_secret_names(paths))
         budget = options.session_budget
         config = config_mod.resolve(
             paths,

@@ -225,6 +225,16 @@ def callback_command(args: str, environ: Mapping[str, str]) -> str:
     return f"{prefix}{shlex.quote(sys.executable)} -m ccgate {args}"
 
 
+def daemon_secret_names(paths: Paths) -> list[str]:
+    """What ``daemon.serve`` reads from the keyring at start: its two keys, a profile's two."""
+    names = [daemon.LOCAL_KEY_NAME, daemon.UPSTREAM_KEY_NAME]
+    try:
+        profile = profiles.load(paths)
+    except CcgateError:
+        return names  # serve reports it, in its own order
+    return names if profile is None else [*names, *profiles.secret_names(profile.name)]
+
+
 def status_line_installed(paths: Paths) -> bool:
     """Whether a previous ``up`` installed ccgate's status line (a repeated ``up`` keeps it)."""
     from ccgate.machine import claude_settings

@@ -253,7 +253,12 @@ class SecretStore:
 
 def _detect_keyring(service: str) -> _Ring | None:
     if _OUT_OF_PROCESS.enabled and os.environ.get(_BACKEND_VAR, "") not in _LIGHT_BACKENDS:
-        return _ChildKeyring.detect(service, prefetch=_OUT_OF_PROCESS.prefetch)
+        # Once per service, for every store of the process (as keyring itself keeps the backend
+        # it found): the daemon makes several stores at start, and each child costs a start.
+        rings = _OUT_OF_PROCESS.rings
+        if service not in rings:
+            rings[service] = _ChildKeyring.detect(service, prefetch=_OUT_OF_PROCESS.prefetch)
+        return rings[service]
     return _detect_here()
 
 
@@ -288,8 +293,10 @@ _CHILD_TIMEOUT_S = 120.0  # a locked keyring may wait for its unlock prompt
 
 
 class _OutOfProcess:
-    enabled = False
-    prefetch: tuple[str, ...] = ()
+    def __init__(self) -> None:
+        self.enabled = False
+        self.prefetch: tuple[str, ...] = ()
+        self.rings: dict[str, _Ring | None] = {}
 
 
 _OUT_OF_PROCESS = _OutOfProcess()
@@ -300,6 +307,7 @@ def keyring_out_of_process(*, prefetch: Sequence[str] = ()) -> None:
     docstring); ``prefetch``: names read in the same child as the detection."""
     _OUT_OF_PROCESS.enabled = True
     _OUT_OF_PROCESS.prefetch = tuple(prefetch)
+    _OUT_OF_PROCESS.rings.clear()
 
 
 class _ChildError(Exception):
