@@ -463,43 +463,61 @@ def health(port: int, *, timeout: float = 1.0) -> dict[str, Any] | None:
 
     ``daemon.health``'s answer, over a bare socket: http.client imports email and ssl, a
     tenth of what `ccgate status` takes, to read one small loopback answer. The request is
-    HTTP/1.1 with ``Connection: close``, so the body ends where the connection does.
+    HTTP/1.1 with ``Connection: close``; the answer ends at its ``content-length``, or where the
+    connection does.
     """
     request = (
         f"GET {HEALTH_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         "Accept: application/json\r\nConnection: close\r\n\r\n"
     ).encode("ascii")
-    chunks: list[bytes] = []
-    size = 0
+    data = b""
     try:
         # Not create_connection: getaddrinfo imports the idna codec even for an IP address.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(("127.0.0.1", port))
             sock.sendall(request)
-            while size <= _HEALTH_MAX_BYTES and (chunk := sock.recv(16384)):
-                chunks.append(chunk)
-                size += len(chunk)
+            while len(data) <= _HEALTH_MAX_BYTES and not _complete(data):
+                chunk = sock.recv(16384)
+                if not chunk:
+                    break
+                data += chunk
     except OSError:
         return None
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = lines[0].split(" ", 2)
-    if size > _HEALTH_MAX_BYTES or len(status) < 2 or status[1] != "200":
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, headers = _head(head)
+    if len(data) > _HEALTH_MAX_BYTES or status != "200":
         return None
-    headers = {
-        name.strip().lower(): value.strip()
-        for name, _, value in (line.partition(":") for line in lines[1:])
-    }
     if headers.get("transfer-encoding", "").lower() == "chunked":
         body = _unchunk(body)
     elif (length := headers.get("content-length", "")).isdigit():
         body = body[: int(length)]
     try:
-        data = json.loads(body)
+        doc = json.loads(body)
     except ValueError:
         return None
-    return data if isinstance(data, dict) and data.get("service") == "ccgate" else None
+    return doc if isinstance(doc, dict) and doc.get("service") == "ccgate" else None
+
+
+def _head(head: bytes) -> tuple[str | None, dict[str, str]]:
+    """The status code and the (lower-cased) headers of a response head."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ", 2)
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines[1:])
+    }
+    return (status[1] if len(status) >= 2 else None), headers
+
+
+def _complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole answer with a ``content-length`` (so a server that keeps
+    the connection open anyway is not waited for)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    length = _head(head)[1].get("content-length", "")
+    return length.isdigit() and len(body) >= int(length)
 
 
 _HEALTH_MAX_BYTES = 1 << 20  # the document is a few hundred bytes; anything huge is not ours
