@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import file_keyring
+from tests.support.harness import free_port
+
 PROBE = """
 import json, sys
 sys.argv = ["ccgate", *json.loads(sys.argv[1])]
@@ -18,7 +21,8 @@ try:
     main()
 except SystemExit:
     pass
-heavy = ("pydantic", "httpx", "keyring", "sqlmodel", "sqlalchemy", "starlette", "asyncio")
+heavy = ("pydantic", "httpx", "keyring", "sqlmodel", "sqlalchemy", "starlette", "asyncio", "typer",
+         "http.client", "ssl", "plistlib")
 print(json.dumps(sorted(name for name in heavy if name in sys.modules)), file=sys.stderr)
 """
 
@@ -37,14 +41,80 @@ def imported(args: list[str], home: Path) -> set[str]:
 
 @pytest.mark.parametrize("args", [["--help"], ["usage", "--help"], ["admin", "--help"]])
 def test_help_imports_no_client_server_or_validator(args: list[str], tmp_path: Path) -> None:
-    assert imported(args, tmp_path) == set()
+    assert imported(args, tmp_path) == {"typer"}
 
 
-def test_status_imports_neither_pydantic_nor_the_keyring(tmp_path: Path) -> None:
-    loaded = imported(["status", "--json"], tmp_path)
-    assert not loaded & {"pydantic", "keyring", "sqlmodel", "sqlalchemy"}
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"]])
+def test_status_imports_neither_typer_nor_an_http_client(args: list[str], tmp_path: Path) -> None:
+    # Answered by ccgate.__main__ without the Typer app; the health check is a bare socket.
+    loaded = imported(args, tmp_path)
+    assert not loaded & {"pydantic", "keyring", "sqlmodel", "sqlalchemy", "typer"}
+    assert not loaded & {"http.client", "ssl", "httpx", "starlette", "plistlib"}
+
+
+def test_help_still_goes_through_typer(tmp_path: Path) -> None:
+    assert "typer" in imported(["status", "--help"], tmp_path)
 
 
 def test_usage_reads_the_ledger_without_the_daemons_libraries(tmp_path: Path) -> None:
     loaded = imported(["usage", "--json"], tmp_path)
     assert not loaded & {"httpx", "keyring", "sqlmodel", "sqlalchemy", "starlette", "asyncio"}
+
+
+# A standalone daemon, started as `ccgate up` starts it; once it answers its health check, the
+# modules it loaded are printed and it is stopped with SIGTERM.
+DAEMON_PROBE = """
+import json, os, signal, sys, threading, time
+port = int(sys.argv[1])
+def watch():
+    from ccgate.gateway.lifecycle import health
+    deadline = time.monotonic() + 30
+    while health(port) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(json.dumps(sorted(sys.modules)), file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = ["ccgate", "daemon", "--port", str(port), "--upstream", "http://127.0.0.1:9"]
+from ccgate.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize("backend", ["keyring.backends.fail.Keyring", file_keyring.BACKEND])
+def test_standalone_daemon_loads_no_server_mode_telemetry_or_keyring_code(
+    backend: str, tmp_path: Path
+) -> None:
+    # The governor brings the bundle's crypto (cryptography: 8 MB of resident memory), the
+    # OpenTelemetry SDK is for an OTLP endpoint, and keyring's backends (cryptography again, on
+    # Linux) run in a child: a standalone daemon without an endpoint loads none of them.
+    # prometheus_client waits for the first scrape.
+    ring = tmp_path / "ring.json"
+    done = subprocess.run(
+        [sys.executable, "-c", DAEMON_PROBE, str(free_port())],
+        env={
+            "CCGATE_HOME": str(tmp_path / "ccgate"),
+            "HOME": str(tmp_path),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "PYTHON_KEYRING_BACKEND": backend,
+            file_keyring.FILE_VAR: str(ring),
+            "ANTHROPIC_API_KEY": "sk-ant-test",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith('["')]
+    assert lines, done.stderr
+    loaded = set(json.loads(lines[-1]))
+    assert "ccgate.gateway.proxy" in loaded  # it did serve
+    unused = {"cryptography", "opentelemetry", "ccgate.gateway.governor", "ccgate.policy.bundle"}
+    assert not loaded & (unused | {"keyring", "secretstorage", "typer", "rich", "ccgate.cli"})
+    assert "prometheus_client" not in loaded  # until the first scrape of /metrics
+    assert not {name for name in loaded if name.startswith(("cryptography.", "opentelemetry."))}
+    if backend == file_keyring.BACKEND:
+        # The local client key the daemon made went to the keyring, through the child.
+        stored = json.loads(ring.read_text())
+        assert [name for names in stored.values() for name in names] == ["local-client-key"]
+        assert not (tmp_path / "ccgate" / "secrets.json").exists()

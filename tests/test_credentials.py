@@ -14,7 +14,9 @@ from keyring.backends import chainer
 
 from ccgate import paths as paths_mod
 from ccgate.errors import CredentialError
+from ccgate.machine import credentials
 from ccgate.machine.credentials import SecretStore, new_client_key, service_name
+from tests.support import file_keyring
 
 SECRET = "sk-ant-api03-" + "s" * 40
 
@@ -282,3 +284,103 @@ def test_new_client_key_format() -> None:
     assert len(keys) == 50
     for key in keys:
         assert re.fullmatch(r"sk-cg-[A-Za-z0-9_-]{43}", key)
+
+
+# -- a daemon's keyring, in a child process ------------------------------------------------------
+
+
+@pytest.fixture
+def child_keyring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file keyring, reached the way a daemon reaches the OS keyring: through a child."""
+    ring_file = tmp_path / "ring.json"
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", file_keyring.BACKEND)
+    monkeypatch.setenv(file_keyring.FILE_VAR, str(ring_file))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setattr(credentials, "_OUT_OF_PROCESS", credentials._OutOfProcess())
+    credentials.keyring_out_of_process(prefetch=["upstream"])
+    return ring_file
+
+
+def test_the_daemons_keyring_works_through_a_child(
+    child_keyring: Path, paths: paths_mod.Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SecretStore(paths=paths)
+    child_keyring.write_text(json.dumps({store.service: {"upstream": SECRET}}))
+    calls: list[list[list[str]]] = []
+    ask = credentials._ask_child
+
+    def counted(service: str, ops: list[list[str]]) -> dict[str, object]:
+        calls.append([op[:2] for op in ops])  # names only: the values stay out of the test log
+        return ask(service, ops)
+
+    monkeypatch.setattr(credentials, "_ask_child", counted)
+    assert store.get("upstream") == SECRET
+    assert calls == [[["get", "upstream"]]]  # read in the same child that detected the keyring
+    assert store.backend == "OS keyring (file_keyring FileKeyring)"  # as keyring names it
+    key = new_client_key()
+    store.set("local", key)
+    assert json.loads(child_keyring.read_text())[store.service]["local"] == key
+    assert store.get("local") == key
+    assert store.delete("local") is True
+    assert store.delete("local") is False
+    assert store.get("local") is None
+    assert not paths.secrets_file.exists()  # everything went to the keyring
+
+
+def test_a_failing_keyring_in_the_child_switches_to_the_file(
+    child_keyring: Path, paths: paths_mod.Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SecretStore(paths=paths)
+    assert not store.uses_fallback  # detected in a child, prefetch and all
+    monkeypatch.setenv(file_keyring.BROKEN_VAR, "1")
+    key = new_client_key()
+    store.set("local", key)
+    assert store.uses_fallback
+    assert json.loads(paths.secrets_file.read_text()) == {"local": key}
+    notice = store.take_fallback_notice()
+    assert notice is not None and "FileKeyring" in notice and "KeyringLocked" in notice
+    assert key not in notice
+
+
+def test_no_keyring_in_the_child_means_the_file(
+    child_keyring: Path, paths: paths_mod.Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "no.such.Backend")
+    store = SecretStore(paths=paths)
+    store.set("local", "sk-cg-x")
+    assert store.uses_fallback
+    assert store.get("local") == "sk-cg-x"
+
+
+def test_a_child_that_cannot_run_falls_back_to_the_keyring_in_process(
+    child_keyring: Path,
+    paths: paths_mod.Paths,
+    monkeypatch: pytest.MonkeyPatch,
+    memory_keyring: MemoryKeyring,
+) -> None:
+    def no_child(service: str, ops: list[list[str]]) -> dict[str, object]:
+        raise OSError("fork failed")
+
+    monkeypatch.setattr(credentials, "_ask_child", no_child)
+    store = SecretStore(paths=paths)
+    memory_keyring.items[(store.service, "local")] = SECRET
+    assert store.get("local") == SECRET  # from the keyring in this process, not "none"
+    assert not store.uses_fallback
+
+
+def test_the_stores_of_a_daemon_share_one_detecting_child(
+    child_keyring: Path, paths: paths_mod.Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = SecretStore(paths=paths)
+    child_keyring.write_text(json.dumps({first.service: {"upstream": SECRET, "other": "x"}}))
+    calls: list[list[str]] = []
+    ask = credentials._ask_child
+
+    def counted(service: str, ops: list[list[str]]) -> dict[str, object]:
+        calls.append([op[0] for op in ops])
+        return ask(service, ops)
+
+    monkeypatch.setattr(credentials, "_ask_child", counted)
+    assert first.get("upstream") == SECRET
+    assert SecretStore(paths=paths).get("other") == "x"  # a second store: no new detection
+    assert calls == [["get"], ["get"]]

@@ -16,6 +16,7 @@ import ccgate.paths as p
 def serve(*, paths, config, log_level):
     print(config.port, config.upstream_url, config.log_content, config.passthrough, log_level)
     print(*(m in sys.modules for m in ("typer", "rich", "click", "pydantic", "ccgate.cli")))
+    print(config.session_budget_micros, config.session_rpm)
 resolve = p.resolve
 def patched(*args, **kwargs):
     import ccgate.gateway.daemon as d
@@ -43,7 +44,23 @@ def test_the_daemon_starts_without_the_cli_and_honours_every_option() -> None:
     assert done.stdout.splitlines() == [
         "7999 http://127.0.0.1:9 True True warning",
         "False False False False False",
+        "None None",
     ]
+
+
+def test_the_session_caps_up_passes_are_understood_without_the_cli_too() -> None:
+    done = _run("daemon", "--session-budget", "2.50", "--session-rpm=30")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1] == "False False False False False"  # no Typer for a capped daemon either
+    assert lines[2] == "2500000 30"
+
+
+def test_a_bad_session_budget_is_the_clis_own_error() -> None:
+    done = _run("daemon", "--session-budget", "lots")
+    assert done.returncode == 4  # ExitCode.CONFIG, as `ccgate daemon` through Typer
+    assert done.stderr.startswith("Error: ")
+    assert "Traceback" not in done.stderr
 
 
 def test_a_bad_option_value_is_the_same_clear_error_as_through_the_cli() -> None:
@@ -57,7 +74,17 @@ def test_a_bad_option_value_is_the_same_clear_error_as_through_the_cli() -> None
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["--port"], ["--port", "x"], ["--bogus"], ["--log-level", "loud"], ["extra"]],
+    [
+        ["--help"],
+        ["--port"],
+        ["--port", "x"],
+        ["--bogus"],
+        ["--log-level", "loud"],
+        ["extra"],
+        ["--session-rpm", "-1"],
+        ["--session-rpm"],
+        ["--provider", "bedrock"],
+    ],
 )
 def test_anything_else_goes_to_the_full_cli_to_explain(args: list[str]) -> None:
     assert _daemon_options(args) is None

@@ -5,9 +5,15 @@
 before the Typer CLI (and everything it imports) is loaded; ``ccgate statusline`` through the
 full CLI does the same thing, only slower.
 
+``status`` and ``status --json`` are answered here as well: the same report and the same
+output as through Typer, without loading Typer and every command module (issue #12 gives
+``ccgate status`` 150 ms).
+
 ``daemon`` (what ``ccgate up`` starts) is dispatched here too, so the long-running process never
-loads Typer and Rich: they are a third of its resident memory. Only the options ``ccgate daemon``
-documents are understood; anything else (``--help``, a typo) goes to the full CLI to explain.
+loads Typer and Rich: they are a third of its resident memory. The options ``ccgate daemon``
+documents are understood, the session caps included, except the provider kind's (``--provider``,
+``--provider-option``, ``--model-map``: such a daemon goes through the full CLI); anything else
+(``--help``, a typo) goes to the full CLI to explain.
 """
 
 from __future__ import annotations
@@ -33,11 +39,32 @@ def _fast(argv: list[str]) -> int | None:
 
         statusline.session_start(sys.stdin.read())
         return 0
+    if argv in (["status"], ["status", "--json"]):
+        return _status(json_output=len(argv) == 2)
     if argv[:1] == ["daemon"]:
         options = _daemon_options(argv[1:])
         if options is not None:
             return _daemon(options)
     return None
+
+
+def _status(*, json_output: bool) -> int:
+    """``ccgate status [--json]``, as ``ccgate.cli.local.status`` does it (exit 3: not running)."""
+    from ccgate import paths as paths_mod
+    from ccgate.cli import console, render
+    from ccgate.errors import CcgateError
+    from ccgate.gateway import lifecycle
+
+    try:
+        report = lifecycle.status(paths=paths_mod.resolve())
+    except CcgateError as exc:
+        console.error(str(exc))
+        return int(exc.exit_code)
+    if json_output:
+        console.print_json(report)
+    else:
+        render.status(report)
+    return 0 if report["running"] else 3
 
 
 @dataclass
@@ -47,9 +74,13 @@ class _DaemonArgs:
     log_content: bool | None = None
     passthrough: bool | None = None
     log_level: str = "info"
+    session_budget: str | None = None  # as typed: parsed (and refused) where the CLI parses it
+    session_rpm: int | None = None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# The provider options (--provider, --provider-option, --model-map) are parsed by the full CLI.
+_VALUED = ("--port", "-p", "--upstream", "--log-level", "--session-budget", "--session-rpm")
 
 
 def _daemon_options(args: list[str]) -> _DaemonArgs | None:
@@ -65,7 +96,7 @@ def _daemon_options(args: list[str]) -> _DaemonArgs | None:
             options.passthrough = arg == "--passthrough"
             continue
         name, eq, value = arg.partition("=")
-        if name not in ("--port", "-p", "--upstream", "--log-level"):
+        if name not in _VALUED:
             return None
         if not eq:
             if not rest:
@@ -77,6 +108,10 @@ def _daemon_options(args: list[str]) -> _DaemonArgs | None:
             options.log_level = value.lower()
         elif name in ("--port", "-p") and value.isdigit():
             options.port = int(value)
+        elif name == "--session-budget":
+            options.session_budget = value
+        elif name == "--session-rpm" and value.isdigit():
+            options.session_rpm = int(value)
         else:
             return None
     return options
@@ -88,17 +123,26 @@ def _daemon(options: _DaemonArgs) -> int:
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     from ccgate import paths as paths_mod
     from ccgate.errors import CcgateError
-    from ccgate.gateway import daemon
+    from ccgate.gateway import daemon, lifecycle
     from ccgate.machine import config as config_mod
+    from ccgate.machine import credentials
 
     try:
         paths = paths_mod.resolve()
+        # The keyring's backends (cryptography among them) would stay in memory for the daemon's
+        # life after the reads at start: they run in a child instead.
+        credentials.keyring_out_of_process(prefetch=lifecycle.daemon_secret_names(paths))
+        budget = options.session_budget
         config = config_mod.resolve(
             paths,
             port=options.port,
             upstream_url=options.upstream,
             log_content=options.log_content,
             passthrough=options.passthrough,
+            session_budget_micros=None
+            if budget is None
+            else config_mod.parse_session_budget(budget),
+            session_rpm=options.session_rpm,
         )
         daemon.serve(paths=paths, config=config, log_level=options.log_level)
     except CcgateError as exc:

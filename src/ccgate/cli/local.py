@@ -307,9 +307,11 @@ def daemon_cmd(
 ) -> None:
     """Run the gateway in the foreground on 127.0.0.1 (what `ccgate up` starts)."""
     from ccgate import paths as paths_mod
-    from ccgate.gateway import daemon
+    from ccgate.gateway import daemon, lifecycle
+    from ccgate.machine import credentials
 
     paths = paths_mod.resolve()
+    credentials.keyring_out_of_process(prefetch=lifecycle.daemon_secret_names(paths))
     config = _resolve(
         paths,
         provider=provider,

@@ -81,6 +81,11 @@ def _secret(name: str, what: str) -> str:
     return f"profile:{name}:{what}"
 
 
+def secret_names(name: str) -> tuple[str, str]:
+    """The names ``secrets`` reads (the daemon fetches them with its own at start)."""
+    return _secret(name, "key"), _secret(name, "device")
+
+
 def save(paths: Paths, profile: Profile, *, key: str, device_private: bytes) -> None:
     store = SecretStore(paths=paths)
     store.set(_secret(profile.name, "key"), key)

@@ -9,30 +9,36 @@ is never left pointing at a daemon that is gone.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ccgate import env
 from ccgate import paths as paths_mod
 from ccgate.client import profiles
 from ccgate.errors import CcgateError, CredentialError, NotRunningError
 from ccgate.gateway import daemon
-from ccgate.machine import claude_settings, service
 from ccgate.machine.config import Config
 from ccgate.machine.credentials import SecretStore
 from ccgate.paths import Paths
 from ccgate.policy import provider_kinds
 from ccgate.store import reports
 from ccgate.store.ledger import Ledger
-from ccgate.wire import CLIENT_KEY_PREFIX
+from ccgate.wire import CLIENT_KEY_PREFIX, HEALTH_PATH
+
+if TYPE_CHECKING:
+    # `ccgate status` imports this module: settings.json and the login service's files, which
+    # only up and down touch, are imported where they are used.
+    from ccgate.machine.service import ServiceInstall
 
 
 class AlreadyRunningError(CcgateError):
@@ -75,6 +81,8 @@ def _prepare(
     ``daemon_has_key``: a daemon already runs and holds an upstream key (often from the
     ANTHROPIC_API_KEY of the shell that started it), so this shell needs none of its own.
     """
+    from ccgate.machine import claude_settings
+
     paths.ensure()
     store = SecretStore(paths=paths)
     settings_file = paths_mod.claude_settings_file(environ)
@@ -160,12 +168,14 @@ def up_service(
     environ: Mapping[str, str] | None = None,
     timeout: float = 20.0,
     status_line: bool | None = None,
-) -> tuple[UpResult | None, service.ServiceInstall]:
+) -> tuple[UpResult | None, ServiceInstall]:
     """Install the login service (systemd user unit or launchd agent) and configure Claude Code.
 
     A detached daemon started by a plain `ccgate up` is stopped first: the two would fight over
     the port. Claude Code is configured only once the service answers its health check.
     """
+    from ccgate.machine import service
+
     environ = os.environ if environ is None else environ
     prepared = _prepare(paths=paths, config=config, environ=environ)
     with contextlib.suppress(NotRunningError):
@@ -215,8 +225,20 @@ def callback_command(args: str, environ: Mapping[str, str]) -> str:
     return f"{prefix}{shlex.quote(sys.executable)} -m ccgate {args}"
 
 
+def daemon_secret_names(paths: Paths) -> list[str]:
+    """What ``daemon.serve`` reads from the keyring at start: its two keys, a profile's two."""
+    names = [daemon.LOCAL_KEY_NAME, daemon.UPSTREAM_KEY_NAME]
+    try:
+        profile = profiles.load(paths)
+    except CcgateError:
+        return names  # serve reports it, in its own order
+    return names if profile is None else [*names, *profiles.secret_names(profile.name)]
+
+
 def status_line_installed(paths: Paths) -> bool:
     """Whether a previous ``up`` installed ccgate's status line (a repeated ``up`` keeps it)."""
+    from ccgate.machine import claude_settings
+
     return claude_settings.installed_status_line(paths.settings_undo_file)
 
 
@@ -228,6 +250,8 @@ def _configure_claude(
     environ: Mapping[str, str],
     status_line: bool | None = None,
 ) -> None:
+    from ccgate.machine import claude_settings
+
     if status_line is None:
         status_line = status_line_installed(paths)
     callbacks: dict[str, Any] = {
@@ -332,6 +356,8 @@ def _auth(config: Config) -> str:
 
 
 def _refuse_passthrough_conflicts(settings_file: Path, environ: Mapping[str, str]) -> None:
+    from ccgate.machine import claude_settings
+
     found: list[str] = []
     file_env = claude_settings.read_env(settings_file)
     for name in CLAUDE_CREDENTIAL_VARS:
@@ -382,6 +408,8 @@ def _no_upstream_key(settings_file: Path) -> CredentialError:
 
 
 def down(*, paths: Paths, remove_service: bool = False) -> DownResult:
+    from ccgate.machine import claude_settings, service
+
     settings_file = paths_mod.claude_settings_file()
     restored = claude_settings.restore(
         settings_path=settings_file, undo_path=paths.settings_undo_file
@@ -402,11 +430,13 @@ def down(*, paths: Paths, remove_service: bool = False) -> DownResult:
 def latest_quota(ledger: Ledger, *, now: float) -> dict[str, Any] | None:
     """The seat plan's quota from the newest answer that reported one (passthrough), for
     ``status`` and ``usage --json``: ``accounting.quota.to_json`` plus a ``summary`` line."""
+    latest = ledger.latest_ratelimit()
+    if latest is None:
+        return None  # no seat plan seen: the parser stays unimported
     from ccgate.accounting import quota
     from ccgate.gateway.statusbar import duration
 
-    latest = ledger.latest_ratelimit()
-    parsed = quota.decode(latest[1], observed_at=latest[0]) if latest else None
+    parsed = quota.decode(latest[1], observed_at=latest[0])
     if parsed is None:
         return None
     return {
@@ -417,10 +447,101 @@ def latest_quota(ledger: Ledger, *, now: float) -> dict[str, Any] | None:
     }
 
 
+def _running(paths: Paths) -> tuple[daemon.RuntimeInfo, dict[str, Any]] | None:
+    """``daemon.running``, asking the health endpoint with ``health`` below."""
+    info = daemon.read_runtime(paths)
+    if info is None or not daemon.pid_alive(info.pid):
+        return None
+    doc = health(info.port)
+    if doc is None or doc.get("pid") != info.pid:
+        return None
+    return info, doc
+
+
+def health(port: int, *, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The daemon's health document, or None when nothing healthy answers on the port.
+
+    ``daemon.health``'s answer, over a bare socket: http.client imports email and ssl, a
+    tenth of what `ccgate status` takes, to read one small loopback answer. The request is
+    HTTP/1.1 with ``Connection: close``; the answer ends at its ``content-length``, or where the
+    connection does.
+    """
+    request = (
+        f"GET {HEALTH_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Accept: application/json\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    data = b""
+    try:
+        # Not create_connection: getaddrinfo imports the idna codec even for an IP address.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request)
+            while len(data) <= _HEALTH_MAX_BYTES and not _complete(data):
+                chunk = sock.recv(16384)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, headers = _head(head)
+    if len(data) > _HEALTH_MAX_BYTES or status != "200":
+        return None
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _unchunk(body)
+    elif (length := headers.get("content-length", "")).isdigit():
+        body = body[: int(length)]
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and doc.get("service") == "ccgate" else None
+
+
+def _head(head: bytes) -> tuple[str | None, dict[str, str]]:
+    """The status code and the (lower-cased) headers of a response head."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ", 2)
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines[1:])
+    }
+    return (status[1] if len(status) >= 2 else None), headers
+
+
+def _complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole answer with a ``content-length`` (so a server that keeps
+    the connection open anyway is not waited for)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    length = _head(head)[1].get("content-length", "")
+    return length.isdigit() and len(body) >= int(length)
+
+
+_HEALTH_MAX_BYTES = 1 << 20  # the document is a few hundred bytes; anything huge is not ours
+
+
+def _unchunk(body: bytes) -> bytes:
+    out: list[bytes] = []
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";", 1)[0], 16)
+        except ValueError:
+            return b""
+        if size == 0:
+            break
+        out.append(rest[:size])
+        body = rest[size + 2 :]
+    return b"".join(out)
+
+
 def status(*, paths: Paths, now: float | None = None) -> dict[str, Any]:
     """Everything ``ccgate status`` shows, as JSON-ready data."""
     now = time.time() if now is None else now
-    current = daemon.running(paths)
+    current = _running(paths)
     report: dict[str, Any] = {
         "running": current is not None,
         "pid": None,

@@ -5,8 +5,12 @@ with a refusal), so the byte path only pays for a few counter increments. What c
 (unsynced rows, the lease balance, the ledger's state) is read when Prometheus scrapes, by a
 custom collector, never counted per request.
 
-Every gateway has its own ``CollectorRegistry``: a ``ccgate run`` gateway, a daemon and the
-gateways tests build in one process never add to each other's numbers.
+Every gateway has its own counts, and builds its own ``CollectorRegistry`` at each scrape: a
+``ccgate run`` gateway, a daemon and the gateways tests build in one process never add to each
+other's numbers. The counts are plain Python (a dict add per increment, no lock: they change on
+the event loop only), and prometheus_client is imported at the first scrape, so a daemon that is
+never scraped does not load it (about a megabyte of its memory); the exposition is what
+prometheus_client's own ``Counter`` and ``Histogram`` would write.
 
 Labels are low-cardinality on purpose: never a session id, a key secret or a free text. A model
 name is the one label a client chooses, so only the first ``MAX_MODELS`` distinct names are kept
@@ -15,22 +19,21 @@ and later ones count as ``other``.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ccgate import __version__
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from ccgate.gateway.policy import Policy
     from ccgate.store.ledger import Ledger, RequestRecord
 
@@ -133,6 +136,58 @@ def attempt_moves(record: RequestRecord) -> Iterator[tuple[str, str, str, str]]:
             yield "rotation", source, source, reason
 
 
+@dataclass
+class _Counter:
+    """One labelled counter: its children in the order they were first counted."""
+
+    name: str
+    doc: str
+    labels: tuple[str, ...] = ()
+    values: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def family(self) -> Metric:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(self.name, self.doc, labels=list(self.labels))
+        for key, value in self.values.items():
+            family.add_metric(list(key), value)
+        return family
+
+
+@dataclass
+class _Histogram:
+    """One histogram without labels; ``counts[i]``: observations in bucket i alone."""
+
+    name: str
+    doc: str
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.bounds = (*self.bounds, float("inf"))
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is at least the amount, as prometheus_client does.
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+
+    def family(self) -> Metric:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        cumulative = itertools.accumulate(self.counts)
+        buckets = [
+            (floatToGoString(b), float(n))  # type: ignore[no-untyped-call]
+            for b, n in zip(self.bounds, cumulative, strict=True)
+        ]
+        return HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.total)
+
+
 class GatewayMetrics:
     """The counters and histograms of one gateway, and its ``/metrics`` endpoint."""
 
@@ -144,74 +199,52 @@ class GatewayMetrics:
         started_at: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        # The _created series double every counter's output and nobody here graphs them; the
-        # switch is process-wide, and ccgate owns the processes it serves in.
-        disable_created_metrics()  # type: ignore[no-untyped-call]
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
+        self.requests = _Counter(
             "ccgate_requests",
             "Requests that reached the proxy routes, by final status, model, provider, outcome.",
-            ["status", "model", "provider", "outcome"],
-            registry=r,
+            ("status", "model", "provider", "outcome"),
         )
-        self.tokens = Counter(
+        self.tokens = _Counter(
             "ccgate_tokens",
             "Tokens the upstream reported, by type (cache writes split into 5m and 1h).",
-            ["type"],
-            registry=r,
+            ("type",),
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = _Histogram(
             "ccgate_upstream_latency_seconds",
             "From handing the request upstream to the end of its answer.",
-            registry=r,
-            buckets=UPSTREAM_BUCKETS,
+            UPSTREAM_BUCKETS,
         )
-        self.ttfb = Histogram(
+        self.ttfb = _Histogram(
             "ccgate_time_to_first_byte_seconds",
             "From receiving the request to the first byte of the upstream's answer.",
-            registry=r,
-            buckets=UPSTREAM_BUCKETS,
+            UPSTREAM_BUCKETS,
         )
-        self.added_latency = Histogram(
+        self.added_latency = _Histogram(
             "ccgate_added_latency_seconds",
             "What ccgate itself adds: before the request goes upstream, and between the "
             "upstream's answer and its relay.",
-            registry=r,
-            buckets=ADDED_BUCKETS,
+            ADDED_BUCKETS,
         )
-        self.rejections = Counter(
-            "ccgate_policy_rejections",
-            "Requests ccgate refused itself, by reason.",
-            ["reason"],
-            registry=r,
+        self.rejections = _Counter(
+            "ccgate_policy_rejections", "Requests ccgate refused itself, by reason.", ("reason",)
         )
-        self.fallbacks = Counter(
+        self.fallbacks = _Counter(
             "ccgate_fallbacks",
             "Requests moved from one provider to another, by why the first attempt failed.",
-            ["from_provider", "to_provider", "reason"],
-            registry=r,
+            ("from_provider", "to_provider", "reason"),
         )
-        self.rotations = Counter(
+        self.rotations = _Counter(
             "ccgate_key_rotations",
             "Requests moved to another key of the same provider, by why.",
-            ["provider", "reason"],
-            registry=r,
+            ("provider", "reason"),
         )
         self._state = _StateCollector(
             ledger=ledger, policy=policy, started_at=started_at, clock=clock
         )
-        r.register(self._state)
         self._models: set[str] = set()
-        # labels() validates and hashes on every call; the few live combinations are kept.
-        self._request_children: dict[tuple[str, str, str, str], Any] = {}
-        self._tokens = (
-            self.tokens.labels("input"),
-            self.tokens.labels("output"),
-            self.tokens.labels("cache_write_5m"),
-            self.tokens.labels("cache_write_1h"),
-            self.tokens.labels("cache_read"),
-        )
+        self._token_types = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+        for kind in self._token_types:
+            self.tokens.inc((kind,), 0.0)  # every type is shown from the start, at 0
 
     def _model(self, model: str | None) -> str:
         if model is None:
@@ -226,14 +259,9 @@ class GatewayMetrics:
     def observe(self, record: RequestRecord, timing: Timing | None = None) -> None:
         """Count one final row. Called on the event loop, after the answer was relayed."""
         status = str(record.status) if record.status is not None else "none"
-        model = self._model(record.model)
-        key = (status, model, record.provider, record.outcome)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(*key)
-        child.inc()
+        self.requests.inc((status, self._model(record.model), record.provider, record.outcome))
         if record.outcome == "rejected":
-            self.rejections.labels(rejection_reason(record.status, record.error)).inc()
+            self.rejections.inc((rejection_reason(record.status, record.error),))
             return
         one_hour = record.cache_creation_1h_input_tokens
         counts = (
@@ -243,9 +271,9 @@ class GatewayMetrics:
             one_hour,
             record.cache_read_input_tokens,
         )
-        for counter, count in zip(self._tokens, counts, strict=True):
+        for kind, count in zip(self._token_types, counts, strict=True):
             if count > 0:
-                counter.inc(count)
+                self.tokens.inc((kind,), count)
         self._state.cost_micros += record.cost_micros
         if record.ttfb_ms is not None:
             self.ttfb.observe(record.ttfb_ms / 1000)
@@ -259,19 +287,48 @@ class GatewayMetrics:
         if record.attempts > 1:
             for kind, source, target, reason in attempt_moves(record):
                 if kind == "fallback":
-                    self.fallbacks.labels(source, target, reason).inc()
+                    self.fallbacks.inc((source, target, reason))
                 else:
-                    self.rotations.labels(source, reason).inc()
+                    self.rotations.inc((source, reason))
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import generate_latest
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Counts(self))
+        registry.register(self._state)
+        return generate_latest(registry)
 
     async def endpoint(self, _request: Request) -> Response:
         # Async on purpose: the policy's snapshot is read on the event loop, like /health does.
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
         return Response(self.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-class _StateCollector(Collector):
+@dataclass(eq=False)  # a registry keys its collectors by identity
+class _Counts:
+    """The counted families, in the order the registry showed them before (a collector)."""
+
+    metrics: GatewayMetrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        yield m.requests.family()
+        yield m.tokens.family()
+        yield m.upstream_latency.family()
+        yield m.ttfb.family()
+        yield m.added_latency.family()
+        yield m.rejections.family()
+        yield m.fallbacks.family()
+        yield m.rotations.family()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class _StateCollector:
     """What Prometheus reads at scrape time: cost (kept in exact micro-dollars), liveness,
     build, the ledger and, in server mode, sync and lease state."""
 
@@ -288,6 +345,8 @@ class _StateCollector(Collector):
         return []  # collected on demand only: describing must not query the ledger
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         cost = CounterMetricFamily(
             "ccgate_cost_usd", "Cost of the finished requests, in US dollars (as the ledger)."
         )

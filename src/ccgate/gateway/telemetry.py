@@ -349,11 +349,15 @@ def _team(policy: Policy) -> str | None:
 def start(policy: Policy, environ: Mapping[str, str]) -> SpanSink | None:
     """The telemetry the environment configures; else in server mode the bundle's; else None
     (also when the SDK is missing, or the environment turns it off)."""
-    from ccgate.gateway.governor import Governor
-
     config = config_from_env(environ)
     if config is None:
-        if _disabled(environ) or not isinstance(policy, Governor):
+        # The mode first: importing the governor brings the bundle's crypto (cryptography's
+        # Rust library, 8 MB of a standalone daemon's memory) into a daemon that never uses it.
+        if _disabled(environ) or policy.mode != "server":
+            return None
+        from ccgate.gateway.governor import Governor
+
+        if not isinstance(policy, Governor):
             return None
         return FollowBundle(policy, environ)
     try:

@@ -16,6 +16,15 @@ state folders (tests, CI, a second profile) never share secrets.
 
 Secret values never appear in exceptions, reprs or notices: errors name the file and the
 failure type only.
+
+A daemon reaches the keyring through a short-lived child process instead
+(``keyring_out_of_process``, called by ``ccgate.__main__``): keyring's backend discovery imports
+every backend, and on Linux the Secret Service one brings secretstorage, jeepney and
+cryptography, 8 MB of the daemon's resident memory for the two secrets it reads at start. The
+child gets its request on stdin and answers on stdout (never argv: other users can read a
+command line); the names the daemon reads at start are fetched in the same child as the
+detection, so a start costs one child. With ``PYTHON_KEYRING_BACKEND`` naming the fail or null
+backend (tests, CI, the bench) there is no keyring to reach, and keyring is not even imported.
 """
 
 from __future__ import annotations
@@ -23,9 +32,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ccgate import env
 from ccgate._files import atomic_write, private_dir
@@ -37,6 +47,15 @@ if TYPE_CHECKING:
     # keyring costs 20 ms to import: loaded when a secret is first read or written, not by every
     # command that imports this module (`ccgate status`).
     from keyring.backend import KeyringBackend
+
+
+class _Ring(Protocol):
+    """What SecretStore uses of a keyring backend (``_ChildKeyring`` is one too)."""
+
+    def get_password(self, service: str, username: str) -> str | None: ...
+
+    def set_password(self, service: str, username: str, password: str) -> None: ...
+
 
 DEFAULT_SERVICE = "ccgate"
 _NOTICE_MARKER = "secrets-fallback-noticed"
@@ -90,7 +109,7 @@ class SecretStore:
         self._paths = paths
         self._service = service_name(service)
         self._detected = False
-        self._keyring: KeyringBackend | None = None
+        self._keyring: _Ring | None = None
         self._failure: str | None = None  # exception type of a runtime keyring failure
 
     def __repr__(self) -> str:
@@ -110,7 +129,7 @@ class SecretStore:
         ring = self._ring()
         if ring is None:
             return f"file {_display(self._paths.secrets_file)} ({_FILE_MODE:04o})"
-        return f"OS keyring ({describe_keyring(ring)})"
+        return f"OS keyring ({_describe(ring)})"
 
     def get(self, name: str) -> str | None:
         _check_name(name)
@@ -151,13 +170,13 @@ class SecretStore:
 
     # -- keyring ---------------------------------------------------------------------------------
 
-    def _ring(self) -> KeyringBackend | None:
+    def _ring(self) -> _Ring | None:
         if not self._detected:
             self._detected = True
-            self._keyring = _detect_keyring()
+            self._keyring = _detect_keyring(self._service)
         return None if self._failure else self._keyring
 
-    def _try(self, call: Callable[[KeyringBackend], _T]) -> tuple[bool, _T | None]:
+    def _try(self, call: Callable[[_Ring], _T]) -> tuple[bool, _T | None]:
         ring = self._ring()
         if ring is None:
             return False, None
@@ -166,11 +185,13 @@ class SecretStore:
         # Backends raise whatever their transport raises (DBus, Security framework, WinAPI),
         # not only KeyringError; any failure means "use the file".
         except Exception as exc:
-            self._failure = type(exc).__name__
+            self._failure = exc.kind if isinstance(exc, _ChildError) else type(exc).__name__
             return False, None
 
     def _delete_from_keyring(self, name: str) -> bool:
-        def call(ring: KeyringBackend) -> bool:
+        def call(ring: Any) -> bool:
+            if isinstance(ring, _ChildKeyring):
+                return ring.delete(self._service, name)
             import keyring.errors
 
             try:
@@ -186,7 +207,7 @@ class SecretStore:
         where = _display(self._paths.secrets_file)
         if self._failure and self._keyring is not None:
             return (
-                f"The OS keyring ({describe_keyring(self._keyring)}) failed ({self._failure}), "
+                f"The OS keyring ({_describe(self._keyring)}) failed ({self._failure}), "
                 f"so ccgate keeps its secrets in {where}, readable only by you (mode 0600)."
             )
         return (
@@ -230,7 +251,22 @@ class SecretStore:
         return True
 
 
-def _detect_keyring() -> KeyringBackend | None:
+def _detect_keyring(service: str) -> _Ring | None:
+    if _OUT_OF_PROCESS.enabled and os.environ.get(_BACKEND_VAR, "") not in _LIGHT_BACKENDS:
+        # Once per service, for every store of the process (as keyring itself keeps the backend
+        # it found): the daemon makes several stores at start, and each child costs a start.
+        rings = _OUT_OF_PROCESS.rings
+        if service not in rings:
+            rings[service] = _ChildKeyring.detect(service, prefetch=_OUT_OF_PROCESS.prefetch)
+        return rings[service]
+    return _detect_here()
+
+
+def _detect_here() -> KeyringBackend | None:
+    if os.environ.get(_BACKEND_VAR, "") in _LIGHT_BACKENDS and "keyring" not in sys.modules:
+        # Both count as no keyring, and with keyring not loaded nothing can have installed
+        # another backend: importing it only to be told so costs 2 MB and 20 ms.
+        return None
     try:
         import keyring
 
@@ -239,6 +275,150 @@ def _detect_keyring() -> KeyringBackend | None:
     # A bad PYTHON_KEYRING_BACKEND or a backend whose probe fails must not stop ccgate.
     except Exception:
         return None
+
+
+def _describe(ring: _Ring) -> str:
+    if isinstance(ring, _ChildKeyring):
+        return ring.description
+    return describe_keyring(ring)  # type: ignore[arg-type]
+
+
+# -- the keyring in a child process ---------------------------------------------------------------
+
+_BACKEND_VAR = "PYTHON_KEYRING_BACKEND"
+# Backends that import nothing beyond keyring itself: no reason for a child.
+_LIGHT_BACKENDS = ("keyring.backends.fail.Keyring", "keyring.backends.null.Keyring")
+_CHILD_CODE = "from ccgate.machine.credentials import _child_main; _child_main()"
+_CHILD_TIMEOUT_S = 120.0  # a locked keyring may wait for its unlock prompt
+
+
+class _OutOfProcess:
+    def __init__(self) -> None:
+        self.enabled = False
+        self.prefetch: tuple[str, ...] = ()
+        self.rings: dict[str, _Ring | None] = {}
+
+
+_OUT_OF_PROCESS = _OutOfProcess()
+
+
+def keyring_out_of_process(*, prefetch: Sequence[str] = ()) -> None:
+    """From now on this process reaches the OS keyring through a child process (see the module
+    docstring); ``prefetch``: names read in the same child as the detection."""
+    _OUT_OF_PROCESS.enabled = True
+    _OUT_OF_PROCESS.prefetch = tuple(prefetch)
+    _OUT_OF_PROCESS.rings.clear()
+
+
+class _ChildError(Exception):
+    """The keyring failed in the child; ``kind`` is the type name of its exception."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _ask_child(service: str, ops: list[list[str]]) -> dict[str, Any]:
+    import subprocess
+
+    # -P: the daemon's working folder (any repository) is not put on the child's sys.path.
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", _CHILD_CODE],
+        input=json.dumps({"service": service, "ops": ops}),
+        capture_output=True,
+        text=True,
+        timeout=_CHILD_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise _ChildError(f"child exited {done.returncode}")
+    answer = json.loads(done.stdout)
+    if not isinstance(answer, dict):
+        raise _ChildError("child answered no object")
+    return answer
+
+
+class _ChildKeyring:
+    """The OS keyring of a child process: one child per operation after the first."""
+
+    def __init__(self, service: str, description: str, cache: dict[str, str | None]) -> None:
+        self.service = service
+        self.description = description
+        self._cache = cache  # prefetched answers, each used once
+
+    @classmethod
+    def detect(cls, service: str, *, prefetch: Sequence[str]) -> _Ring | None:
+        try:
+            answer = _ask_child(service, [["get", name] for name in prefetch])
+        except Exception:
+            # The child itself could not run (no fork, a broken interpreter): ask in-process as
+            # before, memory and all, rather than take the file for a keyring that may hold
+            # the keys (the daemon would mint a new local key there).
+            return _detect_here()
+        if not answer.get("real"):
+            return None
+        cache: dict[str, str | None] = {}
+        for name, result in zip(prefetch, answer.get("results", []), strict=False):
+            if isinstance(result, dict) and "error" not in result:
+                value = result.get("value")
+                cache[name] = value if isinstance(value, str) else None
+        return cls(service, str(answer.get("describe", "keyring")), cache)
+
+    def _one(self, service: str, op: list[str]) -> dict[str, Any]:
+        self._cache.pop(op[1], None)
+        answer = _ask_child(service, [op])
+        results = answer.get("results")
+        if not answer.get("real") or not isinstance(results, list) or len(results) != 1:
+            raise _ChildError("keyring gone")
+        result = results[0]
+        if not isinstance(result, dict):
+            raise _ChildError("bad answer")
+        if "error" in result:
+            raise _ChildError(str(result["error"]))
+        return result
+
+    def get_password(self, service: str, username: str) -> str | None:
+        if service == self.service and username in self._cache:
+            return self._cache.pop(username)
+        value = self._one(service, ["get", username]).get("value")
+        return value if isinstance(value, str) else None
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self._one(service, ["set", username, password])
+
+    def delete(self, service: str, username: str) -> bool:
+        return bool(self._one(service, ["delete", username]).get("deleted"))
+
+
+def _child_main() -> None:
+    """The child: one request on stdin, one answer on stdout; secrets never in argv or logs."""
+    request = json.loads(sys.stdin.read())
+    service = str(request["service"])
+    ring = _detect_here()
+    if ring is None:
+        json.dump({"real": False}, sys.stdout)
+        return
+    import keyring.errors
+
+    results: list[dict[str, Any]] = []
+    for op in request["ops"]:
+        try:
+            if op[0] == "get":
+                results.append({"value": ring.get_password(service, op[1])})
+            elif op[0] == "set":
+                ring.set_password(service, op[1], op[2])
+                results.append({})
+            elif op[0] == "delete":
+                try:
+                    ring.delete_password(service, op[1])
+                    results.append({"deleted": True})
+                except keyring.errors.PasswordDeleteError:
+                    results.append({"deleted": False})
+            else:
+                results.append({"error": "UnknownOperation"})
+        except Exception as exc:
+            results.append({"error": type(exc).__name__})
+    json.dump({"real": True, "describe": describe_keyring(ring), "results": results}, sys.stdout)
 
 
 def _check_name(name: str) -> None:
