@@ -314,7 +314,7 @@ def _write_story(ledger: Ledger) -> None:
 def test_the_final_update_stores_exactly_what_the_upsert_stores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def dump(path: Path) -> list[object]:
+    def dump(path: Path) -> list[list[tuple[object, ...]]]:
         # Every column but seq, in seq order: a conflicting UPSERT takes an AUTOINCREMENT
         # value it never uses, so the UPSERT's seqs have gaps where the UPDATE's have none.
         with raw(path) as db:
