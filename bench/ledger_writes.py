@@ -2,13 +2,16 @@
 
 Each request goes through the real ``Ledger`` as the daemon drives it: the pending row by
 ``commit_start`` (on this thread, as on the event loop), then the final row by
-``record_finish`` on the writer thread, ``flush``-ed per request (one transaction per final
-row, as sequential requests get) or every ``--batch`` requests (final rows that queued up
-together). CPU is ``time.process_time`` (every thread) per request, and the calling thread's
-share (``time.thread_time``); the ledger holds ``--rows`` earlier requests, so the indexes have
-a realistic depth. Run with ``PYTHONPATH=<other tree>/src`` to measure another build; the
-``--sql`` breakdown times each statement alone on one connection, with parts of the schema
-dropped, to show what each write pays for.
+``record_finish`` on the writer thread. By default each request is ``flush``-ed (one
+transaction per final row, as sequential requests get; the flush's hand-shake costs more than
+the daemon pays); ``--batch N`` flushes every N requests (final rows that queue up together);
+``--gap-ms`` sleeps between requests instead (the writer wakes for each final row by itself,
+as in the daemon; the sleeps leave the caches cold, so every write costs more). CPU is
+``time.process_time`` (every thread) per request, and the calling thread's share
+(``time.thread_time``); the ledger holds ``--rows`` earlier requests, so the indexes have a
+realistic depth. Run with ``PYTHONPATH=<other tree>/src`` to measure another build; ``--sql``
+times each statement alone on one connection, also with parts of the schema dropped, to show
+what each write pays for.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def _fill(ledger: Ledger, rows: int) -> None:
     ledger.flush(60)
 
 
-def run_ledger(*, requests: int, rows: int, batch: int) -> dict[str, float]:
+def run_ledger(*, requests: int, rows: int, batch: int, gap_ms: float = 0) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         ledger = Ledger(Path(tmp) / "ledger.db")
         ledger.start_writer()
@@ -89,7 +92,9 @@ def run_ledger(*, requests: int, rows: int, batch: int) -> dict[str, float]:
             inline += ledger.commit_start(rec)
             _finish(rec)
             ledger.record_finish(rec)
-            if (i + 1) % batch == 0:
+            if gap_ms:
+                time.sleep(gap_ms / 1000)  # the writer takes each final row alone, unprompted
+            elif (i + 1) % batch == 0:
                 ledger.flush(60)
         ledger.flush(60)
         cpu, thread, wall = (
@@ -197,12 +202,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rows", type=int, default=20_000, help="earlier rows in the ledger")
     parser.add_argument("--batch", type=int, default=1, help="flush every N requests")
+    parser.add_argument(
+        "--gap-ms", type=float, default=0, help="sleep between requests instead of flushing"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sql", action="store_true", help="also time each statement alone")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     runs = [
-        run_ledger(requests=args.requests, rows=args.rows, batch=args.batch)
+        run_ledger(requests=args.requests, rows=args.rows, batch=args.batch, gap_ms=args.gap_ms)
         for _ in range(args.repeat)
     ]
     result: dict[str, object] = {
