@@ -690,6 +690,18 @@ def _apply(db: sqlite3.Connection, op: _Write) -> None:
         db.execute(_UPSERT_CONTENT, (op.request_id, op.request_body, op.response_body))
 
 
+def _commit(db: sqlite3.Connection, batch: list[_Write]) -> None:
+    if len(batch) == 1 and batch[0].request_body is None and batch[0].response_body is None:
+        # A lone statement is its own transaction in autocommit mode: one call into SQLite
+        # (one release of the GIL, which the loop thread wants back) instead of BEGIN, the
+        # write and COMMIT. An UPDATE that falls back to the UPSERT changed nothing first.
+        _apply(db, batch[0])
+        return
+    with _write_transaction(db):
+        for op in batch:
+            _apply(db, op)
+
+
 def _snapshot(sql: str, rec: RequestRecord) -> _Write:
     # A bad value here is a bug in the caller; failing loudly beats a row reports miscount.
     if rec.outcome not in OUTCOMES:
@@ -907,9 +919,8 @@ class _Writer:
             return batch
         try:
             db = self._connection()
-            with self._lock, _write_transaction(db):
-                for op in batch:
-                    _apply(db, op)
+            with self._lock:
+                _commit(db, batch)
         except Exception as exc:
             if not _is_transient(exc):
                 return self._write_one_by_one(batch)
@@ -923,8 +934,8 @@ class _Writer:
         for index, op in enumerate(batch):
             try:
                 db = self._connection()
-                with self._lock, _write_transaction(db):
-                    _apply(db, op)
+                with self._lock:
+                    _commit(db, [op])
             except Exception as exc:
                 if _is_transient(exc):
                     self._note_problem(exc)
@@ -1050,8 +1061,7 @@ class Ledger:
                 db = _connect(self.path, readonly=False, busy_timeout_ms=0)
                 db.execute("PRAGMA wal_autocheckpoint = 0")
                 self._inline = db
-            with _write_transaction(db):
-                _apply(db, op)
+            _commit(db, [op])
         except sqlite3.Error:
             # Locked by the writer (or another process), or failing: the writer's retries and
             # its problem reporting take it from here.
