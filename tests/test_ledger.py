@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -588,55 +586,3 @@ def test_commit_start_queues_while_the_writer_is_mid_transaction(ledger: Ledger)
         assert ledger.commit_start(rec(1)) is False
     assert ledger.flush(timeout=10)
     assert [r.id for r in ledger.records()] == [rec(1).id]
-
-
-def test_record_finish_commits_on_the_spot_while_the_writer_has_nothing_queued(
-    ledger: Ledger, db_path: Path
-) -> None:
-    assert ledger.commit_start(rec(1)) is True
-    ledger.record_finish(finished(1, output_tokens=7))  # no flush: already in the file
-    with contextlib.closing(raw(db_path)) as reader:
-        assert reader.execute("SELECT outcome, output_tokens FROM requests").fetchall() == [
-            ("ok", 7)
-        ]
-
-
-def test_record_finish_never_overtakes_a_write_still_queued(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A checkpoint that had to be queued (the lock was taken), then the final row while the
-    # writer is still busy with it: the final row must not be committed first, or the
-    # checkpoint, applied after it, would turn the row back into a pending one.
-    assert ledger.commit_start(rec(1)) is True
-    writer = ledger._writer
-    assert writer is not None
-    release, busy = threading.Event(), threading.Event()
-    real_write = writer._write
-
-    def slow_write(batch: list[ledger_mod._Write], *, failures: int) -> list[ledger_mod._Write]:
-        busy.set()
-        release.wait(10)
-        return real_write(batch, failures=failures)
-
-    monkeypatch.setattr(writer, "_write", slow_write)
-    with ledger._inline_lock:
-        ledger.record_finish(rec(1, output_tokens=3))  # the checkpoint, queued
-    assert busy.wait(10)  # the writer has taken it and not written it yet; the lock is free
-    ledger.record_finish(finished(1, output_tokens=9))
-    release.set()
-    assert ledger.flush(timeout=10)
-    ((outcome, tokens),) = [(r.outcome, r.output_tokens) for r in ledger.records()]
-    assert (outcome, tokens) == ("ok", 9)
-
-
-def test_commits_made_on_the_spot_still_get_the_wal_checkpointed(
-    ledger: Ledger, db_path: Path
-) -> None:
-    # That connection never checkpoints; without the writer's, the WAL would hold every
-    # request's pages (about 60 KB each) until the daemon stops.
-    for n in range(1500):
-        ledger.commit_start(rec(n))  # (queued while the writer checkpoints)
-        ledger.record_finish(finished(n))
-    assert ledger.flush(timeout=30)
-    assert db_path.with_name(db_path.name + "-wal").stat().st_size < 16 * 1024 * 1024
-    assert len(ledger.records(limit=2000)) == 1500

@@ -793,15 +793,6 @@ class _Stop:
 _STOP: Final = _Stop()
 
 
-class _Checkpoint:
-    """Queued after every ``_CHECKPOINT_EVERY_INLINE`` commits made on the loop's connection."""
-
-
-_CHECKPOINT: Final = _Checkpoint()
-# About 1,000 WAL pages (SQLite's own autocheckpoint) at 15-16 pages per request.
-_CHECKPOINT_EVERY_INLINE: Final = 64
-
-
 class LedgerWriteError(LedgerError):
     """The writer could not commit what was queued (disk full, read-only, I/O error)."""
 
@@ -835,7 +826,7 @@ class _LoopWaiter:
 
 
 _Waiter = threading.Event | _LoopWaiter
-_Item = _Write | _Waiter | _Stop | _Checkpoint
+_Item = _Write | _Waiter | _Stop
 
 
 class _Writer:
@@ -853,20 +844,6 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self.problem: tuple[str, float] | None = None
         """Why the last commit failed and since when (epoch s); None while writes succeed."""
-        # Writes queued (counted before the put) and written (committed or dropped): equal
-        # when no queued write is still to come.
-        self._queued = 0
-        self._queued_lock = threading.Lock()
-        self._written = 0
-        self._checkpoint_due = False
-
-    def count_queued(self) -> None:
-        with self._queued_lock:
-            self._queued += 1
-
-    @property
-    def idle(self) -> bool:
-        return self._written == self._queued
 
     @property
     def alive(self) -> bool:
@@ -891,9 +868,7 @@ class _Writer:
             if not (pending or waiters or stopping):
                 stopping = self._take(self.queue.get(), pending, waiters)
             stopping = self._drain(pending, waiters) or stopping
-            taken = len(pending)
             pending = self._write(pending, failures=failures)
-            self._written += taken - len(pending)
             if pending:
                 failures += 1
                 waiters = self._fail_loop_waiters(waiters)
@@ -908,13 +883,6 @@ class _Writer:
             for waiter in waiters:
                 waiter.set()  # everything queued before it is committed now
             waiters.clear()
-            if self._checkpoint_due:
-                self._checkpoint_due = False
-                # Under the lock, as SQLite's own checkpoint after a commit of this connection
-                # is: with no commit appending meanwhile it can finish, and the next commit
-                # starts the WAL over instead of growing it. PASSIVE: never waits for readers.
-                with self._lock, contextlib.suppress(sqlite3.Error):
-                    self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
             if stopping:
                 break
         self._close()
@@ -937,13 +905,12 @@ class _Writer:
                 return stopping
             stopping = self._take(item, pending, waiters) or stopping
 
-    def _take(self, item: _Item, pending: list[_Write], waiters: list[_Waiter]) -> bool:
+    @staticmethod
+    def _take(item: _Item, pending: list[_Write], waiters: list[_Waiter]) -> bool:
         if isinstance(item, _Write):
             pending.append(item)
         elif isinstance(item, threading.Event | _LoopWaiter):
             waiters.append(item)
-        elif item is _CHECKPOINT:
-            self._checkpoint_due = True
         return item is _STOP
 
     def _write(self, batch: list[_Write], *, failures: int) -> list[_Write]:
@@ -1018,7 +985,6 @@ class Ledger:
         self._writer: _Writer | None = None
         self._inline: sqlite3.Connection | None = None  # commit_start's, opened on first use
         self._inline_lock = threading.Lock()
-        self._inline_commits = 0
         self._db = self._open()
 
     def __enter__(self) -> Ledger:
@@ -1075,7 +1041,7 @@ class Ledger:
 
     def record_start(self, rec: RequestRecord) -> None:
         """Queue the INSERT of a new (normally pending) row. Never blocks; safe on the loop."""
-        self._put(_snapshot(_INSERT_START, rec))
+        self._queue().put(_snapshot(_INSERT_START, rec))
 
     def commit_start(self, rec: RequestRecord) -> bool:
         """Insert and commit a pending row on the calling thread if SQLite's write lock is free
@@ -1084,23 +1050,10 @@ class Ledger:
 
         Never waits for the lock (``busy_timeout`` 0) and never checkpoints the WAL (the
         writer's connection does), so on the event loop it costs one WAL append."""
-        return self._commit_here(_snapshot(_INSERT_START, rec))
-
-    def record_finish(self, rec: RequestRecord) -> None:
-        """Write the whole record (an UPDATE of its pending row, else an UPSERT): committed on
-        the calling thread as ``commit_start`` does when the writer is running with nothing of
-        its own to write (so this cannot overtake a queued write of the same request) and the
-        lock is free; otherwise queued for the writer. Never blocks; safe on the loop."""
-        op = _snapshot(_FINISH, rec)
-        writer = self._writer
-        if writer is not None and writer.alive and writer.idle and writer.problem is None:
-            self._commit_here(op)
-        else:
-            self._put(op)
-
-    def _commit_here(self, op: _Write) -> bool:
+        op = _snapshot(_INSERT_START, rec)
+        queued = self._queue()
         if not self._inline_lock.acquire(blocking=False):
-            self._put(op)
+            queued.put(op)
             return False
         try:
             db = self._inline
@@ -1112,22 +1065,16 @@ class Ledger:
         except sqlite3.Error:
             # Locked by the writer (or another process), or failing: the writer's retries and
             # its problem reporting take it from here.
-            self._put(op)
+            queued.put(op)
             return False
         finally:
             self._inline_lock.release()
-        # This connection never checkpoints (that can fsync, on the event loop): the writer
-        # does, when it commits, and when told to because most commits are made here.
-        self._inline_commits += 1
-        if self._inline_commits % _CHECKPOINT_EVERY_INLINE == 0:
-            self._queue().put(_CHECKPOINT)
         return True
 
-    def _put(self, op: _Write) -> None:
-        queued = self._queue()
-        assert self._writer is not None
-        self._writer.count_queued()
-        queued.put(op)
+    def record_finish(self, rec: RequestRecord) -> None:
+        """Queue a write of the whole record (an UPDATE of its pending row, else an UPSERT).
+        Never blocks; safe on the loop."""
+        self._queue().put(_snapshot(_FINISH, rec))
 
     async def committed(self) -> None:
         """Wait (without blocking the loop) until everything queued so far is committed.
