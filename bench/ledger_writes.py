@@ -103,9 +103,11 @@ def run_ledger(*, requests: int, rows: int, batch: int, gap_ms: float = 0) -> di
             time.perf_counter() - wall0,
         )
         gc.enable()
+        finished = len(ledger.records(outcome="ok"))
         ledger.stop_writer()
         ledger.close()
     return {
+        "finished_rows": finished,
         "cpu_ms": cpu * 1000 / requests,
         "caller_ms": thread * 1000 / requests,
         "wall_ms": wall * 1000 / requests,
