@@ -91,25 +91,21 @@ def _wrap_commit_start(owner: Any) -> None:
     owner.commit_start = wrapper
 
 
-class _TimedJson:
-    """Stands in for the ``json`` module inside ccgate.gateway.proxy: stamps the body's parse."""
+def _timed_parse(real: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """Stands in for ``parse_body`` inside ccgate.gateway.proxy: stamps the body's parse."""
 
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def loads(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+    def parse_body(body: bytes) -> Any:
         current = _CURRENT.get()
         if current is not None and "parse_start" not in current:
             current["parse_start"] = time.perf_counter()
-            value = self._real.loads(data, *args, **kwargs)
+            value = real(body)
             current["parsed"] = time.perf_counter()
             if isinstance(value, dict):
                 current["stream"] = value.get("stream") is True
             return value
-        return self._real.loads(data, *args, **kwargs)
+        return real(body)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
+    return parse_body
 
 
 def install() -> None:
@@ -134,7 +130,7 @@ def install() -> None:
 
     guard.__call__ = call  # type: ignore[method-assign]
     _wrap_async(proxy, "_read_body", before=None, after="body_read")
-    proxy.json = _TimedJson(json)  # type: ignore[assignment,attr-defined]
+    vars(proxy)["parse_body"] = _timed_parse(vars(proxy)["parse_body"])
     _wrap_async(policy.LocalPolicy, "admit", before=None, after="admitted")
     _wrap_sync(ledger.Ledger, "record_start", before="record_start", after=None)
     _wrap_async(ledger.Ledger, "committed", before=None, after="committed")

@@ -287,6 +287,58 @@ def test_a_thousand_records_in_batches_are_all_committed(ledger: Ledger) -> None
     assert sorted(row.finished_seq or 0 for row in rows) == list(range(1, 1001))
 
 
+def _write_story(ledger: Ledger) -> None:
+    """Starts, checkpoints and finishes, including finishes that change what the start wrote."""
+    ledger.record_start(rec(1, session_id="s1"))
+    ledger.record_finish(finished(1, session_id="s1", input_tokens=10, cost_micros=7))
+    ledger.record_start(rec(2, session_id="s1", input_tokens=500, price_estimated=True))
+    ledger.record_finish(rec(2, session_id="s1", input_tokens=40, output_tokens=3))  # checkpoint
+    ledger.record_finish(finished(2, session_id="s1", input_tokens=40, output_tokens=90))
+    ledger.record_finish(finished(3, session_id="s2", error="\ud800 x", attempt_log=[{"k": 1}]))
+    # A finish whose start time, key, path or session differ from its pending row: the whole
+    # record is stored, and the rollups move it to its new hour and session.
+    ledger.record_start(rec(4, session_id="s1"))
+    ledger.record_finish(
+        finished(4, session_id="s2", started_at=T0 - 7200, key_id="other", cost_micros=5)
+    )
+    ledger.record_start(rec(5, path="/v1/messages/count_tokens"))
+    ledger.record_finish(finished(5, path="/v1/messages", cost_micros=11))
+    ledger.record_start(rec(6))
+    ledger.record_finish(finished(6, cost_micros=1))
+    ledger.record_finish(rec(6, outcome="interrupted", cost_micros=2))  # finished twice
+    ledger.record_start(rec(7, session_id=None))
+    ledger.record_finish(finished(7, session_id=None, model="claude-opus-4-1"))
+    assert ledger.flush()
+
+
+def test_the_final_update_stores_exactly_what_the_upsert_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dump(path: Path) -> list[list[tuple[object, ...]]]:
+        # Every column but seq, in seq order: a conflicting UPSERT takes an AUTOINCREMENT
+        # value it never uses, so the UPSERT's seqs have gaps where the UPDATE's have none.
+        with raw(path) as db:
+            return [
+                [row[1:] for row in db.execute("SELECT * FROM requests ORDER BY seq")],
+                *(
+                    db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+                    for table in ("usage_hourly", "usage_daily")
+                ),
+            ]
+
+    with Ledger(tmp_path / "update.db") as ledger:
+        ledger.start_writer()
+        _write_story(ledger)
+    monkeypatch.setattr(ledger_mod, "_FINISH", ledger_mod._UPSERT_FINISH)
+    with Ledger(tmp_path / "upsert.db") as ledger:
+        ledger.start_writer()
+        _write_story(ledger)
+    update, upsert = dump(tmp_path / "update.db"), dump(tmp_path / "upsert.db")
+    assert update == upsert
+    rows = {row[0]: row for row in update[0]}  # by id
+    assert len(rows) == 7 and rows[f"{4:032x}"][1:3] == (T0 - 7200, "other")
+
+
 def test_bad_outcome_is_a_caller_bug(ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="unknown outcome 'done'"):
         ledger.record_finish(rec(1, outcome="done"))

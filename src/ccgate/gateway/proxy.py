@@ -28,7 +28,6 @@ retry cannot help (a bad key, a malformed body), because Claude Code retries 401
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -52,6 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ccgate import __version__, env
 from ccgate.accounting import billing, quota
 from ccgate.accounting.metering import Metered
+from ccgate.gateway._body import BodyError, parse_body
 from ccgate.gateway.metrics import METRICS_PATH, GatewayMetrics, Timing
 from ccgate.gateway.policy import Policy, Ticket, Upstream
 from ccgate.gateway.providers import (
@@ -766,41 +766,6 @@ class _NoCookies(httpx.Cookies):
 
     def extract_cookies(self, response: httpx.Response) -> None:
         return None
-
-
-class BodyError(ValueError):
-    """A request body ccgate will not forward; the message says why, for the client."""
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) == len(pairs):
-        return result
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise BodyError(
-                f"The request body has the key {key[:100]!r} more than once in one object; "
-                "ccgate and the upstream could read different values, so it is refused."
-            )
-        seen.add(key)
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise BodyError(f"The request body contains {name}, which is not valid JSON.")
-
-
-def parse_body(body: bytes) -> Any:
-    """The JSON request body, strictly: no duplicate keys, no NaN/Infinity, bounded depth."""
-    try:
-        return json.loads(body, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
-    except BodyError:
-        raise
-    except RecursionError:
-        raise BodyError("The request body is nested too deeply to be a Messages request.") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BodyError(f"The request body is not JSON: {exc}.") from None
 
 
 def cap_error(error: str | None) -> str | None:

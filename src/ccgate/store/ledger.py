@@ -541,6 +541,24 @@ _UPSERT_FINISH: Final = (
     + ", finished_seq = CASE WHEN excluded.outcome = 'pending' THEN requests.finished_seq"
     " ELSE COALESCE(requests.finished_seq, excluded.finished_seq) END"
 )
+# The final write (and a checkpoint's) as the daemon makes it: the row its pending insert left,
+# found by id with the columns that never change after the start (the same values as
+# before), so only the columns a request's progress can change are written: an UPDATE that
+# names no column of the started_at or session index leaves those indexes alone, and the
+# INSERT half of an UPSERT (its constraint checks) is skipped. When no row matches (none was
+# written, or one of those columns changed), ``_apply`` runs _UPSERT_FINISH instead, so what
+# is stored is always the whole record, exactly as the UPSERT stores it.
+_FIXED_AT_START: Final = ("id", "started_at", "key_id", "method", "path", "session_id")
+_FINISH: Final = (
+    "UPDATE requests SET "
+    + ", ".join(f"{c} = ?{i}" for i, c in enumerate(_RECORD_COLUMNS, 1) if c not in _FIXED_AT_START)
+    + f", finished_seq = CASE WHEN ?{_OUTCOME_PARAM} = 'pending' THEN finished_seq"
+    " ELSE COALESCE(finished_seq, (SELECT COALESCE(MAX(finished_seq), 0) + 1 FROM requests))"
+    " END WHERE "
+    + " AND ".join(
+        f"{c} {'=' if c == 'id' else 'IS'} ?{_RECORD_COLUMNS.index(c) + 1}" for c in _FIXED_AT_START
+    )
+)
 _UPSERT_CONTENT: Final = (
     "INSERT INTO request_content (id, request_body, response_body) VALUES (?, ?, ?) "
     "ON CONFLICT (id) DO UPDATE SET "
@@ -666,9 +684,22 @@ class _Write:
 
 
 def _apply(db: sqlite3.Connection, op: _Write) -> None:
-    db.execute(op.sql, op.params)
+    if db.execute(op.sql, op.params).rowcount == 0 and op.sql is _FINISH:
+        db.execute(_UPSERT_FINISH, op.params)
     if op.request_body is not None or op.response_body is not None:
         db.execute(_UPSERT_CONTENT, (op.request_id, op.request_body, op.response_body))
+
+
+def _commit(db: sqlite3.Connection, batch: list[_Write]) -> None:
+    if len(batch) == 1 and batch[0].request_body is None and batch[0].response_body is None:
+        # A lone statement is its own transaction in autocommit mode: one call into SQLite
+        # (one release of the GIL, which the loop thread wants back) instead of BEGIN, the
+        # write and COMMIT. An UPDATE that falls back to the UPSERT changed nothing first.
+        _apply(db, batch[0])
+        return
+    with _write_transaction(db):
+        for op in batch:
+            _apply(db, op)
 
 
 def _snapshot(sql: str, rec: RequestRecord) -> _Write:
@@ -677,8 +708,18 @@ def _snapshot(sql: str, rec: RequestRecord) -> _Write:
         raise ValueError(f"unknown outcome {rec.outcome!r}")
     if rec.billing not in BILLINGS:
         raise ValueError(f"unknown billing {rec.billing!r}")
-    params = tuple(_storable(v) for v in _record_params(rec))
+    # Almost every value is stored as it is: only those that are not call _storable (one
+    # function call per column was most of the snapshot's cost).
+    params = tuple(
+        [
+            v if (k := v.__class__) in _AS_IS or (k is str and v.isascii()) else _storable(v)
+            for v in _record_params(rec)
+        ]
+    )
     return _Write(sql, rec.id, params, rec.request_body, rec.response_body)
+
+
+_AS_IS: Final = frozenset({int, float, bool, type(None)})
 
 
 def _storable(value: object) -> object:
@@ -878,9 +919,8 @@ class _Writer:
             return batch
         try:
             db = self._connection()
-            with self._lock, _write_transaction(db):
-                for op in batch:
-                    _apply(db, op)
+            with self._lock:
+                _commit(db, batch)
         except Exception as exc:
             if not _is_transient(exc):
                 return self._write_one_by_one(batch)
@@ -894,8 +934,8 @@ class _Writer:
         for index, op in enumerate(batch):
             try:
                 db = self._connection()
-                with self._lock, _write_transaction(db):
-                    _apply(db, op)
+                with self._lock:
+                    _commit(db, [op])
             except Exception as exc:
                 if _is_transient(exc):
                     self._note_problem(exc)
@@ -1021,8 +1061,7 @@ class Ledger:
                 db = _connect(self.path, readonly=False, busy_timeout_ms=0)
                 db.execute("PRAGMA wal_autocheckpoint = 0")
                 self._inline = db
-            with _write_transaction(db):
-                _apply(db, op)
+            _commit(db, [op])
         except sqlite3.Error:
             # Locked by the writer (or another process), or failing: the writer's retries and
             # its problem reporting take it from here.
@@ -1033,8 +1072,9 @@ class Ledger:
         return True
 
     def record_finish(self, rec: RequestRecord) -> None:
-        """Queue an UPSERT of the whole record. Never blocks; safe on the loop."""
-        self._queue().put(_snapshot(_UPSERT_FINISH, rec))
+        """Queue a write of the whole record (an UPDATE of its pending row, else an UPSERT).
+        Never blocks; safe on the loop."""
+        self._queue().put(_snapshot(_FINISH, rec))
 
     async def committed(self) -> None:
         """Wait (without blocking the loop) until everything queued so far is committed.
