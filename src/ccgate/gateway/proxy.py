@@ -68,6 +68,7 @@ from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.wire import HEALTH_PATH, error_response
 
 if TYPE_CHECKING:
+    from ccgate.gateway._http import DirectExchange
     from ccgate.gateway.telemetry import SpanSink
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -127,10 +128,7 @@ class _GuardMiddleware:
             f"[::1]:{port}".encode(),
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def _refusal(self, scope: Scope) -> Response | None:
         host = b""
         has_origin = False
         for name, value in scope["headers"]:
@@ -140,20 +138,29 @@ class _GuardMiddleware:
                 has_origin = True
         if host not in self.allowed_hosts:
             shown = host.decode("latin-1")[:100] or "(none)"
-            response = error_response(
+            return error_response(
                 403,
                 "permission_error",
                 f"ccgate only answers requests addressed to 127.0.0.1, localhost or [::1] on its "
                 f"own port; this one was for host {shown!r}.",
                 should_retry=False,
             )
-        elif has_origin:
-            response = error_response(
+        if has_origin:
+            return error_response(
                 403,
                 "permission_error",
                 "ccgate refuses requests from web pages (the request carried an Origin header).",
                 should_retry=False,
             )
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response = self._refusal(scope)
+        if response is not None:
+            pass
         elif (
             self.messages is not None
             and scope["path"] == "/v1/messages"
@@ -167,6 +174,20 @@ class _GuardMiddleware:
             await self.app(scope, receive, send)
             return
         await response(scope, receive, send)
+
+    async def direct(self, exchange: DirectExchange) -> None:
+        """``POST /v1/messages`` from the server's lean path (``_http.DirectExchange``): the
+        same guards and handler, the answer written to the client's transport directly."""
+        scope = exchange.scope
+        response = self._refusal(scope)
+        if response is None:
+            if self.messages is None:
+                raise RuntimeError("the lean path needs the messages handler")
+            response = await self.messages(Request(scope, exchange.receive))
+        if isinstance(response, Relay):
+            await response.direct(exchange)
+        else:
+            await exchange.respond(response)
 
 
 class Gateway:

@@ -34,7 +34,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import brotli
@@ -49,6 +49,9 @@ from ccgate.accounting.metering import Metered, ResponseMeter
 from ccgate.gateway.providers import ANTHROPIC, Adapter, Reply
 from ccgate.gateway.routing import Candidate, Plan, Reason, Timeouts, classify
 from ccgate.wire import error_response
+
+if TYPE_CHECKING:
+    from ccgate.gateway._http import DirectExchange
 
 log = logging.getLogger("ccgate.proxy")
 
@@ -117,6 +120,38 @@ class Observation:
     provider: str | None = None  # whose answer (or failure) the client got
 
 
+class Sink(Protocol):
+    """Where the relayed answer goes: the ASGI ``send`` (``_AsgiSink``), or the client's
+    transport itself on the server's lean path (``_http.DirectExchange``)."""
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    async def body(self, data: bytes) -> None: ...
+    async def end(self) -> None: ...
+    async def respond(self, response: Response) -> None: ...
+
+
+class _AsgiSink:
+    __slots__ = ("send",)
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def respond(self, response: Response) -> None:
+        async def no_receive() -> Message:
+            return {"type": "http.disconnect"}
+
+        await response({"type": "http"}, no_receive, self.send)
+
+
 class Relay(Response):
     """An ASGI response that relays ``outbound`` through ``client``; see the module docstring."""
 
@@ -163,11 +198,30 @@ class Relay(Response):
                 self._watch_disconnect(receive, relaying)
             )
             try:
-                await self._relay(send)
+                await self._relay(_AsgiSink(send))
             finally:
                 watcher.cancel()
                 if self._start_timer is not None:
                     self._start_timer.cancel()  # the final row carries the usage now
+                self.on_finish(self.observation())
+
+    async def direct(self, exchange: DirectExchange) -> None:
+        """The same relay on the server's lean path: written to the client's transport, and
+        cancelled by the connection's loss rather than by a watcher task."""
+        with anyio.CancelScope() as relaying:
+
+            def lost() -> None:
+                if not self._upstream_done:
+                    self._client_gone = True
+                relaying.cancel()
+
+            exchange.on_lost(lost)
+            try:
+                await self._relay(exchange)
+            finally:
+                exchange.on_lost(None)
+                if self._start_timer is not None:
+                    self._start_timer.cancel()
                 self.on_finish(self.observation())
 
     def observation(self) -> Observation:
@@ -203,7 +257,7 @@ class Relay(Response):
                 scope.cancel()
                 return
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, send: Sink) -> None:
         """Try the candidates while ``ready`` (the pending row's commit) completes; relay after
         both.
 
@@ -352,7 +406,7 @@ class Relay(Response):
             }
         )
 
-    async def _pump(self, reply: Reply, send: Send) -> None:
+    async def _pump(self, reply: Reply, send: Sink) -> None:
         self._status = reply.status
         self._got_response = True
         self._quota = quota.capture(reply.headers)
@@ -364,16 +418,16 @@ class Relay(Response):
             )
         headers = reply.headers
         headers.append((b"x-ccgate-request-id", self.outbound.request_id.encode()))
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send.start(reply.status, headers)
         await self._copy(reply, send)
 
-    async def _copy(self, reply: Reply, send: Send) -> None:
+    async def _copy(self, reply: Reply, send: Sink) -> None:
         meter = self._meter
         try:
             async for chunk in reply.chunks:
                 if self._first_byte_at is None:
                     self._first_byte_at = time.perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send.body(chunk)
                 if meter is not None:
                     meter.feed(chunk)
                     self._checkpoint(meter)
@@ -385,7 +439,7 @@ class Relay(Response):
             log.warning("upstream response broke off: %s", type(exc).__name__)
             return
         self._upstream_done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send.end()
 
     def _checkpoint(self, meter: ResponseMeter) -> None:
         """Hand on the usage so far shortly after message_start, then every N chunks or T
@@ -423,7 +477,7 @@ class Relay(Response):
         self.on_progress(meter.peek())
 
     async def _send_error(
-        self, send: Send, status: int, message: str, *, raw: bool = False, retry: bool = False
+        self, send: Sink, status: int, message: str, *, raw: bool = False, retry: bool = False
     ) -> None:
         self._status = status
         self._failure = message
@@ -433,11 +487,7 @@ class Relay(Response):
             else f"ccgate {message}. Check your network, or the upstream with `ccgate status`."
         )
         response = error_response(status, "api_error", text, should_retry=True if retry else None)
-
-        async def no_receive() -> Message:
-            return {"type": "http.disconnect"}
-
-        await response({"type": "http"}, no_receive, send)
+        await send.respond(response)
 
 
 def _str_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
