@@ -133,6 +133,21 @@ def install() -> None:
             _write({"request": stamps})
 
     guard.__call__ = call  # type: ignore[method-assign]
+    original_direct: Callable[..., Any] | None = getattr(guard, "direct", None)
+    if original_direct is not None:  # the server's lean path for POST /v1/messages
+
+        async def direct(self: Any, exchange: Any) -> None:
+            assert original_direct is not None
+            stamps: dict[str, Any] = {"arrive": time.perf_counter()}
+            token = _CURRENT.set(stamps)
+            try:
+                await original_direct(self, exchange)
+            finally:
+                stamps["end"] = time.perf_counter()
+                _CURRENT.reset(token)
+                _write({"request": stamps})
+
+        guard.direct = direct  # type: ignore[method-assign]
     _wrap_async(proxy, "_read_body", before=None, after="body_read")
     proxy.json = _TimedJson(json)  # type: ignore[assignment,attr-defined]
     _wrap_async(policy.LocalPolicy, "admit", before=None, after="admitted")
