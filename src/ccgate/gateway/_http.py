@@ -180,12 +180,16 @@ class DirectExchange:
         cycle.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     async def end(self) -> None:
+        await self.last(b"")
+
+    async def last(self, data: bytes) -> None:
+        """The answer's last chunk and its end, in one write."""
         cycle = self._cycle
         if cycle.flow.write_paused and not cycle.disconnected:
             await cycle.flow.drain()
         if cycle.disconnected:
             return
-        self._end(b"")
+        self._end(data)
 
     def _end(self, data: bytes) -> None:
         cycle = self._cycle

@@ -52,10 +52,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ccgate import __version__, env
 from ccgate.accounting import billing, quota
 from ccgate.accounting.metering import Metered
+from ccgate.gateway._upstream import HttpToolsTransport, RawRequest, RawResponse, origin
 from ccgate.gateway.metrics import METRICS_PATH, GatewayMetrics, Timing
 from ccgate.gateway.policy import Policy, Ticket, Upstream
 from ccgate.gateway.providers import (
+    ANTHROPIC,
     HOP_BY_HOP,
+    Adapter,
     Forward,
     LocalAnswer,
     ProviderError,
@@ -93,6 +96,15 @@ MAX_STORED_ERROR_BYTES: Final = 4096
 # upstream, so only ccgate's key header is dropped.
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
 _DROP_REQUEST_PASSTHROUGH = HOP_BY_HOP | {"host", "content-length"}
+# The same as header names as the server hands them over (lower-case bytes), with ccgate's own.
+_DROP_REQUEST_B: Final = frozenset(n.encode() for n in _DROP_REQUEST | {CCGATE_KEY_HEADER})
+_DROP_REQUEST_PASSTHROUGH_B: Final = frozenset(
+    n.encode() for n in _DROP_REQUEST_PASSTHROUGH | {CCGATE_KEY_HEADER}
+)
+# A query and a base URL path that httpx would send unchanged: the lean upstream leg sends
+# those as they are; anything else goes through httpx, which encodes it.
+_PLAIN_QUERY: Final = re.compile(rb"[A-Za-z0-9_.~=&,:+-]*")
+_PLAIN_PATH: Final = re.compile(rb"(/[A-Za-z0-9_.~-]+)*")
 
 
 @dataclass(frozen=True)
@@ -394,6 +406,21 @@ class Gateway:
                 model=record.model,
                 streamed=record.streamed,
             )
+            raw = self._raw_opener(request, body, upstream, adapter, path=upstream_path)
+            if raw is not None:
+                # The anthropic kind's request is the client's bytes with the key swapped in:
+                # sent as bytes by ccgate's transport, and nothing to refuse in building it.
+                attempts.append(
+                    Attempt(
+                        build=build,
+                        base_url=upstream.base_url,
+                        adapter=adapter,
+                        candidate=candidate,
+                        timeouts=candidate.key.timeouts,
+                        raw=raw,
+                    )
+                )
+                continue
             if not attempts:
                 # The first request is built here, so a problem building it is this request's
                 # refusal (or the provider kind's own answer) rather than a failed attempt.
@@ -419,7 +446,7 @@ class Gateway:
             refused = _Refused.error(refused_by.status, refused_by.error_type, str(refused_by))
             return self._unsent(record, t0, ticket, refused)
         outbound = Outbound(
-            request=attempts[0].build(),
+            request=None if attempts[0].raw is not None else attempts[0].build(),
             base_url=attempts[0].base_url,
             request_id=record.id,
             streamed=record.streamed,
@@ -597,6 +624,60 @@ class Gateway:
         if self._on_finish is not None:
             self._on_finish(record)
 
+    def _raw_opener(
+        self,
+        request: Request,
+        body: bytes,
+        upstream: Upstream,
+        adapter: Adapter,
+        *,
+        path: str,
+    ) -> Callable[[dict[str, float | None]], Awaitable[RawResponse]] | None:
+        """The lean upstream leg for this attempt, or None where httpx's path is needed: another
+        provider kind, another transport (an HTTP proxy, tests), a URL or query that httpx
+        would re-encode."""
+        transport = self._transport
+        if adapter is not ANTHROPIC or not isinstance(transport, HttpToolsTransport):
+            return None
+        query: bytes = request.scope.get("query_string", b"")
+        if query and not _PLAIN_QUERY.fullmatch(query):
+            return None
+        try:
+            key, prefix, host = origin(upstream.base_url)
+        except ValueError:
+            return None
+        if not _PLAIN_PATH.fullmatch(prefix):
+            return None
+        target = prefix + path.encode("ascii")
+        if query:
+            target += b"?" + query
+        # What httpx.Request sends for AnthropicAdapter.request: Host first, then the kept
+        # headers, the key, and the Content-Length of the body.
+        headers = [(b"Host", host), *self._kept_headers(request, upstream)]
+        if upstream.api_key is not None and not upstream.passthrough:
+            headers.append((b"x-api-key", upstream.api_key.encode()))
+        headers.append((b"Content-Length", str(len(body)).encode("ascii")))
+        raw = RawRequest(request.method.encode("ascii"), key, target, headers, body)
+        return partial(transport.open, raw)
+
+    def _kept_headers(self, request: Request, upstream: Upstream) -> list[tuple[bytes, bytes]]:
+        """The client's headers that go upstream: its own credentials and hop-by-hop headers
+        (and any it names in ``Connection``) removed."""
+        raw_headers = request.headers.raw
+        drop = _DROP_REQUEST_PASSTHROUGH_B if upstream.passthrough else _DROP_REQUEST_B
+        connection_tokens: set[bytes] = set()
+        for name, value in raw_headers:
+            if name == b"connection":
+                connection_tokens = {
+                    token.strip().lower() for token in value.split(b",") if token.strip()
+                }
+                break  # the first one, as Headers.get reads it
+        return [
+            (name, value)
+            for name, value in raw_headers
+            if name not in drop and name not in connection_tokens
+        ]
+
     def upstream_request(
         self,
         request: Request,
@@ -610,19 +691,7 @@ class Gateway:
         """The request for ``upstream``, built by its kind's adapter from what the client sent:
         the client's own credentials and hop-by-hop headers (and any it names in
         ``Connection``) removed."""
-        connection_tokens = {
-            token.strip().lower()
-            for token in request.headers.get("connection", "").split(",")
-            if token.strip()
-        }
-        drop = _DROP_REQUEST_PASSTHROUGH if upstream.passthrough else _DROP_REQUEST
-        headers: list[tuple[bytes, bytes]] = [
-            (name, value)
-            for name, value in request.headers.raw
-            if name.decode("latin-1") not in drop
-            and name.decode("latin-1") not in connection_tokens
-            and name != CCGATE_KEY_HEADER.encode()
-        ]
+        headers = self._kept_headers(request, upstream)
         forward = Forward(
             method=request.method,
             path=path,

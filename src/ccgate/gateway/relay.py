@@ -46,7 +46,8 @@ from starlette.types import Message, Receive, Scope, Send
 from ccgate.accounting import quota
 from ccgate.accounting.billing import Observed
 from ccgate.accounting.metering import Metered, ResponseMeter
-from ccgate.gateway.providers import ANTHROPIC, Adapter, Reply
+from ccgate.gateway._upstream import RawResponse
+from ccgate.gateway.providers import ANTHROPIC, HOP_BY_HOP, Adapter, Reply
 from ccgate.gateway.routing import Candidate, Plan, Reason, Timeouts, classify
 from ccgate.wire import error_response
 
@@ -76,6 +77,9 @@ class Attempt:
     adapter: Adapter = ANTHROPIC
     candidate: Candidate | None = None
     timeouts: Timeouts | None = None  # None: the client's own (tests)
+    # The lean upstream leg (anthropic kind on ccgate's own transport): sends the request's
+    # bytes with these timeouts, no httpx objects; ``build`` is then never called.
+    raw: Callable[[dict[str, float | None]], Awaitable[RawResponse]] | None = None
 
     @property
     def provider(self) -> str | None:
@@ -86,7 +90,7 @@ class Attempt:
 class Outbound:
     """What the gateway decided to send, and how the answer is to be watched."""
 
-    request: httpx.Request
+    request: httpx.Request | None  # None: every attempt builds its own (``attempts``)
     base_url: str  # named in ccgate's own 502/504 messages
     request_id: str  # returned to the client as x-ccgate-request-id
     streamed: bool
@@ -127,6 +131,7 @@ class Sink(Protocol):
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
     async def body(self, data: bytes) -> None: ...
     async def end(self) -> None: ...
+    async def last(self, data: bytes) -> None: ...  # body(data) and end() in one
     async def respond(self, response: Response) -> None: ...
 
 
@@ -144,6 +149,10 @@ class _AsgiSink:
 
     async def end(self) -> None:
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def last(self, data: bytes) -> None:
+        await self.body(data)
+        await self.end()
 
     async def respond(self, response: Response) -> None:
         async def no_receive() -> Message:
@@ -265,7 +274,7 @@ class Relay(Response):
         network wait instead of added to it; nothing is relayed until the row is durable, and
         ``ready`` is awaited once, whichever attempt ends up relayed.
         """
-        chosen: tuple[httpx.Response, Reply] | None = None
+        chosen: tuple[httpx.Response | RawResponse, Reply] | None = None
         failed: tuple[int, str] | None = None
         not_ready: str | None = None
         # A task: it first runs when this one first waits, once the request has been written
@@ -290,7 +299,7 @@ class Relay(Response):
                 assert failed is not None
                 await self._send_error(send, *failed)
             else:
-                await self._pump(chosen[1], send)
+                await self._pump(chosen[1], send, _finished(*chosen))
         finally:
             if ready is not None and not ready.done():
                 ready.cancel()  # the attempts failed or were cancelled
@@ -303,6 +312,7 @@ class Relay(Response):
         if out.attempts:
             return out.attempts
         request = out.request
+        assert request is not None, "an Outbound without attempts needs its request"
         return (Attempt(lambda: request, out.base_url, out.adapter),)
 
     def _log_skipped(self) -> None:
@@ -313,7 +323,7 @@ class Relay(Response):
 
     async def _attempt(
         self, attempt: Attempt, *, last: bool
-    ) -> tuple[tuple[httpx.Response, Reply] | None, tuple[int, str] | None]:
+    ) -> tuple[tuple[httpx.Response | RawResponse, Reply] | None, tuple[int, str] | None]:
         """Send one attempt and look at its answer up to its first event.
 
         Returns the response and its reply when it may be relayed (served, or the last one),
@@ -322,13 +332,16 @@ class Relay(Response):
         it, httpx's read timeout (``idle_s``) bounds each wait for more of the body.
         """
         started = time.perf_counter()
-        try:
-            request = attempt.build()
-        except Exception as exc:
-            # A fallback its provider kind cannot build a request for (ProviderError: say, no
-            # cloud credentials on this machine): a failed attempt, not a failed request.
-            self._log_attempt(attempt, status=None, reason="connect_error", started=started)
-            return None, (502, f"cannot send to {attempt.base_url} ({exc})")
+        raw = attempt.raw
+        request: httpx.Request | None = None
+        if raw is None:
+            try:
+                request = attempt.build()
+            except Exception as exc:
+                # A fallback its provider kind cannot build a request for (ProviderError: say,
+                # no cloud credentials on this machine): a failed attempt, not a failed request.
+                self._log_attempt(attempt, status=None, reason="connect_error", started=started)
+                return None, (502, f"cannot send to {attempt.base_url} ({exc})")
         timeouts = attempt.timeouts
         limits: dict[str, float | None] | None = None
         if timeouts is not None:
@@ -340,11 +353,12 @@ class Relay(Response):
                 "write": WRITE_TIMEOUT_S,
                 "pool": POOL_TIMEOUT_S,
             }
-            request.extensions = {**request.extensions, "timeout": limits}
+            if request is not None:
+                request.extensions = {**request.extensions, "timeout": limits}
         deadline = (
             timeouts.first_byte(streamed=self.outbound.streamed) if timeouts else float("inf")
         )
-        response: httpx.Response | None = None
+        response: httpx.Response | RawResponse | None = None
         reply: Reply | None = None
         reason: Reason | None = None
         failed: tuple[int, str] | None = None
@@ -352,11 +366,19 @@ class Relay(Response):
         self._sent += 1
         try:
             with anyio.fail_after(deadline):
-                response = await self.client.send(request, stream=True)
-                self._answered_at = time.perf_counter()
+                if raw is not None:
+                    if limits is None:
+                        limits = dict(_CLIENT_TIMEOUTS)
+                    opened = response = await raw(limits)
+                    self._answered_at = time.perf_counter()
+                    reply = Reply(opened.status, _forwarded(opened.headers), opened.chunks())
+                else:
+                    assert request is not None
+                    sent = response = await self.client.send(request, stream=True)
+                    self._answered_at = time.perf_counter()
+                    reply = attempt.adapter.reply(sent, streamed=self.outbound.streamed)
                 if limits is not None and timeouts is not None:
                     limits["read"] = timeouts.idle_s
-                reply = attempt.adapter.reply(response, streamed=self.outbound.streamed)
                 reason = classify(reply.status)
                 if reason is None and not last and self.outbound.streamed and reply.status == 200:
                     reply, overloaded = await _peek_first_event(reply)
@@ -406,7 +428,9 @@ class Relay(Response):
             }
         )
 
-    async def _pump(self, reply: Reply, send: Sink) -> None:
+    async def _pump(
+        self, reply: Reply, send: Sink, finished: Callable[[], bool] | None = None
+    ) -> None:
         self._status = reply.status
         self._got_response = True
         self._quota = quota.capture(reply.headers)
@@ -419,14 +443,26 @@ class Relay(Response):
         headers = reply.headers
         headers.append((b"x-ccgate-request-id", self.outbound.request_id.encode()))
         await send.start(reply.status, headers)
-        await self._copy(reply, send)
+        await self._copy(reply, send, finished)
 
-    async def _copy(self, reply: Reply, send: Sink) -> None:
+    async def _copy(
+        self, reply: Reply, send: Sink, finished: Callable[[], bool] | None = None
+    ) -> None:
+        """Relay every chunk as it comes. ``finished`` (the lean upstream leg) tells, after a
+        chunk, that it was the answer's last: it goes out with the response's end in one write
+        instead of two."""
         meter = self._meter
         try:
             async for chunk in reply.chunks:
                 if self._first_byte_at is None:
                     self._first_byte_at = time.perf_counter()
+                if finished is not None and finished():
+                    self._upstream_done = True
+                    await send.last(chunk)
+                    if meter is not None:
+                        meter.feed(chunk)
+                        self._checkpoint(meter)
+                    return
                 await send.body(chunk)
                 if meter is not None:
                     meter.feed(chunk)
@@ -490,6 +526,36 @@ class Relay(Response):
         await send.respond(response)
 
 
+# httpx's client timeouts (Gateway.lifespan), for an attempt that names none (tests).
+_CLIENT_TIMEOUTS: Final[dict[str, float | None]] = {
+    "connect": 10.0,
+    "read": 3600.0,
+    "write": 60.0,
+    "pool": 30.0,
+}
+_HOP_BY_HOP: Final = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def _forwarded(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``providers.forwarded_headers`` on raw headers: hop-by-hop ones gone, names lower-case."""
+    kept = []
+    for name, value in headers:
+        name = name.lower()
+        if name not in _HOP_BY_HOP:
+            kept.append((name, value))
+    return kept
+
+
+def _finished(response: httpx.Response | RawResponse, reply: Reply) -> Callable[[], bool] | None:
+    """Whether the answer has been handed out in full, where the transport can tell."""
+    if not isinstance(response, RawResponse):
+        return None
+    chunks = reply.chunks
+    if isinstance(chunks, _Replay):  # the peeked chunks come first
+        return lambda: not chunks.pending and response.finished()
+    return response.finished
+
+
 def _str_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
 
@@ -503,6 +569,10 @@ class _Replay:
 
     def __aiter__(self) -> _Replay:
         return self
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._held)
 
     async def __anext__(self) -> bytes:
         if self._held:
