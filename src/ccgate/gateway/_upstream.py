@@ -237,6 +237,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser: Any = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the body's read deadline
+        self._deadline = 0.0
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._lost = False
@@ -401,11 +403,11 @@ class _Connection(asyncio.Protocol):
                 yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 continue
             if self._complete:
+                self._cancel_timer()
                 return
             self._check(request, "before the answer was complete")
             try:
-                async with asyncio.timeout(timeout):
-                    await self._wait()
+                await self._wait_until(timeout)
             except TimeoutError:
                 raise httpx.ReadTimeout("reading the answer timed out", request=request) from None
 
@@ -425,6 +427,42 @@ class _Connection(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
+
+    async def _wait_until(self, timeout: float | None) -> None:
+        """``_wait`` for at most ``timeout`` seconds; TimeoutError past it.
+
+        A stream waits once per socket read (hundreds per answer), so instead of a timer per
+        wait (``asyncio.timeout``) one timer per answer is re-armed lazily: each wait moves
+        the deadline, and the timer, when it fires early, sleeps on to the current one."""
+        if timeout is None:
+            await self._wait()
+            return
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._timer_fired)
+        try:
+            await self._wait()
+        except BaseException:
+            self._cancel_timer()
+            raise
+
+    def _timer_fired(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self._timer = None  # nothing waits: the next wait arms a new one
+            return
+        if loop.time() >= self._deadline:
+            self._timer = None
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(self._deadline, self._timer_fired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
