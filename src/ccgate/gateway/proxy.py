@@ -390,10 +390,15 @@ class Gateway:
         refused_by: ProviderError | None = None
         for candidate in plan.candidates:
             upstream = candidate.upstream
+            prepare: Callable[[], Awaitable[None]] | None = None
             try:
                 adapter = adapter_for(upstream.kind)
-                # Credentials (a cloud token, AWS keys) are fetched off the loop, and cached.
-                await adapter.prepare(upstream)
+                # Credentials (a cloud token, AWS keys) are fetched off the loop, and cached;
+                # a fallback's only when the relay is about to try it (``Attempt.prepare``).
+                if not attempts:
+                    await adapter.prepare(upstream)
+                elif adapter is not ANTHROPIC:
+                    prepare = partial(adapter.prepare, upstream)
             except ProviderError as exc:
                 refused_by = refused_by or exc
                 continue
@@ -418,6 +423,7 @@ class Gateway:
                         candidate=candidate,
                         timeouts=candidate.key.timeouts,
                         raw=raw,
+                        prepare=prepare,
                     )
                 )
                 continue
@@ -439,6 +445,7 @@ class Gateway:
                     adapter=adapter,
                     candidate=candidate,
                     timeouts=candidate.key.timeouts,
+                    prepare=prepare,
                 )
             )
         if not attempts:

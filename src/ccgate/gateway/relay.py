@@ -33,7 +33,8 @@ import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
@@ -47,7 +48,7 @@ from ccgate.accounting import quota
 from ccgate.accounting.billing import Observed
 from ccgate.accounting.metering import Metered, ResponseMeter
 from ccgate.gateway._upstream import RawResponse
-from ccgate.gateway.providers import ANTHROPIC, HOP_BY_HOP, Adapter, Reply
+from ccgate.gateway.providers import ANTHROPIC, HOP_BY_HOP, Adapter, ProviderError, Reply
 from ccgate.gateway.routing import Candidate, Plan, Reason, Timeouts, classify
 from ccgate.wire import error_response
 
@@ -80,6 +81,9 @@ class Attempt:
     # The lean upstream leg (anthropic kind on ccgate's own transport): sends the request's
     # bytes with these timeouts, no httpx objects; ``build`` is then never called.
     raw: Callable[[dict[str, float | None]], Awaitable[RawResponse]] | None = None
+    # A fallback's credentials (a cloud token, AWS keys) are fetched only when it is about to
+    # be tried: None once there is nothing to fetch. A ProviderError drops the candidate.
+    prepare: Callable[[], Awaitable[None]] | None = None
 
     @property
     def provider(self) -> str | None:
@@ -283,11 +287,19 @@ class Relay(Response):
         ready = asyncio.ensure_future(self.ready()) if self.ready is not None else None
         try:
             self._sent_at = time.perf_counter()
-            attempts = self._attempts()
+            attempts = list(self._attempts())
             self._log_skipped()
-            for index, attempt in enumerate(attempts):
-                chosen, failed = await self._attempt(attempt, last=index == len(attempts) - 1)
+            index = 0
+            while index < len(attempts):
+                chosen, failed = await self._attempt(
+                    attempts[index],
+                    more=index < len(attempts) - 1,
+                    has_next=partial(_prepare_next, attempts, index),
+                )
                 if failed is None and self._attempt_log[-1]["reason"] is None:
+                    break
+                index += 1
+                if failed is not None and not await _prepare_next(attempts, index - 1):
                     break
             if ready is not None:
                 not_ready = await ready
@@ -322,7 +334,7 @@ class Relay(Response):
             self._attempt_log.append({**entry, "reason": "circuit_open", "ms": 0.0})
 
     async def _attempt(
-        self, attempt: Attempt, *, last: bool
+        self, attempt: Attempt, *, more: bool, has_next: Callable[[], Awaitable[bool]]
     ) -> tuple[tuple[httpx.Response | RawResponse, Reply] | None, tuple[int, str] | None]:
         """Send one attempt and look at its answer up to its first event.
 
@@ -330,6 +342,10 @@ class Relay(Response):
         else None; and ccgate's own error when nothing usable came back. The reason it did not
         serve goes to the log and to the plan. Only the first-byte phase is bounded here: past
         it, httpx's read timeout (``idle_s``) bounds each wait for more of the body.
+
+        ``more``: later candidates exist (a stream's first event is peeked at only then);
+        ``has_next``: whether one of them can be tried (its credentials fetched now, at the
+        first moment one is needed); when none can, this answer is the last and is relayed.
         """
         started = time.perf_counter()
         raw = attempt.raw
@@ -380,9 +396,11 @@ class Relay(Response):
                 if limits is not None and timeouts is not None:
                     limits["read"] = timeouts.idle_s
                 reason = classify(reply.status)
-                if reason is None and not last and self.outbound.streamed and reply.status == 200:
+                if reason is None and more and self.outbound.streamed and reply.status == 200:
                     reply, overloaded = await _peek_first_event(reply)
-                    if overloaded:
+                    # With no candidate left to move to, it is relayed as the last answer
+                    # (the peeked event replayed first), as if it had never been peeked at.
+                    if overloaded and await has_next():
                         reason = "overloaded"
         except (TimeoutError, httpx.TimeoutException):
             reason, failed = "timeout", (504, f"timed out waiting for {base_url}")
@@ -406,7 +424,7 @@ class Relay(Response):
             plan.report(
                 attempt.candidate, status=status, reason=reason, headers=headers, now=time.time()
             )
-        if reply is None or response is None or (reason is not None and not last):
+        if reply is None or response is None or (reason is not None and await has_next()):
             if response is not None:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
@@ -526,6 +544,25 @@ class Relay(Response):
         await send.respond(response)
 
 
+async def _prepare_next(attempts: list[Attempt], index: int) -> bool:
+    """Whether a candidate after ``attempts[index]`` can be tried: the next ones are prepared
+    in order (once each) and those whose provider kind refuses (``ProviderError``: no
+    credentials on this machine) are dropped, as the gateway drops a first candidate."""
+    while index + 1 < len(attempts):
+        attempt = attempts[index + 1]
+        if attempt.prepare is None:
+            return True
+        try:
+            await attempt.prepare()
+        except ProviderError as exc:
+            log.info("fallback %s skipped: %s", attempt.base_url, exc)
+            del attempts[index + 1]
+            continue
+        attempts[index + 1] = replace(attempt, prepare=None)
+        return True
+    return False
+
+
 # httpx's client timeouts (Gateway.lifespan), for an attempt that names none (tests).
 _CLIENT_TIMEOUTS: Final[dict[str, float | None]] = {
     "connect": 10.0,
@@ -616,9 +653,9 @@ async def _peek_first_event(reply: Reply) -> tuple[Reply, bool]:
             break  # not ours to judge: the meter reports a stream it cannot read
         if b"\n\n" in seen.replace(b"\r\n", b"\n"):
             break
-    if _is_overloaded(seen):
-        return reply, True
-    return Reply(reply.status, reply.headers, _Replay(held, chunks)), False
+    # The held chunks are replayed whatever the first event was: an overloaded one is still
+    # relayed when no candidate is left to move to.
+    return Reply(reply.status, reply.headers, _Replay(held, chunks)), _is_overloaded(seen)
 
 
 def _is_overloaded(start: bytes) -> bool:
