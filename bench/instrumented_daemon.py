@@ -155,6 +155,8 @@ def install() -> None:
     _wrap_async(ledger.Ledger, "committed", before=None, after="committed")
     _wrap_commit_start(ledger.Ledger)
     _wrap_sync(proxy.Gateway, "upstream_request", before=None, after="send")
+    if hasattr(proxy.Gateway, "_raw_opener"):  # the lean upstream leg builds its bytes here
+        _wrap_sync(proxy.Gateway, "_raw_opener", before=None, after="send")
     _wrap_async(relay.Relay, "_pump", before="upstream_headers", after=None)
     _write({"missing": _MISSING})
 

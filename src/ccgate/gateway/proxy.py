@@ -911,15 +911,18 @@ def cap_error(error: str | None) -> str | None:
     return f"{kept} [cut by ccgate: {len(data)} bytes in all]"
 
 
-async def _read_body(request: Request) -> bytes | _Refused:
-    too_large = _Refused.error(
+def _too_large() -> _Refused:
+    return _Refused.error(
         413,
         "request_too_large",
         f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB.",
     )
+
+
+async def _read_body(request: Request) -> bytes | _Refused:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return too_large
+        return _too_large()
     chunks: list[bytes] = []
     size = 0
     # A body dribbled byte by byte (slow POST) must not hold the connection forever; 32 MB over
@@ -928,7 +931,7 @@ async def _read_body(request: Request) -> bytes | _Refused:
         async for chunk in request.stream():
             size += len(chunk)
             if size > MAX_BODY_BYTES:
-                return too_large
+                return _too_large()
             chunks.append(chunk)
         return b"".join(chunks)
     return _Refused.error(
