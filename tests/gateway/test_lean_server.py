@@ -249,11 +249,17 @@ def test_a_body_that_is_not_json_gets_the_envelope_and_a_row(served: Served) -> 
     assert (row.outcome, row.status) == ("rejected", 400)
 
 
-def test_a_path_with_a_query_goes_through_the_asgi_app_and_is_checked(served: Served) -> None:
+def test_claude_code_s_query_takes_the_lean_path_and_an_escaped_path_is_refused(
+    served: Served, fake: FakeUpstream
+) -> None:
     with socket.create_connection(("127.0.0.1", served.port)) as conn:
         conn.sendall(_request(served.port, _body(stream=False), path=b"/v1/messages?beta=true"))
-        (answer,), _ = _read(conn, 1)
-    assert answer["status"] == 200  # the same handler, reached through the guard middleware
+        conn.sendall(_request(served.port, _body(stream=False), path=b"/v1/%6Dessages"))
+        (answer, escaped), _ = _read(conn, 2)
+    assert answer["status"] == 200
+    assert fake.requests[-1].path == "/v1/messages" and fake.requests[-1].query == "beta=true"
+    # Decoded to /v1/messages by the server, but judged on the bytes sent: not forwarded.
+    assert escaped["status"] == 404 and len(fake.requests) == 1
 
 
 def test_a_malformed_request_gets_400_and_the_connection_closed(served: Served) -> None:
