@@ -301,6 +301,23 @@ def test_a_client_hanging_up_mid_stream_cancels_the_upstream_request(
     assert row.outcome == "interrupted" and "client" in (row.error or "")
 
 
+def test_a_hang_up_cancels_the_answer_in_progress_with_a_request_queued_behind_it(
+    served: Served, fake: FakeUpstream
+) -> None:
+    # uvicorn marks only the newest (queued) request disconnected; the one being answered must
+    # still see the hang-up and cancel its upstream request.
+    fake.enqueue(Scenario(text="q" * 300, delay_s=0.1))
+    with socket.create_connection(("127.0.0.1", served.port)) as conn:
+        streamed = _request(served.port, _body(stream=True))
+        conn.sendall(streamed + _request(served.port, _body(stream=False)))
+        conn.settimeout(10)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+    fake.wait_for_disconnects(1, timeout=10)
+    (row,) = served.rows(1)
+    assert row.outcome == "interrupted" and row.streamed
+    assert len(fake.requests) == 1  # the queued one was never started
+
+
 # -- a slow reader: the daemon must stop reading upstream, never buffer the whole answer -------
 
 _BIG_EVENTS = 16_000

@@ -100,7 +100,7 @@ class DirectExchange:
     flow control), so a slow reader pauses the relay, which stops reading upstream. When the
     client hangs up, the callback given to ``on_lost`` runs (the relay cancels itself)."""
 
-    __slots__ = ("_chunked", "_cycle", "_head", "_lost", "_remaining", "receive", "scope")
+    __slots__ = ("_chunked", "_cycle", "_gone", "_head", "_lost", "_remaining", "receive", "scope")
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
         self._cycle = cycle
@@ -110,18 +110,22 @@ class DirectExchange:
         self._chunked = False
         self._remaining = 0
         self._lost: Callable[[], None] | None = None
+        # Set by the protocol's connection_lost. uvicorn marks only the newest cycle
+        # disconnected, which is not this one when a pipelined request is queued behind it.
+        self._gone = False
 
     @property
     def disconnected(self) -> bool:
-        return self._cycle.disconnected
+        return self._gone or self._cycle.disconnected
 
     def on_lost(self, callback: Callable[[], None] | None) -> None:
         """Run ``callback`` when the client hangs up (at once if it already has)."""
         self._lost = callback
-        if callback is not None and self._cycle.disconnected:
+        if callback is not None and self.disconnected:
             callback()
 
     def lost(self) -> None:
+        self._gone = True
         callback = self._lost
         if callback is not None:
             callback()
@@ -163,9 +167,9 @@ class DirectExchange:
 
     async def body(self, data: bytes) -> None:
         cycle = self._cycle
-        if cycle.flow.write_paused and not cycle.disconnected:
+        if cycle.flow.write_paused and not self.disconnected:
             await cycle.flow.drain()
-        if cycle.disconnected or not data:
+        if not data or self.disconnected:
             return
         head, self._head = self._head, None
         if self._chunked:
@@ -185,9 +189,9 @@ class DirectExchange:
     async def last(self, data: bytes) -> None:
         """The answer's last chunk and its end, in one write."""
         cycle = self._cycle
-        if cycle.flow.write_paused and not cycle.disconnected:
+        if cycle.flow.write_paused and not self.disconnected:
             await cycle.flow.drain()
-        if cycle.disconnected:
+        if self.disconnected:
             return
         self._end(data)
 
@@ -212,7 +216,7 @@ class DirectExchange:
 
     async def respond(self, response: Response) -> None:
         """A whole answer (ccgate's own errors, local answers) in one write."""
-        if self._cycle.disconnected:
+        if self.disconnected:
             return
         self._start(response.status_code, response.raw_headers)
         self._end(bytes(response.body))

@@ -5,6 +5,8 @@ Design, in the order a request meets it:
 1. ``_GuardMiddleware`` (pure ASGI, before routing) refuses a Host that is not loopback with the
    daemon's port (DNS rebinding) and any request carrying ``Origin`` (a web page). It hands
    ``POST /v1/messages`` to its handler itself; every other route goes through Starlette's.
+   Under the daemon's server that route arrives at ``_GuardMiddleware.direct`` instead, with
+   the same guards, past the ASGI cycle (``_http.DirectExchange``).
 2. The route handler authenticates the client's key (``Authorization: Bearer`` or ``x-api-key``),
    reads the body (capped at 32 MB) and checks that it is JSON. It never re-serialises: the bytes
    that came in are the bytes that go out.

@@ -20,9 +20,17 @@ keys and providers in and out of rotation) and logged in the ``Observation``.
 
 The response is copied chunk by chunk (``aiter_raw``: still compressed, so nothing is decoded or
 re-encoded in the path). After each chunk has been handed to the client, the same bytes are fed
-to a ``ResponseMeter`` that decodes and reads usage on the side. A watcher task waits for the
-client to hang up; when it does, it cancels the relay, which closes the upstream response and so
-cancels the upstream request too.
+to a ``ResponseMeter`` that decodes and reads usage on the side. When the client hangs up the
+relay is cancelled, which closes the upstream response and so cancels the upstream request too:
+as an ASGI response a watcher task waits for ``http.disconnect``; on the server's lean path
+(``Relay.direct``, ``_http.DirectExchange``) the connection's loss cancels it directly.
+
+The lean legs (docs/benchmarks.md, round 3): the answer goes to a ``Sink``, either the ASGI
+``send`` or the client's transport itself (the head in one write with the first chunk); and an
+anthropic-kind attempt on ccgate's own transport (``Attempt.raw``) sends the request's bytes
+with no httpx Request or Response, which also tells when a chunk is the answer's last, so the
+response's end goes out with it. A fallback's provider kind prepares (fetches its credentials)
+only when the relay is about to try it (``Attempt.prepare``).
 """
 
 from __future__ import annotations
