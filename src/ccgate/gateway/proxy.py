@@ -358,7 +358,9 @@ class Gateway:
             started_at=time.time(),
             key_id="-",
             method=request.method,
-            path=request.url.path,
+            # The path as sent, which the allowlist just checked is the one forwarded (cheaper
+            # than Starlette's URL object, which parses the whole request URL).
+            path=upstream_path,
             session_id=request.headers.get(SESSION_HEADER),
         )
         t0 = time.perf_counter()
