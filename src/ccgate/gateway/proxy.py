@@ -30,6 +30,7 @@ retry cannot help (a bad key, a malformed body), because Claude Code retries 401
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -931,13 +932,16 @@ async def _read_body(request: Request) -> bytes | _Refused:
     size = 0
     # A body dribbled byte by byte (slow POST) must not hold the connection forever; 32 MB over
     # loopback takes well under a second.
-    with anyio.move_on_after(_BODY_TIMEOUT_S):
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                return _too_large()
-            chunks.append(chunk)
-        return b"".join(chunks)
+    try:
+        async with asyncio.timeout(_BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    return _too_large()
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except TimeoutError:
+        pass
     return _Refused.error(
         408,
         "invalid_request_error",
