@@ -39,12 +39,12 @@ CLIENT_HEADERS = [
 ]
 
 
-def _request(query: bytes = b"") -> Request:
+def _request(query: bytes = b"", *, method: str = "POST", path: str = "/v1/messages") -> Request:
     scope = {
         "type": "http",
-        "method": "POST",
-        "path": "/v1/messages",
-        "raw_path": b"/v1/messages",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": query,
         "headers": CLIENT_HEADERS,
     }
@@ -90,6 +90,30 @@ def test_the_lean_request_is_the_one_httpx_would_send(
     names = {name.lower() for name, _ in raw.headers}
     assert b"x-hop" not in names and b"x-ccgate-key" not in names
     assert (b"authorization" in names) is passthrough
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/models", b""),
+        ("GET", "/v1/models/claude-sonnet-4-6", b""),
+        ("POST", "/v1/messages/count_tokens", BODY),
+        ("POST", "/v1/messages", b""),
+    ],
+)
+def test_other_routes_and_empty_bodies_match_httpx_too(
+    tmp_path: Path, method: str, path: str, body: bytes
+) -> None:
+    gateway = _gateway(tmp_path, HttpToolsTransport())
+    upstream = Upstream("http://127.0.0.1:8788", "sk-ant-upstream", "anthropic", False)
+    request = _request(b"limit=5" if method == "GET" else b"", method=method, path=path)
+    opener = gateway._raw_opener(request, body, upstream, ANTHROPIC, path=path)
+    assert isinstance(opener, partial)
+    raw: RawRequest = opener.args[0]
+    expected = gateway.upstream_request(request, body, upstream, path=path)
+    assert (raw.method, raw.target) == (expected.method.encode(), expected.url.raw_path)
+    assert raw.headers == expected.headers.raw
+    assert raw.body == expected.read()
 
 
 @pytest.mark.parametrize(

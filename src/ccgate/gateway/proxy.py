@@ -664,12 +664,18 @@ class Gateway:
         if query:
             target += b"?" + query
         # What httpx.Request sends for AnthropicAdapter.request: Host first, then the kept
-        # headers, the key, and the Content-Length of the body.
-        headers = [(b"Host", host), *self._kept_headers(request, upstream)]
+        # headers, the key, and the Content-Length of a body (an empty POST gets a "0" right
+        # after Host; an empty GET none).
+        method = request.method
+        headers = [(b"Host", host)]
+        if not body and method in ("POST", "PUT", "PATCH"):
+            headers.append((b"Content-Length", b"0"))
+        headers += self._kept_headers(request, upstream)
         if upstream.api_key is not None and not upstream.passthrough:
             headers.append((b"x-api-key", upstream.api_key.encode()))
-        headers.append((b"Content-Length", str(len(body)).encode("ascii")))
-        raw = RawRequest(request.method.encode("ascii"), key, target, headers, body)
+        if body:
+            headers.append((b"Content-Length", str(len(body)).encode("ascii")))
+        raw = RawRequest(method.encode("ascii"), key, target, headers, body)
         return partial(transport.open, raw)
 
     def _kept_headers(self, request: Request, upstream: Upstream) -> list[tuple[bytes, bytes]]:

@@ -484,8 +484,8 @@ class Relay(Response):
                 if self._first_byte_at is None:
                     self._first_byte_at = time.perf_counter()
                 if finished is not None and finished():
-                    self._upstream_done = True
                     await send.last(chunk)
+                    self._upstream_done = True
                     if meter is not None:
                         meter.feed(chunk)
                         self._checkpoint(meter)
