@@ -20,6 +20,9 @@ header checks per send. uvicorn still parses the request, buffers its body (``re
 queues pipelined requests, arms keep-alive and the flow control; the exchange keeps uvicorn's
 cycle state (``response_started``, ``response_complete``, ``on_response``) true, so everything
 uvicorn does around a request is unchanged. Every other request goes through the ASGI app.
+It hooks uvicorn's private ``_start_asgi_task`` (uvicorn 0.54 here): a uvicorn without it
+sends every request through the ASGI app, which still works, and
+``test_the_daemon_uses_the_lean_path_for_messages`` says the lean path was lost.
 """
 
 from __future__ import annotations
