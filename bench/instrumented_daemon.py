@@ -129,6 +129,21 @@ def install() -> None:
             _write({"request": stamps})
 
     guard.__call__ = call  # type: ignore[method-assign]
+    original_direct: Callable[..., Any] | None = getattr(guard, "direct", None)
+    if original_direct is not None:  # the server's lean path for POST /v1/messages
+
+        async def direct(self: Any, exchange: Any) -> None:
+            assert original_direct is not None
+            stamps: dict[str, Any] = {"arrive": time.perf_counter()}
+            token = _CURRENT.set(stamps)
+            try:
+                await original_direct(self, exchange)
+            finally:
+                stamps["end"] = time.perf_counter()
+                _CURRENT.reset(token)
+                _write({"request": stamps})
+
+        guard.direct = direct  # type: ignore[method-assign]
     _wrap_async(proxy, "_read_body", before=None, after="body_read")
     vars(proxy)["parse_body"] = _timed_parse(vars(proxy)["parse_body"])
     _wrap_async(policy.LocalPolicy, "admit", before=None, after="admitted")
@@ -136,6 +151,8 @@ def install() -> None:
     _wrap_async(ledger.Ledger, "committed", before=None, after="committed")
     _wrap_commit_start(ledger.Ledger)
     _wrap_sync(proxy.Gateway, "upstream_request", before=None, after="send")
+    if hasattr(proxy.Gateway, "_raw_opener"):  # the lean upstream leg builds its bytes here
+        _wrap_sync(proxy.Gateway, "_raw_opener", before=None, after="send")
     _wrap_async(relay.Relay, "_pump", before="upstream_headers", after=None)
     _write({"missing": _MISSING})
 

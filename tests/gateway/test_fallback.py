@@ -21,8 +21,9 @@ import pytest
 from starlette.types import Message
 
 from ccgate.accounting.pricing import PriceTable
+from ccgate.gateway import providers
 from ccgate.gateway.policy import LocalPolicy
-from ccgate.gateway.providers import Upstream
+from ccgate.gateway.providers import AnthropicAdapter, ProviderError, Upstream, register
 from ccgate.gateway.proxy import Gateway, GatewaySettings
 from ccgate.gateway.routing import BreakerSettings, PoolKey, Router, Timeouts
 from ccgate.store.ledger import Ledger, LedgerRow, RequestRecord
@@ -507,3 +508,74 @@ async def test_a_client_that_hangs_up_mid_attempt_cancels_it_and_tries_nothing_e
         assert backup.requests == []
     (row,) = rows(ledger)
     assert row.outcome == "interrupted" and row.attempts == 1
+
+
+class _CountingKind(AnthropicAdapter):
+    """An Anthropic-compatible kind whose ``prepare`` (a cloud kind's credential fetch) is
+    counted, and refuses while ``refuse`` is set."""
+
+    kind = "counted"
+
+    def __init__(self) -> None:
+        self.prepared = 0
+        self.refuse = False
+
+    async def prepare(self, upstream: Upstream) -> None:
+        self.prepared += 1
+        if self.refuse:
+            raise ProviderError(502, "api_error", "no credentials for this kind here")
+
+
+@pytest.fixture
+def counted() -> Iterator[_CountingKind]:
+    adapter = _CountingKind()
+    register(adapter)
+    yield adapter
+    providers._ADAPTERS.pop(adapter.kind, None)
+
+
+def _counted_key(provider: str, secret: str, *, priority: int) -> PoolKey:
+    upstream = Upstream(f"http://{provider}.test", secret, provider, False, kind="counted")
+    return PoolKey(upstream, label=f"prov_{secret[-4:]}", priority=priority, timeouts=Timeouts())
+
+
+async def test_a_fallback_fetches_its_credentials_only_when_it_is_tried(
+    ledger: Ledger, counted: _CountingKind
+) -> None:
+    main, backup = FakeUpstream(api_key="sk-main-0001"), FakeUpstream(api_key="sk-back-0002")
+    transport = Providers({"main.test": main, "backup.test": backup})
+    keys = [pool_key("main", "sk-main-0001"), _counted_key("backup", "sk-back-0002", priority=1)]
+    async with gateway(ledger, transport, keys) as (client, _router):
+        served = [await post(client, {**BODY, "stream": s}) for s in (False, True)]
+        assert counted.prepared == 0  # the primary served: the fallback was never needed
+        main.enqueue(Scenario(status=529))
+        moved = await post(client, {**BODY, "stream": True})
+    assert [r.status_code for r in served] == [200, 200] and moved.status_code == 200
+    assert counted.prepared == 1
+    assert reasons(rows(ledger)[0]) == [("main", "overloaded"), ("backup", None)]
+
+
+@pytest.mark.parametrize(
+    "scenario, status",
+    [(Scenario(status=529), 529), (Scenario(stream_error_after=0), 200)],
+    ids=["status", "first-event"],
+)
+async def test_a_fallback_that_cannot_prepare_leaves_the_primary_s_answer_as_the_last(
+    ledger: Ledger, counted: _CountingKind, scenario: Scenario, status: int
+) -> None:
+    counted.refuse = True
+    main, backup = FakeUpstream(api_key="sk-main-0001"), FakeUpstream(api_key="sk-back-0002")
+    main.enqueue(scenario)
+    transport = Providers({"main.test": main, "backup.test": backup})
+    keys = [pool_key("main", "sk-main-0001"), _counted_key("backup", "sk-back-0002", priority=1)]
+    async with gateway(ledger, transport, keys) as (client, _router):
+        response = await post(client, {**BODY, "stream": True})
+    # What the client got is the primary's answer exactly, as when the fallback is refused
+    # before the request is sent: the status, or the stream with its overloaded first event.
+    assert response.status_code == status
+    assert b"overloaded_error" in response.content
+    assert counted.prepared == 1 and backup.requests == []
+    (row,) = rows(ledger)
+    assert row.attempts == 1 and row.provider == "main"
+    expected_reason = "overloaded" if status == 529 else None
+    assert reasons(row) == [("main", expected_reason)]

@@ -229,3 +229,64 @@ async def test_the_body_reads_its_timeout_when_it_starts_as_httpcore_does() -> N
                     pass
         finally:
             await response.aclose()
+
+
+async def test_the_idle_limit_bounds_each_wait_not_the_whole_answer() -> None:
+    # Six pieces 0.15 s apart under a 0.5 s idle limit: 0.9 s in all, never 0.5 s of silence.
+    parts = [CHUNKED_HEAD] + [chunk(b"piece %d" % n) for n in range(6)] + [b"0\r\n\r\n"]
+    script = Script(write(*parts, pause=0.15), write(ok(b"again")))
+    async with serving(script) as url:
+        async with httpx.AsyncClient(transport=HttpToolsTransport(), timeout=0.5) as c:
+            async with c.stream("GET", url) as response:
+                body = b"".join([piece async for piece in response.aiter_raw()])
+            assert body == b"".join(b"piece %d" % n for n in range(6))
+            # The same connection, reused after the slow answer, still times nothing out early.
+            assert (await c.get(url)).content == b"again"
+    assert script.connections == 1
+
+
+async def test_open_sends_raw_bytes_and_says_when_the_answer_is_all_out() -> None:
+    script = Script(
+        write(CHUNKED_HEAD + chunk(b"first"), chunk(b"last") + b"0\r\n\r\n", pause=0.2),
+        write(ok(b"second")),
+    )
+    transport = HttpToolsTransport()
+    async with serving(script) as url:
+        key, _, host = _upstream.origin(url)
+        headers = [(b"Host", host), (b"Content-Length", b"2")]
+        limits: dict[str, float | None] = {"connect": 5, "read": 5, "write": 5, "pool": 5}
+        raw = _upstream.RawRequest(b"POST", key, b"/v1/messages?beta=true", headers, b"{}")
+        response = await transport.open(raw, limits)
+        seen = []
+        async for piece in response.chunks():
+            seen.append((piece, response.finished()))
+        await response.aclose()
+        assert response.status == 200
+        assert (b"transfer-encoding", b"chunked") in response.headers
+        assert seen == [(b"first", False), (b"last", True)]
+        again = await transport.open(raw, limits)
+        assert [piece async for piece in again.chunks()] == [b"second"] and again.finished()
+        await again.aclose()
+        await transport.aclose()
+    assert script.connections == 1  # given back to the pool once the answer was all out
+    assert script.requests[0] == (
+        b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: "
+        + host
+        + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+
+
+async def test_an_answer_left_half_read_closes_its_connection() -> None:
+    script = Script(write(CHUNKED_HEAD + chunk(b"first"), chunk(b"rest") + b"0\r\n\r\n", pause=0.3))
+    transport = HttpToolsTransport()
+    async with serving(script) as url:
+        key, _, host = _upstream.origin(url)
+        limits: dict[str, float | None] = {"connect": 5, "read": 5, "write": 5, "pool": 5}
+        raw = _upstream.RawRequest(b"GET", key, b"/", [(b"Host", host)], b"")
+        response = await transport.open(raw, limits)
+        async for _ in response.chunks():
+            break
+        assert not response.finished()
+        await response.aclose()
+        assert transport._take_idle(key) is None  # not pooled: its rest would reach the next
+        await transport.aclose()

@@ -11,12 +11,25 @@ upstream is never cut by this.
 
 ``server_protocol`` picks httptools (llhttp, in C) when it is installed and h11 otherwise: the
 parser was a fifth of the daemon's CPU on streams (docs/benchmarks.md).
+
+The lean path (httptools only): an app that has a ``direct`` method gets ``POST /v1/messages``
+there instead of through the ASGI cycle, with a ``DirectExchange`` that writes to the client's
+transport itself: the response head goes out in one write with the first body chunk (or with
+the whole of a small answer), and each chunk is one write with no ASGI message dicts and no
+header checks per send. uvicorn still parses the request, buffers its body (``receive``),
+queues pipelined requests, arms keep-alive and the flow control; the exchange keeps uvicorn's
+cycle state (``response_started``, ``response_complete``, ``on_response``) true, so everything
+uvicorn does around a request is unchanged. Every other request goes through the ASGI app.
+It hooks uvicorn's private ``_start_asgi_task`` (uvicorn 0.54 here): a uvicorn without it
+sends every request through the ASGI app, which still works, and
+``test_the_daemon_uses_the_lean_path_for_messages`` says the lean path was lost.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -64,10 +77,155 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
+if TYPE_CHECKING:
+    from starlette.responses import Response
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
 try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import (
+        HEADER_RE,
+        HEADER_VALUE_RE,
+        STATUS_LINE,
+        HttpToolsProtocol,
+    )
 except ImportError:  # httptools is not installed: h11 it is
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+DIRECT_PATH: Final = "/v1/messages"
+
+
+class DirectExchange:
+    """``POST /v1/messages`` on the lean path: the request as uvicorn parsed it, and a response
+    written straight to the client's transport (see the module docstring).
+
+    ``start`` only builds the head; it goes out with the first ``body`` chunk, or with ``end``.
+    ``body`` waits while the client's transport buffer is over its high-water mark (uvicorn's
+    flow control), so a slow reader pauses the relay, which stops reading upstream. When the
+    client hangs up, the callback given to ``on_lost`` runs (the relay cancels itself)."""
+
+    __slots__ = ("_chunked", "_cycle", "_gone", "_head", "_lost", "_remaining", "receive", "scope")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+        self.scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
+        self.receive: Callable[[], Awaitable[Any]] = cycle.receive
+        self._head: bytes | None = None
+        self._chunked = False
+        self._remaining = 0
+        self._lost: Callable[[], None] | None = None
+        # Set by the protocol's connection_lost. uvicorn marks only the newest cycle
+        # disconnected, which is not this one when a pipelined request is queued behind it.
+        self._gone = False
+
+    @property
+    def disconnected(self) -> bool:
+        return self._gone or self._cycle.disconnected
+
+    def on_lost(self, callback: Callable[[], None] | None) -> None:
+        """Run ``callback`` when the client hangs up (at once if it already has)."""
+        self._lost = callback
+        if callback is not None and self.disconnected:
+            callback()
+
+    def lost(self) -> None:
+        self._gone = True
+        callback = self._lost
+        if callback is not None:
+            callback()
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self._start(status, headers)
+
+    def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        # What uvicorn's cycle.send does at http.response.start, without writing yet.
+        cycle = self._cycle
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        content = [STATUS_LINE[status]]
+        chunked: bool | None = None
+        has_close = False
+        for name, value in cycle.default_headers + headers:
+            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                raise RuntimeError("Invalid HTTP header.")
+            name = name.lower()
+            if name == b"content-length" and chunked is None:
+                self._remaining = int(value.decode())
+                chunked = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self._remaining = 0
+                chunked = True
+            elif name == b"connection":
+                if b"close" in [token.lower().strip() for token in value.split(b",")]:
+                    cycle.keep_alive = False
+                    has_close = True
+            content += [name, b": ", value, b"\r\n"]
+        if not cycle.keep_alive and not has_close:
+            content.append(b"connection: close\r\n")
+        if chunked is None and status not in (204, 304):
+            chunked = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        self._chunked = bool(chunked)
+        self._head = b"".join(content)
+
+    async def body(self, data: bytes) -> None:
+        cycle = self._cycle
+        if cycle.flow.write_paused and not self.disconnected:
+            await cycle.flow.drain()
+        if not data or self.disconnected:
+            return
+        head, self._head = self._head, None
+        if self._chunked:
+            parts = [b"%x\r\n" % len(data), data, b"\r\n"]
+        else:
+            if len(data) > self._remaining:
+                raise RuntimeError("Response content longer than Content-Length")
+            self._remaining -= len(data)
+            parts = [data]
+        if head is not None:
+            parts.insert(0, head)
+        cycle.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    async def end(self) -> None:
+        await self.last(b"")
+
+    async def last(self, data: bytes) -> None:
+        """The answer's last chunk and its end, in one write."""
+        cycle = self._cycle
+        if cycle.flow.write_paused and not self.disconnected:
+            await cycle.flow.drain()
+        if self.disconnected:
+            return
+        self._end(data)
+
+    def _end(self, data: bytes) -> None:
+        cycle = self._cycle
+        head, self._head = self._head, None
+        if self._chunked:
+            tail = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
+        else:
+            if len(data) != self._remaining:
+                raise RuntimeError("Response content does not match Content-Length")
+            self._remaining = 0
+            tail = data
+        out = head + tail if head is not None else tail
+        if out:
+            cycle.transport.write(out)
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+
+    async def respond(self, response: Response) -> None:
+        """A whole answer (ccgate's own errors, local answers) in one write."""
+        if self.disconnected:
+            return
+        self._start(response.status_code, response.raw_headers)
+        self._end(bytes(response.body))
+
+
+DirectHandler = Callable[[DirectExchange], Awaitable[None]]
 
 
 if HttpToolsProtocol is not None:
@@ -80,6 +238,7 @@ if HttpToolsProtocol is not None:
         _header_timer: asyncio.TimerHandle | None = None
         _awaiting_headers = True  # between requests, or inside a request's headers
         _header_bytes = 0
+        _exchange: DirectExchange | None = None  # the lean path's request being answered
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -116,6 +275,34 @@ if HttpToolsProtocol is not None:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+            exchange = self._exchange
+            if exchange is not None:
+                self._exchange = None
+                exchange.lost()
+
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+            # Called for each request in order (a pipelined one once the one before it is
+            # answered), so at most one exchange per connection is live at a time.
+            direct: DirectHandler | None = getattr(self.app, "direct", None)
+            scope = cycle.scope
+            if (
+                direct is not None
+                and app is self.app  # not uvicorn's 503 for its concurrency limit
+                and scope["path"] == DIRECT_PATH
+                and scope["method"] == "POST"
+            ):
+                exchange = DirectExchange(cycle)
+                self._exchange = exchange
+
+                async def lean(_scope: Any, _receive: Any, _send: Any) -> None:
+                    try:
+                        await direct(exchange)
+                    finally:
+                        if self._exchange is exchange:
+                            self._exchange = None
+
+                app = lean
+            super()._start_asgi_task(cycle, app)
 
         def _arm(self) -> None:
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._expired)

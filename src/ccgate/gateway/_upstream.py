@@ -22,7 +22,10 @@ import os
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final, cast
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -45,6 +48,73 @@ def transport() -> httpx.AsyncBaseTransport | None:
     if any(os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARIABLES):
         return None
     return HttpToolsTransport()
+
+
+@dataclass(frozen=True, slots=True)
+class RawRequest:
+    """A request as bytes: where it goes, its head's parts and its body."""
+
+    method: bytes
+    key: tuple[str, str, int]  # scheme, host, port
+    target: bytes  # path and query, as sent
+    headers: list[tuple[bytes, bytes]]  # Host and Content-Length included
+    body: bytes
+
+
+@lru_cache(maxsize=64)
+def origin(base_url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
+    """A base URL's (scheme, host, port), its path prefix and its Host header, parsed once.
+
+    Raises ValueError for a URL this transport cannot send to."""
+    parts = urlsplit(base_url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"cannot send to {base_url!r}")
+    default = 443 if scheme == "https" else 80
+    port = parts.port or default
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == default else f"{shown}:{port}"
+    prefix = parts.path.rstrip("/").encode("ascii")
+    return (scheme, host, port), prefix, host_header.encode("ascii")
+
+
+class RawResponse:
+    """An answer's status, headers (as received) and body pieces, for ``open``'s caller."""
+
+    __slots__ = ("_conn", "_key", "_pool", "_timeouts", "headers", "status")
+
+    def __init__(
+        self,
+        pool: HttpToolsTransport,
+        key: tuple[str, str, int],
+        conn: _Connection,
+        timeouts: dict[str, float | None],
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self._pool, self._key, self._conn = pool, key, conn
+        self._timeouts = timeouts
+        self.status = status
+        self.headers = headers
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        # The read timeout is looked up when the body starts, as with ``_Body``.
+        return self._conn.body(self._timeouts.get("read"), None)
+
+    def finished(self) -> bool:
+        """Whether the whole answer has been handed out (nothing more will come)."""
+        conn = self._conn
+        return conn is not None and conn.finished()
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None  # type: ignore[assignment]
+        if conn is None:
+            return
+        if conn.finished():
+            self._pool._give_back(self._key, conn)
+        else:
+            conn.close()  # abandoned mid-answer: the rest of it must not reach the next request
 
 
 class HttpToolsTransport(httpx.AsyncBaseTransport):
@@ -83,6 +153,27 @@ class HttpToolsTransport(httpx.AsyncBaseTransport):
             request=request,
         )
 
+    async def open(self, request: RawRequest, timeouts: dict[str, float | None]) -> RawResponse:
+        """Send ``request`` and wait for its answer's head; raises httpx's exceptions."""
+        key = request.key
+        lines = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+        for name, value in request.headers:
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        head = b"".join(lines)
+        conn = self._take_idle(key)
+        if conn is None:
+            conn = await self._connect(key, None, timeouts.get("connect"))
+        try:
+            await conn.send(
+                head, request.body, timeouts.get("write"), None, head_only=request.method == b"HEAD"
+            )
+            status, headers, _ = await conn.response_head(timeouts.get("read"), None)
+        except BaseException:
+            conn.close()
+            raise
+        return RawResponse(self, key, conn, timeouts, status, headers)
+
     async def aclose(self) -> None:
         self._closed = True
         for idle in self._idle.values():
@@ -107,7 +198,7 @@ class HttpToolsTransport(httpx.AsyncBaseTransport):
             idle.append(conn)
 
     async def _connect(
-        self, key: tuple[str, str, int], request: httpx.Request, timeout: float | None
+        self, key: tuple[str, str, int], request: httpx.Request | None, timeout: float | None
     ) -> _Connection:
         scheme, host, port = key
         context: ssl.SSLContext | None = None
@@ -146,6 +237,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser: Any = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the body's read deadline
+        self._deadline = 0.0
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._lost = False
@@ -252,12 +345,16 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
+    def finished(self) -> bool:
+        """The answer is complete and every piece of it has been handed out."""
+        return self._complete and not self._pieces
+
     async def send(
         self,
         head: bytes,
         body: bytes,
         timeout: float | None,
-        request: httpx.Request,
+        request: httpx.Request | None,
         *,
         head_only: bool,
     ) -> None:
@@ -282,7 +379,7 @@ class _Connection(asyncio.Protocol):
             self._raise_lost(request, "while the request was being sent")
 
     async def response_head(
-        self, timeout: float | None, request: httpx.Request
+        self, timeout: float | None, request: httpx.Request | None
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         try:
             async with asyncio.timeout(timeout):
@@ -294,7 +391,9 @@ class _Connection(asyncio.Protocol):
             raise httpx.ReadTimeout(message, request=request) from None
         return self._status, self._headers, b""
 
-    async def body(self, timeout: float | None, request: httpx.Request) -> AsyncIterator[bytes]:
+    async def body(
+        self, timeout: float | None, request: httpx.Request | None
+    ) -> AsyncIterator[bytes]:
         while True:
             if self._pieces:
                 pieces, self._pieces, self._buffered = self._pieces, [], 0
@@ -304,21 +403,21 @@ class _Connection(asyncio.Protocol):
                 yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 continue
             if self._complete:
+                self._cancel_timer()
                 return
             self._check(request, "before the answer was complete")
             try:
-                async with asyncio.timeout(timeout):
-                    await self._wait()
+                await self._wait_until(timeout)
             except TimeoutError:
                 raise httpx.ReadTimeout("reading the answer timed out", request=request) from None
 
-    def _check(self, request: httpx.Request, when: str) -> None:
+    def _check(self, request: httpx.Request | None, when: str) -> None:
         if self._error is not None:
             raise httpx.RemoteProtocolError(self._error, request=request)
         if self._lost:
             self._raise_lost(request, when)
 
-    def _raise_lost(self, request: httpx.Request, when: str) -> None:
+    def _raise_lost(self, request: httpx.Request | None, when: str) -> None:
         message = f"the upstream closed the connection {when}"
         raise httpx.RemoteProtocolError(message, request=request)
 
@@ -328,6 +427,42 @@ class _Connection(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
+
+    async def _wait_until(self, timeout: float | None) -> None:
+        """``_wait`` for at most ``timeout`` seconds; TimeoutError past it.
+
+        A stream waits once per socket read (hundreds per answer), so instead of a timer per
+        wait (``asyncio.timeout``) one timer per answer is re-armed lazily: each wait moves
+        the deadline, and the timer, when it fires early, sleeps on to the current one."""
+        if timeout is None:
+            await self._wait()
+            return
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._timer_fired)
+        try:
+            await self._wait()
+        except BaseException:
+            self._cancel_timer()
+            raise
+
+    def _timer_fired(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self._timer = None  # nothing waits: the next wait arms a new one
+            return
+        if loop.time() >= self._deadline:
+            self._timer = None
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(self._deadline, self._timer_fired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter

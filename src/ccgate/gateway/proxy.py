@@ -5,6 +5,8 @@ Design, in the order a request meets it:
 1. ``_GuardMiddleware`` (pure ASGI, before routing) refuses a Host that is not loopback with the
    daemon's port (DNS rebinding) and any request carrying ``Origin`` (a web page). It hands
    ``POST /v1/messages`` to its handler itself; every other route goes through Starlette's.
+   Under the daemon's server that route arrives at ``_GuardMiddleware.direct`` instead, with
+   the same guards, past the ASGI cycle (``_http.DirectExchange``).
 2. The route handler authenticates the client's key (``Authorization: Bearer`` or ``x-api-key``),
    reads the body (capped at 32 MB) and checks that it is JSON. It never re-serialises: the bytes
    that came in are the bytes that go out.
@@ -28,6 +30,7 @@ retry cannot help (a bad key, a malformed body), because Claude Code retries 401
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -52,10 +55,13 @@ from ccgate import __version__, env
 from ccgate.accounting import billing, quota
 from ccgate.accounting.metering import Metered
 from ccgate.gateway._body import BodyError, parse_body
+from ccgate.gateway._upstream import HttpToolsTransport, RawRequest, RawResponse, origin
 from ccgate.gateway.metrics import METRICS_PATH, GatewayMetrics, Timing
 from ccgate.gateway.policy import Policy, Ticket, Upstream
 from ccgate.gateway.providers import (
+    ANTHROPIC,
     HOP_BY_HOP,
+    Adapter,
     Forward,
     LocalAnswer,
     ProviderError,
@@ -68,6 +74,7 @@ from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.wire import HEALTH_PATH, error_response
 
 if TYPE_CHECKING:
+    from ccgate.gateway._http import DirectExchange
     from ccgate.gateway.telemetry import SpanSink
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -92,6 +99,15 @@ MAX_STORED_ERROR_BYTES: Final = 4096
 # upstream, so only ccgate's key header is dropped.
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
 _DROP_REQUEST_PASSTHROUGH = HOP_BY_HOP | {"host", "content-length"}
+# The same as header names as the server hands them over (lower-case bytes), with ccgate's own.
+_DROP_REQUEST_B: Final = frozenset(n.encode() for n in _DROP_REQUEST | {CCGATE_KEY_HEADER})
+_DROP_REQUEST_PASSTHROUGH_B: Final = frozenset(
+    n.encode() for n in _DROP_REQUEST_PASSTHROUGH | {CCGATE_KEY_HEADER}
+)
+# A query and a base URL path that httpx would send unchanged: the lean upstream leg sends
+# those as they are; anything else goes through httpx, which encodes it.
+_PLAIN_QUERY: Final = re.compile(rb"[A-Za-z0-9_.~=&,:+-]*")
+_PLAIN_PATH: Final = re.compile(rb"(/[A-Za-z0-9_.~-]+)*")
 
 
 @dataclass(frozen=True)
@@ -127,10 +143,7 @@ class _GuardMiddleware:
             f"[::1]:{port}".encode(),
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def _refusal(self, scope: Scope) -> Response | None:
         host = b""
         has_origin = False
         for name, value in scope["headers"]:
@@ -140,20 +153,29 @@ class _GuardMiddleware:
                 has_origin = True
         if host not in self.allowed_hosts:
             shown = host.decode("latin-1")[:100] or "(none)"
-            response = error_response(
+            return error_response(
                 403,
                 "permission_error",
                 f"ccgate only answers requests addressed to 127.0.0.1, localhost or [::1] on its "
                 f"own port; this one was for host {shown!r}.",
                 should_retry=False,
             )
-        elif has_origin:
-            response = error_response(
+        if has_origin:
+            return error_response(
                 403,
                 "permission_error",
                 "ccgate refuses requests from web pages (the request carried an Origin header).",
                 should_retry=False,
             )
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response = self._refusal(scope)
+        if response is not None:
+            pass
         elif (
             self.messages is not None
             and scope["path"] == "/v1/messages"
@@ -167,6 +189,20 @@ class _GuardMiddleware:
             await self.app(scope, receive, send)
             return
         await response(scope, receive, send)
+
+    async def direct(self, exchange: DirectExchange) -> None:
+        """``POST /v1/messages`` from the server's lean path (``_http.DirectExchange``): the
+        same guards and handler, the answer written to the client's transport directly."""
+        scope = exchange.scope
+        response = self._refusal(scope)
+        if response is None:
+            if self.messages is None:
+                raise RuntimeError("the lean path needs the messages handler")
+            response = await self.messages(Request(scope, exchange.receive))
+        if isinstance(response, Relay):
+            await response.direct(exchange)
+        else:
+            await exchange.respond(response)
 
 
 class Gateway:
@@ -323,7 +359,9 @@ class Gateway:
             started_at=time.time(),
             key_id="-",
             method=request.method,
-            path=request.url.path,
+            # The path as sent, which the allowlist just checked is the one forwarded (cheaper
+            # than Starlette's URL object, which parses the whole request URL).
+            path=upstream_path,
             session_id=request.headers.get(SESSION_HEADER),
         )
         t0 = time.perf_counter()
@@ -357,10 +395,15 @@ class Gateway:
         refused_by: ProviderError | None = None
         for candidate in plan.candidates:
             upstream = candidate.upstream
+            prepare: Callable[[], Awaitable[None]] | None = None
             try:
                 adapter = adapter_for(upstream.kind)
-                # Credentials (a cloud token, AWS keys) are fetched off the loop, and cached.
-                await adapter.prepare(upstream)
+                # Credentials (a cloud token, AWS keys) are fetched off the loop, and cached;
+                # a fallback's only when the relay is about to try it (``Attempt.prepare``).
+                if not attempts:
+                    await adapter.prepare(upstream)
+                elif adapter is not ANTHROPIC:
+                    prepare = partial(adapter.prepare, upstream)
             except ProviderError as exc:
                 refused_by = refused_by or exc
                 continue
@@ -373,6 +416,22 @@ class Gateway:
                 model=record.model,
                 streamed=record.streamed,
             )
+            raw = self._raw_opener(request, body, upstream, adapter, path=upstream_path)
+            if raw is not None:
+                # The anthropic kind's request is the client's bytes with the key swapped in:
+                # sent as bytes by ccgate's transport, and nothing to refuse in building it.
+                attempts.append(
+                    Attempt(
+                        build=build,
+                        base_url=upstream.base_url,
+                        adapter=adapter,
+                        candidate=candidate,
+                        timeouts=candidate.key.timeouts,
+                        raw=raw,
+                        prepare=prepare,
+                    )
+                )
+                continue
             if not attempts:
                 # The first request is built here, so a problem building it is this request's
                 # refusal (or the provider kind's own answer) rather than a failed attempt.
@@ -391,6 +450,7 @@ class Gateway:
                     adapter=adapter,
                     candidate=candidate,
                     timeouts=candidate.key.timeouts,
+                    prepare=prepare,
                 )
             )
         if not attempts:
@@ -398,7 +458,7 @@ class Gateway:
             refused = _Refused.error(refused_by.status, refused_by.error_type, str(refused_by))
             return self._unsent(record, t0, ticket, refused)
         outbound = Outbound(
-            request=attempts[0].build(),
+            request=None if attempts[0].raw is not None else attempts[0].build(),
             base_url=attempts[0].base_url,
             request_id=record.id,
             streamed=record.streamed,
@@ -576,6 +636,66 @@ class Gateway:
         if self._on_finish is not None:
             self._on_finish(record)
 
+    def _raw_opener(
+        self,
+        request: Request,
+        body: bytes,
+        upstream: Upstream,
+        adapter: Adapter,
+        *,
+        path: str,
+    ) -> Callable[[dict[str, float | None]], Awaitable[RawResponse]] | None:
+        """The lean upstream leg for this attempt, or None where httpx's path is needed: another
+        provider kind, another transport (an HTTP proxy, tests), a URL or query that httpx
+        would re-encode."""
+        transport = self._transport
+        if adapter is not ANTHROPIC or not isinstance(transport, HttpToolsTransport):
+            return None
+        query: bytes = request.scope.get("query_string", b"")
+        if query and not _PLAIN_QUERY.fullmatch(query):
+            return None
+        try:
+            key, prefix, host = origin(upstream.base_url)
+        except ValueError:
+            return None
+        if not _PLAIN_PATH.fullmatch(prefix):
+            return None
+        target = prefix + path.encode("ascii")
+        if query:
+            target += b"?" + query
+        # What httpx.Request sends for AnthropicAdapter.request: Host first, then the kept
+        # headers, the key, and the Content-Length of a body (an empty POST gets a "0" right
+        # after Host; an empty GET none).
+        method = request.method
+        headers = [(b"Host", host)]
+        if not body and method in ("POST", "PUT", "PATCH"):
+            headers.append((b"Content-Length", b"0"))
+        headers += self._kept_headers(request, upstream)
+        if upstream.api_key is not None and not upstream.passthrough:
+            headers.append((b"x-api-key", upstream.api_key.encode()))
+        if body:
+            headers.append((b"Content-Length", str(len(body)).encode("ascii")))
+        raw = RawRequest(method.encode("ascii"), key, target, headers, body)
+        return partial(transport.open, raw)
+
+    def _kept_headers(self, request: Request, upstream: Upstream) -> list[tuple[bytes, bytes]]:
+        """The client's headers that go upstream: its own credentials and hop-by-hop headers
+        (and any it names in ``Connection``) removed."""
+        raw_headers = request.headers.raw
+        drop = _DROP_REQUEST_PASSTHROUGH_B if upstream.passthrough else _DROP_REQUEST_B
+        connection_tokens: set[bytes] = set()
+        for name, value in raw_headers:
+            if name == b"connection":
+                connection_tokens = {
+                    token.strip().lower() for token in value.split(b",") if token.strip()
+                }
+                break  # the first one, as Headers.get reads it
+        return [
+            (name, value)
+            for name, value in raw_headers
+            if name not in drop and name not in connection_tokens
+        ]
+
     def upstream_request(
         self,
         request: Request,
@@ -589,19 +709,7 @@ class Gateway:
         """The request for ``upstream``, built by its kind's adapter from what the client sent:
         the client's own credentials and hop-by-hop headers (and any it names in
         ``Connection``) removed."""
-        connection_tokens = {
-            token.strip().lower()
-            for token in request.headers.get("connection", "").split(",")
-            if token.strip()
-        }
-        drop = _DROP_REQUEST_PASSTHROUGH if upstream.passthrough else _DROP_REQUEST
-        headers: list[tuple[bytes, bytes]] = [
-            (name, value)
-            for name, value in request.headers.raw
-            if name.decode("latin-1") not in drop
-            and name.decode("latin-1") not in connection_tokens
-            and name != CCGATE_KEY_HEADER.encode()
-        ]
+        headers = self._kept_headers(request, upstream)
         forward = Forward(
             method=request.method,
             path=path,
@@ -779,26 +887,32 @@ def cap_error(error: str | None) -> str | None:
     return f"{kept} [cut by ccgate: {len(data)} bytes in all]"
 
 
-async def _read_body(request: Request) -> bytes | _Refused:
-    too_large = _Refused.error(
+def _too_large() -> _Refused:
+    return _Refused.error(
         413,
         "request_too_large",
         f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB.",
     )
+
+
+async def _read_body(request: Request) -> bytes | _Refused:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return too_large
+        return _too_large()
     chunks: list[bytes] = []
     size = 0
     # A body dribbled byte by byte (slow POST) must not hold the connection forever; 32 MB over
     # loopback takes well under a second.
-    with anyio.move_on_after(_BODY_TIMEOUT_S):
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                return too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+    try:
+        async with asyncio.timeout(_BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    return _too_large()
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except TimeoutError:
+        pass
     return _Refused.error(
         408,
         "invalid_request_error",

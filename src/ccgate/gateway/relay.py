@@ -20,9 +20,17 @@ keys and providers in and out of rotation) and logged in the ``Observation``.
 
 The response is copied chunk by chunk (``aiter_raw``: still compressed, so nothing is decoded or
 re-encoded in the path). After each chunk has been handed to the client, the same bytes are fed
-to a ``ResponseMeter`` that decodes and reads usage on the side. A watcher task waits for the
-client to hang up; when it does, it cancels the relay, which closes the upstream response and so
-cancels the upstream request too.
+to a ``ResponseMeter`` that decodes and reads usage on the side. When the client hangs up the
+relay is cancelled, which closes the upstream response and so cancels the upstream request too:
+as an ASGI response a watcher task waits for ``http.disconnect``; on the server's lean path
+(``Relay.direct``, ``_http.DirectExchange``) the connection's loss cancels it directly.
+
+The lean legs (docs/benchmarks.md, round 3): the answer goes to a ``Sink``, either the ASGI
+``send`` or the client's transport itself (the head in one write with the first chunk); and an
+anthropic-kind attempt on ccgate's own transport (``Attempt.raw``) sends the request's bytes
+with no httpx Request or Response, which also tells when a chunk is the answer's last, so the
+response's end goes out with it. A fallback's provider kind prepares (fetches its credentials)
+only when the relay is about to try it (``Attempt.prepare``).
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import brotli
@@ -46,9 +55,13 @@ from starlette.types import Message, Receive, Scope, Send
 from ccgate.accounting import quota
 from ccgate.accounting.billing import Observed
 from ccgate.accounting.metering import Metered, ResponseMeter
-from ccgate.gateway.providers import ANTHROPIC, Adapter, Reply
+from ccgate.gateway._upstream import RawResponse
+from ccgate.gateway.providers import ANTHROPIC, HOP_BY_HOP, Adapter, ProviderError, Reply
 from ccgate.gateway.routing import Candidate, Plan, Reason, Timeouts, classify
 from ccgate.wire import error_response
+
+if TYPE_CHECKING:
+    from ccgate.gateway._http import DirectExchange
 
 log = logging.getLogger("ccgate.proxy")
 
@@ -73,6 +86,12 @@ class Attempt:
     adapter: Adapter = ANTHROPIC
     candidate: Candidate | None = None
     timeouts: Timeouts | None = None  # None: the client's own (tests)
+    # The lean upstream leg (anthropic kind on ccgate's own transport): sends the request's
+    # bytes with these timeouts, no httpx objects; ``build`` is then never called.
+    raw: Callable[[dict[str, float | None]], Awaitable[RawResponse]] | None = None
+    # A fallback's credentials (a cloud token, AWS keys) are fetched only when it is about to
+    # be tried: None once there is nothing to fetch. A ProviderError drops the candidate.
+    prepare: Callable[[], Awaitable[None]] | None = None
 
     @property
     def provider(self) -> str | None:
@@ -83,7 +102,7 @@ class Attempt:
 class Outbound:
     """What the gateway decided to send, and how the answer is to be watched."""
 
-    request: httpx.Request
+    request: httpx.Request | None  # None: every attempt builds its own (``attempts``)
     base_url: str  # named in ccgate's own 502/504 messages
     request_id: str  # returned to the client as x-ccgate-request-id
     streamed: bool
@@ -115,6 +134,43 @@ class Observation:
     # RequestRecord.attempt_log entries: providers skipped (breaker open), then each attempt.
     attempt_log: tuple[dict[str, Any], ...] = ()
     provider: str | None = None  # whose answer (or failure) the client got
+
+
+class Sink(Protocol):
+    """Where the relayed answer goes: the ASGI ``send`` (``_AsgiSink``), or the client's
+    transport itself on the server's lean path (``_http.DirectExchange``)."""
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    async def body(self, data: bytes) -> None: ...
+    async def end(self) -> None: ...
+    async def last(self, data: bytes) -> None: ...  # body(data) and end() in one
+    async def respond(self, response: Response) -> None: ...
+
+
+class _AsgiSink:
+    __slots__ = ("send",)
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def last(self, data: bytes) -> None:
+        await self.body(data)
+        await self.end()
+
+    async def respond(self, response: Response) -> None:
+        async def no_receive() -> Message:
+            return {"type": "http.disconnect"}
+
+        await response({"type": "http"}, no_receive, self.send)
 
 
 class Relay(Response):
@@ -163,11 +219,30 @@ class Relay(Response):
                 self._watch_disconnect(receive, relaying)
             )
             try:
-                await self._relay(send)
+                await self._relay(_AsgiSink(send))
             finally:
                 watcher.cancel()
                 if self._start_timer is not None:
                     self._start_timer.cancel()  # the final row carries the usage now
+                self.on_finish(self.observation())
+
+    async def direct(self, exchange: DirectExchange) -> None:
+        """The same relay on the server's lean path: written to the client's transport, and
+        cancelled by the connection's loss rather than by a watcher task."""
+        with anyio.CancelScope() as relaying:
+
+            def lost() -> None:
+                if not self._upstream_done:
+                    self._client_gone = True
+                relaying.cancel()
+
+            exchange.on_lost(lost)
+            try:
+                await self._relay(exchange)
+            finally:
+                exchange.on_lost(None)
+                if self._start_timer is not None:
+                    self._start_timer.cancel()
                 self.on_finish(self.observation())
 
     def observation(self) -> Observation:
@@ -203,7 +278,7 @@ class Relay(Response):
                 scope.cancel()
                 return
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, send: Sink) -> None:
         """Try the candidates while ``ready`` (the pending row's commit) completes; relay after
         both.
 
@@ -211,7 +286,7 @@ class Relay(Response):
         network wait instead of added to it; nothing is relayed until the row is durable, and
         ``ready`` is awaited once, whichever attempt ends up relayed.
         """
-        chosen: tuple[httpx.Response, Reply] | None = None
+        chosen: tuple[httpx.Response | RawResponse, Reply] | None = None
         failed: tuple[int, str] | None = None
         not_ready: str | None = None
         # A task: it first runs when this one first waits, once the request has been written
@@ -220,11 +295,19 @@ class Relay(Response):
         ready = asyncio.ensure_future(self.ready()) if self.ready is not None else None
         try:
             self._sent_at = time.perf_counter()
-            attempts = self._attempts()
+            attempts = list(self._attempts())
             self._log_skipped()
-            for index, attempt in enumerate(attempts):
-                chosen, failed = await self._attempt(attempt, last=index == len(attempts) - 1)
+            index = 0
+            while index < len(attempts):
+                chosen, failed = await self._attempt(
+                    attempts[index],
+                    more=index < len(attempts) - 1,
+                    has_next=partial(_prepare_next, attempts, index),
+                )
                 if failed is None and self._attempt_log[-1]["reason"] is None:
+                    break
+                index += 1
+                if failed is not None and not await _prepare_next(attempts, index - 1):
                     break
             if ready is not None:
                 not_ready = await ready
@@ -236,7 +319,7 @@ class Relay(Response):
                 assert failed is not None
                 await self._send_error(send, *failed)
             else:
-                await self._pump(chosen[1], send)
+                await self._pump(chosen[1], send, _finished(*chosen))
         finally:
             if ready is not None and not ready.done():
                 ready.cancel()  # the attempts failed or were cancelled
@@ -249,6 +332,7 @@ class Relay(Response):
         if out.attempts:
             return out.attempts
         request = out.request
+        assert request is not None, "an Outbound without attempts needs its request"
         return (Attempt(lambda: request, out.base_url, out.adapter),)
 
     def _log_skipped(self) -> None:
@@ -258,23 +342,30 @@ class Relay(Response):
             self._attempt_log.append({**entry, "reason": "circuit_open", "ms": 0.0})
 
     async def _attempt(
-        self, attempt: Attempt, *, last: bool
-    ) -> tuple[tuple[httpx.Response, Reply] | None, tuple[int, str] | None]:
+        self, attempt: Attempt, *, more: bool, has_next: Callable[[], Awaitable[bool]]
+    ) -> tuple[tuple[httpx.Response | RawResponse, Reply] | None, tuple[int, str] | None]:
         """Send one attempt and look at its answer up to its first event.
 
         Returns the response and its reply when it may be relayed (served, or the last one),
         else None; and ccgate's own error when nothing usable came back. The reason it did not
         serve goes to the log and to the plan. Only the first-byte phase is bounded here: past
         it, httpx's read timeout (``idle_s``) bounds each wait for more of the body.
+
+        ``more``: later candidates exist (a stream's first event is peeked at only then);
+        ``has_next``: whether one of them can be tried (its credentials fetched now, at the
+        first moment one is needed); when none can, this answer is the last and is relayed.
         """
         started = time.perf_counter()
-        try:
-            request = attempt.build()
-        except Exception as exc:
-            # A fallback its provider kind cannot build a request for (ProviderError: say, no
-            # cloud credentials on this machine): a failed attempt, not a failed request.
-            self._log_attempt(attempt, status=None, reason="connect_error", started=started)
-            return None, (502, f"cannot send to {attempt.base_url} ({exc})")
+        raw = attempt.raw
+        request: httpx.Request | None = None
+        if raw is None:
+            try:
+                request = attempt.build()
+            except Exception as exc:
+                # A fallback its provider kind cannot build a request for (ProviderError: say,
+                # no cloud credentials on this machine): a failed attempt, not a failed request.
+                self._log_attempt(attempt, status=None, reason="connect_error", started=started)
+                return None, (502, f"cannot send to {attempt.base_url} ({exc})")
         timeouts = attempt.timeouts
         limits: dict[str, float | None] | None = None
         if timeouts is not None:
@@ -286,27 +377,39 @@ class Relay(Response):
                 "write": WRITE_TIMEOUT_S,
                 "pool": POOL_TIMEOUT_S,
             }
-            request.extensions = {**request.extensions, "timeout": limits}
+            if request is not None:
+                request.extensions = {**request.extensions, "timeout": limits}
         deadline = (
             timeouts.first_byte(streamed=self.outbound.streamed) if timeouts else float("inf")
         )
-        response: httpx.Response | None = None
+        response: httpx.Response | RawResponse | None = None
         reply: Reply | None = None
         reason: Reason | None = None
         failed: tuple[int, str] | None = None
         base_url = attempt.base_url
         self._sent += 1
         try:
-            with anyio.fail_after(deadline):
-                response = await self.client.send(request, stream=True)
-                self._answered_at = time.perf_counter()
+            # asyncio's own timeout: anyio's fail_after costs four times as much per request.
+            async with asyncio.timeout(deadline if deadline != float("inf") else None):
+                if raw is not None:
+                    if limits is None:
+                        limits = dict(_CLIENT_TIMEOUTS)
+                    opened = response = await raw(limits)
+                    self._answered_at = time.perf_counter()
+                    reply = Reply(opened.status, _forwarded(opened.headers), opened.chunks())
+                else:
+                    assert request is not None
+                    sent = response = await self.client.send(request, stream=True)
+                    self._answered_at = time.perf_counter()
+                    reply = attempt.adapter.reply(sent, streamed=self.outbound.streamed)
                 if limits is not None and timeouts is not None:
                     limits["read"] = timeouts.idle_s
-                reply = attempt.adapter.reply(response, streamed=self.outbound.streamed)
                 reason = classify(reply.status)
-                if reason is None and not last and self.outbound.streamed and reply.status == 200:
+                if reason is None and more and self.outbound.streamed and reply.status == 200:
                     reply, overloaded = await _peek_first_event(reply)
-                    if overloaded:
+                    # With no candidate left to move to, it is relayed as the last answer
+                    # (the peeked event replayed first), as if it had never been peeked at.
+                    if overloaded and await has_next():
                         reason = "overloaded"
         except (TimeoutError, httpx.TimeoutException):
             reason, failed = "timeout", (504, f"timed out waiting for {base_url}")
@@ -330,7 +433,7 @@ class Relay(Response):
             plan.report(
                 attempt.candidate, status=status, reason=reason, headers=headers, now=time.time()
             )
-        if reply is None or response is None or (reason is not None and not last):
+        if reply is None or response is None or (reason is not None and await has_next()):
             if response is not None:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
@@ -352,7 +455,9 @@ class Relay(Response):
             }
         )
 
-    async def _pump(self, reply: Reply, send: Send) -> None:
+    async def _pump(
+        self, reply: Reply, send: Sink, finished: Callable[[], bool] | None = None
+    ) -> None:
         self._status = reply.status
         self._got_response = True
         self._quota = quota.capture(reply.headers)
@@ -364,16 +469,28 @@ class Relay(Response):
             )
         headers = reply.headers
         headers.append((b"x-ccgate-request-id", self.outbound.request_id.encode()))
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await self._copy(reply, send)
+        await send.start(reply.status, headers)
+        await self._copy(reply, send, finished)
 
-    async def _copy(self, reply: Reply, send: Send) -> None:
+    async def _copy(
+        self, reply: Reply, send: Sink, finished: Callable[[], bool] | None = None
+    ) -> None:
+        """Relay every chunk as it comes. ``finished`` (the lean upstream leg) tells, after a
+        chunk, that it was the answer's last: it goes out with the response's end in one write
+        instead of two."""
         meter = self._meter
         try:
             async for chunk in reply.chunks:
                 if self._first_byte_at is None:
                     self._first_byte_at = time.perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if finished is not None and finished():
+                    await send.last(chunk)
+                    self._upstream_done = True
+                    if meter is not None:
+                        meter.feed(chunk)
+                        self._checkpoint(meter)
+                    return
+                await send.body(chunk)
                 if meter is not None:
                     meter.feed(chunk)
                     self._checkpoint(meter)
@@ -385,7 +502,7 @@ class Relay(Response):
             log.warning("upstream response broke off: %s", type(exc).__name__)
             return
         self._upstream_done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send.end()
 
     def _checkpoint(self, meter: ResponseMeter) -> None:
         """Hand on the usage so far shortly after message_start, then every N chunks or T
@@ -423,7 +540,7 @@ class Relay(Response):
         self.on_progress(meter.peek())
 
     async def _send_error(
-        self, send: Send, status: int, message: str, *, raw: bool = False, retry: bool = False
+        self, send: Sink, status: int, message: str, *, raw: bool = False, retry: bool = False
     ) -> None:
         self._status = status
         self._failure = message
@@ -433,11 +550,56 @@ class Relay(Response):
             else f"ccgate {message}. Check your network, or the upstream with `ccgate status`."
         )
         response = error_response(status, "api_error", text, should_retry=True if retry else None)
+        await send.respond(response)
 
-        async def no_receive() -> Message:
-            return {"type": "http.disconnect"}
 
-        await response({"type": "http"}, no_receive, send)
+async def _prepare_next(attempts: list[Attempt], index: int) -> bool:
+    """Whether a candidate after ``attempts[index]`` can be tried: the next ones are prepared
+    in order (once each) and those whose provider kind refuses (``ProviderError``: no
+    credentials on this machine) are dropped, as the gateway drops a first candidate."""
+    while index + 1 < len(attempts):
+        attempt = attempts[index + 1]
+        if attempt.prepare is None:
+            return True
+        try:
+            await attempt.prepare()
+        except ProviderError as exc:
+            log.info("fallback %s skipped: %s", attempt.base_url, exc)
+            del attempts[index + 1]
+            continue
+        attempts[index + 1] = replace(attempt, prepare=None)
+        return True
+    return False
+
+
+# httpx's client timeouts (Gateway.lifespan), for an attempt that names none (tests).
+_CLIENT_TIMEOUTS: Final[dict[str, float | None]] = {
+    "connect": 10.0,
+    "read": 3600.0,
+    "write": 60.0,
+    "pool": 30.0,
+}
+_HOP_BY_HOP: Final = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def _forwarded(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``providers.forwarded_headers`` on raw headers: hop-by-hop ones gone, names lower-case."""
+    kept = []
+    for name, value in headers:
+        name = name.lower()
+        if name not in _HOP_BY_HOP:
+            kept.append((name, value))
+    return kept
+
+
+def _finished(response: httpx.Response | RawResponse, reply: Reply) -> Callable[[], bool] | None:
+    """Whether the answer has been handed out in full, where the transport can tell."""
+    if not isinstance(response, RawResponse):
+        return None
+    chunks = reply.chunks
+    if isinstance(chunks, _Replay):  # the peeked chunks come first
+        return lambda: not chunks.pending and response.finished()
+    return response.finished
 
 
 def _str_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -453,6 +615,10 @@ class _Replay:
 
     def __aiter__(self) -> _Replay:
         return self
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._held)
 
     async def __anext__(self) -> bytes:
         if self._held:
@@ -496,9 +662,9 @@ async def _peek_first_event(reply: Reply) -> tuple[Reply, bool]:
             break  # not ours to judge: the meter reports a stream it cannot read
         if b"\n\n" in seen.replace(b"\r\n", b"\n"):
             break
-    if _is_overloaded(seen):
-        return reply, True
-    return Reply(reply.status, reply.headers, _Replay(held, chunks)), False
+    # The held chunks are replayed whatever the first event was: an overloaded one is still
+    # relayed when no candidate is left to move to.
+    return Reply(reply.status, reply.headers, _Replay(held, chunks)), _is_overloaded(seen)
 
 
 def _is_overloaded(start: bytes) -> bool:
