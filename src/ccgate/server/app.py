@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from ccgate import __version__
 from ccgate.errors import CcgateError
 from ccgate.policy.bundle import SigningKey
-from ccgate.server import alerts, db, devices, leases, reconcile, report, roles, usage
+from ccgate.server import alerts, db, devices, leases, reconcile, report, roles, sync, usage
 from ccgate.server import metrics as server_metrics
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
@@ -115,6 +115,8 @@ def create_app(ctx: ServerContext) -> Starlette:
             yield
         finally:
             await _blocking(ctx.alert_worker.stop)
+            if ctx.usage_writer is not None:
+                await _blocking(ctx.usage_writer.stop)
 
     app = Starlette(routes=routes, lifespan=lifespan)
     spec = document(version=__version__)
@@ -358,30 +360,42 @@ def _sync_usage(
     device_token: str | None,
     raw: bytes,
 ) -> dict[str, Any]:
-    """A usage push in one worker-thread hop and one session: the key, the device, the body,
-    then one transaction for the new records and the device's last sync. Usage may have
-    crossed an alert threshold of the key's levels: those rules are evaluated next."""
-    now = ctx.clock()
-    with db.session(ctx.engine) as session:
-        # revoked or expired key: 401; unknown, pending or revoked device: 403; checked afresh
-        # whenever the policy epoch moved (``devices.CallerCache``)
-        key, device = ctx.callers.caller(session, token, device_id, device_token, now=now)
-        body = _parse_body(raw)
-        result = usage.ingest_in(
-            session, key, device, body, now=now, touch_device=True, writer=ctx.usage_writer
-        )
-        if alerts.evaluate_in(session, ctx.alert_settings, now=now, key=key):
-            ctx.alert_worker.wake()
-    return result
+    """A usage push in one worker-thread hop, on the raw connection (``sync.sync_usage``): the
+    key, the device, the body, one transaction for the new records and the device's last sync,
+    the spend; then the alert rules the usage may have crossed."""
+    return sync.sync_usage(
+        engine=ctx.engine,
+        callers=ctx.callers,
+        writer=ctx.usage_writer,
+        alert_settings=ctx.alert_settings,
+        wake_alerts=ctx.alert_worker.wake,
+        parse=_parse_body,
+        token=token,
+        device_id=device_id,
+        device_token=device_token,
+        raw=raw,
+        now=ctx.clock(),
+    )
 
 
 def _poll_bundle(
     ctx: ServerContext, token: str | None, device_id: str | None, device_token: str | None
 ) -> Served:
-    """A bundle poll in one worker-thread hop: the key check, then the stored envelope when it is
-    current and the device approved with this token (one query), else the device check and the
-    full path."""
+    """A bundle poll in one worker-thread hop: the stored envelope in one statement when the key
+    is cached and the envelope current (``sync.poll_bundle``), else the key check, the device
+    check and the full path."""
     now = ctx.clock()
+    hit = sync.poll_bundle(
+        engine=ctx.engine,
+        callers=ctx.callers,
+        bundler=ctx.bundler,
+        token=token,
+        device_id=device_id,
+        device_token=device_token,
+        now=now,
+    )
+    if hit is not None:
+        return hit
     with db.session(ctx.engine) as session:  # one connection for both reads
         key = ctx.callers.key(session, token, now=now)  # revoked or expired: 401 here
         if device_id and device_token:
