@@ -21,13 +21,14 @@ The answers, the checks and the transactions are those of the ORM path they repl
 from __future__ import annotations
 
 import hmac
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import Engine
 
-from ccgate.server import alerts, db, devices, usage
+from ccgate.server import alerts, db, devices, migrations, usage
 from ccgate.server.bundles import Bundler, Served
 from ccgate.server.db import Customer, Device, Team, VirtualKey
 from ccgate.server.state import sha256_hex
@@ -291,11 +292,47 @@ def _period(start: float | None) -> dict[str, Any]:
 def _sums(
     cursor: Any, sql: _Sql, what: str, column: str, level_id: str, start: float | None
 ) -> tuple[Any, ...]:
+    """``(money,)`` or ``(money, tokens)`` of a level since ``start`` (all time if None), from
+    the rollup (m018): whole hours from ``usage_spend``, and from ``usage`` only the records
+    between ``start`` and the first whole hour after it (none for a calendar window: those
+    start on the hour). The same figures as a plain ``SUM`` over the rows."""
+    money_only = what == _MONEY
     if start is None:
-        statement = sql(f"SELECT {what} FROM usage WHERE {column} = ?")
-        return tuple(cursor.execute(statement, (level_id,)).fetchone())
-    statement = sql(f"SELECT {what} FROM usage WHERE {column} = ? AND started_at >= ?")
-    return tuple(cursor.execute(statement, (level_id, start)).fetchone())
+        row = cursor.execute(sql(_TOTAL), (level_id,)).fetchone()
+        found = (0, 0) if row is None else row
+        return found[:1] if money_only else tuple(found)
+    whole = first_whole_hour(start)
+    if whole is None:  # no budget window starts there; summed the plain way
+        statement = sql(f"SELECT {what} FROM usage WHERE {column} = ? AND started_at >= ?")
+        return tuple(cursor.execute(statement, (level_id, start)).fetchone())
+    statement = sql(_WINDOWED[column])
+    found = cursor.execute(statement, (level_id, whole, level_id, start, whole)).fetchone()
+    return tuple(found[:1] if money_only else found)
+
+
+def first_whole_hour(start: float) -> int | None:
+    """The first rollup bucket wholly inside a window from ``start``: the least multiple of an
+    hour at or after it, in exact integer arithmetic; None outside 1970..9999."""
+    if not 0 <= start < migrations.SPEND_AFTER_9999 - migrations.SPEND_BUCKET_S:
+        return None
+    hour = math.floor(start)
+    hour -= hour % migrations.SPEND_BUCKET_S
+    return hour if hour == start else hour + migrations.SPEND_BUCKET_S
+
+
+_TOTAL: Final = (
+    f"SELECT cost_micros, tokens FROM usage_spend WHERE level_id = ? "
+    f"AND bucket = {migrations.SPEND_TOTAL}"
+)
+_WINDOWED: Final = {
+    column: (
+        "SELECT COALESCE(SUM(m), 0), COALESCE(SUM(t), 0) FROM ("
+        "SELECT cost_micros AS m, tokens AS t FROM usage_spend WHERE level_id = ? AND bucket >= ? "
+        "UNION ALL SELECT cost_micros, input_tokens + output_tokens + cache_creation_input_tokens "
+        f"FROM usage WHERE {column} = ? AND started_at >= ? AND started_at < ?) AS s"
+    )
+    for column in ("key_id", "team_id", "customer_id")
+}
 
 
 def _watched(cursor: Any, sql: _Sql, key: VirtualKey, team: Team | None) -> bool:
