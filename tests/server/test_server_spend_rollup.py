@@ -201,7 +201,7 @@ def test_the_migration_sums_what_an_older_database_holds(
                 " repo_attribution) VALUES ('team_t', 't', 'cust_a', false, 0, true)"
             )
         )
-    keys = [
+    keys: list[dict[str, Any]] = [
         {"id": "key_1", "team_id": "team_t", "customer_id": "cust_a"},
         {"id": "key_2", "team_id": None, "customer_id": None},
     ]
