@@ -152,7 +152,8 @@ async def test_the_usage_writer_stops_with_the_server(server: Server) -> None:
     if writer is None:  # PostgreSQL: no writer thread at all
         return
     assert not writer.running
-    assert not any(t.name == "ccgate-usage-writer" and t.is_alive() for t in threading.enumerate())
+    thread = writer._thread  # it ran (the sync above), and it has ended
+    assert thread is not None and not thread.is_alive()
     with pytest.raises(ServerStateError, match="stopping"):
         writer.run(lambda _connection: 0)
     writer.stop()  # twice is fine

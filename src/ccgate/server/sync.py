@@ -263,11 +263,9 @@ def _spent(
     """``usage.spent_for`` on the raw connection: the same windows, the same sums."""
     start = usage.window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
     tokens_start = usage.tokens_start(key, now=now)
-    if tokens_start == start:
-        money, tokens = _sums(cursor, sql, f"{_MONEY}, {_TOKENS}", "key_id", key.id, start)
-    else:
-        (money,) = _sums(cursor, sql, _MONEY, "key_id", key.id, start)
-        (tokens,) = _sums(cursor, sql, _TOKENS, "key_id", key.id, tokens_start)
+    money, tokens = _sums(cursor, sql, "key_id", key.id, start)
+    if tokens_start != start:  # a token budget of its own window
+        _, tokens = _sums(cursor, sql, "key_id", key.id, tokens_start)
     return {
         "key": {**_period(start), "spent_micros": int(money), "tokens": int(tokens)},
         "team": None if team is None else _level(cursor, sql, "team_id", team, now=now),
@@ -281,7 +279,7 @@ def _level(
     cursor: Any, sql: _Sql, column: str, row: Team | Customer, *, now: float
 ) -> dict[str, Any]:
     start = usage.window_start(row.budget_micros, row.budget_period, row.budget_rolling, now=now)
-    (money,) = _sums(cursor, sql, _MONEY, column, row.id, start)
+    money, _ = _sums(cursor, sql, column, row.id, start)
     return {**_period(start), "spent_micros": int(money)}
 
 
@@ -290,24 +288,26 @@ def _period(start: float | None) -> dict[str, Any]:
 
 
 def _sums(
-    cursor: Any, sql: _Sql, what: str, column: str, level_id: str, start: float | None
-) -> tuple[Any, ...]:
-    """``(money,)`` or ``(money, tokens)`` of a level since ``start`` (all time if None), from
-    the rollup (m018): whole hours from ``usage_spend``, and from ``usage`` only the records
-    between ``start`` and the first whole hour after it (none for a calendar window: those
-    start on the hour). The same figures as a plain ``SUM`` over the rows."""
-    money_only = what == _MONEY
+    cursor: Any, sql: _Sql, column: str, level_id: str, start: float | None
+) -> tuple[int, int]:
+    """A level's money and tokens since ``start`` (all time if None), from the rollup (m018):
+    whole hours from ``usage_spend``, and from ``usage`` only the records between ``start``
+    and the first whole hour after it (none for a calendar window: those start on the hour).
+    The same figures as a plain ``SUM`` over the rows."""
     if start is None:
         row = cursor.execute(sql(_TOTAL), (level_id,)).fetchone()
-        found = (0, 0) if row is None else row
-        return found[:1] if money_only else tuple(found)
-    whole = first_whole_hour(start)
-    if whole is None:  # no budget window starts there; summed the plain way
-        statement = sql(f"SELECT {what} FROM usage WHERE {column} = ? AND started_at >= ?")
-        return tuple(cursor.execute(statement, (level_id, start)).fetchone())
-    statement = sql(_WINDOWED[column])
-    found = cursor.execute(statement, (level_id, whole, level_id, start, whole)).fetchone()
-    return tuple(found[:1] if money_only else found)
+    else:
+        whole = first_whole_hour(start)
+        if whole is None:  # no budget window starts there; summed the plain way
+            statement = sql(f"{_PLAIN} WHERE {column} = ? AND started_at >= ?")
+            row = cursor.execute(statement, (level_id, start)).fetchone()
+        else:
+            params = (level_id, whole, level_id, start, whole)
+            row = cursor.execute(sql(_WINDOWED[column]), params).fetchone()
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+
+_PLAIN: Final = f"SELECT {_MONEY}, {_TOKENS} FROM usage"
 
 
 def first_whole_hour(start: float) -> int | None:
