@@ -1,6 +1,7 @@
-"""Usage records from daemons: idempotent ingest, per-level spend, and admin rollups.
+"""Usage records from daemons: their validation, per-level spend, and admin rollups.
 
-Ingest is one ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` per batch: the database
+Storing a push is ``sync.sync_usage`` (on the raw DBAPI connection; ``GroupCommit`` here
+batches its SQLite writes). Ingest is one ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` per batch: the database
 says which ids are new, so ids already stored (or repeated within the batch) are duplicates, and
 two replicas racing on the same id count it once (the loser waits on the winner's transaction,
 then skips the row). A new record that names a lease of its key adds its cost to that lease's
@@ -10,7 +11,9 @@ then skips the row). A new record that names a lease of its key adds its cost to
 Spent: for each level with a budget, the sum over that level's current window
 (``periods.window``: calendar or rolling) of every machine's records, by ``started_at``. A level
 without a budget has no window: it reports ``period_start: null`` and its all-time spend. The
-key's entry also carries ``tokens`` for the daemon's token budget (issue #6).
+key's entry also carries ``tokens`` for the daemon's token budget (issue #6). The sync reads
+these sums from the hourly rollup (m018, ``sync._sums``); ``spent_for`` (a lease grant's
+answer) sums the rows, with the same result.
 """
 
 from __future__ import annotations
