@@ -1,12 +1,13 @@
 """Usage records from daemons: their validation, per-level spend, and admin rollups.
 
 Storing a push is ``sync.sync_usage`` (on the raw DBAPI connection; ``GroupCommit`` here
-batches its SQLite writes). Ingest is one ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` per batch: the database
-says which ids are new, so ids already stored (or repeated within the batch) are duplicates, and
-two replicas racing on the same id count it once (the loser waits on the winner's transaction,
-then skips the row). A new record that names a lease of its key adds its cost to that lease's
-``used`` in the same transaction, so the money moves from outstanding to spent at once (see
-``leases``). Each record is attributed to the key's team and customer as they are at ingest.
+batches its SQLite writes). Ingest is one ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING
+id`` per batch: the database says which ids are new, so ids already stored (or repeated within
+the batch) are duplicates, and two replicas racing on the same id count it once (the loser
+waits on the winner's transaction, then skips the row). A new record that names a lease of its
+key adds its cost to that lease's ``used`` in the same transaction, so the money moves from
+outstanding to spent at once (see ``leases``). Each record is attributed to the key's team and
+customer as they are at ingest.
 
 Spent: for each level with a budget, the sum over that level's current window
 (``periods.window``: calendar or rolling) of every machine's records, by ``started_at``. A level
