@@ -485,6 +485,94 @@ def sync_rate(
     )
 
 
+def in_process(db_url: str, *, syncs: int, prefill: int = 0, devices: int = 200) -> dict[str, Any]:
+    """The server's own CPU per sync without HTTP: ``_sync_usage`` then ``_poll_bundle`` (the
+    304 path) called in a loop on one thread, CPU from ``time.process_time``. ``prefill`` rows
+    per key are stored first (straight SQL, older than every sync), so the spend read-back
+    has a window of that many rows to answer for."""
+    from ccgate.server import app as server_app
+    from ccgate.server.app import create_app
+    from ccgate.server.runner import build_context
+
+    with tempfile.TemporaryDirectory(prefix="ccgate-server-inproc-") as tmp:
+        home = Path(tmp)
+        url = db_url or db.sqlite_url(home / "bench.db")
+        resolved = paths.Paths(config_dir=home, data_dir=home, state_dir=home)
+        token = init_server(paths=resolved, environ={}, db_url=url).admin_token
+        ctx = build_context(paths=resolved, environ={}, db_url=url, bundle_ttl_s=3600)
+
+        async def setup() -> list[_Device]:
+            transport = httpx.ASGITransport(app=create_app(ctx))
+            async with httpx.AsyncClient(transport=transport, base_url="http://s") as http:
+                return await _setup(http, token, devices)
+
+        fleet = asyncio.run(setup())
+        if prefill:
+            _prefill(ctx.engine, prefill)
+        batches = [
+            json.dumps({"records": [_record() for _ in range(5)]}).encode() for _ in range(syncs)
+        ]
+
+        def headers(device: _Device) -> tuple[str, str, str]:
+            h = device.headers
+            return (
+                h["authorization"].removeprefix("Bearer "),
+                h["x-ccgate-device"],
+                h["x-ccgate-device-token"],
+            )
+
+        callers = [headers(d) for d in fleet]
+        for i in range(min(50, syncs)):  # warm the caches
+            key, device_id, device_token = callers[i % len(callers)]
+            server_app._poll_bundle(ctx, key, device_id, device_token)
+        before = time.process_time()
+        start = time.perf_counter()
+        for i, raw in enumerate(batches):
+            key, device_id, device_token = callers[i % len(callers)]
+            answer = server_app._sync_usage(ctx, key, device_id, device_token, raw)
+            assert answer["accepted"] == 5, answer
+            served = server_app._poll_bundle(ctx, key, device_id, device_token)
+            assert served.etag == fleet[i % len(fleet)].etag
+        cpu = time.process_time() - before
+        wall = time.perf_counter() - start
+        writer = getattr(ctx, "usage_writer", None)
+        if writer is not None and hasattr(writer, "stop"):
+            writer.stop()
+        ctx.engine.dispose()
+    return {
+        "database": "PostgreSQL" if db_url.startswith("postgres") else "SQLite",
+        "syncs": syncs,
+        "prefill_rows_per_key": prefill,
+        "cpu_ms_per_sync": round(cpu / syncs * 1000, 3),
+        "wall_ms_per_sync": round(wall / syncs * 1000, 3),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def _prefill(engine: Any, rows_per_key: int) -> None:
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        keys = [r[0] for r in conn.execute(text("SELECT id FROM keys"))]
+        device = conn.execute(text("SELECT id FROM devices LIMIT 1")).scalar_one()
+        old = time.time() - 86_400
+        for key_id in keys:
+            conn.execute(
+                text(
+                    "INSERT INTO usage (id, key_id, device_id, received_at, started_at, outcome,"
+                    " streamed, input_tokens, output_tokens, cache_creation_input_tokens,"
+                    " cache_creation_1h_input_tokens, cache_read_input_tokens,"
+                    " web_search_requests, cost_micros, price_estimated, web_fetch_requests,"
+                    " code_execution_requests, attempts) VALUES (:id, :key, :dev, :at, :at,"
+                    " 'ok', false, 100, 10, 0, 0, 0, 0, 1000, false, 0, 0, 1)"
+                ),
+                [
+                    {"id": secrets.token_hex(16), "key": key_id, "dev": device, "at": old + n}
+                    for n in range(rows_per_key)
+                ],
+            )
+
+
 def _table(results: Sequence[Result]) -> str:
     lines = [
         "| database | ingest (records/s, 1,000 per POST) | bundle polls 304/s "
@@ -518,7 +606,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--daemons defaults to 2,000 here, as in the suite",
     )
     parser.add_argument("--replicas", default="1,2,4", help="with --sync-rate (comma-separated)")
+    parser.add_argument(
+        "--in-process",
+        type=int,
+        metavar="SYNCS",
+        help="only the server's CPU per sync without HTTP (``in_process``): SQLite, and "
+        "--postgres-url when given",
+    )
+    parser.add_argument("--prefill", type=int, default=0, help="with --in-process: rows per key")
     args = parser.parse_args(argv)
+    if args.in_process:
+        found = [in_process("", syncs=args.in_process, prefill=args.prefill)]
+        if args.postgres_url:
+            with _postgres_database(args.postgres_url) as url:
+                found.append(in_process(url, syncs=args.in_process, prefill=args.prefill))
+        for one in found:
+            print(json.dumps(one))
+        return 0
     if args.sync_rate:
         return _sync_rate_main(args)
     args.daemons = args.daemons or 10_000

@@ -168,4 +168,6 @@ async def server(db_url: str | None) -> AsyncIterator[Server]:
     transport = httpx.ASGITransport(app=create_app(ctx))
     async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
         yield Server(client=client, ctx=ctx, init=result, clock=clock)
+    if ctx.usage_writer is not None:  # the lifespan stops it when served; this app is not
+        ctx.usage_writer.stop()
     ctx.engine.dispose()

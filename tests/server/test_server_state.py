@@ -145,14 +145,14 @@ def test_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
         "m007_policy_epoch", "m008_provider_key_ids", "m009_admin_roles", "m010_alerts",
         "m011_ui_sessions", "m012_usage_pricing_inputs", "m013_device_enrolment",
         "m014_repo_attribution", "m015_seats_and_session_caps",
-        "m016_attempts_and_key_status", "m017_provider_options",
+        "m016_attempts_and_key_status", "m017_provider_options", "m018_spend_rollup",
     ]  # fmt: skip
     assert migrations.applied(engine) == [
         "m001_initial", "m002_bundles", "m003_usage", "m004_prices", "m005_leases",
         "m006_key_limits", "m007_policy_epoch", "m008_provider_key_ids", "m009_admin_roles",
         "m010_alerts", "m011_ui_sessions", "m012_usage_pricing_inputs", "m013_device_enrolment",
         "m014_repo_attribution", "m015_seats_and_session_caps",
-        "m016_attempts_and_key_status", "m017_provider_options",
+        "m016_attempts_and_key_status", "m017_provider_options", "m018_spend_rollup",
     ]  # fmt: skip
     assert migrations.migrate(engine) == []  # idempotent
     with engine.connect() as conn:
@@ -217,7 +217,7 @@ def test_migrations_on_both_databases(db_url: str | None, tmp_path: Path) -> Non
         "m005_leases", "m006_key_limits", "m007_policy_epoch", "m008_provider_key_ids",
         "m009_admin_roles", "m010_alerts", "m011_ui_sessions", "m012_usage_pricing_inputs",
         "m013_device_enrolment", "m014_repo_attribution", "m015_seats_and_session_caps",
-        "m016_attempts_and_key_status", "m017_provider_options",
+        "m016_attempts_and_key_status", "m017_provider_options", "m018_spend_rollup",
     ]  # fmt: skip
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) == {*db.TABLE_NAMES, "migrations"}

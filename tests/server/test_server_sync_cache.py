@@ -144,17 +144,20 @@ def test_a_failing_write_costs_its_group_nothing(tmp_path: Any) -> None:
     writer = GroupCommit(engine)
     gate, started = threading.Event(), threading.Event()
 
-    def blocker(session: Session) -> int:
+    def blocker(_connection: Any) -> int:
         started.set()
         gate.wait(10)  # hold the writer so the next writes queue up into one group
         return 0
 
     def audit(n: int) -> Any:
-        def write(session: Session) -> int:
+        def write(connection: Any) -> int:  # the writer's sqlite3 connection
+            connection.cursor().execute(
+                "INSERT INTO audit (at, actor, action, target, detail) "
+                "VALUES (?, 't', ?, 'x', '{}')",
+                (START, f"a{n}"),
+            )
             if n == 3:
-                raise ValueError("this batch is broken")
-            session.add(db.audit(at=START, actor="t", action=f"a{n}", target="x", detail={}))
-            session.flush()
+                raise ValueError("this batch is broken")  # after its write: rolled back
             return n
 
         return write

@@ -26,11 +26,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from ccgate import __version__
 from ccgate.errors import CcgateError
 from ccgate.policy.bundle import SigningKey
-from ccgate.server import alerts, db, devices, leases, reconcile, report, roles, usage
+from ccgate.server import alerts, db, devices, leases, reconcile, report, roles, sync, usage
 from ccgate.server import metrics as server_metrics
 from ccgate.server.admin import Admin
 from ccgate.server.bundles import Bundler, BundleSettings, Served
@@ -115,8 +116,10 @@ def create_app(ctx: ServerContext) -> Starlette:
             yield
         finally:
             await _blocking(ctx.alert_worker.stop)
+            if ctx.usage_writer is not None:
+                await _blocking(ctx.usage_writer.stop)
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = _ServerApp(device_routes(ctx), routes=routes, lifespan=lifespan)
     spec = document(version=__version__)
 
     async def openapi(_request: Request) -> Response:
@@ -139,17 +142,22 @@ def _guarded(handler: Handler) -> Handler:
         try:
             _refuse_nul(request)
             return await handler(request)
-        except RefusedError as exc:
-            retry = False if exc.status in (401, 403) else None
-            return error_response(exc.status, exc.err_type, str(exc), should_retry=retry)
-        except CcgateError as exc:
-            log.error("%s %s failed: %s", request.method, request.url.path, exc)
-            return error_response(500, "api_error", str(exc))
-        except Exception:
-            log.exception("%s %s failed", request.method, request.url.path)
-            return error_response(500, "api_error", "Internal server error; see the server log.")
+        except Exception as exc:
+            return _failure(exc, request.method, request.url.path)
 
     return run
+
+
+def _failure(exc: Exception, method: str, path: str) -> Response:
+    """The error envelope for what a handler raised; a traceback goes to the server log only."""
+    if isinstance(exc, RefusedError):
+        retry = False if exc.status in (401, 403) else None
+        return error_response(exc.status, exc.err_type, str(exc), should_retry=retry)
+    if isinstance(exc, CcgateError):
+        log.error("%s %s failed: %s", method, path, exc)
+        return error_response(500, "api_error", str(exc))
+    log.error("%s %s failed", method, path, exc_info=exc)
+    return error_response(500, "api_error", "Internal server error; see the server log.")
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -222,9 +230,7 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    return _bearer_of(request.headers.get("authorization", ""))
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -251,6 +257,8 @@ def metrics_only_app(ctx: ServerContext) -> Starlette:
 
 
 def public_routes(ctx: ServerContext) -> list[BaseRoute]:
+    device = device_routes(ctx)
+
     async def healthz(_request: Request) -> Response:
         return _json({"status": "ok", "version": __version__})
 
@@ -282,25 +290,6 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
             devices.register_device, ctx.engine, key, body, now=ctx.clock()
         )
         return _json(result, status)
-
-    @_guarded
-    async def get_bundle(request: Request) -> Response:
-        header = request.headers.get(devices.DEVICE_HEADER)
-        token = request.headers.get(devices.TOKEN_HEADER)
-        served = await _blocking(_poll_bundle, ctx, _bearer(request), header, token)
-        headers = {"etag": served.etag, "cache-control": "no-cache"}
-        if served.etag in _etags(request.headers.get("if-none-match", "")):
-            return Response(status_code=304, headers=headers)
-        return Response(served.envelope, media_type="application/json", headers=headers)
-
-    @_guarded
-    async def post_usage(request: Request) -> Response:
-        header = request.headers.get(devices.DEVICE_HEADER)
-        token = request.headers.get(devices.TOKEN_HEADER)
-        raw = await request.body()  # read here, parsed only once the caller is known
-        result = await _blocking(_sync_usage, ctx, _bearer(request), header, token, raw)
-        ctx.metrics.ingested(result)
-        return _json(result)
 
     @_guarded
     async def post_lease(request: Request) -> Response:
@@ -344,11 +333,157 @@ def public_routes(ctx: ServerContext) -> list[BaseRoute]:
         Route(server_metrics.METRICS_PATH, metrics, methods=["GET"]),
         Route("/v1/server-key", server_key, methods=["GET"]),
         Route("/v1/devices", register, methods=["POST"]),
-        Route("/v1/bundle", get_bundle, methods=["GET"]),
-        Route("/v1/usage", post_usage, methods=["POST"]),
+        Route("/v1/bundle", _Asgi(device["GET", "/v1/bundle"]), methods=["GET"]),
+        Route("/v1/usage", _Asgi(device["POST", "/v1/usage"]), methods=["POST"]),
         Route("/v1/leases", post_lease, methods=["POST"]),
         Route("/v1/leases/{lease_id}/return", return_lease, methods=["POST"]),
     ]
+
+
+# -------------------------------------------------------------------- a sync's two routes, in ASGI
+
+AsgiHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _Asgi:
+    """A plain ASGI handler as a Starlette route's endpoint (Starlette calls an object that
+    is not a function as an ASGI app): the route gives the 405 of other methods, and is
+    reached only if ``_ServerApp`` did not answer first (a mounted copy of the app)."""
+
+    def __init__(self, handler: AsgiHandler) -> None:
+        self._handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._handler(scope, receive, send)
+
+
+class _ServerApp(Starlette):
+    """The Starlette app, with the two requests of every daemon's sync (``POST /v1/usage``
+    and ``GET /v1/bundle``) answered before its router and without its request and response
+    objects: they are most of a server's requests, and Starlette's machinery cost about as
+    much CPU as the sync's own statements. Every other method or path (``HEAD``, a trailing
+    slash) goes through Starlette as before, and so does every other route."""
+
+    def __init__(self, device: dict[tuple[str, str], AsgiHandler], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._device = device
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            handler = self._device.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+_JSON: Final = (b"content-type", b"application/json")
+_WANTED: Final = frozenset(
+    {
+        b"authorization",
+        devices.DEVICE_HEADER.encode(),
+        devices.TOKEN_HEADER.encode(),
+        b"if-none-match",
+    }
+)
+
+
+def device_routes(ctx: ServerContext) -> dict[tuple[str, str], AsgiHandler]:
+    """``POST /v1/usage`` and ``GET /v1/bundle`` as plain ASGI handlers: the same headers read
+    (the first of each, as Starlette reads them), the same checks in the same order, the same
+    answers byte for byte, and every error through the same envelope (``_failure``)."""
+
+    async def post_usage(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            headers = _headers(scope)
+            raw = await _body(receive)  # read here, parsed only once the caller is known
+            if raw is None:
+                return  # the client went away: nobody to answer
+            result = await _blocking(
+                _sync_usage,
+                ctx,
+                _bearer_of(headers.get(b"authorization", "")),
+                headers.get(devices.DEVICE_HEADER.encode()),
+                headers.get(devices.TOKEN_HEADER.encode()),
+                raw,
+            )
+            ctx.metrics.ingested(result)
+            body = json.dumps(
+                result, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+            ).encode()
+            start = [(b"content-length", str(len(body)).encode()), _JSON]
+        except Exception as exc:
+            await _failure(exc, "POST", scope["path"])(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": start})
+        await send({"type": "http.response.body", "body": body})
+
+    async def get_bundle(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            headers = _headers(scope)
+            served = await _blocking(
+                _poll_bundle,
+                ctx,
+                _bearer_of(headers.get(b"authorization", "")),
+                headers.get(devices.DEVICE_HEADER.encode()),
+                headers.get(devices.TOKEN_HEADER.encode()),
+            )
+        except Exception as exc:
+            await _failure(exc, "GET", scope["path"])(scope, receive, send)
+            return
+        raw_headers = [(b"etag", served.etag.encode("latin-1")), (b"cache-control", b"no-cache")]
+        if served.etag in _etags(headers.get(b"if-none-match", "")):
+            await send({"type": "http.response.start", "status": 304, "headers": raw_headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        body = served.envelope.encode()
+        raw_headers += [(b"content-length", str(len(body)).encode()), _JSON]
+        await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return {
+        ("POST", "/v1/usage"): post_usage,
+        ("GET", "/v1/bundle"): get_bundle,
+        ("HEAD", "/v1/bundle"): get_bundle,  # as Starlette's GET route: the server drops the body
+    }
+
+
+def _headers(scope: Scope) -> dict[bytes, str]:
+    """The sync's headers (the first of each name, as Starlette's ``Headers.get``); a NUL in
+    the query string is refused as ``_refuse_nul`` refuses it."""
+    if scope.get("query_string"):
+        from urllib.parse import parse_qsl
+
+        query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        if any("\x00" in value for _, value in query):
+            raise BadRequestError("The request's path or query holds a U+0000 (NUL) character.")
+    found: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in _WANTED and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
+
+
+async def _body(receive: Receive) -> bytes | None:
+    """The request body, or None if the client disconnected. Past ``MAX_BODY_BYTES`` the rest
+    is read and dropped: ``_parse_body`` refuses the body once the caller is known."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        if size <= MAX_BODY_BYTES:
+            chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _bearer_of(header: str) -> str | None:
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _sync_usage(
@@ -358,30 +493,42 @@ def _sync_usage(
     device_token: str | None,
     raw: bytes,
 ) -> dict[str, Any]:
-    """A usage push in one worker-thread hop and one session: the key, the device, the body,
-    then one transaction for the new records and the device's last sync. Usage may have
-    crossed an alert threshold of the key's levels: those rules are evaluated next."""
-    now = ctx.clock()
-    with db.session(ctx.engine) as session:
-        # revoked or expired key: 401; unknown, pending or revoked device: 403; checked afresh
-        # whenever the policy epoch moved (``devices.CallerCache``)
-        key, device = ctx.callers.caller(session, token, device_id, device_token, now=now)
-        body = _parse_body(raw)
-        result = usage.ingest_in(
-            session, key, device, body, now=now, touch_device=True, writer=ctx.usage_writer
-        )
-        if alerts.evaluate_in(session, ctx.alert_settings, now=now, key=key):
-            ctx.alert_worker.wake()
-    return result
+    """A usage push in one worker-thread hop, on the raw connection (``sync.sync_usage``): the
+    key, the device, the body, one transaction for the new records and the device's last sync,
+    the spend; then the alert rules the usage may have crossed."""
+    return sync.sync_usage(
+        engine=ctx.engine,
+        callers=ctx.callers,
+        writer=ctx.usage_writer,
+        alert_settings=ctx.alert_settings,
+        wake_alerts=ctx.alert_worker.wake,
+        parse=_parse_body,
+        token=token,
+        device_id=device_id,
+        device_token=device_token,
+        raw=raw,
+        now=ctx.clock(),
+    )
 
 
 def _poll_bundle(
     ctx: ServerContext, token: str | None, device_id: str | None, device_token: str | None
 ) -> Served:
-    """A bundle poll in one worker-thread hop: the key check, then the stored envelope when it is
-    current and the device approved with this token (one query), else the device check and the
-    full path."""
+    """A bundle poll in one worker-thread hop: the stored envelope in one statement when the key
+    is cached and the envelope current (``sync.poll_bundle``), else the key check, the device
+    check and the full path."""
     now = ctx.clock()
+    hit = sync.poll_bundle(
+        engine=ctx.engine,
+        callers=ctx.callers,
+        bundler=ctx.bundler,
+        token=token,
+        device_id=device_id,
+        device_token=device_token,
+        now=now,
+    )
+    if hit is not None:
+        return hit
     with db.session(ctx.engine) as session:  # one connection for both reads
         key = ctx.callers.key(session, token, now=now)  # revoked or expired: 401 here
         if device_id and device_token:

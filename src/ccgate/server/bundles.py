@@ -154,7 +154,7 @@ class Bundler:
             return None
         if stored_epoch != epoch or built_with != self.built_with:
             return None
-        if not self._young(issued_at, now=now):
+        if not self.young(issued_at, now=now):
             return None
         return Served(version=int(version), envelope=envelope)
 
@@ -191,9 +191,9 @@ class Bundler:
             )
 
     def _fresh(self, stored: SignedBundle, *, digest: str, now: float) -> bool:
-        return stored.content_hash == digest and self._young(stored.issued_at, now=now)
+        return stored.content_hash == digest and self.young(stored.issued_at, now=now)
 
-    def _young(self, issued_at: float, *, now: float) -> bool:
+    def young(self, issued_at: float, *, now: float) -> bool:
         return now < issued_at + self.settings.ttl_s / 2
 
     def _stamp(self, session: Session, stored: SignedBundle, *, epoch: int) -> None:

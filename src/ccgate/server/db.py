@@ -219,6 +219,17 @@ class UsageRow(SQLModel, table=True):
     quota_7d_reset: float | None = None
 
 
+class UsageSpend(SQLModel, table=True):
+    """Spend per level and hour of ``started_at`` (and all time: bucket -1), kept by triggers
+    on ``usage`` (migration m018); read by ``sync``'s spend answer."""
+
+    __tablename__ = "usage_spend"
+    level_id: str = Field(primary_key=True)  # a key, team or customer id
+    bucket: int = Field(primary_key=True, sa_type=BigInteger)
+    cost_micros: int = Field(sa_type=BigInteger)
+    tokens: int = Field(sa_type=BigInteger)
+
+
 class Lease(SQLModel, table=True):
     """A slice of budget granted to one device; see ``ccgate.server.leases``."""
 
@@ -393,6 +404,7 @@ TABLE_NAMES = (
     "bundles",
     "policy_epoch",
     "usage",
+    "usage_spend",
     "price_overrides",
     "leases",
     "alert_rules",

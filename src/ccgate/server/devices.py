@@ -47,10 +47,10 @@ def key_in(session: Session, token: str | None, *, now: float) -> VirtualKey:
     row = session.exec(_KEY_BY_HASH, params={"key_hash": sha256_hex(token)}).first()
     if row is None:
         raise AuthenticationError(f"This virtual key is not known to the server. {_ASK}")
-    return _live(row, now=now)
+    return live(row, now=now)
 
 
-def _live(row: VirtualKey, *, now: float) -> VirtualKey:
+def live(row: VirtualKey, *, now: float) -> VirtualKey:
     """``row`` if it is neither revoked nor expired at ``now``, else the 401."""
     if row.revoked_at is not None:
         raise AuthenticationError(
@@ -296,7 +296,54 @@ class CallerCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._state: tuple[int, dict[str, VirtualKey], dict[str, Device]] | None = None
+        # epoch, keys by token hash, devices by id, each cached key's (team, customer) by id
+        self._state: tuple[int, dict[str, VirtualKey], dict[str, Device], dict[str, Any]] | None
+        self._state = None
+
+    def caller_at(
+        self,
+        epoch: int,
+        token: str | None,
+        device_id: str | None,
+        device_token: str | None,
+        *,
+        now: float,
+    ) -> tuple[VirtualKey, Device, Any, Any] | None:
+        """The key, device, team and customer of a request that read ``epoch``, when all four
+        are cached at that epoch and the device token is the device's; else None (the ORM
+        path answers). A cached key past its expiry is refused here (the same 401)."""
+        state = self._state
+        if state is None or state[0] != epoch or not token or not device_id or not device_token:
+            return None
+        key = state[1].get(sha256_hex(token))
+        device = state[2].get(device_id)
+        if key is None or device is None:
+            return None
+        levels = state[3].get(key.id)
+        if (
+            levels is None
+            or device.key_id != key.id
+            or device.token_hash is None
+            or not hmac.compare_digest(sha256_hex(device_token), device.token_hash)
+        ):
+            return None
+        return live(key, now=now), device, levels[0], levels[1]
+
+    def keep_levels(self, epoch: int, key: VirtualKey, team: Any, customer: Any) -> None:
+        """Keep the key's team and customer rows, read after ``epoch`` was: every admin change
+        to a team or customer bumps the epoch, as key changes do."""
+        state = self._state
+        if state is not None and state[0] == epoch:
+            _keep(state[3], key.id, (team, customer))
+
+    def cached_key(self, token: str) -> tuple[int, VirtualKey] | None:
+        """The key row kept for ``token`` and the epoch it is kept for (the caller checks that
+        the epoch is still current, and expiry)."""
+        state = self._state
+        if state is None:
+            return None
+        key = state[1].get(sha256_hex(token))
+        return None if key is None else (state[0], key)
 
     def key(self, session: Session, token: str | None, *, now: float) -> VirtualKey:
         """``key_in``, from the cache when the epoch has not moved since the row was read."""
@@ -342,7 +389,7 @@ class CallerCache:
         digest = sha256_hex(token)
         cached = tables[0].get(digest)
         if cached is not None:
-            return _live(cached, now=now)  # expiry is a matter of time, not of the epoch
+            return live(cached, now=now)  # expiry is a matter of time, not of the epoch
         row = key_in(session, token, now=now)
         _keep(tables[0], digest, row)
         return row
@@ -359,7 +406,7 @@ class CallerCache:
             with self._lock:
                 state = self._state
                 if state is None or state[0] < epoch:
-                    state = self._state = (epoch, {}, {})
+                    state = self._state = (epoch, {}, {}, {})
         return (state[1], state[2]) if state[0] == epoch else None
 
 

@@ -481,6 +481,134 @@ def m017_provider_options(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE providers ADD COLUMN options_json TEXT"))
 
 
+SPEND_BUCKET_S = 3600
+"""The spend rollup's bucket: an hour of ``started_at`` (``m018_spend_rollup``)."""
+SPEND_TOTAL = -1
+"""The bucket that holds a level's all-time spend."""
+SPEND_BEFORE_1970 = -2 * SPEND_BUCKET_S
+"""The bucket of every record started before 1970 (no budget window reaches back there)."""
+SPEND_AFTER_9999 = 253_402_300_800
+"""The bucket of every record started after 9999 (past any window's start: counted whole)."""
+
+
+def _spend_bucket(started_at: str, *, postgres: bool) -> str:
+    """SQL for the hour bucket of ``started_at``, exactly ``floor(started_at / 3600) * 3600``
+    in whole numbers (no float division, which can round a time just before an hour into it):
+    ``floor`` of a double is exact, and so is the integer arithmetic after it. SQLite's
+    ``CAST(... AS INTEGER)`` truncates, which is ``floor`` for the non-negative times it sees
+    here; PostgreSQL's rounds, so it gets ``floor`` first. Out-of-range times get a bucket of
+    their own, so the cast never overflows."""
+    whole = f"floor({started_at})::bigint" if postgres else f"CAST({started_at} AS INTEGER)"
+    return (
+        f"(CASE WHEN {started_at} < 0 THEN {SPEND_BEFORE_1970} "
+        f"WHEN {started_at} >= {SPEND_AFTER_9999} THEN {SPEND_AFTER_9999} "
+        f"ELSE {whole} - {whole} % {SPEND_BUCKET_S} END)"
+    )
+
+
+_SPEND_TOKENS = "{r}.input_tokens + {r}.output_tokens + {r}.cache_creation_input_tokens"
+_SPEND_UPSERT = (
+    "ON CONFLICT (level_id, bucket) DO UPDATE SET "
+    "cost_micros = usage_spend.cost_micros + excluded.cost_micros, "
+    "tokens = usage_spend.tokens + excluded.tokens"
+)
+
+
+def m018_spend_rollup(conn: Connection) -> None:
+    """Spend per level (key, team, customer) and hour of ``started_at``, plus each level's
+    all-time total (bucket -1): a sync's spend answer reads whole hours from here and only the
+    part of an hour at its window's start from ``usage``, instead of every row of the window.
+
+    Kept exact by triggers in the same transaction as every write to ``usage``, whoever makes
+    it (ingest, re-pricing, an operator's UPDATE or DELETE): SQLite runs one per row, PostgreSQL
+    one per statement over its transition tables (one grouped upsert, in a fixed order, so
+    concurrent syncs lock the rollup's rows in the same order). Existing rows are summed in
+    here. Level ids carry their kind's prefix (``key_``, ``team_``, ``cust_``), so one column
+    holds all three.
+    """
+    meta = MetaData()
+    Table(
+        "usage_spend",
+        meta,
+        Column("level_id", String(32), primary_key=True),
+        Column("bucket", BigInteger, primary_key=True, autoincrement=False),
+        Column("cost_micros", BigInteger, nullable=False),
+        Column("tokens", BigInteger, nullable=False),
+    )
+    _create(meta, conn)
+    postgres = conn.dialect.name == "postgresql"
+    for statement in _spend_triggers(postgres=postgres):
+        conn.execute(text(statement))
+    conn.execute(text(_spend_from("usage", sign="", postgres=postgres)))
+
+
+def _spend_from(rows: str, *, sign: str, postgres: bool) -> str:
+    """One grouped upsert of ``rows``' contributions (``sign`` "-" takes them out)."""
+    bucket = _spend_bucket("r.started_at", postgres=postgres)
+    tokens = _SPEND_TOKENS.format(r="r")
+    levels = " UNION ALL ".join(
+        f"SELECT r.{level} AS level_id, {b} AS bucket, r.cost_micros AS cost, "
+        f"{tokens} AS tokens FROM {rows} AS r WHERE r.{level} IS NOT NULL"
+        for level in ("key_id", "team_id", "customer_id")
+        for b in (str(SPEND_TOTAL), bucket)
+    )
+    return (
+        "INSERT INTO usage_spend (level_id, bucket, cost_micros, tokens) "
+        f"SELECT level_id, bucket, {sign}SUM(cost), {sign}SUM(tokens) FROM ({levels}) AS l "
+        f"WHERE true GROUP BY level_id, bucket ORDER BY level_id, bucket {_SPEND_UPSERT}"
+    )
+
+
+def _spend_triggers(*, postgres: bool) -> list[str]:
+    if postgres:
+        out = []
+        for event, parts in (
+            ("INSERT", (("new_rows", ""),)),
+            ("UPDATE", (("old_rows", "-"), ("new_rows", ""))),
+            ("DELETE", (("old_rows", "-"),)),
+        ):
+            body = " ".join(_spend_from(t, sign=sign, postgres=True) + ";" for t, sign in parts)
+            name = f"usage_spend_{event.lower()}"
+            tables = " ".join(
+                f"{'OLD' if t == 'old_rows' else 'NEW'} TABLE AS {t}" for t, _ in parts
+            )
+            out.append(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+                f"$$ BEGIN {body} RETURN NULL; END $$"
+            )
+            out.append(
+                f"CREATE TRIGGER {name} AFTER {event} ON usage REFERENCING {tables} "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {name}()"
+            )
+        return out
+
+    def row(r: str, sign: str) -> list[str]:
+        bucket = _spend_bucket(f"{r}.started_at", postgres=False)
+        tokens = _SPEND_TOKENS.format(r=r)
+        return [
+            "INSERT INTO usage_spend (level_id, bucket, cost_micros, tokens) "
+            f"SELECT {r}.{level}, {b}, {sign}{r}.cost_micros, {sign}({tokens}) "
+            f"WHERE {r}.{level} IS NOT NULL {_SPEND_UPSERT};"
+            for level in ("key_id", "team_id", "customer_id")
+            for b in (str(SPEND_TOTAL), bucket)
+        ]
+
+    watched = (
+        "key_id, team_id, customer_id, started_at, cost_micros, "
+        "input_tokens, output_tokens, cache_creation_input_tokens"
+    )
+    return [
+        "CREATE TRIGGER usage_spend_insert AFTER INSERT ON usage FOR EACH ROW BEGIN "
+        + " ".join(row("NEW", ""))
+        + " END",
+        f"CREATE TRIGGER usage_spend_update AFTER UPDATE OF {watched} ON usage FOR EACH ROW "
+        "BEGIN " + " ".join([*row("OLD", "-"), *row("NEW", "")]) + " END",
+        "CREATE TRIGGER usage_spend_delete AFTER DELETE ON usage FOR EACH ROW BEGIN "
+        + " ".join(row("OLD", "-"))
+        + " END",
+    ]
+
+
 MIGRATIONS: Sequence[Migration] = (
     m001_initial,
     m002_bundles,
@@ -499,6 +627,7 @@ MIGRATIONS: Sequence[Migration] = (
     m015_seats_and_session_caps,
     m016_attempts_and_key_status,
     m017_provider_options,
+    m018_spend_rollup,
 )
 
 

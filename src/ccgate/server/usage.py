@@ -1,35 +1,37 @@
-"""Usage records from daemons: idempotent ingest, per-level spend, and admin rollups.
+"""Usage records from daemons: their validation, per-level spend, and admin rollups.
 
-Ingest is one ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` per batch: the database
-says which ids are new, so ids already stored (or repeated within the batch) are duplicates, and
-two replicas racing on the same id count it once (the loser waits on the winner's transaction,
-then skips the row). A new record that names a lease of its key adds its cost to that lease's
-``used`` in the same transaction, so the money moves from outstanding to spent at once (see
-``leases``). Each record is attributed to the key's team and customer as they are at ingest.
+Storing a push is ``sync.sync_usage`` (on the raw DBAPI connection; ``GroupCommit`` here
+batches its SQLite writes). Ingest is one ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING
+id`` per batch: the database says which ids are new, so ids already stored (or repeated within
+the batch) are duplicates, and two replicas racing on the same id count it once (the loser
+waits on the winner's transaction, then skips the row). A new record that names a lease of its
+key adds its cost to that lease's ``used`` in the same transaction, so the money moves from
+outstanding to spent at once (see ``leases``). Each record is attributed to the key's team and
+customer as they are at ingest.
 
 Spent: for each level with a budget, the sum over that level's current window
 (``periods.window``: calendar or rolling) of every machine's records, by ``started_at``. A level
 without a budget has no window: it reports ``period_start: null`` and its all-time spend. The
-key's entry also carries ``tokens`` for the daemon's token budget (issue #6).
+key's entry also carries ``tokens`` for the daemon's token budget (issue #6). The sync reads
+these sums from the hourly rollup (m018, ``sync._sums``); ``spent_for`` (a lease grant's
+answer) sums the rows, with the same result.
 """
 
 from __future__ import annotations
 
-import math
 import queue
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
-from sqlalchemy import Connection, Engine, bindparam, case, func, or_, update
+from sqlalchemy import Engine, bindparam, case, func
 from sqlmodel import Session, col, select
 
 from ccgate.accounting import periods
 from ccgate.server import db
 from ccgate.server.admin import key_levels
-from ccgate.server.db import Customer, Device, Lease, Provider, Team, UsageRow, VirtualKey
-from ccgate.server.devices import touch
+from ccgate.server.db import Customer, Device, Team, UsageRow, VirtualKey
 from ccgate.server.errors import InvalidRequestError, ServerStateError
 
 MAX_BATCH: Final = 1000
@@ -67,27 +69,11 @@ _MAX_INT32 = 2**31 - 1
 UsageBy = Literal["key", "team", "customer", "repo"]
 
 
-def ingest(
-    engine: Engine, key: VirtualKey, device: Device, body: Mapping[str, Any], *, now: float
-) -> dict[str, Any]:
-    """Store the new records of a batch; reply ``{"accepted", "duplicates", "spent"}``."""
-    with db.session(engine) as session:
-        return ingest_in(session, key, device, body, now=now)
-
-
-def ingest_in(
-    session: Session,
-    key: VirtualKey,
-    device: Device,
+def parse_batch(
     body: Mapping[str, Any],
-    *,
-    now: float,
-    touch_device: bool = False,
-    writer: GroupCommit | None = None,
-) -> dict[str, Any]:
-    """``ingest`` inside the caller's session: one transaction stores the batch (and, with
-    ``touch_device``, the device's last sync), then the spend is read back. With ``writer``
-    that transaction is the writer's next group (SQLite), else the session's own."""
+) -> tuple[list[dict[str, Any]], list[tuple[str, int, float]]]:
+    """A push's records (each checked by ``_record``) and key failures, or the 400 naming the
+    first field that breaks a rule. Storing them is ``sync.sync_usage``."""
     records = body.get("records", [])
     if not isinstance(records, list):
         raise InvalidRequestError("'records' must be a list of UsageRecord objects.")
@@ -96,24 +82,7 @@ def ingest_in(
             f"A batch holds at most {MAX_BATCH} records; got {len(records)}. Split it."
         )
     parsed = [_record(r, index=i) for i, r in enumerate(records)]
-    failures = _key_failures(body.get("key_failures", []))
-    rows = _new_rows(session, key, device, parsed, now=now) if parsed else []
-
-    def write(into: Session) -> int:
-        accepted = _insert_rows(into, rows) if rows else 0
-        if failures and key.auth == "provider":  # only these keys' bundles carry providers
-            _note_key_failures(into, failures, now=now)
-        if touch_device:
-            touch(into, device.id, now=now)
-        return accepted
-
-    if writer is None:
-        accepted = write(session)
-        session.commit()
-    else:
-        accepted = writer.run(write)  # answered once committed, with other syncs' writes
-    spent = spent_for(session, key, now=now)
-    return {"accepted": accepted, "duplicates": len(parsed) - accepted, "spent": spent}
+    return parsed, _key_failures(body.get("key_failures", []))
 
 
 class GroupCommit:
@@ -127,28 +96,36 @@ class GroupCommit:
     only after that commit, so a sync answered 200 is still on disk. A write that fails rolls
     the whole group back, and each write is then run again in its own transaction, so one bad
     batch cannot cost another sync its records (or be stored twice: nothing was committed).
+    A write is handed the writer's DBAPI connection (``sqlite3``) inside the open transaction.
 
-    PostgreSQL takes concurrent writers and groups their commits itself: it is not used there.
+    ``stop`` (the server's shutdown) lets the thread finish the group it holds, answers any
+    write still queued with "not stored" (its daemon sends the batch again), and closes the
+    connection. PostgreSQL takes concurrent writers and groups their commits itself: it is
+    not used there.
     """
 
     MAX_GROUP: Final = 256
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._queue: queue.SimpleQueue[_Write] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopped = False
         # The writer's own connection, held for good: its callers hold pooled connections
         # while they wait for it, so taking one from the pool could wait on them (a deadlock
         # once every pooled connection is a waiting caller's). ``db.create_engine`` sizes the
         # SQLite pool for anyio's threads plus this one.
-        self._connection: Connection | None = None
+        self._connection: Any = None
 
-    def run(self, write: Callable[[Session], int]) -> int:
+    def run(self, write: Callable[[Any], int]) -> int:
         """Run ``write`` in the next group's transaction; return its result once committed."""
         job = _Write(write)
-        self._start()
-        self._queue.put(job)
+        with self._lock:
+            if self._stopped:
+                raise ServerStateError("The server is stopping; the daemon sends the batch again.")
+            self._start()
+            self._queue.put(job)
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -156,43 +133,80 @@ class GroupCommit:
             raise ServerStateError("The usage batch was not stored; the daemon sends it again.")
         return job.result
 
-    def _start(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the writer thread (after the group it is committing) and close its connection;
+        a write that was still queued is answered "not stored". Idempotent."""
+        with self._lock:
+            self._stopped = True
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            thread.join(timeout)
+        while True:  # whatever was queued behind the stop: not stored, so sent again
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.done.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _start(self) -> None:  # under self._lock
         if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._loop, name="ccgate-usage-writer", daemon=True
-                    )
-                    self._thread.start()
+            self._thread = threading.Thread(
+                target=self._loop, name="ccgate-usage-writer", daemon=True
+            )
+            self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            jobs = [self._queue.get()]
-            while len(jobs) < self.MAX_GROUP:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                jobs = [first]
+                stop = False
+                while len(jobs) < self.MAX_GROUP:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    jobs.append(job)
                 try:
-                    jobs.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._commit(jobs)
-            except Exception:  # the group is rolled back: each write alone, in its own commit
-                self._one_by_one(jobs)
-            finally:
-                for job in jobs:
-                    job.done.set()
+                    self._commit(jobs)
+                except Exception:  # the group is rolled back: each write alone, in its own commit
+                    self._one_by_one(jobs)
+                finally:
+                    for job in jobs:
+                        job.done.set()
+                if stop:
+                    return
+        finally:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
     def _commit(self, jobs: Sequence[_Write]) -> None:
         if self._connection is None:
-            self._connection = self._engine.connect()
+            self._connection = self._engine.raw_connection()
+        connection = self._connection
         try:
-            # Bound to a connection outside any transaction, the session begins and commits
-            # its own; closing it rolls back whatever was not committed.
-            with Session(bind=self._connection, expire_on_commit=False) as session:
-                results = [job.write(session) for job in jobs]
-                session.commit()
+            # sqlite3 opens the transaction at the first write; a failed one is rolled back
+            results = [job.write(connection) for job in jobs]
+            connection.commit()
         except Exception:
-            self._connection.close()  # taken afresh for the next group: it may be broken
-            self._connection = None
+            try:
+                connection.rollback()
+            finally:
+                connection.close()  # taken afresh for the next group: it may be broken
+                self._connection = None
             raise
         for job, result in zip(jobs, results, strict=True):
             job.result = result
@@ -208,142 +222,93 @@ class GroupCommit:
 class _Write:
     __slots__ = ("done", "error", "result", "write")
 
-    def __init__(self, write: Callable[[Session], int]) -> None:
+    def __init__(self, write: Callable[[Any], int]) -> None:
         self.write = write
         self.done = threading.Event()
         self.error: Exception | None = None
         self.result: int | None = None
 
 
-def _new_rows(
-    session: Session,
-    key: VirtualKey,
-    device: Device,
-    records: Sequence[dict[str, Any]],
-    *,
-    now: float,
-) -> list[dict[str, Any]]:
-    # First occurrence wins within a batch; sorted by id so two transactions inserting
-    # overlapping batches wait on each other in the same order and never deadlock.
-    unique = sorted({r["id"]: r for r in reversed(records)}.values(), key=lambda r: r["id"])
-    team, customer = key_levels(session, key)
-    leases = _own_leases(session, key, {r["lease_id"] for r in unique if r["lease_id"]})
-    # The bundle tells daemons not to send them; a daemon that still does is not believed.
-    unnamed = not key.repo_attribution or (team is not None and not team.repo_attribution)
-    rows = [
-        {
-            **record,
-            **({"repo": None, "branch": None} if unnamed else {}),
-            "lease_id": record["lease_id"] if record["lease_id"] in leases else None,
-            "key_id": key.id,
-            "team_id": team.id if team else None,
-            "customer_id": customer.id if customer else None,
-            "device_id": device.id,
-            "received_at": now,
-        }
-        for record in unique
-    ]
-    return rows
-
-
-def _insert_rows(session: Session, rows: Sequence[dict[str, Any]]) -> int:
-    """Insert the rows not stored yet and charge their leases; the caller commits."""
-    inserted = set(session.execute(_insert_ignoring_duplicates(session), rows).scalars())
-    _charge_leases(session, [r for r in rows if r["id"] in inserted])
-    return len(inserted)
-
-
-def _insert_ignoring_duplicates(session: Session) -> Any:
-    """``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id`` in the session's dialect.
-
-    The database decides which ids are new, atomically: a replica racing on the same id waits
-    for the other's transaction and then skips the row, so each record is counted (and charged
-    to its lease) exactly once, with no retry loop.
-    """
-    postgres = db.is_postgres(session.get_bind())  # type: ignore[arg-type]
-    statement = _INSERTS.get(postgres)
-    if statement is None:  # built once per dialect: every sync runs it
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        dialect = postgresql if postgres else sqlite
-        table = UsageRow.__table__  # type: ignore[attr-defined]
-        statement = _INSERTS[postgres] = (
-            dialect.insert(table)
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(table.c.id)
-        )
-    return statement
-
-
-_INSERTS: dict[bool, Any] = {}
-
-
-def _own_leases(session: Session, key: VirtualKey, ids: set[str]) -> set[str]:
-    # A lease of another key is not charged (nor recorded on the row): its outstanding is the
-    # other key's, and a daemon cannot move money between keys by naming a foreign lease.
-    if not ids:
-        return set()
-    query = select(Lease.id).where(col(Lease.id).in_(sorted(ids)), Lease.key_id == key.id)
-    return set(session.exec(query).all())
-
-
-def _charge_leases(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Add each new record's cost to its lease's ``used``: outstanding moves to spent."""
-    totals: dict[str, int] = {}
-    for row in rows:
-        if row["lease_id"]:
-            totals[row["lease_id"]] = totals.get(row["lease_id"], 0) + row["cost_micros"]
-    for lease_id in sorted(totals):  # a fixed order: concurrent ingests never deadlock
-        session.execute(
-            update(Lease)
-            .where(col(Lease.id) == lease_id)
-            .values(used_micros=col(Lease.used_micros) + totals[lease_id])
-        )
+_COUNT_LIMITS: Final = tuple(
+    (name, _MAX_INT32 if name == "web_search_requests" else _MAX_COUNT)  # its column's
+    for name in _COUNT_FIELDS
+)
+_OPTIONAL_TEXT: Final = ("model", "session_id", "provider", "billing")
 
 
 def _record(raw: Any, *, index: int) -> dict[str, Any]:
-    where = f"records[{index}]"
+    """One usage record, checked field by field in a fixed order (the first broken rule is
+    the one named). The body comes from ``json.loads``, so a number is exactly ``int`` or
+    ``float`` and text exactly ``str``: ``type(v) is int`` is "a whole number, not a bool"
+    (a bool is an int to ``isinstance``), at a fraction of the cost of the general checks
+    over the 40-odd fields of every record of every sync."""
     if not isinstance(raw, Mapping):
-        raise InvalidRequestError(f"{where} must be a JSON object.")
-    record_id = raw.get("id")
-    if not isinstance(record_id, str) or not _ID.fullmatch(record_id):
-        raise InvalidRequestError(f"{where}.id must be 32 lowercase hex characters.")
-    started_at = raw.get("started_at")
-    if isinstance(started_at, bool) or not isinstance(started_at, int | float):
-        raise InvalidRequestError(f"{where}.started_at must be epoch seconds.")
-    outcome = raw.get("outcome", "ok")
-    if not isinstance(outcome, str) or outcome not in OUTCOMES:  # a dict is not hashable
-        raise InvalidRequestError(f"{where}.outcome must be one of {sorted(OUTCOMES)}.")
-    record: dict[str, Any] = {"id": record_id, "started_at": float(started_at), "outcome": outcome}
-    for name in _COUNT_FIELDS:
-        value = raw.get(name, 0)
-        limit = _MAX_INT32 if name == "web_search_requests" else _MAX_COUNT  # its column's
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-            raise InvalidRequestError(f"{where}.{name} must be a whole number >= 0.")
+        raise _bad(index, " must be a JSON object.")
+    get = raw.get
+    record_id = get("id")
+    if type(record_id) is not str or not _ID_MATCH(record_id):
+        raise _bad(index, ".id must be 32 lowercase hex characters.")
+    started_at = get("started_at")
+    if type(started_at) is int:
+        try:
+            started_at = float(started_at)
+        except OverflowError:  # an int past a float's range: not epoch seconds either
+            started_at = None
+    if type(started_at) is not float:
+        raise _bad(index, ".started_at must be epoch seconds.")
+    outcome = get("outcome", "ok")
+    if type(outcome) is not str or outcome not in OUTCOMES:  # a dict is not hashable
+        raise _bad(index, f".outcome must be one of {sorted(OUTCOMES)}.")
+    record: dict[str, Any] = {"id": record_id, "started_at": started_at, "outcome": outcome}
+    for name, limit in _COUNT_LIMITS:
+        value = get(name, 0)
+        if type(value) is not int or not 0 <= value <= limit:
+            raise _bad(index, f".{name} must be a whole number >= 0.")
         record[name] = value
-    record["status"] = _optional(raw, "status", int, where)
-    if record["status"] is not None and not 0 <= record["status"] <= 999:
-        raise InvalidRequestError(f"{where}.status must be an HTTP status.")
-    record["latency_ms"] = _optional(raw, "latency_ms", (int, float), where)
-    record["streamed"] = bool(raw.get("streamed", False))
-    for name in ("model", "session_id", "provider", "billing"):
-        record[name] = _optional(raw, name, str, where)
-    record["price_estimated"] = raw.get("price_estimated", False) is True
-    for name, longest in _PRICING_TEXT.items():
-        value = _optional(raw, name, str, where)
-        if value is not None and len(value) > longest:
-            raise InvalidRequestError(f"{where}.{name} is longer than {longest} characters.")
+    status = get("status")
+    if status is not None:
+        if type(status) is not int:
+            raise _bad(index, ".status has the wrong type.")
+        if not 0 <= status <= 999:
+            raise _bad(index, ".status must be an HTTP status.")
+    record["status"] = status
+    latency = get("latency_ms")
+    if latency is not None and type(latency) is not float and type(latency) is not int:
+        raise _bad(index, ".latency_ms has the wrong type.")
+    record["latency_ms"] = latency
+    record["streamed"] = bool(get("streamed", False))
+    for name in _OPTIONAL_TEXT:
+        value = get(name)
+        if value is not None and type(value) is not str:
+            raise _bad(index, f".{name} has the wrong type.")
         record[name] = value
-    lease_id = raw.get("lease_id")
-    if lease_id is not None and not (isinstance(lease_id, str) and _LEASE_ID.fullmatch(lease_id)):
-        raise InvalidRequestError(f"{where}.lease_id must be a lease id (lse_ and 16 hex).")
+    record["price_estimated"] = get("price_estimated", False) is True
+    for name, longest in _PRICING_TEXT_ITEMS:
+        value = get(name)
+        if value is not None:
+            if type(value) is not str:
+                raise _bad(index, f".{name} has the wrong type.")
+            if len(value) > longest:
+                raise _bad(index, f".{name} is longer than {longest} characters.")
+        record[name] = value
+    lease_id = get("lease_id")
+    if lease_id is not None and not (type(lease_id) is str and _LEASE_ID.fullmatch(lease_id)):
+        raise _bad(index, ".lease_id must be a lease id (lse_ and 16 hex).")
     record["lease_id"] = lease_id
-    record.update(_quota_fields(raw, where))
-    attempts = raw.get("attempts", 1)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 1000:
-        raise InvalidRequestError(f"{where}.attempts must be a whole number from 1 to 1000.")
+    record.update(_quota_fields(raw, f"records[{index}]"))
+    attempts = get("attempts", 1)
+    if type(attempts) is not int or not 1 <= attempts <= 1000:
+        raise _bad(index, ".attempts must be a whole number from 1 to 1000.")
     record["attempts"] = attempts
     return record
+
+
+_ID_MATCH: Final = _ID.fullmatch
+_PRICING_TEXT_ITEMS: Final = tuple(_PRICING_TEXT.items())
+
+
+def _bad(index: int, what: str) -> InvalidRequestError:
+    return InvalidRequestError(f"records[{index}]{what}")
 
 
 QUOTA_TEXT: Final = {"quota_status": 16, "quota_claim": 32}
@@ -358,16 +323,24 @@ QUOTA_NUMBERS: Final = (
 def _quota_fields(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The optional seat quota of a record: short texts, finite non-negative numbers."""
     fields: dict[str, Any] = {}
+    get = raw.get
     for name, longest in QUOTA_TEXT.items():
-        value = _optional(raw, name, str, where)
-        if value is not None and len(value) > longest:
-            raise InvalidRequestError(f"{where}.{name} is longer than {longest} characters.")
+        value = get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, str):
+                raise InvalidRequestError(f"{where}.{name} has the wrong type.")
+            if len(value) > longest:
+                raise InvalidRequestError(f"{where}.{name} is longer than {longest} characters.")
         fields[name] = value
     for name in QUOTA_NUMBERS:
-        value = _optional(raw, name, (int, float), where)
-        if value is not None and not (math.isfinite(value) and 0 <= value < 1e12):
-            raise InvalidRequestError(f"{where}.{name} must be a finite number >= 0.")
-        fields[name] = None if value is None else float(value)
+        value = get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidRequestError(f"{where}.{name} has the wrong type.")
+            if not 0 <= value < 1e12:  # no NaN nor infinity; no float() of a huge int either
+                raise InvalidRequestError(f"{where}.{name} must be a finite number >= 0.")
+            value = float(value)
+        fields[name] = value
     return fields
 
 
@@ -385,37 +358,11 @@ def _key_failures(raw: Any) -> list[tuple[str, int, float]]:
             raise InvalidRequestError(f"{where}.provider_id must be a provider entry id.")
         if status not in (401, 403) or isinstance(status, bool):
             raise InvalidRequestError(f"{where}.status must be 401 or 403.")
-        if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        # compared, not math.isfinite(): that converts an int, and a huge one overflows
+        if isinstance(at, bool) or not isinstance(at, int | float) or not -1e300 < at < 1e300:
             raise InvalidRequestError(f"{where}.at must be epoch seconds.")
         out.append((provider_id, int(status), float(at)))
     return out
-
-
-def _note_key_failures(
-    session: Session, failures: Sequence[tuple[str, int, float]], *, now: float
-) -> None:
-    """Mark each named entry's key as failing, keeping the latest report (a time in the future
-    is read as now); ids the server does not know (an entry removed since) are ignored. In the
-    caller's transaction."""
-    for provider_id, status, at in sorted(failures):
-        at = min(at, now)
-        session.execute(
-            update(Provider)
-            .where(
-                col(Provider.id) == provider_id,
-                or_(col(Provider.key_failed_at).is_(None), col(Provider.key_failed_at) < at),
-            )
-            .values(key_failed_at=at, key_failed_status=status)
-        )
-
-
-def _optional(raw: Mapping[str, Any], name: str, kind: Any, where: str) -> Any:
-    value = raw.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise InvalidRequestError(f"{where}.{name} has the wrong type.")
-    return value
 
 
 # -------------------------------------------------------------------- spent
@@ -470,9 +417,8 @@ _KEY_SPENT_AND_TOKENS: Final = _key_statements()
 def _key_spent(session: Session, key: VirtualKey, *, now: float) -> dict[str, Any]:
     """The key's money and tokens; one query when both share a window (the usual case: a key
     without a token budget counts its tokens in its money budget's window)."""
-    start = _window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
-    tokens_start = _tokens_start(key, now=now)
-    if tokens_start != start:
+    start = window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
+    if tokens_start(key, now=now) != start:
         return {
             **_level_spent(session, UsageRow.key_id, key, now=now),
             **_tokens(session, key, now=now),
@@ -485,13 +431,13 @@ def _key_spent(session: Session, key: VirtualKey, *, now: float) -> dict[str, An
         session.connection().execute(all_time if start is None else windowed, params).one()
     )
     return {
-        "period_start": None if start is None else _plain_number(start),
+        "period_start": None if start is None else plain_number(start),
         "spent_micros": int(money),
         "tokens": int(tokens),
     }
 
 
-def _window_start(
+def window_start(
     limit: int | None, period: str | None, rolling: bool, *, now: float
 ) -> float | None:
     if limit is None or period is None:
@@ -508,7 +454,7 @@ def _level_spent(
         start = periods.window(period, rolling=row.budget_rolling, now=now)[0]
     total = _sum(session, _SPENT[column.key], row.id, start)
     return {
-        "period_start": None if start is None else _plain_number(start),
+        "period_start": None if start is None else plain_number(start),
         "spent_micros": total,
     }
 
@@ -529,18 +475,18 @@ def _tokens(session: Session, key: VirtualKey, *, now: float) -> dict[str, int]:
     Without a token budget the window is the money budget's (all time without either), so the
     figure always sits beside a meaningful ``period_start``.
     """
-    return {"tokens": _sum(session, _TOKENS, key.id, _tokens_start(key, now=now))}
+    return {"tokens": _sum(session, _TOKENS, key.id, tokens_start(key, now=now))}
 
 
-def _tokens_start(key: VirtualKey, *, now: float) -> float | None:
+def tokens_start(key: VirtualKey, *, now: float) -> float | None:
     if key.token_budget_tokens is not None and key.token_budget_period is not None:
-        return _window_start(
+        return window_start(
             key.token_budget_tokens, key.token_budget_period, key.token_budget_rolling, now=now
         )
-    return _window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
+    return window_start(key.budget_micros, key.budget_period, key.budget_rolling, now=now)
 
 
-def _plain_number(value: float) -> float | int:
+def plain_number(value: float) -> float | int:
     return int(value) if value.is_integer() else value
 
 
