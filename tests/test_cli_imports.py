@@ -63,13 +63,22 @@ def test_usage_reads_the_ledger_without_the_daemons_libraries(tmp_path: Path) ->
 
 # A standalone daemon, started as `ccgate up` starts it; once it answers its health check, the
 # modules it loaded are printed and it is stopped with SIGTERM.
+# The watcher imports nothing once it runs: a thread importing while the main thread imports
+# the daemon can be handed a partially initialised module (the import system's answer to two
+# threads importing in opposite orders), which failed this probe once in a full run.
 DAEMON_PROBE = """
-import json, os, signal, sys, threading, time
+import json, os, signal, socket, sys, threading, time
 port = int(sys.argv[1])
+def healthy():
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET /_ccgate/health HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
 def watch():
-    from ccgate.gateway.lifecycle import health
     deadline = time.monotonic() + 30
-    while health(port) is None and time.monotonic() < deadline:
+    while not healthy() and time.monotonic() < deadline:
         time.sleep(0.05)
     print(json.dumps(sorted(sys.modules)), file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
