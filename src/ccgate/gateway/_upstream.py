@@ -21,7 +21,7 @@ import asyncio
 import os
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, cast
@@ -79,6 +79,10 @@ def origin(base_url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
     return (scheme, host, port), prefix, host_header.encode("ascii")
 
 
+def _false() -> bool:
+    return False
+
+
 class RawResponse:
     """An answer's status, headers (as received) and body pieces, for ``open``'s caller."""
 
@@ -106,6 +110,12 @@ class RawResponse:
         """Whether the whole answer has been handed out (nothing more will come)."""
         conn = self._conn
         return conn is not None and conn.finished()
+
+    def probe(self) -> Callable[[], bool]:
+        """``finished`` one call shorter, for a caller asking after every piece until it
+        closes the response (it must not ask after that)."""
+        conn = self._conn
+        return conn.finished if conn is not None else _false
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None  # type: ignore[assignment]
