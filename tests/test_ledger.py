@@ -619,6 +619,7 @@ def test_writes_held_on_the_loop_keep_their_order_and_are_covered_by_committed(
 
 def test_writes_held_on_the_loop_are_committed_by_close(db_path: Path) -> None:
     import asyncio
+    import time
 
     ledger = Ledger(db_path)
     ledger.start_writer()
@@ -628,6 +629,17 @@ def test_writes_held_on_the_loop_are_committed_by_close(db_path: Path) -> None:
         ledger.record_finish(finished(1))
 
     asyncio.run(story())  # the loop (and the timer that would hand the row on) is gone
+
+    async def on_a_new_loop() -> None:
+        # Its timer never fires; a write held on the next loop must not wait for it.
+        assert ledger.commit_start(rec(2))
+        ledger.record_finish(finished(2))
+        deadline = time.monotonic() + 10
+        while outcomes(ledger).get(rec(2).id) != "ok" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(on_a_new_loop())
+    assert outcomes(ledger) == {rec(1).id: "ok", rec(2).id: "ok"}
     ledger.close()
     with Ledger(db_path, readonly=True) as reader:
-        assert outcomes(reader) == {rec(1).id: "ok"}
+        assert outcomes(reader) == {rec(1).id: "ok", rec(2).id: "ok"}

@@ -1000,6 +1000,7 @@ class Ledger:
         # them on; the lock keeps two threads handing on from reordering them.
         self._held: list[_Write] = []
         self._held_timer: asyncio.TimerHandle | None = None
+        self._held_loop: asyncio.AbstractEventLoop | None = None
         self._held_lock = threading.Lock()
         self._db = self._open()
 
@@ -1103,11 +1104,13 @@ class Ledger:
                 self._queue().put(op)
             return
         self._held.append(op)
-        if self._held_timer is None:
+        if self._held_timer is None or self._held_loop is not loop:
+            # (A timer armed on a loop that has since closed never fires: arm one here.)
+            self._held_loop = loop
             self._held_timer = loop.call_later(FINISH_DELAY_S, self._held_due)
 
     def _held_due(self) -> None:
-        self._held_timer = None
+        self._held_timer = self._held_loop = None
         with self._held_lock:
             self._hand_on_held()
 
