@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import random
 import statistics
 import tempfile
 from collections.abc import Callable, Sequence
@@ -44,6 +46,21 @@ def _build(spec: str) -> tuple[str, Path]:
     if not sep or not label or not Path(src, "ccgate").is_dir():
         raise argparse.ArgumentTypeError(f"{spec!r}: expected LABEL:SRC with SRC/ccgate in it")
     return label, Path(src).resolve()
+
+
+def _threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the main thread (the event loop) and of all the others
+    (the ledger writer; Python 3.11 does not name its threads for the OS)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        name = "loop" if task.name == str(pid) else "others"
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _p99(values: list[float]) -> float:
@@ -97,11 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for target in targets:
                         once(client, target, body)
                 before = {label: stats.cpu_seconds() or 0.0 for label, stats in cpu.items()}
-                for i in range(args.requests):
-                    shift = i % len(targets)  # nobody is always first after the same one
-                    for target in targets[shift:] + targets[:shift]:
+                threads_before = {label: _threads_cpu(stats.pid) for label, stats in cpu.items()}
+                # A fresh order every round: with a fixed cycle the build after direct always
+                # follows a target with no ledger writer still finishing its last request, and
+                # so measured lower added latency than the others, whatever it was.
+                order = random.Random(len(targets))
+                for _ in range(args.requests):
+                    round_ = targets[:]
+                    order.shuffle(round_)
+                    for target in round_:
                         added[target.name].append(once(client, target, body).ttfb_s * 1000)
                 after = {label: stats.cpu_seconds() or 0.0 for label, stats in cpu.items()}
+                threads_after = {label: _threads_cpu(stats.pid) for label, stats in cpu.items()}
             base = added["direct"]
             load = Path("/proc/loadavg").read_text().split()[0]
             print(f"{kind}, {args.requests} requests each, load average {load}:")
@@ -111,8 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 per = (after[label] - before[label]) * 1000 / args.requests
                 p50 = statistics.median(ms) - statistics.median(base)
                 p99 = _p99(ms) - _p99(base)
+                then, now = threads_before[label], threads_after[label]
+                split = ", ".join(
+                    f"{name} {(now[name] - then.get(name, 0.0)) * 1000 / args.requests:.2f}"
+                    for name in sorted(now)
+                    if now[name] > then.get(name, 0.0)
+                )
                 print(
-                    f"  {label}: CPU {per:.2f} ms/request, added p50 {p50:+.2f} p99 {p99:+.2f} ms"
+                    f"  {label}: CPU {per:.2f} ms/request ({split}), added p50 {p50:+.2f} "
+                    f"p99 {p99:+.2f} ms"
                 )
     return 0
 

@@ -586,3 +586,60 @@ def test_commit_start_queues_while_the_writer_is_mid_transaction(ledger: Ledger)
         assert ledger.commit_start(rec(1)) is False
     assert ledger.flush(timeout=10)
     assert [r.id for r in ledger.records()] == [rec(1).id]
+
+
+def test_writes_held_on_the_loop_keep_their_order_and_are_covered_by_committed(
+    ledger: Ledger,
+) -> None:
+    # On an event loop record_finish holds its writes for FINISH_DELAY_S: a checkpoint and the
+    # final row held together land in that order, committed() covers what is held, and a
+    # write held with nobody waiting still lands on its own (the timer hands it on).
+    import asyncio
+    import time
+
+    async def story() -> None:
+        assert ledger.commit_start(rec(1))
+        assert ledger.commit_start(rec(2))
+        ledger.record_finish(rec(1, output_tokens=5))  # a checkpoint: still pending
+        ledger.record_finish(finished(1, output_tokens=9))
+        ledger.record_finish(rec(2, output_tokens=3))
+        assert outcomes(ledger) == {rec(1).id: "pending", rec(2).id: "pending"}  # held
+        await asyncio.wait_for(ledger.committed(), timeout=10)
+        assert outcomes(ledger) == {rec(1).id: "ok", rec(2).id: "pending"}
+        ledger.record_finish(finished(2, output_tokens=4))
+        deadline = time.monotonic() + 10
+        while outcomes(ledger)[rec(2).id] == "pending" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(story())
+    rows = {row.id: row for row in ledger.records()}
+    assert (rows[rec(1).id].outcome, rows[rec(1).id].output_tokens) == ("ok", 9)
+    assert (rows[rec(2).id].outcome, rows[rec(2).id].output_tokens) == ("ok", 4)
+
+
+def test_writes_held_on_the_loop_are_committed_by_close(db_path: Path) -> None:
+    import asyncio
+    import time
+
+    ledger = Ledger(db_path)
+    ledger.start_writer()
+
+    async def story() -> None:
+        assert ledger.commit_start(rec(1))
+        ledger.record_finish(finished(1))
+
+    asyncio.run(story())  # the loop (and the timer that would hand the row on) is gone
+
+    async def on_a_new_loop() -> None:
+        # Its timer never fires; a write held on the next loop must not wait for it.
+        assert ledger.commit_start(rec(2))
+        ledger.record_finish(finished(2))
+        deadline = time.monotonic() + 10
+        while outcomes(ledger).get(rec(2).id) != "ok" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(on_a_new_loop())
+    assert outcomes(ledger) == {rec(1).id: "ok", rec(2).id: "ok"}
+    ledger.close()
+    with Ledger(db_path, readonly=True) as reader:
+        assert outcomes(reader) == {rec(1).id: "ok", rec(2).id: "ok"}

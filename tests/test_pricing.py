@@ -522,6 +522,26 @@ def test_latest_effective_entry_wins_and_future_entries_are_ignored() -> None:
     assert at(datetime(2027, 1, 1, tzinfo=UTC)) == "Sonnet 2027"
 
 
+def test_a_remembered_lookup_is_the_one_a_fresh_table_gives() -> None:
+    # lookup remembers its answers per model and day (bounded): alternate days and models,
+    # past the bound, and compare each answer with that of a table that has seen nothing.
+    raw = table_dict(
+        entry("Sonnet 2025", ["claude-sonnet-4-5"], effective_from="2025-01-01", input_="3"),
+        entry("Sonnet 2026", ["claude-sonnet-4-5"], effective_from="2026-01-01", input_="4"),
+    )
+    table = PriceTable.from_dict(raw)
+    days = [datetime(2025, 12, 31, 23, tzinfo=UTC), datetime(2026, 1, 1, 1, tzinfo=UTC)]
+    models = ["claude-sonnet-4-5", "claude-sonnet-4-5-20990101", *(f"m-{i}" for i in range(300))]
+    for _ in range(2):
+        for model in models:
+            for day in days:
+                assert table.lookup(model, at=day) == PriceTable.from_dict(raw).lookup(
+                    model, at=day
+                )
+    assert table.lookup("claude-sonnet-4-5", at=days[0]).entry == "Sonnet 2025"
+    assert table.lookup("claude-sonnet-4-5", at=days[1]).entry == "Sonnet 2026"
+
+
 def test_request_older_than_the_table_uses_its_first_prices() -> None:
     table = PriceTable.from_dict(
         table_dict(

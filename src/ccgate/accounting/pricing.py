@@ -63,7 +63,7 @@ from fnmatch import fnmatchcase
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ccgate.accounting.metering import Usage
 from ccgate.errors import CcgateError, ConfigError
@@ -223,10 +223,14 @@ class Charge:
     notes: tuple[str, ...] = ()
 
 
+_FOUND_MAX: Final = 256  # PriceTable.lookup's remembered answers
+
+
 class PriceTable:
     """An immutable, validated price table. Build it with ``default`` or ``from_dict``."""
 
     __slots__ = (
+        "_found",
         "batch_multiplier",
         "entries",
         "raw",
@@ -255,6 +259,7 @@ class PriceTable:
         self.source = source
         self.raw: Mapping[str, Any] | None = None
         """The validated table as decoded (``ccgate prices --json``, bundles)."""
+        self._found: dict[tuple[str, date], PriceLookup] = {}
         self.refuse_unknown = False
         """``"unknown_models": "refuse"``: a daemon in server mode answers 403 for a model the
         table does not name instead of pricing it as an estimate."""
@@ -319,8 +324,21 @@ class PriceTable:
         return table
 
     def lookup(self, model: str, *, at: datetime) -> PriceLookup:
-        """The price of ``model`` for a request made at ``at`` (naive datetimes count as UTC)."""
-        live = self._live(_utc_date(at))
+        """The price of ``model`` for a request made at ``at`` (naive datetimes count as UTC).
+
+        Remembered per model and day (the answer depends on nothing else, and the table never
+        changes): the daemon looks up the same few models on every request, 17 µs each."""
+        day = _utc_date(at)
+        found = self._found.get((model, day))
+        if found is None:
+            found = self._lookup(model, day)
+            if len(self._found) >= _FOUND_MAX:
+                self._found.clear()  # model ids come from request bodies: keep the memory bounded
+            self._found[(model, day)] = found
+        return found
+
+    def _lookup(self, model: str, day: date) -> PriceLookup:
+        live = self._live(day)
         regional = _is_regional(model)
         for candidate in _candidate_ids(model):
             entry = _most_specific(live, candidate)

@@ -324,8 +324,14 @@ class Relay(Response):
             if ready is not None and not ready.done():
                 ready.cancel()  # the attempts failed or were cancelled
             if chosen is not None:
-                with anyio.CancelScope(shield=True):
-                    await chosen[0].aclose()
+                answer = chosen[0]
+                if isinstance(answer, RawResponse):
+                    # Its aclose never waits, so a cancellation cannot stop it part-way: no
+                    # shielding scope (about 5 µs) needed.
+                    await answer.aclose()
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await answer.aclose()
 
     def _attempts(self) -> Sequence[Attempt]:
         out = self.outbound
@@ -479,6 +485,9 @@ class Relay(Response):
         chunk, that it was the answer's last: it goes out with the response's end in one write
         instead of two."""
         meter = self._meter
+        # Per chunk (about 85 per stream) only what must be: the write, the meter's feed and,
+        # once the start checkpoint is saved, a counter and a clock read (``_checkpoint``'s
+        # other cases, before message_start and while its timer runs, are a call each).
         try:
             async for chunk in reply.chunks:
                 if self._first_byte_at is None:
@@ -493,7 +502,10 @@ class Relay(Response):
                 await send.body(chunk)
                 if meter is not None:
                     meter.feed(chunk)
-                    self._checkpoint(meter)
+                    if self._start_timer is None or self._start_persisted:
+                        self._checkpoint(meter)
+                    else:
+                        self._since_checkpoint += 1  # the start checkpoint's timer is armed
         except httpx.HTTPError as exc:
             # The upstream dropped mid-response. Returning without the final empty body makes
             # the server close the client connection, so the client sees a broken stream too
@@ -597,9 +609,10 @@ def _finished(response: httpx.Response | RawResponse, reply: Reply) -> Callable[
     if not isinstance(response, RawResponse):
         return None
     chunks = reply.chunks
+    done = response.probe()
     if isinstance(chunks, _Replay):  # the peeked chunks come first
-        return lambda: not chunks.pending and response.finished()
-    return response.finished
+        return lambda: not chunks.pending and done()
+    return done
 
 
 def _str_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
