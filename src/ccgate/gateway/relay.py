@@ -63,6 +63,7 @@ from ccgate.wire import error_response
 if TYPE_CHECKING:
     from ccgate.gateway._http import DirectExchange
 
+
 log = logging.getLogger("ccgate.proxy")
 
 CHECKPOINT_EVERY_CHUNKS: Final = 32
@@ -210,6 +211,7 @@ class Relay(Response):
         self._sent = 0
         self._attempt_log: list[dict[str, Any]] = []
         self._served_by: str | None = None
+        self._direct: DirectExchange | None = None  # the lean path's exchange (``direct``)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One plain task for the watcher and a cancel scope around the relay, rather than a
@@ -237,6 +239,7 @@ class Relay(Response):
                 relaying.cancel()
 
             exchange.on_lost(lost)
+            self._direct = exchange
             try:
                 await self._relay(exchange)
             finally:
@@ -319,7 +322,7 @@ class Relay(Response):
                 assert failed is not None
                 await self._send_error(send, *failed)
             else:
-                await self._pump(chosen[1], send, _finished(*chosen))
+                await self._pump(chosen[1], send, _finished(*chosen), chosen[0])
         finally:
             if ready is not None and not ready.done():
                 ready.cancel()  # the attempts failed or were cancelled
@@ -462,7 +465,11 @@ class Relay(Response):
         )
 
     async def _pump(
-        self, reply: Reply, send: Sink, finished: Callable[[], bool] | None = None
+        self,
+        reply: Reply,
+        send: Sink,
+        finished: Callable[[], bool] | None = None,
+        response: httpx.Response | RawResponse | None = None,
     ) -> None:
         self._status = reply.status
         self._got_response = True
@@ -476,7 +483,59 @@ class Relay(Response):
         headers = reply.headers
         headers.append((b"x-ccgate-request-id", self.outbound.request_id.encode()))
         await send.start(reply.status, headers)
-        await self._copy(reply, send, finished)
+        direct = self._direct
+        if isinstance(response, RawResponse) and direct is not None and send is direct:
+            await self._push(response, reply, direct)
+        else:
+            await self._copy(reply, send, finished)
+
+    async def _push(self, response: RawResponse, reply: Reply, exchange: DirectExchange) -> None:
+        """``_copy`` for the lean leg on the lean path: the upstream connection hands each
+        read to ``deliver`` from its socket callback (``RawResponse.push``), which writes it
+        to the client and feeds the meter there, so this task waits once per answer rather
+        than once per read. Flow control: a client transport over its high-water mark pauses
+        reading upstream until it drains. The same outcomes as ``_copy``: a hang-up cancels
+        this task (closing the upstream), an upstream drop or a read timeout is relayed
+        broken, checkpoints follow the same rules."""
+        meter = self._meter
+
+        def deliver(chunk: bytes, last: bool) -> bool:
+            if self._first_byte_at is None:
+                self._first_byte_at = time.perf_counter()
+            if last:
+                exchange.finish(chunk)
+                self._upstream_done = True
+                if meter is not None:
+                    meter.feed(chunk)
+                    self._checkpoint(meter)
+                return True
+            more = exchange.write(chunk)
+            if meter is not None:
+                meter.feed(chunk)
+                if self._start_timer is None or self._start_persisted:
+                    self._checkpoint(meter)
+                else:
+                    self._since_checkpoint += 1
+            return more
+
+        try:
+            chunks = reply.chunks
+            if isinstance(chunks, _Replay):  # the peeked chunks first, then the connection's
+                held = chunks.take()
+                await chunks.rest.aclose()  # type: ignore[attr-defined]
+                for index, chunk in enumerate(held):
+                    last = index == len(held) - 1 and response.finished()
+                    if not deliver(chunk, last):
+                        await exchange.drain()
+            while not self._upstream_done:
+                if await response.push(deliver):
+                    if not self._upstream_done:  # its end came alone, or after the peek
+                        deliver(b"", True)
+                    return
+                await exchange.drain()
+        except httpx.HTTPError as exc:
+            self._failure = type(exc).__name__
+            log.warning("upstream response broke off: %s", type(exc).__name__)
 
     async def _copy(
         self, reply: Reply, send: Sink, finished: Callable[[], bool] | None = None
@@ -632,6 +691,14 @@ class _Replay:
     @property
     def pending(self) -> bool:
         return bool(self._held)
+
+    @property
+    def rest(self) -> AsyncIterator[bytes]:
+        return self._rest
+
+    def take(self) -> list[bytes]:
+        held, self._held = self._held, []
+        return held
 
     async def __anext__(self) -> bytes:
         if self._held:
