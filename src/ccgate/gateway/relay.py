@@ -29,8 +29,11 @@ The lean legs (docs/benchmarks.md, round 3): the answer goes to a ``Sink``, eith
 ``send`` or the client's transport itself (the head in one write with the first chunk); and an
 anthropic-kind attempt on ccgate's own transport (``Attempt.raw``) sends the request's bytes
 with no httpx Request or Response, which also tells when a chunk is the answer's last, so the
-response's end goes out with it. A fallback's provider kind prepares (fetches its credentials)
-only when the relay is about to try it (``Attempt.prepare``).
+response's end goes out with it. When both legs are lean, the body is pushed rather than
+pulled (``Relay._push``): the upstream connection's socket callback writes each read to the
+client and feeds the meter, and the relay's task waits once per answer instead of once per
+read (docs/benchmarks.md, "round 5"). A fallback's provider kind prepares (fetches its
+credentials) only when the relay is about to try it (``Attempt.prepare``).
 """
 
 from __future__ import annotations
