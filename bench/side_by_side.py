@@ -36,6 +36,7 @@ from bench.processes import (
     fake_upstream,
     isolated_env,
 )
+from bench.upstream import SLOW_HEADER
 from bench.workload import claude_code_headers, request_body
 
 WARMUP = 30
@@ -72,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("builds", nargs="+", type=_build, metavar="LABEL:SRC")
     parser.add_argument("--requests", type=int, default=300, help="per build and kind")
     parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed, per target and kind")
+    parser.add_argument(
+        "--event-delay-ms",
+        type=float,
+        default=None,
+        help="streams only, and paced: about 20 events this far apart (one socket read each, "
+        "as from a real upstream) instead of the whole answer at once",
+    )
     args = parser.parse_args(argv)
     builds: list[tuple[str, Path]] = args.builds
     with tempfile.TemporaryDirectory(prefix="ccgate-side-") as tmp, contextlib.ExitStack() as stack:
@@ -106,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("stream, first byte", measure.stream_once),
             ("non-streaming", measure.json_once),
         ]
+        if args.event_delay_ms is not None:
+            kinds = kinds[:1]
+            paced = {SLOW_HEADER: str(args.event_delay_ms)}
+            targets = [Target(t.name, t.base_url, {**t.headers, **paced}) for t in targets]
         for kind, once in kinds:
             body = request_body(stream=once is measure.stream_once)
             added: dict[str, list[float]] = {t.name: [] for t in targets}

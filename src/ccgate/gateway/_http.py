@@ -172,8 +172,28 @@ class DirectExchange:
         cycle = self._cycle
         if cycle.flow.write_paused and not self.disconnected:
             await cycle.flow.drain()
-        if not data or self.disconnected:
-            return
+        self.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the client's transport buffer is over its high-water mark."""
+        cycle = self._cycle
+        if cycle.flow.write_paused and not self.disconnected:
+            await cycle.flow.drain()
+
+    def write(self, data: bytes) -> bool:
+        """``body`` without the wait, for a caller outside a task (the relay's push mode):
+        whether the client's transport can take more now (False: wait for ``drain``)."""
+        if data and not self.disconnected:
+            self._write(data)
+        return not self._cycle.flow.write_paused
+
+    def finish(self, data: bytes) -> None:
+        """``last`` without the wait: the last chunk and the end in one write."""
+        if not self.disconnected:
+            self._end(data)
+
+    def _write(self, data: bytes) -> None:
+        cycle = self._cycle
         head, self._head = self._head, None
         if self._chunked:
             parts = [b"%x\r\n" % len(data), data, b"\r\n"]

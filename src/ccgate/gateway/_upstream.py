@@ -111,6 +111,13 @@ class RawResponse:
         conn = self._conn
         return conn is not None and conn.finished()
 
+    async def push(self, deliver: Callable[[bytes, bool], bool]) -> bool:
+        """The body handed to ``deliver(piece, last)`` from the socket's callback itself, one
+        call per read, with no task wake-up in between (``_Connection.push``). Returns True
+        once the answer is complete, False when ``deliver`` said its reader is full (reading
+        upstream is paused until this is called again); raises httpx's exceptions."""
+        return await self._conn.push(deliver, self._timeouts.get("read"))
+
     def probe(self) -> Callable[[], bool]:
         """``finished`` one call shorter, for a caller asking after every piece until it
         closes the response (it must not ask after that)."""
@@ -264,6 +271,11 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._until_close = False
         self._keep_alive = False
+        # Push mode (``push``): each read's pieces go to this callback from data_received.
+        self._push: Callable[[bytes, bool], bool] | None = None
+        self._push_timeout: float | None = None
+        self._push_paused = False
+        self._push_error: BaseException | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -281,6 +293,14 @@ class _Connection(asyncio.Protocol):
             self._error = "the upstream switched protocols"
         except httptools.HttpParserError as exc:
             self._error = f"the upstream's answer is not valid HTTP/1.1 ({exc})"
+        push = self._push
+        if push is not None:
+            if self._push_timeout is not None:
+                self._deadline = asyncio.get_running_loop().time() + self._push_timeout
+            if self._pieces or self._complete:
+                self._hand_on()
+            if not (self._error or self._complete or self._push_paused or self._push_error):
+                return  # handed on: the pushing task has nothing to wake up for
         if self._error is not None:
             self.close()
         elif self._buffered > _HIGH_WATER and self._transport is not None:
@@ -295,6 +315,8 @@ class _Connection(asyncio.Protocol):
         self._lost = True
         if self._until_close and self._head_done and not self._complete:
             self._complete = True  # a body delimited by the connection closing
+            if self._push is not None:
+                self._hand_on()
         self._wake()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -373,6 +395,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._status, self._headers, self._head_done = 0, [], False
         self._pieces, self._buffered, self._complete = [], 0, False
+        self._push, self._push_paused, self._push_error = None, False, None
         self._until_close = self._keep_alive = False
         if len(body) < 64 * 1024:
             self._transport.write(head + body)
@@ -438,6 +461,68 @@ class _Connection(asyncio.Protocol):
                 raise
             finally:
                 self._waiter = None
+
+    async def push(self, deliver: Callable[[bytes, bool], bool], timeout: float | None) -> bool:
+        """``body`` turned around: each read's pieces (joined) go to ``deliver(piece, last)``
+        from ``data_received`` (``last``: the answer is complete with this piece), and this
+        waits once for the whole answer rather than once per read. The read deadline is the
+        same (``timeout`` of silence), moved by each read. ``deliver`` returning False (its
+        reader is full) pauses reading upstream and this returns False; calling it again
+        resumes. An exception raised by ``deliver`` closes the connection and is raised here."""
+        loop = asyncio.get_running_loop()
+        self._push, self._push_timeout = deliver, timeout
+        try:
+            if self._push_paused or self._reading_paused:
+                self._push_paused = self._reading_paused = False
+                if self._transport is not None:
+                    self._transport.resume_reading()
+            if self._pieces:
+                self._hand_on()
+            while True:
+                if self._push_error is not None:
+                    raise self._push_error
+                if self._complete and not self._pieces:
+                    self._cancel_timer()
+                    return True
+                if self._push_paused:
+                    return False
+                self._check(None, "before the answer was complete")
+                if timeout is not None:
+                    self._deadline = loop.time() + timeout
+                    if self._timer is None:
+                        self._timer = loop.call_at(self._deadline, self._timer_fired)
+                waiter = self._waiter = loop.create_future()
+                try:
+                    await waiter
+                except TimeoutError:
+                    raise httpx.ReadTimeout("reading the answer timed out") from None
+                finally:
+                    self._waiter = None
+        except BaseException:
+            self._cancel_timer()
+            raise
+        finally:
+            self._push = None
+
+    def _hand_on(self) -> None:
+        """Give what has been read to the push callback (see ``push``)."""
+        deliver = self._push
+        assert deliver is not None
+        pieces, self._pieces, self._buffered = self._pieces, [], 0
+        piece = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        last = self._complete
+        if last:
+            self._push = None  # the end is handed on once
+        try:
+            more = deliver(piece, last)
+        except BaseException as exc:  # raised again in the waiting task
+            self._push_error = exc
+            self._push = None
+            self.close()
+            return
+        if not more and not last and not self._push_paused and self._transport is not None:
+            self._push_paused = True
+            self._transport.pause_reading()
 
     def _check(self, request: httpx.Request | None, when: str) -> None:
         if self._error is not None:

@@ -29,8 +29,11 @@ The lean legs (docs/benchmarks.md, round 3): the answer goes to a ``Sink``, eith
 ``send`` or the client's transport itself (the head in one write with the first chunk); and an
 anthropic-kind attempt on ccgate's own transport (``Attempt.raw``) sends the request's bytes
 with no httpx Request or Response, which also tells when a chunk is the answer's last, so the
-response's end goes out with it. A fallback's provider kind prepares (fetches its credentials)
-only when the relay is about to try it (``Attempt.prepare``).
+response's end goes out with it. When both legs are lean, the body is pushed rather than
+pulled (``Relay._push``): the upstream connection's socket callback writes each read to the
+client and feeds the meter, and the relay's task waits once per answer instead of once per
+read (docs/benchmarks.md, "round 5"). A fallback's provider kind prepares (fetches its
+credentials) only when the relay is about to try it (``Attempt.prepare``).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from ccgate.wire import error_response
 
 if TYPE_CHECKING:
     from ccgate.gateway._http import DirectExchange
+
 
 log = logging.getLogger("ccgate.proxy")
 
@@ -210,6 +214,7 @@ class Relay(Response):
         self._sent = 0
         self._attempt_log: list[dict[str, Any]] = []
         self._served_by: str | None = None
+        self._direct: DirectExchange | None = None  # the lean path's exchange (``direct``)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One plain task for the watcher and a cancel scope around the relay, rather than a
@@ -237,6 +242,7 @@ class Relay(Response):
                 relaying.cancel()
 
             exchange.on_lost(lost)
+            self._direct = exchange
             try:
                 await self._relay(exchange)
             finally:
@@ -319,7 +325,7 @@ class Relay(Response):
                 assert failed is not None
                 await self._send_error(send, *failed)
             else:
-                await self._pump(chosen[1], send, _finished(*chosen))
+                await self._pump(chosen[1], send, _finished(*chosen), chosen[0])
         finally:
             if ready is not None and not ready.done():
                 ready.cancel()  # the attempts failed or were cancelled
@@ -462,7 +468,11 @@ class Relay(Response):
         )
 
     async def _pump(
-        self, reply: Reply, send: Sink, finished: Callable[[], bool] | None = None
+        self,
+        reply: Reply,
+        send: Sink,
+        finished: Callable[[], bool] | None = None,
+        response: httpx.Response | RawResponse | None = None,
     ) -> None:
         self._status = reply.status
         self._got_response = True
@@ -476,7 +486,59 @@ class Relay(Response):
         headers = reply.headers
         headers.append((b"x-ccgate-request-id", self.outbound.request_id.encode()))
         await send.start(reply.status, headers)
-        await self._copy(reply, send, finished)
+        direct = self._direct
+        if isinstance(response, RawResponse) and direct is not None and send is direct:
+            await self._push(response, reply, direct)
+        else:
+            await self._copy(reply, send, finished)
+
+    async def _push(self, response: RawResponse, reply: Reply, exchange: DirectExchange) -> None:
+        """``_copy`` for the lean leg on the lean path: the upstream connection hands each
+        read to ``deliver`` from its socket callback (``RawResponse.push``), which writes it
+        to the client and feeds the meter there, so this task waits once per answer rather
+        than once per read. Flow control: a client transport over its high-water mark pauses
+        reading upstream until it drains. The same outcomes as ``_copy``: a hang-up cancels
+        this task (closing the upstream), an upstream drop or a read timeout is relayed
+        broken, checkpoints follow the same rules."""
+        meter = self._meter
+
+        def deliver(chunk: bytes, last: bool) -> bool:
+            if self._first_byte_at is None:
+                self._first_byte_at = time.perf_counter()
+            if last:
+                exchange.finish(chunk)
+                self._upstream_done = True
+                if meter is not None:
+                    meter.feed(chunk)
+                    self._checkpoint(meter)
+                return True
+            more = exchange.write(chunk)
+            if meter is not None:
+                meter.feed(chunk)
+                if self._start_timer is None or self._start_persisted:
+                    self._checkpoint(meter)
+                else:
+                    self._since_checkpoint += 1
+            return more
+
+        try:
+            chunks = reply.chunks
+            if isinstance(chunks, _Replay):  # the peeked chunks first, then the connection's
+                held = chunks.take()
+                await chunks.rest.aclose()  # type: ignore[attr-defined]
+                for index, chunk in enumerate(held):
+                    last = index == len(held) - 1 and response.finished()
+                    if not deliver(chunk, last):
+                        await exchange.drain()
+            while not self._upstream_done:
+                if await response.push(deliver):
+                    if not self._upstream_done:  # its end came alone, or after the peek
+                        deliver(b"", True)
+                    return
+                await exchange.drain()
+        except httpx.HTTPError as exc:
+            self._failure = type(exc).__name__
+            log.warning("upstream response broke off: %s", type(exc).__name__)
 
     async def _copy(
         self, reply: Reply, send: Sink, finished: Callable[[], bool] | None = None
@@ -632,6 +694,14 @@ class _Replay:
     @property
     def pending(self) -> bool:
         return bool(self._held)
+
+    @property
+    def rest(self) -> AsyncIterator[bytes]:
+        return self._rest
+
+    def take(self) -> list[bytes]:
+        held, self._held = self._held, []
+        return held
 
     async def __anext__(self) -> bytes:
         if self._held:
