@@ -16,6 +16,9 @@ The answers, the checks and the transactions are those of the ORM path they repl
   PostgreSQL, which also holds the epoch read, as the ORM session did;
 - then the spend is read back and the key's alert rules are looked for; a sync that crossed a
   rule's threshold is evaluated by ``alerts.evaluate_in`` (the ORM path: rare).
+
+On SQLite a cached caller's sync runs on the event loop (``sync_usage_on_loop``, the same
+statements), awaiting the group commit instead of blocking a worker thread on it.
 """
 
 from __future__ import annotations
