@@ -196,3 +196,121 @@ def test_a_write_queued_before_the_stop_is_still_committed(tmp_path: Any) -> Non
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM audit WHERE actor = 't'").scalar() == 1
     engine.dispose()
+
+
+async def test_a_cached_callers_sync_takes_no_worker_thread(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a sync and a poll of a cached caller run on the event loop up to the group
+    commit (awaited): no worker-thread hop. PostgreSQL's stay on threads."""
+    key = await server.new_key("alice")
+    device_id, _ = await server.register(key)
+    headers = device_headers(key, device_id)
+    first = await server.client.post("/v1/usage", headers=headers, json=_batch(1))
+    assert first.status_code == 200  # the ORM path: the caller is cached from here on
+    etag = (await server.client.get("/v1/bundle", headers=headers)).headers["etag"]
+    hops: list[Any] = []
+    real = server_app._blocking
+
+    async def counted(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(server_app, "_blocking", counted)
+    pushed = await server.client.post("/v1/usage", headers=headers, json=_batch(1, 2))
+    assert pushed.status_code == 200
+    assert pushed.json()["accepted"] == 1 and pushed.json()["duplicates"] == 1
+    assert pushed.json()["spent"]["key"]["spent_micros"] == 20  # read after the commit
+    polled = await server.client.get("/v1/bundle", headers={**headers, "if-none-match": etag})
+    assert polled.status_code == 304
+    assert hops == ([] if server.ctx.loop_reader is not None else [hops[0], hops[1]])
+    # a wrong device token still takes the thread path, and gets its 401 there
+    wrong = {**headers, "x-ccgate-device-token": "cgd_" + "x" * 40}
+    assert (await server.client.post("/v1/usage", headers=wrong, json=_batch(3))).status_code == 401
+    assert len(hops) >= 1 and (await server.ok("GET", "/usage?by=key"))["rows"][0]["requests"] == 2
+
+
+def _writer(tmp_path: Any) -> Any:
+    from ccgate.server import db
+    from ccgate.server.usage import GroupCommit
+
+    engine = db.open_database(db.sqlite_url(tmp_path / "async.db"))
+    return engine, GroupCommit(engine)
+
+
+def _audit_row(connection: Any) -> int:
+    connection.cursor().execute(
+        "INSERT INTO audit (at, actor, action, target, detail) VALUES (1, 't', 'a', 'x', '{}')"
+    )
+    return 1
+
+
+def _audits(engine: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT count(*) FROM audit WHERE actor = 't'").scalar())
+
+
+async def test_an_awaited_write_is_answered_after_its_commit(tmp_path: Any) -> None:
+    engine, writer = _writer(tmp_path)
+
+    def broken(connection: Any) -> int:
+        connection.cursor().execute("INSERT INTO nowhere VALUES (1)")
+        return 1
+
+    results = await asyncio.gather(
+        writer.run_async(_audit_row), writer.run_async(broken), return_exceptions=True
+    )
+    assert results[0] == 1 and _audits(engine) == 1  # committed by the time it is answered
+    assert "nowhere" in str(results[1])  # the failed write's own error, raised in its caller
+    writer.stop()
+    with pytest.raises(ServerStateError, match="stopping"):
+        await writer.run_async(_audit_row)
+    engine.dispose()
+
+
+async def test_an_awaited_write_whose_caller_left_is_still_committed(tmp_path: Any) -> None:
+    engine, writer = _writer(tmp_path)
+    gate, started = threading.Event(), threading.Event()
+
+    def blocker(connection: Any) -> int:
+        started.set()
+        gate.wait(10)
+        return _audit_row(connection)
+
+    task = asyncio.ensure_future(writer.run_async(blocker))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.set()
+    assert await writer.run_async(_audit_row) == 1  # the next group: after the held one
+    assert _audits(engine) == 2
+    writer.stop()
+    engine.dispose()
+
+
+async def test_an_awaited_write_queued_before_the_stop_is_committed(tmp_path: Any) -> None:
+    engine, writer = _writer(tmp_path)
+    gate, started = threading.Event(), threading.Event()
+
+    def blocker(_connection: Any) -> int:
+        started.set()
+        gate.wait(10)
+        return 0
+
+    held = asyncio.ensure_future(writer.run_async(blocker))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(writer.run_async(_audit_row))
+    while writer._queue.qsize() < 1:
+        await asyncio.sleep(0.01)
+    stopper = asyncio.get_running_loop().run_in_executor(None, writer.stop)
+    while not writer._stopped:
+        await asyncio.sleep(0.01)
+    gate.set()
+    assert await held == 0
+    assert await queued == 1
+    await stopper
+    assert not writer.running and _audits(engine) == 1
+    engine.dispose()

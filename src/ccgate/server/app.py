@@ -80,6 +80,12 @@ class ServerContext:
         return None if db.is_postgres(self.engine) else usage.GroupCommit(self.engine)
 
     @functools.cached_property
+    def loop_reader(self) -> sync.LoopReader | None:
+        """SQLite's connection for the sync's reads on the event loop (``sync.LoopReader``);
+        None on PostgreSQL, whose statements wait on the network: they stay on threads."""
+        return None if db.is_postgres(self.engine) else sync.LoopReader(self.engine)
+
+    @functools.cached_property
     def metrics(self) -> server_metrics.ServerMetrics:
         return server_metrics.ServerMetrics(self.engine, self.clock)
 
@@ -118,6 +124,8 @@ def create_app(ctx: ServerContext) -> Starlette:
             await _blocking(ctx.alert_worker.stop)
             if ctx.usage_writer is not None:
                 await _blocking(ctx.usage_writer.stop)
+            if ctx.loop_reader is not None:
+                ctx.loop_reader.close()
 
     app = _ServerApp(device_routes(ctx), routes=routes, lifespan=lifespan)
     spec = document(version=__version__)
@@ -378,6 +386,8 @@ class _ServerApp(Starlette):
 
 
 _JSON: Final = (b"content-type", b"application/json")
+_DEVICE: Final = devices.DEVICE_HEADER.encode()
+_TOKEN: Final = devices.TOKEN_HEADER.encode()
 _WANTED: Final = frozenset(
     {
         b"authorization",
@@ -399,12 +409,11 @@ def device_routes(ctx: ServerContext) -> dict[tuple[str, str], AsgiHandler]:
             raw = await _body(receive)  # read here, parsed only once the caller is known
             if raw is None:
                 return  # the client went away: nobody to answer
-            result = await _blocking(
-                _sync_usage,
+            result = await _sync_usage_async(
                 ctx,
                 _bearer_of(headers.get(b"authorization", "")),
-                headers.get(devices.DEVICE_HEADER.encode()),
-                headers.get(devices.TOKEN_HEADER.encode()),
+                headers.get(_DEVICE),
+                headers.get(_TOKEN),
                 raw,
             )
             ctx.metrics.ingested(result)
@@ -421,13 +430,23 @@ def device_routes(ctx: ServerContext) -> dict[tuple[str, str], AsgiHandler]:
     async def get_bundle(scope: Scope, receive: Receive, send: Send) -> None:
         try:
             headers = _headers(scope)
-            served = await _blocking(
-                _poll_bundle,
-                ctx,
-                _bearer_of(headers.get(b"authorization", "")),
-                headers.get(devices.DEVICE_HEADER.encode()),
-                headers.get(devices.TOKEN_HEADER.encode()),
-            )
+            token = _bearer_of(headers.get(b"authorization", ""))
+            device_id = headers.get(_DEVICE)
+            device_token = headers.get(_TOKEN)
+            served = None
+            if ctx.loop_reader is not None:  # SQLite: the one statement on the loop
+                served = sync.poll_bundle(
+                    engine=ctx.engine,
+                    callers=ctx.callers,
+                    bundler=ctx.bundler,
+                    token=token,
+                    device_id=device_id,
+                    device_token=device_token,
+                    now=ctx.clock(),
+                    reader=ctx.loop_reader,
+                )
+            if served is None:
+                served = await _blocking(_poll_bundle, ctx, token, device_id, device_token)
         except Exception as exc:
             await _failure(exc, "GET", scope["path"])(scope, receive, send)
             return
@@ -484,6 +503,46 @@ async def _body(receive: Receive) -> bytes | None:
 def _bearer_of(header: str) -> str | None:
     scheme, _, token = header.partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def _sync_usage_async(
+    ctx: ServerContext,
+    token: str | None,
+    device_id: str | None,
+    device_token: str | None,
+    raw: bytes,
+) -> dict[str, Any]:
+    """A usage push: on SQLite, with a cached caller, on the event loop up to the group
+    commit, awaited (``sync.sync_usage_on_loop``); otherwise in one worker-thread hop."""
+    reader, writer = ctx.loop_reader, ctx.usage_writer
+    if reader is not None and writer is not None:
+        now = ctx.clock()
+        try:
+            result, watched = await sync.sync_usage_on_loop(
+                reader=reader,
+                callers=ctx.callers,
+                writer=writer,
+                parse=_parse_body,
+                token=token,
+                device_id=device_id,
+                device_token=device_token,
+                raw=raw,
+                now=now,
+            )
+        except sync.Uncached:
+            pass
+        else:
+            if watched is not None:
+                await _blocking(
+                    sync.evaluate_alerts,
+                    ctx.engine,
+                    ctx.alert_settings,
+                    ctx.alert_worker.wake,
+                    watched,
+                    now=now,
+                )
+            return result
+    return await _blocking(_sync_usage, ctx, token, device_id, device_token, raw)
 
 
 def _sync_usage(

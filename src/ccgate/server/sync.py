@@ -16,12 +16,16 @@ The answers, the checks and the transactions are those of the ORM path they repl
   PostgreSQL, which also holds the epoch read, as the ORM session did;
 - then the spend is read back and the key's alert rules are looked for; a sync that crossed a
   rule's threshold is evaluated by ``alerts.evaluate_in`` (the ORM path: rare).
+
+On SQLite a cached caller's sync runs on the event loop (``sync_usage_on_loop``, the same
+statements), awaiting the group commit instead of blocking a worker thread on it.
 """
 
 from __future__ import annotations
 
 import hmac
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -122,10 +126,103 @@ def sync_usage(
     finally:
         fairy.close()  # back to the pool, rolled back (the reads' transaction, on PostgreSQL)
     if watched:  # usage may have crossed a threshold of these rules: evaluated afresh
-        with db.session(engine) as session:
-            if alerts.evaluate_in(session, alert_settings, now=now, key=key):
-                wake_alerts()
+        evaluate_alerts(engine, alert_settings, wake_alerts, key, now=now)
     return {"accepted": accepted, "duplicates": len(parsed) - accepted, "spent": spent}
+
+
+def evaluate_alerts(
+    engine: Engine,
+    alert_settings: alerts.AlertSettings,
+    wake_alerts: Callable[[], None],
+    key: VirtualKey,
+    *,
+    now: float,
+) -> None:
+    """The key's alert rules evaluated afresh after a sync that may have crossed one."""
+    with db.session(engine) as session:
+        if alerts.evaluate_in(session, alert_settings, now=now, key=key):
+            wake_alerts()
+
+
+class LoopReader:
+    """SQLite's sync on the event loop (``sync_usage_on_loop``): one connection of its own,
+    used only between two awaits, so it is never used by two requests at once.
+
+    A sync's statements on a local SQLite file take tens of microseconds, less than the hop
+    to a worker thread and back (about 70 µs each way); the wait for the group commit is an
+    await (``GroupCommit.run_async``), not a blocked thread. WAL readers do not wait for the
+    writer. Anything slow or rare (the ORM path of an uncached caller, the alert rules)
+    still goes to a worker thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        # One per thread running a loop (a served app has one; tests may run several apps
+        # on one context, each on its own loop thread).
+        self._connections: dict[int, Any] = {}
+
+    def connection(self) -> Any:
+        thread = threading.get_ident()
+        connection = self._connections.get(thread)
+        if connection is None:
+            connection = self._engine.raw_connection()  # the pool's connect events (WAL)
+            connection.detach()  # held for good: the pool's connections stay the threads'
+            self._connections[thread] = connection
+        return connection
+
+    def close(self) -> None:
+        while self._connections:
+            _, connection = self._connections.popitem()
+            connection.close()
+
+
+class Uncached(Exception):
+    """The on-loop sync cannot answer this caller from the cache: the worker-thread path
+    answers (``sync_usage``), with the ORM's checks and audit rows. Nothing was written."""
+
+
+async def sync_usage_on_loop(
+    *,
+    reader: LoopReader,
+    callers: devices.CallerCache,
+    writer: usage.GroupCommit,
+    parse: Parse,
+    token: str | None,
+    device_id: str | None,
+    device_token: str | None,
+    raw: bytes,
+    now: float,
+) -> tuple[dict[str, Any], VirtualKey | None]:
+    """``sync_usage`` on SQLite with its reads on the event loop: the same statements in the
+    same order, the writes in the same group commit, awaited. Raises ``Uncached`` (before
+    anything is written) when the cache cannot answer the caller. The second item is the key
+    when alert rules watch it (the caller evaluates them, off the loop), else None."""
+    sql = _SQLITE
+    connection = reader.connection()
+    cursor = connection.cursor()
+    try:
+        epoch = int(cursor.execute(_EPOCH).fetchone()[0])
+        caller = callers.caller_at(epoch, token, device_id, device_token, now=now)
+        if caller is None:
+            raise Uncached
+        key, device, team, customer = caller
+        parsed, failures = usage.parse_batch(parse(raw))
+        rows = _rows(cursor, sql, key, device, team, customer, parsed, now=now)
+    finally:
+        cursor.close()  # no statement left open across the await: no stale read snapshot
+
+    def write(connection: Any) -> int:
+        return _write(connection, sql, key, device, rows, failures, now=now)
+
+    accepted = await writer.run_async(write)  # answered once committed
+    connection = reader.connection()
+    cursor = connection.cursor()
+    try:
+        spent = _spent(cursor, sql, key, team, customer, now=now)
+        watched = _watched(cursor, sql, key, team)
+    finally:
+        cursor.close()
+    answer = {"accepted": accepted, "duplicates": len(parsed) - accepted, "spent": spent}
+    return answer, key if watched else None
 
 
 _Caller = tuple[VirtualKey, Device, Team | None, Customer | None]
@@ -360,23 +457,31 @@ def poll_bundle(
     device_id: str | None,
     device_token: str | None,
     now: float,
+    reader: LoopReader | None = None,
 ) -> Served | None:
     """The stored envelope for a poll whose key is cached and whose envelope is current, in one
     statement (it reads the epoch too); None: take the full path (``app._poll_bundle``), which
-    gives every refusal and re-reads the policy. The checks are ``Bundler.cached``'s."""
+    gives every refusal and re-reads the policy. The checks are ``Bundler.cached``'s. With
+    ``reader`` (SQLite, on the event loop) the statement runs on its connection."""
     if not (token and device_id and device_token):
         return None
     cached = callers.cached_key(token)
     if cached is None:
         return None
     epoch_cached, key = cached
-    sql = _dialect(engine)
-    fairy = engine.raw_connection()
-    try:
-        cursor = fairy.cursor()
-        row = cursor.execute(sql(_CACHED), (device_id, key.id)).fetchone()
-    finally:
-        fairy.close()
+    if reader is not None:
+        cursor = reader.connection().cursor()
+        try:
+            row = cursor.execute(_CACHED, (device_id, key.id)).fetchone()
+        finally:
+            cursor.close()
+    else:
+        sql = _dialect(engine)
+        fairy = engine.raw_connection()
+        try:
+            row = fairy.cursor().execute(sql(_CACHED), (device_id, key.id)).fetchone()
+        finally:
+            fairy.close()
     if row is None:
         return None
     version, envelope, issued_at, stored_epoch, built_with, epoch, status, token_hash = row

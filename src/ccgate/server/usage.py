@@ -19,6 +19,7 @@ answer) sums the rows, with the same result.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import re
 import threading
@@ -121,17 +122,33 @@ class GroupCommit:
     def run(self, write: Callable[[Any], int]) -> int:
         """Run ``write`` in the next group's transaction; return its result once committed."""
         job = _Write(write)
+        self._put(job)
+        job.done.wait()
+        return job.outcome()
+
+    async def run_async(self, write: Callable[[Any], int]) -> int:
+        """``run`` for a caller on the event loop: the loop is woken once the group is
+        committed (``call_soon_threadsafe``), so waiting takes no worker thread."""
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not committed.done():  # a cancelled caller (its client left) is not woken
+                committed.set_result(None)
+
+        job = _Write(write, on_done=lambda: loop.call_soon_threadsafe(wake))
+        self._put(job)
+        # Shielded: a cancelled request still leaves its write to the group (as a worker
+        # thread blocked in ``run`` would); it is only not answered.
+        await asyncio.shield(committed)
+        return job.outcome()
+
+    def _put(self, job: _Write) -> None:
         with self._lock:
             if self._stopped:
                 raise ServerStateError("The server is stopping; the daemon sends the batch again.")
             self._start()
             self._queue.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        if job.result is None:  # the writer thread was stopped mid-group
-            raise ServerStateError("The usage batch was not stored; the daemon sends it again.")
-        return job.result
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the writer thread (after the group it is committing) and close its connection;
@@ -149,7 +166,7 @@ class GroupCommit:
             except queue.Empty:
                 break
             if job is not None:
-                job.done.set()
+                job.finish()
 
     @property
     def running(self) -> bool:
@@ -185,7 +202,7 @@ class GroupCommit:
                     self._one_by_one(jobs)
                 finally:
                     for job in jobs:
-                        job.done.set()
+                        job.finish()
                 if stop:
                     return
         finally:
@@ -220,13 +237,31 @@ class GroupCommit:
 
 
 class _Write:
-    __slots__ = ("done", "error", "result", "write")
+    __slots__ = ("done", "error", "on_done", "result", "write")
 
-    def __init__(self, write: Callable[[Any], int]) -> None:
+    def __init__(
+        self, write: Callable[[Any], int], on_done: Callable[[], object] | None = None
+    ) -> None:
         self.write = write
         self.done = threading.Event()
+        self.on_done = on_done
         self.error: Exception | None = None
         self.result: int | None = None
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done()
+            except RuntimeError:  # the caller's loop is closed: nobody waits any more
+                pass
+
+    def outcome(self) -> int:
+        if self.error is not None:
+            raise self.error
+        if self.result is None:  # the writer thread was stopped mid-group
+            raise ServerStateError("The usage batch was not stored; the daemon sends it again.")
+        return self.result
 
 
 _COUNT_LIMITS: Final = tuple(
