@@ -332,6 +332,7 @@ class SyncResult:
     retried_requests: int
     client_cpu_ms_per_sync: float  # the load generator's own CPU: is it the limit?
     load_average: float  # the machine's 1-minute load average at the end (shared machines)
+    warm: bool = False  # each timed sync was its daemon's second (steady state), not its first
 
 
 class _Raw:
@@ -501,6 +502,7 @@ def sync_rate(
         retried_requests=RETRIES[0],
         client_cpu_ms_per_sync=round(client_cpu / daemons * 1000, 2),
         load_average=round(os.getloadavg()[0], 2),
+        warm=warm,
     )
 
 
