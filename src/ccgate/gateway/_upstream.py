@@ -448,9 +448,7 @@ class _Connection(asyncio.Protocol):
             if self._error is not None or self._lost:
                 self._check(request, "before the answer was complete")
             if timeout is not None:
-                self._deadline = loop.time() + timeout
-                if self._timer is None:
-                    self._timer = loop.call_at(self._deadline, self._timer_fired)
+                self._move_deadline(loop, timeout)
             waiter = self._waiter = loop.create_future()
             try:
                 await waiter
@@ -488,9 +486,7 @@ class _Connection(asyncio.Protocol):
                     return False
                 self._check(None, "before the answer was complete")
                 if timeout is not None:
-                    self._deadline = loop.time() + timeout
-                    if self._timer is None:
-                        self._timer = loop.call_at(self._deadline, self._timer_fired)
+                    self._move_deadline(loop, timeout)
                 waiter = self._waiter = loop.create_future()
                 try:
                     await waiter
@@ -540,6 +536,13 @@ class _Connection(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
+
+    def _move_deadline(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """The read deadline ``timeout`` from now; one timer serves every wait (it re-arms
+        itself to a deadline that moved while it slept)."""
+        self._deadline = loop.time() + timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._timer_fired)
 
     def _timer_fired(self) -> None:
         loop = asyncio.get_running_loop()

@@ -416,23 +416,10 @@ class Gateway:
                 model=record.model,
                 streamed=record.streamed,
             )
+            # The anthropic kind's request is the client's bytes with the key swapped in: sent
+            # as bytes by ccgate's transport (``raw``), and nothing to refuse in building it.
             raw = self._raw_opener(request, body, upstream, adapter, path=upstream_path)
-            if raw is not None:
-                # The anthropic kind's request is the client's bytes with the key swapped in:
-                # sent as bytes by ccgate's transport, and nothing to refuse in building it.
-                attempts.append(
-                    Attempt(
-                        build=build,
-                        base_url=upstream.base_url,
-                        adapter=adapter,
-                        candidate=candidate,
-                        timeouts=candidate.key.timeouts,
-                        raw=raw,
-                        prepare=prepare,
-                    )
-                )
-                continue
-            if not attempts:
+            if raw is None and not attempts:
                 # The first request is built here, so a problem building it is this request's
                 # refusal (or the provider kind's own answer) rather than a failed attempt.
                 try:
@@ -450,6 +437,7 @@ class Gateway:
                     adapter=adapter,
                     candidate=candidate,
                     timeouts=candidate.key.timeouts,
+                    raw=raw,
                     prepare=prepare,
                 )
             )
