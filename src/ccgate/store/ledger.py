@@ -13,10 +13,7 @@ Design:
   the lock, no checkpoint), because handing it to the writer thread and back costs more than
   the commit itself under load; when the lock is taken, or the commit fails, the row is queued
   as below. Everything else: ``record_start`` and ``record_finish``
-  snapshot the record and put it on a ``queue.SimpleQueue`` (``record_finish`` on an event
-  loop holds its writes ``FINISH_DELAY_S`` first, all of that window in one put burst, so the
-  writer wakes when the loop is idle and takes them in one transaction; ``committed``,
-  ``flush`` and ``stop_writer`` hand on what is held first); one writer thread owns the write
+  snapshot the record and put it on a ``queue.SimpleQueue``; one writer thread owns the write
   connection, drains whatever is queued, applies it in ONE transaction and commits. A failed
   commit (locked, disk full, read-only) keeps the batch and is retried with backoff; a record
   SQLite can never store is dropped alone, with a log line that names it but not its content.
@@ -39,7 +36,6 @@ import operator
 import os
 import queue
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -67,13 +63,6 @@ _BUSY_TIMEOUT_MS: Final = 5_000
 _BACKOFF_START_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 2.0
 _LOG_EVERY_N_FAILURES: Final = 10
-# A row written from the event loop by ``record_finish`` (a final row, a checkpoint) reaches
-# the writer this long after it was queued, all such rows of that window at once: the writer
-# then wakes when the answer's last byte is long gone and the loop is idle, not while the loop
-# is still finishing that answer (the hand-off of the GIL to a writer woken mid-answer cost
-# the daemon several times the commit itself). So a final row is durable about this much later
-# than before (plus the commit); the pending row, and so the crash guarantee, is unchanged.
-FINISH_DELAY_S: Final = 0.02
 
 
 class LedgerError(ConfigError):
@@ -996,12 +985,6 @@ class Ledger:
         self._writer: _Writer | None = None
         self._inline: sqlite3.Connection | None = None  # commit_start's, opened on first use
         self._inline_lock = threading.Lock()
-        # record_finish's writes held on the loop (FINISH_DELAY_S), and the timer that hands
-        # them on; the lock keeps two threads handing on from reordering them.
-        self._held: list[_Write] = []
-        self._held_timer: asyncio.TimerHandle | None = None
-        self._held_loop: asyncio.AbstractEventLoop | None = None
-        self._held_lock = threading.Lock()
         self._db = self._open()
 
     def __enter__(self) -> Ledger:
@@ -1090,37 +1073,8 @@ class Ledger:
 
     def record_finish(self, rec: RequestRecord) -> None:
         """Queue a write of the whole record (an UPDATE of its pending row, else an UPSERT).
-        Never blocks; safe on the loop.
-
-        On an event loop the write is held for ``FINISH_DELAY_S`` and handed to the writer with
-        every other one held by then (one timer per batch); ``committed``, ``flush`` and
-        ``stop_writer`` hand on what is held first, so they still cover it. Held and queued
-        writes keep their order (a request's checkpoints, then its final row)."""
-        op = _snapshot(_FINISH, rec)
-        loop = _running_loop()
-        if loop is None:
-            with self._held_lock:
-                self._hand_on_held()
-                self._queue().put(op)
-            return
-        self._held.append(op)
-        if self._held_timer is None or self._held_loop is not loop:
-            # (A timer armed on a loop that has since closed never fires: arm one here.)
-            self._held_loop = loop
-            self._held_timer = loop.call_later(FINISH_DELAY_S, self._held_due)
-
-    def _held_due(self) -> None:
-        self._held_timer = self._held_loop = None
-        with self._held_lock:
-            self._hand_on_held()
-
-    def _hand_on_held(self) -> None:
-        """Queue the held writes, in order; the caller holds ``_held_lock``."""
-        held, self._held = self._held, []
-        if held:
-            queued = self._queue()
-            for op in held:
-                queued.put(op)
+        Never blocks; safe on the loop."""
+        self._queue().put(_snapshot(_FINISH, rec))
 
     async def committed(self) -> None:
         """Wait (without blocking the loop) until everything queued so far is committed.
@@ -1131,9 +1085,7 @@ class Ledger:
 
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        with self._held_lock:
-            self._hand_on_held()
-            self._queue().put(_LoopWaiter(loop, future))
+        self._queue().put(_LoopWaiter(loop, future))
         await future
 
     def write_problem(self) -> tuple[str, float] | None:
@@ -1142,8 +1094,6 @@ class Ledger:
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far is committed; False if that took too long."""
-        with self._held_lock:
-            self._hand_on_held()
         writer = self._writer
         if writer is None or not writer.alive:
             return writer is None or writer.queue.empty()
@@ -1153,8 +1103,6 @@ class Ledger:
 
     def stop_writer(self, timeout: float = 5.0) -> None:
         """Commit what is queued, then stop the thread; give up after ``timeout`` seconds."""
-        with self._held_lock:
-            self._hand_on_held()
         writer = self._writer
         if writer is None:
             return
@@ -1408,12 +1356,6 @@ class Ledger:
                 inline.close()
         with self._lock:
             self._db.close()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    # asyncio is imported only where a loop can be running (the daemon): not for `ccgate usage`.
-    module = sys.modules.get("asyncio")
-    return module._get_running_loop() if module is not None else None
 
 
 def _to_row(values: tuple[Any, ...]) -> LedgerRow:
