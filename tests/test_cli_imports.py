@@ -22,7 +22,7 @@ try:
 except SystemExit:
     pass
 heavy = ("pydantic", "httpx", "keyring", "sqlmodel", "sqlalchemy", "starlette", "asyncio", "typer",
-         "http.client", "ssl", "plistlib")
+         "http.client", "ssl", "plistlib", "markdown_it")
 print(json.dumps(sorted(name for name in heavy if name in sys.modules)), file=sys.stderr)
 """
 
@@ -50,6 +50,26 @@ def test_status_imports_neither_typer_nor_an_http_client(args: list[str], tmp_pa
     loaded = imported(args, tmp_path)
     assert not loaded & {"pydantic", "keyring", "sqlmodel", "sqlalchemy", "typer"}
     assert not loaded & {"http.client", "ssl", "httpx", "starlette", "plistlib"}
+
+
+def test_markdown_still_works_after_the_help_defers_it() -> None:
+    # `--help` leaves rich.markdown unloaded (markdown-it is 40 ms); anything that does make a
+    # Markdown later gets the real one, from the name imported before and after.
+    probe = """
+import sys
+import ccgate.cli.root
+from rich.markdown import Markdown as early
+assert "markdown_it" not in sys.modules
+made = early("# Title")
+import rich.markdown
+from rich.console import Console
+assert type(made) is rich.markdown.Markdown, type(made)
+assert "markdown_it" in sys.modules
+console = Console(width=40, record=True)
+console.print(made)
+assert "Title" in console.export_text()
+"""
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
 
 
 def test_help_still_goes_through_typer(tmp_path: Path) -> None:

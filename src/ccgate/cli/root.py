@@ -79,6 +79,35 @@ def _lean_coercion() -> None:
 _lean_coercion()
 
 
+def _defer_markdown() -> None:
+    """Typer's help renderer imports ``rich.markdown`` (and with it markdown-it: 40 ms of the
+    150 ms `ccgate --help` may take) only to name ``Markdown``, which it makes solely for
+    ``rich_markup_mode="markdown"``; this app uses ``"rich"``. Until something really makes a
+    Markdown, ``rich.markdown`` is a stand-in whose ``Markdown`` loads the real module and
+    returns the real object (``import rich.markdown`` from then on gets the real module)."""
+    import sys
+    import types
+
+    if "rich.markdown" in sys.modules:
+        return
+    stand_in = types.ModuleType("rich.markdown")
+
+    class Markdown:
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            if sys.modules.get("rich.markdown") is stand_in:
+                del sys.modules["rich.markdown"]
+            import importlib
+
+            real = importlib.import_module("rich.markdown")
+            return real.Markdown(*args, **kwargs)
+
+    stand_in.Markdown = Markdown  # type: ignore[attr-defined]
+    sys.modules["rich.markdown"] = stand_in
+
+
+_defer_markdown()
+
+
 app = typer.Typer(
     name="ccgate",
     cls=_Group,
