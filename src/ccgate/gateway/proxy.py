@@ -507,12 +507,8 @@ class Gateway:
             return body
         try:
             parsed = parse_body(body)
-        except BodyError as exc:
+        except BodyError as exc:  # not JSON, not an object, a repeated key: the client's fault
             return _Refused.error(400, "invalid_request_error", str(exc))
-        if not isinstance(parsed, dict):
-            return _Refused.error(
-                400, "invalid_request_error", "The request body must be a JSON object."
-            )
         model = parsed.get("model")
         record.model = model if isinstance(model, str) else None
         record.streamed = parsed.get("stream") is True
