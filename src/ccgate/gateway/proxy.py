@@ -74,6 +74,7 @@ from ccgate.store.ledger import Ledger, LedgerWriteError, RequestRecord
 from ccgate.wire import HEALTH_PATH, error_response
 
 if TYPE_CHECKING:
+    from ccgate.accounting.pricing import PriceTable
     from ccgate.gateway._http import DirectExchange
     from ccgate.gateway.telemetry import SpanSink
 
@@ -378,15 +379,17 @@ class Gateway:
             record.lease_id = ticket.lease_id
         if self.settings.log_content and body:
             record.request_body = body
-        prices = billing.RequestPrices(policy.prices(), started_at=record.started_at)
-        if record.path == "/v1/messages":
-            _apply(record, billing.provisional(prices, model=record.model, body_bytes=len(body)))
-        ready: Callable[[], Awaitable[str | None]] | None = partial(self._ready, record)
+        # The prices and the pending row's input estimate wait until the request is on its
+        # way upstream (``_ready``), like the row's commit: nothing reads them before.
+        finish = _Finish(
+            self, record, t0=t0, body_bytes=len(body), table=policy.prices(), ticket=ticket
+        )
+        ready: Callable[[], Awaitable[str | None] | None] | None = partial(self._ready, finish)
         if self.ledger.write_problem() is not None:
             # Known to be failing: fail closed, a request that cannot be accounted for is not
             # sent, and the writer (whose retry clears the problem) stays the one to commit.
             # (Otherwise the commit overlaps the upstream round trip: _ready, Relay._relay.)
-            self.ledger.record_start(record)
+            self.ledger.record_start(finish.pending())
             problem = await self._commit_pending()
             if problem is not None:
                 return self._unsent(record, t0, ticket, self._unaccounted(problem))
@@ -456,7 +459,6 @@ class Gateway:
             attempts=tuple(attempts),
             plan=plan,
         )
-        finish = _Finish(self, record, t0=t0, body_bytes=len(body), prices=prices, ticket=ticket)
         return Relay(
             self.client,
             outbound,
@@ -563,15 +565,20 @@ class Gateway:
             return f"the write did not complete within {_COMMIT_TIMEOUT_S:.0f} s"
         return None
 
-    async def _ready(self, record: RequestRecord) -> str | None:
-        """Commit the pending row; None once it is committed, else what the client is told.
+    def _ready(self, finish: _Finish) -> Awaitable[str | None] | None:
+        """Commit the pending row: None once it is committed, else an awaitable of None (it
+        was committed) or of what the client is told.
 
         The relay runs this as soon as the request is on its way upstream (its first wait), so
-        the commit overlaps the upstream's work. It is made right here on the loop when the
-        write lock is free (one WAL append: handing it to the writer thread and waiting for its
-        answer cost more than that under load); otherwise the writer commits it."""
-        if self.ledger.commit_start(record):
+        the row's estimate and its commit overlap the upstream's work. It is made right here
+        on the loop when the write lock is free (one WAL append: handing it to the writer
+        thread and waiting for its answer cost more than that under load); otherwise the
+        writer commits it and the awaitable waits for that."""
+        if self.ledger.commit_start(finish.pending()):
             return None
+        return self._pending_committed()
+
+    async def _pending_committed(self) -> str | None:
         problem = await self._commit_pending()
         return None if problem is None else self._unaccounted(problem).message
 
@@ -729,17 +736,36 @@ class _Finish:
         *,
         t0: float,
         body_bytes: int,
-        prices: billing.RequestPrices,
+        table: PriceTable,
         ticket: Ticket | None,
     ) -> None:
         self.gateway = gateway
         self.record = record
         self.t0 = t0
         self.body_bytes = body_bytes
-        self.prices = prices
+        self._table = table  # the policy's at the request's start: a bundle may replace it
+        self._prices: billing.RequestPrices | None = None
         self.ticket = ticket
         self.request_model = record.model
         self.done_once = False
+
+    @property
+    def prices(self) -> billing.RequestPrices:
+        """The request's prices, looked up on first use (after the request went upstream)."""
+        prices = self._prices
+        if prices is None:
+            prices = self._prices = billing.RequestPrices(
+                self._table, started_at=self.record.started_at
+            )
+        return prices
+
+    def pending(self) -> RequestRecord:
+        """The record as its pending row: a Messages request charged its input estimate."""
+        rec = self.record
+        if rec.path == "/v1/messages":
+            estimate = billing.provisional(self.prices, model=rec.model, body_bytes=self.body_bytes)
+            _apply(rec, estimate)
+        return rec
 
     def _charge(self, metered: Metered | None, status: int | None) -> billing.Charge:
         return billing.charge(
