@@ -408,3 +408,34 @@ def test_a_slow_reader_pauses_the_upstream_instead_of_buffering_the_stream(
             assert received > flood.total  # every byte, plus the head
     finally:
         flood.close()
+
+
+class _Cycle:
+    """What ``DirectExchange._start`` reads and writes of uvicorn's cycle."""
+
+    def __init__(self) -> None:
+        self.scope: dict[str, Any] = {}
+        self.receive = None
+        self.response_started = False
+        self.waiting_for_100_continue = True
+        self.default_headers = [(b"server", b"uvicorn")]
+        self.keep_alive = True
+
+
+def test_the_head_refuses_exactly_the_header_bytes_uvicorn_refuses() -> None:
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    for byte in range(256):
+        char = bytes([byte])
+        for name, value, refused in (
+            (b"x-" + char, b"v", HEADER_RE.search(char) is not None),
+            (b"x-a", b"v" + char + b"w", HEADER_VALUE_RE.search(char) is not None),
+        ):
+            exchange = DirectExchange(_Cycle())  # type: ignore[arg-type]
+            headers = [(b"content-type", b"text/plain"), (name, value)]
+            if refused:
+                with pytest.raises(RuntimeError, match="Invalid HTTP header"):
+                    exchange._start(200, headers)
+            else:
+                exchange._start(200, headers)
+                assert exchange._head is not None and name.lower() + b": " + value in exchange._head

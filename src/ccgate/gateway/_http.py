@@ -88,6 +88,10 @@ try:
         STATUS_LINE,
         HttpToolsProtocol,
     )
+
+    # The bytes uvicorn's header checks refuse, in a name and in a value.
+    _BAD_NAME: Final = bytes(c for c in range(256) if HEADER_RE.search(bytes([c])))
+    _BAD_VALUE: Final = bytes(c for c in range(256) if HEADER_VALUE_RE.search(bytes([c])))
 except ImportError:  # httptools is not installed: h11 it is
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
@@ -144,9 +148,16 @@ class DirectExchange:
         content = [STATUS_LINE[status]]
         chunked: bool | None = None
         has_close = False
-        for name, value in cycle.default_headers + headers:
-            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
-                raise RuntimeError("Invalid HTTP header.")
+        headers = cycle.default_headers + headers
+        # uvicorn's two regular expressions per header, as one pass over all the names and
+        # one over all the values (each pattern is one character class).
+        names = b"".join([name for name, _ in headers])
+        values = b"".join([value for _, value in headers])
+        if len(names.translate(None, _BAD_NAME)) != len(names) or len(
+            values.translate(None, _BAD_VALUE)
+        ) != len(values):
+            raise RuntimeError("Invalid HTTP header.")
+        for name, value in headers:
             name = name.lower()
             if name == b"content-length" and chunked is None:
                 self._remaining = int(value.decode())

@@ -472,7 +472,9 @@ class Relay(Response):
         self._log_attempt(attempt, status=status, reason=reason, started=started)
         plan = self.outbound.plan
         if plan is not None and attempt.candidate is not None:
-            headers = _str_headers(reply.headers) if reply is not None else None
+            # The plan reads an answer's headers only to know how long a key is rate limited.
+            limited = reply is not None and reason == "rate_limited"
+            headers = _str_headers(reply.headers) if limited and reply is not None else None
             plan.report(
                 attempt.candidate, status=status, reason=reason, headers=headers, now=time.time()
             )
