@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S: Final = 10.0
@@ -124,6 +125,27 @@ class DirectExchange:
     @property
     def disconnected(self) -> bool:
         return self._gone or self._cycle.disconnected
+
+    async def read_body(self, limit: int) -> bytes | None:
+        """The whole request body, taken from uvicorn's buffer once it is complete: one copy
+        and no ``receive`` message per socket read. None as soon as more than ``limit`` bytes
+        have come; ``ClientDisconnect`` if the client hangs up first (as ``Request.stream``).
+        What ``receive`` does around it is kept: the ``100 Continue`` a client that asked for
+        one waits for, and reading resumed (uvicorn pauses it past 64 KB buffered)."""
+        cycle = self._cycle
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        while cycle.more_body and not self.disconnected:
+            if len(cycle.body) > limit:
+                return None
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if self.disconnected:
+            raise ClientDisconnect()
+        body, cycle.body = cycle.body, bytearray()
+        return None if len(body) > limit else bytes(body)
 
     def on_lost(self, callback: Callable[[], None] | None) -> None:
         """Run ``callback`` when the client hangs up (at once if it already has)."""

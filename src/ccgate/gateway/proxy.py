@@ -198,11 +198,19 @@ class _GuardMiddleware:
         if response is None:
             if self.messages is None:
                 raise RuntimeError("the lean path needs the messages handler")
-            response = await self.messages(Request(scope, exchange.receive))
+            response = await self.messages(_DirectRequest(scope, exchange))
         if isinstance(response, Relay):
             await response.direct(exchange)
         else:
             await exchange.respond(response)
+
+
+class _DirectRequest(Request):
+    """The lean path's request: its body is read from the exchange (``_read_body``)."""
+
+    def __init__(self, scope: Scope, exchange: DirectExchange) -> None:
+        super().__init__(scope, exchange.receive)
+        self.exchange = exchange
 
 
 class Gateway:
@@ -940,6 +948,9 @@ async def _read_body(request: Request) -> bytes | _Refused:
     # loopback takes well under a second.
     try:
         async with asyncio.timeout(_BODY_TIMEOUT_S):
+            if isinstance(request, _DirectRequest):
+                whole = await request.exchange.read_body(MAX_BODY_BYTES)
+                return _too_large() if whole is None else whole
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > MAX_BODY_BYTES:
