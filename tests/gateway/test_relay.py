@@ -153,6 +153,42 @@ async def test_the_pending_row_carries_the_input_estimate_while_the_upstream_ans
     assert (row.input_tokens, row.cost_micros, row.price_estimated) == (7, 7 * 3 + 15, False)
 
 
+async def test_a_pending_row_the_writer_was_busy_for_is_committed_once_the_upstream_answers(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer holds the lock while the request goes upstream (an earlier final row): the
+    # loop tries the commit again before relaying, and never waits for the writer.
+    from ccgate.gateway.proxy import Gateway
+
+    seen: list[LedgerRow] = []
+    waited: list[bool] = []
+    original = Gateway._commit_pending
+
+    async def spy(self: Gateway) -> str | None:
+        waited.append(True)
+        return await original(self)
+
+    monkeypatch.setattr(Gateway, "_commit_pending", spy)
+
+    async def answer(_request: httpx.Request) -> httpx.Response:
+        ledger._inline_lock.acquire()
+        try:
+            await anyio.sleep(0.05)  # the relay's first wait: the commit finds the lock busy
+            assert ledger.flush(timeout=10)
+            seen.extend(ledger.records())
+        finally:
+            ledger._inline_lock.release()
+        body = b'{"type":"message","model":"claude-sonnet-4-6","usage":{"input_tokens":7}}'
+        return httpx.Response(200, stream=httpx.ByteStream(body))
+
+    async with gateway_client(ledger, httpx.MockTransport(answer)) as (client, _):
+        response = await post(client, BODY)
+    assert response.status_code == 200
+    assert seen == []  # neither committed nor queued while the lock was held
+    assert waited == []  # committed by the loop's second try
+    assert stored(ledger).input_tokens == 7
+
+
 async def test_an_unreachable_upstream_gets_502_and_an_upstream_error_row(ledger: Ledger) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)

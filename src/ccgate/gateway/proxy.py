@@ -13,7 +13,8 @@ Design, in the order a request meets it:
 3. The policy admits it (standalone: always; server mode: the governor's limits and leases).
 4. The ledger gets a ``pending`` row, charged its input estimate (``accounting.billing``).
    It is committed while the request is on its way upstream: on the event loop when SQLite's
-   write lock is free (``Ledger.commit_start``: one WAL append), else by the writer thread; no
+   write lock is free (``Ledger.commit_start``: one WAL append), else on the loop again once
+   the upstream has answered, else by the writer thread; no
    byte of the answer is relayed until the commit has landed (see ``Relay._relay``). When the
    ledger is already known to be failing, the request is refused before it is sent (fail
    closed).
@@ -580,12 +581,21 @@ class Gateway:
         the row's estimate and its commit overlap the upstream's work. It is made right here
         on the loop when the write lock is free (one WAL append: handing it to the writer
         thread and waiting for its answer cost more than that under load); otherwise the
-        writer commits it and the awaitable waits for that."""
-        if self.ledger.commit_start(finish.pending()):
-            return None
-        return self._pending_committed()
+        writer commits it and the awaitable waits for that.
 
-    async def _pending_committed(self) -> str | None:
+        When the writer holds the lock (committing an earlier request's final row, which
+        takes a fraction of the upstream's answer time) the row is not handed to it at once:
+        the relay awaits the awaitable only once the upstream has answered, and it tries the
+        loop's commit again first. The writer's path (a thread to be scheduled and take the
+        GIL, then a wake-up of the loop) took milliseconds on a busy machine."""
+        record = finish.pending()
+        if self.ledger.commit_start(record, queue=False):
+            return None
+        return self._pending_committed(record)
+
+    async def _pending_committed(self, record: RequestRecord) -> str | None:
+        if self.ledger.commit_start(record):  # queued for the writer if the lock is busy
+            return None
         problem = await self._commit_pending()
         return None if problem is None else self._unaccounted(problem).message
 

@@ -218,7 +218,7 @@ class Relay(Response):
         # ``ready``, run from the loop once this task first waits (``_run_ready``): its
         # pending call, then what it left to wait for, or what it raised.
         self._ready_call: asyncio.Handle | None = None
-        self._ready_wait: asyncio.Future[str | None] | None = None
+        self._ready_wait: Awaitable[str | None] | None = None
         self._ready_error: BaseException | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -336,8 +336,9 @@ class Relay(Response):
         finally:
             if self._ready_call is not None:
                 self._ready_call.cancel()  # the attempts failed or were cancelled unwaited
-            if self._ready_wait is not None and not self._ready_wait.done():
-                self._ready_wait.cancel()
+            wait, self._ready_wait = self._ready_wait, None
+            if asyncio.iscoroutine(wait):
+                wait.close()  # never awaited: the attempts failed or were cancelled
             if chosen is not None:
                 answer = chosen[0]
                 if isinstance(answer, RawResponse):
@@ -356,19 +357,18 @@ class Relay(Response):
         except BaseException as exc:  # raised again in the relay's task
             self._ready_error = exc
             return
-        if waiting is not None:
-            self._ready_wait = asyncio.ensure_future(waiting)
+        self._ready_wait = waiting  # awaited when the relay gets there (``_until_ready``)
 
     async def _until_ready(self) -> str | None:
-        """``ready``'s answer: None once the pending row is committed, else the refusal."""
+        """``ready``'s answer: None once the pending row is committed, else the refusal.
+        What ``ready`` left to wait for is awaited here, once the attempts are done."""
         if self._ready_call is not None:  # this task never waited: run it now
             self._ready_call.cancel()
             self._run_ready()
         if self._ready_error is not None:
             raise self._ready_error
-        if self._ready_wait is not None:
-            return await self._ready_wait
-        return None
+        wait, self._ready_wait = self._ready_wait, None
+        return None if wait is None else await wait
 
     def _attempts(self) -> Sequence[Attempt]:
         out = self.outbound
