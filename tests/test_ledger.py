@@ -586,3 +586,13 @@ def test_commit_start_queues_while_the_writer_is_mid_transaction(ledger: Ledger)
         assert ledger.commit_start(rec(1)) is False
     assert ledger.flush(timeout=10)
     assert [r.id for r in ledger.records()] == [rec(1).id]
+
+
+def test_commit_start_without_queueing_leaves_a_busy_row_to_its_caller(ledger: Ledger) -> None:
+    # The gateway's first try: the writer mid-commit; it tries again once the upstream answered.
+    with ledger._inline_lock:
+        assert ledger.commit_start(rec(1), queue=False) is False
+    assert ledger.flush(timeout=10)
+    assert ledger.records() == []  # nothing was handed to the writer
+    assert ledger.commit_start(rec(1), queue=False) is True
+    assert [(r.id, r.outcome) for r in ledger.records()] == [(rec(1).id, "pending")]

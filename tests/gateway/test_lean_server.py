@@ -286,6 +286,70 @@ def test_a_dribbled_body_gets_408_and_a_row(
     assert (row.outcome, row.status) == ("rejected", 408)
 
 
+def test_a_large_body_sent_in_pieces_is_forwarded_byte_for_byte(
+    served: Served, fake: FakeUpstream
+) -> None:
+    # Past uvicorn's 64 KB pause: the exchange resumes reading until the body is complete.
+    body = _body(stream=False, system="x" * 700_000)
+    request = _request(served.port, body)
+    with socket.create_connection(("127.0.0.1", served.port)) as conn:
+        for at in range(0, len(request), 100_000):
+            conn.sendall(request[at : at + 100_000])
+            time.sleep(0.01)
+        (answer,), closed = _read(conn, 1)
+    assert answer["status"] == 200 and not closed
+    assert fake.requests[-1].body == body
+
+
+def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(
+    served: Served, fake: FakeUpstream
+) -> None:
+    body = _body(stream=False)
+    request = _request(served.port, body, extra=b"expect: 100-continue\r\n")
+    with socket.create_connection(("127.0.0.1", served.port)) as conn:
+        conn.sendall(request[: -len(body)])
+        conn.settimeout(10)
+        assert conn.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        conn.sendall(body)
+        (answer,), _ = _read(conn, 1)
+    assert answer["status"] == 200 and fake.requests[-1].body == body
+
+
+def test_a_chunked_body_over_the_cap_gets_413_and_a_row(
+    served: Served, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ccgate.gateway import proxy
+
+    monkeypatch.setattr(proxy, "MAX_BODY_BYTES", 100_000)  # no Content-Length to refuse early
+    body = _body(stream=False, system="x" * 200_000)
+    head = (
+        b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nx-api-key: %s\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" % (served.port, KEY.encode())
+    )
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[at : at + 50_000]), body[at : at + 50_000])
+        for at in range(0, len(body), 50_000)
+    )
+    with socket.create_connection(("127.0.0.1", served.port)) as conn:
+        conn.sendall(head + chunks + b"0\r\n\r\n")
+        (answer,), _ = _read(conn, 1)
+    assert answer["status"] == 413
+    (row,) = served.rows(1)
+    assert (row.outcome, row.status) == ("rejected", 413)
+    assert fake.requests == []
+
+
+def test_a_client_hanging_up_mid_body_leaves_the_daemon_serving(served: Served) -> None:
+    body = _body(stream=False)
+    with socket.create_connection(("127.0.0.1", served.port)) as conn:
+        conn.sendall(_request(served.port, body)[: -len(body) // 2])
+        time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", served.port)) as conn:
+        conn.sendall(_request(served.port, body))
+        (answer,), _ = _read(conn, 1)
+    assert answer["status"] == 200
+
+
 def test_a_client_hanging_up_mid_stream_cancels_the_upstream_request(
     served: Served, fake: FakeUpstream
 ) -> None:
@@ -408,3 +472,34 @@ def test_a_slow_reader_pauses_the_upstream_instead_of_buffering_the_stream(
             assert received > flood.total  # every byte, plus the head
     finally:
         flood.close()
+
+
+class _Cycle:
+    """What ``DirectExchange._start`` reads and writes of uvicorn's cycle."""
+
+    def __init__(self) -> None:
+        self.scope: dict[str, Any] = {}
+        self.receive = None
+        self.response_started = False
+        self.waiting_for_100_continue = True
+        self.default_headers = [(b"server", b"uvicorn")]
+        self.keep_alive = True
+
+
+def test_the_head_refuses_exactly_the_header_bytes_uvicorn_refuses() -> None:
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    for byte in range(256):
+        char = bytes([byte])
+        for name, value, refused in (
+            (b"x-" + char, b"v", HEADER_RE.search(char) is not None),
+            (b"x-a", b"v" + char + b"w", HEADER_VALUE_RE.search(char) is not None),
+        ):
+            exchange = DirectExchange(_Cycle())  # type: ignore[arg-type]
+            headers = [(b"content-type", b"text/plain"), (name, value)]
+            if refused:
+                with pytest.raises(RuntimeError, match="Invalid HTTP header"):
+                    exchange._start(200, headers)
+            else:
+                exchange._start(200, headers)
+                assert exchange._head is not None and name.lower() + b": " + value in exchange._head

@@ -125,6 +125,70 @@ async def test_a_200_without_usage_is_billed_its_input_estimate(
     assert row.cost_micros > 0
 
 
+async def test_the_pending_row_carries_the_input_estimate_while_the_upstream_answers(
+    ledger: Ledger,
+) -> None:
+    # The estimate is computed once the request is on its way upstream, with the row's commit:
+    # a daemon killed before the answer still bills it (recover_pending keeps the cost).
+    seen: list[LedgerRow] = []
+
+    async def answer(_request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(0.05)  # the relay's first wait: the row is committed meanwhile
+        seen.extend(ledger.records())
+        answer = (
+            b'{"type":"message","model":"claude-sonnet-4-6",'
+            b'"usage":{"input_tokens":7,"output_tokens":1}}'
+        )
+        return httpx.Response(200, stream=httpx.ByteStream(answer))
+
+    async with gateway_client(ledger, httpx.MockTransport(answer)) as (client, _):
+        response = await post(client, BODY)
+    assert response.status_code == 200
+    (pending,) = seen
+    body_bytes = len(json.dumps(BODY))
+    assert (pending.outcome, pending.input_tokens) == ("pending", -(-body_bytes // 4))
+    assert (pending.price_estimated, pending.price_version) == (True, INPUT_ESTIMATE)
+    assert pending.cost_micros == -(-body_bytes // 4) * 3  # Sonnet input, $3 per MTok
+    row = stored(ledger)  # the final row replaced the estimate with the reported usage
+    assert (row.input_tokens, row.cost_micros, row.price_estimated) == (7, 7 * 3 + 15, False)
+
+
+async def test_a_pending_row_the_writer_was_busy_for_is_committed_once_the_upstream_answers(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer holds the lock while the request goes upstream (an earlier final row): the
+    # loop tries the commit again before relaying, and never waits for the writer.
+    from ccgate.gateway.proxy import Gateway
+
+    seen: list[LedgerRow] = []
+    waited: list[bool] = []
+    original = Gateway._commit_pending
+
+    async def spy(self: Gateway) -> str | None:
+        waited.append(True)
+        return await original(self)
+
+    monkeypatch.setattr(Gateway, "_commit_pending", spy)
+
+    async def answer(_request: httpx.Request) -> httpx.Response:
+        ledger._inline_lock.acquire()
+        try:
+            await anyio.sleep(0.05)  # the relay's first wait: the commit finds the lock busy
+            assert ledger.flush(timeout=10)
+            seen.extend(ledger.records())
+        finally:
+            ledger._inline_lock.release()
+        body = b'{"type":"message","model":"claude-sonnet-4-6","usage":{"input_tokens":7}}'
+        return httpx.Response(200, stream=httpx.ByteStream(body))
+
+    async with gateway_client(ledger, httpx.MockTransport(answer)) as (client, _):
+        response = await post(client, BODY)
+    assert response.status_code == 200
+    assert seen == []  # neither committed nor queued while the lock was held
+    assert waited == []  # committed by the loop's second try
+    assert stored(ledger).input_tokens == 7
+
+
 async def test_an_unreachable_upstream_gets_502_and_an_upstream_error_row(ledger: Ledger) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
@@ -312,6 +376,72 @@ async def test_nothing_is_relayed_before_ready_and_the_request_is_in_flight_mean
     assert order == ["upstream", "ready"]
     assert call.sent[0]["status"] == 200
     assert observed[0].withheld is False
+
+
+@pytest.mark.parametrize("upstream_waits", [True, False])
+async def test_a_ready_that_commits_at_once_runs_once_after_the_request_is_sent(
+    upstream_waits: bool,
+) -> None:
+    # The gateway's ready commits on the loop and returns None (nothing to wait for): it is
+    # called back when the relay first waits, or, if the relay never did, before relaying.
+    order: list[str] = []
+
+    async def answer(_request: httpx.Request) -> httpx.Response:
+        order.append("upstream")
+        if upstream_waits:
+            await anyio.sleep(0.01)
+        return httpx.Response(200, stream=httpx.ByteStream(b'{"type":"message"}'))
+
+    def ready() -> None:
+        order.append("ready")
+
+    call = _Asgi(b"")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
+        relay = Relay(
+            upstream,
+            Outbound(
+                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
+                base_url=BASE,
+                request_id="r1",
+                streamed=False,
+                meter=False,
+            ),
+            on_progress=lambda _m: None,
+            on_finish=lambda _o: None,
+            ready=ready,
+        )
+        await relay({"type": "http"}, call.receive, call.send)
+    assert order == ["upstream", "ready"]
+    assert call.sent[0]["status"] == 200
+
+
+async def test_a_ready_that_raises_fails_the_relay_and_relays_nothing() -> None:
+    def ready() -> None:
+        raise ValueError("unknown outcome")
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(b'{"type":"message"}'))
+
+    call = _Asgi(b"")
+    observed: list[Observation] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
+        relay = Relay(
+            upstream,
+            Outbound(
+                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
+                base_url=BASE,
+                request_id="r1",
+                streamed=False,
+                meter=False,
+            ),
+            on_progress=lambda _m: None,
+            on_finish=observed.append,
+            ready=ready,
+        )
+        with pytest.raises(ValueError, match="unknown outcome"):
+            await relay({"type": "http"}, call.receive, call.send)
+    assert call.sent == []
+    assert len(observed) == 1  # the final row is still made
 
 
 async def test_an_answer_whose_row_cannot_be_committed_is_withheld_with_503() -> None:

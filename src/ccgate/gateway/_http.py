@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S: Final = 10.0
@@ -88,6 +89,10 @@ try:
         STATUS_LINE,
         HttpToolsProtocol,
     )
+
+    # The bytes uvicorn's header checks refuse, in a name and in a value.
+    _BAD_NAME: Final = bytes(c for c in range(256) if HEADER_RE.search(bytes([c])))
+    _BAD_VALUE: Final = bytes(c for c in range(256) if HEADER_VALUE_RE.search(bytes([c])))
 except ImportError:  # httptools is not installed: h11 it is
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
@@ -121,6 +126,27 @@ class DirectExchange:
     def disconnected(self) -> bool:
         return self._gone or self._cycle.disconnected
 
+    async def read_body(self, limit: int) -> bytes | None:
+        """The whole request body, taken from uvicorn's buffer once it is complete: one copy
+        and no ``receive`` message per socket read. None as soon as more than ``limit`` bytes
+        have come; ``ClientDisconnect`` if the client hangs up first (as ``Request.stream``).
+        What ``receive`` does around it is kept: the ``100 Continue`` a client that asked for
+        one waits for, and reading resumed (uvicorn pauses it past 64 KB buffered)."""
+        cycle = self._cycle
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        while cycle.more_body and not self.disconnected:
+            if len(cycle.body) > limit:
+                return None
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if self.disconnected:
+            raise ClientDisconnect()
+        body, cycle.body = cycle.body, bytearray()
+        return None if len(body) > limit else bytes(body)
+
     def on_lost(self, callback: Callable[[], None] | None) -> None:
         """Run ``callback`` when the client hangs up (at once if it already has)."""
         self._lost = callback
@@ -144,9 +170,16 @@ class DirectExchange:
         content = [STATUS_LINE[status]]
         chunked: bool | None = None
         has_close = False
-        for name, value in cycle.default_headers + headers:
-            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
-                raise RuntimeError("Invalid HTTP header.")
+        headers = cycle.default_headers + headers
+        # uvicorn's two regular expressions per header, as one pass over all the names and
+        # one over all the values (each pattern is one character class).
+        names = b"".join([name for name, _ in headers])
+        values = b"".join([value for _, value in headers])
+        if len(names.translate(None, _BAD_NAME)) != len(names) or len(
+            values.translate(None, _BAD_VALUE)
+        ) != len(values):
+            raise RuntimeError("Invalid HTTP header.")
+        for name, value in headers:
             name = name.lower()
             if name == b"content-length" and chunked is None:
                 self._remaining = int(value.decode())

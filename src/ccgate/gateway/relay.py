@@ -187,7 +187,7 @@ class Relay(Response):
         *,
         on_progress: Callable[[Metered], None],
         on_finish: Callable[[Observation], None],
-        ready: Callable[[], Awaitable[str | None]] | None = None,
+        ready: Callable[[], Awaitable[str | None] | None] | None = None,
     ) -> None:
         self.client = client
         self.outbound = outbound
@@ -215,6 +215,11 @@ class Relay(Response):
         self._attempt_log: list[dict[str, Any]] = []
         self._served_by: str | None = None
         self._direct: DirectExchange | None = None  # the lean path's exchange (``direct``)
+        # ``ready``, run from the loop once this task first waits (``_run_ready``): its
+        # pending call, then what it left to wait for, or what it raised.
+        self._ready_call: asyncio.Handle | None = None
+        self._ready_wait: Awaitable[str | None] | None = None
+        self._ready_error: BaseException | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One plain task for the watcher and a cancel scope around the relay, rather than a
@@ -290,15 +295,17 @@ class Relay(Response):
 
         The commit and the upstream round trips overlap, so the disk wait is hidden behind the
         network wait instead of added to it; nothing is relayed until the row is durable, and
-        ``ready`` is awaited once, whichever attempt ends up relayed.
+        ``ready`` runs once, whichever attempt ends up relayed.
         """
         chosen: tuple[httpx.Response | RawResponse, Reply] | None = None
         failed: tuple[int, str] | None = None
         not_ready: str | None = None
-        # A task: it first runs when this one first waits, once the request has been written
-        # upstream (or while connecting), so even a commit made on the loop overlaps the
-        # upstream's work. None: the row was committed before the request came here.
-        ready = asyncio.ensure_future(self.ready()) if self.ready is not None else None
+        # Called back from the loop when this task first waits, once the request has been
+        # written upstream (or while connecting), so even a commit made on the loop overlaps
+        # the upstream's work; a plain callback, not a task, as the commit rarely waits.
+        # None: the row was committed before the request came here.
+        if self.ready is not None:
+            self._ready_call = asyncio.get_running_loop().call_soon(self._run_ready)
         try:
             self._sent_at = time.perf_counter()
             attempts = list(self._attempts())
@@ -315,8 +322,8 @@ class Relay(Response):
                 index += 1
                 if failed is not None and not await _prepare_next(attempts, index - 1):
                     break
-            if ready is not None:
-                not_ready = await ready
+            if self.ready is not None:
+                not_ready = await self._until_ready()
             self._relaying_at = time.perf_counter()
             if not_ready is not None:
                 self._withheld = chosen is not None
@@ -327,8 +334,11 @@ class Relay(Response):
             else:
                 await self._pump(chosen[1], send, _finished(*chosen), chosen[0])
         finally:
-            if ready is not None and not ready.done():
-                ready.cancel()  # the attempts failed or were cancelled
+            if self._ready_call is not None:
+                self._ready_call.cancel()  # the attempts failed or were cancelled unwaited
+            wait, self._ready_wait = self._ready_wait, None
+            if asyncio.iscoroutine(wait):
+                wait.close()  # never awaited: the attempts failed or were cancelled
             if chosen is not None:
                 answer = chosen[0]
                 if isinstance(answer, RawResponse):
@@ -338,6 +348,27 @@ class Relay(Response):
                 else:
                     with anyio.CancelScope(shield=True):
                         await answer.aclose()
+
+    def _run_ready(self) -> None:
+        self._ready_call = None
+        assert self.ready is not None
+        try:
+            waiting = self.ready()
+        except BaseException as exc:  # raised again in the relay's task
+            self._ready_error = exc
+            return
+        self._ready_wait = waiting  # awaited when the relay gets there (``_until_ready``)
+
+    async def _until_ready(self) -> str | None:
+        """``ready``'s answer: None once the pending row is committed, else the refusal.
+        What ``ready`` left to wait for is awaited here, once the attempts are done."""
+        if self._ready_call is not None:  # this task never waited: run it now
+            self._ready_call.cancel()
+            self._run_ready()
+        if self._ready_error is not None:
+            raise self._ready_error
+        wait, self._ready_wait = self._ready_wait, None
+        return None if wait is None else await wait
 
     def _attempts(self) -> Sequence[Attempt]:
         out = self.outbound
@@ -441,7 +472,9 @@ class Relay(Response):
         self._log_attempt(attempt, status=status, reason=reason, started=started)
         plan = self.outbound.plan
         if plan is not None and attempt.candidate is not None:
-            headers = _str_headers(reply.headers) if reply is not None else None
+            # The plan reads an answer's headers only to know how long a key is rate limited.
+            limited = reply is not None and reason == "rate_limited"
+            headers = _str_headers(reply.headers) if limited and reply is not None else None
             plan.report(
                 attempt.candidate, status=status, reason=reason, headers=headers, now=time.time()
             )

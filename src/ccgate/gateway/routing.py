@@ -277,7 +277,9 @@ class Router:
         headers: Mapping[str, str] | None,
         now: float,
     ) -> None:
-        """What one attempt got: ``reason`` None when it served (whatever its status)."""
+        """What one attempt got: ``reason`` None when it served (whatever its status);
+        ``headers`` are read only for a ``rate_limited`` answer (the relay passes them only
+        then)."""
         key = candidate.key
         breaker = self._breakers.setdefault(key.provider, _Breaker())
         if reason in _PROVIDER_FAILURES:

@@ -1043,17 +1043,19 @@ class Ledger:
         """Queue the INSERT of a new (normally pending) row. Never blocks; safe on the loop."""
         self._queue().put(_snapshot(_INSERT_START, rec))
 
-    def commit_start(self, rec: RequestRecord) -> bool:
+    def commit_start(self, rec: RequestRecord, *, queue: bool = True) -> bool:
         """Insert and commit a pending row on the calling thread if SQLite's write lock is free
         right now; True once it is committed. Otherwise (the writer holds the lock, or the
-        commit failed) it is queued as ``record_start`` does, and False.
+        commit failed) it is queued as ``record_start`` does (with ``queue=False``: left for
+        the caller to try again), and False.
 
         Never waits for the lock (``busy_timeout`` 0) and never checkpoints the WAL (the
         writer's connection does), so on the event loop it costs one WAL append."""
         op = _snapshot(_INSERT_START, rec)
         queued = self._queue()
         if not self._inline_lock.acquire(blocking=False):
-            queued.put(op)
+            if queue:
+                queued.put(op)
             return False
         try:
             db = self._inline
@@ -1065,7 +1067,8 @@ class Ledger:
         except sqlite3.Error:
             # Locked by the writer (or another process), or failing: the writer's retries and
             # its problem reporting take it from here.
-            queued.put(op)
+            if queue:
+                queued.put(op)
             return False
         finally:
             self._inline_lock.release()
