@@ -142,9 +142,16 @@ def fake_upstream(
         stop(process)
 
 
-def _wait_announced(process: subprocess.Popen[bytes], log: Path, *, timeout: float) -> str:
+def _wait_announced(
+    process: subprocess.Popen[bytes],
+    log: Path,
+    *,
+    timeout: float,
+    prefix: str = "fake upstream on ",
+    name: str = "fake upstream",
+) -> str:
+    """The rest of the first line of ``log`` that starts with ``prefix``, once there is one."""
     deadline = time.monotonic() + timeout
-    prefix = "fake upstream on "
     while time.monotonic() < deadline:
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith(prefix):
@@ -152,7 +159,7 @@ def _wait_announced(process: subprocess.Popen[bytes], log: Path, *, timeout: flo
         if process.poll() is not None:
             break
         time.sleep(0.02)
-    raise _fail_start("fake upstream", process, log)
+    raise _fail_start(name, process, log)
 
 
 @contextlib.contextmanager
@@ -363,7 +370,10 @@ def _host_port(url: str) -> str:
 def byte_pump(
     *, upstream_url: str, env: Mapping[str, str], work: Path, timeout: float = 20.0
 ) -> Iterator[Service]:
-    """``python -m bench.pump`` from a free port to the upstream; ready once HTTP goes through."""
+    """``python -m bench.pump`` from a free port to the upstream; ready once it says so.
+
+    No request goes through to check it: the upstream sees only the client's requests.
+    """
     port = free_port()
     log = work / "pump.log"
     command = [sys.executable, "-m", "bench.pump", "--listen", str(port)]
@@ -371,7 +381,7 @@ def byte_pump(
     process = _spawn(command=command, env=env, log=log)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/", process, log, name="byte pump", timeout=timeout)
+        _wait_announced(process, log, timeout=timeout, prefix="pump on ", name="byte pump")
         yield Service(name="byte pump", url=url, process=process, log=log)
     finally:
         stop(process)
@@ -401,10 +411,24 @@ def socat(
     process = _spawn(command=command, env=env, log=log)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/", process, log, name="socat", timeout=timeout)
+        _wait_listening(port, process, log, name="socat", timeout=timeout)
         yield Service(name="socat", url=url, process=process, log=log)
     finally:
         stop_session(process)
+
+
+def _wait_listening(
+    port: int, process: subprocess.Popen[bytes], log: Path, *, name: str, timeout: float
+) -> None:
+    """Until a TCP connection to ``port`` is accepted (socat prints nothing when it is ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1.0):
+            return
+        time.sleep(0.05)
+    raise _fail_start(name, process, log)
 
 
 def stop_session(process: subprocess.Popen[bytes], *, timeout: float = 10.0) -> None:
