@@ -263,10 +263,17 @@ class ProcStats:
 
     def children_cpu_seconds(self) -> float | None:
         """User plus system time of the children this process has reaped (cutime + cstime)."""
+        split = self.cpu_split(children=True)
+        return None if split is None else split[0] + split[1]
+
+    def cpu_split(self, *, children: bool = False) -> tuple[float, float] | None:
+        """(user, system) seconds: the process's own, or its reaped children's."""
         fields = self._stat_fields()
         if fields is None:
             return None
-        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        at = 13 if children else 11
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[at]) / tick, int(fields[at + 1]) / tick
 
     def _stat_fields(self) -> list[str] | None:
         try:
@@ -311,12 +318,18 @@ class ProcTree:
         return ProcStats(self.pid).available
 
     def cpu_seconds(self) -> float | None:
+        split = self.cpu_split()
+        return None if split is None else split[0] + split[1]
+
+    def cpu_split(self) -> tuple[float, float] | None:
+        """(user, system) seconds of the parent, its reaped children and its live ones."""
         parent = ProcStats(self.pid)
-        own, reaped = parent.cpu_seconds(), parent.children_cpu_seconds()
+        own, reaped = parent.cpu_split(), parent.cpu_split(children=True)
         if own is None or reaped is None:
             return None
-        live = [ProcStats(child).cpu_seconds() for child in child_pids(self.pid)]
-        return own + reaped + sum(c for c in live if c is not None)
+        parts = [own, reaped] + [ProcStats(child).cpu_split() for child in child_pids(self.pid)]
+        present = [part for part in parts if part is not None]
+        return sum(u for u, _ in present), sum(s for _, s in present)
 
     def rss_kib(self) -> int | None:
         """The parent's and every live child's VmRSS, summed (shared pages count per process)."""

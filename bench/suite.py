@@ -12,8 +12,8 @@ direct's headers. ``--no-floor`` leaves them out. Phases, in order:
 1. streams: time to first byte and to the end of a 100 KB Claude Code-shaped request;
 2. non-streaming: the same body with ``"stream": false``;
 3. CPU per streaming request: for each process in the path, user + system time from
-   ``/proc/<pid>/stat`` around a batch of streams sent to it alone (socat: the parent, its
-   reaped children and its live ones, ``ProcTree``);
+   ``/proc/<pid>/stat`` around a batch of streams sent to it alone, user and system apart
+   (socat: the parent, its reaped children and its live ones, ``ProcTree``);
 4. load: 16 concurrent streaming clients per target (two alternating halves), requests/s;
 5. 64 concurrent slow streams (events 50 ms apart) through ccgate and direct: the wall time
    against one slow stream alone, the gap between events, the daemon's memory while they run,
@@ -331,7 +331,9 @@ def _measure(
             client, targets, once=measure.json_once, body=json_body, requests=n
         )
         progress(f"CPU: a batch of {s.cpu_batch} streams per process")
-        cpu, forked_peak = _cpu_per_stream(client, targets, body=stream_body, batch=s.cpu_batch)
+        cpu, cpu_split, forked_peak = _cpu_per_stream(
+            client, targets, body=stream_body, batch=s.cpu_batch
+        )
     progress(f"load: {n} streams per target from {s.concurrency} clients")
     loads = _load(targets, body=stream_body, requests=n, concurrency=s.concurrency)
     progress(f"{SLOW_STREAMS} concurrent slow streams (events {SLOW_DELAY_MS} ms apart)")
@@ -362,6 +364,7 @@ def _measure(
         },
         "non_streaming": {"latency_ms": _added(plain, "total_s", names)},
         "cpu_ms_per_stream": cpu,
+        "cpu_user_system_ms_per_stream": cpu_split,
         "load": loads,
         "slow_streams": slow,
         "rss_kib": {"idle": rss_idle, "peak": peak, "ccgate_under_slow": slow["ccgate_rss_kib"]},
@@ -398,28 +401,33 @@ def _added(series: dict[str, measure.Series], attribute: str, names: list[str]) 
 
 def _cpu_per_stream(
     client: httpx.Client, targets: tuple[Target, ...], *, body: bytes, batch: int
-) -> tuple[dict[str, float | None], dict[str, int | None]]:
-    """CPU ms per stream of each process in the path; and a forking one's peak RSS.
+) -> tuple[dict[str, float | None], dict[str, list[float]], dict[str, int | None]]:
+    """CPU ms per stream of each process in the path, split as [user, system]; a forking
+    one's peak RSS.
 
     The client is keep-alive, so a forking server (socat) serves the whole batch from one child,
     and its peak memory is read while that child still lives: the parent plus one connection.
     """
     cpu: dict[str, float | None] = {}
+    split: dict[str, list[float]] = {}
     forked_peak: dict[str, int | None] = {}
     for target in targets:
         if target.pid is None:
             continue
         stats = _stats(target)
-        before = stats.cpu_seconds()
+        before = stats.cpu_split()
         for _ in range(batch):
             measure.stream_once(client, target, body)
-        after = stats.cpu_seconds()
-        cpu[target.name] = (
-            None if before is None or after is None else round((after - before) / batch * 1000, 2)
-        )
+        after = stats.cpu_split()
+        if before is None or after is None:
+            cpu[target.name] = None
+        else:
+            user, system = ((a - b) / batch * 1000 for a, b in zip(after, before, strict=True))
+            cpu[target.name] = round(user + system, 2)
+            split[target.name] = [round(user, 2), round(system, 2)]
         if target.forks:
             forked_peak[target.name] = stats.peak_rss_kib()
-    return cpu, forked_peak
+    return cpu, split, forked_peak
 
 
 def _load(
@@ -843,6 +851,12 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
     return [row.__dict__ for row in rows]
 
 
+def _cpu_cell(result: dict[str, Any], name: str) -> str:
+    total = report.number(result["cpu_ms_per_stream"].get(name), digits=2)
+    split = result.get("cpu_user_system_ms_per_stream", {}).get(name)
+    return total if split is None else f"{total} ({split[0]:.2f} + {split[1]:.2f})"
+
+
 def _floor_note(table: dict[str, Any], q: str) -> str:
     """The floor targets' added ms at ``q``, to stand next to ccgate's."""
     parts = [f"{name} {table[name]['added'][q]:.2f}" for name in FLOOR if name in table]
@@ -935,7 +949,7 @@ def render(result: dict[str, Any]) -> str:
         _md(
             [
                 "Per process",
-                "CPU ms / stream",
+                "CPU ms / stream (user + sys)",
                 "RSS idle",
                 "RSS peak",
                 f"req/s at {result['load']['concurrency']} streams",
@@ -949,7 +963,7 @@ def render(result: dict[str, Any]) -> str:
             _md(
                 [
                     name,
-                    report.number(result["cpu_ms_per_stream"].get(name), digits=2),
+                    _cpu_cell(result, name),
                     report.mib(rss["idle"].get(name)) if name != DIRECT else "-",
                     report.mib(rss["peak"].get(name)) if name != DIRECT else "-",
                     report.number(result["load"]["requests_per_s"].get(name)),

@@ -121,6 +121,11 @@ def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: P
     # Every target in the path answered every phase, and its process was measured.
     assert set(doc["load"]["requests_per_s"]) == set(names)
     assert set(doc["cpu_ms_per_stream"]) == set(names[1:])
+    if sys.platform == "linux":  # user and system time apart, summing to the total
+        split = doc["cpu_user_system_ms_per_stream"]
+        assert set(split) == set(names[1:])
+        for name, (user, system) in split.items():
+            assert user + system == pytest.approx(doc["cpu_ms_per_stream"][name], abs=0.011)
     slow = doc["slow_streams"]
     assert slow["ledger_rows_added"] == slow["ledger_rows_expected"] == slow["streams"] + 1
     assert doc["cli"]["usage_rows"] == 5_000
