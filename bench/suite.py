@@ -221,6 +221,7 @@ def run(settings: Settings, *, progress: Progress) -> dict[str, Any]:
     if settings.server:
         result["server"] = _server_phase(settings, progress=progress)
     result["targets"] = targets_table(result)
+    result["floor_distance"] = floor_distances(result)
     return result
 
 
@@ -863,23 +864,51 @@ def _floor_note(table: dict[str, Any], q: str) -> str:
     return f" (floor: {', '.join(parts)})" if parts else ""
 
 
-def floor_distance(result: dict[str, Any], floor: str, *, over: str = CCGATE) -> str | None:
-    """``over``'s added p50s and CPU minus ``floor``'s: what it costs beyond that bare hop."""
+_DISTANCE_PAIRS = ((CCGATE, PUMP), (CCGATE, SOCAT), (PUMP, SOCAT))
+
+
+def floor_differences(
+    result: dict[str, Any], floor: str, *, over: str = CCGATE
+) -> dict[str, float | None] | None:
+    """``over``'s added p50s (ms) and CPU per stream minus ``floor``'s: its cost beyond that hop.
+
+    None when either target did not run.
+    """
     tables = (
-        ("non-streaming", result["non_streaming"]["latency_ms"]),
-        ("first byte", result["streaming"]["ttfb_ms"]),
-        ("total", result["streaming"]["total_ms"]),
+        ("non_streaming", result["non_streaming"]["latency_ms"]),
+        ("first_byte", result["streaming"]["ttfb_ms"]),
+        ("stream_total", result["streaming"]["total_ms"]),
     )
     if any(floor not in table or over not in table for _, table in tables):
         return None
-    parts = [
-        f"{label} {table[over]['added']['p50'] - table[floor]['added']['p50']:+.2f}"
-        for label, table in tables
-    ]
-    text = ", ".join(parts) + " ms"
+    out: dict[str, float | None] = {
+        key: round(table[over]["added"]["p50"] - table[floor]["added"]["p50"], 3)
+        for key, table in tables
+    }
     cpu = result["cpu_ms_per_stream"]
-    if cpu.get(over) is not None and cpu.get(floor) is not None:
-        text += f"; CPU {cpu[over] - cpu[floor]:+.2f} ms/stream"
+    both = cpu.get(over) is not None and cpu.get(floor) is not None
+    out["cpu_ms_per_stream"] = round(cpu[over] - cpu[floor], 3) if both else None
+    return out
+
+
+def floor_distances(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Every pair of ``_DISTANCE_PAIRS`` that ran, keyed "ccgate minus pump" and so on."""
+    pairs = {f"{over} minus {floor}": floor_differences(result, floor, over=over)
+             for over, floor in _DISTANCE_PAIRS}  # fmt: skip
+    return {label: diff for label, diff in pairs.items() if diff is not None}
+
+
+def floor_distance(result: dict[str, Any], floor: str, *, over: str = CCGATE) -> str | None:
+    """``floor_differences`` as one line of text, for the targets table."""
+    diff = floor_differences(result, floor, over=over)
+    if diff is None:
+        return None
+    text = (
+        f"non-streaming {diff['non_streaming']:+.2f}, first byte {diff['first_byte']:+.2f}, "
+        f"total {diff['stream_total']:+.2f} ms"
+    )
+    if diff["cpu_ms_per_stream"] is not None:
+        text += f"; CPU {diff['cpu_ms_per_stream']:+.2f} ms/stream"
     return text
 
 
@@ -926,17 +955,16 @@ def render(result: dict[str, Any]) -> str:
     for n in names[1:]:
         cells = [f"{t[n]['added']['p50']:+.2f} / {t[n]['added']['p99']:+.2f}" for t in tables]
         out.append(_md([n, *cells]))
-    distances = [
-        (
-            f"{over} minus {'the pump' if floor == PUMP else floor}",
-            floor_distance(result, floor, over=over),
-        )
-        for over, floor in ((CCGATE, PUMP), (CCGATE, SOCAT), (PUMP, SOCAT))
-    ]
-    shown = [(label, text) for label, text in distances if text is not None]
-    if shown:
-        out += ["", "Distance from the floor (added p50s and CPU per stream, one minus the other):"]
-        out += [f"- {label}: {text}" for label, text in shown]
+    distances = floor_distances(result)
+    if distances:
+        out += ["", "Distance from the floor (p50 ms and CPU ms per stream, one minus the other):"]
+        out += ["", _md(["", "non-streaming", "first byte", "stream total", "CPU"])]
+        out.append(_md(["---", "---:", "---:", "---:", "---:"]))
+        for label, diff in distances.items():
+            cpu = diff["cpu_ms_per_stream"]
+            cells = [f"{diff[k]:+.2f}" for k in ("non_streaming", "first_byte", "stream_total")]
+            shown = label.replace("minus pump", "minus the pump")
+            out.append(_md([shown, *cells, "n/a" if cpu is None else f"{cpu:+.2f}"]))
     direct = result["non_streaming"]["latency_ms"][DIRECT]
     out += [
         "",
@@ -944,15 +972,17 @@ def render(result: dict[str, Any]) -> str:
         f"{result['streaming']['ttfb_ms'][DIRECT]['p50']:.2f} ms, total p50 "
         f"{result['streaming']['total_ms'][DIRECT]['p50']:.2f} ms.",
         "",
+        "Per process: CPU ms per streaming request (user + system), memory, load-phase rate:",
+        "",
     ]
     out.append(
         _md(
             [
                 "Per process",
-                "CPU ms / stream (user + sys)",
+                "CPU ms (usr+sys)",
                 "RSS idle",
                 "RSS peak",
-                f"req/s at {result['load']['concurrency']} streams",
+                f"req/s, {result['load']['concurrency']} clients",
             ]
         )
     )

@@ -148,7 +148,8 @@ def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: P
     cpu_row = next(r for r in doc["targets"] if r["measure"] == "Daemon CPU per streaming request")
     assert "floor: pump " in cpu_row["measured"]
     assert "ccgate minus the pump, p50 (no target; reported)" in measures
-    assert "- ccgate minus the pump: non-streaming " in result.stdout
+    assert "| ccgate minus the pump | " in result.stdout
+    assert set(doc["floor_distance"]) >= {"ccgate minus pump"}
     for pid in doc["processes"].values():
         assert not _alive(pid)
 
@@ -267,7 +268,7 @@ def test_targets_table_says_met_or_the_distance() -> None:
 
 
 def test_targets_table_puts_the_floor_next_to_ccgate_and_subtracts_the_pump() -> None:
-    from bench.suite import targets_table
+    from bench.suite import floor_distances, targets_table
 
     result = _suite_result(ours=1.0, theirs=15.0, gateway=False)
     for section in ("non_streaming", "streaming"):
@@ -288,6 +289,12 @@ def test_targets_table_puts_the_floor_next_to_ccgate_and_subtracts_the_pump() ->
     assert rows["ccgate minus the pump, p50 (no target; reported)"]["measured"] == (
         "non-streaming +0.60, first byte +0.60, total +0.60 ms; CPU +1.00 ms/stream"
     )
+    assert floor_distances(result)["pump minus socat"] == {
+        "non_streaming": 0.2,
+        "first_byte": 0.2,
+        "stream_total": 0.2,
+        "cpu_ms_per_stream": 0.3,
+    }
     # Without the floor targets (--no-floor) there is nothing to subtract and no note.
     plain = {
         r["measure"]: r for r in targets_table(_suite_result(ours=1.0, theirs=15.0, gateway=False))
