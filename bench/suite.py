@@ -209,7 +209,8 @@ def run(settings: Settings, *, progress: Progress) -> dict[str, Any]:
         _start_gateway(state, stack, upstream_url=upstream.url, progress=progress)
         for target in state.targets[2:]:
             if target.pid is not None and target.name not in rss_idle:
-                rss_idle[target.name] = _stats(target).rss_kib()
+                # socat: the parent alone (the readiness probe's child may not have exited).
+                rss_idle[target.name] = ProcStats(target.pid).rss_kib()
         try:
             result = _measure(state, daemon=daemon, rss_idle=rss_idle, progress=progress)
         except (BenchError, httpx.HTTPError) as exc:
