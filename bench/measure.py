@@ -39,6 +39,7 @@ class Target:
     headers: dict[str, str]
     path: str = MESSAGES_PATH  # LiteLLM's pass-through route is /anthropic/v1/messages
     pid: int | None = None  # the process between client and upstream (None: direct)
+    forks: bool = False  # it serves each connection in a child process (socat): count those too
 
     @property
     def url(self) -> str:

@@ -9,7 +9,12 @@ variables, so every byte stays on 127.0.0.1. The daemon makes its own client key
 itself.
 
 ``ProcStats`` reads the daemon's resident memory and CPU time from ``/proc`` (Linux only; on
-other systems the readers return None and the report says so).
+other systems the readers return None and the report says so); ``ProcTree`` adds a forking
+server's children (socat forks one per connection).
+
+The two floor targets (docs/benchmarks.md) are started here too: ``byte_pump`` (``bench.pump``,
+a bare Python relay on uvloop) and ``socat`` (a C relay), each between the client and the fake
+upstream, forwarding bytes and nothing else.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,9 +142,16 @@ def fake_upstream(
         stop(process)
 
 
-def _wait_announced(process: subprocess.Popen[bytes], log: Path, *, timeout: float) -> str:
+def _wait_announced(
+    process: subprocess.Popen[bytes],
+    log: Path,
+    *,
+    timeout: float,
+    prefix: str = "fake upstream on ",
+    name: str = "fake upstream",
+) -> str:
+    """The rest of the first line of ``log`` that starts with ``prefix``, once there is one."""
     deadline = time.monotonic() + timeout
-    prefix = "fake upstream on "
     while time.monotonic() < deadline:
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith(prefix):
@@ -146,7 +159,7 @@ def _wait_announced(process: subprocess.Popen[bytes], log: Path, *, timeout: flo
         if process.poll() is not None:
             break
         time.sleep(0.02)
-    raise _fail_start("fake upstream", process, log)
+    raise _fail_start(name, process, log)
 
 
 @contextlib.contextmanager
@@ -248,6 +261,92 @@ class ProcStats:
                 return int(line.split()[1])
         return None
 
+    def children_cpu_seconds(self) -> float | None:
+        """User plus system time of the children this process has reaped (cutime + cstime)."""
+        split = self.cpu_split(children=True)
+        return None if split is None else split[0] + split[1]
+
+    def cpu_split(self, *, children: bool = False) -> tuple[float, float] | None:
+        """(user, system) seconds: the process's own, or its reaped children's."""
+        fields = self._stat_fields()
+        if fields is None:
+            return None
+        at = 13 if children else 11
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[at]) / tick, int(fields[at + 1]) / tick
+
+    def _stat_fields(self) -> list[str] | None:
+        try:
+            raw = Path(f"/proc/{self.pid}/stat").read_text(encoding="ascii")
+        except OSError:
+            return None
+        return raw.rsplit(")", 1)[1].split()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (zombies too, until reaped), from every /proc/<n>/stat."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text(encoding="ascii")
+        except OSError:
+            continue  # it exited while we looked
+        if int(raw.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, the parent's pid
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass(frozen=True)
+class ProcTree:
+    """A forking server's CPU and memory: the process plus its children, live and reaped.
+
+    socat forks a child per connection, which does all the relaying and exits when its
+    connection closes. A child's CPU is read from its own /proc entry while it lives and lands
+    in the parent's cutime/cstime once the parent reaps it (socat waits for every child), so
+    the sum of the parent's own time, its reaped children's and its live children's counts each
+    child's CPU once whether it is still running or not. A child that ends between the two
+    reads of one sample could be missed or counted twice; the CPU phase keeps one keep-alive
+    connection (one child) for its whole batch, so none does.
+    """
+
+    pid: int
+
+    @property
+    def available(self) -> bool:
+        return ProcStats(self.pid).available
+
+    def cpu_seconds(self) -> float | None:
+        split = self.cpu_split()
+        return None if split is None else split[0] + split[1]
+
+    def cpu_split(self) -> tuple[float, float] | None:
+        """(user, system) seconds of the parent, its reaped children and its live ones."""
+        parent = ProcStats(self.pid)
+        own, reaped = parent.cpu_split(), parent.cpu_split(children=True)
+        if own is None or reaped is None:
+            return None
+        parts = [own, reaped] + [ProcStats(child).cpu_split() for child in child_pids(self.pid)]
+        present = [part for part in parts if part is not None]
+        return sum(u for u, _ in present), sum(s for _, s in present)
+
+    def rss_kib(self) -> int | None:
+        """The parent's and every live child's VmRSS, summed (shared pages count per process)."""
+        own = ProcStats(self.pid).rss_kib()
+        if own is None:
+            return None
+        live = [ProcStats(child).rss_kib() for child in child_pids(self.pid)]
+        return own + sum(r for r in live if r is not None)
+
+    def peak_rss_kib(self) -> int | None:
+        """The parent's VmHWM plus the live children's (a closed child's peak is gone)."""
+        own = ProcStats(self.pid).peak_rss_kib()
+        if own is None:
+            return None
+        live = [ProcStats(child).peak_rss_kib() for child in child_pids(self.pid)]
+        return own + sum(r for r in live if r is not None)
+
 
 # -- other gateways -----------------------------------------------------------------------------
 
@@ -270,3 +369,85 @@ def wait_http(
                 return
         time.sleep(0.1)
     raise _fail_start(name, process, log)
+
+
+# -- the floor: a bare relay in Python, and socat ------------------------------------------------
+
+
+def _host_port(url: str) -> str:
+    address = httpx.URL(url)
+    return f"{address.host}:{address.port}"
+
+
+@contextlib.contextmanager
+def byte_pump(
+    *, upstream_url: str, env: Mapping[str, str], work: Path, timeout: float = 20.0
+) -> Iterator[Service]:
+    """``python -m bench.pump`` from a free port to the upstream; ready once it says so.
+
+    No request goes through to check it: the upstream sees only the client's requests.
+    """
+    port = free_port()
+    log = work / "pump.log"
+    command = [sys.executable, "-m", "bench.pump", "--listen", str(port)]
+    command += ["--to", _host_port(upstream_url)]
+    process = _spawn(command=command, env=env, log=log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_announced(process, log, timeout=timeout, prefix="pump on ", name="byte pump")
+        yield Service(name="byte pump", url=url, process=process, log=log)
+    finally:
+        stop(process)
+
+
+def socat_installed() -> bool:
+    return shutil.which("socat") is not None
+
+
+@contextlib.contextmanager
+def socat(
+    *, upstream_url: str, env: Mapping[str, str], work: Path, timeout: float = 20.0
+) -> Iterator[Service]:
+    """socat from a free port to the upstream, forking a child per connection.
+
+    One process per connection is socat's way to serve several at once: 16 concurrent clients
+    (the load phase) each keep their own keep-alive connection. The whole session is stopped on
+    the way out, so a child still holding a connection goes with its parent.
+    """
+    binary = shutil.which("socat")
+    if binary is None:
+        raise BenchError("socat is not installed (Debian: apt-get install socat).")
+    port = free_port()
+    log = work / "socat.log"
+    listen = f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay"
+    command = [binary, listen, f"TCP:{_host_port(upstream_url)},nodelay"]
+    process = _spawn(command=command, env=env, log=log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_listening(port, process, log, name="socat", timeout=timeout)
+        yield Service(name="socat", url=url, process=process, log=log)
+    finally:
+        stop_session(process)
+
+
+def _wait_listening(
+    port: int, process: subprocess.Popen[bytes], log: Path, *, name: str, timeout: float
+) -> None:
+    """Until a TCP connection to ``port`` is accepted (socat prints nothing when it is ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1.0):
+            return
+        time.sleep(0.05)
+    raise _fail_start(name, process, log)
+
+
+def stop_session(process: subprocess.Popen[bytes], *, timeout: float = 10.0) -> None:
+    """``stop`` for a process that forks: its children (its own session, see ``_spawn``) too."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    stop(process, timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # any child that outlived the parent's TERM

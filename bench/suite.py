@@ -1,14 +1,19 @@
 """Every figure of issue #12's Targets table, in one run: ``scripts/bench`` (docs/benchmarks.md).
 
 One fake upstream (``bench.upstream``) answers every target, and each measured request goes to
-every target in turn, one per round (direct, ccgate, LiteLLM's two routes, Anthropic's gateway),
-so a slow moment of this shared machine lands on all of them alike. "Added" is a target's
-percentile minus direct's. Phases, in order:
+every target in turn, one per round (direct, ccgate, the two floor targets, LiteLLM's two
+routes, Anthropic's gateway), so a slow moment of this shared machine lands on all of them
+alike. "Added" is a target's percentile minus direct's. The floor targets are one extra local
+hop and nothing else: ``pump`` (``bench.pump``, a bare byte relay in Python on uvloop, the floor
+of any Python process in the path) and ``socat`` (a C relay, forking a child per connection:
+the floor of any extra hop at all); both forward the client's request unchanged, so they get
+direct's headers. ``--no-floor`` leaves them out. Phases, in order:
 
 1. streams: time to first byte and to the end of a 100 KB Claude Code-shaped request;
 2. non-streaming: the same body with ``"stream": false``;
 3. CPU per streaming request: for each process in the path, user + system time from
-   ``/proc/<pid>/stat`` around a batch of streams sent to it alone;
+   ``/proc/<pid>/stat`` around a batch of streams sent to it alone, user and system apart
+   (socat: the parent, its reaped children and its live ones, ``ProcTree``);
 4. load: 16 concurrent streaming clients per target (two alternating halves), requests/s;
 5. 64 concurrent slow streams (events 50 ms apart) through ccgate and direct: the wall time
    against one slow stream alone, the gap between events, the daemon's memory while they run,
@@ -22,8 +27,8 @@ percentile minus direct's. Phases, in order:
 LiteLLM runs from ``bench/.venv-litellm``, created here on first use (``--no-install`` skips
 it); Anthropic's gateway runs where Claude Code is installed (tests/claude) and PostgreSQL is
 available. ``--quick`` is a smoke run of a few requests per target that skips what is not
-installed already; it asserts nothing about timings. Everything started is stopped on the way
-out, on errors, Ctrl-C and SIGTERM too.
+installed already (the pump always runs, socat if it is on PATH); it asserts nothing about
+timings. Everything started is stopped on the way out, on errors, Ctrl-C and SIGTERM too.
 """
 
 from __future__ import annotations
@@ -58,12 +63,16 @@ from bench.processes import (
     UPSTREAM_KEY,
     BenchError,
     ProcStats,
+    ProcTree,
     Service,
+    byte_pump,
     ccgate_daemon,
     client_key,
     fake_upstream,
     health,
     isolated_env,
+    socat,
+    socat_installed,
 )
 from bench.proxy_overhead import machine, run_command
 from bench.upstream import SLOW_HEADER
@@ -76,6 +85,9 @@ CCGATE = "ccgate"
 LITELLM_PASS = "LiteLLM /anthropic"
 LITELLM_MSG = "LiteLLM /v1/messages"
 GATEWAY = "claude gateway"
+PUMP = "pump"
+SOCAT = "socat"
+FLOOR = (PUMP, SOCAT)
 SLOW_STREAMS = 64
 SLOW_DELAY_MS = 50
 
@@ -94,6 +106,7 @@ class Settings:
     litellm: bool
     install_litellm: bool
     gateway: bool
+    floor: bool
     server: bool
     replicas: tuple[int, ...]
     json_path: Path
@@ -116,6 +129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     )
     parser.add_argument("--no-gateway", action="store_true", help="leave claude gateway out")
     parser.add_argument("--no-server", action="store_true", help="leave the server out")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="leave the floor targets (pump, socat) out"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -133,6 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         litellm=not args.no_litellm and (not quick or litellm.installed()),
         install_litellm=not args.no_install and not quick,
         gateway=not args.no_gateway and claude_gateway.installed() and pg.available(),
+        floor=not args.no_floor,
         server=not args.no_server,
         replicas=() if quick else (1, 2, 4),
         json_path=args.json,
@@ -173,7 +190,7 @@ def run(settings: Settings, *, progress: Progress) -> dict[str, Any]:
         daemon = stack.enter_context(
             ccgate_daemon(upstream_url=upstream.url, env=state.env, work=work)
         )
-        rss_idle = {CCGATE: ProcStats(daemon.pid).rss_kib()}
+        rss_idle: dict[str, int | None] = {CCGATE: ProcStats(daemon.pid).rss_kib()}
         session = str(uuid.uuid4())
         state.targets = [
             Target(
@@ -187,10 +204,12 @@ def run(settings: Settings, *, progress: Progress) -> dict[str, Any]:
             ),
         ]
         state.services = {"upstream": upstream, CCGATE: daemon}
+        _start_floor(state, stack, upstream_url=upstream.url, progress=progress)
         _start_litellm(state, stack, upstream_url=upstream.url, progress=progress)
         _start_gateway(state, stack, upstream_url=upstream.url, progress=progress)
         for target in state.targets[2:]:
             if target.pid is not None and target.name not in rss_idle:
+                # socat: the parent alone (the readiness probe's child may not have exited).
                 rss_idle[target.name] = ProcStats(target.pid).rss_kib()
         try:
             result = _measure(state, daemon=daemon, rss_idle=rss_idle, progress=progress)
@@ -203,7 +222,38 @@ def run(settings: Settings, *, progress: Progress) -> dict[str, Any]:
     if settings.server:
         result["server"] = _server_phase(settings, progress=progress)
     result["targets"] = targets_table(result)
+    result["floor_distance"] = floor_distances(result)
     return result
+
+
+def _stats(target: Target) -> ProcStats | ProcTree:
+    assert target.pid is not None
+    return ProcTree(target.pid) if target.forks else ProcStats(target.pid)
+
+
+def _start_floor(
+    state: _Run, stack: contextlib.ExitStack, *, upstream_url: str, progress: Progress
+) -> None:
+    if not state.settings.floor:
+        state.skipped["floor"] = "left out (--no-floor)"
+        return
+    # The client's request goes through unchanged, so the upstream sees direct's key.
+    headers = state.targets[0].headers
+    progress("starting the floor targets: the byte pump and socat")
+    pump = stack.enter_context(byte_pump(upstream_url=upstream_url, env=state.env, work=state.work))
+    state.targets.append(Target(PUMP, pump.url, headers, pid=pump.pid))
+    state.services[PUMP] = pump
+    if not socat_installed():
+        state.skipped[SOCAT] = "not installed (Debian: apt-get install socat)"
+        return
+    relay = stack.enter_context(socat(upstream_url=upstream_url, env=state.env, work=state.work))
+    state.targets.append(Target(SOCAT, relay.url, headers, pid=relay.pid, forks=True))
+    state.services[SOCAT] = relay
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        shown = subprocess.run(["socat", "-V"], capture_output=True, text=True, timeout=10)
+        for line in shown.stdout.splitlines():
+            if line.startswith("socat version"):
+                state.versions["socat"] = line.split()[2]
 
 
 def _start_litellm(
@@ -283,12 +333,15 @@ def _measure(
             client, targets, once=measure.json_once, body=json_body, requests=n
         )
         progress(f"CPU: a batch of {s.cpu_batch} streams per process")
-        cpu = _cpu_per_stream(client, targets, body=stream_body, batch=s.cpu_batch)
+        cpu, cpu_split, forked_peak = _cpu_per_stream(
+            client, targets, body=stream_body, batch=s.cpu_batch
+        )
     progress(f"load: {n} streams per target from {s.concurrency} clients")
     loads = _load(targets, body=stream_body, requests=n, concurrency=s.concurrency)
     progress(f"{SLOW_STREAMS} concurrent slow streams (events {SLOW_DELAY_MS} ms apart)")
     slow = _slow_streams(state, targets, daemon=daemon, body=stream_body)
     peak = {t.name: ProcStats(t.pid).peak_rss_kib() for t in targets if t.pid is not None}
+    peak.update(forked_peak)
     progress("CLI: --help, status, usage")
     cli = _cli_phase(state, progress=progress)
     return {
@@ -313,6 +366,7 @@ def _measure(
         },
         "non_streaming": {"latency_ms": _added(plain, "total_s", names)},
         "cpu_ms_per_stream": cpu,
+        "cpu_user_system_ms_per_stream": cpu_split,
         "load": loads,
         "slow_streams": slow,
         "rss_kib": {"idle": rss_idle, "peak": peak, "ccgate_under_slow": slow["ccgate_rss_kib"]},
@@ -349,20 +403,33 @@ def _added(series: dict[str, measure.Series], attribute: str, names: list[str]) 
 
 def _cpu_per_stream(
     client: httpx.Client, targets: tuple[Target, ...], *, body: bytes, batch: int
-) -> dict[str, float | None]:
+) -> tuple[dict[str, float | None], dict[str, list[float]], dict[str, int | None]]:
+    """CPU ms per stream of each process in the path, split as [user, system]; a forking
+    one's peak RSS.
+
+    The client is keep-alive, so a forking server (socat) serves the whole batch from one child,
+    and its peak memory is read while that child still lives: the parent plus one connection.
+    """
     cpu: dict[str, float | None] = {}
+    split: dict[str, list[float]] = {}
+    forked_peak: dict[str, int | None] = {}
     for target in targets:
         if target.pid is None:
             continue
-        stats = ProcStats(target.pid)
-        before = stats.cpu_seconds()
+        stats = _stats(target)
+        before = stats.cpu_split()
         for _ in range(batch):
             measure.stream_once(client, target, body)
-        after = stats.cpu_seconds()
-        cpu[target.name] = (
-            None if before is None or after is None else round((after - before) / batch * 1000, 2)
-        )
-    return cpu
+        after = stats.cpu_split()
+        if before is None or after is None:
+            cpu[target.name] = None
+        else:
+            user, system = ((a - b) / batch * 1000 for a, b in zip(after, before, strict=True))
+            cpu[target.name] = round(user + system, 2)
+            split[target.name] = [round(user, 2), round(system, 2)]
+        if target.forks:
+            forked_peak[target.name] = stats.peak_rss_kib()
+    return cpu, split, forked_peak
 
 
 def _load(
@@ -619,27 +686,44 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
     total = result["streaming"]["total_ms"]
     ours = nonstream[CCGATE]["added"]
 
-    def cap(label: str, target: str, value: float | None, limit: float, unit: str) -> None:
+    def cap(
+        label: str, target: str, value: float | None, limit: float, unit: str, note: str = ""
+    ) -> None:
         if value is None:
             rows.append(Row(label, target, "n/a", "n/a"))
             return
         met = "met" if value <= limit else f"not met: {value - limit:+.2f} {unit} over"
-        rows.append(Row(label, target, f"{value:.2f} {unit}", met))
+        rows.append(Row(label, target, f"{value:.2f} {unit}{note}", met))
 
-    cap("Added latency, non-streaming 100 KB, p50", "≤ 0.5 ms", ours["p50"], 0.5, "ms")
-    cap("Added latency, non-streaming 100 KB, p99", "≤ 2 ms", ours["p99"], 2.0, "ms")
+    cap(
+        "Added latency, non-streaming 100 KB, p50",
+        "≤ 0.5 ms",
+        ours["p50"],
+        0.5,
+        "ms",
+        _floor_note(nonstream, "p50"),
+    )
+    cap(
+        "Added latency, non-streaming 100 KB, p99",
+        "≤ 2 ms",
+        ours["p99"],
+        2.0,
+        "ms",
+        _floor_note(nonstream, "p99"),
+    )
     cap(
         "Added time to first byte, streams, p50",
         "≤ 0.5 ms",
         ttfb[CCGATE]["added"]["p50"],
         0.5,
         "ms",
+        _floor_note(ttfb, "p50"),
     )
     rows.append(
         Row(
             "Added stream total, p50 (no target; reported)",
             "-",
-            f"{total[CCGATE]['added']['p50']:.2f} ms",
+            f"{total[CCGATE]['added']['p50']:.2f} ms{_floor_note(total, 'p50')}",
             "n/a",
         )
     )
@@ -664,8 +748,22 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
             rows.append(
                 Row(f"vs {other}, {label}, p50", f"≥ {need:.0f}x less", f"{text} ({shown})", met)
             )
-    cpu = result["cpu_ms_per_stream"].get(CCGATE)
-    cap("Daemon CPU per streaming request", "≤ 1 ms", cpu, 1.0, "ms")
+    cpu_all = result["cpu_ms_per_stream"]
+    cpu = cpu_all.get(CCGATE)
+    floor_cpu = ", ".join(
+        f"{name} {cpu_all[name]:.2f}" for name in FLOOR if cpu_all.get(name) is not None
+    )
+    cap(
+        "Daemon CPU per streaming request",
+        "≤ 1 ms",
+        cpu,
+        1.0,
+        "ms",
+        f" (floor: {floor_cpu})" if floor_cpu else "",
+    )
+    over_pump = floor_distance(result, PUMP)
+    if over_pump is not None:
+        rows.append(Row("ccgate minus the pump, p50 (no target; reported)", "-", over_pump, "n/a"))
     share = result["load"]["share_of_direct"].get(CCGATE)
     rps = result["load"]["requests_per_s"]
     if share is not None:
@@ -755,6 +853,66 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
     return [row.__dict__ for row in rows]
 
 
+def _cpu_cell(result: dict[str, Any], name: str) -> str:
+    total = report.number(result["cpu_ms_per_stream"].get(name), digits=2)
+    split = result.get("cpu_user_system_ms_per_stream", {}).get(name)
+    return total if split is None else f"{total} ({split[0]:.2f} + {split[1]:.2f})"
+
+
+def _floor_note(table: dict[str, Any], q: str) -> str:
+    """The floor targets' added ms at ``q``, to stand next to ccgate's."""
+    parts = [f"{name} {table[name]['added'][q]:.2f}" for name in FLOOR if name in table]
+    return f" (floor: {', '.join(parts)})" if parts else ""
+
+
+_DISTANCE_PAIRS = ((CCGATE, PUMP), (CCGATE, SOCAT), (PUMP, SOCAT))
+
+
+def floor_differences(
+    result: dict[str, Any], floor: str, *, over: str = CCGATE
+) -> dict[str, float | None] | None:
+    """``over``'s added p50s (ms) and CPU per stream minus ``floor``'s: its cost beyond that hop.
+
+    None when either target did not run.
+    """
+    tables = (
+        ("non_streaming", result["non_streaming"]["latency_ms"]),
+        ("first_byte", result["streaming"]["ttfb_ms"]),
+        ("stream_total", result["streaming"]["total_ms"]),
+    )
+    if any(floor not in table or over not in table for _, table in tables):
+        return None
+    out: dict[str, float | None] = {
+        key: round(table[over]["added"]["p50"] - table[floor]["added"]["p50"], 3)
+        for key, table in tables
+    }
+    cpu = result["cpu_ms_per_stream"]
+    both = cpu.get(over) is not None and cpu.get(floor) is not None
+    out["cpu_ms_per_stream"] = round(cpu[over] - cpu[floor], 3) if both else None
+    return out
+
+
+def floor_distances(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Every pair of ``_DISTANCE_PAIRS`` that ran, keyed "ccgate minus pump" and so on."""
+    pairs = {f"{over} minus {floor}": floor_differences(result, floor, over=over)
+             for over, floor in _DISTANCE_PAIRS}  # fmt: skip
+    return {label: diff for label, diff in pairs.items() if diff is not None}
+
+
+def floor_distance(result: dict[str, Any], floor: str, *, over: str = CCGATE) -> str | None:
+    """``floor_differences`` as one line of text, for the targets table."""
+    diff = floor_differences(result, floor, over=over)
+    if diff is None:
+        return None
+    text = (
+        f"non-streaming {diff['non_streaming']:+.2f}, first byte {diff['first_byte']:+.2f}, "
+        f"total {diff['stream_total']:+.2f} ms"
+    )
+    if diff["cpu_ms_per_stream"] is not None:
+        text += f"; CPU {diff['cpu_ms_per_stream']:+.2f} ms/stream"
+    return text
+
+
 def _per_core(cpu_ms: float | None) -> float | None:
     """What one core could serve if the server's CPU were the only limit."""
     return None if not cpu_ms else 1000 / cpu_ms
@@ -787,17 +945,27 @@ def render(result: dict[str, Any]) -> str:
     ]
     out += ["", "Added latency per target (ms; the target's percentile minus direct's):", ""]
     names = result["target_names"]
-    out.append(_md(["Measure", *(f"{n} p50 / p99" for n in names[1:])]))
-    out.append(_md(["---", *("---:" for _ in names[1:])]))
-    for label, table in (
-        ("non-streaming", result["non_streaming"]["latency_ms"]),
-        ("stream, first byte", result["streaming"]["ttfb_ms"]),
-        ("stream, total", result["streaming"]["total_ms"]),
-    ):
-        cells = [
-            f"{table[n]['added']['p50']:+.2f} / {table[n]['added']['p99']:+.2f}" for n in names[1:]
-        ]
-        out.append(_md([label, *cells]))
+    # One row per target, so the table stays within 80 columns however many targets ran.
+    tables = (
+        result["non_streaming"]["latency_ms"],
+        result["streaming"]["ttfb_ms"],
+        result["streaming"]["total_ms"],
+    )
+    out.append(_md(["Added, p50 / p99", "non-streaming", "first byte", "stream total"]))
+    out.append(_md(["---", "---:", "---:", "---:"]))
+    for n in names[1:]:
+        cells = [f"{t[n]['added']['p50']:+.2f} / {t[n]['added']['p99']:+.2f}" for t in tables]
+        out.append(_md([n, *cells]))
+    distances = floor_distances(result)
+    if distances:
+        out += ["", "Distance from the floor (p50 ms and CPU ms per stream, one minus the other):"]
+        out += ["", _md(["", "non-streaming", "first byte", "stream total", "CPU"])]
+        out.append(_md(["---", "---:", "---:", "---:", "---:"]))
+        for label, diff in distances.items():
+            cpu = diff["cpu_ms_per_stream"]
+            cells = [f"{diff[k]:+.2f}" for k in ("non_streaming", "first_byte", "stream_total")]
+            shown = label.replace("minus pump", "minus the pump")
+            out.append(_md([shown, *cells, "n/a" if cpu is None else f"{cpu:+.2f}"]))
     direct = result["non_streaming"]["latency_ms"][DIRECT]
     out += [
         "",
@@ -805,15 +973,17 @@ def render(result: dict[str, Any]) -> str:
         f"{result['streaming']['ttfb_ms'][DIRECT]['p50']:.2f} ms, total p50 "
         f"{result['streaming']['total_ms'][DIRECT]['p50']:.2f} ms.",
         "",
+        "Per process: CPU ms per streaming request (user + system), memory, load-phase rate:",
+        "",
     ]
     out.append(
         _md(
             [
                 "Per process",
-                "CPU ms / stream",
+                "CPU ms (usr+sys)",
                 "RSS idle",
                 "RSS peak",
-                f"req/s at {result['load']['concurrency']} streams",
+                f"req/s, {result['load']['concurrency']} clients",
             ]
         )
     )
@@ -824,7 +994,7 @@ def render(result: dict[str, Any]) -> str:
             _md(
                 [
                     name,
-                    report.number(result["cpu_ms_per_stream"].get(name), digits=2),
+                    _cpu_cell(result, name),
                     report.mib(rss["idle"].get(name)) if name != DIRECT else "-",
                     report.mib(rss["peak"].get(name)) if name != DIRECT else "-",
                     report.number(result["load"]["requests_per_s"].get(name)),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.processes import socat_installed
 from bench.report import compare_ms, percentile
 from bench.workload import DEFAULT_BODY_BYTES, TOOL_NAMES, request_body
 
@@ -106,6 +107,10 @@ def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: P
     doc = json.loads(out.read_text(encoding="utf-8"))
     names = doc["target_names"]
     assert names[:2] == ["direct", "ccgate"]
+    # The floor: the pump always, socat where it is installed (else skipped, with the reason).
+    assert "pump" in names
+    assert ("socat" in names) == socat_installed()
+    assert ("socat" in doc["skipped"]) != socat_installed()
     for table in (
         doc["streaming"]["ttfb_ms"],
         doc["streaming"]["total_ms"],
@@ -116,6 +121,11 @@ def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: P
     # Every target in the path answered every phase, and its process was measured.
     assert set(doc["load"]["requests_per_s"]) == set(names)
     assert set(doc["cpu_ms_per_stream"]) == set(names[1:])
+    if sys.platform == "linux":  # user and system time apart, summing to the total
+        split = doc["cpu_user_system_ms_per_stream"]
+        assert set(split) == set(names[1:])
+        for name, (user, system) in split.items():
+            assert user + system == pytest.approx(doc["cpu_ms_per_stream"][name], abs=0.011)
     slow = doc["slow_streams"]
     assert slow["ledger_rows_added"] == slow["ledger_rows_expected"] == slow["streams"] + 1
     assert doc["cli"]["usage_rows"] == 5_000
@@ -135,6 +145,11 @@ def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: P
     ):
         assert any(wanted in m for m in measures), wanted
     assert "| Measure | Target | Measured | Met? | Reproduce |" in result.stdout
+    cpu_row = next(r for r in doc["targets"] if r["measure"] == "Daemon CPU per streaming request")
+    assert "floor: pump " in cpu_row["measured"]
+    assert "ccgate minus the pump, p50 (no target; reported)" in measures
+    assert "| ccgate minus the pump | " in result.stdout
+    assert set(doc["floor_distance"]) >= {"ccgate minus pump"}
     for pid in doc["processes"].values():
         assert not _alive(pid)
 
@@ -250,6 +265,42 @@ def test_targets_table_says_met_or_the_distance() -> None:
     }
     assert slower["Added latency, non-streaming 100 KB, p50"]["met"] == "not met: +0.50 ms over"
     assert slower["vs claude gateway, first byte, p50"]["met"] == "not met: 2.0x of 3x"
+
+
+def test_targets_table_puts_the_floor_next_to_ccgate_and_subtracts_the_pump() -> None:
+    from bench.suite import floor_distances, targets_table
+
+    result = _suite_result(ours=1.0, theirs=15.0, gateway=False)
+    for section in ("non_streaming", "streaming"):
+        for table in result[section].values():  # type: ignore[attr-defined]
+            table["pump"] = {"added": {"p50": 0.4, "p95": 0.5, "p99": 0.7}}
+            table["socat"] = {"added": {"p50": 0.2, "p95": 0.2, "p99": 0.3}}
+    result["cpu_ms_per_stream"] = {"ccgate": 1.9, "pump": 0.9, "socat": 0.6}
+    rows = {r["measure"]: r for r in targets_table(result)}
+    assert rows["Added latency, non-streaming 100 KB, p50"]["measured"] == (
+        "1.00 ms (floor: pump 0.40, socat 0.20)"
+    )
+    assert rows["Added latency, non-streaming 100 KB, p99"]["measured"] == (
+        "1.00 ms (floor: pump 0.70, socat 0.30)"
+    )
+    assert rows["Daemon CPU per streaming request"]["measured"] == (
+        "1.90 ms (floor: pump 0.90, socat 0.60)"
+    )
+    assert rows["ccgate minus the pump, p50 (no target; reported)"]["measured"] == (
+        "non-streaming +0.60, first byte +0.60, total +0.60 ms; CPU +1.00 ms/stream"
+    )
+    assert floor_distances(result)["pump minus socat"] == {
+        "non_streaming": 0.2,
+        "first_byte": 0.2,
+        "stream_total": 0.2,
+        "cpu_ms_per_stream": 0.3,
+    }
+    # Without the floor targets (--no-floor) there is nothing to subtract and no note.
+    plain = {
+        r["measure"]: r for r in targets_table(_suite_result(ours=1.0, theirs=15.0, gateway=False))
+    }
+    assert "ccgate minus the pump, p50 (no target; reported)" not in plain
+    assert plain["Added latency, non-streaming 100 KB, p50"]["measured"] == "1.00 ms"
 
 
 def test_profile_summary_sets_idle_waits_apart(tmp_path: Path) -> None:
