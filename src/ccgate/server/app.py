@@ -588,7 +588,7 @@ def _poll_bundle(
     )
     if hit is not None:
         return hit
-    with db.session(ctx.engine) as session:  # one connection for both reads
+    with db.session(ctx.engine) as session:  # one connection for every read
         key = ctx.callers.key(session, token, now=now)  # revoked or expired: 401 here
         if device_id and device_token:
             hit = ctx.bundler.cached(
@@ -600,8 +600,12 @@ def _poll_bundle(
             )
             if hit is not None:
                 return hit
-    # the 400, 401 (device token) and 403 (unknown, pending, revoked device) answers
-    device = devices.device_for(ctx.engine, key, device_id, device_token, now=now)
+        # The 400, 401 (device token) and 403 (unknown, pending, revoked device) answers, as
+        # ``devices.device_for`` gives them; an approved caller is kept in the cache with its
+        # team and customer, so the daemon's first push after its first fetch is a cache hit.
+        key, device, _, _ = sync.caller_in(
+            session, ctx.callers, token, device_id, device_token, now=now
+        )
     return ctx.bundler.serve(key, device)
 
 

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from ccgate.server import alerts, db, devices, migrations, usage
+from ccgate.server.admin import key_levels
 from ccgate.server.bundles import Bundler, Served
 from ccgate.server.db import Customer, Device, Team, VirtualKey
 from ccgate.server.state import sha256_hex
@@ -237,14 +239,28 @@ def _caller_slowly(
     *,
     now: float,
 ) -> _Caller:
-    from ccgate.server.admin import key_levels
-
     with db.session(engine) as session:
-        # read first: the levels read after it are at least as new as this epoch
-        epoch = devices.policy_epoch(session.connection())
-        key, device = callers.caller(session, token, device_id, device_token, now=now)
-        team, customer = key_levels(session, key)
-        callers.keep_levels(epoch, key, team, customer)
+        return caller_in(session, callers, token, device_id, device_token, now=now)
+
+
+def caller_in(
+    session: Session,
+    callers: devices.CallerCache,
+    token: str | None,
+    device_id: str | None,
+    device_token: str | None,
+    *,
+    now: float,
+) -> _Caller:
+    """The caller by the ORM path (``CallerCache.caller``: every refusal, with its audit row)
+    and the key's team and customer, all kept in ``callers`` when it may keep them, so the
+    caller's next sync is answered by ``CallerCache.caller_at``. The bundle fetch calls it too:
+    a daemon fetches its bundle before its first push."""
+    # read first: the levels read after it are at least as new as this epoch
+    epoch = devices.policy_epoch(session.connection())
+    key, device = callers.caller(session, token, device_id, device_token, now=now)
+    team, customer = key_levels(session, key)
+    callers.keep_levels(epoch, key, team, customer)
     return key, device, team, customer
 
 
