@@ -190,17 +190,17 @@ def test_a_failing_write_costs_its_group_nothing(tmp_path: Any) -> None:
 
 
 def _count_slow_callers(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
-    """The device ids whose push took the ORM path (``sync._caller_slowly``): a cache miss."""
+    """The device ids whose push took the ORM path (``sync.caller_slowly``): a cache miss."""
     from ccgate.server import sync
 
     missed: list[str | None] = []
-    slowly = sync._caller_slowly
+    slowly = sync.caller_slowly
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         missed.append(args[3])
         return slowly(*args, **kwargs)
 
-    monkeypatch.setattr(sync, "_caller_slowly", counted)
+    monkeypatch.setattr(sync, "caller_slowly", counted)
     return missed
 
 
@@ -313,3 +313,27 @@ async def test_an_admin_change_after_the_bundle_fetch_is_seen_by_the_first_push(
     with Session(server.ctx.engine) as session:
         rows = session.exec(select(UsageRow)).all()
     assert [r.team_id is not None for r in rows] == [True]
+
+
+async def test_an_uncached_push_on_sqlite_reads_only_its_caller_off_the_loop(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ccgate.server import sync
+
+    if server.ctx.loop_reader is None:
+        pytest.skip("PostgreSQL's sync stays on worker threads")
+    missed = _count_slow_callers(monkeypatch)
+
+    def thread_path(**_kwargs: Any) -> Any:
+        raise AssertionError("the whole sync went to a worker thread")
+
+    monkeypatch.setattr(sync, "sync_usage", thread_path)
+    key = await server.new_key("alice")
+    device_id, _ = await server.register(key)
+    pushed = await _push(server, key, device_id, 1, 2)  # no bundle fetch first: uncached
+    assert pushed.status_code == 200
+    assert pushed.json()["accepted"] == 2
+    assert missed == [device_id]  # the ORM read of the caller, then the loop's group commit
+    assert (await _push(server, key, device_id, 2, 3)).json()["accepted"] == 1
+    assert missed == [device_id]  # cached by the first
+    assert _stored(server) == 3

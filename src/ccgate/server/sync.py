@@ -108,7 +108,7 @@ def sync_usage(
             # goes back first, so the pool's connections are never all held by requests that
             # wait for a second one.
             fairy.close()
-            caller = _caller_slowly(engine, callers, token, device_id, device_token, now=now)
+            caller = caller_slowly(engine, callers, token, device_id, device_token, now=now)
             fairy = engine.raw_connection()
         key, device, team, customer = caller
         parsed, failures = usage.parse_batch(parse(raw))
@@ -193,19 +193,22 @@ async def sync_usage_on_loop(
     device_token: str | None,
     raw: bytes,
     now: float,
+    caller: Caller | None = None,
 ) -> tuple[dict[str, Any], VirtualKey | None]:
     """``sync_usage`` on SQLite with its reads on the event loop: the same statements in the
     same order, the writes in the same group commit, awaited. Raises ``Uncached`` (before
-    anything is written) when the cache cannot answer the caller. The second item is the key
-    when alert rules watch it (the caller evaluates them, off the loop), else None."""
+    anything is written) when the cache cannot answer the caller; the caller then reads it by
+    the ORM path (``caller_slowly``, on a thread) and passes it as ``caller``. The second item
+    is the key when alert rules watch it (the caller evaluates them, off the loop), else None."""
     sql = _SQLITE
     connection = reader.connection()
     cursor = connection.cursor()
     try:
-        epoch = int(cursor.execute(_EPOCH).fetchone()[0])
-        caller = callers.caller_at(epoch, token, device_id, device_token, now=now)
         if caller is None:
-            raise Uncached
+            epoch = int(cursor.execute(_EPOCH).fetchone()[0])
+            caller = callers.caller_at(epoch, token, device_id, device_token, now=now)
+            if caller is None:
+                raise Uncached
         key, device, team, customer = caller
         parsed, failures = usage.parse_batch(parse(raw))
         rows = _rows(cursor, sql, key, device, team, customer, parsed, now=now)
@@ -227,10 +230,10 @@ async def sync_usage_on_loop(
     return answer, key if watched else None
 
 
-_Caller = tuple[VirtualKey, Device, Team | None, Customer | None]
+Caller = tuple[VirtualKey, Device, Team | None, Customer | None]
 
 
-def _caller_slowly(
+def caller_slowly(
     engine: Engine,
     callers: devices.CallerCache,
     token: str | None,
@@ -238,7 +241,8 @@ def _caller_slowly(
     device_token: str | None,
     *,
     now: float,
-) -> _Caller:
+) -> Caller:
+    """``caller_in`` in a session of its own (a worker thread's)."""
     with db.session(engine) as session:
         return caller_in(session, callers, token, device_id, device_token, now=now)
 
@@ -251,13 +255,16 @@ def caller_in(
     device_token: str | None,
     *,
     now: float,
-) -> _Caller:
+) -> Caller:
     """The caller by the ORM path (``CallerCache.caller``: every refusal, with its audit row)
     and the key's team and customer, all kept in ``callers`` when it may keep them, so the
     caller's next sync is answered by ``CallerCache.caller_at``. The bundle fetch calls it too:
     a daemon fetches its bundle before its first push."""
     # read first: the levels read after it are at least as new as this epoch
     epoch = devices.policy_epoch(session.connection())
+    cached = callers.caller_at(epoch, token, device_id, device_token, now=now)
+    if cached is not None:  # its push came first (a poll after an admin change)
+        return cached
     key, device = callers.caller(session, token, device_id, device_token, now=now)
     team, customer = key_levels(session, key)
     callers.keep_levels(epoch, key, team, customer)
