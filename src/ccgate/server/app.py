@@ -101,6 +101,7 @@ class ServerContext:
             signing_key=self.signing_key,
             settings=self.bundle_settings,
             clock=self.clock,
+            writer=self.usage_writer,
         )
 
 
