@@ -10,15 +10,18 @@ The answers, the checks and the transactions are those of the ORM path they repl
 
 - the caller comes from ``devices.CallerCache`` for the policy epoch read first; anything the
   cache cannot answer (a first request, a moved epoch, a wrong device token, a pending or
-  revoked device) takes the ORM path (``CallerCache.caller``), with its audit rows and errors;
+  revoked device) takes the ORM path (``CallerCache.caller``), with its audit rows and errors.
+  The bundle fetch's full path fills the cache the same way (``caller_in``), so a daemon's
+  first push, which follows its first fetch, is answered from the cache;
 - the usage writes (new records, lease charges, key failures, the device's last sync) are one
   transaction: SQLite's group commit (``usage.GroupCommit``), or the request's own on
   PostgreSQL, which also holds the epoch read, as the ORM session did;
 - then the spend is read back and the key's alert rules are looked for; a sync that crossed a
   rule's threshold is evaluated by ``alerts.evaluate_in`` (the ORM path: rare).
 
-On SQLite a cached caller's sync runs on the event loop (``sync_usage_on_loop``, the same
-statements), awaiting the group commit instead of blocking a worker thread on it.
+On SQLite the sync runs on the event loop (``sync_usage_on_loop``, the same statements),
+awaiting the group commit instead of blocking a worker thread on it; an uncached caller is read
+first on a worker thread (``caller_slowly``), the rest of its sync still on the loop.
 """
 
 from __future__ import annotations
