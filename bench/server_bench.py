@@ -333,6 +333,8 @@ class SyncResult:
     client_cpu_ms_per_sync: float  # the load generator's own CPU: is it the limit?
     load_average: float  # the machine's 1-minute load average at the end (shared machines)
     warm: bool = False  # each timed sync was its daemon's second (steady state), not its first
+    # an admin change moved the policy epoch before the timed round: every caller read afresh
+    after_admin_change: bool = False
 
 
 class _Raw:
@@ -402,13 +404,16 @@ async def _sync_across(
     daemons: int,
     concurrency: int,
     warm: bool = False,
+    after_admin_change: bool = False,
 ) -> tuple[float, float | None, float]:
     """Wall time, the servers' CPU time and this client's CPU time for ``daemons`` syncs.
 
     One connection per in-flight daemon and server, as each daemon has its own (``_Raw``).
     With ``warm``, every daemon syncs once before the timed round (untimed), so the timed
     syncs are a fleet's steady state (each daemon's second sync, its caller cached), not
-    each device's first.
+    each device's first. With ``after_admin_change``, one admin write (a new customer) moves
+    the policy epoch after that: each timed sync is its daemon's first after an admin change,
+    its caller read afresh and its poll on the full path (stamped, still a 304).
     """
     async with httpx.AsyncClient(base_url=servers[0].base, timeout=120) as http:
         fleet = await _setup(http, token, daemons)
@@ -434,6 +439,14 @@ async def _sync_across(
             queue = list(reversed(list(enumerate(fleet))))
             await asyncio.gather(*(worker(own) for own in clients))
         queue = list(reversed(list(enumerate(fleet))))
+        if after_admin_change:
+            async with httpx.AsyncClient(base_url=servers[0].base, timeout=120) as http:
+                changed = await http.post(
+                    "/admin/v1/customers",
+                    headers={"authorization": f"Bearer {token}"},
+                    json={"name": "bench-admin-change"},
+                )
+                changed.raise_for_status()
 
         before = [_cpu_seconds(s.pid) for s in servers]
         client_before = time.process_time()
@@ -462,6 +475,7 @@ def sync_rate(
     daemons: int,
     concurrency: int = 64,
     warm: bool = False,
+    after_admin_change: bool = False,
 ) -> SyncResult:
     """Syncs per second (one POST of 5 records, then one 304 poll) over ``replicas`` servers.
 
@@ -482,7 +496,12 @@ def sync_rate(
             try:
                 wall, cpu, client_cpu = asyncio.run(
                     _sync_across(
-                        servers, token, daemons=daemons, concurrency=concurrency, warm=warm
+                        servers,
+                        token,
+                        daemons=daemons,
+                        concurrency=concurrency,
+                        warm=warm,
+                        after_admin_change=after_admin_change,
                     )
                 )
             except (httpx.HTTPError, OSError, AssertionError):
@@ -503,6 +522,7 @@ def sync_rate(
         client_cpu_ms_per_sync=round(client_cpu / daemons * 1000, 2),
         load_average=round(os.getloadavg()[0], 2),
         warm=warm,
+        after_admin_change=after_admin_change,
     )
 
 
@@ -634,6 +654,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(the steady state: each timed sync is a daemon's second)",
     )
     parser.add_argument(
+        "--after-admin-change",
+        action="store_true",
+        help="with --sync-rate: one admin write moves the policy epoch before the timed round "
+        "(each timed sync is its daemon's first after an admin change: its caller read afresh)",
+    )
+    parser.add_argument(
         "--in-process",
         type=int,
         metavar="SYNCS",
@@ -673,7 +699,16 @@ def _sync_rate_main(args: argparse.Namespace) -> int:
     results = (
         []
         if args.skip_sqlite
-        else [sync_rate("SQLite", "", replicas=1, daemons=daemons, warm=args.warm)]
+        else [
+            sync_rate(
+                "SQLite",
+                "",
+                replicas=1,
+                daemons=daemons,
+                warm=args.warm,
+                after_admin_change=args.after_admin_change,
+            )
+        ]
     )
     if replicas and pg.available():
         with pg.cluster() as admin:
@@ -681,7 +716,12 @@ def _sync_rate_main(args: argparse.Namespace) -> int:
                 with pg.database(admin) as url:
                     results.append(
                         sync_rate(
-                            "PostgreSQL", url, replicas=count, daemons=daemons, warm=args.warm
+                            "PostgreSQL",
+                            url,
+                            replicas=count,
+                            daemons=daemons,
+                            warm=args.warm,
+                            after_admin_change=args.after_admin_change,
                         )
                     )
     elif replicas:

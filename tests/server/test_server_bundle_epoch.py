@@ -315,3 +315,34 @@ async def test_bundle_and_counters_after_fresh_migration(server: Server) -> None
     with server.ctx.engine.connect() as conn:
         row = conn.execute(text("SELECT policy_epoch, built_with FROM bundles")).one()
     assert tuple(row) == (2, server.ctx.bundler.built_with)
+
+
+async def test_on_sqlite_the_stamp_joins_the_group_commit_and_a_stopped_writer_still_serves(
+    server: Server, full_path: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = server.ctx.usage_writer
+    if writer is None:
+        pytest.skip("PostgreSQL stamps in the poll's own transaction")
+    grouped: list[int] = []
+    run = writer.run
+
+    def counted(write: Any) -> int:
+        grouped.append(1)
+        return run(write)
+
+    monkeypatch.setattr(writer, "run", counted)
+    key = await server.new_key("alice")
+    device_id, _ = await server.register(key)
+    etag = (await _poll(server, key, device_id)).headers["etag"]
+    await server.new_key("bob")
+    assert (await _poll(server, key, device_id, etag)).status_code == 304
+    assert grouped == [1]  # the stamp, in the syncs' group commit
+    with server.ctx.engine.connect() as conn:
+        assert conn.execute(text("SELECT policy_epoch FROM bundles")).scalar_one() == _epoch(server)
+    await server.new_key("carol")
+    writer.stop()  # the server is stopping: the stamp is left out, the poll still answered
+    assert (await _poll(server, key, device_id, etag)).status_code == 304
+    with server.ctx.engine.connect() as conn:
+        stored = conn.execute(text("SELECT policy_epoch FROM bundles")).scalar_one()
+    assert stored == _epoch(server) - 1
+    assert full_path == [device_id, device_id, device_id]

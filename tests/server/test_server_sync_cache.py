@@ -187,3 +187,153 @@ def test_a_failing_write_costs_its_group_nothing(tmp_path: Any) -> None:
         stored = sorted(a.action for a in session.exec(select(AuditEntry)).all())
     assert stored == ["a0", "a1", "a2", "a4", "a5"]
     engine.dispose()
+
+
+def _count_slow_callers(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The device ids whose push took the ORM path (``sync.caller_slowly``): a cache miss."""
+    from ccgate.server import sync
+
+    missed: list[str | None] = []
+    slowly = sync.caller_slowly
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        missed.append(args[3])
+        return slowly(*args, **kwargs)
+
+    monkeypatch.setattr(sync, "caller_slowly", counted)
+    return missed
+
+
+async def _fetch(server: Server, key: str, device_id: str) -> Any:
+    return await server.client.get("/v1/bundle", headers=device_headers(key, device_id))
+
+
+async def test_the_first_push_after_the_bundle_fetch_is_answered_from_the_cache(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ccgate.server import devices
+
+    missed = _count_slow_callers(monkeypatch)
+    key = await server.new_key("alice", ci=True, max_devices=5)
+    fetched, unfetched = [(await server.register(key))[0] for _ in range(2)]
+    assert (await _fetch(server, key, fetched)).status_code == 200
+    with server.ctx.engine.connect() as connection:
+        epoch = devices.policy_epoch(connection)
+    cached = server.ctx.callers.caller_at(
+        epoch, key, fetched, token_of(fetched), now=server.clock.now
+    )
+    assert cached is not None and cached[1].id == fetched
+    assert (await _push(server, key, fetched, 1)).status_code == 200
+    assert missed == []  # the daemon's first push: no ORM read of its key or device
+    assert (await _push(server, key, unfetched, 2)).status_code == 200
+    assert missed == [unfetched]  # a device that never fetched still takes the ORM path
+    assert _stored(server) == 2
+
+
+async def test_a_device_revoked_between_its_bundle_fetch_and_its_first_push_is_refused(
+    server: Server,
+) -> None:
+    key = await server.new_key("alice", ci=True, max_devices=5)
+    revoked, other = [(await server.register(key))[0] for _ in range(2)]
+    for device_id in (revoked, other):
+        assert (await _fetch(server, key, device_id)).status_code == 200
+    await server.ok("POST", f"/devices/{revoked}/revoke")
+    refused = await _push(server, key, revoked, 1)
+    assert refused.status_code == 403
+    assert "revoked" in refused.json()["error"]["message"]
+    assert (await _push(server, key, other, 2)).status_code == 200
+    assert _stored(server) == 1
+
+
+async def test_a_key_revoked_or_expired_after_the_bundle_fetch_is_refused(
+    server: Server,
+) -> None:
+    alice = await server.new_key("alice")
+    bob = await server.new_key("bob", expires_at=START + 100)
+    alices, _ = await server.register(alice)
+    bobs, _ = await server.register(bob)
+    for key, device_id in ((alice, alices), (bob, bobs)):
+        assert (await _fetch(server, key, device_id)).status_code == 200
+    await server.ok("POST", "/keys/alice/revoke")
+    refused = await _push(server, alice, alices, 1)
+    assert refused.status_code == 401
+    assert "revoked" in refused.json()["error"]["message"]
+    server.clock.now = START + 100  # no admin write: bob's cached key just expires
+    expired = await _push(server, bob, bobs, 2)
+    assert expired.status_code == 401
+    assert "expired" in expired.json()["error"]["message"]
+    assert _stored(server) == 0
+
+
+async def test_a_wrong_device_token_after_the_bundle_fetch_is_refused_and_audited(
+    server: Server,
+) -> None:
+    key = await server.new_key("alice")
+    device_id, _ = await server.register(key)
+    assert (await _fetch(server, key, device_id)).status_code == 200
+    wrong = {**device_headers(key, device_id), "x-ccgate-device-token": "cgd_" + "z" * 43}
+    refused = await server.client.post("/v1/usage", headers=wrong, json=_batch(1))
+    assert refused.status_code == 401
+    assert "wrong" in refused.json()["error"]["message"]
+    with Session(server.ctx.engine) as session:
+        actions = [a.action for a in session.exec(select(AuditEntry)).all()]
+    assert actions.count("device.token_refused") == 1
+    assert _stored(server) == 0
+
+
+async def test_a_pending_device_is_not_cached_by_its_refused_bundle_fetch(
+    server: Server,
+) -> None:
+    key = await server.new_key("alice", max_devices=2)
+    await server.register(key)  # the first device is approved on first use
+    enrolled = await server.enrol(key)
+    assert enrolled.status_code == 202
+    pending = enrolled.json()["device_id"]
+    assert (await _fetch(server, key, pending)).status_code == 403
+    refused = await _push(server, key, pending, 1)
+    assert refused.status_code == 403
+    assert "waits for approval" in refused.json()["error"]["message"]
+    await server.ok("POST", f"/devices/{pending}/approve")
+    assert (await _push(server, key, pending, 2)).status_code == 200
+    assert _stored(server) == 1
+
+
+async def test_an_admin_change_after_the_bundle_fetch_is_seen_by_the_first_push(
+    server: Server,
+) -> None:
+    key = await server.new_key("alice")
+    device_id, _ = await server.register(key)
+    assert (await _fetch(server, key, device_id)).status_code == 200
+    budget = {"limit_micros": 50_000_000, "period": "1d"}
+    await server.ok("POST", "/teams", 201, json={"name": "platform", "budget": budget})
+    await server.ok("PATCH", "/keys/alice", json={"team": "platform"})  # the epoch moves
+    pushed = await _push(server, key, device_id, 1)
+    assert pushed.status_code == 200
+    assert pushed.json()["spent"]["team"]["spent_micros"] == 10  # the cached levels had none
+    with Session(server.ctx.engine) as session:
+        rows = session.exec(select(UsageRow)).all()
+    assert [r.team_id is not None for r in rows] == [True]
+
+
+async def test_an_uncached_push_on_sqlite_reads_only_its_caller_off_the_loop(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ccgate.server import sync
+
+    if server.ctx.loop_reader is None:
+        pytest.skip("PostgreSQL's sync stays on worker threads")
+    missed = _count_slow_callers(monkeypatch)
+
+    def thread_path(**_kwargs: Any) -> Any:
+        raise AssertionError("the whole sync went to a worker thread")
+
+    monkeypatch.setattr(sync, "sync_usage", thread_path)
+    key = await server.new_key("alice")
+    device_id, _ = await server.register(key)
+    pushed = await _push(server, key, device_id, 1, 2)  # no bundle fetch first: uncached
+    assert pushed.status_code == 200
+    assert pushed.json()["accepted"] == 2
+    assert missed == [device_id]  # the ORM read of the caller, then the loop's group commit
+    assert (await _push(server, key, device_id, 2, 3)).json()["accepted"] == 1
+    assert missed == [device_id]  # cached by the first
+    assert _stored(server) == 3

@@ -101,6 +101,7 @@ class ServerContext:
             signing_key=self.signing_key,
             settings=self.bundle_settings,
             clock=self.clock,
+            writer=self.usage_writer,
         )
 
 
@@ -512,37 +513,49 @@ async def _sync_usage_async(
     device_token: str | None,
     raw: bytes,
 ) -> dict[str, Any]:
-    """A usage push: on SQLite, with a cached caller, on the event loop up to the group
-    commit, awaited (``sync.sync_usage_on_loop``); otherwise in one worker-thread hop."""
+    """A usage push: on SQLite on the event loop up to the group commit, awaited
+    (``sync.sync_usage_on_loop``), an uncached caller read first on a worker thread; on
+    PostgreSQL in one worker-thread hop."""
     reader, writer = ctx.loop_reader, ctx.usage_writer
-    if reader is not None and writer is not None:
-        now = ctx.clock()
-        try:
-            result, watched = await sync.sync_usage_on_loop(
-                reader=reader,
-                callers=ctx.callers,
-                writer=writer,
-                parse=_parse_body,
-                token=token,
-                device_id=device_id,
-                device_token=device_token,
-                raw=raw,
-                now=now,
-            )
-        except sync.Uncached:
-            pass
-        else:
-            if watched is not None:
-                await _blocking(
-                    sync.evaluate_alerts,
-                    ctx.engine,
-                    ctx.alert_settings,
-                    ctx.alert_worker.wake,
-                    watched,
-                    now=now,
-                )
-            return result
-    return await _blocking(_sync_usage, ctx, token, device_id, device_token, raw)
+    if reader is None or writer is None:
+        return await _blocking(_sync_usage, ctx, token, device_id, device_token, raw)
+    now = ctx.clock()
+
+    def on_loop(
+        caller: sync.Caller | None = None,
+    ) -> Awaitable[tuple[dict[str, Any], VirtualKey | None]]:
+        return sync.sync_usage_on_loop(
+            reader=reader,
+            callers=ctx.callers,
+            writer=writer,
+            parse=_parse_body,
+            token=token,
+            device_id=device_id,
+            device_token=device_token,
+            raw=raw,
+            now=now,
+            caller=caller,
+        )
+
+    try:
+        result, watched = await on_loop()
+    except sync.Uncached:
+        # Only the caller's ORM read (every refusal, with its audit row) goes to a thread; the
+        # rest runs on the loop as for a cached caller, awaiting the group commit.
+        caller = await _blocking(
+            sync.caller_slowly, ctx.engine, ctx.callers, token, device_id, device_token, now=now
+        )
+        result, watched = await on_loop(caller)
+    if watched is not None:
+        await _blocking(
+            sync.evaluate_alerts,
+            ctx.engine,
+            ctx.alert_settings,
+            ctx.alert_worker.wake,
+            watched,
+            now=now,
+        )
+    return result
 
 
 def _sync_usage(
@@ -588,7 +601,7 @@ def _poll_bundle(
     )
     if hit is not None:
         return hit
-    with db.session(ctx.engine) as session:  # one connection for both reads
+    with db.session(ctx.engine) as session:  # one connection for every read
         key = ctx.callers.key(session, token, now=now)  # revoked or expired: 401 here
         if device_id and device_token:
             hit = ctx.bundler.cached(
@@ -600,8 +613,12 @@ def _poll_bundle(
             )
             if hit is not None:
                 return hit
-    # the 400, 401 (device token) and 403 (unknown, pending, revoked device) answers
-    device = devices.device_for(ctx.engine, key, device_id, device_token, now=now)
+        # The 400, 401 (device token) and 403 (unknown, pending, revoked device) answers, as
+        # ``devices.device_for`` gives them; an approved caller is kept in the cache with its
+        # team and customer, so the daemon's first push after its first fetch is a cache hit.
+        key, device, _, _ = sync.caller_in(
+            session, ctx.callers, token, device_id, device_token, now=now
+        )
     return ctx.bundler.serve(key, device)
 
 

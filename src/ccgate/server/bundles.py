@@ -64,6 +64,7 @@ from ccgate.server.db import (
 )
 from ccgate.server.errors import ServerStateError
 from ccgate.server.state import SecretBox, sha256_hex
+from ccgate.server.usage import GroupCommit
 
 DEFAULT_TTL_S: Final = 7 * 86_400
 POLL_INTERVAL_S: Final = 60
@@ -103,6 +104,9 @@ class Bundler:
     signing_key: bundle_mod.SigningKey
     settings: BundleSettings = field(default_factory=BundleSettings)
     clock: Callable[[], float] = field(default=time.time)
+    # SQLite's group commit (``usage.GroupCommit``): the stamp of an unchanged envelope joins
+    # the syncs' transaction instead of taking SQLite's one write lock for a commit of its own
+    writer: GroupCommit | None = None
 
     @functools.cached_property
     def built_with(self) -> str:
@@ -200,9 +204,22 @@ class Bundler:
         """Mark an unchanged envelope as current at ``epoch``, so the next polls are cheap.
 
         Only the version we compared is stamped, and never back to an older epoch: another
-        replica may have re-signed or stamped the row since we read it.
+        replica may have re-signed or stamped the row since we read it. After an admin change
+        every device's next poll stamps its row: on SQLite they share the group commit.
         """
         if stored.policy_epoch == epoch and stored.built_with == self.built_with:
+            return
+        if self.writer is not None:
+            params = (epoch, self.built_with, stored.device_id, stored.version, epoch)
+
+            def stamp(connection: Any) -> int:  # the writer's sqlite3 connection
+                connection.cursor().execute(_STAMP, params)
+                return 0
+
+            try:
+                self.writer.run(stamp)
+            except ServerStateError:
+                pass  # the server is stopping: unstamped, the next poll takes this path again
             return
         bundles = SignedBundle.__table__  # type: ignore[attr-defined]
         session.execute(
@@ -317,6 +334,12 @@ class _Contents:
     customer: bundle_mod.LevelPolicy | None
     providers: tuple[Provider, ...]
     prices: Mapping[str, Any] | None
+
+
+_STAMP: Final = (
+    "UPDATE bundles SET policy_epoch = ?, built_with = ? "
+    "WHERE device_id = ? AND version = ? AND policy_epoch <= ?"
+)
 
 
 def _prices(session: Session) -> Mapping[str, Any] | None:

@@ -10,15 +10,18 @@ The answers, the checks and the transactions are those of the ORM path they repl
 
 - the caller comes from ``devices.CallerCache`` for the policy epoch read first; anything the
   cache cannot answer (a first request, a moved epoch, a wrong device token, a pending or
-  revoked device) takes the ORM path (``CallerCache.caller``), with its audit rows and errors;
+  revoked device) takes the ORM path (``CallerCache.caller``), with its audit rows and errors.
+  The bundle fetch's full path fills the cache the same way (``caller_in``), so a daemon's
+  first push, which follows its first fetch, is answered from the cache;
 - the usage writes (new records, lease charges, key failures, the device's last sync) are one
   transaction: SQLite's group commit (``usage.GroupCommit``), or the request's own on
   PostgreSQL, which also holds the epoch read, as the ORM session did;
 - then the spend is read back and the key's alert rules are looked for; a sync that crossed a
   rule's threshold is evaluated by ``alerts.evaluate_in`` (the ORM path: rare).
 
-On SQLite a cached caller's sync runs on the event loop (``sync_usage_on_loop``, the same
-statements), awaiting the group commit instead of blocking a worker thread on it.
+On SQLite the sync runs on the event loop (``sync_usage_on_loop``, the same statements),
+awaiting the group commit instead of blocking a worker thread on it; an uncached caller is read
+first on a worker thread (``caller_slowly``), the rest of its sync still on the loop.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from ccgate.server import alerts, db, devices, migrations, usage
+from ccgate.server.admin import key_levels
 from ccgate.server.bundles import Bundler, Served
 from ccgate.server.db import Customer, Device, Team, VirtualKey
 from ccgate.server.state import sha256_hex
@@ -106,7 +111,7 @@ def sync_usage(
             # goes back first, so the pool's connections are never all held by requests that
             # wait for a second one.
             fairy.close()
-            caller = _caller_slowly(engine, callers, token, device_id, device_token, now=now)
+            caller = caller_slowly(engine, callers, token, device_id, device_token, now=now)
             fairy = engine.raw_connection()
         key, device, team, customer = caller
         parsed, failures = usage.parse_batch(parse(raw))
@@ -191,19 +196,22 @@ async def sync_usage_on_loop(
     device_token: str | None,
     raw: bytes,
     now: float,
+    caller: Caller | None = None,
 ) -> tuple[dict[str, Any], VirtualKey | None]:
     """``sync_usage`` on SQLite with its reads on the event loop: the same statements in the
     same order, the writes in the same group commit, awaited. Raises ``Uncached`` (before
-    anything is written) when the cache cannot answer the caller. The second item is the key
-    when alert rules watch it (the caller evaluates them, off the loop), else None."""
+    anything is written) when the cache cannot answer the caller; the caller then reads it by
+    the ORM path (``caller_slowly``, on a thread) and passes it as ``caller``. The second item
+    is the key when alert rules watch it (the caller evaluates them, off the loop), else None."""
     sql = _SQLITE
     connection = reader.connection()
     cursor = connection.cursor()
     try:
-        epoch = int(cursor.execute(_EPOCH).fetchone()[0])
-        caller = callers.caller_at(epoch, token, device_id, device_token, now=now)
         if caller is None:
-            raise Uncached
+            epoch = int(cursor.execute(_EPOCH).fetchone()[0])
+            caller = callers.caller_at(epoch, token, device_id, device_token, now=now)
+            if caller is None:
+                raise Uncached
         key, device, team, customer = caller
         parsed, failures = usage.parse_batch(parse(raw))
         rows = _rows(cursor, sql, key, device, team, customer, parsed, now=now)
@@ -225,10 +233,10 @@ async def sync_usage_on_loop(
     return answer, key if watched else None
 
 
-_Caller = tuple[VirtualKey, Device, Team | None, Customer | None]
+Caller = tuple[VirtualKey, Device, Team | None, Customer | None]
 
 
-def _caller_slowly(
+def caller_slowly(
     engine: Engine,
     callers: devices.CallerCache,
     token: str | None,
@@ -236,15 +244,33 @@ def _caller_slowly(
     device_token: str | None,
     *,
     now: float,
-) -> _Caller:
-    from ccgate.server.admin import key_levels
-
+) -> Caller:
+    """``caller_in`` in a session of its own (a worker thread's)."""
     with db.session(engine) as session:
-        # read first: the levels read after it are at least as new as this epoch
-        epoch = devices.policy_epoch(session.connection())
-        key, device = callers.caller(session, token, device_id, device_token, now=now)
-        team, customer = key_levels(session, key)
-        callers.keep_levels(epoch, key, team, customer)
+        return caller_in(session, callers, token, device_id, device_token, now=now)
+
+
+def caller_in(
+    session: Session,
+    callers: devices.CallerCache,
+    token: str | None,
+    device_id: str | None,
+    device_token: str | None,
+    *,
+    now: float,
+) -> Caller:
+    """The caller by the ORM path (``CallerCache.caller``: every refusal, with its audit row)
+    and the key's team and customer, all kept in ``callers`` when it may keep them, so the
+    caller's next sync is answered by ``CallerCache.caller_at``. The bundle fetch calls it too:
+    a daemon fetches its bundle before its first push."""
+    # read first: the levels read after it are at least as new as this epoch
+    epoch = devices.policy_epoch(session.connection())
+    cached = callers.caller_at(epoch, token, device_id, device_token, now=now)
+    if cached is not None:  # its push came first (a poll after an admin change)
+        return cached
+    key, device = callers.caller(session, token, device_id, device_token, now=now)
+    team, customer = key_levels(session, key)
+    callers.keep_levels(epoch, key, team, customer)
     return key, device, team, customer
 
 
