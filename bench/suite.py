@@ -640,8 +640,10 @@ def _server_phase(settings: Settings, *, progress: Progress) -> dict[str, Any]:
     progress(f"server: {settings.daemons:,} syncs, one process on SQLite")
     one = server_bench.sync_rate("SQLite", "", replicas=1, daemons=settings.daemons)
     results.append(one.__dict__)
-    # A daemon syncs every few seconds, and only its first sync (or the first after an admin
-    # change) misses the server's caller cache: the steady state is each daemon's second sync.
+    # A daemon's first sync follows its first bundle fetch, which fills the server's caller
+    # cache (server round 5); the steady state is each daemon's second sync. Only the first
+    # sync after an admin change or a server restart misses the cache
+    # (`bench.server_bench --after-admin-change`).
     progress(f"server: {settings.daemons:,} syncs, one process on SQLite, each daemon's second")
     steady = server_bench.sync_rate("SQLite", "", replicas=1, daemons=settings.daemons, warm=True)
     results.append(steady.__dict__)
