@@ -20,11 +20,10 @@ from typer.testing import CliRunner
 from ccgate.cli import app
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 from tests.support.harness import (
-    CLAUDE_BIN,
     Isolated,
     ccgate,
     free_port,
-    kill_pidfile_daemon,
+    passthrough_up,
     run_claude,
 )
 
@@ -45,17 +44,10 @@ def oauth_upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture
 def passthrough(isolated: Isolated, oauth_upstream: FakeUpstream) -> Iterator[int]:
-    assert CLAUDE_BIN.exists(), "run scripts/test: it installs the Claude Code CLI"
     isolated.settings_file.parent.mkdir()
     isolated.settings_file.write_text(USER_SETTINGS)
-    port = free_port()
-    result = ccgate("up", "--passthrough", "--port", str(port), "--upstream", oauth_upstream.url)
-    assert result.returncode == 0, result.stderr
-    try:
+    with passthrough_up(isolated, oauth_upstream.url) as port:
         yield port
-    finally:
-        ccgate("down")
-        kill_pidfile_daemon(isolated.ccgate_home)
 
 
 def claude(prompt: str) -> tuple[int, dict[str, Any]]:

@@ -16,12 +16,10 @@ import pytest
 
 from tests.support.fake_upstream import FakeUpstream, Scenario, seat_quota_headers
 from tests.support.harness import (
-    CLAUDE_BIN,
     Isolated,
     ccgate,
     ccgate_json,
-    free_port,
-    kill_pidfile_daemon,
+    passthrough_up,
     run_claude,
 )
 
@@ -38,15 +36,8 @@ def seat_upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture
 def passthrough(isolated: Isolated, seat_upstream: FakeUpstream) -> Iterator[int]:
-    assert CLAUDE_BIN.exists(), "run scripts/test: it installs the Claude Code CLI"
-    port = free_port()
-    result = ccgate("up", "--passthrough", "--port", str(port), "--upstream", seat_upstream.url)
-    assert result.returncode == 0, result.stderr
-    try:
+    with passthrough_up(isolated, seat_upstream.url) as port:
         yield port
-    finally:
-        ccgate("down")
-        kill_pidfile_daemon(isolated.ccgate_home)
 
 
 def wait_finished(count: int) -> list[dict[str, Any]]:

@@ -169,6 +169,21 @@ def kill_pidfile_daemon(ccgate_home: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def passthrough_up(isolated: Isolated, upstream_url: str) -> Iterator[int]:
+    """`ccgate up --passthrough` on a free port at ``upstream_url`` for the real Claude Code
+    (which keeps its own login); yields the port, and stops the daemon however the test ends."""
+    assert CLAUDE_BIN.exists(), "run scripts/test: it installs the Claude Code CLI"
+    port = free_port()
+    result = ccgate("up", "--passthrough", "--port", str(port), "--upstream", upstream_url)
+    assert result.returncode == 0, result.stderr
+    try:
+        yield port
+    finally:
+        ccgate("down")
+        kill_pidfile_daemon(isolated.ccgate_home)
+
+
 @dataclass
 class Server:
     """A real ``ccgate server run`` subprocess with its own state folder and admin token."""
