@@ -243,6 +243,27 @@ def test_whole_events_in_one_chunk_skip_the_line_parser(monkeypatch: pytest.Monk
     )
 
 
+def test_a_read_that_ends_mid_event_sends_only_that_event_to_the_line_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ccgate.accounting import metering
+
+    lines: list[bytes] = []
+    real_line = metering._SseParser._line
+
+    def counting_line(self: metering._SseParser, line: bytes) -> None:
+        lines.append(line)
+        real_line(self, line)
+
+    monkeypatch.setattr(metering._SseParser, "_line", counting_line)
+    framed = STREAM.replace(b": keep-alive comment\n\n", b"")
+    cut = framed.index(b"\n\n") - 5  # inside message_start's data line
+    assert meter([framed[:cut], framed[cut:]]) == EXPECTED
+    # The cut event's two lines and its blank line; every later event took the fast path.
+    start = framed[: framed.index(b"\n\n")]
+    assert lines == [*start.split(b"\n"), b""]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_any_chunking_gives_what_one_chunk_gives(seed: int) -> None:
     # The fast path (whole events) and the line parser (partial ones) interleave as chunks

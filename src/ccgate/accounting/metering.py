@@ -445,17 +445,37 @@ class _SseParser:
             return
         if self._first_line and not self._pending and not chunk.startswith(_BOM[:1]):
             self._first_line = False  # the stream opens without a byte-order mark to strip
-        if not (
+        if not self._at_boundary():
+            # Mid-event (a read ended inside one): only the rest of that event needs the line
+            # parser, which gives any split the meaning of the whole; the events after it are
+            # whole again and can take the fast path. Without this, one read that ended
+            # mid-event sent every later chunk of the stream through the line parser.
+            end = chunk.find(b"\n\n")
+            if end < 0 or end + 2 == len(chunk) or b"\r" in chunk:
+                self._lines(chunk)
+                return
+            self._lines(chunk[: end + 2])
+            chunk = chunk[end + 2 :]
+            if not self._at_boundary():
+                self._lines(chunk)
+                return
+        chunk = self._whole_events(chunk)
+        if chunk:
+            self._lines(chunk)
+
+    def _at_boundary(self) -> bool:
+        """Nothing of an event or a line is held: the next byte starts an event."""
+        return not (
             self._pending
             or self._skip_lf
             or self._first_line
             or self._overflow
             or self._has_data
             or self._event
-        ):
-            chunk = self._whole_events(chunk)
-            if not chunk:
-                return
+        )
+
+    def _lines(self, chunk: bytes) -> None:
+        """The line parser, for a chunk that may start or end anywhere."""
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
