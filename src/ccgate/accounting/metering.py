@@ -415,6 +415,7 @@ class _SseParser:
         "_first_line",
         "_has_data",
         "_keep",
+        "_kept",
         "_on_event",
         "_overflow",
         "_pending",
@@ -427,6 +428,7 @@ class _SseParser:
     def __init__(self, on_event: Callable[[bytes, bytes], None], *, keep: frozenset[bytes]) -> None:
         self._on_event = on_event
         self._keep = keep
+        self._kept = _kept_events(keep)
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._overflow = False
@@ -516,11 +518,16 @@ class _SseParser:
         whole = chunk[: end + 2]
         if _FRAMED.fullmatch(whole):
             whole = b"\n" + whole
-            self.deltas += whole.count(b"\nevent: content_block_delta\n")
-            for match in _kept_events(self._keep).finditer(whole):
-                event, data = match.groups()
-                if len(data) <= _MAX_PENDING:
-                    self._on_event(event, data)
+            deltas = whole.count(b"\nevent: content_block_delta\n")
+            self.deltas += deltas
+            # Framed so, each event ends in the chunk's only blank lines: when all of them are
+            # deltas (most reads of a stream), none is kept and there is nothing to search for.
+            # (Counted only in a short chunk: in a long one the count costs what the search does.)
+            if len(whole) > 4096 or deltas != whole.count(b"\n\n"):
+                for match in self._kept.finditer(whole):
+                    event, data = match.groups()
+                    if len(data) <= _MAX_PENDING:
+                        self._on_event(event, data)
             return chunk[end + 2 :]
         keep = self._keep
         for block in chunk[:end].split(b"\n\n"):
@@ -643,12 +650,18 @@ class ResponseMeter:
             self._decoders = _decoders_for(content_encoding)
         except _UnsupportedEncoding:
             self._decoders, self._stopped = [], True
+        # An uncompressed stream not captured: feed skips the decoders and _take.
+        self._plain_sse = None if self._decoders or capture else self._sse
 
     def feed(self, raw: bytes) -> None:
         """Meter one chunk exactly as it came from upstream. Never raises."""
         if self._stopped or self._result is not None or not raw:
             return
         try:
+            sse = self._plain_sse
+            if sse is not None:  # per read of a stream: straight to the parser
+                sse.feed(raw)
+                return
             for decoder in self._decoders:
                 raw = decoder.decode(raw)
             self._take(raw)
