@@ -334,9 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append((key[1], (ns - was_ns) / 1000 / n, (calls - was_calls) / n))
             rows.sort(key=lambda row: -row[1])
             covered = sum(row[1] for row in rows)
-            for label, us, calls in rows:
+            for label, us, per_call in rows:
                 if us >= 0.5:
-                    print(f"| {thread} | {label} | {us:.1f} | {calls:.1f} |")
+                    print(f"| {thread} | {label} | {us:.1f} | {per_call:.1f} |")
             print(
                 f"| {thread} | unattributed (uvloop's C loop, reads, task steps, between) "
                 f"| {total_us - covered:.1f} | |"
