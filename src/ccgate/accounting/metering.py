@@ -384,6 +384,11 @@ class _Outcome:
 
 # --- server-sent events -----------------------------------------------------------------------
 
+_HOLD_BYTES = 64 * 1024
+"""Most of a stream ``ResponseMeter.feed`` holds before parsing it. Below this, a stream is
+parsed when its usage is asked for (``started`` until message_start is seen, ``peek`` at a
+checkpoint, ``result``), so the parser runs a few times a stream rather than once a read."""
+
 _BOM = b"\xef\xbb\xbf"
 _MAX_PENDING = 16 * 1024 * 1024
 """Longest line or event data the parser holds; an event that outgrows it is dropped."""
@@ -650,18 +655,23 @@ class ResponseMeter:
             self._decoders = _decoders_for(content_encoding)
         except _UnsupportedEncoding:
             self._decoders, self._stopped = [], True
-        # An uncompressed stream not captured: feed skips the decoders and _take.
+        # An uncompressed stream not captured: feed only holds each chunk, and the parser reads
+        # them joined when something asks (see ``_HOLD_BYTES``).
         self._plain_sse = None if self._decoders or capture else self._sse
+        self._held: list[bytes] = []
+        self._held_size = 0
 
     def feed(self, raw: bytes) -> None:
         """Meter one chunk exactly as it came from upstream. Never raises."""
         if self._stopped or self._result is not None or not raw:
             return
+        if self._plain_sse is not None:  # per read of a stream: held, parsed later in one go
+            self._held.append(raw)
+            self._held_size += len(raw)
+            if self._held_size >= _HOLD_BYTES:
+                self._parse_held()
+            return
         try:
-            sse = self._plain_sse
-            if sse is not None:  # per read of a stream: straight to the parser
-                sse.feed(raw)
-                return
             for decoder in self._decoders:
                 raw = decoder.decode(raw)
             self._take(raw)
@@ -671,6 +681,7 @@ class ResponseMeter:
     def result(self) -> Metered:
         """What was seen; call at the end of the response, including a broken one."""
         if self._result is None:
+            self._parse_held()
             self._finish_decoding()
             self._result = self._metered() if self._sse else self._body_result()
         return self._result
@@ -678,11 +689,29 @@ class ResponseMeter:
     @property
     def started(self) -> bool:
         """A stream's message_start has been read (its input and cache counts are known)."""
+        if not self._outcome.saw_start:
+            self._parse_held()
         return self._outcome.saw_start
 
     def peek(self) -> Metered:
         """What has been read so far, without ending the meter (result() still works)."""
+        self._parse_held()
         return self._metered()
+
+    def _parse_held(self) -> None:
+        """Give the parser what ``feed`` held, as one chunk: the parser gives any split of a
+        stream the same meaning, and one call over several reads costs less than one each."""
+        held = self._held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        self._held, self._held_size = [], 0
+        if self._stopped or self._plain_sse is None:
+            return
+        try:
+            self._plain_sse.feed(data)
+        except Exception:  # as in feed: metering never stops the relay
+            self._stopped = True
 
     def captured(self) -> bytes | None:
         """The decoded body (at most ``max_capture`` bytes) when ``capture`` was asked for."""
