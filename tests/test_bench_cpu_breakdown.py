@@ -1,10 +1,13 @@
 """bench.cpu_breakdown's accounting: each wrapped function's own CPU, nested calls excluded, a
-coroutine's waits not counted. A fake clock makes every figure exact."""
+coroutine's waits not counted (a fake clock makes every figure exact); and bench.hot_paths'
+ledger replay, which must write what the daemon writes."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +90,27 @@ def test_every_component_names_a_function_that_exists() -> None:
         module = importlib.import_module(module_name)
         owner = getattr(module, owner_name) if owner_name else module
         assert callable(getattr(owner, attribute)), f"{module_name}.{owner_name}.{attribute}"
+
+
+def test_the_ledger_replay_writes_the_daemons_statements(tmp_path: Path) -> None:
+    from bench import hot_paths
+    from ccgate.store import ledger as store
+
+    report = hot_paths._statements(tmp_path, store, "DROP INDEX requests_session", rows=0)
+    assert [part.split(" µs")[0].rsplit(" ", 1)[0] for part in report.split("; ")] == [
+        "pending INSERT",
+        "checkpoint UPDATE",
+        "final UPDATE",
+    ]
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    try:
+        rows = db.execute("SELECT outcome, COUNT(*) FROM requests GROUP BY outcome").fetchall()
+        hourly = db.execute("SELECT SUM(requests) FROM usage_hourly").fetchone()[0]
+        session_index = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'requests_session'"
+        ).fetchone()
+    finally:
+        db.close()
+    assert rows == [("ok", 1000)]  # every life ends in its final row
+    assert hourly == 1000  # and the rollups counted each once
+    assert session_index is None  # the variant ran on the scratch ledger
