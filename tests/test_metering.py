@@ -120,12 +120,28 @@ EXPECTED = Metered(
 
 
 def meter(
-    chunks: Iterable[bytes], *, content_type: str | None = SSE, encoding: str | None = None
+    chunks: Iterable[bytes],
+    *,
+    content_type: str | None = SSE,
+    encoding: str | None = None,
+    both: bool = True,
 ) -> Metered:
-    m = ResponseMeter(content_type=content_type, content_encoding=encoding)
+    """The result, checked to be the same whether the parser reads each chunk as it comes
+    (``peek`` after every feed) or the chunks the meter held, joined (a plain stream's feed only
+    holds them: it is parsed when its usage is asked for).
+    (``both=False``: only the second, for a test that counts the parser's calls.)"""
+    chunks = list(chunks)
+    held = ResponseMeter(content_type=content_type, content_encoding=encoding)
     for chunk in chunks:
-        m.feed(chunk)
-    return m.result()
+        held.feed(chunk)
+    result = held.result()
+    if both:
+        each = ResponseMeter(content_type=content_type, content_encoding=encoding)
+        for chunk in chunks:
+            each.feed(chunk)
+            each.peek()
+        assert each.result() == result
+    return result
 
 
 def random_chunks(data: bytes, rng: random.Random) -> list[bytes]:
@@ -212,7 +228,8 @@ def test_content_and_ping_events_are_not_json_decoded(monkeypatch: pytest.Monkey
     monkeypatch.setattr(json, "loads", counting_loads)  # the module ccgate.accounting.metering uses
     garbage = b"event: content_block_delta\ndata: {not json at all\n\n"
     # The garbage delta is counted (a floor for output if the stream broke) but never parsed.
-    assert meter([STREAM.replace(PING, PING + garbage)]) == replace(EXPECTED, stream_deltas=4)
+    with_garbage = STREAM.replace(PING, PING + garbage)
+    assert meter([with_garbage], both=False) == replace(EXPECTED, stream_deltas=4)
     # message_start and message_delta only: message_stop needs no decoding either.
     assert [real_loads(d)["type"] for d in decoded] == ["message_start", "message_delta"]
 
@@ -229,18 +246,108 @@ def test_whole_events_in_one_chunk_skip_the_line_parser(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(metering._SseParser, "_line", counting_line)
     framed = STREAM.replace(b": keep-alive comment\n\n", b"")
-    assert meter([framed]) == EXPECTED  # every event framed as Anthropic does: no line parsing
+    # Every event framed as Anthropic does: no line parsing.
+    assert meter([framed], both=False) == EXPECTED
     assert lines == []
-    assert meter([STREAM]) == EXPECTED
+    assert meter([STREAM], both=False) == EXPECTED
     # Anthropic's framing takes the fast path; only the stream's comment block does not.
     assert lines == [b": keep-alive comment"]
     lines.clear()
     # Another odd block (an id, two data lines) goes through the line parser too.
     odd = b"id: 9\nevent: ping\ndata: {}\ndata: {}\n\n"
-    assert meter([STREAM.replace(PING, PING + odd)]) == EXPECTED
+    assert meter([STREAM.replace(PING, PING + odd)], both=False) == EXPECTED
     assert sorted(lines) == sorted(
         [b": keep-alive comment", b"id: 9", b"event: ping", b"data: {}", b"data: {}"]
     )
+
+
+def test_a_read_that_ends_mid_event_sends_only_that_event_to_the_line_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ccgate.accounting import metering
+
+    lines: list[bytes] = []
+    real_line = metering._SseParser._line
+
+    def counting_line(self: metering._SseParser, line: bytes) -> None:
+        lines.append(line)
+        real_line(self, line)
+
+    monkeypatch.setattr(metering._SseParser, "_line", counting_line)
+    framed = STREAM.replace(b": keep-alive comment\n\n", b"")
+    cut = framed.index(b"\n\n") - 5  # inside message_start's data line
+    m = ResponseMeter(content_type=SSE, content_encoding=None)
+    m.feed(framed[:cut])
+    assert m.started is False  # asking parses what was held: the first read, cut mid-event
+    m.feed(framed[cut:])
+    assert m.result() == EXPECTED
+    # The cut event's two lines and its blank line; every later event took the fast path.
+    start = framed[: framed.index(b"\n\n")]
+    assert lines == [*start.split(b"\n"), b""]
+
+
+def test_a_plain_stream_is_parsed_when_its_usage_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ccgate.accounting import metering
+
+    parsed: list[bytes] = []
+    real_feed = metering._SseParser.feed
+
+    def counting_feed(self: metering._SseParser, chunk: bytes) -> None:
+        parsed.append(chunk)
+        real_feed(self, chunk)
+
+    monkeypatch.setattr(metering._SseParser, "feed", counting_feed)
+    events = [stream(event) for event in EVENTS]
+    m = ResponseMeter(content_type=SSE, content_encoding=None)
+    m.feed(events[0])  # message_start
+    assert parsed == []  # held, not parsed
+    assert m.started is True  # asked: parsed now
+    assert parsed == [events[0]]
+    for event in events[1:-1]:
+        m.feed(event)
+        assert m.started is True  # known already: nothing parsed for it
+    assert len(parsed) == 1
+    seen = m.peek()  # a checkpoint: everything so far, in one call
+    assert len(parsed) == 2
+    assert parsed[1] == b"".join(events[1:-1])
+    assert seen.usage.output_tokens == EXPECTED.usage.output_tokens
+    assert seen.complete is False
+    m.feed(events[-1])
+    assert m.result() == EXPECTED
+    assert len(parsed) == 3
+
+
+def test_what_a_plain_stream_holds_unparsed_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccgate.accounting import metering
+
+    monkeypatch.setattr(metering, "_HOLD_BYTES", 1000)
+    m = ResponseMeter(content_type=SSE, content_encoding=None)
+    for piece in random_chunks(STREAM, random.Random(9)):
+        m.feed(piece)
+        assert m._held_size < 1000  # white-box: the bound itself
+    assert m.result() == EXPECTED
+
+
+def test_a_meter_that_stops_on_a_held_chunk_keeps_what_came_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ccgate.accounting import metering
+
+    m = ResponseMeter(content_type=SSE, content_encoding=None)
+    m.feed(stream(EVENTS[0]))
+    assert m.started is True
+
+    def broken(self: metering._SseParser, chunk: bytes) -> None:
+        raise RuntimeError("a bug in the parser")
+
+    monkeypatch.setattr(metering._SseParser, "feed", broken)
+    m.feed(stream(*EVENTS[1:]))  # held; the parser fails when it is read, never raising here
+    result = m.result()
+    assert result.saw_start is True
+    assert result.complete is False
+    assert result.usage.input_tokens == EXPECTED.usage.input_tokens
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -657,6 +764,7 @@ def test_a_runaway_line_is_not_held_in_memory(monkeypatch: pytest.MonkeyPatch) -
     m.feed(b"event: message_delta\ndata: ")
     for _ in range(100):
         m.feed(b"z" * 50)  # one 5,000-byte line, never buffered past the limit
+        m.peek()  # what the meter holds unparsed has its own bound, checked below
         assert m._sse is not None and m._sse._pending_size <= 400  # white-box: the bound itself
     # Its line ends at the start of a chunk; the event it belongs to goes on and is dropped.
     m.feed(b'\ndata: {"type":"message_start","message":{"model":"bad"}}\n\n')

@@ -384,6 +384,11 @@ class _Outcome:
 
 # --- server-sent events -----------------------------------------------------------------------
 
+_HOLD_BYTES = 64 * 1024
+"""Most of a stream ``ResponseMeter.feed`` holds before parsing it. Below this, a stream is
+parsed when its usage is asked for (``started`` until message_start is seen, ``peek`` at a
+checkpoint, ``result``), so the parser runs a few times a stream rather than once a read."""
+
 _BOM = b"\xef\xbb\xbf"
 _MAX_PENDING = 16 * 1024 * 1024
 """Longest line or event data the parser holds; an event that outgrows it is dropped."""
@@ -415,6 +420,7 @@ class _SseParser:
         "_first_line",
         "_has_data",
         "_keep",
+        "_kept",
         "_on_event",
         "_overflow",
         "_pending",
@@ -427,6 +433,7 @@ class _SseParser:
     def __init__(self, on_event: Callable[[bytes, bytes], None], *, keep: frozenset[bytes]) -> None:
         self._on_event = on_event
         self._keep = keep
+        self._kept = _kept_events(keep)
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._overflow = False
@@ -445,17 +452,37 @@ class _SseParser:
             return
         if self._first_line and not self._pending and not chunk.startswith(_BOM[:1]):
             self._first_line = False  # the stream opens without a byte-order mark to strip
-        if not (
+        if not self._at_boundary():
+            # Mid-event (a read ended inside one): only the rest of that event needs the line
+            # parser, which gives any split the meaning of the whole; the events after it are
+            # whole again and can take the fast path. Without this, one read that ended
+            # mid-event sent every later chunk of the stream through the line parser.
+            end = chunk.find(b"\n\n")
+            if end < 0 or end + 2 == len(chunk) or b"\r" in chunk:
+                self._lines(chunk)
+                return
+            self._lines(chunk[: end + 2])
+            chunk = chunk[end + 2 :]
+            if not self._at_boundary():
+                self._lines(chunk)
+                return
+        chunk = self._whole_events(chunk)
+        if chunk:
+            self._lines(chunk)
+
+    def _at_boundary(self) -> bool:
+        """Nothing of an event or a line is held: the next byte starts an event."""
+        return not (
             self._pending
             or self._skip_lf
             or self._first_line
             or self._overflow
             or self._has_data
             or self._event
-        ):
-            chunk = self._whole_events(chunk)
-            if not chunk:
-                return
+        )
+
+    def _lines(self, chunk: bytes) -> None:
+        """The line parser, for a chunk that may start or end anywhere."""
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -496,11 +523,16 @@ class _SseParser:
         whole = chunk[: end + 2]
         if _FRAMED.fullmatch(whole):
             whole = b"\n" + whole
-            self.deltas += whole.count(b"\nevent: content_block_delta\n")
-            for match in _kept_events(self._keep).finditer(whole):
-                event, data = match.groups()
-                if len(data) <= _MAX_PENDING:
-                    self._on_event(event, data)
+            deltas = whole.count(b"\nevent: content_block_delta\n")
+            self.deltas += deltas
+            # Framed so, each event ends in the chunk's only blank lines: when all of them are
+            # deltas (most reads of a stream), none is kept and there is nothing to search for.
+            # (Counted only in a short chunk: in a long one the count costs what the search does.)
+            if len(whole) > 4096 or deltas != whole.count(b"\n\n"):
+                for match in self._kept.finditer(whole):
+                    event, data = match.groups()
+                    if len(data) <= _MAX_PENDING:
+                        self._on_event(event, data)
             return chunk[end + 2 :]
         keep = self._keep
         for block in chunk[:end].split(b"\n\n"):
@@ -623,10 +655,21 @@ class ResponseMeter:
             self._decoders = _decoders_for(content_encoding)
         except _UnsupportedEncoding:
             self._decoders, self._stopped = [], True
+        # An uncompressed stream not captured: feed only holds each chunk, and the parser reads
+        # them joined when something asks (see ``_HOLD_BYTES``).
+        self._plain_sse = None if self._decoders or capture else self._sse
+        self._held: list[bytes] = []
+        self._held_size = 0
 
     def feed(self, raw: bytes) -> None:
         """Meter one chunk exactly as it came from upstream. Never raises."""
         if self._stopped or self._result is not None or not raw:
+            return
+        if self._plain_sse is not None:  # per read of a stream: held, parsed later in one go
+            self._held.append(raw)
+            self._held_size += len(raw)
+            if self._held_size >= _HOLD_BYTES:
+                self._parse_held()
             return
         try:
             for decoder in self._decoders:
@@ -638,6 +681,7 @@ class ResponseMeter:
     def result(self) -> Metered:
         """What was seen; call at the end of the response, including a broken one."""
         if self._result is None:
+            self._parse_held()
             self._finish_decoding()
             self._result = self._metered() if self._sse else self._body_result()
         return self._result
@@ -645,11 +689,29 @@ class ResponseMeter:
     @property
     def started(self) -> bool:
         """A stream's message_start has been read (its input and cache counts are known)."""
+        if not self._outcome.saw_start:
+            self._parse_held()
         return self._outcome.saw_start
 
     def peek(self) -> Metered:
         """What has been read so far, without ending the meter (result() still works)."""
+        self._parse_held()
         return self._metered()
+
+    def _parse_held(self) -> None:
+        """Give the parser what ``feed`` held, as one chunk: the parser gives any split of a
+        stream the same meaning, and one call over several reads costs less than one each."""
+        held = self._held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        self._held, self._held_size = [], 0
+        if self._stopped or self._plain_sse is None:
+            return
+        try:
+            self._plain_sse.feed(data)
+        except Exception:  # as in feed: metering never stops the relay
+            self._stopped = True
 
     def captured(self) -> bytes | None:
         """The decoded body (at most ``max_capture`` bytes) when ``capture`` was asked for."""

@@ -216,9 +216,10 @@ class DirectExchange:
     def write(self, data: bytes) -> bool:
         """``body`` without the wait, for a caller outside a task (the relay's push mode):
         whether the client's transport can take more now (False: wait for ``drain``)."""
-        if data and not self.disconnected:
+        cycle = self._cycle
+        if data and not (self._gone or cycle.disconnected):  # ``disconnected``, per read
             self._write(data)
-        return not self._cycle.flow.write_paused
+        return not cycle.flow.write_paused
 
     def finish(self, data: bytes) -> None:
         """``last`` without the wait: the last chunk and the end in one write."""
@@ -226,18 +227,18 @@ class DirectExchange:
             self._end(data)
 
     def _write(self, data: bytes) -> None:
-        cycle = self._cycle
-        head, self._head = self._head, None
         if self._chunked:
-            parts = [b"%x\r\n" % len(data), data, b"\r\n"]
+            out = b"%x\r\n%s\r\n" % (len(data), data)  # one copy, no list (per read)
         else:
             if len(data) > self._remaining:
                 raise RuntimeError("Response content longer than Content-Length")
             self._remaining -= len(data)
-            parts = [data]
+            out = data
+        head = self._head
         if head is not None:
-            parts.insert(0, head)
-        cycle.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            self._head = None
+            out = head + out
+        self._cycle.transport.write(out)
 
     async def end(self) -> None:
         await self.last(b"")

@@ -276,11 +276,15 @@ class _Connection(asyncio.Protocol):
         self._push_timeout: float | None = None
         self._push_paused = False
         self._push_error: BaseException | None = None
+        self._clock: Callable[[], float] | None = None  # the loop's time(), once connected
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        # Read once: on Python 3.11 each get_running_loop() is a getpid() system call, and
+        # data_received moves the read deadline on every read.
+        self._clock = asyncio.get_running_loop().time
 
     def data_received(self, data: bytes) -> None:
         if self._parser is None or self._complete:
@@ -296,7 +300,8 @@ class _Connection(asyncio.Protocol):
         push = self._push
         if push is not None:
             if self._push_timeout is not None:
-                self._deadline = asyncio.get_running_loop().time() + self._push_timeout
+                clock = self._clock or asyncio.get_running_loop().time
+                self._deadline = clock() + self._push_timeout
             if self._pieces or self._complete:
                 self._hand_on()
             if not (self._error or self._complete or self._push_paused or self._push_error):
