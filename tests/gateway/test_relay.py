@@ -7,7 +7,7 @@ so the relay's observations and the gateway's billing are checked together.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,26 @@ def stored(ledger: Ledger) -> LedgerRow:
     ledger.flush()
     (row,) = [r for r in ledger.records() if r.outcome != "pending"]
     return row
+
+
+def _relay(
+    upstream: httpx.AsyncClient,
+    *,
+    streamed: bool = False,
+    meter: bool = False,
+    on_progress: Callable[[Metered], None] = lambda _m: None,
+    on_finish: Callable[[Observation], None] = lambda _o: None,
+    ready: Callable[[], Awaitable[str | None] | None] | None = None,
+) -> Relay:
+    """A relay of one ``POST /v1/messages`` through ``upstream`` (a mock transport)."""
+    outbound = Outbound(
+        request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
+        base_url=BASE,
+        request_id="r1",
+        streamed=streamed,
+        meter=meter,
+    )
+    return Relay(upstream, outbound, on_progress=on_progress, on_finish=on_finish, ready=ready)
 
 
 async def test_a_stream_is_relayed_byte_for_byte_and_billed_from_its_usage(
@@ -306,15 +326,10 @@ async def test_the_relay_hands_on_progress_after_message_start_and_one_observati
     observed: list[Observation] = []
     call = _Asgi(b"")
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
-        relay = Relay(
+        relay = _relay(
             upstream,
-            Outbound(
-                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
-                base_url=BASE,
-                request_id="r1",
-                streamed=True,
-                meter=True,
-            ),
+            streamed=True,
+            meter=True,
             on_progress=progress.append,
             on_finish=observed.append,
         )
@@ -355,19 +370,7 @@ async def test_nothing_is_relayed_before_ready_and_the_request_is_in_flight_mean
     call = _Asgi(b"")
     observed: list[Observation] = []
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
-        relay = Relay(
-            upstream,
-            Outbound(
-                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
-                base_url=BASE,
-                request_id="r1",
-                streamed=False,
-                meter=False,
-            ),
-            on_progress=lambda _m: None,
-            on_finish=observed.append,
-            ready=ready,
-        )
+        relay = _relay(upstream, on_finish=observed.append, ready=ready)
         async with anyio.create_task_group() as tg:
             tg.start_soon(relay, {"type": "http"}, call.receive, call.send)
             await upstream_asked.wait()
@@ -397,19 +400,7 @@ async def test_a_ready_that_commits_at_once_runs_once_after_the_request_is_sent(
 
     call = _Asgi(b"")
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
-        relay = Relay(
-            upstream,
-            Outbound(
-                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
-                base_url=BASE,
-                request_id="r1",
-                streamed=False,
-                meter=False,
-            ),
-            on_progress=lambda _m: None,
-            on_finish=lambda _o: None,
-            ready=ready,
-        )
+        relay = _relay(upstream, ready=ready)
         await relay({"type": "http"}, call.receive, call.send)
     assert order == ["upstream", "ready"]
     assert call.sent[0]["status"] == 200
@@ -425,19 +416,7 @@ async def test_a_ready_that_raises_fails_the_relay_and_relays_nothing() -> None:
     call = _Asgi(b"")
     observed: list[Observation] = []
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
-        relay = Relay(
-            upstream,
-            Outbound(
-                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
-                base_url=BASE,
-                request_id="r1",
-                streamed=False,
-                meter=False,
-            ),
-            on_progress=lambda _m: None,
-            on_finish=observed.append,
-            ready=ready,
-        )
+        relay = _relay(upstream, on_finish=observed.append, ready=ready)
         with pytest.raises(ValueError, match="unknown outcome"):
             await relay({"type": "http"}, call.receive, call.send)
     assert call.sent == []
@@ -455,19 +434,7 @@ async def test_an_answer_whose_row_cannot_be_committed_is_withheld_with_503() ->
     call = _Asgi(b"")
     observed: list[Observation] = []
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as upstream:
-        relay = Relay(
-            upstream,
-            Outbound(
-                request=httpx.Request("POST", f"{BASE}/v1/messages", content=b"{}"),
-                base_url=BASE,
-                request_id="r1",
-                streamed=False,
-                meter=True,
-            ),
-            on_progress=lambda _m: None,
-            on_finish=observed.append,
-            ready=ready,
-        )
+        relay = _relay(upstream, meter=True, on_finish=observed.append, ready=ready)
         await relay({"type": "http"}, call.receive, call.send)
     start, body = call.sent[0], call.sent[1]
     assert start["status"] == 503
