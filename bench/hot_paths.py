@@ -5,10 +5,15 @@
 ``result``; CPU µs per stream. ``ledger``: the daemon's own ledger statements (``_snapshot`` and
 ``_commit``) on a migrated scratch ledger: the pending INSERT, a checkpoint UPDATE and the final
 UPDATE, CPU µs each and the WAL pages each writes; ``--variant SQL`` runs SQL on the scratch
-ledger first (to price an index or a trigger; the real ledger is never touched).
+ledger first (to price an index or a trigger; the real ledger is never touched). ``lives``: a
+real ``Ledger`` driven as the daemon drives it, one request at a time: ``commit_start`` on this
+thread (the loop's pending row), then ``record_finish`` and a wait for the writer thread; CPU µs
+of this thread in ``commit_start``, of the writer thread per request, and the process's read
+system calls (``pread64`` of pages another connection's commit made stale) per request.
 
     .venv/bin/python -m bench.hot_paths meter
     .venv/bin/python -m bench.hot_paths ledger --variant "DROP INDEX requests_session"
+    .venv/bin/python -m bench.hot_paths lives --src /tmp/before/src
 
 ``--src DIR`` puts another tree's ``src`` first (``git archive <commit> src``), for a before.
 """
@@ -21,6 +26,7 @@ import itertools
 import random
 import sys
 import tempfile
+import threading
 import time
 import timeit
 import uuid
@@ -151,17 +157,69 @@ def _statements(tmp: Path, store: Any, variant: str, rows: int) -> str:
     )
 
 
+def lives(rows: int) -> None:
+    from ccgate.store import ledger as store
+
+    with tempfile.TemporaryDirectory(prefix="ccgate-hot-") as tmp:
+        ledger = store.Ledger(Path(tmp) / "ledger.db")
+        ledger.start_writer()
+        writer = next(t for t in threading.enumerate() if t.name == "ccgate-ledger")
+        clock = time.pthread_getcpuclockid(writer.ident or 0)
+        loop_ns = writer_ns = reads = inline = 0
+        for n in range(rows + 1000):
+            rec = store.RequestRecord(
+                id=uuid.uuid4().hex,
+                started_at=time.time(),
+                key_id="k1",
+                method="POST",
+                path="/v1/messages",
+                model="claude-sonnet-4-6",
+                streamed=True,
+                session_id="s-1",
+                input_tokens=25_000,
+                cost_micros=75_000,
+                price_estimated=True,
+                price_version="input-estimate",
+            )
+            before_reads, before_writer = _read_calls(), time.clock_gettime_ns(clock)
+            started = time.thread_time_ns()
+            spot = ledger.commit_start(rec)
+            took = time.thread_time_ns() - started
+            rec.outcome, rec.status, rec.output_tokens, rec.stop_reason = "ok", 200, 300, "end_turn"
+            rec.input_tokens, rec.cache_read_input_tokens, rec.price_estimated = 3, 24_800, False
+            rec.latency_ms, rec.ttfb_ms, rec.price_version = 3.0, 1.0, "v1"
+            ledger.record_finish(rec)
+            ledger.flush()
+            if n >= rows:  # the first ``rows`` fill the ledger
+                loop_ns += took
+                inline += spot
+                writer_ns += time.clock_gettime_ns(clock) - before_writer
+                reads += _read_calls() - before_reads
+        ledger.close()
+    print(
+        f"commit_start {loop_ns / 1e6:.1f} µs ({inline} of 1000 on the spot), "
+        f"writer thread {writer_ns / 1e6:.1f} µs, {reads / 1000:.1f} read calls a request"
+    )
+
+
+def _read_calls() -> int:
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("syscr"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hot_paths", description=__doc__)
-    parser.add_argument("what", choices=("meter", "ledger"))
+    parser.add_argument("what", choices=("meter", "ledger", "lives"))
     parser.add_argument("--src", type=Path, help="a src folder to import ccgate from")
     parser.add_argument("--variant", action="append", default=[], help="ledger: SQL run first")
-    parser.add_argument("--rows", type=int, default=3000, help="ledger: rows written before")
+    parser.add_argument("--rows", type=int, default=3000, help="ledger, lives: rows written before")
     args = parser.parse_args(argv)
     if args.src is not None:
         sys.path.insert(0, str(args.src.resolve()))
     if args.what == "meter":
         meter()
+    elif args.what == "lives":
+        lives(args.rows)
     else:
         ledger(args.variant, args.rows)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -596,3 +597,78 @@ def test_commit_start_without_queueing_leaves_a_busy_row_to_its_caller(ledger: L
     assert ledger.records() == []  # nothing was handed to the writer
     assert ledger.commit_start(rec(1), queue=False) is True
     assert [(r.id, r.outcome) for r in ledger.records()] == [(rec(1).id, "pending")]
+
+
+def test_the_loop_and_the_writer_share_one_write_connection(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two connections would each find their page cache stale after the other's commit.
+    opened: list[bool] = []
+    real_connect = ledger_mod._connect
+
+    def counting_connect(path: Path, *, readonly: bool, busy_timeout_ms: int) -> sqlite3.Connection:
+        opened.append(readonly)
+        return real_connect(path, readonly=readonly, busy_timeout_ms=busy_timeout_ms)
+
+    monkeypatch.setattr(ledger_mod, "_connect", counting_connect)
+    with Ledger(db_path) as ledger:
+        ledger.start_writer()
+        for n in range(1, 4):
+            assert ledger.commit_start(rec(n)) is True  # the loop's commit
+            ledger.record_finish(finished(n))  # the writer's
+            assert ledger.flush(timeout=10)
+        assert outcomes(ledger) == {rec(n).id: "ok" for n in range(1, 4)}
+        assert len(opened) == 2  # the ledger's read connection, then the one write connection
+
+
+def test_commit_start_does_not_wait_for_a_writer_waiting_on_another_process(
+    db_path: Path,
+) -> None:
+    # The writer keeps waiting for SQLite's lock (busy_timeout) holding the shared connection;
+    # the loop's commit gives up at once and its row is committed once the lock is free.
+    with Ledger(db_path, busy_timeout_ms=30_000) as ledger:
+        ledger.start_writer()
+        assert ledger.commit_start(rec(1)) is True
+        blocker = raw(db_path)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            ledger.record_finish(finished(1))
+            for _ in range(1000):
+                if ledger._inline_lock.locked():
+                    break
+                threading.Event().wait(0.01)
+            assert ledger._inline_lock.locked()  # the writer is in its commit, waiting
+            assert ledger.commit_start(rec(2)) is False
+            assert ledger._inline_lock.locked()  # still waiting: commit_start did not wait
+            assert ledger.write_problem() is None  # waiting on the lock is not a failure
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert ledger.flush(timeout=10)
+        assert outcomes(ledger) == {rec(1).id: "ok", rec(2).id: "pending"}
+
+
+def test_only_the_writer_checkpoints_the_wal(db_path: Path) -> None:
+    # A checkpoint copies WAL pages into the database file, which only then grows.
+    def size() -> int:
+        return db_path.stat().st_size
+
+    def wal_frames() -> int:
+        wal = db_path.with_name(db_path.name + "-wal")
+        return max(0, wal.stat().st_size - 32) // (4096 + 24)
+
+    with Ledger(db_path) as ledger:
+        base = size()
+        for n in range(1, 301):  # no writer thread: every row is the loop's own commit
+            assert ledger.commit_start(rec(n, session_id="s1")) is True
+        assert wal_frames() > 1000  # past SQLite's autocheckpoint threshold
+        assert size() == base  # yet no checkpoint: the loop never runs one
+        ledger.record_finish(finished(1))
+        ledger.start_writer()
+        assert ledger.flush(timeout=10)
+        checkpointed = size()
+        assert checkpointed > base  # the writer's commit checkpointed
+        for n in range(301, 601):
+            assert ledger.commit_start(rec(n, session_id="s1")) is True
+        assert size() == checkpointed  # and left the connection as the loop needs it
+        assert len(ledger.records()) == 600

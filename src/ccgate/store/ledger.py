@@ -9,12 +9,15 @@ Design:
   and records each in the ``migrations`` table, so opening is always safe. A read-only ledger
   runs none and refuses a file that still needs them.
 - One write from the event loop: ``commit_start`` commits a request's pending row right there
-  when SQLite's write lock is free at that instant (a WAL append without fsync, no waiting for
-  the lock, no checkpoint), because handing it to the writer thread and back costs more than
-  the commit itself under load; when the lock is taken, or the commit fails, the row is queued
+  when the write connection is free at that instant (a WAL append without fsync, no waiting for
+  a lock, no checkpoint), because handing it to the writer thread and back costs more than
+  the commit itself under load; when it is taken, or the commit fails, the row is queued
   as below. Everything else: ``record_start`` and ``record_finish``
-  snapshot the record and put it on a ``queue.SimpleQueue``; one writer thread owns the write
-  connection, drains whatever is queued, applies it in ONE transaction and commits. A failed
+  snapshot the record and put it on a ``queue.SimpleQueue``; one writer thread drains whatever
+  is queued, applies it in ONE transaction and commits. The loop and the writer share ONE
+  write connection (so neither finds its page cache made stale by the other's commit), taking
+  turns on a lock the loop only ever tries; only the writer's commits may checkpoint the WAL
+  and wait for another process's lock. A failed
   commit (locked, disk full, read-only) keeps the batch and is retried with backoff; a record
   SQLite can never store is dropped alone, with a log line that names it but not its content.
 - ``seq`` (an AUTOINCREMENT rowid) orders rows by start. Rows are inserted as ``pending`` and
@@ -60,6 +63,7 @@ BILLABLE_PATH: Final = "/v1/messages"
 UsageBy = Literal["model", "day", "session", "repo", "branch"]
 
 _BUSY_TIMEOUT_MS: Final = 5_000
+_AUTOCHECKPOINT_PAGES: Final = 1_000  # SQLite's default: what every connection used before
 _BACKOFF_START_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 2.0
 _LOG_EVERY_N_FAILURES: Final = 10
@@ -830,12 +834,13 @@ _Item = _Write | _Waiter | _Stop
 
 
 class _Writer:
-    """The thread that owns the write connection and commits queued records in batches."""
+    """The thread that commits queued records in batches, and the write connection it shares
+    with ``Ledger.commit_start`` (the event loop's pending rows)."""
 
     def __init__(self, *, path: Path, busy_timeout_ms: int, lock: threading.Lock) -> None:
         self.queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        # Held around each transaction, and tried by Ledger.commit_start: the two writers of
-        # this process take turns here rather than in SQLite's busy handler (which sleeps).
+        # Held around every use of the connection; the loop only tries it (commit_now), so
+        # the two take turns here rather than in SQLite's busy handler (which sleeps).
         self._lock = lock
         self.abandon = threading.Event()
         self._path = path
@@ -885,7 +890,7 @@ class _Writer:
             waiters.clear()
             if stopping:
                 break
-        self._close()
+        self.close_connection()
 
     def _fail_loop_waiters(self, waiters: list[_Waiter]) -> list[_Waiter]:
         # The request waiting for its pending row must not go upstream unaccounted: tell it
@@ -918,9 +923,7 @@ class _Writer:
         if not batch:
             return batch
         try:
-            db = self._connection()
-            with self._lock:
-                _commit(db, batch)
+            self._commit(batch)
         except Exception as exc:
             if not _is_transient(exc):
                 return self._write_one_by_one(batch)
@@ -933,9 +936,7 @@ class _Writer:
         # Isolates the record SQLite rejects so the rest of the batch is not lost with it.
         for index, op in enumerate(batch):
             try:
-                db = self._connection()
-                with self._lock:
-                    _commit(db, [op])
+                self._commit([op])
             except Exception as exc:
                 if _is_transient(exc):
                     self._note_problem(exc)
@@ -957,16 +958,58 @@ class _Writer:
         if failures % _LOG_EVERY_N_FAILURES == 0:
             logger.warning("ledger write failed (%s); keeping %d records and retrying", exc, kept)
 
+    def commit_now(self, op: _Write) -> bool:
+        """The loop's commit: True once ``op`` is committed; False at once if the writer is
+        using the connection, or SQLite's lock is taken (by another process), or it failed."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            _commit(self._connection(), [op])
+        except sqlite3.Error:
+            return False
+        finally:
+            self._lock.release()
+        return True
+
+    def _commit(self, batch: list[_Write]) -> None:
+        with self._lock:
+            db = self._connection()
+            # The connection is left as the loop needs it (no checkpoint, no waiting); the
+            # writer's commits checkpoint at SQLite's usual threshold, as before.
+            db.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")
+            try:
+                try:
+                    _commit(db, batch)
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                        raise
+                    # Another process holds SQLite's lock: wait for it as before, only here.
+                    db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+                    try:
+                        _commit(db, batch)
+                    finally:
+                        db.execute("PRAGMA busy_timeout = 0")
+            finally:
+                db.execute("PRAGMA wal_autocheckpoint = 0")
+
     def _connection(self) -> sqlite3.Connection:
+        # Under self._lock. Opened by whichever side first needs it.
         if self._db is None:
-            self._db = _connect(self._path, readonly=False, busy_timeout_ms=self._busy_timeout_ms)
+            db = _connect(self._path, readonly=False, busy_timeout_ms=0)
+            try:
+                db.execute("PRAGMA wal_autocheckpoint = 0")
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
         return self._db
 
-    def _close(self) -> None:
-        if self._db is not None:
+    def close_connection(self) -> None:
+        with self._lock:
+            db, self._db = self._db, None
+        if db is not None:
             with contextlib.suppress(sqlite3.Error):
-                self._db.close()
-            self._db = None
+                db.close()
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -983,8 +1026,7 @@ class Ledger:
         self._busy_timeout_ms = busy_timeout_ms
         self._lock = threading.Lock()  # the read connection may be used from several threads
         self._writer: _Writer | None = None
-        self._inline: sqlite3.Connection | None = None  # commit_start's, opened on first use
-        self._inline_lock = threading.Lock()
+        self._inline_lock = threading.Lock()  # the write connection's: see _Writer
         self._db = self._open()
 
     def __enter__(self) -> Ledger:
@@ -1044,35 +1086,22 @@ class Ledger:
         self._queue().put(_snapshot(_INSERT_START, rec))
 
     def commit_start(self, rec: RequestRecord, *, queue: bool = True) -> bool:
-        """Insert and commit a pending row on the calling thread if SQLite's write lock is free
-        right now; True once it is committed. Otherwise (the writer holds the lock, or the
-        commit failed) it is queued as ``record_start`` does (with ``queue=False``: left for
-        the caller to try again), and False.
+        """Insert and commit a pending row on the calling thread if the write connection (shared
+        with the writer thread) and SQLite's write lock are free right now; True once it is
+        committed. Otherwise (the writer is using the connection, another process holds the
+        lock, or the commit failed) it is queued as ``record_start`` does (with
+        ``queue=False``: left for the caller to try again), and False.
 
-        Never waits for the lock (``busy_timeout`` 0) and never checkpoints the WAL (the
-        writer's connection does), so on the event loop it costs one WAL append."""
+        Never waits for either lock (``busy_timeout`` 0) and never checkpoints the WAL (only
+        the writer's commits do), so on the event loop it costs one WAL append."""
         op = _snapshot(_INSERT_START, rec)
-        queued = self._queue()
-        if not self._inline_lock.acquire(blocking=False):
-            if queue:
-                queued.put(op)
-            return False
-        try:
-            db = self._inline
-            if db is None:
-                db = _connect(self.path, readonly=False, busy_timeout_ms=0)
-                db.execute("PRAGMA wal_autocheckpoint = 0")
-                self._inline = db
-            _commit(db, [op])
-        except sqlite3.Error:
-            # Locked by the writer (or another process), or failing: the writer's retries and
-            # its problem reporting take it from here.
-            if queue:
-                queued.put(op)
-            return False
-        finally:
-            self._inline_lock.release()
-        return True
+        writer = self._writer_of_queue()
+        if writer.commit_now(op):
+            return True
+        # The writer's retries and its problem reporting take it from here.
+        if queue:
+            writer.queue.put(op)
+        return False
 
     def record_finish(self, rec: RequestRecord) -> None:
         """Queue a write of the whole record (an UPDATE of its pending row, else an UPSERT).
@@ -1206,12 +1235,15 @@ class Ledger:
             )
 
     def _queue(self) -> queue.SimpleQueue[_Item]:
+        return self._writer_of_queue().queue
+
+    def _writer_of_queue(self) -> _Writer:
         if self._writer is None:
             # Records queued before start_writer are kept and written once it starts.
             self._writer = _Writer(
                 path=self.path, busy_timeout_ms=self._busy_timeout_ms, lock=self._inline_lock
             )
-        return self._writer.queue
+        return self._writer
 
     # ---- readers
 
@@ -1350,13 +1382,13 @@ class Ledger:
             raise LedgerError(f"Cannot use the ledger at {self.path}: {exc}.") from None
 
     def close(self) -> None:
-        """Stop the writer (committing what is queued) and close the read connection."""
+        """Stop the writer (committing what is queued) and close both connections."""
         self.stop_writer()
-        # Not under _inline_lock: a writer that gave up stopping may still hold it.
-        inline, self._inline = self._inline, None
-        if inline is not None:
-            with contextlib.suppress(sqlite3.Error):
-                inline.close()
+        writer = self._writer
+        # A writer that gave up stopping may still hold the write connection: it closes it
+        # when its thread ends. Otherwise it is closed here (commit_start may have opened it).
+        if writer is not None and not writer.alive:
+            writer.close_connection()
         with self._lock:
             self._db.close()
 
