@@ -12,9 +12,10 @@ itself.
 other systems the readers return None and the report says so); ``ProcTree`` adds a forking
 server's children (socat forks one per connection).
 
-The two floor targets (docs/benchmarks.md) are started here too: ``byte_pump`` (``bench.pump``,
-a bare Python relay on uvloop) and ``socat`` (a C relay), each between the client and the fake
-upstream, forwarding bytes and nothing else.
+The floor targets (docs/benchmarks.md) are started here too: ``byte_pump`` (``bench.pump``,
+a bare Python relay on uvloop; with ``store_and_forward``, one that holds each request until it
+is whole) and ``socat`` (a C relay), each between the client and the fake upstream, forwarding
+bytes and nothing else.
 """
 
 from __future__ import annotations
@@ -381,21 +382,30 @@ def _host_port(url: str) -> str:
 
 @contextlib.contextmanager
 def byte_pump(
-    *, upstream_url: str, env: Mapping[str, str], work: Path, timeout: float = 20.0
+    *,
+    upstream_url: str,
+    env: Mapping[str, str],
+    work: Path,
+    timeout: float = 20.0,
+    store_and_forward: bool = False,
 ) -> Iterator[Service]:
     """``python -m bench.pump`` from a free port to the upstream; ready once it says so.
 
-    No request goes through to check it: the upstream sees only the client's requests.
+    ``store_and_forward``: the pump holds each request until it is complete (``--store-and-
+    forward``). No request goes through to check it: the upstream sees only the client's.
     """
     port = free_port()
-    log = work / "pump.log"
+    name = "store-and-forward pump" if store_and_forward else "byte pump"
+    log = work / ("sf-pump.log" if store_and_forward else "pump.log")
     command = [sys.executable, "-m", "bench.pump", "--listen", str(port)]
     command += ["--to", _host_port(upstream_url)]
+    if store_and_forward:
+        command.append("--store-and-forward")
     process = _spawn(command=command, env=env, log=log)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_announced(process, log, timeout=timeout, prefix="pump on ", name="byte pump")
-        yield Service(name="byte pump", url=url, process=process, log=log)
+        _wait_announced(process, log, timeout=timeout, prefix="pump on ", name=name)
+        yield Service(name=name, url=url, process=process, log=log)
     finally:
         stop(process)
 

@@ -9,6 +9,14 @@ and close passed on. It runs on uvloop with Protocol callbacks, the daemon's loo
 cheapest way to move bytes, so what ccgate costs beyond this process is what ccgate itself
 does (HTTP on both sides, policy, metering, the ledger), not Python or the loop.
 
+``--store-and-forward`` makes it the floor of a hop that must see a whole request before it
+sends any of it on (ccgate checks budgets and the model allowlist first): each request is parsed
+with httptools, the daemon's HTTP parser, and held until its body is complete (Content-Length
+or chunked), then its head and body go upstream in one write. No JSON parse, no policy, nothing
+rewritten. Responses still pass through as they arrive; the bench's clients send one request at
+a time on a connection, so nothing needs to know where a response ends. Pipelined bytes that
+arrive in the same read as the end of a request go up with it (no client here pipelines).
+
 It prints ``pump on 127.0.0.1:PORT to HOST:PORT`` once listening and serves until SIGINT or
 SIGTERM.
 """
@@ -22,6 +30,8 @@ import signal
 import socket
 from collections.abc import Sequence
 from typing import cast
+
+import httptools
 
 try:
     import uvloop
@@ -140,12 +150,58 @@ class _Client(_Half):
             self.transport.resume_reading()
 
 
-async def serve(listen: int, host: str, port: int, *, announce: bool = True) -> None:
+class _StoreClient(_Client):
+    """An accepted connection whose requests go upstream only once each one is complete.
+
+    The raw bytes are kept as they came (header case and spacing, chunk framing), so the
+    upstream sees what the client sent, only later. A request the parser rejects, or an
+    Upgrade/CONNECT, closes the connection: this hop relays plain HTTP/1.1 requests only.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self._pending: list[bytes] = []
+        self._complete = False
+        self._parser = httptools.HttpRequestParser(self)
+
+    def on_message_complete(self) -> None:  # httptools callback, inside feed_data
+        self._complete = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            return
+        self._pending.append(data)
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.transport.close()
+            return
+        if not self._complete:
+            return
+        self._complete = False
+        block = b"".join(self._pending)
+        self._pending.clear()
+        peer = self.peer
+        if peer is None:
+            self._early.append(block)  # written by _connect once upstream is open
+        elif peer.transport is not None and not peer.closed:
+            peer.transport.write(block)
+
+    def eof_received(self) -> bool:
+        self._pending.clear()  # an unfinished request is dropped, never sent in part
+        return super().eof_received()
+
+
+async def serve(
+    listen: int, host: str, port: int, *, announce: bool = True, store: bool = False
+) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Client(host, port), "127.0.0.1", listen)
+    kind = _StoreClient if store else _Client
+    server = await loop.create_server(lambda: kind(host, port), "127.0.0.1", listen)
     bound = server.sockets[0].getsockname()[1]
     if announce:
-        print(f"pump on 127.0.0.1:{bound} to {host}:{port}", flush=True)
+        mode = " (store-and-forward)" if store else ""
+        print(f"pump on 127.0.0.1:{bound} to {host}:{port}{mode}", flush=True)
     stopped = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopped.set)
@@ -167,12 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--listen", type=int, required=True, help="port on 127.0.0.1 (0: free)")
     parser.add_argument("--to", type=_address, required=True, help="HOST:PORT to relay to")
+    parser.add_argument(
+        "--store-and-forward",
+        action="store_true",
+        help="hold each HTTP request until its body is complete, then send it in one write",
+    )
     args = parser.parse_args(argv)
     host, port = args.to
+    running = serve(args.listen, host, port, store=args.store_and_forward)
     if uvloop is not None:
-        uvloop.run(serve(args.listen, host, port))
+        uvloop.run(running)
     else:  # pragma: no cover
-        asyncio.run(serve(args.listen, host, port))
+        asyncio.run(running)
     return 0
 
 

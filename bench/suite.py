@@ -1,13 +1,16 @@
 """Every figure of issue #12's Targets table, in one run: ``scripts/bench`` (docs/benchmarks.md).
 
 One fake upstream (``bench.upstream``) answers every target, and each measured request goes to
-every target in turn, one per round (direct, ccgate, the two floor targets, LiteLLM's two
+every target in turn, one per round (direct, ccgate, the three floor targets, LiteLLM's two
 routes, Anthropic's gateway), so a slow moment of this shared machine lands on all of them
 alike. "Added" is a target's percentile minus direct's. The floor targets are one extra local
 hop and nothing else: ``pump`` (``bench.pump``, a bare byte relay in Python on uvloop, the floor
-of any Python process in the path) and ``socat`` (a C relay, forking a child per connection:
-the floor of any extra hop at all); both forward the client's request unchanged, so they get
-direct's headers. ``--no-floor`` leaves them out. Phases, in order:
+of any Python process in the path; it cuts through, sending a request's first bytes on before
+its body has arrived), ``s&f pump`` (the same pump with ``--store-and-forward``: it parses each
+request with httptools and sends it on only once it is whole, as ccgate must; the floor of a
+Python hop that checks a request before it goes out) and ``socat`` (a C relay, forking a child
+per connection: the floor of any extra hop at all); all three forward the client's request
+unchanged, so they get direct's headers. ``--no-floor`` leaves them out. Phases, in order:
 
 1. streams: time to first byte and to the end of a 100 KB Claude Code-shaped request;
 2. non-streaming: the same body with ``"stream": false``;
@@ -27,7 +30,7 @@ direct's headers. ``--no-floor`` leaves them out. Phases, in order:
 LiteLLM runs from ``bench/.venv-litellm``, created here on first use (``--no-install`` skips
 it); Anthropic's gateway runs where Claude Code is installed (tests/claude) and PostgreSQL is
 available. ``--quick`` is a smoke run of a few requests per target that skips what is not
-installed already (the pump always runs, socat if it is on PATH); it asserts nothing about
+installed already (both pumps always run, socat if it is on PATH); it asserts nothing about
 timings. Everything started is stopped on the way out, on errors, Ctrl-C and SIGTERM too.
 """
 
@@ -86,8 +89,9 @@ LITELLM_PASS = "LiteLLM /anthropic"
 LITELLM_MSG = "LiteLLM /v1/messages"
 GATEWAY = "claude gateway"
 PUMP = "pump"
+SF_PUMP = "s&f pump"
 SOCAT = "socat"
-FLOOR = (PUMP, SOCAT)
+FLOOR = (PUMP, SF_PUMP, SOCAT)
 SLOW_STREAMS = 64
 SLOW_DELAY_MS = 50
 
@@ -130,7 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--no-gateway", action="store_true", help="leave claude gateway out")
     parser.add_argument("--no-server", action="store_true", help="leave the server out")
     parser.add_argument(
-        "--no-floor", action="store_true", help="leave the floor targets (pump, socat) out"
+        "--no-floor", action="store_true", help="leave the floor targets (both pumps, socat) out"
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     args = parser.parse_args(argv)
@@ -239,10 +243,15 @@ def _start_floor(
         return
     # The client's request goes through unchanged, so the upstream sees direct's key.
     headers = state.targets[0].headers
-    progress("starting the floor targets: the byte pump and socat")
+    progress("starting the floor targets: the byte pump, the store-and-forward pump and socat")
     pump = stack.enter_context(byte_pump(upstream_url=upstream_url, env=state.env, work=state.work))
     state.targets.append(Target(PUMP, pump.url, headers, pid=pump.pid))
     state.services[PUMP] = pump
+    held = stack.enter_context(
+        byte_pump(upstream_url=upstream_url, env=state.env, work=state.work, store_and_forward=True)
+    )
+    state.targets.append(Target(SF_PUMP, held.url, headers, pid=held.pid))
+    state.services[SF_PUMP] = held
     if not socat_installed():
         state.skipped[SOCAT] = "not installed (Debian: apt-get install socat)"
         return
@@ -763,9 +772,11 @@ def targets_table(result: dict[str, Any]) -> list[dict[str, str]]:
         "ms",
         f" (floor: {floor_cpu})" if floor_cpu else "",
     )
-    over_pump = floor_distance(result, PUMP)
-    if over_pump is not None:
-        rows.append(Row("ccgate minus the pump, p50 (no target; reported)", "-", over_pump, "n/a"))
+    for floor in (PUMP, SF_PUMP):
+        over = floor_distance(result, floor)
+        if over is not None:
+            label = f"ccgate minus the {floor}, p50 (no target; reported)"
+            rows.append(Row(label, "-", over, "n/a"))
     share = result["load"]["share_of_direct"].get(CCGATE)
     rps = result["load"]["requests_per_s"]
     if share is not None:
@@ -867,7 +878,14 @@ def _floor_note(table: dict[str, Any], q: str) -> str:
     return f" (floor: {', '.join(parts)})" if parts else ""
 
 
-_DISTANCE_PAIRS = ((CCGATE, PUMP), (CCGATE, SOCAT), (PUMP, SOCAT))
+# "s&f pump minus pump" is what holding a request until it is whole costs by itself.
+_DISTANCE_PAIRS = (
+    (CCGATE, PUMP),
+    (CCGATE, SF_PUMP),
+    (CCGATE, SOCAT),
+    (SF_PUMP, PUMP),
+    (PUMP, SOCAT),
+)
 
 
 def floor_differences(
@@ -967,6 +985,7 @@ def render(result: dict[str, Any]) -> str:
             cpu = diff["cpu_ms_per_stream"]
             cells = [f"{diff[k]:+.2f}" for k in ("non_streaming", "first_byte", "stream_total")]
             shown = label.replace("minus pump", "minus the pump")
+            shown = shown.replace("minus s&f pump", "minus the s&f pump")
             out.append(_md([shown, *cells, "n/a" if cpu is None else f"{cpu:+.2f}"]))
     direct = result["non_streaming"]["latency_ms"][DIRECT]
     out += [

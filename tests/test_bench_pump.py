@@ -4,11 +4,14 @@ The pump is a real ``python -m bench.pump`` process between a raw socket and the
 upstream: what the fake receives must be exactly what the client sent, and what the client
 receives exactly what the fake's own event generator produces for that message id. Its
 half-close and flow control are checked against a plain TCP peer, since an HTTP server closes
-on a half-closed connection whatever sits in between.
+on a half-closed connection whatever sits in between. Its ``--store-and-forward`` form must
+also send nothing upstream before a request is whole: checked against a raw TCP peer that
+records what arrives while the client pauses mid-body.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -196,3 +199,169 @@ def test_socat_target_relays_and_its_children_cpu_is_counted(
     assert not _alive(service.pid)
     with pytest.raises(httpx.HTTPError):
         httpx.get(service.url + "/", timeout=2.0, trust_env=False)
+
+
+# -- the store-and-forward pump: the same relay, but each request is held until it is whole ----
+
+
+@pytest.fixture
+def sf_pump(fake_upstream: FakeUpstream, tmp_path: Path) -> Iterator[Service]:
+    with byte_pump(
+        upstream_url=fake_upstream.url,
+        env=isolated_env(tmp_path),
+        work=tmp_path,
+        store_and_forward=True,
+    ) as service:
+        yield service
+    assert not _alive(service.pid)
+
+
+def _head(port: int, body: bytes, *, close: bool, extra: str = "") -> bytes:
+    return (
+        f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"x-api-key: {DEFAULT_API_KEY}\r\nanthropic-version: 2023-06-01\r\n"
+        f"content-type: application/json\r\n{extra}content-length: {len(body)}\r\n"
+        + ("connection: close\r\n" if close else "")
+        + "\r\n"
+    ).encode("latin-1")
+
+
+def test_sf_pump_relays_a_100_kb_request_and_its_stream_byte_exactly(
+    fake_upstream: FakeUpstream, sf_pump: Service
+) -> None:
+    fake_upstream.default = Scenario(text="Held, then sent. " * 40)
+    body = request_body(stream=True)
+    assert len(body) == 100 * 1024
+    port = int(sf_pump.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(_head(port, body, close=True, extra="x-probe: Kept  As-Is\r\n") + body)
+        answer = _read_all(sock)
+
+    (received,) = fake_upstream.wait_for_requests(1)
+    assert received.body == body
+    assert received.headers["x-probe"] == "Kept  As-Is"
+    header_block, chunked = answer.split(b"\r\n\r\n", 1)
+    assert header_block.startswith(b"HTTP/1.1 200 ")
+    stream = _dechunk(chunked)
+    first = stream.split(b"\n\n", 1)[0]
+    message_id = json.loads(first.split(b"data: ", 1)[1])["message"]["id"]
+    events = stream_events(
+        fake_upstream.default, model=json.loads(body)["model"], message_id=message_id
+    )
+    assert stream == b"".join(sse_event(event) for event in events)
+
+
+def test_sf_pump_serves_several_requests_on_one_keep_alive_connection(
+    fake_upstream: FakeUpstream, sf_pump: Service
+) -> None:
+    headers = claude_code_headers(token=DEFAULT_API_KEY, session_id=str(uuid.uuid4()))
+    target = Target("s&f pump", sf_pump.url, headers, pid=sf_pump.pid)
+    with sync_client() as client:
+        for _ in range(3):  # stream_once checks HTTP 200 and the final message_stop
+            stream_once(client, target, request_body(stream=True))
+        answer = client.post(
+            sf_pump.url + "/v1/messages", headers=headers, content=request_body(stream=False)
+        )
+        assert answer.status_code == 200
+        assert answer.json()["type"] == "message"
+    received = fake_upstream.wait_for_requests(4)
+    assert [json.loads(r.body)["stream"] for r in received] == [True, True, True, False]
+
+
+class _RecordingPeer:
+    """A raw TCP upstream that records what arrives and when, answering each request by hand."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self.accepted = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.conn, _ = self.listener.accept()
+        self.accepted.set()
+
+    def read_for(self, seconds: float) -> bytes:
+        """Whatever arrives within ``seconds`` (b"" when nothing does)."""
+        assert self.accepted.wait(10) and self.conn is not None
+        self.conn.settimeout(seconds)
+        parts = []
+        with contextlib.suppress(TimeoutError):
+            while chunk := self.conn.recv(65536):
+                parts.append(chunk)
+        return b"".join(parts)
+
+    def read_exactly(self, size: int) -> bytes:
+        assert self.accepted.wait(10) and self.conn is not None
+        self.conn.settimeout(10)
+        data = b""
+        while len(data) < size:
+            chunk = self.conn.recv(size - len(data))
+            assert chunk, "the upstream connection closed early"
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_sf_pump_sends_nothing_upstream_before_the_body_is_complete(
+    tmp_path: Path, chunked: bool
+) -> None:
+    peer = _RecordingPeer()
+    body = os.urandom(50_000)
+    if chunked:
+        head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        framed = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    else:
+        head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
+        framed = body
+    request = head + framed
+    first, second = request[: len(head) + 20_000], request[len(head) + 20_000 :]
+    response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    try:
+        with byte_pump(
+            upstream_url=f"http://127.0.0.1:{peer.port}",
+            env=isolated_env(tmp_path),
+            work=tmp_path,
+            store_and_forward=True,
+        ) as service:
+            port = int(service.url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                for _ in range(2):  # twice on one connection: the parser starts over each time
+                    sock.sendall(first)
+                    assert peer.read_for(0.5) == b""  # the head and part of the body: held
+                    sock.sendall(second)
+                    assert peer.read_exactly(len(request)) == request
+                    assert peer.read_for(0.2) == b""
+                    assert peer.conn is not None
+                    peer.conn.sendall(response)
+                    got = b""
+                    while len(got) < len(response):
+                        got += sock.recv(65536)
+                    assert got == response
+    finally:
+        peer.close()
+
+
+def test_sf_pump_closes_on_a_request_it_cannot_parse(tmp_path: Path) -> None:
+    peer = _RecordingPeer()
+    try:
+        with byte_pump(
+            upstream_url=f"http://127.0.0.1:{peer.port}",
+            env=isolated_env(tmp_path),
+            work=tmp_path,
+            store_and_forward=True,
+        ) as service:
+            port = int(service.url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+                assert _read_all(sock) == b""  # closed, nothing answered
+            assert peer.read_for(1.0) == b""  # and nothing of it went upstream
+    finally:
+        peer.close()

@@ -107,8 +107,8 @@ def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: P
     doc = json.loads(out.read_text(encoding="utf-8"))
     names = doc["target_names"]
     assert names[:2] == ["direct", "ccgate"]
-    # The floor: the pump always, socat where it is installed (else skipped, with the reason).
-    assert "pump" in names
+    # The floor: both pumps always, socat where it is installed (else skipped, with the reason).
+    assert "pump" in names and "s&f pump" in names
     assert ("socat" in names) == socat_installed()
     assert ("socat" in doc["skipped"]) != socat_installed()
     for table in (
@@ -147,9 +147,17 @@ def test_suite_quick_mode_measures_every_target_and_stops_everything(tmp_path: P
     assert "| Measure | Target | Measured | Met? | Reproduce |" in result.stdout
     cpu_row = next(r for r in doc["targets"] if r["measure"] == "Daemon CPU per streaming request")
     assert "floor: pump " in cpu_row["measured"]
+    assert ", s&f pump " in cpu_row["measured"]
     assert "ccgate minus the pump, p50 (no target; reported)" in measures
+    assert "ccgate minus the s&f pump, p50 (no target; reported)" in measures
     assert "| ccgate minus the pump | " in result.stdout
-    assert set(doc["floor_distance"]) >= {"ccgate minus pump"}
+    assert "| ccgate minus the s&f pump | " in result.stdout
+    assert "| s&f pump minus the pump | " in result.stdout
+    assert set(doc["floor_distance"]) >= {
+        "ccgate minus pump",
+        "ccgate minus s&f pump",
+        "s&f pump minus pump",
+    }
     for pid in doc["processes"].values():
         assert not _alive(pid)
 
@@ -274,21 +282,31 @@ def test_targets_table_puts_the_floor_next_to_ccgate_and_subtracts_the_pump() ->
     for section in ("non_streaming", "streaming"):
         for table in result[section].values():  # type: ignore[attr-defined]
             table["pump"] = {"added": {"p50": 0.4, "p95": 0.5, "p99": 0.7}}
+            table["s&f pump"] = {"added": {"p50": 0.65, "p95": 0.8, "p99": 1.1}}
             table["socat"] = {"added": {"p50": 0.2, "p95": 0.2, "p99": 0.3}}
-    result["cpu_ms_per_stream"] = {"ccgate": 1.9, "pump": 0.9, "socat": 0.6}
+    result["cpu_ms_per_stream"] = {"ccgate": 1.9, "pump": 0.9, "s&f pump": 1.2, "socat": 0.6}
     rows = {r["measure"]: r for r in targets_table(result)}
     assert rows["Added latency, non-streaming 100 KB, p50"]["measured"] == (
-        "1.00 ms (floor: pump 0.40, socat 0.20)"
+        "1.00 ms (floor: pump 0.40, s&f pump 0.65, socat 0.20)"
     )
     assert rows["Added latency, non-streaming 100 KB, p99"]["measured"] == (
-        "1.00 ms (floor: pump 0.70, socat 0.30)"
+        "1.00 ms (floor: pump 0.70, s&f pump 1.10, socat 0.30)"
     )
     assert rows["Daemon CPU per streaming request"]["measured"] == (
-        "1.90 ms (floor: pump 0.90, socat 0.60)"
+        "1.90 ms (floor: pump 0.90, s&f pump 1.20, socat 0.60)"
     )
     assert rows["ccgate minus the pump, p50 (no target; reported)"]["measured"] == (
         "non-streaming +0.60, first byte +0.60, total +0.60 ms; CPU +1.00 ms/stream"
     )
+    assert rows["ccgate minus the s&f pump, p50 (no target; reported)"]["measured"] == (
+        "non-streaming +0.35, first byte +0.35, total +0.35 ms; CPU +0.70 ms/stream"
+    )
+    assert floor_distances(result)["s&f pump minus pump"] == {
+        "non_streaming": 0.25,
+        "first_byte": 0.25,
+        "stream_total": 0.25,
+        "cpu_ms_per_stream": 0.3,
+    }
     assert floor_distances(result)["pump minus socat"] == {
         "non_streaming": 0.2,
         "first_byte": 0.2,
@@ -300,6 +318,7 @@ def test_targets_table_puts_the_floor_next_to_ccgate_and_subtracts_the_pump() ->
         r["measure"]: r for r in targets_table(_suite_result(ours=1.0, theirs=15.0, gateway=False))
     }
     assert "ccgate minus the pump, p50 (no target; reported)" not in plain
+    assert "ccgate minus the s&f pump, p50 (no target; reported)" not in plain
     assert plain["Added latency, non-streaming 100 KB, p50"]["measured"] == "1.00 ms"
 
 
