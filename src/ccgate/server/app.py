@@ -447,7 +447,11 @@ def device_routes(ctx: ServerContext) -> dict[tuple[str, str], AsgiHandler]:
                     reader=ctx.loop_reader,
                 )
             if served is None:
-                served = await _blocking(_poll_bundle, ctx, token, device_id, device_token)
+                # The one statement was tried on the loop already (SQLite): not again.
+                fast = ctx.loop_reader is None
+                served = await _blocking(
+                    _poll_bundle, ctx, token, device_id, device_token, fast=fast
+                )
         except Exception as exc:
             await _failure(exc, "GET", scope["path"])(scope, receive, send)
             return
@@ -584,23 +588,29 @@ def _sync_usage(
 
 
 def _poll_bundle(
-    ctx: ServerContext, token: str | None, device_id: str | None, device_token: str | None
+    ctx: ServerContext,
+    token: str | None,
+    device_id: str | None,
+    device_token: str | None,
+    *,
+    fast: bool = True,
 ) -> Served:
     """A bundle poll in one worker-thread hop: the stored envelope in one statement when the key
-    is cached and the envelope current (``sync.poll_bundle``), else the key check, the device
-    check and the full path."""
+    is cached and the envelope current (``sync.poll_bundle``; ``fast=False`` when the caller
+    has just tried it on the loop), else the key check, the device check and the full path."""
     now = ctx.clock()
-    hit = sync.poll_bundle(
-        engine=ctx.engine,
-        callers=ctx.callers,
-        bundler=ctx.bundler,
-        token=token,
-        device_id=device_id,
-        device_token=device_token,
-        now=now,
-    )
-    if hit is not None:
-        return hit
+    if fast:
+        hit = sync.poll_bundle(
+            engine=ctx.engine,
+            callers=ctx.callers,
+            bundler=ctx.bundler,
+            token=token,
+            device_id=device_id,
+            device_token=device_token,
+            now=now,
+        )
+        if hit is not None:
+            return hit
     with db.session(ctx.engine) as session:  # one connection for every read
         key = ctx.callers.key(session, token, now=now)  # revoked or expired: 401 here
         if device_id and device_token:
