@@ -446,27 +446,35 @@ def _settled(value: Callable[[], int], *, quiet_s: float = 0.5, limit_s: float =
     return last
 
 
+def _stall_then_drain(port: int, flood: _FloodUpstream) -> int:
+    """Stream the flood through the daemon at ``port`` to a client that reads nothing until the
+    daemon has stopped reading upstream (well before the flood's end), then reads it all; the
+    bytes the client got."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        conn.sendall(_request(port, _body(stream=True)))
+        # Read nothing: the daemon's writes back up, so it must stop reading upstream.
+        stalled_at = _settled(lambda: flood.sent)
+        assert not flood.finished.is_set()
+        assert stalled_at < flood.total // 4
+        received = 0
+        conn.settimeout(30)
+        while received < flood.total:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+        assert flood.finished.wait(10)
+    return received
+
+
 def test_a_slow_reader_pauses_the_upstream_instead_of_buffering_the_stream(
     tmp_path: Path,
 ) -> None:
     flood = _FloodUpstream()
     try:
         for served in _serve(tmp_path, flood.url):
-            with socket.create_connection(("127.0.0.1", served.port)) as conn:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-                conn.sendall(_request(served.port, _body(stream=True)))
-                # Read nothing: the daemon's writes back up, so it must stop reading upstream.
-                stalled_at = _settled(lambda: flood.sent)
-                assert not flood.finished.is_set()
-                assert stalled_at < flood.total // 4
-                received = 0
-                conn.settimeout(30)
-                while received < flood.total:
-                    data = conn.recv(1 << 20)
-                    if not data:
-                        break
-                    received += len(data)
-                assert flood.finished.wait(10)
+            received = _stall_then_drain(served.port, flood)
             (row,) = served.rows(1)
             assert row.status == 200
             assert received > flood.total  # every byte, plus the head

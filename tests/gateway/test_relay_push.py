@@ -30,7 +30,7 @@ from tests.gateway.test_lean_server import (
     _body,
     _FloodUpstream,
     _request,
-    _settled,
+    _stall_then_drain,
 )
 from tests.support.fake_upstream import FakeUpstream, Scenario, Usage
 
@@ -226,20 +226,7 @@ def test_a_slow_reader_pauses_the_upstream_and_the_stream_resumes_in_push_mode(
     flood = _FloodUpstream()
     try:
         for served in _serve(tmp_path, flood.url):
-            with socket.create_connection(("127.0.0.1", served.port)) as conn:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-                conn.sendall(_request(served.port, _body(stream=True)))
-                stalled_at = _settled(lambda: flood.sent)
-                assert not flood.finished.is_set()
-                assert stalled_at < flood.total // 4
-                received = 0
-                conn.settimeout(30)
-                while received < flood.total:
-                    data = conn.recv(1 << 20)
-                    if not data:
-                        break
-                    received += len(data)
-                assert flood.finished.wait(10)
+            received = _stall_then_drain(served.port, flood)
             (row,) = served.finished()
             # The flood's events are pings: it ended cleanly, with no message_stop to see.
             assert (row.status, row.error) == (200, "stream ended before message_stop")
