@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -83,16 +84,37 @@ def _dechunk(body: bytes) -> bytes:
         rest = rest[size + 2 :]
 
 
+def _head(port: int, body: bytes, *, close: bool, extra: str = "") -> bytes:
+    return (
+        f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"x-api-key: {DEFAULT_API_KEY}\r\nanthropic-version: 2023-06-01\r\n"
+        f"content-type: application/json\r\n{extra}content-length: {len(body)}\r\n"
+        + ("connection: close\r\n" if close else "")
+        + "\r\n"
+    ).encode("latin-1")
+
+
+def _the_fakes_stream(
+    answer: bytes, fake: FakeUpstream, body: bytes
+) -> tuple[bytes, list[dict[str, Any]]]:
+    """Check that ``answer`` (a whole HTTP/1.1 response as read off the socket) is a 200 whose
+    chunked body is exactly the stream the fake generates for ``body``; its header block and
+    the fake's events it carried."""
+    header_block, chunked = answer.split(b"\r\n\r\n", 1)
+    assert header_block.startswith(b"HTTP/1.1 200 ")
+    stream = _dechunk(chunked)
+    first = stream.split(b"\n\n", 1)[0]
+    message_id = json.loads(first.split(b"data: ", 1)[1])["message"]["id"]
+    events = stream_events(fake.default, model=json.loads(body)["model"], message_id=message_id)
+    assert stream == b"".join(sse_event(event) for event in events)
+    return header_block, events
+
+
 def test_pump_relays_a_stream_byte_exactly(fake_upstream: FakeUpstream, pump: Service) -> None:
     fake_upstream.default = Scenario(text="The pump moves bytes. " * 40)  # ~100 events
     body = request_body(stream=True)
     port = int(pump.url.rsplit(":", 1)[1])
-    head = (
-        f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"x-api-key: {DEFAULT_API_KEY}\r\nanthropic-version: 2023-06-01\r\n"
-        "content-type: application/json\r\nx-probe: Kept  As-Is\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    ).encode("latin-1")
+    head = _head(port, body, close=True, extra="x-probe: Kept  As-Is\r\n")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head + body)
         answer = _read_all(sock)  # ends only when the pump passes the upstream's close on
@@ -102,17 +124,9 @@ def test_pump_relays_a_stream_byte_exactly(fake_upstream: FakeUpstream, pump: Se
     assert received.headers["x-probe"] == "Kept  As-Is"
     assert received.headers["host"] == f"127.0.0.1:{port}"  # the client's, not rewritten
 
-    header_block, chunked = answer.split(b"\r\n\r\n", 1)
-    assert header_block.startswith(b"HTTP/1.1 200 ")
+    header_block, events = _the_fakes_stream(answer, fake_upstream, body)
     assert b"transfer-encoding: chunked" in header_block.lower()
-    stream = _dechunk(chunked)
-    first = stream.split(b"\n\n", 1)[0]
-    message_id = json.loads(first.split(b"data: ", 1)[1])["message"]["id"]
-    events = stream_events(
-        fake_upstream.default, model=json.loads(body)["model"], message_id=message_id
-    )
     assert len(events) > 100
-    assert stream == b"".join(sse_event(event) for event in events)
 
 
 def test_pump_serves_keep_alive_streams_as_the_bench_sends_them(
@@ -219,16 +233,6 @@ def sf_pump(fake_upstream: FakeUpstream, tmp_path: Path) -> Iterator[Service]:
     assert not _alive(service.pid)
 
 
-def _head(port: int, body: bytes, *, close: bool, extra: str = "") -> bytes:
-    return (
-        f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"x-api-key: {DEFAULT_API_KEY}\r\nanthropic-version: 2023-06-01\r\n"
-        f"content-type: application/json\r\n{extra}content-length: {len(body)}\r\n"
-        + ("connection: close\r\n" if close else "")
-        + "\r\n"
-    ).encode("latin-1")
-
-
 def test_sf_pump_relays_a_100_kb_request_and_its_stream_byte_exactly(
     fake_upstream: FakeUpstream, sf_pump: Service
 ) -> None:
@@ -243,15 +247,7 @@ def test_sf_pump_relays_a_100_kb_request_and_its_stream_byte_exactly(
     (received,) = fake_upstream.wait_for_requests(1)
     assert received.body == body
     assert received.headers["x-probe"] == "Kept  As-Is"
-    header_block, chunked = answer.split(b"\r\n\r\n", 1)
-    assert header_block.startswith(b"HTTP/1.1 200 ")
-    stream = _dechunk(chunked)
-    first = stream.split(b"\n\n", 1)[0]
-    message_id = json.loads(first.split(b"data: ", 1)[1])["message"]["id"]
-    events = stream_events(
-        fake_upstream.default, model=json.loads(body)["model"], message_id=message_id
-    )
-    assert stream == b"".join(sse_event(event) for event in events)
+    _the_fakes_stream(answer, fake_upstream, body)
 
 
 def test_sf_pump_serves_several_requests_on_one_keep_alive_connection(
