@@ -105,22 +105,6 @@ def _statements(tmp: Path, store: Any, variant: str, rows: int) -> str:
     wal = tmp / "ledger.db-wal"
     page = db.execute("PRAGMA page_size").fetchone()[0]
 
-    def record() -> Any:
-        return store.RequestRecord(
-            id=uuid.uuid4().hex,
-            started_at=time.time(),
-            key_id="k1",
-            method="POST",
-            path="/v1/messages",
-            model="claude-sonnet-4-6",
-            streamed=True,
-            session_id="s-1",
-            input_tokens=25_000,
-            cost_micros=75_000,
-            price_estimated=True,
-            price_version="input-estimate",
-        )
-
     def steps(rec: Any) -> list[Any]:
         def checkpoint() -> None:
             rec.input_tokens, rec.output_tokens, rec.cache_read_input_tokens = 3, 10, 24_800
@@ -135,7 +119,7 @@ def _statements(tmp: Path, store: Any, variant: str, rows: int) -> str:
 
     spent, pages = [0, 0, 0], [0, 0, 0]
     for n in range(rows + 1000):
-        rec = record()
+        rec = _pending_record()
         for i, (change, sql) in enumerate(steps(rec)):
             if change is not None:
                 change()
@@ -157,6 +141,26 @@ def _statements(tmp: Path, store: Any, variant: str, rows: int) -> str:
     )
 
 
+def _pending_record() -> Any:
+    """A streamed Claude Code request's pending row, as the daemon makes it (input estimate)."""
+    from ccgate.store import ledger as store
+
+    return store.RequestRecord(
+        id=uuid.uuid4().hex,
+        started_at=time.time(),
+        key_id="k1",
+        method="POST",
+        path="/v1/messages",
+        model="claude-sonnet-4-6",
+        streamed=True,
+        session_id="s-1",
+        input_tokens=25_000,
+        cost_micros=75_000,
+        price_estimated=True,
+        price_version="input-estimate",
+    )
+
+
 def lives(rows: int) -> None:
     from ccgate.store import ledger as store
 
@@ -167,20 +171,7 @@ def lives(rows: int) -> None:
         clock = time.pthread_getcpuclockid(writer.ident or 0)
         loop_ns = writer_ns = reads = inline = 0
         for n in range(rows + 1000):
-            rec = store.RequestRecord(
-                id=uuid.uuid4().hex,
-                started_at=time.time(),
-                key_id="k1",
-                method="POST",
-                path="/v1/messages",
-                model="claude-sonnet-4-6",
-                streamed=True,
-                session_id="s-1",
-                input_tokens=25_000,
-                cost_micros=75_000,
-                price_estimated=True,
-                price_version="input-estimate",
-            )
+            rec = _pending_record()
             before_reads, before_writer = _read_calls(), time.clock_gettime_ns(clock)
             started = time.thread_time_ns()
             spot = ledger.commit_start(rec)
